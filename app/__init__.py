@@ -1,0 +1,1 @@
+"""Tuneforge: a self-hostable fine-tuning-as-a-service backend."""

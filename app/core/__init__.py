@@ -1,0 +1,1 @@
+"""Shared plumbing: settings, database, object storage, errors, ids, queue."""

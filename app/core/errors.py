@@ -1,0 +1,118 @@
+"""Typed domain errors and the one handler that renders them as JSON."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    status_code = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "type": self.type,
+            "message": self.message,
+            "param": self.param,
+            "code": self.code,
+        }
+        error.update(self.extra)
+        return {"error": error}
+
+
+class InvalidInput(AppError):
+    status_code = 422
+    code = "invalid_value"
+
+
+class NotFound(AppError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(AppError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(AppError):
+    status_code = 413
+    code = "file_too_large"
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+def _error_response(status: int, type_: str, message: str, param: str | None, code: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"type": type_, "message": message, "param": param, "code": code}},
+        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+    )
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "form", "header")]
+    return ".".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def _app_error(_: Request, exc: AppError) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=exc.body(),
+            headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        msg = str(first.get("msg", "invalid request"))
+        message = f"{param}: {msg}" if param else msg
+        if len(errors) > 1:
+            others = "; ".join(
+                f"{_loc_to_param(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[1:5]
+            )
+            message = f"{message} (also: {others})"
+        code = "missing_field" if first.get("type") == "missing" else "invalid_value"
+        return _error_response(422, "invalid_request_error", message, param or None, code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(exc.status_code, "invalid_request_error", str(exc.detail), None, code)
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _error_response(500, "server_error", "internal server error", None, "internal_error")

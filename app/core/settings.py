@@ -1,0 +1,114 @@
+"""Settings for every process, read from `TUNEFORGE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "tuneforge"
+
+
+class Settings(BaseSettings):
+    """All configuration. Every field has a default that works for the embedded mode."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Folder for the embedded database, broker, object store and model cache.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Default: SQLite file in the data dir. "
+        "PostgreSQL: postgresql+psycopg://user:pass@host/db",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL. Default: Celery over SQLite in the data dir. Redis: redis://host:6379/0",
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="Object store URL. Default: a local folder in the data dir (file:///...). "
+        "S3-compatible: s3://bucket/prefix",
+    )
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description="Where converted base models are cached. Default: <data dir>/models",
+    )
+
+    # --- S3-compatible object storage -----------------------------------------------------
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint, e.g. http://minio:9000")
+    s3_access_key_id: str | None = Field(default=None, description="S3 access key id")
+    s3_secret_access_key: str | None = Field(default=None, description="S3 secret access key")
+    s3_region: str = Field(default="us-east-1", description="S3 region")
+
+    # --- API ------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address the API binds to")
+    port: int = Field(default=8000, description="Port the API listens on")
+    max_upload_bytes: int = Field(
+        default=100 * 1024 * 1024, gt=0, description="Largest training file accepted, in bytes"
+    )
+    max_reported_line_errors: int = Field(
+        default=100, gt=0, description="How many bad lines a rejected upload lists at most"
+    )
+
+    # --- models, training and serving ------------------------------------------------------
+    default_base_model: str = Field(
+        default="smollm2-135m-instruct", description="Base model used when a request names none"
+    )
+    queue_name: str = Field(default="training", description="Celery queue the training tasks go to")
+    serving_max_adapters: int = Field(
+        default=8, gt=0, description="Adapters kept loaded per base model in a serving process"
+    )
+    torch_threads: int | None = Field(
+        default=None, description="torch intra-op threads in the worker and server (default: torch's own)"
+    )
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        data_dir = self.data_dir.expanduser().resolve()
+        self.data_dir = data_dir
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{data_dir / 'tuneforge.db'}"
+        if self.broker_url is None:
+            self.broker_url = f"sqla+sqlite:///{data_dir / 'broker.db'}"
+        if self.storage_url is None:
+            self.storage_url = (data_dir / "objects").as_uri()
+        if self.model_cache_dir is None:
+            self.model_cache_dir = data_dir / "models"
+        return self
+
+    # Narrowed accessors: after validation these are never None.
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def broker(self) -> str:
+        assert self.broker_url is not None
+        return self.broker_url
+
+    @property
+    def storage(self) -> str:
+        assert self.storage_url is not None
+        return self.storage_url
+
+    @property
+    def models_dir(self) -> Path:
+        assert self.model_cache_dir is not None
+        return self.model_cache_dir
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
