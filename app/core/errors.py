@@ -64,6 +64,12 @@ class PayloadTooLarge(AppError):
     code = "file_too_large"
 
 
+class ServiceUnavailable(AppError):
+    status_code = 503
+    type = "server_error"
+    code = "unavailable"
+
+
 class Unauthorized(AppError):
     status_code = 401
     type = "authentication_error"
@@ -100,9 +106,7 @@ def install_error_handlers(app: FastAPI) -> None:
         msg = str(first.get("msg", "invalid request"))
         message = f"{param}: {msg}" if param else msg
         if len(errors) > 1:
-            others = "; ".join(
-                f"{_loc_to_param(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[1:5]
-            )
+            others = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[1:5])
             message = f"{message} (also: {others})"
         code = "missing_field" if first.get("type") == "missing" else "invalid_value"
         return _error_response(422, "invalid_request_error", message, param or None, code)

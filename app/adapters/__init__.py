@@ -1,0 +1,1 @@
+"""Trained adapters: metadata and download."""

@@ -1,0 +1,152 @@
+"""The `tuneforge` command: run the service (embedded or one role at a time), migrate, manage keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from app.core.settings import get_settings
+
+cli = typer.Typer(
+    help="Tuneforge: self-hostable fine-tuning-as-a-service. Configure with TUNEFORGE_* environment variables.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("TUNEFORGE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the database schema to the latest revision."""
+    from app.core.db import migrate as run_migrations
+
+    _logging()
+    settings = get_settings()
+    run_migrations(settings.db_url)
+    typer.echo("database is at the latest revision", err=True)
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant name; created if it does not exist")],
+) -> None:
+    """Create an API key for TENANT and print it (the only line on stdout; it is not shown again)."""
+    from app.auth.service import create_api_key
+    from app.core.db import migrate as run_migrations
+    from app.core.db import session_scope
+
+    settings = get_settings()
+    run_migrations(settings.db_url)
+    with session_scope(settings.db_url) as session:
+        key = create_api_key(session, tenant_name=tenant)
+    typer.echo(key)
+
+
+@cli.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: TUNEFORGE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: TUNEFORGE_PORT)")] = None,
+) -> None:
+    """Run the HTTP API (and the serving engine for /generate)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    _logging()
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+@cli.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Jobs at once (one per device)")] = 1,
+) -> None:
+    """Run a Celery training worker on TUNEFORGE_QUEUE_NAME."""
+    from worker.celery_app import celery_app
+
+    settings = get_settings()
+    celery_app.worker_main(
+        [
+            "worker",
+            "--loglevel=INFO",
+            "--pool=solo" if concurrency == 1 else "--pool=prefork",
+            f"--concurrency={concurrency}",
+            f"--queues={settings.queue_name}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@cli.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: TUNEFORGE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: TUNEFORGE_PORT)")] = None,
+) -> None:
+    """Run everything on this machine: migrate, then the API and one worker. Ctrl-C stops both.
+
+    On first start (no tenant yet) it creates the tenant `default` and prints its API key.
+    """
+    from app.auth.service import count_tenants, create_api_key
+    from app.core.db import migrate as run_migrations
+    from app.core.db import session_scope
+
+    _logging()
+    settings = get_settings()
+    run_migrations(settings.db_url)
+    with session_scope(settings.db_url) as session:
+        if count_tenants(session) == 0:
+            key = create_api_key(session, tenant_name="default")
+            typer.echo(f"Created tenant 'default'. API key (shown once): {key}")
+    typer.echo(
+        f"Tuneforge on http://{host or settings.host}:{port or settings.port}  data: {settings.data_dir}", err=True
+    )
+    me = [sys.executable, "-m", "app.cli"]
+    api_args = [*me, "api"] + (["--host", host] if host else []) + (["--port", str(port)] if port else [])
+    children = [subprocess.Popen(api_args), subprocess.Popen([*me, "worker"])]
+
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(c.poll() is None for c in children):
+        time.sleep(0.5)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    raise typer.Exit(1 if failed and not stopping else 0)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""FastAPI dependencies, declared once as `Annotated` aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from app.core.db import get_sessionmaker
+from app.core.models import Tenant
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.ml.serving import GenerationEngine
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_storage(request: Request) -> ObjectStorage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+StorageDep = Annotated[ObjectStorage, Depends(get_storage)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """The request's unit of work: services flush, the request commits (or rolls back on error)."""
+    session = get_sessionmaker(settings.db_url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# scope="function": commit before the response is sent, so a client never reads what is not stored yet.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    from app.auth.service import authenticate
+
+    return authenticate(session, authorization=authorization)
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+def get_engine(request: Request) -> GenerationEngine:
+    """The process's serving engine, created on first use (models load lazily inside it)."""
+    state = request.app.state
+    with state.engine_lock:
+        if state.engine is None:
+            settings: Settings = state.settings
+            state.engine = GenerationEngine(
+                models_dir=settings.models_dir,
+                storage=state.storage,
+                cache_dir=settings.data_dir / "adapter-cache",
+                max_adapters=settings.serving_max_adapters,
+            )
+        return state.engine  # type: ignore[no-any-return]
+
+
+EngineDep = Annotated[GenerationEngine, Depends(get_engine)]

@@ -1,0 +1,44 @@
+"""The Celery app shared by the API (which only sends) and the worker (which also runs the tasks)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from celery import Celery
+
+from app.core.settings import Settings
+
+TRAINING_TASK = "training.run"
+
+
+def make_celery(broker: str, queue: str) -> Celery:
+    if broker.startswith("sqla+sqlite:///"):
+        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    app = Celery("tuneforge", broker=broker)
+    app.conf.update(
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        # One job per device: no prefetching; a job is acknowledged only when it ends, so a worker
+        # that dies mid-job leaves the message to be delivered again.
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_default_queue=queue,
+        task_routes={TRAINING_TASK: {"queue": queue}},
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"polling_interval": 0.5} if broker.startswith("sqla+") else {},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+@lru_cache(maxsize=4)
+def _sender(broker: str, queue: str) -> Celery:
+    return make_celery(broker, queue)
+
+
+def enqueue_training(settings: Settings, job_id: str) -> None:
+    """Send `training.run` by name with only the job id; call after the job row is committed."""
+    _sender(settings.broker, settings.queue_name).send_task(TRAINING_TASK, kwargs={"job_id": job_id})

@@ -1,0 +1,14 @@
+"""API keys: generated once, shown once, stored as a sha256 hash."""
+
+import hashlib
+import secrets
+
+KEY_PREFIX = "tf_"
+
+
+def generate_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()

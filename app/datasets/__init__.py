@@ -1,0 +1,1 @@
+"""Training files: upload, line-by-line validation, listing and deletion."""

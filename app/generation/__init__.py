@@ -1,0 +1,1 @@
+"""Text generation with a base model plus an adapter."""

@@ -1,0 +1,16 @@
+"""HTTP route for text generation."""
+
+from fastapi import APIRouter
+
+from app.core.deps import EngineDep, SessionDep, SettingsDep, TenantDep
+from app.generation import service
+from app.generation.schemas import GenerateRequest, GenerateResponse
+
+router = APIRouter(tags=["generation"])
+
+
+@router.post("/generate")
+def generate(
+    body: GenerateRequest, session: SessionDep, settings: SettingsDep, engine: EngineDep, tenant: TenantDep
+) -> GenerateResponse:
+    return service.generate(session, settings=settings, engine=engine, tenant_id=tenant.id, request=body)

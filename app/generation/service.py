@@ -1,0 +1,70 @@
+"""Resolve the adapter (tenant-scoped), tokenize the prompt, hand the request to the serving engine."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from app.adapters.service import get_adapter
+from app.core.errors import InvalidInput
+from app.core.settings import Settings
+from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
+from app.ml.formatting import encode_chat_prompt, encode_prompt
+from app.ml.registry import REGISTRY, load_tokenizer
+from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
+
+
+def generate(
+    session: Session, *, settings: Settings, engine: GenerationEngine, tenant_id: str, request: GenerateRequest
+) -> GenerateResponse:
+    adapter_ref = None
+    if request.adapter_id is not None:
+        adapter = get_adapter(session, tenant_id=tenant_id, adapter_id=request.adapter_id)
+        if request.base_model is not None and request.base_model != adapter.base_model:
+            raise InvalidInput(
+                f"adapter {adapter.id} was trained on {adapter.base_model}, not {request.base_model}",
+                param="base_model",
+            )
+        base_model = adapter.base_model
+        adapter_ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256)
+    else:
+        base_model = request.base_model or settings.default_base_model
+        if base_model not in REGISTRY:
+            raise InvalidInput(
+                f"unknown base_model {base_model!r}; available: {', '.join(REGISTRY)}", param="base_model"
+            )
+    tokenizer = load_tokenizer(settings.models_dir)
+    if request.messages is not None:
+        input_ids = encode_chat_prompt(tokenizer, [m.model_dump() for m in request.messages])
+    else:
+        input_ids = encode_prompt(tokenizer, request.prompt or "")
+    if not input_ids:
+        raise InvalidInput("prompt is empty", param="prompt")
+    limit = REGISTRY[base_model].max_seq_length
+    if len(input_ids) + request.max_tokens > limit:
+        raise InvalidInput(
+            f"prompt ({len(input_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds {limit}",
+            param="max_tokens",
+        )
+    result = engine.generate(
+        GenerationRequest(
+            base_model=base_model,
+            adapter=adapter_ref,
+            input_ids=input_ids,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=request.stop or [],
+        )
+    )
+    return GenerateResponse(
+        text=result.text,
+        adapter_id=request.adapter_id,
+        base_model=base_model,
+        finish_reason=result.finish_reason,
+        usage=Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        ),
+    )

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: create, list, inspect, cancel, read their events."""

@@ -1,0 +1,35 @@
+"""Queries on jobs and job events; every one is scoped to a tenant."""
+
+from __future__ import annotations
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from app.core.models import Job, JobEvent
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def list_jobs(session: Session, *, tenant_id: str, limit: int, after: Job | None) -> list[Job]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(
+            or_(
+                Job.created_at < after.created_at,
+                and_(Job.created_at == after.created_at, Job.id < after.id),
+            )
+        )
+    return list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+
+
+def list_events(session: Session, *, job_id: str, after_seq: int, limit: int) -> list[JobEvent]:
+    return list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+            .order_by(JobEvent.seq)
+            .limit(limit)
+        )
+    )

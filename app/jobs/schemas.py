@@ -1,0 +1,112 @@
+"""Request and response bodies for jobs and their events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.models import Job, JobEvent
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str | None = Field(None, description="Registered base model id (default from settings)")
+    method: str = Field("lora", description="Fine-tuning method")
+    training_file: str = Field(..., description="Id of an uploaded training file")
+    validation_file: str | None = Field(None, description="Id of an uploaded validation file")
+    suffix: str | None = Field(
+        None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="Appended to the adapter name"
+    )
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobProgress(BaseModel):
+    step: int
+    total_steps: int | None
+    epoch: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    base_model: str
+    method: str
+    status: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    hyperparameters: dict[str, Any]
+    progress: JobProgress
+    metrics: dict[str, Any]
+    error: JobError | None
+    adapter_id: str | None
+    attempt: int
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobObject:
+        return cls(
+            id=job.id,
+            base_model=job.base_model,
+            method=job.method,
+            status=job.status.value,
+            training_file=job.training_file_id,
+            validation_file=job.validation_file_id,
+            suffix=job.suffix,
+            hyperparameters=job.hyperparameters,
+            progress=JobProgress(step=job.step, total_steps=job.total_steps, epoch=job.epoch),
+            metrics=job.metrics,
+            error=JobError(code="training_failed", message=job.error) if job.error else None,
+            adapter_id=job.adapter_id,
+            attempt=job.attempt,
+            created_at=_ts(job.created_at) or 0,
+            started_at=_ts(job.started_at),
+            finished_at=_ts(job.finished_at),
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+
+
+class EventObject(BaseModel):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    seq: int
+    type: str
+    level: str
+    message: str
+    data: dict[str, Any]
+    created_at: int
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventObject:
+        return cls(
+            seq=event.seq,
+            type=event.type,
+            level=event.level,
+            message=event.message,
+            data=event.data,
+            created_at=_ts(event.created_at) or 0,
+        )
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventObject]
+    has_more: bool

@@ -1,0 +1,143 @@
+"""Job logic: check the request against files, models and methods; state changes go to the event log."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.core.ids import new_id
+from app.core.job_events import append_event
+from app.core.models import Job, JobEvent, JobStatus, utcnow
+from app.core.queue import enqueue_training
+from app.core.settings import Settings
+from app.datasets import repository as files_repository
+from app.jobs import repository
+from app.jobs.schemas import JobCreate
+from app.ml.hyperparameters import METHOD_HYPERPARAMETERS
+from app.ml.registry import REGISTRY
+
+log = logging.getLogger(__name__)
+
+
+def validate_hyperparameters(method: str, values: dict[str, Any]) -> dict[str, Any]:
+    model = METHOD_HYPERPARAMETERS[method]
+    try:
+        return model.model_validate(values).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        param = f"hyperparameters.{field}" if field else "hyperparameters"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            allowed = ", ".join(model.model_fields)
+            message = f"unknown hyperparameter for method {method!r}; allowed: {allowed}"
+        raise InvalidInput(f"{param}: {message}", param=param) from exc
+
+
+def create_job(session: Session, *, tenant_id: str, request: JobCreate, default_base_model: str) -> Job:
+    base_model = request.base_model or default_base_model
+    if base_model not in REGISTRY:
+        raise InvalidInput(f"unknown base_model {base_model!r}; available: {', '.join(REGISTRY)}", param="base_model")
+    if request.method not in METHOD_HYPERPARAMETERS:
+        raise InvalidInput(
+            f"unknown method {request.method!r}; available: {', '.join(METHOD_HYPERPARAMETERS)}",
+            param="method",
+        )
+    hyperparameters = validate_hyperparameters(request.method, request.hyperparameters)
+    limit = REGISTRY[base_model].max_seq_length
+    if hyperparameters["max_seq_length"] > limit:
+        raise InvalidInput(
+            f"hyperparameters.max_seq_length: {base_model} takes at most {limit} tokens",
+            param="hyperparameters.max_seq_length",
+        )
+    for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
+        if file_id is None:
+            continue
+        file = files_repository.get_file(session, tenant_id=tenant_id, file_id=file_id)
+        if file is None:
+            raise InvalidInput(f"{param}: no file with id {file_id!r}", param=param, code="file_not_found")
+        if file.purpose != "fine-tune":
+            raise InvalidInput(f"{param}: file {file_id} is not a fine-tune file", param=param)
+
+    job = Job(
+        id=new_id("ftjob"),
+        tenant_id=tenant_id,
+        base_model=base_model,
+        method=request.method,
+        training_file_id=request.training_file,
+        validation_file_id=request.validation_file,
+        suffix=request.suffix,
+        hyperparameters=hyperparameters,
+        status=JobStatus.validating_files,
+    )
+    session.add(job)
+    session.flush()
+    append_event(session, job.id, "status", "job created; validating files", {"status": job.status.value})
+    # Files were validated line by line at upload; what remains is that they still exist (checked above).
+    job.status = JobStatus.queued
+    session.flush()
+    append_event(session, job.id, "status", "files validated; job queued", {"status": job.status.value})
+    return job
+
+
+def dispatch_job(session: Session, *, settings: Settings, job: Job) -> None:
+    """Send the committed job to the broker; if the broker is unreachable the job fails visibly."""
+    try:
+        enqueue_training(settings, job.id)
+    except Exception as exc:
+        log.exception("could not enqueue %s", job.id)
+        job.status = JobStatus.failed
+        job.error = f"could not reach the job queue: {exc}"
+        job.finished_at = utcnow()
+        append_event(session, job.id, "status", job.error, {"status": "failed"}, level="error")
+        session.commit()
+        raise ServiceUnavailable(
+            "the job queue is unreachable; the job was marked failed, try again later", code="queue_unavailable"
+        ) from exc
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    job = repository.get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}", param="job_id")
+    return job
+
+
+def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Job], bool]:
+    cursor = None
+    if after is not None:
+        cursor = repository.get_job(session, tenant_id=tenant_id, job_id=after)
+        if cursor is None:
+            raise InvalidInput(f"after: no job with id {after!r}", param="after")
+    rows = repository.list_jobs(session, tenant_id=tenant_id, limit=limit + 1, after=cursor)
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    cancellable = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
+    # Atomic: a worker finishing at the same moment either wins (and we report a conflict) or sees
+    # `cancelled` at its next step and stops without publishing.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(cancellable))
+        .values(status=JobStatus.cancelled, finished_at=utcnow())
+    )
+    session.refresh(job)
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise Conflict(f"job {job.id} is already {job.status.value}", param="job_id", code="job_not_cancellable")
+    append_event(session, job.id, "status", "job cancelled by the user", {"status": "cancelled"})
+    return job
+
+
+def list_events(
+    session: Session, *, tenant_id: str, job_id: str, after_seq: int, limit: int
+) -> tuple[list[JobEvent], bool]:
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    rows = repository.list_events(session, job_id=job.id, after_seq=after_seq, limit=limit + 1)
+    return rows[:limit], len(rows) > limit

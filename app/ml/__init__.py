@@ -1,0 +1,1 @@
+"""Model-side code shared by the worker and the serving engine."""

@@ -1,0 +1,175 @@
+"""The generation engine: one base model per process, many adapters, requests served from a queue.
+
+Callers `submit` a request and get a future. One thread owns the models, so requests never race on
+adapter state. Adapters load lazily: object store -> local disk -> memory, with an LRU bound.
+(A continuous-batching engine that mixes adapters inside one batch replaces this loop later; the
+`submit` interface stays.)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.core.storage import ObjectStorage
+from app.ml import adapter_format
+from app.ml.registry import load_base_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    id: str
+    storage_key: str
+    sha256: str
+
+
+@dataclass
+class GenerationRequest:
+    base_model: str
+    input_ids: list[int]
+    adapter: AdapterRef | None = None
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class AdapterIntegrityError(RuntimeError):
+    pass
+
+
+class GenerationEngine:
+    def __init__(self, *, models_dir: Path, storage: ObjectStorage, cache_dir: Path, max_adapters: int) -> None:
+        self.models_dir = models_dir
+        self.storage = storage
+        self.cache_dir = cache_dir
+        self.max_adapters = max_adapters
+        self._models: dict[str, Any] = {}  # base model id -> plain model or PeftModel holding adapters
+        self._loaded: dict[str, OrderedDict[str, None]] = {}  # base model id -> adapter ids, LRU order
+        self._queue: queue.Queue[tuple[GenerationRequest, Future[GenerationResult]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        future: Future[GenerationResult] = Future()
+        self._queue.put((request, future))
+        return future
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        return self.submit(request).result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    # --- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            request, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._generate(request))
+            except BaseException as exc:  # the caller gets the error; the engine keeps serving
+                future.set_exception(exc)
+
+    def _local_adapter(self, ref: AdapterRef) -> Path:
+        folder = self.cache_dir / ref.id
+        if (folder / "adapter_config.json").exists():
+            return folder
+        archive = self.cache_dir / f"{ref.id}.tar.gz"
+        sha = self.storage.download(ref.storage_key, archive)
+        if sha != ref.sha256:
+            archive.unlink(missing_ok=True)
+            raise AdapterIntegrityError(f"adapter {ref.id}: checksum mismatch ({sha} != {ref.sha256})")
+        adapter_format.unpack(archive, folder)
+        archive.unlink(missing_ok=True)
+        return folder
+
+    def _model_for(self, base_model: str, adapter: AdapterRef | None) -> Any:
+        from peft import PeftModel
+
+        model = self._models.get(base_model)
+        if model is None:
+            model = load_base_model(base_model, self.models_dir)
+            self._models[base_model] = model
+            self._loaded[base_model] = OrderedDict()
+        if adapter is None:
+            return model
+        loaded = self._loaded[base_model]
+        if adapter.id not in loaded:
+            folder = self._local_adapter(adapter)
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(folder), adapter_name=adapter.id)
+            else:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter.id)
+                self._models[base_model] = model
+            model.eval()
+            loaded[adapter.id] = None
+            while len(loaded) > self.max_adapters:
+                evicted, _ = loaded.popitem(last=False)
+                model.delete_adapter(evicted)
+        loaded.move_to_end(adapter.id)
+        model.set_adapter(adapter.id)
+        return model
+
+    def _generate(self, request: GenerationRequest) -> GenerationResult:
+        import contextlib
+
+        import torch
+        from peft import PeftModel
+
+        tokenizer = load_tokenizer(self.models_dir)
+        model = self._model_for(request.base_model, request.adapter)
+        input_ids = torch.tensor([request.input_ids], dtype=torch.long)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": request.max_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if request.temperature > 0:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if request.stop:
+            kwargs.update(stop_strings=request.stop, tokenizer=tokenizer)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        use_base = request.adapter is None and isinstance(model, PeftModel)
+        with torch.inference_mode(), model.disable_adapter() if use_base else contextlib.nullcontext():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        new_ids = output[0, input_ids.shape[1] :].tolist()
+        finish_reason = "length"
+        if new_ids and new_ids[-1] == tokenizer.eos_token_id:
+            finish_reason = "stop"
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        for stop in request.stop:
+            cut = text.find(stop)
+            if cut != -1:
+                text = text[:cut]
+                finish_reason = "stop"
+        return GenerationResult(
+            text=text,
+            token_ids=new_ids,
+            prompt_tokens=len(request.input_ids),
+            completion_tokens=len(new_ids),
+            finish_reason=finish_reason,
+        )

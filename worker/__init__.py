@@ -1,0 +1,1 @@
+"""The training worker: Celery tasks, the training recipe, fine-tuning methods, publishing."""

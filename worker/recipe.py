@@ -1,0 +1,203 @@
+"""The training recipe every method shares: setup -> train (with per-epoch evaluation) -> export.
+
+Modeled on torchtune's single-device recipes: a plain PyTorch loop, so every step can report metrics,
+honour cancellation and (later) checkpoint. Methods only decide what is trained and how it is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.ml.formatting import IGNORE_INDEX
+from app.ml.hyperparameters import METHOD_HYPERPARAMETERS, TrainingHyperparameters
+from app.ml.registry import get_spec, load_base_model, load_tokenizer
+from worker.data import Dataset, batches, load_examples
+from worker.lifecycle import ClaimedJob, JobReporter
+from worker.methods import METHODS
+
+log = logging.getLogger(__name__)
+
+_base_models: dict[tuple[str, Path], nn.Module] = {}
+_base_lock = threading.Lock()
+
+
+def cached_base_model(model_id: str, models_dir: Path) -> nn.Module:
+    """A private copy of the base model; the pristine one stays cached in the worker between jobs."""
+    with _base_lock:
+        key = (model_id, models_dir)
+        if key not in _base_models:
+            _base_models[key] = load_base_model(model_id, models_dir)
+        return copy.deepcopy(_base_models[key])
+
+
+class TrainingError(RuntimeError):
+    """A failure the user can act on (bad data for this model, say); its message is shown as is."""
+
+
+@dataclass
+class StepStats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    tokens: int = 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        shifted_labels = labels[:, 1:]
+        mask = shifted_labels != IGNORE_INDEX
+        n = int(mask.sum())
+        predictions = logits[:, :-1].argmax(dim=-1)
+        self.correct += int(((predictions == shifted_labels) & mask).sum())
+        self.loss_sum += float(loss) * n
+        self.tokens += n
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.tokens, 1)
+
+
+class TrainingRecipe:
+    def __init__(self, settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.job = job
+        self.reporter = reporter
+        self.method = METHODS[job.method]
+        self.hp: TrainingHyperparameters = METHOD_HYPERPARAMETERS[job.method].model_validate(job.hyperparameters)
+        self.spec = get_spec(job.base_model)
+
+    # --- setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        torch.manual_seed(self.hp.seed)
+        self.tokenizer = load_tokenizer(self.settings.models_dir)
+        self.train_data = self._load(self.job.training_file_key, "training")
+        self.valid_data = (
+            self._load(self.job.validation_file_key, "validation") if self.job.validation_file_key else None
+        )
+        model = cached_base_model(self.job.base_model, self.settings.models_dir)
+        self.model = self.method.prepare(model, self.hp)
+        self.model.train()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.method.param_groups(self.model, self.hp), weight_decay=0.0)
+        self.steps_per_epoch = math.ceil(len(self.train_data.examples) / self.hp.batch_size)
+        self.total_steps = self.steps_per_epoch * self.hp.n_epochs
+        warmup = int(0.03 * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: (
+                (s + 1) / warmup if s < warmup else max(0.0, (self.total_steps - s) / (self.total_steps - warmup))
+            ),
+        )
+        self.reporter.event(
+            "log",
+            f"{self.method.name} on {self.job.base_model}: {trainable:,} of {total:,} parameters trainable; "
+            f"{len(self.train_data.examples)} examples, {self.total_steps} steps",
+            {
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                "train_examples": len(self.train_data.examples),
+                "truncated_examples": self.train_data.n_truncated,
+                "total_steps": self.total_steps,
+            },
+        )
+
+    def _load(self, key: str, what: str) -> Dataset:
+        data = load_examples(self.storage, key, self.tokenizer, self.hp.max_seq_length)
+        if not data.examples:
+            raise TrainingError(
+                f"the {what} file has no example with a completion inside max_seq_length={self.hp.max_seq_length}"
+            )
+        if data.n_dropped:
+            self.reporter.event(
+                "log",
+                f"{data.n_dropped} {what} example(s) skipped: nothing to learn within max_seq_length",
+                level="warning",
+            )
+        return data
+
+    # --- train -----------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        step = 0
+        metrics: dict[str, Any] = {}
+        for epoch in range(1, self.hp.n_epochs + 1):
+            self.model.train()
+            for batch in batches(
+                self.train_data.examples,
+                self.hp.batch_size,
+                self.tokenizer.pad_token_id,
+                shuffle_seed=self.hp.seed + epoch,
+            ):
+                started = time.perf_counter()
+                output = self.model(**batch)
+                output.loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm=1.0)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                stats = StepStats()
+                stats.add(output.logits.detach(), batch["labels"], output.loss.detach())
+                step += 1
+                elapsed = time.perf_counter() - started
+                metrics = {
+                    "train_loss": round(stats.loss, 6),
+                    "train_token_accuracy": round(stats.accuracy, 6),
+                    "learning_rate": lr,
+                    "tokens_per_second": round(int(batch["attention_mask"].sum()) / max(elapsed, 1e-9), 1),
+                }
+                self.reporter.progress(
+                    step=step,
+                    total_steps=self.total_steps,
+                    epoch=epoch,
+                    metrics=metrics,
+                    message=f"step {step}/{self.total_steps}: train loss {stats.loss:.4f}",
+                )
+            if self.valid_data is not None:
+                evaluation = self.evaluate(self.valid_data)
+                metrics.update(evaluation)
+                self.reporter.progress(
+                    step=step,
+                    total_steps=self.total_steps,
+                    epoch=epoch,
+                    metrics=evaluation,
+                    type_="eval",
+                    message=f"epoch {epoch}: valid loss {evaluation['valid_loss']:.4f}, "
+                    f"perplexity {evaluation['valid_perplexity']:.2f}",
+                )
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, data: Dataset) -> dict[str, float]:
+        self.model.eval()
+        stats = StepStats()
+        for batch in batches(data.examples, self.hp.batch_size, self.tokenizer.pad_token_id, shuffle_seed=None):
+            output = self.model(**batch)
+            stats.add(output.logits, batch["labels"], output.loss)
+        self.model.train()
+        return {
+            "valid_loss": round(stats.loss, 6),
+            "valid_perplexity": round(math.exp(min(stats.loss, 50.0)), 4),
+            "valid_token_accuracy": round(stats.accuracy, 6),
+        }
+
+    # --- export ----------------------------------------------------------------------------------
+    def export(self, folder: Path) -> None:
+        self.model.eval()
+        self.method.export(self.model, folder, self.spec)
