@@ -28,7 +28,6 @@ def make_celery(broker: str, queue: str) -> Celery:
         task_default_queue=queue,
         task_routes={TRAINING_TASK: {"queue": queue}},
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"polling_interval": 0.5} if broker.startswith("sqla+") else {},
         worker_hijack_root_logger=False,
     )
     return app
