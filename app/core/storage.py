@@ -83,6 +83,9 @@ class ObjectStorage:
             return False
         return True
 
+    def list_keys(self, prefix: str = "") -> list[str]:
+        return [meta["path"] for batch in obstore.list(self._store, prefix or None) for meta in batch]
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             obstore.delete(self._store, key)

@@ -131,7 +131,7 @@ class LineValidator:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            self._error(line_no, "invalid_utf8", f"not valid UTF-8 (byte {exc.start})")
+            self._error(line_no, "invalid_utf8", f"not valid UTF-8 at byte {exc.start + 1} of the line")
             return
         if not text.strip():
             return  # blank lines (a trailing newline, say) are allowed and skipped

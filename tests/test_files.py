@@ -1,0 +1,191 @@
+"""POST/GET/DELETE /v1/files: line-by-line validation, streaming to the object store, tenant scoping."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.main import create_app
+from tests.conftest import Tenant, chat_lines, jsonl, upload
+
+
+def stored_datasets(settings: Settings) -> list[str]:
+    return ObjectStorage.from_settings(settings).list_keys("datasets")
+
+
+def test_chat_upload_is_counted_hashed_and_stored(client: TestClient, tenant: Tenant, settings: Settings) -> None:
+    content = jsonl(chat_lines(6))
+    r = upload(client, tenant, content)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["id"].startswith("file-")
+    assert body["format"] == "chat"
+    assert body["n_examples"] == 6
+    assert body["n_tokens"] > 6 * 10  # the chat template adds a system prompt to every example
+    assert body["bytes"] == len(content)
+    assert body["sha256"] == hashlib.sha256(content).hexdigest()
+    assert body["purpose"] == "fine-tune"
+    stored = stored_datasets(settings)
+    assert len(stored) == 1 and body["id"] in stored[0]
+    assert ObjectStorage.from_settings(settings).read_bytes(stored[0]) == content
+
+    assert client.get(f"/v1/files/{body['id']}", headers=tenant.headers).json() == body
+    listed = client.get("/v1/files", headers=tenant.headers).json()["data"]
+    assert [f["id"] for f in listed] == [body["id"]]
+
+
+@pytest.mark.parametrize(
+    ("lines", "fmt"),
+    [
+        ([json.dumps({"prompt": "2+2=", "completion": " 4"}), json.dumps({"prompt": "3+3=", "completion": " 6"})],
+         "prompt_completion"),
+        ([json.dumps({"text": "The sky is blue."}), json.dumps({"text": "Grass is green."})], "text"),
+    ],
+)
+def test_other_formats_are_accepted(client: TestClient, tenant: Tenant, lines: list[str], fmt: str) -> None:
+    r = upload(client, tenant, jsonl(lines))
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == fmt
+    assert r.json()["n_examples"] == 2
+
+
+def test_every_bad_line_is_reported_and_nothing_is_kept(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    good = chat_lines(2)
+    lines = [
+        good[0],
+        '{"messages": [{"role": "bot", "content": "hi"}]}',
+        "this is not json",
+        json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}),
+        good[1],
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        json.dumps({"prompt": "a", "completion": "b"}),
+        json.dumps(["a", "list"]),
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}),
+        json.dumps({"id": 1}),
+    ]
+    r = upload(client, tenant, jsonl(lines))
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "invalid_file"
+    assert error["param"] == "file"
+    assert error["message"].startswith("line 2: ")
+    report = error["report"]
+    got = [(e["line"], e["code"]) for e in report["errors"]]
+    assert got == [
+        (2, "invalid_role"),
+        (3, "invalid_json"),
+        (4, "missing_field"),
+        (6, "no_assistant_message"),
+        (7, "mixed_formats"),
+        (8, "invalid_type"),
+        (9, "invalid_type"),
+        (10, "unknown_format"),
+    ]
+    assert report["n_errors"] == 8
+    assert report["n_examples"] == 2
+    assert 'messages[1]: missing field "content"' not in report["errors"][2]["message"]
+    assert 'messages[0]: missing field "content"' == report["errors"][2]["message"]
+    assert stored_datasets(settings) == []
+    assert client.get("/v1/files", headers=tenant.headers).json()["data"] == []
+
+
+def test_non_utf8_line_is_named(client: TestClient, tenant: Tenant) -> None:
+    content = jsonl(chat_lines(1)) + b'{"text": "caf\xe9"}\n'
+    r = upload(client, tenant, content)
+    assert r.status_code == 422
+    errors = r.json()["error"]["report"]["errors"]
+    assert errors == [{"line": 2, "code": "invalid_utf8", "message": "not valid UTF-8 at byte 14 of the line"}]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file_is_rejected(client: TestClient, tenant: Tenant, content: bytes) -> None:
+    r = upload(client, tenant, content)
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "empty_file"
+    assert "empty" in r.json()["error"]["message"]
+
+
+def test_wrong_purpose_and_file_type(client: TestClient, tenant: Tenant) -> None:
+    r = client.post(
+        "/v1/files", headers=tenant.headers, files={"file": ("t.jsonl", jsonl(chat_lines(1)))},
+        data={"purpose": "assistants"},
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == "purpose"
+    r = upload(client, tenant, jsonl(chat_lines(1)), filename="train.csv")
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "invalid_file_type"
+
+
+def test_missing_file_field(client: TestClient, tenant: Tenant) -> None:
+    r = client.post("/v1/files", headers=tenant.headers, data={"purpose": "fine-tune"})
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == "file"
+    assert r.json()["error"]["code"] == "missing_field"
+
+
+def test_over_the_size_limit_is_413_and_not_stored(settings: Settings, tenant: Tenant) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 2000})
+    with TestClient(create_app(small)) as client:
+        content = jsonl(chat_lines(40))  # ~5 KB: passes the early Content-Length check, fails while reading
+        assert len(content) > 2000
+        r = upload(client, tenant, content)
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "file_too_large"
+        assert "2000 bytes" in r.json()["error"]["message"]
+        big = jsonl(chat_lines(1)) * 1000  # refused from its Content-Length, unread
+        r = upload(client, tenant, big)
+        assert r.status_code == 413
+    assert stored_datasets(settings) == []
+
+
+def test_delete_removes_the_object_and_hides_the_file(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    file_id = upload(client, tenant, jsonl(chat_lines(2))).json()["id"]
+    r = client.delete(f"/v1/files/{file_id}", headers=tenant.headers)
+    assert r.status_code == 200
+    assert r.json() == {"id": file_id, "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{file_id}", headers=tenant.headers).status_code == 404
+    assert client.delete(f"/v1/files/{file_id}", headers=tenant.headers).status_code == 404
+    assert stored_datasets(settings) == []
+
+
+def test_tenants_do_not_see_each_other(client: TestClient, make_tenant) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = make_tenant(), make_tenant()
+    file_id = upload(client, alice, jsonl(chat_lines(2))).json()["id"]
+    r = client.get(f"/v1/files/{file_id}", headers=bob.headers)
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+    assert client.delete(f"/v1/files/{file_id}", headers=bob.headers).status_code == 404
+    assert client.get("/v1/files", headers=bob.headers).json()["data"] == []
+    assert client.get(f"/v1/files/{file_id}", headers=alice.headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer tf_not-a-real-key"}, "invalid_api_key"),
+        ({"Authorization": "Basic abc"}, "invalid_api_key"),
+    ],
+)
+def test_requests_without_a_valid_key_are_401(client: TestClient, headers: dict[str, str], code: str) -> None:
+    for method, path in [("get", "/v1/files"), ("get", "/jobs"), ("get", "/adapters"), ("post", "/generate")]:
+        r = getattr(client, method)(path, headers=headers)
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"]["code"] == code
+        assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_health_needs_no_key(client: TestClient) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
