@@ -1,0 +1,187 @@
+"""POST/GET /jobs, cancellation and the event log, on both backends."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect, text
+
+from app.core.db import get_engine
+from app.core.settings import Settings
+from tests.conftest import Tenant, chat_lines, jsonl, upload
+
+
+@pytest.fixture
+def training_file(client: TestClient, tenant: Tenant) -> str:
+    return str(upload(client, tenant, jsonl(chat_lines(8))).json()["id"])
+
+
+def create(client: TestClient, tenant: Tenant, **body: Any) -> Any:
+    return client.post("/jobs", headers=tenant.headers, json=body)
+
+
+def queued_messages(settings: Settings) -> list[dict[str, Any]]:
+    """Training tasks waiting on the broker, read straight from it."""
+    if settings.broker.startswith("redis"):
+        raw = redis.Redis.from_url(settings.broker).lrange(settings.queue_name, 0, -1)
+        return [json.loads(m)["headers"] for m in raw]
+    broker_db = settings.broker.removeprefix("sqla+")
+    if not inspect(get_engine(broker_db)).has_table("kombu_message"):
+        return []  # created on the first send
+    with get_engine(broker_db).connect() as conn:
+        rows = conn.execute(
+            text("SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id WHERE q.name = :q"),
+            {"q": settings.queue_name},
+        ).all()
+    return [json.loads(r[0])["headers"] for r in rows]
+
+
+def test_create_job_fills_defaults_and_enqueues(
+    client: TestClient, tenant: Tenant, training_file: str, settings: Settings
+) -> None:
+    r = create(client, tenant, base_model="tiny-random-llama", method="lora", training_file=training_file,
+               suffix="fruit", hyperparameters={"n_epochs": 2, "lora_r": 4})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["id"].startswith("ftjob-")
+    assert job["status"] == "queued"
+    assert job["hyperparameters"] == {
+        "n_epochs": 2, "batch_size": 4, "learning_rate": 0.0002, "max_seq_length": 512, "seed": 42,
+        "lora_r": 4, "lora_alpha": 16.0, "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    }
+    assert job["progress"] == {"step": 0, "total_steps": None, "epoch": 0}
+    assert job["adapter_id"] is None and job["error"] is None
+    messages = queued_messages(settings)
+    assert [(m["task"], m["argsrepr"], m["kwargsrepr"]) for m in messages] == [
+        ("training.run", "()", repr({"job_id": job["id"]}))
+    ]
+    events = client.get(f"/jobs/{job['id']}/events", headers=tenant.headers).json()["data"]
+    assert [(e["seq"], e["data"]["status"]) for e in events] == [(1, "validating_files"), (2, "queued")]
+    assert client.get(f"/jobs/{job['id']}", headers=tenant.headers).json() == job
+
+
+def test_base_model_defaults_from_settings(client: TestClient, tenant: Tenant, training_file: str) -> None:
+    r = create(client, tenant, training_file=training_file)
+    assert r.status_code == 201
+    assert r.json()["base_model"] == "tiny-random-llama"
+    assert r.json()["method"] == "lora"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({"base_model": "gpt-17"}, "base_model", "unknown base_model 'gpt-17'"),
+        ({"method": "magic"}, "method", "unknown method 'magic'"),
+        ({"hyperparameters": {"lora_r": 0}}, "hyperparameters.lora_r", "greater than or equal to 1"),
+        ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate", "greater than 0"),
+        ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs", "valid integer"),
+        ({"hyperparameters": {"lora_dropout": 1.5}}, "hyperparameters.lora_dropout", "less than 1"),
+        ({"hyperparameters": {"target_modules": ["q_proj", "attn"]}}, "hyperparameters.target_modules",
+         "unknown module(s) attn"),
+        ({"hyperparameters": {"max_seq_length": 4096}}, "hyperparameters.max_seq_length", "at most 2048"),
+        ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs", "unknown hyperparameter"),
+        ({"training_file": "file-doesnotexist"}, "training_file", "no file with id 'file-doesnotexist'"),
+        ({"validation_file": "file-doesnotexist"}, "validation_file", "no file with id"),
+        ({"suffix": "has spaces"}, "suffix", "pattern"),
+        ({"training_file": None}, "training_file", "string"),
+    ],
+)
+def test_invalid_job_requests_are_422_naming_the_field(
+    client: TestClient, tenant: Tenant, training_file: str, settings: Settings,
+    body: dict[str, Any], param: str, fragment: str,
+) -> None:
+    request = {"base_model": "tiny-random-llama", "training_file": training_file, **body}
+    r = create(client, tenant, **request)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert fragment in error["message"]
+    assert client.get("/jobs", headers=tenant.headers).json()["data"] == []
+    assert queued_messages(settings) == []
+
+
+def test_missing_training_file_field(client: TestClient, tenant: Tenant) -> None:
+    r = create(client, tenant, base_model="tiny-random-llama")
+    assert r.status_code == 422
+    assert r.json()["error"] == {
+        "type": "invalid_request_error", "message": "training_file: Field required",
+        "param": "training_file", "code": "missing_field",
+    }
+
+
+def test_another_tenants_file_cannot_be_used(client: TestClient, make_tenant, training_file: str, tenant) -> None:  # type: ignore[no-untyped-def]
+    other = make_tenant()
+    r = create(client, other, training_file=training_file)
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == "training_file"
+
+
+def test_list_is_newest_first_with_cursor(client: TestClient, tenant: Tenant, training_file: str) -> None:
+    ids = [create(client, tenant, training_file=training_file).json()["id"] for _ in range(5)]
+    page = client.get("/jobs?limit=2", headers=tenant.headers).json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2]
+    assert page["has_more"] is True
+    page2 = client.get(f"/jobs?limit=2&after={page['data'][-1]['id']}", headers=tenant.headers).json()
+    page3 = client.get(f"/jobs?limit=2&after={page2['data'][-1]['id']}", headers=tenant.headers).json()
+    assert [j["id"] for j in page2["data"] + page3["data"]] == ids[::-1][2:]
+    assert page3["has_more"] is False
+    r = client.get("/jobs?limit=0", headers=tenant.headers)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "limit"
+    r = client.get("/jobs?after=ftjob-nope", headers=tenant.headers)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "after"
+
+
+def test_cancel_a_queued_job(client: TestClient, tenant: Tenant, training_file: str) -> None:
+    job_id = create(client, tenant, training_file=training_file).json()["id"]
+    r = client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers)
+    assert r.status_code == 200
+    assert r.json()["status"] == "cancelled"
+    assert r.json()["finished_at"] is not None
+    r = client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers)
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "job_not_cancellable"
+    assert "already cancelled" in r.json()["error"]["message"]
+    events = client.get(f"/jobs/{job_id}/events", headers=tenant.headers).json()["data"]
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    assert events[-1]["data"] == {"status": "cancelled"}
+
+
+def test_events_paginate_by_sequence(client: TestClient, tenant: Tenant, training_file: str) -> None:
+    job_id = create(client, tenant, training_file=training_file).json()["id"]
+    client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers)
+    first = client.get(f"/jobs/{job_id}/events?limit=2", headers=tenant.headers).json()
+    assert [e["seq"] for e in first["data"]] == [1, 2] and first["has_more"] is True
+    rest = client.get(f"/jobs/{job_id}/events?after=2", headers=tenant.headers).json()
+    assert [e["seq"] for e in rest["data"]] == [3] and rest["has_more"] is False
+
+
+def test_jobs_are_invisible_to_other_tenants(client: TestClient, make_tenant, training_file: str, tenant) -> None:  # type: ignore[no-untyped-def]
+    job_id = create(client, tenant, training_file=training_file).json()["id"]
+    other = make_tenant()
+    for method, path in [("get", f"/jobs/{job_id}"), ("post", f"/jobs/{job_id}/cancel"),
+                         ("get", f"/jobs/{job_id}/events")]:
+        r = getattr(client, method)(path, headers=other.headers)
+        assert r.status_code == 404, path
+        assert r.json()["error"]["code"] == "not_found"
+    assert client.get("/jobs", headers=other.headers).json()["data"] == []
+    assert client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["status"] == "queued"
+
+
+def test_unreachable_broker_fails_the_job_visibly(
+    settings: Settings, tenant: Tenant, training_file: str, client: TestClient
+) -> None:
+    from app.main import create_app
+
+    broken = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(broken)) as c:
+        r = create(c, tenant, training_file=training_file)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "queue_unavailable"
+    jobs = client.get("/jobs", headers=tenant.headers).json()["data"]
+    assert [j["status"] for j in jobs] == ["failed"]
+    assert "could not reach the job queue" in jobs[0]["error"]["message"]
