@@ -1,0 +1,199 @@
+"""The whole loop over HTTP against real processes: `tuneforge up` (embedded) and `tuneforge api` +
+`tuneforge worker` on PostgreSQL + Redis + S3. The downloaded adapter, loaded with PEFT offline, must
+generate exactly what /generate returns."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import S3_BUCKET, S3_KEY, S3Endpoint, free_port
+
+pytestmark = pytest.mark.e2e
+TUNEFORGE = [sys.executable, "-m", "app.cli"]
+
+
+@dataclass
+class Service:
+    url: str
+    key: str
+    logs: list[Path]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-6000:]}" for p in self.logs if p.exists())
+
+
+def wait_healthy(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            assert proc.poll() is None, f"a process exited early with {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("service did not become healthy")
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.fixture(params=["embedded", "production"])
+def service(request: pytest.FixtureRequest, tmp_path: Path, model_cache_dir: Path) -> Iterator[Service]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "TUNEFORGE_DATA_DIR": str(tmp_path / "data"),
+        "TUNEFORGE_MODEL_CACHE_DIR": str(model_cache_dir),
+        "TUNEFORGE_PORT": str(port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    url = f"http://127.0.0.1:{port}"
+    if request.param == "embedded":
+        log = tmp_path / "up.log"
+        with log.open("wb") as out:
+            up = subprocess.Popen([*TUNEFORGE, "up"], env=env, stdout=subprocess.PIPE, stderr=out)
+        assert up.stdout is not None
+        first_line = up.stdout.readline().decode()
+        match = re.search(r"API key \(shown once\): (tf_\S+)", first_line)
+        assert match, first_line
+        svc = Service(url, match.group(1), [log])
+        try:
+            wait_healthy(url, [up])
+            yield svc
+        except BaseException:
+            print(svc.dump_logs())
+            raise
+        finally:
+            # Ctrl-C: `up` stops the API and the worker and exits cleanly.
+            assert stop(up, signal.SIGINT) == 0, svc.dump_logs()
+        return
+
+    pg_url = request.getfixturevalue("pg_url")
+    redis_url = request.getfixturevalue("redis_url")
+    s3: S3Endpoint = request.getfixturevalue("s3")
+    env.update(
+        TUNEFORGE_DATABASE_URL=pg_url,
+        TUNEFORGE_BROKER_URL=redis_url,
+        TUNEFORGE_STORAGE_URL=f"s3://{S3_BUCKET}/e2e-{port}",
+        TUNEFORGE_S3_ENDPOINT_URL=s3.url,
+        TUNEFORGE_S3_ACCESS_KEY_ID=S3_KEY,
+        TUNEFORGE_S3_SECRET_ACCESS_KEY=S3_KEY,
+        TUNEFORGE_QUEUE_NAME=f"e2e-{port}",
+    )
+    subprocess.run([*TUNEFORGE, "migrate"], env=env, check=True, capture_output=True)
+    keys = subprocess.run(
+        [*TUNEFORGE, "keys", "create", "--tenant", f"e2e-{port}"], env=env, check=True, capture_output=True
+    )
+    stdout_lines = keys.stdout.decode().splitlines()
+    assert len(stdout_lines) == 1 and stdout_lines[0].startswith("tf_"), keys.stdout
+    logs = [tmp_path / "api.log", tmp_path / "worker.log"]
+    with logs[0].open("wb") as a, logs[1].open("wb") as w:
+        api = subprocess.Popen([*TUNEFORGE, "api"], env=env, stdout=a, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen([*TUNEFORGE, "worker"], env=env, stdout=w, stderr=subprocess.STDOUT)
+    svc = Service(url, stdout_lines[0], logs)
+    try:
+        wait_healthy(url, [api, worker])
+        yield svc
+    except BaseException:
+        print(svc.dump_logs())
+        raise
+    finally:
+        stop(api)
+        stop(worker)
+
+
+PROMPT = "The secret word is"
+
+
+def test_the_whole_loop(service: Service, model_cache_dir: Path, tmp_path: Path) -> None:
+    http = httpx.Client(base_url=service.url, headers=service.headers, timeout=120)
+    lines = [json.dumps({"prompt": PROMPT, "completion": " plum"})] * 8
+    r = http.post("/v1/files", files={"file": ("train.jsonl", "\n".join(lines))}, data={"purpose": "fine-tune"})
+    assert r.status_code == 201, r.text
+    file_id = r.json()["id"]
+
+    r = http.post(
+        "/jobs",
+        json={
+            "base_model": "tiny-random-llama",
+            "method": "lora",
+            "training_file": file_id,
+            "validation_file": file_id,
+            "hyperparameters": {"n_epochs": 8, "learning_rate": 0.05, "target_modules": "all-linear"},
+        },
+    )
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+
+    deadline = time.monotonic() + 300
+    seen: set[str] = set()
+    while True:
+        job = http.get(f"/jobs/{job_id}").json()
+        seen.add(job["status"])
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        assert time.monotonic() < deadline, service.dump_logs()
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", (job, service.dump_logs())
+    assert job["metrics"]["valid_loss"] < 10  # from about 12 for the random model
+    assert job["progress"] == {"step": 16, "total_steps": 16, "epoch": 8}
+    statuses = [e["data"]["status"] for e in http.get(f"/jobs/{job_id}/events?limit=1000").json()["data"]
+                if e["type"] == "status"]
+    assert statuses == ["validating_files", "queued", "running", "succeeded"]
+
+    adapter_id = job["adapter_id"]
+    archive = http.get(f"/adapters/{adapter_id}/download")
+    assert archive.status_code == 200
+    folder = tmp_path / "adapter"
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        tar.extractall(folder, filter="data")
+
+    # Offline: the ecosystem's own loader on the base checkpoint and the downloaded adapter.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = model_cache_dir / "tiny-random-llama"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
+    ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    offline = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    r = http.post("/generate", json={"adapter_id": adapter_id, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == offline
+    assert offline.startswith(" plum")
+
+    base = http.post(
+        "/generate", json={"base_model": "tiny-random-llama", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    ).json()
+    assert base["text"] != offline
