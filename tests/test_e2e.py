@@ -164,8 +164,11 @@ def test_the_whole_loop(service: Service, model_cache_dir: Path, tmp_path: Path)
     assert job["status"] == "succeeded", (job, service.dump_logs())
     assert job["metrics"]["valid_loss"] < 10  # from about 12 for the random model
     assert job["progress"] == {"step": 16, "total_steps": 16, "epoch": 8}
-    statuses = [e["data"]["status"] for e in http.get(f"/jobs/{job_id}/events?limit=1000").json()["data"]
-                if e["type"] == "status"]
+    statuses = [
+        e["data"]["status"]
+        for e in http.get(f"/jobs/{job_id}/events?limit=1000").json()["data"]
+        if e["type"] == "status"
+    ]
     assert statuses == ["validating_files", "queued", "running", "succeeded"]
 
     adapter_id = job["adapter_id"]
@@ -186,7 +189,7 @@ def test_the_whole_loop(service: Service, model_cache_dir: Path, tmp_path: Path)
     ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    offline = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    offline = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     r = http.post("/generate", json={"adapter_id": adapter_id, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text

@@ -42,8 +42,10 @@ def test_chat_upload_is_counted_hashed_and_stored(client: TestClient, tenant: Te
 @pytest.mark.parametrize(
     ("lines", "fmt"),
     [
-        ([json.dumps({"prompt": "2+2=", "completion": " 4"}), json.dumps({"prompt": "3+3=", "completion": " 6"})],
-         "prompt_completion"),
+        (
+            [json.dumps({"prompt": "2+2=", "completion": " 4"}), json.dumps({"prompt": "3+3=", "completion": " 6"})],
+            "prompt_completion",
+        ),
         ([json.dumps({"text": "The sky is blue."}), json.dumps({"text": "Grass is green."})], "text"),
     ],
 )
@@ -54,9 +56,7 @@ def test_other_formats_are_accepted(client: TestClient, tenant: Tenant, lines: l
     assert r.json()["n_examples"] == 2
 
 
-def test_every_bad_line_is_reported_and_nothing_is_kept(
-    client: TestClient, tenant: Tenant, settings: Settings
-) -> None:
+def test_every_bad_line_is_reported_and_nothing_is_kept(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     good = chat_lines(2)
     lines = [
         good[0],
@@ -90,8 +90,7 @@ def test_every_bad_line_is_reported_and_nothing_is_kept(
     ]
     assert report["n_errors"] == 8
     assert report["n_examples"] == 2
-    assert 'messages[1]: missing field "content"' not in report["errors"][2]["message"]
-    assert 'messages[0]: missing field "content"' == report["errors"][2]["message"]
+    assert report["errors"][2]["message"] == 'messages[0]: missing field "content"'
     assert stored_datasets(settings) == []
     assert client.get("/v1/files", headers=tenant.headers).json()["data"] == []
 
@@ -114,7 +113,9 @@ def test_empty_file_is_rejected(client: TestClient, tenant: Tenant, content: byt
 
 def test_wrong_purpose_and_file_type(client: TestClient, tenant: Tenant) -> None:
     r = client.post(
-        "/v1/files", headers=tenant.headers, files={"file": ("t.jsonl", jsonl(chat_lines(1)))},
+        "/v1/files",
+        headers=tenant.headers,
+        files={"file": ("t.jsonl", jsonl(chat_lines(1)))},
         data={"purpose": "assistants"},
     )
     assert r.status_code == 422
@@ -146,9 +147,7 @@ def test_over_the_size_limit_is_413_and_not_stored(settings: Settings, tenant: T
     assert stored_datasets(settings) == []
 
 
-def test_delete_removes_the_object_and_hides_the_file(
-    client: TestClient, tenant: Tenant, settings: Settings
-) -> None:
+def test_delete_removes_the_object_and_hides_the_file(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     file_id = upload(client, tenant, jsonl(chat_lines(2))).json()["id"]
     r = client.delete(f"/v1/files/{file_id}", headers=tenant.headers)
     assert r.status_code == 200

@@ -84,7 +84,10 @@ def test_bad_generate_requests(
 
 
 def test_another_tenants_adapter_is_404(
-    client: TestClient, make_tenant, tenant: Tenant, settings: Settings  # type: ignore[no-untyped-def]
+    client: TestClient,
+    make_tenant,
+    tenant: Tenant,
+    settings: Settings,  # type: ignore[no-untyped-def]
 ) -> None:
     adapter_id = train(client, tenant, settings, "plum")
     other = make_tenant()

@@ -43,15 +43,28 @@ def queued_messages(settings: Settings) -> list[dict[str, Any]]:
 def test_create_job_fills_defaults_and_enqueues(
     client: TestClient, tenant: Tenant, training_file: str, settings: Settings
 ) -> None:
-    r = create(client, tenant, base_model="tiny-random-llama", method="lora", training_file=training_file,
-               suffix="fruit", hyperparameters={"n_epochs": 2, "lora_r": 4})
+    r = create(
+        client,
+        tenant,
+        base_model="tiny-random-llama",
+        method="lora",
+        training_file=training_file,
+        suffix="fruit",
+        hyperparameters={"n_epochs": 2, "lora_r": 4},
+    )
     assert r.status_code == 201, r.text
     job = r.json()
     assert job["id"].startswith("ftjob-")
     assert job["status"] == "queued"
     assert job["hyperparameters"] == {
-        "n_epochs": 2, "batch_size": 4, "learning_rate": 0.0002, "max_seq_length": 512, "seed": 42,
-        "lora_r": 4, "lora_alpha": 16.0, "lora_dropout": 0.05,
+        "n_epochs": 2,
+        "batch_size": 4,
+        "learning_rate": 0.0002,
+        "max_seq_length": 512,
+        "seed": 42,
+        "lora_r": 4,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
     }
     assert job["progress"] == {"step": 0, "total_steps": None, "epoch": 0}
@@ -81,8 +94,11 @@ def test_base_model_defaults_from_settings(client: TestClient, tenant: Tenant, t
         ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate", "greater than 0"),
         ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs", "valid integer"),
         ({"hyperparameters": {"lora_dropout": 1.5}}, "hyperparameters.lora_dropout", "less than 1"),
-        ({"hyperparameters": {"target_modules": ["q_proj", "attn"]}}, "hyperparameters.target_modules",
-         "unknown module(s) attn"),
+        (
+            {"hyperparameters": {"target_modules": ["q_proj", "attn"]}},
+            "hyperparameters.target_modules",
+            "unknown module(s) attn",
+        ),
         ({"hyperparameters": {"max_seq_length": 4096}}, "hyperparameters.max_seq_length", "at most 2048"),
         ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs", "unknown hyperparameter"),
         ({"training_file": "file-doesnotexist"}, "training_file", "no file with id 'file-doesnotexist'"),
@@ -92,8 +108,13 @@ def test_base_model_defaults_from_settings(client: TestClient, tenant: Tenant, t
     ],
 )
 def test_invalid_job_requests_are_422_naming_the_field(
-    client: TestClient, tenant: Tenant, training_file: str, settings: Settings,
-    body: dict[str, Any], param: str, fragment: str,
+    client: TestClient,
+    tenant: Tenant,
+    training_file: str,
+    settings: Settings,
+    body: dict[str, Any],
+    param: str,
+    fragment: str,
 ) -> None:
     request = {"base_model": "tiny-random-llama", "training_file": training_file, **body}
     r = create(client, tenant, **request)
@@ -109,8 +130,10 @@ def test_missing_training_file_field(client: TestClient, tenant: Tenant) -> None
     r = create(client, tenant, base_model="tiny-random-llama")
     assert r.status_code == 422
     assert r.json()["error"] == {
-        "type": "invalid_request_error", "message": "training_file: Field required",
-        "param": "training_file", "code": "missing_field",
+        "type": "invalid_request_error",
+        "message": "training_file: Field required",
+        "param": "training_file",
+        "code": "missing_field",
     }
 
 
@@ -163,8 +186,11 @@ def test_events_paginate_by_sequence(client: TestClient, tenant: Tenant, trainin
 def test_jobs_are_invisible_to_other_tenants(client: TestClient, make_tenant, training_file: str, tenant) -> None:  # type: ignore[no-untyped-def]
     job_id = create(client, tenant, training_file=training_file).json()["id"]
     other = make_tenant()
-    for method, path in [("get", f"/jobs/{job_id}"), ("post", f"/jobs/{job_id}/cancel"),
-                         ("get", f"/jobs/{job_id}/events")]:
+    for method, path in [
+        ("get", f"/jobs/{job_id}"),
+        ("post", f"/jobs/{job_id}/cancel"),
+        ("get", f"/jobs/{job_id}/events"),
+    ]:
         r = getattr(client, method)(path, headers=other.headers)
         assert r.status_code == 404, path
         assert r.json()["error"]["code"] == "not_found"

@@ -22,8 +22,12 @@ def start_job(client: TestClient, tenant: Tenant, lines: list[str] | None = None
     r = client.post(
         "/jobs",
         headers=tenant.headers,
-        json={"base_model": "tiny-random-llama", "training_file": file_id, "validation_file": file_id,
-              "hyperparameters": {"n_epochs": 2, **hyperparameters}},
+        json={
+            "base_model": "tiny-random-llama",
+            "training_file": file_id,
+            "validation_file": file_id,
+            "hyperparameters": {"n_epochs": 2, **hyperparameters},
+        },
     )
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
@@ -44,8 +48,15 @@ def test_job_trains_publishes_and_succeeds(client: TestClient, tenant: Tenant, s
     assert job["progress"] == {"step": 4, "total_steps": 4, "epoch": 2}  # 8 examples / batch 4 * 2 epochs
     assert job["attempt"] == 1
     assert job["started_at"] is not None and job["finished_at"] >= job["started_at"]
-    for name in ("train_loss", "train_token_accuracy", "valid_loss", "valid_perplexity",
-                 "valid_token_accuracy", "tokens_per_second", "learning_rate"):
+    for name in (
+        "train_loss",
+        "train_token_accuracy",
+        "valid_loss",
+        "valid_perplexity",
+        "valid_token_accuracy",
+        "tokens_per_second",
+        "learning_rate",
+    ):
         assert isinstance(job["metrics"][name], float | int), name
 
     log = events(client, tenant, job_id)
@@ -94,9 +105,7 @@ def test_running_a_task_twice_is_harmless(client: TestClient, tenant: Tenant, se
     assert client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["adapter_id"] == first
 
 
-def test_a_crash_inside_training_fails_the_job_readably(
-    client: TestClient, tenant: Tenant, settings: Settings
-) -> None:
+def test_a_crash_inside_training_fails_the_job_readably(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     job_id = start_job(client, tenant)
     storage = ObjectStorage.from_settings(settings)
     for key in storage.list_keys("datasets"):
@@ -120,14 +129,10 @@ def test_examples_longer_than_max_seq_length_without_completion_fail_clearly(
     assert run_training_job(settings, job_id) is None
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "failed"
-    assert job["error"]["message"] == (
-        "the training file has no example with a completion inside max_seq_length=16"
-    )
+    assert job["error"]["message"] == ("the training file has no example with a completion inside max_seq_length=16")
 
 
-def test_cancel_while_running_stops_without_publishing(
-    client: TestClient, tenant: Tenant, settings: Settings
-) -> None:
+def test_cancel_while_running_stops_without_publishing(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     job_id = start_job(client, tenant, n_epochs=100)
     result: list[str | None] = []
     thread = threading.Thread(target=lambda: result.append(run_training_job(settings, job_id)))
@@ -148,9 +153,7 @@ def test_cancel_while_running_stops_without_publishing(
     assert ObjectStorage.from_settings(settings).list_keys("adapters") == []
 
 
-def test_a_job_cancelled_before_it_starts_is_not_run(
-    client: TestClient, tenant: Tenant, settings: Settings
-) -> None:
+def test_a_job_cancelled_before_it_starts_is_not_run(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     job_id = start_job(client, tenant)
     client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers)
     assert run_training_job(settings, job_id) is None

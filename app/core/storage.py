@@ -44,7 +44,8 @@ class ObjectStorage:
             if settings.s3_secret_access_key:
                 config["secret_access_key"] = settings.s3_secret_access_key
             config["region"] = settings.s3_region
-        return cls(from_url(url, config=config or None, client_options=client_options or None), url)
+        store = from_url(url, config=config or None, client_options=client_options or None)  # type: ignore[arg-type]
+        return cls(store, url)
 
     def put_file(self, key: str, fileobj: IO[bytes]) -> None:
         """Upload a readable binary file, streamed in chunks; the object appears atomically."""

@@ -28,7 +28,7 @@ class TrainingHyperparameters(BaseModel):
 
 class LoraHyperparameters(TrainingHyperparameters):
     lora_r: int = Field(8, ge=1, le=256, description="Rank of the low-rank update")
-    lora_alpha: float = Field(16.0, gt=0, le=1024, description="Scaling numerator (update scaled by alpha/r)")
+    lora_alpha: int = Field(16, ge=1, le=1024, description="Scaling numerator (update scaled by alpha/r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],

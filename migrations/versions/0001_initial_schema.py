@@ -100,12 +100,8 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["tenant_id"], ["tenants.id"], name=op.f("fk_jobs_tenant_id_tenants"), ondelete="CASCADE"
         ),
-        sa.ForeignKeyConstraint(
-            ["training_file_id"], ["files.id"], name=op.f("fk_jobs_training_file_id_files")
-        ),
-        sa.ForeignKeyConstraint(
-            ["validation_file_id"], ["files.id"], name=op.f("fk_jobs_validation_file_id_files")
-        ),
+        sa.ForeignKeyConstraint(["training_file_id"], ["files.id"], name=op.f("fk_jobs_training_file_id_files")),
+        sa.ForeignKeyConstraint(["validation_file_id"], ["files.id"], name=op.f("fk_jobs_validation_file_id_files")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
     op.create_index("ix_jobs_tenant_created", "jobs", ["tenant_id", "created_at"])
@@ -140,9 +136,7 @@ def upgrade() -> None:
         sa.Column("message", sa.Text(), nullable=False),
         sa.Column("data", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_job_events_job_id_jobs"), ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_job_events_job_id_jobs"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_job_events")),
         sa.UniqueConstraint("job_id", "seq", name="uq_job_events_job_id_seq"),
     )
