@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ cli.add_typer(keys_cli, name="keys")
 
 def _logging() -> None:
     logging.basicConfig(
-        level=os.environ.get("TUNEFORGE_LOG_LEVEL", "INFO"),
+        level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

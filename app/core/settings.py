@@ -73,6 +73,8 @@ class Settings(BaseSettings):
         default=None, description="torch intra-op threads in the worker and server (default: torch's own)"
     )
 
+    log_level: str = Field(default="INFO", description="Log level of the tuneforge commands")
+
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()

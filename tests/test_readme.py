@@ -1,0 +1,88 @@
+"""The README stays true: its walkthrough runs as written, its tables match the code, and its test
+command is what CI runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.core.settings import Settings
+from app.ml.hyperparameters import LoraHyperparameters
+from app.ml.registry import REGISTRY
+from tests.conftest import free_port
+from tests.test_e2e import stop, wait_healthy
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def walkthrough() -> str:
+    match = re.search(r"<!-- walkthrough:start -->\n```bash\n(.*?)```\n<!-- walkthrough:end -->", README, re.S)
+    assert match, "README lost its walkthrough block"
+    return match.group(1)
+
+
+@pytest.mark.e2e
+def test_the_curl_walkthrough_runs_as_written(tmp_path: Path, model_cache_dir: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "TUNEFORGE_DATA_DIR": str(tmp_path / "data"),
+        "TUNEFORGE_MODEL_CACHE_DIR": str(model_cache_dir),
+        "TUNEFORGE_PORT": str(port),
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".venv").symlink_to(sys.prefix)  # the walkthrough calls .venv/bin/tuneforge, as after `make up`
+    with (tmp_path / "up.log").open("wb") as log:
+        up = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=log, stderr=log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", [up])
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", walkthrough()],
+            cwd=work,
+            env={**env, "TF": f"http://127.0.0.1:{port}", "BASE_MODEL": "tiny-random-llama"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        assert stop(up, signal.SIGINT) == 0
+    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "up.log").read_text()[-5000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("uploaded file-") and lines[1].startswith("created ftjob-")
+    assert any(line.startswith("succeeded step 6/6 metrics {") for line in lines), result.stdout
+    assert re.search(r"^training succeeded; adapter adapter-\w+ published$", result.stdout, re.M)
+    assert {"adapter_config.json", "adapter_model.safetensors", "tuneforge.json"} <= set(lines)
+    assert len(lines) >= 10  # the two generations come last
+
+
+def test_configuration_table_lists_every_setting() -> None:
+    documented = set(re.findall(r"^\| `TUNEFORGE_([A-Z0-9_]+)` \|", README, re.M))
+    assert documented == {name.upper() for name in Settings.model_fields}
+
+
+def test_hyperparameter_table_matches_the_defaults() -> None:
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", README, re.M))
+    for name, field in LoraHyperparameters.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = rows[name].strip().strip("`")
+        assert shown == (str(default).replace("'", '"') if isinstance(default, list) else str(default)), name
+
+
+def test_base_model_table_matches_the_registry() -> None:
+    assert set(re.findall(r"^\| `([a-z0-9-]+)`(?: \(default\))? \| ", README, re.M)) & set(REGISTRY) == set(REGISTRY)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert "make test    # run the test suite" in README
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("make test")
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\n\t$(BIN)/python -m pip install --quiet torch==2.13.0\n" in makefile
+    assert makefile.index("torch==2.13.0") < makefile.index('-e ".[dev]"')
