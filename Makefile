@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy app worker
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_core.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,165 @@
+"""Benchmarks of the hot paths, each printed as a ratio against a baseline measured in the same run.
+
+    .venv/bin/python bench/bench_core.py [--model smollm2-135m-instruct] [--threads 2]
+
+1. Upload validation: our line validator (JSON + schema + chat-template tokenization) against bare
+   `json.loads` over the same file, in MB/s.
+2. LoRA training step: tokens/s of a LoRA step (the worker's recipe path) against a full fine-tuning
+   step of the same model and batch.
+3. Generation: tokens/s of greedy generation through the serving engine with an adapter against the base
+   model alone through the same engine, and the first (cold) adapter load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.datasets.service import _scan
+from app.datasets.validation import LineValidator
+from app.ml import adapter_format
+from app.ml.formatting import encode_chat_prompt, encode_record
+from app.ml.hyperparameters import LoraHyperparameters
+from app.ml.registry import get_spec, load_base_model, load_tokenizer
+from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
+from worker.data import collate
+from worker.methods.lora import LoraMethod
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def bench_validation(tokenizer: object) -> None:
+    record = {
+        "messages": [
+            {"role": "user", "content": "Summarize the plot of a long novel about the sea in two sentences."},
+            {"role": "assistant", "content": "A captain hunts a white whale. Obsession sinks the ship."},
+        ]
+    }
+    data = ("\n".join(json.dumps(record) for _ in range(2000)) + "\n").encode()
+    mb = len(data) / 1e6
+
+    def ours() -> None:
+        _scan(io.BytesIO(data), LineValidator(tokenizer, 100), 10**9)
+
+    def baseline() -> None:
+        for line in data.splitlines():
+            json.loads(line)
+
+    t_ours, t_base = best_of(ours, 3), best_of(baseline, 3)
+    print(
+        f"validation: {mb / t_ours:8.2f} MB/s ours, {mb / t_base:8.2f} MB/s json.loads only; "
+        f"ratio ours/baseline time = {t_ours / t_base:.1f}x ({2000 / t_ours:.0f} lines/s)"
+    )
+
+
+def bench_training(model_id: str, models_dir: Path, tokenizer: object) -> None:
+    example = encode_record(
+        tokenizer,
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me about LoRA. " * 6},
+                {"role": "assistant", "content": "Low-rank adapters train few parameters. " * 6},
+            ]
+        },
+    )
+    batch = collate([example] * 4, tokenizer.pad_token_id)  # type: ignore[attr-defined]
+    tokens = int(batch["attention_mask"].sum())
+
+    def step_time(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> float:
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def step() -> None:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up (allocations, lazy inits)
+        return statistics.median(best_of(step, 1) for _ in range(5))
+
+    hp = LoraHyperparameters()
+    lora = LoraMethod().prepare(load_base_model(model_id, models_dir), hp)
+    lora.train()
+    t_lora = step_time(lora, [p for p in lora.parameters() if p.requires_grad])
+    full = load_base_model(model_id, models_dir)
+    full.train()
+    t_full = step_time(full, list(full.parameters()))
+    print(
+        f"training step ({tokens} tokens): LoRA {tokens / t_lora:8.1f} tok/s, full fine-tuning "
+        f"{tokens / t_full:8.1f} tok/s; LoRA speed-up = {t_full / t_lora:.2f}x"
+    )
+
+
+def bench_generation(model_id: str, settings: Settings, tokenizer: object) -> None:
+    storage = ObjectStorage.from_settings(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "adapter"
+        folder.mkdir()
+        lora = LoraMethod().prepare(load_base_model(model_id, settings.models_dir), LoraHyperparameters())
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)  # a non-trivial adapter
+        LoraMethod().export(lora, folder, get_spec(model_id))
+        size, sha = adapter_format.pack(folder, Path(tmp) / "a.tar.gz", {"adapter_id": "adapter-bench"})
+        storage.put_path("adapters/bench/adapter-bench.tar.gz", Path(tmp) / "a.tar.gz")
+    engine = GenerationEngine(
+        models_dir=settings.models_dir, storage=storage, cache_dir=settings.data_dir / "cache", max_adapters=4
+    )
+    ref = AdapterRef("adapter-bench", "adapters/bench/adapter-bench.tar.gz", sha)
+    prompt = encode_chat_prompt(tokenizer, [{"role": "user", "content": "Write a short poem about the sea."}])
+    n = 48
+
+    def run(adapter: AdapterRef | None) -> float:
+        request = GenerationRequest(model_id, prompt, adapter=adapter, max_tokens=n, temperature=0)
+        started = time.perf_counter()
+        result = engine.generate(request)
+        return result.completion_tokens / (time.perf_counter() - started)
+
+    run(None)  # loads the base model
+    started = time.perf_counter()
+    engine.generate(GenerationRequest(model_id, prompt, adapter=ref, max_tokens=1, temperature=0))
+    cold = time.perf_counter() - started
+    base = statistics.median(run(None) for _ in range(3))
+    with_adapter = statistics.median(run(ref) for _ in range(3))
+    engine.close()
+    print(
+        f"generation ({n} tokens, greedy): base {base:6.1f} tok/s, with LoRA adapter {with_adapter:6.1f} tok/s; "
+        f"adapter/base throughput = {with_adapter / base:.2f}; cold adapter load + 1 token = {cold * 1000:.0f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered base model id")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_dir=Path(tmp))
+        settings.model_cache_dir = Settings().models_dir  # reuse the converted models of the default data dir
+        tokenizer = load_tokenizer(settings.models_dir)
+        print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        bench_validation(tokenizer)
+        bench_training(args.model, settings.models_dir, tokenizer)
+        bench_generation(args.model, settings, tokenizer)
+
+
+if __name__ == "__main__":
+    main()
