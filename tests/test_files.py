@@ -188,3 +188,20 @@ def test_health_needs_no_key(client: TestClient) -> None:
     r = client.get("/healthz")
     assert r.status_code == 200
     assert r.json() == {"status": "ok"}
+
+
+def test_token_counts_match_what_training_sees(client: TestClient, tenant: Tenant, settings: Settings) -> None:
+    """The upload's n_tokens is the token count of the examples as the worker encodes them."""
+    from app.ml.formatting import encode_record
+    from app.ml.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(settings.models_dir)
+    for lines in (
+        chat_lines(600),  # more than one tokenizer batch
+        [json.dumps({"prompt": f"{i} + {i} =", "completion": f" {2 * i}"}) for i in range(5)],
+        [json.dumps({"text": "Plain text, with punctuation; and numbers 123."})] * 3,
+    ):
+        expected = sum(len(encode_record(tokenizer, json.loads(line)).input_ids) for line in lines)
+        body = upload(client, tenant, jsonl(lines)).json()
+        assert body["n_tokens"] == expected
+        assert body["n_examples"] == len(lines)

@@ -39,6 +39,7 @@ def _scan(fileobj: IO[bytes], validator: LineValidator, max_bytes: int) -> tuple
     if pending:
         line_no += 1
         validator.feed(line_no, pending.removesuffix(b"\r"))
+    validator.finish()
     return size, digest.hexdigest()
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.ml.formatting import encode_record
+from app.ml.formatting import render_chat
 
 FORMATS = ("chat", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -113,13 +113,41 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
             raise LineIssue("empty_content", '"text" is empty')
 
 
+def texts_to_tokenize(tokenizer: Any, record: dict[str, Any], fmt: str) -> tuple[list[str], int]:
+    """The strings whose tokens make up the training example, and how many special tokens are added.
+
+    Mirrors `app.ml.formatting.encode_record` without computing labels, so counting stays cheap.
+    """
+    if fmt == "chat":
+        return [render_chat(tokenizer, record["messages"], add_generation_prompt=False)], 0
+    if fmt == "prompt_completion":
+        return [record["prompt"], record["completion"]], 1  # + end of sequence
+    return [record["text"]], 1
+
+
 class LineValidator:
-    """Feed raw lines (bytes, without the newline) in order; read `report` at the end."""
+    """Feed raw lines (bytes, without the newline) in order, then `finish()`; read `report`.
+
+    Token counting is batched: the fast tokenizer encodes many examples at once, in parallel.
+    """
+
+    BATCH = 512
 
     def __init__(self, tokenizer: Any, max_errors: int) -> None:
         self.tokenizer = tokenizer
         self.max_errors = max_errors
         self.report = ValidationReport()
+        self._pending: list[str] = []
+
+    def _count_pending(self) -> None:
+        if self._pending:
+            encoded = self.tokenizer(self._pending, add_special_tokens=False)["input_ids"]
+            self.report.n_tokens += sum(len(ids) for ids in encoded)
+            self._pending = []
+
+    def finish(self) -> ValidationReport:
+        self._count_pending()
+        return self.report
 
     def _error(self, line_no: int, code: str, message: str) -> None:
         self.report.n_errors += 1
@@ -151,12 +179,12 @@ class LineValidator:
                     "mixed_formats", f"line is in {fmt} format but the file is in {self.report.format} format"
                 )
             check_record(record, fmt)
-            encoded = encode_record(self.tokenizer, record)
         except LineIssue as issue:
             self._error(line_no, issue.code, issue.message)
             return
-        except ValueError as exc:
-            self._error(line_no, "unsupported_conversation", str(exc))
-            return
+        texts, n_special = texts_to_tokenize(self.tokenizer, record, fmt)
+        self._pending.extend(texts)
         self.report.n_examples += 1
-        self.report.n_tokens += len(encoded.input_ids)
+        self.report.n_tokens += n_special
+        if len(self._pending) >= self.BATCH:
+            self._count_pending()
