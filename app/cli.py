@@ -73,10 +73,8 @@ def api(
 
 
 @cli.command()
-def worker(
-    concurrency: Annotated[int, typer.Option(help="Jobs at once (one per device)")] = 1,
-) -> None:
-    """Run a Celery training worker on TUNEFORGE_QUEUE_NAME."""
+def worker() -> None:
+    """Run a Celery training worker on TUNEFORGE_QUEUE_NAME: one job at a time; run one per GPU."""
     from worker.celery_app import celery_app
 
     settings = get_settings()
@@ -84,8 +82,8 @@ def worker(
         [
             "worker",
             "--loglevel=INFO",
-            "--pool=solo" if concurrency == 1 else "--pool=prefork",
-            f"--concurrency={concurrency}",
+            # solo: the job runs in this process, so the base model stays cached between jobs.
+            "--pool=solo",
             f"--queues={settings.queue_name}",
             "--without-gossip",
             "--without-mingle",

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from app.core.db import get_sessionmaker
+from app.core.db import session_scope
 from app.core.models import Tenant
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
@@ -29,15 +29,8 @@ StorageDep = Annotated[ObjectStorage, Depends(get_storage)]
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
     """The request's unit of work: services flush, the request commits (or rolls back on error)."""
-    session = get_sessionmaker(settings.db_url)()
-    try:
+    with session_scope(settings.db_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": commit before the response is sent, so a client never reads what is not stored yet.

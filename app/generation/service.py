@@ -9,7 +9,7 @@ from app.core.errors import InvalidInput
 from app.core.settings import Settings
 from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
 from app.ml.formatting import encode_chat_prompt, encode_prompt
-from app.ml.registry import REGISTRY, load_tokenizer
+from app.ml.registry import get_spec, load_tokenizer, require_base_model
 from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
 
 
@@ -28,10 +28,7 @@ def generate(
         adapter_ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256)
     else:
         base_model = request.base_model or settings.default_base_model
-        if base_model not in REGISTRY:
-            raise InvalidInput(
-                f"unknown base_model {base_model!r}; available: {', '.join(REGISTRY)}", param="base_model"
-            )
+        require_base_model(base_model)
     tokenizer = load_tokenizer(settings.models_dir)
     if request.messages is not None:
         input_ids = encode_chat_prompt(tokenizer, [m.model_dump() for m in request.messages])
@@ -39,7 +36,7 @@ def generate(
         input_ids = encode_prompt(tokenizer, request.prompt or "")
     if not input_ids:
         raise InvalidInput("prompt is empty", param="prompt")
-    limit = REGISTRY[base_model].max_seq_length
+    limit = get_spec(base_model).max_seq_length
     if len(input_ids) + request.max_tokens > limit:
         raise InvalidInput(
             f"prompt ({len(input_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds {limit}",

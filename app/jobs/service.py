@@ -19,7 +19,7 @@ from app.datasets import repository as files_repository
 from app.jobs import repository
 from app.jobs.schemas import JobCreate
 from app.ml.hyperparameters import METHOD_HYPERPARAMETERS
-from app.ml.registry import REGISTRY
+from app.ml.registry import require_base_model
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,14 @@ def validate_hyperparameters(method: str, values: dict[str, Any]) -> dict[str, A
 
 def create_job(session: Session, *, tenant_id: str, request: JobCreate, default_base_model: str) -> Job:
     base_model = request.base_model or default_base_model
-    if base_model not in REGISTRY:
-        raise InvalidInput(f"unknown base_model {base_model!r}; available: {', '.join(REGISTRY)}", param="base_model")
+    spec = require_base_model(base_model)
     if request.method not in METHOD_HYPERPARAMETERS:
         raise InvalidInput(
             f"unknown method {request.method!r}; available: {', '.join(METHOD_HYPERPARAMETERS)}",
             param="method",
         )
     hyperparameters = validate_hyperparameters(request.method, request.hyperparameters)
-    limit = REGISTRY[base_model].max_seq_length
+    limit = spec.max_seq_length
     if hyperparameters["max_seq_length"] > limit:
         raise InvalidInput(
             f"hyperparameters.max_seq_length: {base_model} takes at most {limit} tokens",

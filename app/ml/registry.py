@@ -13,6 +13,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from app.core.errors import InvalidInput
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -127,6 +129,13 @@ REGISTRY: dict[str, BaseModelSpec] = {
 
 
 def get_spec(model_id: str) -> BaseModelSpec:
+    return REGISTRY[model_id]
+
+
+def require_base_model(model_id: str, param: str = "base_model") -> BaseModelSpec:
+    """The spec of a registered model, or a 422 naming the field and the choices."""
+    if model_id not in REGISTRY:
+        raise InvalidInput(f"unknown base_model {model_id!r}; available: {', '.join(REGISTRY)}", param=param)
     return REGISTRY[model_id]
 
 
