@@ -310,7 +310,7 @@ def test_cli_check_rejects_unknown_commands_and_options() -> None:
     # The check below must be able to fail: a renamed command or a misspelt option is refused.
     assert not cli_accepts(["serve"])[0]
     assert not cli_accepts(["worker", "--no-such-option"])[0]
-    assert cli_accepts(["worker", "--concurrency", "2"])[0]
+    assert cli_accepts(["api", "--port", "9000"])[0]
 
 
 @pytest.mark.parametrize("name", TUNEFORGE_SERVICES)
