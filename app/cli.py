@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -128,15 +129,16 @@ def up(
     signal.signal(signal.SIGTERM, stop)
     while not stopping and all(c.poll() is None for c in children):
         time.sleep(0.5)
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
+    # Warm shutdown first: the API drains; the worker stops a running job at its next step and marks it
+    # failed with the reason. Then a cold shutdown (SIGQUIT), then SIGKILL for whatever is still alive.
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGQUIT, 15.0), (signal.SIGKILL, 5.0)):
+        alive = [c for c in children if c.poll() is None]
+        for child in alive:
+            child.send_signal(sig)
+        deadline = time.monotonic() + grace
+        for child in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
     failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
     raise typer.Exit(1 if failed and not stopping else 0)
 

@@ -200,3 +200,54 @@ def test_the_whole_loop(service: Service, model_cache_dir: Path, tmp_path: Path)
         "/generate", json={"base_model": "tiny-random-llama", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     ).json()
     assert base["text"] != offline
+
+
+def test_ctrl_c_during_training_stops_cleanly_and_the_job_says_why(tmp_path: Path, model_cache_dir: Path) -> None:
+    """`tuneforge up` stopped mid-job: both processes exit, and the job is failed with a reason, never left
+    `running`."""
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.core.models import Job
+    from app.core.settings import Settings
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "TUNEFORGE_DATA_DIR": str(tmp_path / "data"),
+        "TUNEFORGE_MODEL_CACHE_DIR": str(model_cache_dir),
+        "TUNEFORGE_PORT": str(port),
+    }
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        up = subprocess.Popen([*TUNEFORGE, "up"], env=env, stdout=subprocess.PIPE, stderr=out)
+    assert up.stdout is not None
+    key = up.stdout.readline().decode().rsplit(" ", 1)[-1].strip()
+    try:
+        wait_healthy(url, [up])
+        http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        lines = [json.dumps({"prompt": PROMPT, "completion": " plum"})] * 64
+        file_id = http.post("/v1/files", files={"file": ("t.jsonl", "\n".join(lines))}).json()["id"]
+        job_id = http.post(  # 6,400 steps: minutes of work, stopped after the first
+            "/jobs",
+            json={
+                "base_model": "tiny-random-llama",
+                "training_file": file_id,
+                "hyperparameters": {"n_epochs": 100, "batch_size": 1},
+            },
+        ).json()["id"]
+        deadline = time.monotonic() + 120
+        while http.get(f"/jobs/{job_id}").json()["progress"]["step"] < 1:
+            assert time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.2)
+    finally:
+        started = time.monotonic()
+        assert stop(up, signal.SIGINT, timeout=60) == 0, log.read_text()[-5000:]
+    assert time.monotonic() - started < 45
+    settings = Settings(data_dir=tmp_path / "data")
+    with session_scope(settings.db_url) as session:
+        job = session.scalars(select(Job).where(Job.id == job_id)).one()
+        assert job.status == "failed", log.read_text()[-5000:]
+        assert job.error is not None and job.error.startswith("the worker was stopped while this job ran")
+        assert 1 <= job.step < job.total_steps  # type: ignore[operator]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,18 @@ from app.core.models import Adapter, Job, JobStatus, utcnow
 
 class JobCancelled(Exception):
     """The job was cancelled while it ran; the runner stops without publishing."""
+
+
+class WorkerStopping(Exception):
+    """The worker process is shutting down; the running job stops at its next step."""
+
+
+_stop_requested = threading.Event()
+
+
+def request_stop() -> None:
+    """Called when the worker begins to shut down (Ctrl-C, SIGTERM)."""
+    _stop_requested.set()
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,8 @@ class JobReporter:
     def progress(
         self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
     ) -> None:
+        if _stop_requested.is_set():
+            raise WorkerStopping()
         with session_scope(self.db_url) as session:
             job = session.scalars(select(Job).where(Job.id == self.job_id)).one()
             if job.status != JobStatus.running:
@@ -88,6 +103,8 @@ class JobReporter:
             append_event(session, self.job_id, type_, message, {"step": step, "epoch": epoch, **metrics})
 
     def check_cancelled(self) -> None:
+        if _stop_requested.is_set():
+            raise WorkerStopping()
         with session_scope(self.db_url) as session:
             status = session.scalar(select(Job.status).where(Job.id == self.job_id))
             if status != JobStatus.running:

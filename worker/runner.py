@@ -16,10 +16,12 @@ from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml import adapter_format
 from worker import lifecycle
-from worker.lifecycle import ClaimedJob, JobCancelled, JobReporter
+from worker.lifecycle import ClaimedJob, JobCancelled, JobReporter, WorkerStopping
 from worker.recipe import TrainingError, TrainingRecipe
 
 log = logging.getLogger(__name__)
+
+STOPPED_MESSAGE = "the worker was stopped while this job ran; create a new job to train again"
 
 
 def run_training_job(settings: Settings, job_id: str) -> str | None:
@@ -36,6 +38,9 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
         log.info("job %s was cancelled; stopped", job.id)
         reporter.event("log", "training stopped: the job was cancelled")
         return None
+    except WorkerStopping:
+        lifecycle.fail(settings.db_url, job.id, STOPPED_MESSAGE)
+        return None
     except TrainingError as exc:
         lifecycle.fail(settings.db_url, job.id, str(exc))
         return None
@@ -43,6 +48,9 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
         log.exception("job %s failed", job.id)
         lifecycle.fail(settings.db_url, job.id, f"training failed: {type(exc).__name__}: {exc}")
         return None
+    except BaseException as exc:  # the worker is being stopped (cold shutdown, Ctrl-C): say so, then stop
+        lifecycle.fail(settings.db_url, job.id, f"{STOPPED_MESSAGE} ({type(exc).__name__})")
+        raise
 
 
 def _train_and_publish(
