@@ -15,6 +15,7 @@ from app.core.errors import install_error_handlers
 from app.core.settings import Settings, get_settings
 from app.core.storage import ObjectStorage
 from app.datasets.endpoints import router as files_router
+from app.datasets.service import upload_too_large
 from app.generation.endpoints import router as generation_router
 from app.jobs.endpoints import router as jobs_router
 
@@ -47,17 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             and length.isdigit()
             and int(length) > settings.max_upload_bytes + MULTIPART_OVERHEAD
         ):
-            return JSONResponse(
-                status_code=413,
-                content={
-                    "error": {
-                        "type": "invalid_request_error",
-                        "message": f"file is larger than the upload limit of {settings.max_upload_bytes} bytes",
-                        "param": "file",
-                        "code": "file_too_large",
-                    }
-                },
-            )
+            return upload_too_large(settings.max_upload_bytes).response()
         return await call_next(request)
 
     @app.get("/healthz", tags=["health"])

@@ -93,7 +93,8 @@ class TrainingRecipe:
         model = cached_base_model(self.job.base_model, self.settings.models_dir)
         self.model = self.method.prepare(model, self.hp)
         self.model.train()
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in self.trainable_params)
         total = sum(p.numel() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.method.param_groups(self.model, self.hp), weight_decay=0.0)
         self.steps_per_epoch = math.ceil(len(self.train_data.examples) / self.hp.batch_size)
@@ -147,7 +148,7 @@ class TrainingRecipe:
                 started = time.perf_counter()
                 output = self.model(**batch)
                 output.loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm=1.0)
+                torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()

@@ -46,7 +46,7 @@ def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header(
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
-def get_engine(request: Request) -> GenerationEngine:
+def get_generation_engine(request: Request) -> GenerationEngine:
     """The process's serving engine, created on first use (models load lazily inside it)."""
     state = request.app.state
     with state.engine_lock:
@@ -61,4 +61,4 @@ def get_engine(request: Request) -> GenerationEngine:
         return state.engine  # type: ignore[no-any-return]
 
 
-EngineDep = Annotated[GenerationEngine, Depends(get_engine)]
+EngineDep = Annotated[GenerationEngine, Depends(get_generation_engine)]

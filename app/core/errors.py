@@ -43,6 +43,13 @@ class AppError(Exception):
         error.update(self.extra)
         return {"error": error}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            status_code=self.status_code,
+            content=self.body(),
+            headers={"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None,
+        )
+
 
 class InvalidInput(AppError):
     status_code = 422
@@ -92,11 +99,7 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(
-            status_code=exc.status_code,
-            content=exc.body(),
-            headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None,
-        )
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

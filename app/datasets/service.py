@@ -20,6 +20,10 @@ from app.ml.registry import load_tokenizer
 PURPOSES = ("fine-tune",)
 
 
+def upload_too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"file is larger than the upload limit of {max_bytes} bytes", param="file")
+
+
 def _scan(fileobj: IO[bytes], validator: LineValidator, max_bytes: int) -> tuple[int, str]:
     """One pass over the upload: split lines, validate each, hash and count bytes."""
     digest = hashlib.sha256()
@@ -29,7 +33,7 @@ def _scan(fileobj: IO[bytes], validator: LineValidator, max_bytes: int) -> tuple
     while chunk := fileobj.read(CHUNK_SIZE):
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(f"file is larger than the upload limit of {max_bytes} bytes", param="file")
+            raise upload_too_large(max_bytes)
         digest.update(chunk)
         lines = (pending + chunk).split(b"\n")
         pending = lines.pop()
