@@ -88,6 +88,7 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class File(Base):
@@ -102,6 +103,8 @@ class File(Base):
     format: Mapped[str] = mapped_column(String(32))
     n_examples: Mapped[int] = mapped_column(Integer)
     n_tokens: Mapped[int] = mapped_column(BigInteger)
+    # Tokens in the longest example (0: not measured); POST /jobs checks it against the worker's token budget.
+    max_example_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     storage_key: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -126,7 +129,8 @@ class Job(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    error: Mapped[str | None] = mapped_column(Text, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)  # written for the user: no internals
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     adapter_id: Mapped[str | None] = mapped_column(String(64), default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     last_event_seq: Mapped[int] = mapped_column(Integer, default=0)

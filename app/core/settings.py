@@ -58,7 +58,12 @@ class Settings(BaseSettings):
         default=100 * 1024 * 1024, gt=0, description="Largest training file accepted, in bytes"
     )
     max_reported_line_errors: int = Field(
-        default=100, gt=0, description="How many bad lines a rejected upload lists at most"
+        default=100, gt=0, le=10_000, description="How many bad lines a rejected upload lists at most"
+    )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Largest request body of every endpoint except file uploads, in bytes",
     )
 
     # --- models, training and serving ------------------------------------------------------
@@ -68,6 +73,12 @@ class Settings(BaseSettings):
     queue_name: str = Field(default="training", description="Celery queue the training tasks go to")
     serving_max_adapters: int = Field(
         default=8, gt=0, description="Adapters kept loaded per base model in a serving process"
+    )
+    train_max_batch_tokens: int = Field(
+        default=4096,
+        ge=64,
+        description="Token budget of one training micro-batch (examples x padded length). A step of batch_size "
+        "examples is split into micro-batches under it, with gradient accumulation; it bounds the worker's memory",
     )
     torch_threads: int | None = Field(
         default=None, description="torch intra-op threads in the worker and server (default: torch's own)"
@@ -109,6 +120,11 @@ class Settings(BaseSettings):
     def models_dir(self) -> Path:
         assert self.model_cache_dir is not None
         return self.model_cache_dir
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Scratch files (uploads being received, exports being packed): in the data dir, never the system /tmp."""
+        return self.data_dir / "tmp"
 
 
 @lru_cache
