@@ -6,12 +6,14 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
 
 from app.adapters.endpoints import router as adapters_router
-from app.core.db import get_engine
-from app.core.errors import install_error_handlers
+from app.core.db import session_scope
+from app.core.errors import AppError, install_error_handlers
+from app.core.health import router as health_router
+from app.core.middleware import AuthenticationMiddleware, BodyLimitMiddleware, request_too_large
+from app.core.models import Tenant
 from app.core.settings import Settings, get_settings
 from app.core.storage import ObjectStorage
 from app.datasets.endpoints import router as files_router
@@ -39,24 +41,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine_lock = threading.Lock()
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def refuse_oversized_uploads(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if (
-            request.url.path == "/v1/files"
-            and length
-            and length.isdigit()
-            and int(length) > settings.max_upload_bytes + MULTIPART_OVERHEAD
-        ):
-            return upload_too_large(settings.max_upload_bytes).response()
-        return await call_next(request)
+    def limit_for(method: str, path: str) -> tuple[int, AppError]:
+        if method == "POST" and path.rstrip("/") == "/v1/files":
+            return settings.max_upload_bytes + MULTIPART_OVERHEAD, upload_too_large(settings.max_upload_bytes)
+        return settings.max_request_bytes, request_too_large(settings.max_request_bytes)
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> Response:
-        with get_engine(settings.db_url).connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-        return JSONResponse({"status": "ok"})
+    def authenticate(authorization: str | None) -> Tenant:
+        from app.auth.service import authenticate
 
+        with session_scope(settings.db_url) as session:
+            return authenticate(session, authorization=authorization)
+
+    # Added last = runs first: authentication, then the body limit, then the routes.
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(AuthenticationMiddleware, authenticate=authenticate)
+
+    app.include_router(health_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(adapters_router)

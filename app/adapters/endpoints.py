@@ -1,31 +1,53 @@
 """HTTP routes for adapters."""
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
 from app.adapters import service
 from app.adapters.schemas import AdapterList, AdapterObject
 from app.core.deps import SessionDep, StorageDep, TenantDep
+from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
+AdapterId = Annotated[str, Path(max_length=64, description="An adapter id (`adapter-…`)")]
+
 
 @router.get("")
-def list_adapters(session: SessionDep, tenant: TenantDep) -> AdapterList:
-    return AdapterList(data=[AdapterObject.of(a) for a in service.list_adapters(session, tenant_id=tenant.id)])
+def list_adapters(
+    session: SessionDep, tenant: TenantDep, limit: LimitQuery = DEFAULT_LIMIT, after: AfterQuery = None
+) -> AdapterList:
+    rows, has_more = service.list_adapters(session, tenant_id=tenant.id, limit=limit, after=after)
+    return AdapterList(data=[AdapterObject.of(a) for a in rows], has_more=has_more)
 
 
 @router.get("/{adapter_id}")
-def get_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> AdapterObject:
+def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: TenantDep) -> AdapterObject:
     return AdapterObject.of(service.get_adapter(session, tenant_id=tenant.id, adapter_id=adapter_id))
 
 
-@router.get("/{adapter_id}/download")
-def download_adapter(adapter_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> StreamingResponse:
-    """A gzipped tar holding `adapter_config.json`, `adapter_model.safetensors` and `tuneforge.json`."""
+@router.get(
+    "/{adapter_id}/download",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "A gzipped tar of the adapter folder",
+            "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+def download_adapter(
+    adapter_id: AdapterId, session: SessionDep, storage: StorageDep, tenant: TenantDep
+) -> StreamingResponse:
+    """A gzipped tar holding `adapter_config.json`, `adapter_model.safetensors` and `tuneforge.json`.
+
+    410 if the stored archive is missing or damaged; the body always has its full `Content-Length`.
+    """
     row = service.get_adapter(session, tenant_id=tenant.id, adapter_id=adapter_id)
     return StreamingResponse(
-        storage.iter_bytes(row.storage_key),
+        service.open_artifact(storage, row),
         media_type="application/gzip",
         headers={
             "Content-Disposition": f'attachment; filename="{row.id}.tar.gz"',

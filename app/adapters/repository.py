@@ -4,15 +4,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.models import Adapter
+from app.core.pagination import newest_first
 
 
 def get_adapter(session: Session, *, tenant_id: str, adapter_id: str) -> Adapter | None:
     return session.scalar(select(Adapter).where(Adapter.id == adapter_id, Adapter.tenant_id == tenant_id))
 
 
-def list_adapters(session: Session, *, tenant_id: str) -> list[Adapter]:
-    return list(
-        session.scalars(
-            select(Adapter).where(Adapter.tenant_id == tenant_id).order_by(Adapter.created_at.desc(), Adapter.id.desc())
-        )
-    )
+def list_adapters(session: Session, *, tenant_id: str, limit: int, after: Adapter | None) -> tuple[list[Adapter], bool]:
+    query = select(Adapter).where(Adapter.tenant_id == tenant_id)
+    return newest_first(session, query, Adapter, limit=limit, after=after)

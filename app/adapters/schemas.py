@@ -39,3 +39,4 @@ class AdapterObject(BaseModel):
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterObject]
+    has_more: bool

@@ -1,18 +1,46 @@
-"""Adapter lookups for the API."""
+"""Adapter lookups for the API, and access to their stored artifacts."""
+
+from collections.abc import Iterator
 
 from sqlalchemy.orm import Session
 
 from app.adapters import repository
-from app.core.errors import NotFound
+from app.core.errors import Gone, NotFound, clip
 from app.core.models import Adapter
+from app.core.pagination import unknown_cursor
+from app.core.storage import ObjectStorage
 
 
 def get_adapter(session: Session, *, tenant_id: str, adapter_id: str, param: str = "adapter_id") -> Adapter:
     row = repository.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
     if row is None:
-        raise NotFound(f"no adapter with id {adapter_id!r}", param=param)
+        raise NotFound(f"no adapter with id {clip(adapter_id)}", param=param)
     return row
 
 
-def list_adapters(session: Session, *, tenant_id: str) -> list[Adapter]:
-    return repository.list_adapters(session, tenant_id=tenant_id)
+def list_adapters(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Adapter], bool]:
+    cursor = None
+    if after is not None:
+        cursor = repository.get_adapter(session, tenant_id=tenant_id, adapter_id=after)
+        if cursor is None:
+            raise unknown_cursor(after)
+    return repository.list_adapters(session, tenant_id=tenant_id, limit=limit, after=cursor)
+
+
+def adapter_unavailable(adapter_id: str, reason: str, param: str = "adapter_id") -> Gone:
+    return Gone(
+        f"adapter {adapter_id} cannot be used: {reason}; train it again, or ask the operator to restore it",
+        param=param,
+        code="adapter_unavailable",
+    )
+
+
+def open_artifact(storage: ObjectStorage, adapter: Adapter) -> Iterator[bytes]:
+    """The stored archive's bytes; refused before any is sent if the object is missing or has the wrong size."""
+    try:
+        size, chunks = storage.open(adapter.storage_key)
+    except FileNotFoundError:
+        raise adapter_unavailable(adapter.id, "its stored files are missing") from None
+    if size != adapter.size_bytes:
+        raise adapter_unavailable(adapter.id, "its stored files are damaged (wrong size)")
+    return chunks

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +12,29 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+_UNDO = "tuneforge_undo_on_rollback"
+
+log = logging.getLogger(__name__)
+
+
+def undo_on_rollback(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` if the session's transaction is rolled back, to undo a side effect outside the database
+    (an object already written to storage, say); forgotten once the transaction commits."""
+    session.info.setdefault(_UNDO, []).append(action)
+
+
+@event.listens_for(Session, "after_commit")
+def _forget_undo_actions(session: Session) -> None:
+    session.info.pop(_UNDO, None)
+
+
+@event.listens_for(Session, "after_rollback")
+def _run_undo_actions(session: Session) -> None:
+    for action in reversed(session.info.pop(_UNDO, [])):
+        try:
+            action()
+        except Exception:
+            log.exception("could not undo a side effect of a rolled-back transaction")
 
 
 def make_engine(url: str) -> Engine:

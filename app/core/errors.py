@@ -12,6 +12,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
+# An error message never grows with the input it complains about: echoed values are cut, and so is the whole.
+MAX_ECHO_CHARS = 64
+MAX_MESSAGE_CHARS = 2000
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """`repr` of a user-supplied value for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…' ({len(text) - 2} characters)"
+
 
 class AppError(Exception):
     status_code = 400
@@ -26,6 +36,8 @@ class AppError(Exception):
         code: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.message = message
         self.param = param
@@ -66,6 +78,11 @@ class Conflict(AppError):
     code = "conflict"
 
 
+class Gone(AppError):
+    status_code = 410
+    code = "gone"
+
+
 class PayloadTooLarge(AppError):
     status_code = 413
     code = "file_too_large"
@@ -81,6 +98,17 @@ class Unauthorized(AppError):
     status_code = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class RequestTooLarge(StarletteHTTPException):
+    """Raised while a body streams in, once it passes its limit; rendered as the `error` it carries (a 413).
+
+    An HTTPException, so that FastAPI's body parsing re-raises it instead of turning it into a 400.
+    """
+
+    def __init__(self, error: AppError) -> None:
+        super().__init__(status_code=error.status_code, detail=error.message)
+        self.error = error
 
 
 def _error_response(status: int, type_: str, message: str, param: str | None, code: str) -> JSONResponse:
@@ -100,6 +128,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:
+        return exc.error.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -70,6 +70,10 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+# Jobs that have not ended: their files must stay readable.
+ACTIVE_JOB_STATUSES = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
 import obstore
-from obstore.store import LocalStore, from_url
+from obstore.store import LocalStore, MemoryStore, from_url
 
 from app.core.settings import Settings
 
 CHUNK_SIZE = 1024 * 1024
+# Listed by `ping`; nothing is ever stored under it.
+PROBE_PREFIX = ".readiness-probe"
 
 
 class ObjectStorage:
@@ -58,9 +61,12 @@ class ObjectStorage:
         obstore.put(self._store, key, data)
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
+        yield from self.open(key)[1]
+
+    def open(self, key: str) -> tuple[int, Iterator[bytes]]:
+        """(size, chunks) of an object; a missing object raises FileNotFoundError here, before any byte is read."""
         result = obstore.get(self._store, key)
-        for chunk in result.stream(min_chunk_size=CHUNK_SIZE):
-            yield bytes(chunk)
+        return int(result.meta["size"]), (bytes(chunk) for chunk in result.stream(min_chunk_size=CHUNK_SIZE))
 
     def read_bytes(self, key: str) -> bytes:
         return bytes(obstore.get(self._store, key).bytes())
@@ -90,6 +96,29 @@ class ObjectStorage:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             obstore.delete(self._store, key)
+
+    def ping(self, timeout: float) -> None:
+        """Prove the store answers within `timeout` seconds, without retries; raise the store's error otherwise.
+
+        A listing rather than a HEAD: a HEAD in a bucket that does not exist answers "not found" like any
+        missing key, a listing fails. It also needs the credentials to be accepted.
+        """
+        obstore.list_with_delimiter(_bounded(self._store, timeout), PROBE_PREFIX)
+
+
+def _bounded(store: Any, timeout: float) -> Any:
+    """The same remote store with an overall request timeout and no retries; a local or in-memory one as it is.
+
+    By default a remote store retries with backoff for up to three minutes: right for a transfer,
+    too long for a probe.
+    """
+    if isinstance(store, (LocalStore, MemoryStore)):
+        return store
+    args, kwargs = store.__getnewargs_ex__()  # how obstore pickles a store: its constructor's arguments
+    limit = timedelta(seconds=timeout)
+    kwargs["client_options"] = {**(kwargs.get("client_options") or {}), "timeout": limit, "connect_timeout": limit}
+    kwargs["retry_config"] = {"max_retries": 0, "retry_timeout": limit}
+    return type(store)(*args, **kwargs)
 
 
 def _chunks(fileobj: IO[bytes]) -> Iterator[bytes]:

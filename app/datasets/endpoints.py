@@ -2,47 +2,59 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, UploadFile, status
+from fastapi import APIRouter, Path, Request, status
+from starlette.concurrency import run_in_threadpool
 
 from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.datasets import service
-from app.datasets.schemas import FileDeleted, FileList, FileObject
+from app.datasets.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileList, FileObject
+from app.datasets.upload import receive_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
+FileId = Annotated[str, Path(max_length=64, description="A file id (`file-…`)")]
 
-@router.post("", status_code=status.HTTP_201_CREATED)
-def upload_file(
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    tenant: TenantDep,
-    file: UploadFile,
-    purpose: Annotated[str, Form()] = "fine-tune",
+
+@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra={"requestBody": UPLOAD_REQUEST_BODY})
+async def upload_file(
+    request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
 ) -> FileObject:
-    row = service.create_file(
-        session,
-        settings=settings,
-        storage=storage,
-        tenant_id=tenant.id,
-        filename=file.filename or "upload.jsonl",
-        purpose=purpose,
-        fileobj=file.file,
-    )
+    """Upload a JSONL training file; every line is validated before it is stored (422 lists each bad line)."""
+    received = await receive_upload(request.headers.get("content-type"), request.stream(), scratch_dir=settings.tmp_dir)
+    try:
+        if received.file is None:
+            raise service.missing_file()
+        row = await run_in_threadpool(
+            service.create_file,
+            session,
+            settings=settings,
+            storage=storage,
+            tenant_id=tenant.id,
+            filename=received.filename,
+            purpose=received.fields.get("purpose", "fine-tune"),
+            fileobj=received.file,
+        )
+    finally:
+        received.close()
     return FileObject.of(row)
 
 
 @router.get("")
-def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
-    return FileList(data=[FileObject.of(f) for f in service.list_files(session, tenant_id=tenant.id)])
+def list_files(
+    session: SessionDep, tenant: TenantDep, limit: LimitQuery = DEFAULT_LIMIT, after: AfterQuery = None
+) -> FileList:
+    rows, has_more = service.list_files(session, tenant_id=tenant.id, limit=limit, after=after)
+    return FileList(data=[FileObject.of(f) for f in rows], has_more=has_more)
 
 
 @router.get("/{file_id}")
-def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
+def get_file(file_id: FileId, session: SessionDep, tenant: TenantDep) -> FileObject:
     return FileObject.of(service.get_file(session, tenant_id=tenant.id, file_id=file_id))
 
 
 @router.delete("/{file_id}")
-def delete_file(file_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> FileDeleted:
+def delete_file(file_id: FileId, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> FileDeleted:
+    """Delete a file; refused with 409 while a job that has not ended uses it."""
     row = service.delete_file(session, storage=storage, tenant_id=tenant.id, file_id=file_id)
     return FileDeleted(id=row.id)

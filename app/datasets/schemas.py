@@ -17,6 +17,7 @@ class FileObject(BaseModel):
     format: str
     n_examples: int
     n_tokens: int
+    max_example_tokens: int
     status: Literal["processed"] = "processed"
     created_at: int
 
@@ -31,6 +32,7 @@ class FileObject(BaseModel):
             format=row.format,
             n_examples=row.n_examples,
             n_tokens=row.n_tokens,
+            max_example_tokens=row.max_example_tokens,
             created_at=int(row.created_at.timestamp()),
         )
 
@@ -38,6 +40,25 @@ class FileObject(BaseModel):
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]
+    has_more: bool
+
+
+# The upload is read as a stream (after authentication), so FastAPI cannot infer its schema: declared here.
+UPLOAD_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "A .jsonl file"},
+                    "purpose": {"type": "string", "enum": ["fine-tune"], "default": "fine-tune"},
+                },
+            }
+        }
+    },
+}
 
 
 class FileDeleted(BaseModel):

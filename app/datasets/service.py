@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from typing import IO
 
 from sqlalchemy.orm import Session
 
-from app.core.errors import InvalidInput, NotFound, PayloadTooLarge
+from app.core.db import undo_on_rollback
+from app.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, clip
 from app.core.ids import new_id
 from app.core.models import File, utcnow
+from app.core.pagination import unknown_cursor
 from app.core.settings import Settings
 from app.core.storage import CHUNK_SIZE, ObjectStorage
 from app.datasets import repository
 from app.datasets.validation import LineValidator, ValidationReport
+from app.ml.jsonl import split_lines
 from app.ml.registry import load_tokenizer
 
 PURPOSES = ("fine-tune",)
+MAX_FILENAME_CHARS = 255
 
 
 def upload_too_large(max_bytes: int) -> PayloadTooLarge:
@@ -28,23 +33,42 @@ def _scan(fileobj: IO[bytes], validator: LineValidator, max_bytes: int) -> tuple
     """One pass over the upload: split lines, validate each, hash and count bytes."""
     digest = hashlib.sha256()
     size = 0
-    line_no = 0
-    pending = b""
-    while chunk := fileobj.read(CHUNK_SIZE):
-        size += len(chunk)
-        if size > max_bytes:
-            raise upload_too_large(max_bytes)
-        digest.update(chunk)
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        for raw in lines:
-            line_no += 1
-            validator.feed(line_no, raw.removesuffix(b"\r"))
-    if pending:
-        line_no += 1
-        validator.feed(line_no, pending.removesuffix(b"\r"))
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal size
+        while chunk := fileobj.read(CHUNK_SIZE):
+            size += len(chunk)
+            if size > max_bytes:
+                raise upload_too_large(max_bytes)
+            digest.update(chunk)
+            yield chunk
+
+    for line in split_lines(chunks()):
+        validator.feed(line)
     validator.finish()
     return size, digest.hexdigest()
+
+
+def missing_file() -> InvalidInput:
+    return InvalidInput(
+        "the request has no `file` part: send the JSONL file as `file`", param="file", code="missing_file"
+    )
+
+
+def clean_filename(filename: str | None) -> str:
+    """The name to keep: its last path component, checked for length and control characters."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not name:
+        raise InvalidInput("the file part has no file name", param="file", code="invalid_filename")
+    if len(name) > MAX_FILENAME_CHARS:
+        raise InvalidInput(
+            f"the file name is {len(name)} characters long; at most {MAX_FILENAME_CHARS} are allowed",
+            param="file",
+            code="invalid_filename",
+        )
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise InvalidInput("the file name contains control characters", param="file", code="invalid_filename")
+    return name
 
 
 def create_file(
@@ -53,13 +77,15 @@ def create_file(
     settings: Settings,
     storage: ObjectStorage,
     tenant_id: str,
-    filename: str,
+    filename: str | None,
     purpose: str,
     fileobj: IO[bytes],
 ) -> File:
+    """Validate every line, store the file and its row; if the row is not committed the object is removed."""
     if purpose not in PURPOSES:
-        raise InvalidInput(f"purpose must be one of: {', '.join(PURPOSES)} (got {purpose!r})", param="purpose")
-    if not filename.lower().endswith(".jsonl"):
+        raise InvalidInput(f"purpose must be one of: {', '.join(PURPOSES)} (got {clip(purpose)})", param="purpose")
+    name = clean_filename(filename)
+    if not name.lower().endswith(".jsonl"):
         raise InvalidInput("training files must be JSONL (a .jsonl file name)", param="file", code="invalid_file_type")
     validator = LineValidator(load_tokenizer(settings.models_dir), settings.max_reported_line_errors)
     size, sha256 = _scan(fileobj, validator, settings.max_upload_bytes)
@@ -73,16 +99,18 @@ def create_file(
     key = f"datasets/{tenant_id}/{file_id}.jsonl"
     fileobj.seek(0, os.SEEK_SET)
     storage.put_file(key, fileobj)
+    undo_on_rollback(session, lambda: storage.delete(key))
     row = File(
         id=file_id,
         tenant_id=tenant_id,
-        filename=os.path.basename(filename),
+        filename=name,
         purpose=purpose,
         bytes=size,
         sha256=sha256,
         format=report.format or "unknown",
         n_examples=report.n_examples,
         n_tokens=report.n_tokens,
+        max_example_tokens=report.max_example_tokens,
         storage_key=key,
     )
     session.add(row)
@@ -104,17 +132,34 @@ def _rejection(report: ValidationReport) -> InvalidInput:
 def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
     row = repository.get_file(session, tenant_id=tenant_id, file_id=file_id)
     if row is None:
-        raise NotFound(f"no file with id {file_id!r}", param="file_id")
+        raise NotFound(f"no file with id {clip(file_id)}", param="file_id")
     return row
 
 
-def list_files(session: Session, *, tenant_id: str) -> list[File]:
-    return repository.list_files(session, tenant_id=tenant_id)
+def list_files(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[File], bool]:
+    cursor = None
+    if after is not None:
+        cursor = repository.get_file(session, tenant_id=tenant_id, file_id=after)
+        if cursor is None:
+            raise unknown_cursor(after)
+    return repository.list_files(session, tenant_id=tenant_id, limit=limit, after=cursor)
 
 
 def delete_file(session: Session, *, storage: ObjectStorage, tenant_id: str, file_id: str) -> File:
-    """Soft-delete the row (jobs keep their reference) and remove the stored object."""
-    row = get_file(session, tenant_id=tenant_id, file_id=file_id)
+    """Soft-delete the row (finished jobs keep their reference) and remove the stored object.
+
+    Refused (409) while a job that has not ended uses the file: its worker still has to read it.
+    """
+    row = repository.get_file(session, tenant_id=tenant_id, file_id=file_id, for_update=True)
+    if row is None:
+        raise NotFound(f"no file with id {clip(file_id)}", param="file_id")
+    job_id = repository.active_job_using(session, file_id=row.id)
+    if job_id is not None:
+        raise Conflict(
+            f"file {row.id} is used by job {job_id}, which has not ended; cancel the job or wait for it to end",
+            param="file_id",
+            code="file_in_use",
+        )
     row.deleted_at = utcnow()
     session.flush()
     storage.delete(row.storage_key)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.ml.formatting import render_chat
+from app.ml.jsonl import Line, LineIssue, parse_line
 
 FORMATS = ("chat", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -22,18 +22,12 @@ class LineError:
         return {"line": self.line, "code": self.code, "message": self.message}
 
 
-class LineIssue(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass
 class ValidationReport:
     n_lines: int = 0
     n_examples: int = 0
     n_tokens: int = 0
+    max_example_tokens: int = 0
     format: str | None = None
     errors: list[LineError] = field(default_factory=list)
     n_errors: int = 0
@@ -43,6 +37,7 @@ class ValidationReport:
             "n_lines": self.n_lines,
             "n_examples": self.n_examples,
             "n_tokens": self.n_tokens,
+            "max_example_tokens": self.max_example_tokens,
             "format": self.format,
             "n_errors": self.n_errors,
             "errors": [e.as_dict() for e in self.errors],
@@ -85,7 +80,7 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
                 raise LineIssue("invalid_type", f"{where}must be an object with role and content")
             role = _require_string(message, "role", where)
             if role not in ROLES:
-                raise LineIssue("invalid_role", f'{where}role "{role}" is not one of {", ".join(ROLES)}')
+                raise LineIssue("invalid_role", f'{where}role "{role[:40]}" is not one of {", ".join(ROLES)}')
             content = _require_string(message, "content", where)
             if role == "system" and i != 0:
                 raise LineIssue("invalid_role", f"{where}a system message may only come first")
@@ -99,7 +94,12 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
                 has_assistant = True
             extra = set(message) - {"role", "content", "name", "weight"}
             if extra:
-                raise LineIssue("unknown_field", f"{where}unknown field(s): {', '.join(sorted(extra))}")
+                names = ", ".join(sorted(name[:40] for name in extra)[:5])
+                raise LineIssue("unknown_field", f"{where}unknown field(s): {names}")
+            if "name" in message:
+                _require_string(message, "name", where)
+            if "weight" in message and (type(message["weight"]) is not int or message["weight"] not in (0, 1)):
+                raise LineIssue("invalid_type", f'{where}"weight" must be 0 or 1')
         if not has_assistant:
             raise LineIssue("no_assistant_message", "the conversation has no assistant message to learn from")
     elif fmt == "prompt_completion":
@@ -126,7 +126,7 @@ def texts_to_tokenize(tokenizer: Any, record: dict[str, Any], fmt: str) -> tuple
 
 
 class LineValidator:
-    """Feed raw lines (bytes, without the newline) in order, then `finish()`; read `report`.
+    """Feed lines (from `app.ml.jsonl.split_lines`) in order, then `finish()`; read `report`.
 
     Token counting is batched: the fast tokenizer encodes many examples at once, in parallel.
     """
@@ -137,13 +137,18 @@ class LineValidator:
         self.tokenizer = tokenizer
         self.max_errors = max_errors
         self.report = ValidationReport()
-        self._pending: list[str] = []
+        self._texts: list[str] = []
+        self._examples: list[tuple[int, int]] = []  # per pending example: (number of texts, special tokens)
 
     def _count_pending(self) -> None:
-        if self._pending:
-            encoded = self.tokenizer(self._pending, add_special_tokens=False)["input_ids"]
-            self.report.n_tokens += sum(len(ids) for ids in encoded)
-            self._pending = []
+        if not self._texts:
+            return
+        encoded = iter(self.tokenizer(self._texts, add_special_tokens=False)["input_ids"])
+        for n_texts, n_special in self._examples:
+            n = n_special + sum(len(next(encoded)) for _ in range(n_texts))
+            self.report.n_tokens += n
+            self.report.max_example_tokens = max(self.report.max_example_tokens, n)
+        self._texts, self._examples = [], []
 
     def finish(self) -> ValidationReport:
         self._count_pending()
@@ -154,23 +159,12 @@ class LineValidator:
         if len(self.report.errors) < self.max_errors:
             self.report.errors.append(LineError(line_no, code, message))
 
-    def feed(self, line_no: int, raw: bytes) -> None:
-        self.report.n_lines = line_no
+    def feed(self, line: Line) -> None:
+        self.report.n_lines = line.number
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            self._error(line_no, "invalid_utf8", f"not valid UTF-8 at byte {exc.start + 1} of the line")
-            return
-        if not text.strip():
-            return  # blank lines (a trailing newline, say) are allowed and skipped
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            self._error(line_no, "invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}")
-            return
-        try:
-            if not isinstance(record, dict):
-                raise LineIssue("invalid_type", f"each line must be a JSON object, got {type(record).__name__}")
+            record = parse_line(line)
+            if record is None:
+                return  # blank lines (a trailing newline, say) are allowed and skipped
             fmt = detect_format(record)
             if self.report.format is None:
                 self.report.format = fmt
@@ -180,11 +174,15 @@ class LineValidator:
                 )
             check_record(record, fmt)
         except LineIssue as issue:
-            self._error(line_no, issue.code, issue.message)
+            self._error(line.number, issue.code, issue.message)
             return
-        texts, n_special = texts_to_tokenize(self.tokenizer, record, fmt)
-        self._pending.extend(texts)
+        try:
+            texts, n_special = texts_to_tokenize(self.tokenizer, record, fmt)
+        except Exception:  # a chat template may refuse a conversation (raise_exception in Jinja)
+            self._error(line.number, "template_error", "the model's chat template cannot render this conversation")
+            return
+        self._texts.extend(texts)
+        self._examples.append((len(texts), n_special))
         self.report.n_examples += 1
-        self.report.n_tokens += n_special
-        if len(self._pending) >= self.BATCH:
+        if len(self._texts) >= self.BATCH:
             self._count_pending()

@@ -2,49 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+# Bounds on every field, checked before any work: a prompt is tokenized only once it is known to be small.
+MAX_PROMPT_CHARS = 65_536  # about 16k tokens, twice the longest context of the built-in models
+MAX_MESSAGES = 256
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter_id: str | None = Field(None, description="Adapter to apply; absent = the base model alone")
-    base_model: str | None = Field(None, description="Base model when no adapter is given (default from settings)")
-    prompt: str | None = Field(None, description="Raw text prompt (no chat template)")
-    messages: list[ChatMessage] | None = Field(None, description="Chat messages, rendered with the chat template")
+    adapter_id: str | None = Field(None, max_length=64, description="Adapter to apply; absent = the base model alone")
+    base_model: str | None = Field(
+        None, max_length=128, description="Base model when no adapter is given (default from settings)"
+    )
+    prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description=f"Raw text prompt, no chat template (≤ {MAX_PROMPT_CHARS} characters)",
+    )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        max_length=MAX_MESSAGES,
+        description=f"Chat messages, rendered with the chat template (≤ {MAX_MESSAGES} messages, "
+        f"≤ {MAX_PROMPT_CHARS} characters of content in all)",
+    )
     max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5) = greedy; higher is more random")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: list[str] | None = Field(None, description="Up to 4 strings that end the completion")
+    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(
+        None,
+        max_length=MAX_STOP_STRINGS,
+        description=f"Up to {MAX_STOP_STRINGS} strings (each ≤ {MAX_STOP_CHARS} characters) that end the completion; "
+        "a single string is accepted too",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_bounds(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and (len(value) > 4 or any(not s for s in value)):
-            raise ValueError("at most 4 non-empty stop strings")
-        return value
-
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        if self.messages is not None and not self.messages:
-            raise ValueError("messages must not be empty")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("messages must not be empty")
+            if sum(len(m.content) for m in self.messages) > MAX_PROMPT_CHARS:
+                raise ValueError(f"messages hold more than {MAX_PROMPT_CHARS} characters of content in all")
         return self
 
 

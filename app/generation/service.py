@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.adapters.service import get_adapter
+from app.adapters.service import adapter_unavailable, get_adapter
 from app.core.errors import InvalidInput
 from app.core.settings import Settings
 from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
 from app.ml.formatting import encode_chat_prompt, encode_prompt
 from app.ml.registry import get_spec, load_tokenizer, require_base_model
-from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
+from app.ml.serving import AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
 
 
 def generate(
@@ -42,18 +42,21 @@ def generate(
             f"prompt ({len(input_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds {limit}",
             param="max_tokens",
         )
-    result = engine.generate(
-        GenerationRequest(
-            base_model=base_model,
-            adapter=adapter_ref,
-            input_ids=input_ids,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop=request.stop or [],
+    try:
+        result = engine.generate(
+            GenerationRequest(
+                base_model=base_model,
+                adapter=adapter_ref,
+                input_ids=input_ids,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                stop=request.stop or [],
+            )
         )
-    )
+    except AdapterUnavailable as exc:
+        raise adapter_unavailable(exc.adapter_id, exc.reason) from None
     return GenerateResponse(
         text=result.text,
         adapter_id=request.adapter_id,

@@ -2,18 +2,27 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Path, Query, status
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
+from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.jobs import service
 from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObject
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+JobId = Annotated[str, Path(max_length=64, description="A job id (`ftjob-…`)")]
+
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> JobObject:
-    job = service.create_job(session, tenant_id=tenant.id, request=body, default_base_model=settings.default_base_model)
+    job = service.create_job(
+        session,
+        tenant_id=tenant.id,
+        request=body,
+        default_base_model=settings.default_base_model,
+        max_batch_tokens=settings.train_max_batch_tokens,
+    )
     session.commit()  # the worker re-reads the row: it must be committed before the task is sent
     service.dispatch_job(session, settings=settings, job=job)
     return JobObject.of(job)
@@ -23,29 +32,29 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tena
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: str | None = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    after: AfterQuery = None,
 ) -> JobList:
     rows, has_more = service.list_jobs(session, tenant_id=tenant.id, limit=limit, after=after)
     return JobList(data=[JobObject.of(j) for j in rows], has_more=has_more)
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+def get_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobObject:
     return JobObject.of(service.get_job(session, tenant_id=tenant.id, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobObject:
+def cancel_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobObject:
     return JobObject.of(service.cancel_job(session, tenant_id=tenant.id, job_id=job_id))
 
 
 @router.get("/{job_id}/events")
 def list_events(
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     tenant: TenantDep,
-    after: Annotated[int, Query(ge=0, description="Return events with seq greater than this")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Return events with seq greater than this")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:
     rows, has_more = service.list_events(session, tenant_id=tenant.id, job_id=job_id, after_seq=after, limit=limit)

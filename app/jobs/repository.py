@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.models import Job, JobEvent
+from app.core.pagination import newest_first
 
 
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
 
 
-def list_jobs(session: Session, *, tenant_id: str, limit: int, after: Job | None) -> list[Job]:
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    if after is not None:
-        query = query.where(
-            or_(
-                Job.created_at < after.created_at,
-                and_(Job.created_at == after.created_at, Job.id < after.id),
-            )
-        )
-    return list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
+def list_jobs(session: Session, *, tenant_id: str, limit: int, after: Job | None) -> tuple[list[Job], bool]:
+    return newest_first(session, select(Job).where(Job.tenant_id == tenant_id), Job, limit=limit, after=after)
 
 
 def list_events(session: Session, *, job_id: str, after_seq: int, limit: int) -> list[JobEvent]:

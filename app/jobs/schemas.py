@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from app.core.models import Job, JobEvent
+from app.ml.hyperparameters import METHOD_HYPERPARAMETERS
+
+MAX_ID_CHARS = 64
+
+
+def _hyperparameters_schema() -> dict[str, Any]:
+    """The JSON schema of `hyperparameters`: one of the methods' hyperparameter objects."""
+    return {
+        "description": "Hyperparameters of the chosen method; every field is optional",
+        "anyOf": [
+            {**model.model_json_schema(), "title": f"{method} hyperparameters"}
+            for method, model in METHOD_HYPERPARAMETERS.items()
+        ],
+    }
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -17,14 +31,22 @@ def _ts(value: datetime | None) -> int | None:
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str | None = Field(None, description="Registered base model id (default from settings)")
-    method: str = Field("lora", description="Fine-tuning method")
-    training_file: str = Field(..., description="Id of an uploaded training file")
-    validation_file: str | None = Field(None, description="Id of an uploaded validation file")
+    base_model: str | None = Field(None, max_length=128, description="Registered base model id (default from settings)")
+    method: str = Field(
+        "lora",
+        max_length=MAX_ID_CHARS,
+        description="Fine-tuning method",
+        json_schema_extra={"enum": list(METHOD_HYPERPARAMETERS)},
+    )
+    training_file: str = Field(..., max_length=MAX_ID_CHARS, description="Id of an uploaded training file")
+    validation_file: str | None = Field(None, max_length=MAX_ID_CHARS, description="Id of an uploaded validation file")
     suffix: str | None = Field(
         None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="Appended to the adapter name"
     )
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: Annotated[dict[str, Any], WithJsonSchema(_hyperparameters_schema())] = Field(
+        default_factory=dict,
+        examples=[{"n_epochs": 3, "batch_size": 4, "learning_rate": 0.0002, "lora_r": 8}],
+    )
 
 
 class JobProgress(BaseModel):
@@ -70,7 +92,7 @@ class JobObject(BaseModel):
             hyperparameters=job.hyperparameters,
             progress=JobProgress(step=job.step, total_steps=job.total_steps, epoch=job.epoch),
             metrics=job.metrics,
-            error=JobError(code="training_failed", message=job.error) if job.error else None,
+            error=JobError(code=job.error_code or "training_failed", message=job.error) if job.error else None,
             adapter_id=job.adapter_id,
             attempt=job.attempt,
             created_at=_ts(job.created_at) or 0,

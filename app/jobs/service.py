@@ -9,10 +9,11 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, clip
 from app.core.ids import new_id
 from app.core.job_events import append_event
-from app.core.models import Job, JobEvent, JobStatus, utcnow
+from app.core.models import File, Job, JobEvent, JobStatus, utcnow
+from app.core.pagination import unknown_cursor
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
 from app.datasets import repository as files_repository
@@ -30,7 +31,7 @@ def validate_hyperparameters(method: str, values: dict[str, Any]) -> dict[str, A
         return model.model_validate(values).model_dump(mode="json")
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
+        field = ".".join(str(p)[:64] for p in first["loc"])
         param = f"hyperparameters.{field}" if field else "hyperparameters"
         message = first["msg"]
         if first["type"] == "extra_forbidden":
@@ -39,12 +40,14 @@ def validate_hyperparameters(method: str, values: dict[str, Any]) -> dict[str, A
         raise InvalidInput(f"{param}: {message}", param=param) from exc
 
 
-def create_job(session: Session, *, tenant_id: str, request: JobCreate, default_base_model: str) -> Job:
+def create_job(
+    session: Session, *, tenant_id: str, request: JobCreate, default_base_model: str, max_batch_tokens: int
+) -> Job:
     base_model = request.base_model or default_base_model
     spec = require_base_model(base_model)
     if request.method not in METHOD_HYPERPARAMETERS:
         raise InvalidInput(
-            f"unknown method {request.method!r}; available: {', '.join(METHOD_HYPERPARAMETERS)}",
+            f"unknown method {clip(request.method)}; available: {', '.join(METHOD_HYPERPARAMETERS)}",
             param="method",
         )
     hyperparameters = validate_hyperparameters(request.method, request.hyperparameters)
@@ -57,11 +60,13 @@ def create_job(session: Session, *, tenant_id: str, request: JobCreate, default_
     for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
         if file_id is None:
             continue
-        file = files_repository.get_file(session, tenant_id=tenant_id, file_id=file_id)
+        # Locked (PostgreSQL) until the job is committed, so a concurrent delete waits and then sees the job.
+        file = files_repository.get_file(session, tenant_id=tenant_id, file_id=file_id, for_update=True)
         if file is None:
-            raise InvalidInput(f"{param}: no file with id {file_id!r}", param=param, code="file_not_found")
+            raise InvalidInput(f"{param}: no file with id {clip(file_id)}", param=param, code="file_not_found")
         if file.purpose != "fine-tune":
-            raise InvalidInput(f"{param}: file {file_id} is not a fine-tune file", param=param)
+            raise InvalidInput(f"{param}: file {file.id} is not a fine-tune file", param=param)
+        _check_fits_token_budget(file, param, hyperparameters["max_seq_length"], max_batch_tokens)
 
     job = Job(
         id=new_id("ftjob"),
@@ -84,6 +89,21 @@ def create_job(session: Session, *, tenant_id: str, request: JobCreate, default_
     return job
 
 
+def _check_fits_token_budget(file: File, param: str, max_seq_length: int, max_batch_tokens: int) -> None:
+    """Refuse a job whose longest example (cut to max_seq_length) cannot fit one training micro-batch."""
+    longest = min(max_seq_length, file.max_example_tokens or max_seq_length)
+    if longest <= max_batch_tokens:
+        return
+    raise InvalidInput(
+        f"hyperparameters.max_seq_length: {param} {file.id} has an example of {longest} tokens (after "
+        f"max_seq_length={max_seq_length}), more than the {max_batch_tokens} tokens a training micro-batch may "
+        f"hold on this service; lower max_seq_length to at most {max_batch_tokens} (longer examples are cut) "
+        "or shorten the examples",
+        param="hyperparameters.max_seq_length",
+        code="example_too_long",
+    )
+
+
 def dispatch_job(session: Session, *, settings: Settings, job: Job) -> None:
     """Send the committed job to the broker; if the broker is unreachable the job fails visibly."""
     try:
@@ -91,7 +111,8 @@ def dispatch_job(session: Session, *, settings: Settings, job: Job) -> None:
     except Exception as exc:
         log.exception("could not enqueue %s", job.id)
         job.status = JobStatus.failed
-        job.error = f"could not reach the job queue: {exc}"
+        job.error = "the job queue was unreachable when the job was created; create the job again later"
+        job.error_code = "queue_unavailable"
         job.finished_at = utcnow()
         append_event(session, job.id, "status", job.error, {"status": "failed"}, level="error")
         session.commit()
@@ -103,7 +124,7 @@ def dispatch_job(session: Session, *, settings: Settings, job: Job) -> None:
 def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     job = repository.get_job(session, tenant_id=tenant_id, job_id=job_id)
     if job is None:
-        raise NotFound(f"no job with id {job_id!r}", param="job_id")
+        raise NotFound(f"no job with id {clip(job_id)}", param="job_id")
     return job
 
 
@@ -112,9 +133,8 @@ def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None
     if after is not None:
         cursor = repository.get_job(session, tenant_id=tenant_id, job_id=after)
         if cursor is None:
-            raise InvalidInput(f"after: no job with id {after!r}", param="after")
-    rows = repository.list_jobs(session, tenant_id=tenant_id, limit=limit + 1, after=cursor)
-    return rows[:limit], len(rows) > limit
+            raise unknown_cursor(after)
+    return repository.list_jobs(session, tenant_id=tenant_id, limit=limit, after=cursor)
 
 
 def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:

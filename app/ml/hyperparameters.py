@@ -6,9 +6,9 @@ hour later. Adding a method adds its class here and one line to METHOD_HYPERPARA
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 # The linear layers of a LLaMA block, which LoRA may adapt.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -17,7 +17,8 @@ LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class TrainingHyperparameters(BaseModel):
     """What every method shares."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` or "2" is not a number of epochs (JSON integers are still accepted for float fields).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file")
     batch_size: int = Field(4, ge=1, le=512, description="Examples per optimizer step")
@@ -30,8 +31,9 @@ class LoraHyperparameters(TrainingHyperparameters):
     lora_r: int = Field(8, ge=1, le=256, description="Rank of the low-rank update")
     lora_alpha: int = Field(16, ge=1, le=1024, description="Scaling numerator (update scaled by alpha/r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: list[Annotated[str, StringConstraints(max_length=64)]] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        max_length=64,
         description=f"Modules to adapt: a subset of {', '.join(LLAMA_LINEAR_MODULES)}, or 'all-linear'",
     )
 
@@ -44,7 +46,9 @@ class LoraHyperparameters(TrainingHyperparameters):
             raise ValueError("must name at least one module")
         unknown = [m for m in value if m not in LLAMA_LINEAR_MODULES]
         if unknown:
-            raise ValueError(f"unknown module(s) {', '.join(unknown)}; choose from {', '.join(LLAMA_LINEAR_MODULES)}")
+            raise ValueError(
+                f"unknown module(s) {', '.join(unknown[:8])}; choose from {', '.join(LLAMA_LINEAR_MODULES)}"
+            )
         return sorted(set(value), key=LLAMA_LINEAR_MODULES.index)
 
 

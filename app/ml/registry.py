@@ -13,7 +13,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from app.core.errors import InvalidInput
+from app.core.errors import InvalidInput, clip
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def get_spec(model_id: str) -> BaseModelSpec:
 def require_base_model(model_id: str, param: str = "base_model") -> BaseModelSpec:
     """The spec of a registered model, or a 422 naming the field and the choices."""
     if model_id not in REGISTRY:
-        raise InvalidInput(f"unknown base_model {model_id!r}; available: {', '.join(REGISTRY)}", param=param)
+        raise InvalidInput(f"unknown base_model {clip(model_id)}; available: {', '.join(REGISTRY)}", param=param)
     return REGISTRY[model_id]
 
 

@@ -52,8 +52,43 @@ class GenerationResult:
     finish_reason: str
 
 
-class AdapterIntegrityError(RuntimeError):
-    pass
+# Below this temperature sampling is numerically greedy (logits / T overflow): decode greedily, as vLLM does.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+class AdapterUnavailable(RuntimeError):
+    """An adapter's stored archive is missing or does not match its checksum; only its requests fail."""
+
+    def __init__(self, adapter_id: str, reason: str) -> None:
+        super().__init__(f"adapter {adapter_id}: {reason}")
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+
+class StopOnStrings:
+    """A transformers stopping criterion: stop once any stop string appears in the generated text.
+
+    It decodes only a window at the end of the sequence, long enough to hold the longest stop string
+    (a character is at most 4 byte-level tokens), so its cost per step is bounded by the stop strings'
+    bounded length, unlike transformers' `stop_strings`, whose tables grow with the vocabulary times
+    the string length.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_length = prompt_length
+        self.window = 4 * max(len(stop) for stop in stops) + 4
+
+    def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+        import torch
+
+        start = max(self.prompt_length, input_ids.shape[1] - self.window)
+        done = [
+            any(stop in self.tokenizer.decode(row[start:], skip_special_tokens=True) for stop in self.stops)
+            for row in input_ids
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class GenerationEngine:
@@ -96,10 +131,14 @@ class GenerationEngine:
         if (folder / "adapter_config.json").exists():
             return folder
         archive = self.cache_dir / f"{ref.id}.tar.gz"
-        sha = self.storage.download(ref.storage_key, archive)
+        try:
+            sha = self.storage.download(ref.storage_key, archive)
+        except FileNotFoundError:
+            raise AdapterUnavailable(ref.id, "its stored files are missing") from None
         if sha != ref.sha256:
             archive.unlink(missing_ok=True)
-            raise AdapterIntegrityError(f"adapter {ref.id}: checksum mismatch ({sha} != {ref.sha256})")
+            log.error("adapter %s: checksum mismatch (%s != %s)", ref.id, sha, ref.sha256)
+            raise AdapterUnavailable(ref.id, "its stored files are damaged (checksum mismatch)")
         adapter_format.unpack(archive, folder)
         archive.unlink(missing_ok=True)
         return folder
@@ -136,6 +175,7 @@ class GenerationEngine:
 
         import torch
         from peft import PeftModel
+        from transformers import StoppingCriteriaList
 
         tokenizer = load_tokenizer(self.models_dir)
         model = self._model_for(request.base_model, request.adapter)
@@ -145,12 +185,14 @@ class GenerationEngine:
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        if request.temperature > 0:
+        if request.temperature >= GREEDY_BELOW_TEMPERATURE:
             kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if request.stop:
-            kwargs.update(stop_strings=request.stop, tokenizer=tokenizer)
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [StopOnStrings(tokenizer, request.stop, prompt_length=len(request.input_ids))]
+            )
         if request.seed is not None:
             torch.manual_seed(request.seed)
         use_base = request.adapter is None and isinstance(model, PeftModel)

@@ -1,0 +1,99 @@
+"""ASGI middleware that runs before any route reads a body: authentication first, then body-size limits.
+
+Both are pure ASGI (not `BaseHTTPMiddleware`) so that nothing buffers the body: a request without a valid
+key is answered 401 before one byte of its body is read, and a body is counted as it streams in (with or
+without a `Content-Length`) and refused with 413 the moment it passes its route's limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.errors import AppError, PayloadTooLarge, RequestTooLarge, Unauthorized
+
+# Paths that answer without an API key: liveness/readiness probes and the API documentation.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PREFIXES = ("/docs/assets/",)
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class AuthenticationMiddleware:
+    """Resolve `Authorization: Bearer <key>` to a tenant (in `scope["state"]["tenant"]`) or answer 401."""
+
+    def __init__(self, app: ASGIApp, *, authenticate: Callable[[str | None], Any]) -> None:
+        self.app = app
+        self.authenticate = authenticate  # blocking (a database lookup): run in a worker thread
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        try:
+            tenant = await anyio.to_thread.run_sync(self.authenticate, _header(scope, b"authorization"))
+        except Unauthorized as exc:
+            await exc.response()(scope, receive, send)
+            return
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse a body larger than its route's limit: at once from `Content-Length`, else while it streams."""
+
+    def __init__(self, app: ASGIApp, *, limit_for: Callable[[str, str], tuple[int, AppError]]) -> None:
+        self.app = app
+        self.limit_for = limit_for  # (method, path) -> (limit in bytes, the error to answer past it)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, error = self.limit_for(scope["method"], scope["path"])
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await error.response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise RequestTooLarge(error)
+            return message
+
+        response_started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except RequestTooLarge as exc:  # read outside the app's exception handlers (a background read, say)
+            if response_started:
+                raise
+            await exc.error.response()(scope, receive, send)
+
+
+def request_too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"request body is larger than the limit of {max_bytes} bytes", param=None, code="request_too_large"
+    )

@@ -1,0 +1,43 @@
+"""Cursor pagination in OpenAI's shape, one way for every list: newest first, `after` = the last id seen."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Protocol, TypeVar
+
+from fastapi import Query
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.orm import Session
+
+from app.core.errors import InvalidInput, clip
+
+LimitQuery = Annotated[int, Query(ge=1, le=100, description="How many items to return (1-100)")]
+AfterQuery = Annotated[
+    str | None, Query(max_length=64, description="Return the items after this id (the last id of the previous page)")
+]
+DEFAULT_LIMIT = 20
+
+T = TypeVar("T")
+
+
+class Listed(Protocol):
+    id: Any
+    created_at: Any
+
+
+def newest_first(
+    session: Session, query: Select[T], model: type[Listed], *, limit: int, after: Listed | None
+) -> tuple[list[T], bool]:
+    """One page of `query`, ordered newest first (ties broken by id), after the cursor row; and has_more."""
+    if after is not None:
+        query = query.where(
+            or_(
+                model.created_at < after.created_at,
+                and_(model.created_at == after.created_at, model.id < after.id),
+            )
+        )
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def unknown_cursor(after: str) -> InvalidInput:
+    return InvalidInput(f"after: no item with id {clip(after)}", param="after", code="invalid_cursor")
