@@ -6,7 +6,11 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import swagger_ui_bundle
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from app.adapters.endpoints import router as adapters_router
 from app.core.db import session_scope
@@ -34,7 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.state.engine is not None:
             app.state.engine.close()
 
-    app = FastAPI(title="Tuneforge", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Tuneforge",
+        version="0.1.0",
+        description="Self-hostable fine-tuning as a service. Authenticate with `Authorization: Bearer <API key>`.",
+        lifespan=lifespan,
+        docs_url=None,  # served below from local assets: the docs work without internet access
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.storage = ObjectStorage.from_settings(settings)
     app.state.engine = None
@@ -56,9 +67,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(AuthenticationMiddleware, authenticate=authenticate)
 
+    _serve_docs_offline(app)
     app.include_router(health_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(adapters_router)
     app.include_router(generation_router)
     return app
+
+
+def _serve_docs_offline(app: FastAPI) -> None:
+    """Swagger UI at /docs with its JavaScript and CSS from the `swagger-ui-bundle` package, not a CDN."""
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+            oauth2_redirect_url=None,
+        )

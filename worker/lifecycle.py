@@ -133,12 +133,13 @@ def succeed(db_url: str, job: ClaimedJob, adapter: Adapter) -> bool:
         return True
 
 
-def fail(db_url: str, job_id: str, message: str) -> None:
+def fail(db_url: str, job_id: str, message: str, *, code: str) -> None:
+    """-> failed, with a stable `code` and a message written for the user (no paths, hosts or library errors)."""
     with session_scope(db_url) as session:
         done = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_((JobStatus.running, JobStatus.queued)))
-            .values(status=JobStatus.failed, error=message, finished_at=utcnow())
+            .values(status=JobStatus.failed, error=message, error_code=code, finished_at=utcnow())
         )
         if done.rowcount == 1:  # type: ignore[attr-defined]
-            append_event(session, job_id, "status", message, {"status": "failed"}, level="error")
+            append_event(session, job_id, "status", message, {"status": "failed", "code": code}, level="error")

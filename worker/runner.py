@@ -22,6 +22,11 @@ from worker.recipe import TrainingError, TrainingRecipe
 log = logging.getLogger(__name__)
 
 STOPPED_MESSAGE = "the worker was stopped while this job ran; create a new job to train again"
+FILE_UNAVAILABLE_MESSAGE = "a file of this job could not be read from storage; upload it again and create a new job"
+
+
+def internal_error_message(job_id: str) -> str:
+    return f"training failed because of an internal error; the operator's worker log has the details under {job_id}"
 
 
 def run_training_job(settings: Settings, job_id: str) -> str | None:
@@ -38,18 +43,25 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
         log.info("job %s was cancelled; stopped", job.id)
         reporter.event("log", "training stopped: the job was cancelled")
         return None
+    # What the user sees is a stable code and a message written for them; the detail goes to the log.
     except WorkerStopping:
-        lifecycle.fail(settings.db_url, job.id, STOPPED_MESSAGE)
+        lifecycle.fail(settings.db_url, job.id, STOPPED_MESSAGE, code="worker_stopped")
         return None
     except TrainingError as exc:
-        lifecycle.fail(settings.db_url, job.id, str(exc))
+        log.info("job %s failed: %s", job.id, exc)
+        lifecycle.fail(settings.db_url, job.id, str(exc), code=exc.code)
         return None
-    except Exception as exc:
+    except FileNotFoundError:
+        log.exception("job %s failed: an object is missing from storage", job.id)
+        lifecycle.fail(settings.db_url, job.id, FILE_UNAVAILABLE_MESSAGE, code="file_unavailable")
+        return None
+    except Exception:
         log.exception("job %s failed", job.id)
-        lifecycle.fail(settings.db_url, job.id, f"training failed: {type(exc).__name__}: {exc}")
+        lifecycle.fail(settings.db_url, job.id, internal_error_message(job.id), code="internal_error")
         return None
-    except BaseException as exc:  # the worker is being stopped (cold shutdown, Ctrl-C): say so, then stop
-        lifecycle.fail(settings.db_url, job.id, f"{STOPPED_MESSAGE} ({type(exc).__name__})")
+    except BaseException:  # the worker is being stopped (cold shutdown, Ctrl-C): say so, then stop
+        log.exception("job %s stopped", job.id)
+        lifecycle.fail(settings.db_url, job.id, STOPPED_MESSAGE, code="worker_stopped")
         raise
 
 
@@ -63,7 +75,8 @@ def _train_and_publish(
 
     adapter_id = new_id("adapter")
     key = f"adapters/{job.tenant_id}/{adapter_id}.tar.gz"
-    with tempfile.TemporaryDirectory(prefix="tuneforge-export-") as tmp:
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="export-", dir=settings.tmp_dir) as tmp:
         folder = Path(tmp) / "adapter"
         folder.mkdir()
         recipe.export(folder)

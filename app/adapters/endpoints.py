@@ -8,9 +8,10 @@ from fastapi.responses import StreamingResponse
 from app.adapters import service
 from app.adapters.schemas import AdapterList, AdapterObject
 from app.core.deps import SessionDep, StorageDep, TenantDep
+from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 
-router = APIRouter(prefix="/adapters", tags=["adapters"])
+router = APIRouter(prefix="/adapters", tags=["adapters"], responses=error_responses(401, 404, 410, 422))
 
 AdapterId = Annotated[str, Path(max_length=64, description="An adapter id (`adapter-…`)")]
 

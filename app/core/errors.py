@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,37 @@ class RequestTooLarge(StarletteHTTPException):
     def __init__(self, error: AppError) -> None:
         super().__init__(status_code=error.status_code, detail=error.message)
         self.error = error
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a rejected upload's `report`
+
+    type: str
+    message: str
+    param: str | None
+    code: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: `{"error": {"type", "message", "param", "code"}}` (a rejected upload adds `report`)."""
+
+    error: ErrorDetail
+
+
+_ERROR_DESCRIPTIONS = {
+    401: "Missing, malformed, unknown or revoked API key",
+    404: "No such resource for this tenant",
+    409: "The resource's state does not allow this",
+    410: "The resource's stored files are missing or damaged",
+    413: "The request body is larger than its limit",
+    422: "A field is invalid; `param` names it",
+    503: "A service the request needs is unreachable",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, all with the error body."""
+    return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
 def _error_response(status: int, type_: str, message: str, param: str | None, code: str) -> JSONResponse:

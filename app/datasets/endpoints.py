@@ -6,12 +6,13 @@ from fastapi import APIRouter, Path, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.datasets import service
 from app.datasets.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileList, FileObject
 from app.datasets.upload import receive_upload
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(401, 404, 409, 413, 422))
 
 FileId = Annotated[str, Path(max_length=64, description="A file id (`file-…`)")]
 

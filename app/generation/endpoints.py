@@ -3,10 +3,11 @@
 from fastapi import APIRouter
 
 from app.core.deps import EngineDep, SessionDep, SettingsDep, TenantDep
+from app.core.errors import error_responses
 from app.generation import service
 from app.generation.schemas import GenerateRequest, GenerateResponse
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], responses=error_responses(401, 404, 410, 413, 422))
 
 
 @router.post("/generate")

@@ -5,11 +5,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, status
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
+from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.jobs import service
 from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObject
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 503))
 
 JobId = Annotated[str, Path(max_length=64, description="A job id (`ftjob-…`)")]
 
