@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Annotated
 
 import typer
 
 from app.core.settings import get_settings
+
+log = logging.getLogger("tuneforge.up")  # not __name__: that is "__main__" under `python -m app.cli`
 
 cli = typer.Typer(
     help="Tuneforge: self-hostable fine-tuning-as-a-service. Configure with TUNEFORGE_* environment variables.",
@@ -42,20 +48,105 @@ def migrate() -> None:
     typer.echo("database is at the latest revision", err=True)
 
 
+def _database_url() -> str:
+    """The database, brought to the latest schema first (so that the key commands work on a fresh install)."""
+    from app.core.db import migrate as run_migrations
+
+    url = get_settings().db_url
+    run_migrations(url)
+    return url
+
+
+@contextlib.contextmanager
+def _exit_on_app_error() -> Iterator[None]:
+    """A domain error (no such key, an ambiguous prefix…) ends the command: its message on stderr, exit code 1."""
+    from app.core.errors import AppError
+
+    try:
+        yield
+    except AppError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
 @keys_cli.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name; created if it does not exist")],
 ) -> None:
-    """Create an API key for TENANT and print it (the only line on stdout; it is not shown again)."""
-    from app.auth.service import create_api_key
-    from app.core.db import migrate as run_migrations
-    from app.core.db import session_scope
+    """Create an API key for TENANT and print it (the only line on stdout; it is not shown again).
 
-    settings = get_settings()
-    run_migrations(settings.db_url)
-    with session_scope(settings.db_url) as session:
+    Its prefix, which names it in `keys list` and `keys revoke`, is printed on stderr.
+    """
+    from app.auth.service import create_api_key
+    from app.core.db import session_scope
+    from app.core.security import PREFIX_LENGTH
+
+    with session_scope(_database_url()) as session:
         key = create_api_key(session, tenant_name=tenant)
     typer.echo(key)
+    typer.echo(f"created key {key[:PREFIX_LENGTH]} for tenant {tenant}", err=True)
+
+
+def _when(moment: datetime | None, default: str) -> str:
+    return f"{moment:%Y-%m-%d %H:%M}" if moment else default
+
+
+@keys_cli.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list (ISO 8601 times in UTC, null when unset)")
+    ] = False,
+) -> None:
+    """List API keys, revoked ones included: prefix, tenant, created, last used (updated once a minute), revoked."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from app.auth.service import list_keys
+    from app.core.db import session_scope
+    from app.core.security import PREFIX_LENGTH
+
+    with _exit_on_app_error(), session_scope(_database_url()) as session:
+        keys = list_keys(session, tenant_name=tenant)
+    if as_json:
+        typer.echo(json.dumps([asdict(k) for k in keys], indent=2, default=datetime.isoformat))
+        return
+    table = Table(box=box.SIMPLE_HEAD, caption="times in UTC")
+    table.add_column("prefix", no_wrap=True, min_width=PREFIX_LENGTH)  # copied into `keys revoke`: never cut
+    table.add_column("tenant", overflow="fold")
+    for column in ("created", "last used", "revoked"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(
+            k.prefix, k.tenant, _when(k.created_at, ""), _when(k.last_used_at, "never"), _when(k.revoked_at, "active")
+        )
+    Console().print(table)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    prefix: Annotated[
+        str, typer.Argument(metavar="PREFIX", help="The key's prefix as `keys list` shows it, or a start of it")
+    ],
+) -> None:
+    """Revoke the key whose prefix is PREFIX: its next request gets 401.
+
+    Exit code 1, revoking nothing, when no key or several keys match PREFIX.
+
+    Revoking an already revoked key changes nothing: a note on stderr, exit code 0.
+    """
+    from app.auth.service import KeyAlreadyRevoked, revoke_key
+    from app.core.db import session_scope
+
+    with _exit_on_app_error():
+        try:
+            with session_scope(_database_url()) as session:
+                key = revoke_key(session, prefix=prefix)
+        except KeyAlreadyRevoked as exc:
+            typer.echo(f"{exc.message}; nothing to do", err=True)
+            return
+    typer.echo(f"revoked key {key.prefix} (tenant {key.tenant})")
 
 
 @cli.command()
@@ -92,12 +183,85 @@ def worker() -> None:
     )
 
 
+# `up` restarts a child that exits on its own after RESTART_DELAY_MIN seconds, doubling the delay while it keeps
+# crashing, up to RESTART_DELAY_MAX; a child that ran for STABLE_AFTER seconds starts again from the minimum.
+RESTART_DELAY_MIN = 1.0
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 60.0
+# Warm shutdown first: the API drains; the worker stops a running job at its next step and marks it failed
+# with the reason. Then a cold shutdown (SIGQUIT), then SIGKILL for whatever is still alive: (signal, grace in s).
+STOP_SEQUENCE = ((signal.SIGTERM, 10.0), (signal.SIGQUIT, 15.0), (signal.SIGKILL, 5.0))
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    with contextlib.suppress(ValueError):
+        return f"signal {signal.Signals(-returncode).name}"
+    return f"signal {-returncode}"
+
+
+@dataclass
+class Supervised:
+    """A child process of `up` (the API or the worker), restarted whenever it exits on its own."""
+
+    role: str
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    delay: float = RESTART_DELAY_MIN  # before the next restart
+    restart_at: float | None = None  # set while the child waits to be started again
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args)
+        self.started_at, self.restart_at = time.monotonic(), None
+        log.info("started %s (pid %d)", self.role, self.process.pid)
+
+    def watch(self) -> None:
+        """Schedule a restart when the child has exited; start it again when its delay has passed."""
+        now = time.monotonic()
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.start()
+            return
+        assert self.process is not None
+        returncode = self.process.poll()
+        if returncode is None:
+            return
+        if now - self.started_at >= STABLE_AFTER:
+            self.delay = RESTART_DELAY_MIN
+        log.warning(
+            "%s (pid %d) exited with %s; restarting in %.1f s",
+            self.role,
+            self.process.pid,
+            _describe_exit(returncode),
+            self.delay,
+        )
+        self.restart_at = now + self.delay
+        self.delay = min(2 * self.delay, RESTART_DELAY_MAX)
+
+
+def _stop_all(children: list[Supervised]) -> None:
+    for sig, grace in STOP_SEQUENCE:
+        alive = [c.process for c in children if c.process is not None and c.process.poll() is None]
+        for process in alive:
+            process.send_signal(sig)
+        deadline = time.monotonic() + grace
+        for process in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+
 @cli.command()
 def up(
     host: Annotated[str | None, typer.Option(help="Bind address (default: TUNEFORGE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: TUNEFORGE_PORT)")] = None,
 ) -> None:
-    """Run everything on this machine: migrate, then the API and one worker. Ctrl-C stops both.
+    """Run everything on this machine: migrate, then the API and one worker. Ctrl-C (or SIGTERM) stops both.
+
+    A crashed API or worker (any exit of its own, even kill -9) is restarted; starts, exits and restarts go to stderr.
+
+    The restart waits 1 s, doubling while the child keeps crashing (at most 30 s), back to 1 s after a minute up.
 
     On first start (no tenant yet) it creates the tenant `default` and prints its API key.
     """
@@ -117,7 +281,7 @@ def up(
     )
     me = [sys.executable, "-m", "app.cli"]
     api_args = [*me, "api"] + (["--host", host] if host else []) + (["--port", str(port)] if port else [])
-    children = [subprocess.Popen(api_args), subprocess.Popen([*me, "worker"])]
+    children = [Supervised("api", api_args), Supervised("worker", [*me, "worker"])]
 
     stopping = False
 
@@ -125,22 +289,18 @@ def up(
         nonlocal stopping
         stopping = True
 
+    # Before the children start, so that no signal can leave them running without us.
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    while not stopping and all(c.poll() is None for c in children):
+    for child in children:
+        child.start()
+    while not stopping:
+        for child in children:
+            if not stopping:
+                child.watch()
         time.sleep(0.5)
-    # Warm shutdown first: the API drains; the worker stops a running job at its next step and marks it
-    # failed with the reason. Then a cold shutdown (SIGQUIT), then SIGKILL for whatever is still alive.
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGQUIT, 15.0), (signal.SIGKILL, 5.0)):
-        alive = [c for c in children if c.poll() is None]
-        for child in alive:
-            child.send_signal(sig)
-        deadline = time.monotonic() + grace
-        for child in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-    failed = [c for c in children if c.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-    raise typer.Exit(1 if failed and not stopping else 0)
+    log.info("stopping the API and the worker")
+    _stop_all(children)
 
 
 def main() -> None:

@@ -4,6 +4,9 @@ import hashlib
 import secrets
 
 KEY_PREFIX = "tf_"
+# Characters of a key stored in clear to name it (`keys list`, `keys revoke`): "tf_" and 9 random characters
+# (54 bits), practically unique.
+PREFIX_LENGTH = 12
 
 
 def generate_api_key() -> str:
