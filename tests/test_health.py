@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.core.health import router as health_router
 from app.core.settings import Settings
 from app.main import create_app
 from tests.conftest import S3_BUCKET, S3_KEY, embedded_settings, free_port
@@ -22,17 +20,8 @@ from tests.conftest import S3_BUCKET, S3_KEY, embedded_settings, free_port
 ANSWER_BOUND_S = 8.0
 
 
-def health_app(settings: Settings) -> FastAPI:
-    """The app, with app.core.health's routes standing in for the inline /healthz until app.main includes them."""
-    app = create_app(settings)
-    if not any(getattr(route, "path", None) == "/readyz" for route in app.routes):
-        app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) != "/healthz"]
-        app.include_router(health_router)
-    return app
-
-
 def get_timed(settings: Settings, path: str) -> tuple[Any, float]:
-    with TestClient(health_app(settings)) as client:
+    with TestClient(create_app(settings)) as client:
         start = time.monotonic()
         response = client.get(path)
         return response, time.monotonic() - start
@@ -140,7 +129,7 @@ def test_hanging_dependencies_time_out_within_the_bound(
 
 
 def test_openapi_describes_both_probes(tmp_path: Path, model_cache_dir: Path) -> None:
-    with TestClient(health_app(embedded_settings(tmp_path / "data", model_cache_dir))) as client:
+    with TestClient(create_app(embedded_settings(tmp_path / "data", model_cache_dir))) as client:
         paths = client.get("/openapi.json").json()["paths"]
     readyz = paths["/readyz"]["get"]["responses"]
     for status in ("200", "503"):

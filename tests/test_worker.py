@@ -113,11 +113,11 @@ def test_a_crash_inside_training_fails_the_job_readably(client: TestClient, tena
     assert run_training_job(settings, job_id) is None
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "failed"
-    assert job["error"]["code"] == "training_failed"
-    assert job["error"]["message"].startswith("training failed: FileNotFoundError")
+    assert job["error"]["code"] == "file_unavailable"
+    assert job["error"]["message"].startswith("a file of this job could not be read from storage")
     assert job["finished_at"] is not None and job["adapter_id"] is None
     last = events(client, tenant, job_id)[-1]
-    assert last["level"] == "error" and last["data"] == {"status": "failed"}
+    assert last["level"] == "error" and last["data"] == {"status": "failed", "code": "file_unavailable"}
     assert storage.list_keys("adapters") == []
 
 

@@ -1,8 +1,7 @@
-"""Training data: JSONL from the object store -> token ids and labels -> padded batches."""
+"""Training data: JSONL from the object store -> token ids and labels -> steps -> padded micro-batches."""
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +11,8 @@ import torch
 
 from app.core.storage import ObjectStorage
 from app.ml.formatting import IGNORE_INDEX, EncodedExample, encode_record
+from app.ml.jsonl import LineIssue, read_records
+from worker.errors import TrainingError
 
 
 @dataclass
@@ -29,14 +30,16 @@ def load_examples(storage: ObjectStorage, key: str, tokenizer: Any, max_seq_leng
     """Tokenize every record; cut to max_seq_length; drop those left with nothing to learn from."""
     examples: list[EncodedExample] = []
     truncated = dropped = 0
-    for line in storage.read_bytes(key).decode("utf-8").splitlines():
-        if not line.strip():
-            continue
-        encoded = encode_record(tokenizer, json.loads(line))
+    try:
+        records = list(read_records(storage.iter_bytes(key)))  # the validator's reader: same lines, same JSON
+    except LineIssue as issue:  # only a file accepted by an older validator can get here
+        raise TrainingError(f"the training data cannot be read: {issue.message}") from None
+    for _, record in records:
+        encoded = encode_record(tokenizer, record)
         if len(encoded.input_ids) > max_seq_length:
             truncated += 1
             encoded = EncodedExample(encoded.input_ids[:max_seq_length], encoded.labels[:max_seq_length])
-        if encoded.n_trainable == 0:
+        if n_loss_tokens(encoded) == 0:
             dropped += 1
             continue
         examples.append(encoded)
@@ -56,11 +59,36 @@ def collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torc
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def n_loss_tokens(example: EncodedExample) -> int:
+    """Tokens that carry loss: every label but the first, which no position predicts."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+
+
 def batches(
-    examples: list[EncodedExample], batch_size: int, pad_token_id: int, *, shuffle_seed: int | None
-) -> Iterator[dict[str, torch.Tensor]]:
+    examples: list[EncodedExample], batch_size: int, *, shuffle_seed: int | None
+) -> Iterator[list[EncodedExample]]:
+    """The examples of each optimizer step, in a seeded shuffled order (or as stored)."""
     order = list(range(len(examples)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
     for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+        yield [examples[i] for i in order[start : start + batch_size]]
+
+
+def micro_batches(examples: list[EncodedExample], max_batch_tokens: int) -> list[list[EncodedExample]]:
+    """Split examples into groups whose padded size (examples x longest) stays within max_batch_tokens.
+
+    Sorted by length first, so each group pads little; a sum of per-token losses does not depend on the
+    order. An example longer than the budget on its own is a group by itself.
+    """
+    groups: list[list[EncodedExample]] = []
+    current: list[EncodedExample] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids)):
+        # Ascending lengths: the example being added sets the group's padded width.
+        if current and (len(current) + 1) * len(example.input_ids) > max_batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(example)
+    if current:
+        groups.append(current)
+    return groups

@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.ml.formatting import IGNORE_INDEX
+from app.ml.formatting import IGNORE_INDEX, EncodedExample
 from app.ml.hyperparameters import METHOD_HYPERPARAMETERS, TrainingHyperparameters
 from app.ml.registry import get_spec, load_base_model, load_tokenizer
-from worker.data import Dataset, batches, load_examples
+from worker.data import Dataset, batches, collate, load_examples, micro_batches, n_loss_tokens
+from worker.errors import TrainingError
 from worker.lifecycle import ClaimedJob, JobReporter
 from worker.methods import METHODS
 
@@ -42,24 +44,14 @@ def cached_base_model(model_id: str, models_dir: Path) -> nn.Module:
         return copy.deepcopy(_base_models[key])
 
 
-class TrainingError(RuntimeError):
-    """A failure the user can act on (bad data for this model, say); its message is shown as is."""
-
-
 @dataclass
 class StepStats:
+    """Sums over the loss-bearing tokens of one step (or one evaluation), gathered micro-batch by micro-batch."""
+
     loss_sum: float = 0.0
     correct: int = 0
-    tokens: int = 0
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        shifted_labels = labels[:, 1:]
-        mask = shifted_labels != IGNORE_INDEX
-        n = int(mask.sum())
-        predictions = logits[:, :-1].argmax(dim=-1)
-        self.correct += int(((predictions == shifted_labels) & mask).sum())
-        self.loss_sum += float(loss) * n
-        self.tokens += n
+    tokens: int = 0  # loss-bearing tokens
+    input_tokens: int = 0  # real (non-pad) tokens fed to the model
 
     @property
     def loss(self) -> float:
@@ -68,6 +60,57 @@ class StepStats:
     @property
     def accuracy(self) -> float:
         return self.correct / max(self.tokens, 1)
+
+
+def accumulate_gradients(
+    model: nn.Module, examples: list[EncodedExample], *, pad_token_id: int, max_batch_tokens: int
+) -> StepStats:
+    """Forward and backward passes of one optimizer step, one micro-batch under the token budget at a time.
+
+    Each micro-batch's summed token loss is divided by the loss-bearing tokens of the whole step, so the
+    accumulated gradients are those of the mean token loss over the step as one batch (what HF's loss
+    computes), while only one micro-batch's activations and logits are alive at a time.
+    """
+    return _micro_batch_passes(model, examples, pad_token_id, max_batch_tokens, backward=True)
+
+
+@torch.no_grad()
+def evaluation_stats(
+    model: nn.Module, examples: list[EncodedExample], *, pad_token_id: int, max_batch_tokens: int
+) -> StepStats:
+    """Loss and accuracy over examples, with the same micro-batches (and memory bound) as training."""
+    return _micro_batch_passes(model, examples, pad_token_id, max_batch_tokens, backward=False)
+
+
+def _micro_batch_passes(
+    model: nn.Module, examples: list[EncodedExample], pad_token_id: int, max_batch_tokens: int, *, backward: bool
+) -> StepStats:
+    device = next(model.parameters()).device
+    n_tokens = sum(n_loss_tokens(e) for e in examples)  # of the whole step: each micro-batch's share of the mean
+    # Summed on the device, read once at the end: no host synchronization per micro-batch.
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for group in micro_batches(examples, max_batch_tokens):
+        batch = {name: tensor.to(device) for name, tensor in collate(group, pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        # Keep only the loss-bearing positions, in float32 whatever the model's dtype; the full logits go now.
+        scores = logits[:, :-1][mask].float()
+        del logits
+        targets = targets[mask]
+        group_loss = F.cross_entropy(scores, targets, reduction="sum")
+        if backward:
+            (group_loss / max(n_tokens, 1)).backward()
+        loss_sum += group_loss.detach()
+        correct += (scores.detach().argmax(dim=-1) == targets).sum()
+        del scores, group_loss  # before the next micro-batch's forward pass
+    return StepStats(
+        loss_sum=float(loss_sum),
+        correct=int(correct),
+        tokens=n_tokens,
+        input_tokens=sum(len(e.input_ids) for e in examples),
+    )
 
 
 class TrainingRecipe:
@@ -139,29 +182,28 @@ class TrainingRecipe:
         metrics: dict[str, Any] = {}
         for epoch in range(1, self.hp.n_epochs + 1):
             self.model.train()
-            for batch in batches(
-                self.train_data.examples,
-                self.hp.batch_size,
-                self.tokenizer.pad_token_id,
-                shuffle_seed=self.hp.seed + epoch,
+            for step_examples in batches(
+                self.train_data.examples, self.hp.batch_size, shuffle_seed=self.hp.seed + epoch
             ):
                 started = time.perf_counter()
-                output = self.model(**batch)
-                output.loss.backward()
+                stats = accumulate_gradients(
+                    self.model,
+                    step_examples,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    max_batch_tokens=self.settings.train_max_batch_tokens,
+                )
                 torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                stats = StepStats()
-                stats.add(output.logits.detach(), batch["labels"], output.loss.detach())
                 step += 1
                 elapsed = time.perf_counter() - started
                 metrics = {
                     "train_loss": round(stats.loss, 6),
                     "train_token_accuracy": round(stats.accuracy, 6),
                     "learning_rate": lr,
-                    "tokens_per_second": round(int(batch["attention_mask"].sum()) / max(elapsed, 1e-9), 1),
+                    "tokens_per_second": round(stats.input_tokens / max(elapsed, 1e-9), 1),
                 }
                 self.reporter.progress(
                     step=step,
@@ -187,10 +229,12 @@ class TrainingRecipe:
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict[str, float]:
         self.model.eval()
-        stats = StepStats()
-        for batch in batches(data.examples, self.hp.batch_size, self.tokenizer.pad_token_id, shuffle_seed=None):
-            output = self.model(**batch)
-            stats.add(output.logits, batch["labels"], output.loss)
+        stats = evaluation_stats(
+            self.model,
+            data.examples,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_batch_tokens=self.settings.train_max_batch_tokens,
+        )
         self.model.train()
         return {
             "valid_loss": round(stats.loss, 6),

@@ -16,8 +16,9 @@ from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml import adapter_format
 from worker import lifecycle
+from worker.errors import TrainingError
 from worker.lifecycle import ClaimedJob, JobCancelled, JobReporter, WorkerStopping
-from worker.recipe import TrainingError, TrainingRecipe
+from worker.recipe import TrainingRecipe
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +145,23 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
-def _error_response(status: int, type_: str, message: str, param: str | None, code: str) -> JSONResponse:
+def _error_response(
+    status: int, type_: str, message: str, param: str | None, code: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={"error": {"type": type_, "message": message, "param": param, "code": code}},
-        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+        headers={"WWW-Authenticate": "Bearer"} if status == 401 else headers,
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    path = request.url.path
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.path_regex.match(path):
+            methods.update(route.methods or ())
+    return sorted(methods)
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str:
@@ -179,9 +192,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(422, "invalid_request_error", message, param or None, code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(exc.status_code, "invalid_request_error", str(exc.detail), None, code)
+        headers = exc.headers
+        if exc.status_code == 405:  # RFC 9110: `Allow` lists every method of the path, not only one route's
+            headers = {"Allow": ", ".join(_allowed_methods(request))}
+        return _error_response(exc.status_code, "invalid_request_error", str(exc.detail), None, code, headers)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
