@@ -131,13 +131,15 @@ class LineValidator:
     Token counting is batched: the fast tokenizer encodes many examples at once, in parallel.
     """
 
-    BATCH = 512
+    BATCH = 512  # texts per tokenizer call...
+    BATCH_CHARS = 1_000_000  # ...or fewer, so that a file of long lines never holds more than this in flight
 
     def __init__(self, tokenizer: Any, max_errors: int) -> None:
         self.tokenizer = tokenizer
         self.max_errors = max_errors
         self.report = ValidationReport()
         self._texts: list[str] = []
+        self._chars = 0
         self._examples: list[tuple[int, int]] = []  # per pending example: (number of texts, special tokens)
 
     def _count_pending(self) -> None:
@@ -148,7 +150,7 @@ class LineValidator:
             n = n_special + sum(len(next(encoded)) for _ in range(n_texts))
             self.report.n_tokens += n
             self.report.max_example_tokens = max(self.report.max_example_tokens, n)
-        self._texts, self._examples = [], []
+        self._texts, self._examples, self._chars = [], [], 0
 
     def finish(self) -> ValidationReport:
         self._count_pending()
@@ -182,7 +184,8 @@ class LineValidator:
             self._error(line.number, "template_error", "the model's chat template cannot render this conversation")
             return
         self._texts.extend(texts)
+        self._chars += sum(len(text) for text in texts)
         self._examples.append((len(texts), n_special))
         self.report.n_examples += 1
-        if len(self._texts) >= self.BATCH:
+        if len(self._texts) >= self.BATCH or self._chars >= self.BATCH_CHARS:
             self._count_pending()
