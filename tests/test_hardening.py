@@ -128,12 +128,9 @@ def test_every_request_body_has_a_limit(settings: Settings, tenant: Tenant) -> N
 
 
 # --- 2. authenticate before reading a body; count bytes as they stream ---------------------------
-def _call_asgi(app: Any, *, path: str, headers: dict[str, str], chunk: bytes, max_chunks: int) -> tuple[int, int]:
-    """Send a chunked body (no Content-Length) straight to the ASGI app; returns (status, chunks it read)."""
-    read = 0
-    status = 0
-    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    scope = {
+def _post_scope(path: str, headers: dict[str, str]) -> dict[str, Any]:
+    """The ASGI scope of a POST, for driving the app directly with a body we control chunk by chunk."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -143,10 +140,17 @@ def _call_asgi(app: Any, *, path: str, headers: dict[str, str], chunk: bytes, ma
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": raw_headers,
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
     }
+
+
+def _call_asgi(app: Any, *, path: str, headers: dict[str, str], chunk: bytes, max_chunks: int) -> tuple[int, int]:
+    """Send a chunked body (no Content-Length) straight to the ASGI app; returns (status, chunks it read)."""
+    read = 0
+    status = 0
+    scope = _post_scope(path, headers)
 
     async def receive() -> dict[str, Any]:
         nonlocal read
@@ -238,23 +242,10 @@ def test_upload_scratch_file_lives_in_the_data_dir(settings: Settings, tenant: T
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/files",
-        "raw_path": b"/v1/files",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"content-type", b"multipart/form-data; boundary=" + boundary),
-            (b"authorization", f"Bearer {tenant.key}".encode()),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = _post_scope(
+        "/v1/files",
+        {"content-type": f"multipart/form-data; boundary={boundary.decode()}", "authorization": f"Bearer {tenant.key}"},
+    )
 
     async def main() -> None:
         async with app.router.lifespan_context(app):

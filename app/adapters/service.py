@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from app.adapters import repository
 from app.core.errors import Gone, NotFound, clip
 from app.core.models import Adapter
-from app.core.pagination import unknown_cursor
+from app.core.pagination import cursor_row
 from app.core.storage import ObjectStorage
 
 
@@ -19,11 +19,7 @@ def get_adapter(session: Session, *, tenant_id: str, adapter_id: str, param: str
 
 
 def list_adapters(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Adapter], bool]:
-    cursor = None
-    if after is not None:
-        cursor = repository.get_adapter(session, tenant_id=tenant_id, adapter_id=after)
-        if cursor is None:
-            raise unknown_cursor(after)
+    cursor = cursor_row(after, lambda id_: repository.get_adapter(session, tenant_id=tenant_id, adapter_id=id_))
     return repository.list_adapters(session, tenant_id=tenant_id, limit=limit, after=cursor)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Query
@@ -17,6 +18,7 @@ AfterQuery = Annotated[
 DEFAULT_LIMIT = 20
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Listed(Protocol):
@@ -39,5 +41,11 @@ def newest_first(
     return rows[:limit], len(rows) > limit
 
 
-def unknown_cursor(after: str) -> InvalidInput:
-    return InvalidInput(f"after: no item with id {clip(after)}", param="after", code="invalid_cursor")
+def cursor_row(after: str | None, lookup: Callable[[str], R | None]) -> R | None:
+    """The row an `after` id names (looked up in the tenant's own items), or a 422 if there is none."""
+    if after is None:
+        return None
+    row = lookup(after)
+    if row is None:
+        raise InvalidInput(f"after: no item with id {clip(after)}", param="after", code="invalid_cursor")
+    return row

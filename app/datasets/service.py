@@ -13,7 +13,7 @@ from app.core.db import undo_on_rollback
 from app.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, clip
 from app.core.ids import new_id
 from app.core.models import File, utcnow
-from app.core.pagination import unknown_cursor
+from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import CHUNK_SIZE, ObjectStorage
 from app.datasets import repository
@@ -137,11 +137,7 @@ def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
 
 
 def list_files(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[File], bool]:
-    cursor = None
-    if after is not None:
-        cursor = repository.get_file(session, tenant_id=tenant_id, file_id=after)
-        if cursor is None:
-            raise unknown_cursor(after)
+    cursor = cursor_row(after, lambda file_id: repository.get_file(session, tenant_id=tenant_id, file_id=file_id))
     return repository.list_files(session, tenant_id=tenant_id, limit=limit, after=cursor)
 
 

@@ -13,7 +13,7 @@ from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.core.ids import new_id
 from app.core.job_events import append_event
 from app.core.models import File, Job, JobEvent, JobStatus, utcnow
-from app.core.pagination import unknown_cursor
+from app.core.pagination import cursor_row
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
 from app.datasets import repository as files_repository
@@ -129,11 +129,7 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
 
 
 def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None) -> tuple[list[Job], bool]:
-    cursor = None
-    if after is not None:
-        cursor = repository.get_job(session, tenant_id=tenant_id, job_id=after)
-        if cursor is None:
-            raise unknown_cursor(after)
+    cursor = cursor_row(after, lambda job_id: repository.get_job(session, tenant_id=tenant_id, job_id=job_id))
     return repository.list_jobs(session, tenant_id=tenant_id, limit=limit, after=cursor)
 
 
