@@ -125,6 +125,11 @@ def test_every_request_body_has_a_limit(settings: Settings, tenant: Tenant) -> N
         r = c.post("/jobs", headers=tenant.headers, json={"training_file": "f", "suffix": "x" * 4000})
     assert r.status_code == 413
     assert error_of(r)["code"] == "request_too_large"
+    # Without a Content-Length, the body is counted as it streams and refused as soon as it passes the limit.
+    headers = {"authorization": f"Bearer {tenant.key}", "content-type": "application/json"}
+    for path in ("/jobs", "/generate"):
+        status, read = _call_asgi(create_app(small), path=path, headers=headers, chunk=b" " * 1024, max_chunks=1000)
+        assert (status, read) == (413, 3)
 
 
 # --- 2. authenticate before reading a body; count bytes as they stream ---------------------------
