@@ -26,6 +26,7 @@ async def upload_file(
     try:
         if received.file is None:
             raise service.missing_file()
+        service.check_form_fields(received.fields)
         row = await run_in_threadpool(
             service.create_file,
             session,

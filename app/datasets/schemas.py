@@ -51,6 +51,7 @@ UPLOAD_REQUEST_BODY = {
             "schema": {
                 "type": "object",
                 "required": ["file"],
+                "additionalProperties": False,
                 "properties": {
                     "file": {"type": "string", "format": "binary", "description": "A .jsonl file"},
                     "purpose": {"type": "string", "enum": ["fine-tune"], "default": "fine-tune"},

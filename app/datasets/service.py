@@ -55,6 +55,16 @@ def missing_file() -> InvalidInput:
     )
 
 
+def check_form_fields(fields: dict[str, str]) -> None:
+    unknown = sorted(set(fields) - {"purpose"})
+    if unknown:
+        raise InvalidInput(
+            f"unknown form field {clip(unknown[0])}: send `file` and, optionally, `purpose`",
+            param=unknown[0][:64],
+            code="unknown_field",
+        )
+
+
 def clean_filename(filename: str | None) -> str:
     """The name to keep: its last path component, checked for length and control characters."""
     name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip()

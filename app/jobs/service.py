@@ -31,12 +31,14 @@ def validate_hyperparameters(method: str, values: dict[str, Any]) -> dict[str, A
         return model.model_validate(values).model_dump(mode="json")
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p)[:64] for p in first["loc"])
-        param = f"hyperparameters.{field}" if field else "hyperparameters"
+        # The field and list index, without pydantic's union-branch tags such as "list[constrained-str]".
+        field = ".".join(str(p)[:64] for p in first["loc"] if isinstance(p, int) or p in model.model_fields)
         message = first["msg"]
         if first["type"] == "extra_forbidden":
+            field = str(first["loc"][0])[:64]
             allowed = ", ".join(model.model_fields)
             message = f"unknown hyperparameter for method {method!r}; allowed: {allowed}"
+        param = f"hyperparameters.{field}" if field else "hyperparameters"
         raise InvalidInput(f"{param}: {message}", param=param) from exc
 
 

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+ModuleNames = Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(min_length=1, max_length=64)]
+
+
 class TrainingHyperparameters(BaseModel):
     """What every method shares."""
 
@@ -31,9 +34,8 @@ class LoraHyperparameters(TrainingHyperparameters):
     lora_r: int = Field(8, ge=1, le=256, description="Rank of the low-rank update")
     lora_alpha: int = Field(16, ge=1, le=1024, description="Scaling numerator (update scaled by alpha/r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
-    target_modules: list[Annotated[str, StringConstraints(max_length=64)]] | Literal["all-linear"] = Field(
+    target_modules: ModuleNames | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        max_length=64,
         description=f"Modules to adapt: a subset of {', '.join(LLAMA_LINEAR_MODULES)}, or 'all-linear'",
     )
 
