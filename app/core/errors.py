@@ -20,6 +20,11 @@ MAX_ECHO_CHARS = 64
 MAX_MESSAGE_CHARS = 2000
 
 
+def _printable(text: str) -> str:
+    """Text that can be sent as UTF-8: an unpaired surrogate (a JSON escape in a request) becomes `\\udXXX`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     """`repr` of a user-supplied value for an error message, cut to `limit` characters."""
     text = repr(value)
@@ -41,9 +46,10 @@ class AppError(Exception):
     ) -> None:
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+        message = _printable(message)
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = _printable(param) if param is not None else None
         if code is not None:
             self.code = code
         self.extra = extra or {}

@@ -96,11 +96,24 @@ def parse_line(line: Line) -> dict[str, Any] | None:
         raise LineIssue("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
         raise LineIssue("too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError:  # Python's bound on the digits of an integer
+        raise LineIssue("invalid_json", "not valid JSON: a number has too many digits") from None
     if not isinstance(record, dict):
         raise LineIssue("invalid_type", f"each line must be a JSON object, got {type(record).__name__}")
     if _depth(record) > MAX_DEPTH:
         raise LineIssue("too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep")
+    if "\\u" in text and _has_lone_surrogate(record):
+        raise LineIssue("invalid_unicode", "a string holds an unpaired surrogate escape (\\ud800-\\udfff)")
     return record
+
+
+def _has_lone_surrogate(record: dict[str, Any]) -> bool:
+    """JSON can escape half of a UTF-16 pair (`"\\ud800"`); such text cannot be encoded or tokenized."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def read_records(chunks: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
