@@ -4,8 +4,9 @@
 
 1. Upload validation: our line validator (JSON + schema + chat-template tokenization) against bare
    `json.loads` over the same file, in MB/s.
-2. LoRA training step: tokens/s of a LoRA step (the worker's recipe path) against a full fine-tuning
-   step of the same model and batch.
+2. LoRA training step: tokens/s of a LoRA step through the worker's recipe path
+   (`worker.recipe.accumulate_gradients` under the default `train_max_batch_tokens` budget, gradient
+   clipping, AdamW) against a full fine-tuning step of the same model and batch through the same path.
 3. Generation: tokens/s of greedy generation through the serving engine with an adapter against the base
    model alone through the same engine, and the first (cold) adapter load time.
 """
@@ -20,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,8 +34,8 @@ from app.ml.formatting import encode_chat_prompt, encode_record
 from app.ml.hyperparameters import LoraHyperparameters
 from app.ml.registry import get_spec, load_base_model, load_tokenizer
 from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
-from worker.data import collate
 from worker.methods.lora import LoraMethod
+from worker.recipe import accumulate_gradients
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:
@@ -69,7 +71,7 @@ def bench_validation(tokenizer: object) -> None:
     )
 
 
-def bench_training(model_id: str, models_dir: Path, tokenizer: object) -> None:
+def bench_training(model_id: str, models_dir: Path, tokenizer: Any, max_batch_tokens: int) -> None:
     example = encode_record(
         tokenizer,
         {
@@ -79,14 +81,17 @@ def bench_training(model_id: str, models_dir: Path, tokenizer: object) -> None:
             ]
         },
     )
-    batch = collate([example] * 4, tokenizer.pad_token_id)  # type: ignore[attr-defined]
-    tokens = int(batch["attention_mask"].sum())
+    examples = [example] * 4
+    tokens = sum(len(e.input_ids) for e in examples)
 
     def step_time(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> float:
         optimizer = torch.optim.AdamW(params, lr=1e-4)
 
-        def step() -> None:
-            model(**batch).loss.backward()
+        def step() -> None:  # one optimizer step as TrainingRecipe.train takes it
+            accumulate_gradients(
+                model, examples, pad_token_id=tokenizer.pad_token_id, max_batch_tokens=max_batch_tokens
+            )
+            torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -157,7 +162,7 @@ def main() -> None:
         tokenizer = load_tokenizer(settings.models_dir)
         print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         bench_validation(tokenizer)
-        bench_training(args.model, settings.models_dir, tokenizer)
+        bench_training(args.model, settings.models_dir, tokenizer, settings.train_max_batch_tokens)
         bench_generation(args.model, settings, tokenizer)
 
 

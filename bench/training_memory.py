@@ -1,0 +1,293 @@
+"""Peak memory and time of one LoRA training step: one padded batch against Tuneforge's micro-batched step.
+
+    .venv/bin/python bench/training_memory.py [--batch-size 6] [--seq-len 256] [--budgets 4096 1024] [--threads 2]
+
+One step (forward + backward, no optimizer update) of LoRA (r=16, alpha=32, on the attention and MLP
+projections, through peft as worker/methods/lora.py does) on the real base model, over a batch of B
+random-token examples of L tokens each, with labels on the second half of every example (like an
+assistant turn), seeded:
+
+  baseline   one padded batch through `model(**collate(...))` with labels, then `.loss.backward()`
+             (what the worker did before token budgets);
+  budget=N   Tuneforge's step, `worker.recipe.accumulate_gradients(..., max_batch_tokens=N)`: micro-batches
+             of at most N padded tokens with gradient accumulation (N=4096 is the default
+             `train_max_batch_tokens`).
+
+The default size keeps the baseline near 6 GiB: in float32 with these adapters a step holds about 3.4 MiB
+of activations per token (measured on 2 CPU cores), so one batch of 16 x 256 tokens would need about 14 GiB.
+--memory-limit-gib stops a measurement that goes over (8 GiB unless told).
+
+Each measurement runs in a fresh process, so its peak RSS (`ru_maxrss`) is its own; "above the model" is
+that peak minus the peak taken once the model is loaded and wrapped. The losses must agree within 1e-4
+(micro-batching may not change the math); the script exits with status 1 when they do not. The gradients
+are compared too; LoRA dropout draws other masks when the batch is split, so they agree to float noise
+only with --lora-dropout 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from app.core.settings import Settings
+from app.ml.hyperparameters import LLAMA_LINEAR_MODULES, LoraHyperparameters
+from app.ml.registry import REGISTRY, model_path
+
+LOSS_TOLERANCE = 1e-4
+RESULT_PREFIX = "RESULT "
+MEMORY_LIMIT_STATUS = 3
+
+
+def _rss_peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _guard_memory(limit_mib: float) -> None:
+    """End this process as soon as its resident memory passes the limit (polled every 10 ms)."""
+    import threading
+    import time
+
+    page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def watch() -> None:
+        with open("/proc/self/statm") as statm:
+            while True:
+                statm.seek(0)
+                if int(statm.read().split()[1]) * page_mib > limit_mib:
+                    print(f"over the memory limit of {limit_mib:.0f} MiB: measurement stopped", file=sys.stderr)
+                    os._exit(MEMORY_LIMIT_STATUS)
+                time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """In the child process: load, wrap, run the step(s) of one mode, report peak memory, time, loss."""
+    import gc
+    import random
+    import time
+
+    import torch
+
+    from app.ml.formatting import IGNORE_INDEX, EncodedExample
+    from app.ml.registry import load_base_model, load_tokenizer
+    from worker.data import collate, micro_batches
+    from worker.methods.lora import LoraMethod
+    from worker.recipe import accumulate_gradients
+
+    if args.memory_limit_gib:
+        _guard_memory(args.memory_limit_gib * 1024)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.models_dir)
+    hp = LoraHyperparameters.model_validate(
+        {
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": args.lora_dropout,
+            "target_modules": list(LLAMA_LINEAR_MODULES),
+        }
+    )
+    model: Any = LoraMethod().prepare(load_base_model(args.model, args.models_dir), hp)
+    model.train()
+    device = next(model.parameters()).device
+
+    rng = random.Random(args.seed)
+    vocab = int(model.config.vocab_size)
+    half = args.seq_len // 2
+    examples = []
+    for _ in range(args.batch_size):
+        ids = [rng.randrange(vocab) for _ in range(args.seq_len)]
+        examples.append(EncodedExample(ids, [IGNORE_INDEX] * half + ids[half:]))
+
+    if args.measure == "baseline":
+        n_micro = 1
+
+        def step() -> float:
+            batch = {name: tensor.to(device) for name, tensor in collate(examples, tokenizer.pad_token_id).items()}
+            loss = model(**batch).loss
+            loss.backward()
+            return float(loss.detach())
+    else:
+        budget = int(args.measure.removeprefix("budget="))
+        n_micro = len(micro_batches(examples, budget))
+
+        def step() -> float:
+            stats = accumulate_gradients(model, examples, pad_token_id=tokenizer.pad_token_id, max_batch_tokens=budget)
+            return stats.loss
+
+    # The weights are memory-mapped from the checkpoint: read them all now, so that the first forward pass
+    # does not count them as the step's memory.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.sum()
+    gc.collect()
+    loaded = _rss_peak_mib()
+    times, loss = [], float("nan")
+    for _ in range(args.steps):  # the same step again (no optimizer update): the fastest is the least disturbed
+        model.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - started)
+    peak = _rss_peak_mib()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.cat([p.grad.detach().flatten() for p in trainable if p.grad is not None]).cpu()
+    torch.save(grads, args.grads_file)
+    return {
+        "seconds": min(times),
+        "peak_mib": peak,
+        "loaded_mib": loaded,
+        "loss": loss,
+        "micro_batches": n_micro,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_child(args: argparse.Namespace, mode: str, grads_file: Path) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--measure={mode}",
+        f"--grads-file={grads_file}",
+        f"--model={args.model}",
+        f"--models-dir={args.models_dir}",
+        f"--batch-size={args.batch_size}",
+        f"--seq-len={args.seq_len}",
+        f"--steps={args.steps}",
+        f"--seed={args.seed}",
+        f"--lora-dropout={args.lora_dropout}",
+        f"--memory-limit-gib={args.memory_limit_gib}",
+    ]
+    if args.threads:
+        command.append(f"--threads={args.threads}")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+    if done.returncode == MEMORY_LIMIT_STATUS:
+        raise SystemExit(
+            f"the {mode} measurement went over --memory-limit-gib={args.memory_limit_gib:g} and was stopped: "
+            "lower --batch-size or --seq-len (or raise the limit where the machine allows)"
+        )
+    if done.returncode != 0:
+        raise SystemExit(f"the {mode} measurement failed (exit status {done.returncode})")
+    line = next(line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX))
+    return dict(json.loads(line.removeprefix(RESULT_PREFIX)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", choices=sorted(REGISTRY), help="registered base model id"
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="converted-model cache (default: Settings().models_dir, where the registry converts the model once)",
+    )
+    parser.add_argument("--batch-size", "-B", type=int, default=6, help="examples in the step (default: 6)")
+    parser.add_argument("--seq-len", "-L", type=int, default=256, help="tokens per example (default: 256)")
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[4096, 1024],
+        metavar="N",
+        help="max_batch_tokens budgets of Tuneforge's step to measure (default: 4096 1024; 4096 is the default "
+        "train_max_batch_tokens)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="steps per measurement; the fastest gives the time (default: 3)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the examples and of torch (default: 0)")
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=float(LoraHyperparameters.model_fields["lora_dropout"].default),
+        help="LoRA dropout (default: %(default)s, the worker's default; 0 makes the gradients comparable too)",
+    )
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=8.0,
+        help="stop a measurement whose process goes over this resident memory, in GiB; 0: no limit (default: 8)",
+    )
+    # Internal: one measurement, run by the script itself in a fresh process.
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--grads-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.batch_size < 1 or args.seq_len < 4 or args.steps < 1 or min(args.budgets) < 1:
+        parser.error("--batch-size, --steps and --budgets must be positive and --seq-len at least 4")
+    if args.models_dir is None:
+        args.models_dir = Settings().models_dir
+
+    if args.measure:
+        print(RESULT_PREFIX + json.dumps(measure(args)), flush=True)
+        return
+
+    import torch
+
+    model_path(args.model, args.models_dir)  # convert once, here, not in a measured process
+    modes = ["baseline"] + [f"budget={n}" for n in args.budgets]
+    results: dict[str, dict[str, Any]] = {}
+    grads: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:
+            grads_file = Path(tmp) / f"{mode}.pt"
+            results[mode] = run_child(args, mode, grads_file)
+            grads[mode] = torch.load(grads_file)
+
+    first = results["baseline"]
+    print(
+        f"model {args.model} on {first['device']}, torch {first['torch']}, {first['threads']} threads; "
+        f"LoRA r=16 alpha=32 dropout {args.lora_dropout:g} on q/k/v/o/gate/up/down_proj"
+    )
+    print(
+        f"one step (forward + backward) over {args.batch_size} examples x {args.seq_len} tokens "
+        f"(loss on the last {args.seq_len - args.seq_len // 2} of each); each measurement in a fresh process, "
+        f"time: fastest of {args.steps} step(s)"
+    )
+    for mode in modes:
+        r = results[mode]
+        if mode == "baseline":
+            label = "baseline: one padded batch, model(**batch).loss"
+        else:
+            n = r["micro_batches"]
+            label = f"accumulate_gradients {mode} ({n} micro-batch{'es' if n > 1 else ''})"
+        print(
+            f"{label:<56} {r['seconds']:7.2f} s/step  peak {r['peak_mib']:7.0f} MiB total, "
+            f"{r['peak_mib'] - r['loaded_mib']:7.0f} MiB above the loaded model ({r['loaded_mib']:.0f} MiB)  "
+            f"loss {r['loss']:.6f}"
+        )
+    losses = [r["loss"] for r in results.values()]
+    loss_diff = max(losses) - min(losses)
+    grad_diff = max(float((grads[m] - grads["baseline"]).abs().max()) for m in modes[1:]) if len(modes) > 1 else 0.0
+    grad_scale = float(grads["baseline"].abs().max())
+    print(f"loss: max abs difference {loss_diff:.2e} (tolerance {LOSS_TOLERANCE:g})")
+    print(
+        f"gradients: max abs difference vs baseline {grad_diff:.2e} (largest gradient {grad_scale:.2e})"
+        + (f"; LoRA dropout {args.lora_dropout:g} draws other masks per micro-batch" if args.lora_dropout else "")
+    )
+    for mode in modes[1:]:
+        r = results[mode]
+        above = (first["peak_mib"] - first["loaded_mib"]) / max(r["peak_mib"] - r["loaded_mib"], 1.0)
+        total = first["peak_mib"] / r["peak_mib"]
+        print(f"memory ratio baseline/{mode}: {above:.2f} (above the loaded model; of total peaks: {total:.2f})")
+    if loss_diff > LOSS_TOLERANCE:
+        raise SystemExit(f"FAIL: the losses differ by {loss_diff:.2e} > {LOSS_TOLERANCE:g}")
+
+
+if __name__ == "__main__":
+    main()
