@@ -1,6 +1,6 @@
 """Peak memory and time of one LoRA training step: one padded batch against Tuneforge's micro-batched step.
 
-    .venv/bin/python bench/training_memory.py [--batch-size 6] [--seq-len 256] [--budgets 4096 1024] [--threads 2]
+    .venv/bin/python bench/training_memory.py [--batch-size 10] [--seq-len 256] [--budgets 2048 1024] [--threads 2]
 
 One step (forward + backward, no optimizer update) of LoRA (r=16, alpha=32, on the attention and MLP
 projections, through peft as worker/methods/lora.py does) on the real base model, over a batch of B
@@ -10,12 +10,12 @@ assistant turn), seeded:
   baseline   one padded batch through `model(**collate(...))` with labels, then `.loss.backward()`
              (what the worker did before token budgets);
   budget=N   Tuneforge's step, `worker.recipe.accumulate_gradients(..., max_batch_tokens=N)`: micro-batches
-             of at most N padded tokens with gradient accumulation (N=4096 is the default
+             of at most N padded tokens with gradient accumulation (N=2048 is the default
              `train_max_batch_tokens`).
 
 The default size keeps the baseline near 6 GiB: in float32 with these adapters a step holds about 3.4 MiB
 of activations per token (measured on 2 CPU cores), so one batch of 16 x 256 tokens would need about 14 GiB.
---memory-limit-gib stops a measurement that goes over (8 GiB unless told).
+--memory-limit-gib stops a measurement that goes over (12 GiB unless told).
 
 Each measurement runs in a fresh process, so its peak RSS (`ru_maxrss`) is its own; "above the model" is
 that peak minus the peak taken once the model is loaded and wrapped. The losses must agree within 1e-4
@@ -196,15 +196,15 @@ def main() -> None:
         default=None,
         help="converted-model cache (default: Settings().models_dir, where the registry converts the model once)",
     )
-    parser.add_argument("--batch-size", "-B", type=int, default=6, help="examples in the step (default: 6)")
+    parser.add_argument("--batch-size", "-B", type=int, default=10, help="examples in the step (default: 10)")
     parser.add_argument("--seq-len", "-L", type=int, default=256, help="tokens per example (default: 256)")
     parser.add_argument(
         "--budgets",
         type=int,
         nargs="+",
-        default=[4096, 1024],
+        default=[2048, 1024],
         metavar="N",
-        help="max_batch_tokens budgets of Tuneforge's step to measure (default: 4096 1024; 4096 is the default "
+        help="max_batch_tokens budgets of Tuneforge's step to measure (default: 2048 1024; 2048 is the default "
         "train_max_batch_tokens)",
     )
     parser.add_argument(
@@ -221,8 +221,8 @@ def main() -> None:
     parser.add_argument(
         "--memory-limit-gib",
         type=float,
-        default=8.0,
-        help="stop a measurement whose process goes over this resident memory, in GiB; 0: no limit (default: 8)",
+        default=12.0,
+        help="stop a measurement whose process goes over this resident memory, in GiB; 0: no limit (default: 12)",
     )
     # Internal: one measurement, run by the script itself in a fresh process.
     parser.add_argument("--measure", help=argparse.SUPPRESS)
