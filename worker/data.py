@@ -39,7 +39,7 @@ def load_examples(storage: ObjectStorage, key: str, tokenizer: Any, max_seq_leng
         if len(encoded.input_ids) > max_seq_length:
             truncated += 1
             encoded = EncodedExample(encoded.input_ids[:max_seq_length], encoded.labels[:max_seq_length])
-        if n_loss_tokens(encoded) == 0:
+        if encoded.n_loss_tokens == 0:
             dropped += 1
             continue
         examples.append(encoded)
@@ -57,11 +57,6 @@ def collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torc
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def n_loss_tokens(example: EncodedExample) -> int:
-    """Tokens that carry loss: every label but the first, which no position predicts."""
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
 
 
 def batches(

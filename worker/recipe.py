@@ -24,7 +24,7 @@ from app.core.storage import ObjectStorage
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
 from app.ml.hyperparameters import METHOD_HYPERPARAMETERS, TrainingHyperparameters
 from app.ml.registry import get_spec, load_base_model, load_tokenizer
-from worker.data import Dataset, batches, collate, load_examples, micro_batches, n_loss_tokens
+from worker.data import Dataset, batches, collate, load_examples, micro_batches
 from worker.errors import TrainingError
 from worker.lifecycle import ClaimedJob, JobReporter
 from worker.methods import METHODS
@@ -86,7 +86,7 @@ def _micro_batch_passes(
     model: nn.Module, examples: list[EncodedExample], pad_token_id: int, max_batch_tokens: int, *, backward: bool
 ) -> StepStats:
     device = next(model.parameters()).device
-    n_tokens = sum(n_loss_tokens(e) for e in examples)  # of the whole step: each micro-batch's share of the mean
+    n_tokens = sum(e.n_loss_tokens for e in examples)  # of the whole step: each micro-batch's share of the mean
     # Summed on the device, read once at the end: no host synchronization per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)

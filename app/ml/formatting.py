@@ -18,8 +18,9 @@ class EncodedExample:
     labels: list[int]
 
     @property
-    def n_trainable(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+    def n_loss_tokens(self) -> int:
+        """Tokens that carry loss: every label but the first, which no position predicts."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
