@@ -385,6 +385,15 @@ def test_deeply_nested_json_is_a_line_error(client: TestClient, tenant: Tenant) 
     assert [(e["line"], e["code"]) for e in errors] == [(3, "too_deep"), (4, "too_deep")]
 
 
+def test_a_conversation_is_bounded_in_messages(client: TestClient, tenant: Tenant) -> None:
+    """Encoding a chat for training costs the square of its turns: a 1 MiB line of 16k turns would take hours."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    lines = [json.dumps({"messages": turns * 128}), json.dumps({"messages": turns * 129})]
+    r = upload(client, tenant, jsonl(lines))
+    assert r.status_code == 422
+    assert [(e["line"], e["code"]) for e in error_of(r)["report"]["errors"]] == [(2, "too_many_messages")]
+
+
 def test_tiny_temperature_is_greedy(client: TestClient, tenant: Tenant) -> None:
     body = {"base_model": TINY, "prompt": "Once upon a time", "max_tokens": 8}
     greedy = client.post("/generate", headers=tenant.headers, json={**body, "temperature": 0})
