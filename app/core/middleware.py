@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.errors import AppError, PayloadTooLarge, RequestTooLarge, Unauthorized
 
 # Paths that answer without an API key: liveness/readiness probes and the API documentation.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/docs/assets/",)
 
 

@@ -22,7 +22,6 @@ from app.core.errors import InvalidInput
 FILE_FIELD = "file"
 MAX_FIELDS = 8
 MAX_FIELD_BYTES = 1024
-MAX_FILENAME_CHARS = 255
 
 
 class MalformedUpload(InvalidInput):
