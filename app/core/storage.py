@@ -11,20 +11,23 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 import obstore
-from obstore.store import LocalStore, MemoryStore, from_url
+from obstore.store import LocalStore, from_url
 
 from app.core.settings import Settings
 
 CHUNK_SIZE = 1024 * 1024
 # Listed by `ping`; nothing is ever stored under it.
 PROBE_PREFIX = ".readiness-probe"
+# A probe gives up after this, without retries (a transfer retries with back-off for up to three minutes).
+PROBE_TIMEOUT = timedelta(seconds=2)
 
 
 class ObjectStorage:
     """Keys are relative paths such as `datasets/<tenant>/<file id>.jsonl`."""
 
-    def __init__(self, store: Any, url: str) -> None:
+    def __init__(self, store: Any, url: str, probe_store: Any = None) -> None:
         self._store = store
+        self._probe_store = probe_store if probe_store is not None else store  # same store, bounded requests
         self.url = url
 
     @classmethod
@@ -48,7 +51,13 @@ class ObjectStorage:
                 config["secret_access_key"] = settings.s3_secret_access_key
             config["region"] = settings.s3_region
         store = from_url(url, config=config or None, client_options=client_options or None)  # type: ignore[arg-type]
-        return cls(store, url)
+        probe = from_url(  # type: ignore[call-overload]
+            url,
+            config=config or None,
+            client_options={**client_options, "timeout": PROBE_TIMEOUT, "connect_timeout": PROBE_TIMEOUT},
+            retry_config={"max_retries": 0, "retry_timeout": PROBE_TIMEOUT},
+        )
+        return cls(store, url, probe)
 
     def put_file(self, key: str, fileobj: IO[bytes]) -> None:
         """Upload a readable binary file, streamed in chunks; the object appears atomically."""
@@ -97,28 +106,13 @@ class ObjectStorage:
         with contextlib.suppress(FileNotFoundError):
             obstore.delete(self._store, key)
 
-    def ping(self, timeout: float) -> None:
-        """Prove the store answers within `timeout` seconds, without retries; raise the store's error otherwise.
+    def ping(self) -> None:
+        """Prove the store answers (within PROBE_TIMEOUT, no retries); raise the store's error otherwise.
 
         A listing rather than a HEAD: a HEAD in a bucket that does not exist answers "not found" like any
         missing key, a listing fails. It also needs the credentials to be accepted.
         """
-        obstore.list_with_delimiter(_bounded(self._store, timeout), PROBE_PREFIX)
-
-
-def _bounded(store: Any, timeout: float) -> Any:
-    """The same remote store with an overall request timeout and no retries; a local or in-memory one as it is.
-
-    By default a remote store retries with backoff for up to three minutes: right for a transfer,
-    too long for a probe.
-    """
-    if isinstance(store, (LocalStore, MemoryStore)):
-        return store
-    args, kwargs = store.__getnewargs_ex__()  # how obstore pickles a store: its constructor's arguments
-    limit = timedelta(seconds=timeout)
-    kwargs["client_options"] = {**(kwargs.get("client_options") or {}), "timeout": limit, "connect_timeout": limit}
-    kwargs["retry_config"] = {"max_retries": 0, "retry_timeout": limit}
-    return type(store)(*args, **kwargs)
+        obstore.list_with_delimiter(self._probe_store, PROBE_PREFIX)
 
 
 def _chunks(fileobj: IO[bytes]) -> Iterator[bytes]:
