@@ -1,17 +1,23 @@
-"""Alembic environment: runs revisions against the URL set by `app.core.db.alembic_config`."""
+"""Alembic environment: runs revisions against the URL set by `app.core.db.alembic_config`, or, for `alembic`
+run by hand, the database of the settings (TUNEFORGE_DATABASE_URL, else the embedded SQLite file)."""
 
 from alembic import context
 
 from app.core.db import get_engine
 from app.core.models import Base
+from app.core.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata
 
 
+def database_url() -> str:
+    return config.get_main_option("sqlalchemy.url") or Settings().db_url
+
+
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=database_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -21,9 +27,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    url = config.get_main_option("sqlalchemy.url")
-    assert url is not None
-    with get_engine(url).connect() as connection:
+    with get_engine(database_url()).connect() as connection:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
