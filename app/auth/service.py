@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, func, or_, select, update
@@ -112,7 +112,7 @@ def revoke_key(session: Session, *, prefix: str) -> ApiKeyInfo:
     )
     if revoked.rowcount == 0:  # type: ignore[attr-defined]
         raise KeyAlreadyRevoked(key)
-    return ApiKeyInfo(key.id, key.prefix, key.tenant, key.created_at, key.last_used_at, revoked_at)
+    return replace(key, revoked_at=revoked_at)
 
 
 def authenticate(session: Session, *, authorization: str | None) -> Tenant:
