@@ -18,6 +18,7 @@ from app.core.errors import AppError, install_error_handlers
 from app.core.health import router as health_router
 from app.core.middleware import AuthenticationMiddleware, BodyLimitMiddleware, request_too_large
 from app.core.models import Tenant
+from app.core.readiness import ReadinessProbe
 from app.core.settings import Settings, get_settings
 from app.core.storage import ObjectStorage
 from app.datasets.endpoints import router as files_router
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = ObjectStorage.from_settings(settings)
     app.state.engine = None
     app.state.engine_lock = threading.Lock()
+    app.state.readiness = ReadinessProbe()
     install_error_handlers(app)
 
     def limit_for(method: str, path: str) -> tuple[int, AppError]:

@@ -138,3 +138,37 @@ def test_openapi_describes_both_probes(tmp_path: Path, model_cache_dir: Path) ->
         "$ref": "#/components/schemas/Liveness"
     }
     assert "security" not in paths["/readyz"]["get"] and "security" not in paths["/healthz"]["get"]
+
+
+def test_a_flood_of_probes_runs_the_checks_once_a_second(
+    tmp_path: Path, model_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz needs no key: concurrent probes share one round of checks instead of each opening connections."""
+    import threading
+
+    import app.core.readiness as readiness
+
+    rounds = 0
+    real = readiness.check_readiness
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal rounds
+        rounds += 1
+        time.sleep(0.3)  # a slow dependency: the other probes arrive while this round runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(readiness, "check_readiness", counted)
+    with TestClient(create_app(embedded_settings(tmp_path / "data", model_cache_dir))) as client:
+        statuses: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: statuses.append(client.get("/readyz").status_code)) for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 8
+        assert rounds == 1
+        time.sleep(1.1)
+        assert client.get("/readyz").status_code == 200
+        assert rounds == 2

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from app.core.deps import SettingsDep, StorageDep
-from app.core.readiness import CheckResult, check_readiness
+from app.core.readiness import CheckResult, ReadinessProbe
 
 router = APIRouter(tags=["health"])
 
@@ -43,9 +43,13 @@ def healthz() -> Liveness:
         503: {"model": Readiness, "description": "A dependency does not answer; its check says why"},
     },
 )
-def readyz(settings: SettingsDep, storage: StorageDep, response: Response) -> Readiness:
-    """Answers within a few seconds even when a dependency hangs: that check then fails as "timed out"."""
-    results = check_readiness(settings, storage)
+def readyz(request: Request, settings: SettingsDep, storage: StorageDep, response: Response) -> Readiness:
+    """Answers within a few seconds even when a dependency hangs: that check then fails as "timed out".
+
+    The checks run at most once a second per process; requests in between get the same answer.
+    """
+    probe: ReadinessProbe = request.app.state.readiness
+    results = probe.results(settings, storage)
     ready = all(result.ok for result in results.values())
     if not ready:
         response.status_code = 503

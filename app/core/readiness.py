@@ -85,6 +85,27 @@ def check_readiness(
     )
 
 
+class ReadinessProbe:
+    """One round of checks at a time per process, its answer reused for `max_age` seconds.
+
+    `/readyz` answers without a key: a flood of probes must not open connections and threads in proportion
+    to the requests (a hung dependency holds a check's thread until its driver gives up).
+    """
+
+    def __init__(self, max_age: float = 1.0) -> None:
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._checked_at = -float("inf")
+        self._results: dict[str, CheckResult] = {}
+
+    def results(self, settings: Settings, storage: ObjectStorage) -> dict[str, CheckResult]:
+        with self._lock:
+            if time.monotonic() - self._checked_at > self.max_age:
+                self._results = check_readiness(settings, storage)
+                self._checked_at = time.monotonic()
+            return self._results
+
+
 def run_concurrently(checks: Mapping[str, Callable[[], CheckResult]], timeout: float) -> dict[str, CheckResult]:
     """Run each check in its own thread; one still running after `timeout` seconds is reported as timed out.
 
