@@ -84,10 +84,8 @@ class StopOnStrings:
         import torch
 
         start = max(self.prompt_length, input_ids.shape[1] - self.window)
-        done = [
-            any(stop in self.tokenizer.decode(row[start:], skip_special_tokens=True) for stop in self.stops)
-            for row in input_ids
-        ]
+        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        done = [any(stop in tail for stop in self.stops) for tail in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
