@@ -130,6 +130,10 @@ def test_missing_file_field(client: TestClient, tenant: Tenant) -> None:
     assert r.status_code == 422
     assert r.json()["error"]["param"] == "file"
     assert r.json()["error"]["code"] == "missing_field"
+    # A multipart body whose only file is under another name: the same answer.
+    r = client.post("/v1/files", headers=tenant.headers, files={"data": ("train.jsonl", b"{}")})
+    assert r.status_code == 422
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("file", "missing_field")
 
 
 def test_over_the_size_limit_is_413_and_not_stored(settings: Settings, tenant: Tenant) -> None:

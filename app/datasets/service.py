@@ -51,7 +51,7 @@ def _scan(fileobj: IO[bytes], validator: LineValidator, max_bytes: int) -> tuple
 
 def missing_file() -> InvalidInput:
     return InvalidInput(
-        "the request has no `file` part: send the JSONL file as `file`", param="file", code="missing_file"
+        "the request has no `file` part: send the JSONL file as `file`", param="file", code="missing_field"
     )
 
 
@@ -139,8 +139,8 @@ def _rejection(report: ValidationReport) -> InvalidInput:
     )
 
 
-def get_file(session: Session, *, tenant_id: str, file_id: str) -> File:
-    row = repository.get_file(session, tenant_id=tenant_id, file_id=file_id)
+def get_file(session: Session, *, tenant_id: str, file_id: str, for_update: bool = False) -> File:
+    row = repository.get_file(session, tenant_id=tenant_id, file_id=file_id, for_update=for_update)
     if row is None:
         raise NotFound(f"no file with id {clip(file_id)}", param="file_id")
     return row
@@ -156,9 +156,7 @@ def delete_file(session: Session, *, storage: ObjectStorage, tenant_id: str, fil
 
     Refused (409) while a job that has not ended uses the file: its worker still has to read it.
     """
-    row = repository.get_file(session, tenant_id=tenant_id, file_id=file_id, for_update=True)
-    if row is None:
-        raise NotFound(f"no file with id {clip(file_id)}", param="file_id")
+    row = get_file(session, tenant_id=tenant_id, file_id=file_id, for_update=True)
     job_id = repository.active_job_using(session, file_id=row.id)
     if job_id is not None:
         raise Conflict(
