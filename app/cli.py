@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -27,6 +28,8 @@ cli = typer.Typer(
 )
 keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+models_cli = typer.Typer(help="Manage base models: register your own, list, remove.", no_args_is_help=True)
+cli.add_typer(models_cli, name="models")
 
 
 def _logging() -> None:
@@ -147,6 +150,138 @@ def keys_revoke(
             typer.echo(f"{exc.message}; nothing to do", err=True)
             return
     typer.echo(f"revoked key {key.prefix} (tenant {key.tenant})")
+
+
+@models_cli.command("add")
+def models_add(
+    model_id: Annotated[str, typer.Argument(metavar="ID", help="Id jobs will name it by (a-z, 0-9, '.', '_', '-')")],
+    path: Annotated[
+        Path | None,
+        typer.Option("--path", help="A Hugging Face model folder: config.json, *.safetensors weights, tokenizer"),
+    ] = None,
+    gguf: Annotated[Path | None, typer.Option("--gguf", help="A GGUF file (dequantized once, at registration)")] = None,
+    hf_repo: Annotated[
+        str | None,
+        typer.Option("--hf-repo", help="ORG/NAME of a model in the local Hugging Face cache (never downloaded)"),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="With --hf-repo: a branch, tag or commit in the cache")
+    ] = None,
+    max_seq_length: Annotated[
+        int | None,
+        typer.Option(help="Longest sequence jobs and /generate may use (default and maximum: the model's positions)"),
+    ] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option("--chat-template", help="A Jinja chat template file, replacing the tokenizer's")
+    ] = None,
+    description: Annotated[str | None, typer.Option(help="Shown in GET /v1/models")] = None,
+) -> None:
+    """Register a base model: check it, copy its files into the object store, add it to the database.
+
+    Give exactly one of --path, --gguf, --hf-repo. The model must be a causal language model that transformers
+    loads without custom code, with safetensors weights and a tokenizer. Every worker and API replica then
+    fetches the same files from the object store on first use and verifies their checksums.
+    """
+    from app.base_models.service import register_model
+    from app.core.db import session_scope
+    from app.core.storage import ObjectStorage
+    from app.ml.model_import import ModelImportError
+    from app.ml.registry import ModelStore
+
+    sources = [(name, value) for name, value in (("path", path), ("gguf", gguf), ("hf-repo", hf_repo)) if value]
+    if len(sources) != 1:
+        typer.echo("error: give exactly one of --path, --gguf, --hf-repo", err=True)
+        raise typer.Exit(2)
+    if revision and not hf_repo:
+        typer.echo("error: --revision goes with --hf-repo", err=True)
+        raise typer.Exit(2)
+    source, location = sources[0]
+    settings = get_settings()
+    url = _database_url()
+    storage = ObjectStorage.from_settings(settings)
+    with _exit_on_app_error():
+        try:
+            with session_scope(url) as session:
+                record = register_model(
+                    session,
+                    store=ModelStore(settings.models_dir, storage),
+                    storage=storage,
+                    scratch_dir=settings.tmp_dir,
+                    model_id=model_id,
+                    source=source,  # type: ignore[arg-type]
+                    location=str(location),
+                    hf_revision=revision,
+                    max_seq_length=max_seq_length,
+                    chat_template_file=chat_template,
+                    description=description,
+                    progress=lambda message: typer.echo(f"{model_id}: {message}", err=True),
+                )
+        except ModelImportError as exc:
+            typer.echo(f"error: {exc}; nothing was registered", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(
+        f"registered {record.id}: {record.architecture}, {record.n_parameters:,} parameters, "
+        f"max {record.max_seq_length} tokens, chat template: {'yes' if record.chat_template else 'no'}"
+    )
+
+
+@models_cli.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the models as GET /v1/models does")] = False,
+) -> None:
+    """List the base models: the built-ins and the registered ones."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from app.base_models.schemas import ModelObject
+    from app.base_models.service import list_models
+    from app.core.db import session_scope
+
+    settings = get_settings()
+    with session_scope(_database_url()) as session:
+        records = list_models(session)
+    objects = [ModelObject.of(r, default_model=settings.default_base_model) for r in records]
+    if as_json:
+        typer.echo(json.dumps([o.model_dump() for o in objects], indent=2))
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("id", "architecture", "parameters", "max tokens", "chat", "source"):
+        table.add_column(column, no_wrap=column == "id")
+    for o in objects:
+        table.add_row(
+            o.id + (" (default)" if o.default else ""),
+            o.architecture,
+            f"{o.parameters:,}",
+            str(o.max_seq_length),
+            "yes" if o.chat else "no",
+            o.source,
+        )
+    Console().print(table)
+
+
+@models_cli.command("remove")
+def models_remove(
+    model_id: Annotated[str, typer.Argument(metavar="ID", help="A registered model's id")],
+) -> None:
+    """Remove a registered model and the files only it used; refused while a queued or running job uses it.
+
+    Adapters trained on it stay listed and downloadable, but /generate can no longer serve them.
+    """
+    from app.base_models.service import forget_local_copy, remove_model
+    from app.core.db import session_scope
+    from app.core.storage import ObjectStorage
+    from app.ml.registry import ModelStore
+
+    settings = get_settings()
+    url = _database_url()
+    with _exit_on_app_error(), session_scope(url) as session:
+        record, orphans = remove_model(session, model_id=model_id)
+    storage = ObjectStorage.from_settings(settings)
+    for key in orphans:
+        storage.delete(key)
+    forget_local_copy(ModelStore(settings.models_dir, storage), record)
+    typer.echo(f"removed {record.id} ({len(orphans)} stored files deleted)")
 
 
 @cli.command()

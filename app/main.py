@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.adapters.endpoints import router as adapters_router
+from app.base_models.endpoints import router as models_router
 from app.core.db import session_scope
 from app.core.errors import AppError, install_error_handlers
 from app.core.health import router as health_router
@@ -25,6 +26,7 @@ from app.datasets.endpoints import router as files_router
 from app.datasets.service import upload_too_large
 from app.generation.endpoints import router as generation_router
 from app.jobs.endpoints import router as jobs_router
+from app.ml.registry import ModelStore
 
 # Multipart framing around the file: a request larger than the limit plus this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -49,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.storage = ObjectStorage.from_settings(settings)
+    app.state.models = ModelStore(settings.models_dir, app.state.storage)
     app.state.engine = None
     app.state.engine_lock = threading.Lock()
     app.state.readiness = ReadinessProbe()
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(adapters_router)
     app.include_router(generation_router)
+    app.include_router(models_router)
     return app
 
 

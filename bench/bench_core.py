@@ -27,12 +27,13 @@ import torch
 
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.datasets.service import _scan
+from app.datasets.service import _read_chunks, _scan
 from app.datasets.validation import LineValidator
 from app.ml import adapter_format
+from app.ml.device import resolve_placement
 from app.ml.formatting import encode_chat_prompt, encode_record
 from app.ml.hyperparameters import LoraHyperparameters
-from app.ml.registry import get_spec, load_base_model, load_tokenizer
+from app.ml.registry import BUILTINS, ModelStore
 from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
 from worker.methods.lora import LoraMethod
 from worker.recipe import accumulate_gradients
@@ -58,7 +59,7 @@ def bench_validation(tokenizer: object) -> None:
     mb = len(data) / 1e6
 
     def ours() -> None:
-        _scan(io.BytesIO(data), LineValidator(tokenizer, 100), 10**9)
+        _scan(_read_chunks(io.BytesIO(data)), LineValidator(tokenizer, 100, model_id="bench"), 10**9)
 
     def baseline() -> None:
         for line in data.splitlines():
@@ -98,11 +99,13 @@ def bench_training(model_id: str, models_dir: Path, tokenizer: Any, max_batch_to
         step()  # warm-up (allocations, lazy inits)
         return statistics.median(best_of(step, 1) for _ in range(5))
 
-    hp = LoraHyperparameters()
-    lora = LoraMethod().prepare(load_base_model(model_id, models_dir), hp)
+    record = BUILTINS[model_id]
+    models = ModelStore(models_dir, None)
+    hp = LoraHyperparameters().for_model(record)
+    lora = LoraMethod().prepare(models.load(record), hp)
     lora.train()
     t_lora = step_time(lora, [p for p in lora.parameters() if p.requires_grad])
-    full = load_base_model(model_id, models_dir)
+    full = models.load(record)
     full.train()
     t_full = step_time(full, list(full.parameters()))
     print(
@@ -116,29 +119,35 @@ def bench_generation(model_id: str, settings: Settings, tokenizer: object) -> No
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "adapter"
         folder.mkdir()
-        lora = LoraMethod().prepare(load_base_model(model_id, settings.models_dir), LoraHyperparameters())
+        record = BUILTINS[model_id]
+        models = ModelStore(settings.models_dir, storage)
+        lora = LoraMethod().prepare(models.load(record), LoraHyperparameters().for_model(record))
         for name, param in lora.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)  # a non-trivial adapter
-        LoraMethod().export(lora, folder, get_spec(model_id))
+        LoraMethod().export(lora, folder, record)
         size, sha = adapter_format.pack(folder, Path(tmp) / "a.tar.gz", {"adapter_id": "adapter-bench"})
         storage.put_path("adapters/bench/adapter-bench.tar.gz", Path(tmp) / "a.tar.gz")
     engine = GenerationEngine(
-        models_dir=settings.models_dir, storage=storage, cache_dir=settings.data_dir / "cache", max_adapters=4
+        models=models,
+        placement=resolve_placement(settings.device, settings.dtype),
+        storage=storage,
+        cache_dir=settings.data_dir / "cache",
+        max_adapters=4,
     )
     ref = AdapterRef("adapter-bench", "adapters/bench/adapter-bench.tar.gz", sha)
     prompt = encode_chat_prompt(tokenizer, [{"role": "user", "content": "Write a short poem about the sea."}])
     n = 48
 
     def run(adapter: AdapterRef | None) -> float:
-        request = GenerationRequest(model_id, prompt, adapter=adapter, max_tokens=n, temperature=0)
+        request = GenerationRequest(record, prompt, adapter=adapter, max_tokens=n, temperature=0)
         started = time.perf_counter()
         result = engine.generate(request)
         return result.completion_tokens / (time.perf_counter() - started)
 
     run(None)  # loads the base model
     started = time.perf_counter()
-    engine.generate(GenerationRequest(model_id, prompt, adapter=ref, max_tokens=1, temperature=0))
+    engine.generate(GenerationRequest(record, prompt, adapter=ref, max_tokens=1, temperature=0))
     cold = time.perf_counter() - started
     base = statistics.median(run(None) for _ in range(3))
     with_adapter = statistics.median(run(ref) for _ in range(3))
@@ -159,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=Path(tmp))
         settings.model_cache_dir = Settings().models_dir  # reuse the converted models of the default data dir
-        tokenizer = load_tokenizer(settings.models_dir)
+        tokenizer = ModelStore(settings.models_dir, None).tokenizer(BUILTINS[args.model])
         print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads")
         bench_validation(tokenizer)
         bench_training(args.model, settings.models_dir, tokenizer, settings.train_max_batch_tokens)

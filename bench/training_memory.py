@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from app.core.settings import Settings
-from app.ml.hyperparameters import LLAMA_LINEAR_MODULES, LoraHyperparameters
-from app.ml.registry import REGISTRY, model_path
+from app.ml.hyperparameters import LoraHyperparameters
+from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelStore
 
 LOSS_TOLERANCE = 1e-4
 RESULT_PREFIX = "RESULT "
@@ -78,7 +78,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from app.ml.formatting import IGNORE_INDEX, EncodedExample
-    from app.ml.registry import load_base_model, load_tokenizer
     from worker.data import collate, micro_batches
     from worker.methods.lora import LoraMethod
     from worker.recipe import accumulate_gradients
@@ -88,7 +87,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.models_dir)
+    models = ModelStore(args.models_dir, None)
+    tokenizer = models.tokenizer(BUILTINS[args.model])
     hp = LoraHyperparameters.model_validate(
         {
             "lora_r": 16,
@@ -97,7 +97,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "target_modules": list(LLAMA_LINEAR_MODULES),
         }
     )
-    model: Any = LoraMethod().prepare(load_base_model(args.model, args.models_dir), hp)
+    model: Any = LoraMethod().prepare(models.load(BUILTINS[args.model]), hp)
     model.train()
     device = next(model.parameters()).device
 
@@ -188,7 +188,7 @@ def run_child(args: argparse.Namespace, mode: str, grads_file: Path) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", default="smollm2-135m-instruct", choices=sorted(REGISTRY), help="registered base model id"
+        "--model", default="smollm2-135m-instruct", choices=sorted(BUILTINS), help="built-in base model id"
     )
     parser.add_argument(
         "--models-dir",
@@ -239,7 +239,7 @@ def main() -> None:
 
     import torch
 
-    model_path(args.model, args.models_dir)  # convert once, here, not in a measured process
+    ModelStore(args.models_dir, None).model_dir(BUILTINS[args.model])  # convert once, here, not in a measured process
     modes = ["baseline"] + [f"budget={n}" for n in args.budgets]
     results: dict[str, dict[str, Any]] = {}
     grads: dict[str, torch.Tensor] = {}

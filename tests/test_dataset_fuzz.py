@@ -37,11 +37,11 @@ from hypothesis import strategies as st
 from app.core.errors import AppError, PayloadTooLarge
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.datasets.service import _rejection, _scan
+from app.datasets.service import _read_chunks, _rejection, _scan
 from app.datasets.validation import FORMATS, LineValidator, ValidationReport
 from app.ml.formatting import encode_record
 from app.ml.jsonl import MAX_LINE_BYTES, Line, read_records, split_lines
-from app.ml.registry import load_tokenizer
+from app.ml.registry import BUILTINS, ModelStore
 from tests.conftest import Tenant, embedded_settings, upload
 from worker.data import load_examples
 
@@ -63,7 +63,7 @@ def fuzz(max_examples: int) -> Any:
 
 @pytest.fixture(scope="module")
 def tokenizer(model_cache_dir: Path) -> Any:
-    return load_tokenizer(model_cache_dir)
+    return ModelStore(model_cache_dir, None).tokenizer(BUILTINS["tiny-random-llama"])
 
 
 # --- records ----------------------------------------------------------------------------------------
@@ -305,8 +305,8 @@ def chunked(data: bytes, cuts: list[int]) -> Iterator[bytes]:
 
 
 def validate(tokenizer: Any, data: bytes, max_bytes: int = NO_LIMIT) -> ValidationReport:
-    validator = LineValidator(tokenizer, MAX_ERRORS)
-    size, sha256 = _scan(io.BytesIO(data), validator, max_bytes)
+    validator = LineValidator(tokenizer, MAX_ERRORS, model_id="tiny-random-llama")
+    size, sha256 = _scan(_read_chunks(io.BytesIO(data)), validator, max_bytes)
     assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
     return validator.report
 

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from app.ml.formatting import IGNORE_INDEX, encode_chat, encode_chat_prompt, encode_prompt, encode_prompt_completion
-from app.ml.registry import load_tokenizer
+from app.ml.registry import BUILTINS, ModelStore
 
 
 @pytest.fixture(scope="module")
 def tokenizer(model_cache_dir: Path) -> Any:
-    return load_tokenizer(model_cache_dir)
+    return ModelStore(model_cache_dir, None).tokenizer(BUILTINS["tiny-random-llama"])
 
 
 def trained_text(tokenizer: Any, ids: list[int], labels: list[int]) -> str:

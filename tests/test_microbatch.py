@@ -15,7 +15,7 @@ from torch import nn
 from app.core.db import migrate
 from app.core.settings import Settings
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
-from app.ml.registry import load_base_model
+from app.ml.registry import BUILTINS, ModelStore
 from tests.conftest import Tenant, embedded_settings
 from tests.test_worker import events, start_job
 from worker import recipe
@@ -58,7 +58,7 @@ def test_one_example_is_one_micro_batch_even_over_budget() -> None:
 
 
 def _model(kind: str, model_cache_dir: Path) -> nn.Module:
-    model = load_base_model("tiny-random-llama", model_cache_dir)
+    model = ModelStore(model_cache_dir, None).load(BUILTINS["tiny-random-llama"])
     if kind == "lora":
         # Non-zero B so that every LoRA matrix gets a gradient worth comparing.
         config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
 from app.core.db import session_scope
 from app.core.job_events import append_event
 from app.core.models import Adapter, Job, JobStatus, utcnow
+
+if TYPE_CHECKING:
+    from app.ml.device import Placement
 
 
 class JobCancelled(Exception):
@@ -83,6 +86,20 @@ class JobReporter:
     def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
         with session_scope(self.db_url) as session:
             append_event(session, self.job_id, type_, message, data, level=level)
+
+    def placement(self, placement: Placement) -> None:
+        """Record where the job trains, on its row and as an event (e.g. "cuda:0 (NVIDIA H200), bfloat16")."""
+        with session_scope(self.db_url) as session:
+            session.execute(
+                update(Job).where(Job.id == self.job_id).values(device=placement.device_str, dtype=placement.dtype_str)
+            )
+            append_event(
+                session,
+                self.job_id,
+                "log",
+                f"training on {placement.describe()}",
+                {"device": placement.device_str, "device_name": placement.device_name, "dtype": placement.dtype_str},
+            )
 
     def progress(
         self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"

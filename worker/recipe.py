@@ -6,6 +6,7 @@ honour cancellation and (later) checkpoint. Methods only decide what is trained 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.core.db import session_scope
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.ml.device import Placement, PlacementError, resolve_placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
 from app.ml.hyperparameters import METHOD_HYPERPARAMETERS, TrainingHyperparameters
-from app.ml.registry import get_spec, load_base_model, load_tokenizer
+from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, find_model, pad_token_id
 from worker.data import Dataset, batches, collate, load_examples, micro_batches
 from worker.errors import TrainingError
 from worker.lifecycle import ClaimedJob, JobReporter
@@ -31,17 +34,20 @@ from worker.methods import METHODS
 
 log = logging.getLogger(__name__)
 
-_base_models: dict[tuple[str, Path], nn.Module] = {}
+_base_models: dict[tuple[str, str, Path, torch.dtype], nn.Module] = {}
 _base_lock = threading.Lock()
 
 
-def cached_base_model(model_id: str, models_dir: Path) -> nn.Module:
-    """A private copy of the base model; the pristine one stays cached in the worker between jobs."""
+def cached_base_model(models: ModelStore, record: ModelRecord, placement: Placement) -> nn.Module:
+    """A private copy of the base model on the placement's device and in its dtype; the pristine one stays
+    cached in host memory between jobs (one copy per worker, whatever the device)."""
     with _base_lock:
-        key = (model_id, models_dir)
+        key = (record.id, record.revision, models.models_dir, placement.dtype)
         if key not in _base_models:
-            _base_models[key] = load_base_model(model_id, models_dir)
-        return copy.deepcopy(_base_models[key])
+            _base_models.clear()  # one base model at a time: a worker that switches models does not hoard them
+            cpu = Placement(device=torch.device("cpu"), dtype=placement.dtype, device_name="cpu")
+            _base_models[key] = models.load(record, cpu)
+        return copy.deepcopy(_base_models[key]).to(placement.device)
 
 
 @dataclass
@@ -63,36 +69,60 @@ class StepStats:
 
 
 def accumulate_gradients(
-    model: nn.Module, examples: list[EncodedExample], *, pad_token_id: int, max_batch_tokens: int
+    model: nn.Module,
+    examples: list[EncodedExample],
+    *,
+    pad_token_id: int,
+    max_batch_tokens: int,
+    placement: Placement | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepStats:
     """Forward and backward passes of one optimizer step, one micro-batch under the token budget at a time.
 
     Each micro-batch's summed token loss is divided by the loss-bearing tokens of the whole step, so the
     accumulated gradients are those of the mean token loss over the step as one batch (what HF's loss
     computes), while only one micro-batch's activations and logits are alive at a time.
+
+    With a half-precision `placement` the forward pass runs under autocast; `scaler` scales float16 losses.
     """
-    return _micro_batch_passes(model, examples, pad_token_id, max_batch_tokens, backward=True)
+    return _micro_batch_passes(
+        model, examples, pad_token_id, max_batch_tokens, placement=placement, scaler=scaler, backward=True
+    )
 
 
 @torch.no_grad()
 def evaluation_stats(
-    model: nn.Module, examples: list[EncodedExample], *, pad_token_id: int, max_batch_tokens: int
+    model: nn.Module,
+    examples: list[EncodedExample],
+    *,
+    pad_token_id: int,
+    max_batch_tokens: int,
+    placement: Placement | None = None,
 ) -> StepStats:
     """Loss and accuracy over examples, with the same micro-batches (and memory bound) as training."""
-    return _micro_batch_passes(model, examples, pad_token_id, max_batch_tokens, backward=False)
+    return _micro_batch_passes(model, examples, pad_token_id, max_batch_tokens, placement=placement, backward=False)
 
 
 def _micro_batch_passes(
-    model: nn.Module, examples: list[EncodedExample], pad_token_id: int, max_batch_tokens: int, *, backward: bool
+    model: nn.Module,
+    examples: list[EncodedExample],
+    pad_token_id: int,
+    max_batch_tokens: int,
+    *,
+    placement: Placement | None,
+    backward: bool,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepStats:
     device = next(model.parameters()).device
+    autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
     n_tokens = sum(e.n_loss_tokens for e in examples)  # of the whole step: each micro-batch's share of the mean
     # Summed on the device, read once at the end: no host synchronization per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     for group in micro_batches(examples, max_batch_tokens):
         batch = {name: tensor.to(device) for name, tensor in collate(group, pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
         # Keep only the loss-bearing positions, in float32 whatever the model's dtype; the full logits go now.
@@ -101,7 +131,8 @@ def _micro_batch_passes(
         targets = targets[mask]
         group_loss = F.cross_entropy(scores, targets, reduction="sum")
         if backward:
-            (group_loss / max(n_tokens, 1)).backward()
+            share = group_loss / max(n_tokens, 1)
+            (scaler.scale(share) if scaler is not None else share).backward()
         loss_sum += group_loss.detach()
         correct += (scores.detach().argmax(dim=-1) == targets).sum()
         del scores, group_loss  # before the next micro-batch's forward pass
@@ -121,22 +152,43 @@ class TrainingRecipe:
         self.reporter = reporter
         self.method = METHODS[job.method]
         self.hp: TrainingHyperparameters = METHOD_HYPERPARAMETERS[job.method].model_validate(job.hyperparameters)
-        self.spec = get_spec(job.base_model)
+        self.models = ModelStore(settings.models_dir, storage)
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        try:
+            self.placement = resolve_placement(self.settings.device, self.settings.dtype)
+        except PlacementError as exc:
+            raise TrainingError(f"this worker cannot train: {exc}", code="device_unavailable") from None
+        with session_scope(self.settings.db_url) as session:
+            record = find_model(session, self.job.base_model)
+        if record is None:
+            raise TrainingError(f"base model {self.job.base_model} is no longer registered", code="model_unavailable")
+        self.record = record
         torch.manual_seed(self.hp.seed)
-        self.tokenizer = load_tokenizer(self.settings.models_dir)
-        self.train_data = self._load(self.job.training_file_key, "training")
-        self.valid_data = (
-            self._load(self.job.validation_file_key, "validation") if self.job.validation_file_key else None
-        )
-        model = cached_base_model(self.job.base_model, self.settings.models_dir)
+        try:
+            self.tokenizer = self.models.tokenizer(record)
+            self.pad_token_id = pad_token_id(self.tokenizer)
+            self.train_data = self._load(self.job.training_file_key, "training")
+            self.valid_data = (
+                self._load(self.job.validation_file_key, "validation") if self.job.validation_file_key else None
+            )
+            model = cached_base_model(self.models, record, self.placement)
+        except ModelUnavailable as exc:
+            raise TrainingError(str(exc), code="model_unavailable") from None
+        self.reporter.placement(self.placement)
         self.model = self.method.prepare(model, self.hp)
         self.model.train()
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        # Mixed precision: the frozen base computes in half precision, but what the optimizer updates stays
+        # float32 (small updates vanish in bfloat16's 8-bit mantissa). PEFT already keeps adapters in float32.
+        for param in self.trainable_params:
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        # float16's narrow range underflows small gradients: scale the loss (bfloat16 has float32's range).
+        self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
         trainable = sum(p.numel() for p in self.trainable_params)
         total = sum(p.numel() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.method.param_groups(self.model, self.hp), weight_decay=0.0)
@@ -189,12 +241,16 @@ class TrainingRecipe:
                 stats = accumulate_gradients(
                     self.model,
                     step_examples,
-                    pad_token_id=self.tokenizer.pad_token_id,
+                    pad_token_id=self.pad_token_id,
                     max_batch_tokens=self.settings.train_max_batch_tokens,
+                    placement=self.placement,
+                    scaler=self.scaler,
                 )
+                self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -232,8 +288,9 @@ class TrainingRecipe:
         stats = evaluation_stats(
             self.model,
             data.examples,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=self.pad_token_id,
             max_batch_tokens=self.settings.train_max_batch_tokens,
+            placement=self.placement,
         )
         self.model.train()
         return {
@@ -245,4 +302,4 @@ class TrainingRecipe:
     # --- export ----------------------------------------------------------------------------------
     def export(self, folder: Path) -> None:
         self.model.eval()
-        self.method.export(self.model, folder, self.spec)
+        self.method.export(self.model, folder, self.record)

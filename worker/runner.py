@@ -6,9 +6,12 @@ cancelled by the user.
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from pathlib import Path
+
+import torch
 
 from app.core.ids import new_id
 from app.core.models import Adapter
@@ -30,6 +33,21 @@ def internal_error_message(job_id: str) -> str:
     return f"training failed because of an internal error; the operator's worker log has the details under {job_id}"
 
 
+def out_of_memory_message(job: ClaimedJob) -> str:
+    hp = job.hyperparameters
+    return (
+        "training ran out of device memory; lower batch_size (now "
+        f"{hp.get('batch_size')}) or max_seq_length (now {hp.get('max_seq_length')}) and create the job again"
+    )
+
+
+def release_device_memory() -> None:
+    """Give the memory of a finished job (above all a failed one) back, so that the next job has all of it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_training_job(settings: Settings, job_id: str) -> str | None:
     """Returns the adapter id, or None if the job was not run to success."""
     job = lifecycle.claim(settings.db_url, job_id)
@@ -38,6 +56,13 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
         return None
     reporter = JobReporter(settings.db_url, job.id)
     storage = ObjectStorage.from_settings(settings)
+    try:
+        return _run_claimed(settings, storage, job, reporter)
+    finally:
+        release_device_memory()
+
+
+def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> str | None:
     try:
         return _train_and_publish(settings, storage, job, reporter)
     except JobCancelled:
@@ -51,6 +76,10 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
     except TrainingError as exc:
         log.info("job %s failed: %s", job.id, exc)
         lifecycle.fail(settings.db_url, job.id, str(exc), code=exc.code)
+        return None
+    except torch.OutOfMemoryError:
+        log.exception("job %s ran out of device memory", job.id)
+        lifecycle.fail(settings.db_url, job.id, out_of_memory_message(job), code="out_of_memory")
         return None
     except FileNotFoundError:
         log.exception("job %s failed: an object is missing from storage", job.id)

@@ -14,6 +14,8 @@ from app.core.errors import Unauthorized
 from app.core.models import Tenant
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.ml.device import resolve_placement
+from app.ml.registry import ModelStore
 from app.ml.serving import GenerationEngine
 
 
@@ -25,8 +27,13 @@ def get_storage(request: Request) -> ObjectStorage:
     return request.app.state.storage  # type: ignore[no-any-return]
 
 
+def get_model_store(request: Request) -> ModelStore:
+    return request.app.state.models  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StorageDep = Annotated[ObjectStorage, Depends(get_storage)]
+ModelStoreDep = Annotated[ModelStore, Depends(get_model_store)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
@@ -63,7 +70,8 @@ def get_generation_engine(request: Request) -> GenerationEngine:
         if state.engine is None:
             settings: Settings = state.settings
             state.engine = GenerationEngine(
-                models_dir=settings.models_dir,
+                models=state.models,
+                placement=resolve_placement(settings.device, settings.dtype),
                 storage=state.storage,
                 cache_dir=settings.data_dir / "adapter-cache",
                 max_adapters=settings.serving_max_adapters,

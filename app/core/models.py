@@ -1,4 +1,4 @@
-"""ORM models: tenants, API keys, files, jobs (with their event log) and adapters."""
+"""ORM models: tenants, API keys, files, jobs (with their event log), adapters and registered base models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -109,6 +110,9 @@ class File(Base):
     n_tokens: Mapped[int] = mapped_column(BigInteger)
     # Tokens in the longest example (0: not measured); POST /jobs checks it against the worker's token budget.
     max_example_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The base model whose tokenizer counted n_tokens and max_example_tokens (null: uploaded before models had
+    # their own tokenizers, counted with the built-ins' SmolLM2 tokenizer).
+    tokenizer_model: Mapped[str | None] = mapped_column(String(64), default=None)
     storage_key: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -142,6 +146,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Where it trained, written when training starts: "cuda:0", "cpu", ...; "bfloat16", "float32", ...
+    device: Mapped[str | None] = mapped_column(String(64), default=None)
+    dtype: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 class JobEvent(Base):
@@ -173,4 +180,38 @@ class Adapter(Base):
     storage_key: Mapped[str] = mapped_column(String(1024))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RegisteredModel(Base):
+    """A base model an operator registered (`tuneforge models add`); its files are in the object store."""
+
+    __tablename__ = "base_models"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(16))  # path | gguf | hf-repo
+    origin: Mapped[str | None] = mapped_column(String(256), default=None)  # Hugging Face repo name, if known
+    architecture: Mapped[str] = mapped_column(String(64))
+    n_parameters: Mapped[int] = mapped_column(BigInteger)
+    max_seq_length: Mapped[int] = mapped_column(Integer)
+    chat_template: Mapped[bool] = mapped_column(Boolean)
+    linear_modules: Mapped[list[str]] = mapped_column(JSON)
+    default_target_modules: Mapped[list[str]] = mapped_column(JSON)
+    revision: Mapped[str] = mapped_column(String(64))
+    tokenizer_sha256: Mapped[str] = mapped_column(String(64))
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{path, sha256, size}]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FileTokenCount(Base):
+    """Tokens of a file as one tokenizer counts them: measured at upload, and at `POST /jobs` for a job whose
+    base model has another tokenizer (then kept, so the next job on that model does not read the file again)."""
+
+    __tablename__ = "file_token_counts"
+
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    tokenizer_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    n_tokens: Mapped[int] = mapped_column(BigInteger)
+    max_example_tokens: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +82,17 @@ class Settings(BaseSettings):
         ge=64,
         description="Token budget of one training micro-batch (examples x padded length). A step of batch_size "
         "examples is split into micro-batches under it, with gradient accumulation; it bounds the worker's memory",
+    )
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d{1,3})?)$",
+        description="Where the worker trains and the server generates: auto (the first CUDA GPU if there is one, "
+        "else the CPU), cpu, cuda, cuda:N or mps. Run one worker per GPU with CUDA_VISIBLE_DEVICES",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Precision of the base model's weights and activations: auto (bfloat16 on a GPU that "
+        "supports it, else float32), float32, bfloat16 or float16. Trainable weights stay float32",
     )
     torch_threads: int | None = Field(
         default=None, description="torch intra-op threads in the worker and server (default: torch's own)"

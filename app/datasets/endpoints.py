@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.datasets import service
@@ -19,9 +19,17 @@ FileId = Annotated[str, Path(max_length=64, description="A file id (`file-…`)"
 
 @router.post("", status_code=status.HTTP_201_CREATED, openapi_extra={"requestBody": UPLOAD_REQUEST_BODY})
 async def upload_file(
-    request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    models: ModelStoreDep,
+    tenant: TenantDep,
 ) -> FileObject:
-    """Upload a JSONL training file; every line is validated before it is stored (422 lists each bad line)."""
+    """Upload a JSONL training file; every line is validated before it is stored (422 lists each bad line).
+
+    Tokens are counted with the tokenizer of `base_model` (a form field; default: the service's default model).
+    """
     received = await receive_upload(request.headers.get("content-type"), request.stream(), scratch_dir=settings.tmp_dir)
     try:
         if received.file is None:
@@ -32,9 +40,11 @@ async def upload_file(
             session,
             settings=settings,
             storage=storage,
+            models=models,
             tenant_id=tenant.id,
             filename=received.filename,
             purpose=received.fields.get("purpose", "fine-tune"),
+            base_model=received.fields.get("base_model"),
             fileobj=received.file,
         )
     finally:

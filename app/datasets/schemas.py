@@ -2,9 +2,12 @@
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.core.models import File
+
+# Files uploaded before base models had their own tokenizers were counted with the built-ins' (SmolLM2's).
+LEGACY_TOKENIZER_MODEL = "smollm2-135m-instruct"
 
 
 class FileObject(BaseModel):
@@ -18,6 +21,7 @@ class FileObject(BaseModel):
     n_examples: int
     n_tokens: int
     max_example_tokens: int
+    tokenizer_model: str = Field(description="The base model whose tokenizer counted n_tokens and max_example_tokens")
     status: Literal["processed"] = "processed"
     created_at: int
 
@@ -33,6 +37,7 @@ class FileObject(BaseModel):
             n_examples=row.n_examples,
             n_tokens=row.n_tokens,
             max_example_tokens=row.max_example_tokens,
+            tokenizer_model=row.tokenizer_model or LEGACY_TOKENIZER_MODEL,
             created_at=int(row.created_at.timestamp()),
         )
 
@@ -55,6 +60,11 @@ UPLOAD_REQUEST_BODY = {
                 "properties": {
                     "file": {"type": "string", "format": "binary", "description": "A .jsonl file"},
                     "purpose": {"type": "string", "enum": ["fine-tune"], "default": "fine-tune"},
+                    "base_model": {
+                        "type": "string",
+                        "maxLength": 64,
+                        "description": "Whose tokenizer counts the tokens (default: the service's default model)",
+                    },
                 },
             }
         }

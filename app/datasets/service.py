@@ -7,19 +7,21 @@ import os
 from collections.abc import Iterator
 from typing import IO
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.base_models.service import require_model
 from app.core.db import undo_on_rollback
 from app.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, clip
 from app.core.ids import new_id
-from app.core.models import File, utcnow
+from app.core.models import File, FileTokenCount, utcnow
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import CHUNK_SIZE, ObjectStorage
 from app.datasets import repository
 from app.datasets.validation import LineValidator, ValidationReport
 from app.ml.jsonl import split_lines
-from app.ml.registry import load_tokenizer
+from app.ml.registry import ModelRecord, ModelStore
 
 PURPOSES = ("fine-tune",)
 MAX_FILENAME_CHARS = 255
@@ -29,14 +31,14 @@ def upload_too_large(max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"file is larger than the upload limit of {max_bytes} bytes", param="file")
 
 
-def _scan(fileobj: IO[bytes], validator: LineValidator, max_bytes: int) -> tuple[int, str]:
-    """One pass over the upload: split lines, validate each, hash and count bytes."""
+def _scan(stream: Iterator[bytes], validator: LineValidator, max_bytes: int) -> tuple[int, str]:
+    """One pass over the file: split lines, validate each, hash and count bytes."""
     digest = hashlib.sha256()
     size = 0
 
     def chunks() -> Iterator[bytes]:
         nonlocal size
-        while chunk := fileobj.read(CHUNK_SIZE):
+        for chunk in stream:
             size += len(chunk)
             if size > max_bytes:
                 raise upload_too_large(max_bytes)
@@ -49,6 +51,11 @@ def _scan(fileobj: IO[bytes], validator: LineValidator, max_bytes: int) -> tuple
     return size, digest.hexdigest()
 
 
+def _read_chunks(fileobj: IO[bytes]) -> Iterator[bytes]:
+    while chunk := fileobj.read(CHUNK_SIZE):
+        yield chunk
+
+
 def missing_file() -> InvalidInput:
     return InvalidInput(
         "the request has no `file` part: send the JSONL file as `file`", param="file", code="missing_field"
@@ -56,10 +63,10 @@ def missing_file() -> InvalidInput:
 
 
 def check_form_fields(fields: dict[str, str]) -> None:
-    unknown = sorted(set(fields) - {"purpose"})
+    unknown = sorted(set(fields) - {"purpose", "base_model"})
     if unknown:
         raise InvalidInput(
-            f"unknown form field {clip(unknown[0])}: send `file` and, optionally, `purpose`",
+            f"unknown form field {clip(unknown[0])}: send `file` and, optionally, `purpose` and `base_model`",
             param=unknown[0][:64],
             code="unknown_field",
         )
@@ -86,19 +93,28 @@ def create_file(
     *,
     settings: Settings,
     storage: ObjectStorage,
+    models: ModelStore,
     tenant_id: str,
     filename: str | None,
     purpose: str,
+    base_model: str | None,
     fileobj: IO[bytes],
 ) -> File:
-    """Validate every line, store the file and its row; if the row is not committed the object is removed."""
+    """Validate every line, store the file and its row; if the row is not committed the object is removed.
+
+    Tokens are counted with `base_model`'s tokenizer (default: the service's default model); a job on a model
+    with another tokenizer counts them again when it is created.
+    """
     if purpose not in PURPOSES:
         raise InvalidInput(f"purpose must be one of: {', '.join(PURPOSES)} (got {clip(purpose)})", param="purpose")
     name = clean_filename(filename)
     if not name.lower().endswith(".jsonl"):
         raise InvalidInput("training files must be JSONL (a .jsonl file name)", param="file", code="invalid_file_type")
-    validator = LineValidator(load_tokenizer(settings.models_dir), settings.max_reported_line_errors)
-    size, sha256 = _scan(fileobj, validator, settings.max_upload_bytes)
+    if base_model is not None and len(base_model) > 64:
+        raise InvalidInput("base_model is longer than 64 characters", param="base_model")
+    record = require_model(session, model_id=base_model or settings.default_base_model)
+    validator = LineValidator(models.tokenizer(record), settings.max_reported_line_errors, model_id=record.id)
+    size, sha256 = _scan(_read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
     if size == 0 or report.n_examples == 0 and report.n_errors == 0:
         raise InvalidInput("the file is empty: it has no examples", param="file", code="empty_file")
@@ -121,11 +137,63 @@ def create_file(
         n_examples=report.n_examples,
         n_tokens=report.n_tokens,
         max_example_tokens=report.max_example_tokens,
+        tokenizer_model=record.id,
         storage_key=key,
     )
     session.add(row)
     session.flush()
+    session.add(
+        FileTokenCount(
+            file_id=row.id,
+            tokenizer_sha256=record.tokenizer_sha256,
+            n_tokens=report.n_tokens,
+            max_example_tokens=report.max_example_tokens,
+        )
+    )
+    session.flush()
     return row
+
+
+def token_counts(
+    session: Session, *, storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str
+) -> FileTokenCount:
+    """The file's tokens as `model`'s tokenizer counts them: stored at upload, or counted now and kept.
+
+    Counting reads the whole file again and renders it with the model's chat template, so a line that template
+    cannot render is a 422 naming the line, as at upload.
+    """
+    found = session.get(FileTokenCount, (file.id, model.tokenizer_sha256))
+    if found is not None:
+        return found
+    validator = LineValidator(models.tokenizer(model), 1, model_id=model.id)
+    try:
+        _size, _sha = _scan(storage.open(file.storage_key)[1], validator, max_bytes=file.bytes)
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"{param}: file {file.id} can no longer be read from storage; upload it again",
+            param=param,
+            code="file_unavailable",
+        ) from None
+    report = validator.report
+    if report.n_errors:
+        first = report.errors[0]
+        raise InvalidInput(
+            f"{param}: file {file.id}, line {first.line}, with {model.id}'s tokenizer: {first.message}",
+            param=param,
+            code="invalid_file_for_model",
+        )
+    counts = FileTokenCount(
+        file_id=file.id,
+        tokenizer_sha256=model.tokenizer_sha256,
+        n_tokens=report.n_tokens,
+        max_example_tokens=report.max_example_tokens,
+    )
+    try:
+        with session.begin_nested():  # a concurrent job on the same model may have stored them first
+            session.add(counts)
+    except IntegrityError:
+        return session.get(FileTokenCount, (file.id, model.tokenizer_sha256), populate_existing=True) or counts
+    return counts
 
 
 def _rejection(report: ValidationReport) -> InvalidInput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.core.errors import InvalidInput
 from app.ml.formatting import render_chat
 from app.ml.jsonl import Line, LineIssue, parse_line
 
@@ -142,8 +143,9 @@ class LineValidator:
     BATCH = 512  # texts per tokenizer call...
     BATCH_CHARS = 1_000_000  # ...or fewer, so that a file of long lines never holds more than this in flight
 
-    def __init__(self, tokenizer: Any, max_errors: int) -> None:
+    def __init__(self, tokenizer: Any, max_errors: int, *, model_id: str) -> None:
         self.tokenizer = tokenizer
+        self.model_id = model_id  # whose tokenizer counts: named in messages
         self.max_errors = max_errors
         self.report = ValidationReport()
         self._texts: list[str] = []
@@ -183,13 +185,23 @@ class LineValidator:
                     "mixed_formats", f"line is in {fmt} format but the file is in {self.report.format} format"
                 )
             check_record(record, fmt)
+            if fmt == "chat" and self.tokenizer.chat_template is None:
+                raise InvalidInput(
+                    f"the file holds conversations but {self.model_id} has no chat template to render them: upload "
+                    "it with `base_model` set to a chat model (GET /v1/models lists them), or use prompt/completion "
+                    "lines",
+                    param="base_model",
+                    code="no_chat_template",
+                )
         except LineIssue as issue:
             self._error(line.number, issue.code, issue.message)
             return
         try:
             texts, n_special = texts_to_tokenize(self.tokenizer, record, fmt)
         except Exception:  # a chat template may refuse a conversation (raise_exception in Jinja)
-            self._error(line.number, "template_error", "the model's chat template cannot render this conversation")
+            self._error(
+                line.number, "template_error", f"the chat template of {self.model_id} cannot render this conversation"
+            )
             return
         self._texts.extend(texts)
         self._chars += sum(len(text) for text in texts)

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy.orm import Session
 
 from app.adapters.service import adapter_unavailable, get_adapter
-from app.core.errors import InvalidInput
+from app.base_models.service import require_model
+from app.core.errors import InvalidInput, ServiceUnavailable
 from app.core.settings import Settings
 from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
 from app.ml.formatting import encode_chat_prompt, encode_prompt
-from app.ml.registry import get_spec, load_tokenizer, require_base_model
+from app.ml.registry import ModelStore, ModelUnavailable, find_model
 from app.ml.serving import AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 
 def generate(
-    session: Session, *, settings: Settings, engine: GenerationEngine, tenant_id: str, request: GenerateRequest
+    session: Session,
+    *,
+    settings: Settings,
+    models: ModelStore,
+    engine: GenerationEngine,
+    tenant_id: str,
+    request: GenerateRequest,
 ) -> GenerateResponse:
     adapter_ref = None
     if request.adapter_id is not None:
@@ -25,18 +36,31 @@ def generate(
                 param="base_model",
             )
         base_model = adapter.base_model
+        found = find_model(session, base_model)
+        if found is None:
+            raise adapter_unavailable(adapter.id, f"its base model {base_model} is no longer registered")
+        record = found
         adapter_ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256)
     else:
         base_model = request.base_model or settings.default_base_model
-        require_base_model(base_model)
-    tokenizer = load_tokenizer(settings.models_dir)
+        record = require_model(session, model_id=base_model)
+    try:
+        tokenizer = models.tokenizer(record)
+    except ModelUnavailable as exc:
+        raise _model_unavailable(base_model, exc) from None
     if request.messages is not None:
+        if tokenizer.chat_template is None:
+            raise InvalidInput(
+                f"{base_model} has no chat template: send `prompt` instead of `messages`",
+                param="messages",
+                code="no_chat_template",
+            )
         input_ids = encode_chat_prompt(tokenizer, [m.model_dump() for m in request.messages])
     else:
         input_ids = encode_prompt(tokenizer, request.prompt or "")
     if not input_ids:
         raise InvalidInput("prompt is empty", param="prompt")
-    limit = get_spec(base_model).max_seq_length
+    limit = record.max_seq_length
     if len(input_ids) + request.max_tokens > limit:
         raise InvalidInput(
             f"prompt ({len(input_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds {limit}",
@@ -45,7 +69,7 @@ def generate(
     try:
         result = engine.generate(
             GenerationRequest(
-                base_model=base_model,
+                model=record,
                 adapter=adapter_ref,
                 input_ids=input_ids,
                 max_tokens=request.max_tokens,
@@ -57,6 +81,8 @@ def generate(
         )
     except AdapterUnavailable as exc:
         raise adapter_unavailable(exc.adapter_id, exc.reason) from None
+    except ModelUnavailable as exc:
+        raise _model_unavailable(base_model, exc) from None
     return GenerateResponse(
         text=result.text,
         adapter_id=request.adapter_id,
@@ -67,4 +93,14 @@ def generate(
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
+    )
+
+
+def _model_unavailable(model_id: str, exc: ModelUnavailable) -> ServiceUnavailable:
+    """The base model's files cannot be had on this machine: the operator's problem, said without internals."""
+    log.error("base model %s unavailable: %s", model_id, exc)
+    return ServiceUnavailable(
+        f"base model {model_id} cannot be loaded on this server (its stored files are missing or damaged); "
+        "the operator's log has the details",
+        code="model_unavailable",
     )

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from app.core.deps import SessionDep, SettingsDep, TenantDep
+from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.jobs import service
@@ -16,9 +16,18 @@ JobId = Annotated[str, Path(max_length=64, description="A job id (`ftjob-…`)")
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> JobObject:
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    models: ModelStoreDep,
+    tenant: TenantDep,
+) -> JobObject:
     job = service.create_job(
         session,
+        storage=storage,
+        models=models,
         tenant_id=tenant.id,
         request=body,
         default_base_model=settings.default_base_model,

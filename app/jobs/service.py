@@ -9,26 +9,33 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.base_models.service import require_model
 from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, clip
 from app.core.ids import new_id
 from app.core.job_events import append_event
-from app.core.models import File, Job, JobEvent, JobStatus, utcnow
+from app.core.models import Job, JobEvent, JobStatus, utcnow
 from app.core.pagination import cursor_row
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
+from app.core.storage import ObjectStorage
 from app.datasets import repository as files_repository
+from app.datasets.service import token_counts
 from app.jobs import repository
 from app.jobs.schemas import JobCreate
-from app.ml.hyperparameters import METHOD_HYPERPARAMETERS
-from app.ml.registry import require_base_model
+from app.ml.hyperparameters import METHOD_HYPERPARAMETERS, HyperparameterError
+from app.ml.registry import ModelRecord, ModelStore
 
 log = logging.getLogger(__name__)
 
 
-def validate_hyperparameters(method: str, values: dict[str, Any]) -> dict[str, Any]:
+def validate_hyperparameters(method: str, values: dict[str, Any], base_model: ModelRecord) -> dict[str, Any]:
+    """The method's hyperparameters, checked (also against the base model) and with every default filled in."""
     model = METHOD_HYPERPARAMETERS[method]
     try:
-        return model.model_validate(values).model_dump(mode="json")
+        return model.model_validate(values).for_model(base_model).model_dump(mode="json")
+    except HyperparameterError as exc:
+        param = f"hyperparameters.{exc.field}"
+        raise InvalidInput(f"{param}: {exc}", param=param) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         # The field and list index, without pydantic's union-branch tags such as "list[constrained-str]".
@@ -43,22 +50,24 @@ def validate_hyperparameters(method: str, values: dict[str, Any]) -> dict[str, A
 
 
 def create_job(
-    session: Session, *, tenant_id: str, request: JobCreate, default_base_model: str, max_batch_tokens: int
+    session: Session,
+    *,
+    storage: ObjectStorage,
+    models: ModelStore,
+    tenant_id: str,
+    request: JobCreate,
+    default_base_model: str,
+    max_batch_tokens: int,
 ) -> Job:
     base_model = request.base_model or default_base_model
-    spec = require_base_model(base_model)
+    # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
+    record = require_model(session, model_id=base_model, lock=True)
     if request.method not in METHOD_HYPERPARAMETERS:
         raise InvalidInput(
             f"unknown method {clip(request.method)}; available: {', '.join(METHOD_HYPERPARAMETERS)}",
             param="method",
         )
-    hyperparameters = validate_hyperparameters(request.method, request.hyperparameters)
-    limit = spec.max_seq_length
-    if hyperparameters["max_seq_length"] > limit:
-        raise InvalidInput(
-            f"hyperparameters.max_seq_length: {base_model} takes at most {limit} tokens",
-            param="hyperparameters.max_seq_length",
-        )
+    hyperparameters = validate_hyperparameters(request.method, request.hyperparameters, record)
     for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
         if file_id is None:
             continue
@@ -68,7 +77,18 @@ def create_job(
             raise InvalidInput(f"{param}: no file with id {clip(file_id)}", param=param, code="file_not_found")
         if file.purpose != "fine-tune":
             raise InvalidInput(f"{param}: file {file.id} is not a fine-tune file", param=param)
-        _check_fits_token_budget(file, param, hyperparameters["max_seq_length"], max_batch_tokens)
+        if file.format == "chat" and not record.chat_template:
+            raise InvalidInput(
+                f"{param}: file {file.id} holds conversations but {record.id} has no chat template; use a chat "
+                "model, or prompt/completion data",
+                param=param,
+                code="no_chat_template",
+            )
+        # Counted with this model's tokenizer (at upload, or now: then kept for the next job on it).
+        counts = token_counts(session, storage=storage, models=models, file=file, model=record, param=param)
+        _check_fits_token_budget(
+            file.id, counts.max_example_tokens, param, hyperparameters["max_seq_length"], max_batch_tokens
+        )
 
     job = Job(
         id=new_id("ftjob"),
@@ -91,13 +111,15 @@ def create_job(
     return job
 
 
-def _check_fits_token_budget(file: File, param: str, max_seq_length: int, max_batch_tokens: int) -> None:
+def _check_fits_token_budget(
+    file_id: str, max_example_tokens: int, param: str, max_seq_length: int, max_batch_tokens: int
+) -> None:
     """Refuse a job whose longest example (cut to max_seq_length) cannot fit one training micro-batch."""
-    longest = min(max_seq_length, file.max_example_tokens or max_seq_length)
+    longest = min(max_seq_length, max_example_tokens or max_seq_length)
     if longest <= max_batch_tokens:
         return
     raise InvalidInput(
-        f"hyperparameters.max_seq_length: {param} {file.id} has an example of {longest} tokens (after "
+        f"hyperparameters.max_seq_length: {param} {file_id} has an example of {longest} tokens (after "
         f"max_seq_length={max_seq_length}), more than the {max_batch_tokens} tokens a training micro-batch may "
         f"hold on this service; lower max_seq_length to at most {max_batch_tokens} (longer examples are cut) "
         "or shorten the examples",

@@ -6,12 +6,19 @@ hour later. Adding a method adds its class here and one line to METHOD_HYPERPARA
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-# The linear layers of a LLaMA block, which LoRA may adapt.
-LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from app.ml.registry import ModelRecord
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter does not suit the job's base model; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 ModuleNames = Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(min_length=1, max_length=64)]
@@ -29,29 +36,38 @@ class TrainingHyperparameters(BaseModel):
     max_seq_length: int = Field(512, ge=16, le=32768, description="Tokens per example; longer ones are cut")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for shuffling, dropout and initialization")
 
+    def for_model(self, model: ModelRecord) -> Self:
+        """These hyperparameters checked against the job's base model, with model-dependent defaults filled in."""
+        if self.max_seq_length > model.max_seq_length:
+            raise HyperparameterError("max_seq_length", f"{model.id} takes at most {model.max_seq_length} tokens")
+        return self
+
 
 class LoraHyperparameters(TrainingHyperparameters):
     lora_r: int = Field(8, ge=1, le=256, description="Rank of the low-rank update")
     lora_alpha: int = Field(16, ge=1, le=1024, description="Scaling numerator (update scaled by alpha/r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
-    target_modules: ModuleNames | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description=f"Modules to adapt: a subset of {', '.join(LLAMA_LINEAR_MODULES)}, or 'all-linear'",
+    target_modules: ModuleNames | Literal["all-linear"] | None = Field(
+        None,
+        description="Linear layers to adapt, by name (see `linear_modules` in GET /v1/models/{id}), or 'all-linear'. "
+        "Default: the model's `default_target_modules` (PEFT's default for its architecture)",
     )
 
-    @field_validator("target_modules")
-    @classmethod
-    def _known_modules(cls, value: list[str] | str) -> list[str] | str:
-        if isinstance(value, str):
-            return value
-        if not value:
-            raise ValueError("must name at least one module")
-        unknown = [m for m in value if m not in LLAMA_LINEAR_MODULES]
+    def for_model(self, model: ModelRecord) -> Self:
+        checked = super().for_model(model)
+        if self.target_modules is None:
+            return checked.model_copy(update={"target_modules": list(model.default_target_modules)})
+        if self.target_modules == "all-linear":
+            return checked
+        unknown = [name for name in self.target_modules if name not in model.linear_modules]
         if unknown:
-            raise ValueError(
-                f"unknown module(s) {', '.join(unknown[:8])}; choose from {', '.join(LLAMA_LINEAR_MODULES)}"
+            raise HyperparameterError(
+                "target_modules",
+                f"{', '.join(unknown[:8])} is not a linear layer of {model.id} ({model.architecture}); "
+                f"its linear layers: {', '.join(model.linear_modules)}",
             )
-        return sorted(set(value), key=LLAMA_LINEAR_MODULES.index)
+        ordered = [name for name in model.linear_modules if name in self.target_modules]
+        return checked.model_copy(update={"target_modules": ordered})
 
 
 METHOD_HYPERPARAMETERS: dict[str, type[TrainingHyperparameters]] = {

@@ -19,7 +19,8 @@ from typing import Any
 
 from app.core.storage import ObjectStorage
 from app.ml import adapter_format
-from app.ml.registry import load_base_model, load_tokenizer
+from app.ml.device import Placement
+from app.ml.registry import ModelRecord, ModelStore, pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class AdapterRef:
 
 @dataclass
 class GenerationRequest:
-    base_model: str
+    model: ModelRecord
     input_ids: list[int]
     adapter: AdapterRef | None = None
     max_tokens: int = 128
@@ -90,13 +91,17 @@ class StopOnStrings:
 
 
 class GenerationEngine:
-    def __init__(self, *, models_dir: Path, storage: ObjectStorage, cache_dir: Path, max_adapters: int) -> None:
-        self.models_dir = models_dir
+    def __init__(
+        self, *, models: ModelStore, placement: Placement, storage: ObjectStorage, cache_dir: Path, max_adapters: int
+    ) -> None:
+        self.models = models
+        self.placement = placement
         self.storage = storage
         self.cache_dir = cache_dir
         self.max_adapters = max_adapters
-        self._models: dict[str, Any] = {}  # base model id -> plain model or PeftModel holding adapters
-        self._loaded: dict[str, OrderedDict[str, None]] = {}  # base model id -> adapter ids, LRU order
+        # (base model id, revision) -> plain model or PeftModel holding adapters, and its adapter ids in LRU order
+        self._models: dict[tuple[str, str], Any] = {}
+        self._loaded: dict[tuple[str, str], OrderedDict[str, None]] = {}
         self._queue: queue.Queue[tuple[GenerationRequest, Future[GenerationResult]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._thread.start()
@@ -141,12 +146,13 @@ class GenerationEngine:
         archive.unlink(missing_ok=True)
         return folder
 
-    def _model_for(self, base_model: str, adapter: AdapterRef | None) -> Any:
+    def _model_for(self, record: ModelRecord, adapter: AdapterRef | None) -> Any:
         from peft import PeftModel
 
+        base_model = (record.id, record.revision)
         model = self._models.get(base_model)
         if model is None:
-            model = load_base_model(base_model, self.models_dir)
+            model = self.models.load(record, self.placement)
             self._models[base_model] = model
             self._loaded[base_model] = OrderedDict()
         if adapter is None:
@@ -155,9 +161,11 @@ class GenerationEngine:
         if adapter.id not in loaded:
             folder = self._local_adapter(adapter)
             if isinstance(model, PeftModel):
-                model.load_adapter(str(folder), adapter_name=adapter.id)
+                model.load_adapter(str(folder), adapter_name=adapter.id, torch_device=str(self.placement.device))
             else:
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter.id)
+                model = PeftModel.from_pretrained(
+                    model, str(folder), adapter_name=adapter.id, torch_device=str(self.placement.device)
+                )
                 self._models[base_model] = model
             model.eval()
             loaded[adapter.id] = None
@@ -175,12 +183,12 @@ class GenerationEngine:
         from peft import PeftModel
         from transformers import StoppingCriteriaList
 
-        tokenizer = load_tokenizer(self.models_dir)
-        model = self._model_for(request.base_model, request.adapter)
-        input_ids = torch.tensor([request.input_ids], dtype=torch.long)
+        tokenizer = self.models.tokenizer(request.model)
+        model = self._model_for(request.model, request.adapter)
+        input_ids = torch.tensor([request.input_ids], dtype=torch.long, device=self.placement.device)
         kwargs: dict[str, Any] = {
             "max_new_tokens": request.max_tokens,
-            "pad_token_id": tokenizer.pad_token_id,
+            "pad_token_id": pad_token_id(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
         }
         if request.temperature >= GREEDY_BELOW_TEMPERATURE:
@@ -192,7 +200,7 @@ class GenerationEngine:
                 [StopOnStrings(tokenizer, request.stop, prompt_length=len(request.input_ids))]
             )
         if request.seed is not None:
-            torch.manual_seed(request.seed)
+            torch.manual_seed(request.seed)  # seeds the CUDA generators too
         use_base = request.adapter is None and isinstance(model, PeftModel)
         with torch.inference_mode(), model.disable_adapter() if use_base else contextlib.nullcontext():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)

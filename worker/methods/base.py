@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from app.ml.hyperparameters import TrainingHyperparameters
-from app.ml.registry import BaseModelSpec
+from app.ml.registry import ModelRecord
 
 
 class FineTuningMethod(Protocol):
@@ -23,6 +23,6 @@ class FineTuningMethod(Protocol):
         """Optimizer parameter groups (one per learning rate)."""
         ...
 
-    def export(self, model: nn.Module, folder: Path, base: BaseModelSpec) -> None:
+    def export(self, model: nn.Module, folder: Path, base: ModelRecord) -> None:
         """Write the trained artifact into `folder` in the method's standard format."""
         ...

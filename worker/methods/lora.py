@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from app.ml.hyperparameters import LoraHyperparameters, TrainingHyperparameters
-from app.ml.registry import BaseModelSpec
+from app.ml.registry import ModelRecord
 
 
 class LoraMethod:
@@ -32,10 +32,10 @@ class LoraMethod:
     def param_groups(self, model: nn.Module, hp: TrainingHyperparameters) -> list[dict[str, Any]]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": hp.learning_rate}]
 
-    def export(self, model: nn.Module, folder: Path, base: BaseModelSpec) -> None:
+    def export(self, model: nn.Module, folder: Path, base: ModelRecord) -> None:
         model.save_pretrained(str(folder))  # type: ignore[operator]
         # Name the base model so ecosystem tools (PEFT, vLLM, LoRAX) can find it.
         config_path = folder / "adapter_config.json"
         config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = base.hf_repo or base.id
+        config["base_model_name_or_path"] = base.base_model_name_or_path
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
