@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from app.core.db import session_scope
 from app.core.settings import Settings
+from app.ml.registry import ModelStore
 from app.core.storage import ObjectStorage
 from app.datasets import service as files_service
 from app.main import create_app
@@ -363,6 +364,7 @@ def test_an_upload_rolled_back_removes_its_object(settings: Settings, tenant: Te
             session,
             settings=settings,
             storage=storage,
+            models=ModelStore(settings.models_dir, storage),
             tenant_id=tenant_id,
             filename="t.jsonl",
             purpose="fine-tune",

@@ -65,7 +65,7 @@ def test_create_job_fills_defaults_and_enqueues(
         "lora_r": 4,
         "lora_alpha": 16,
         "lora_dropout": 0.05,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "target_modules": ["q_proj", "v_proj"],  # PEFT's default for LLaMA
     }
     assert job["progress"] == {"step": 0, "total_steps": None, "epoch": 0}
     assert job["adapter_id"] is None and job["error"] is None
@@ -88,7 +88,7 @@ def test_base_model_defaults_from_settings(client: TestClient, tenant: Tenant, t
 @pytest.mark.parametrize(
     ("body", "param", "fragment"),
     [
-        ({"base_model": "gpt-17"}, "base_model", "unknown base_model 'gpt-17'"),
+        ({"base_model": "gpt-17"}, "base_model", "unknown base_model 'gpt-17'; available: smollm2-135m-instruct, tiny-random-llama"),
         ({"method": "magic"}, "method", "unknown method 'magic'"),
         ({"hyperparameters": {"lora_r": 0}}, "hyperparameters.lora_r", "greater than or equal to 1"),
         ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate", "greater than 0"),
@@ -97,7 +97,7 @@ def test_base_model_defaults_from_settings(client: TestClient, tenant: Tenant, t
         (
             {"hyperparameters": {"target_modules": ["q_proj", "attn"]}},
             "hyperparameters.target_modules",
-            "unknown module(s) attn",
+            "attn is not a linear layer of tiny-random-llama (llama); its linear layers: q_proj, k_proj",
         ),
         ({"hyperparameters": {"max_seq_length": 4096}}, "hyperparameters.max_seq_length", "at most 2048"),
         ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs", "unknown hyperparameter"),

@@ -116,8 +116,8 @@ def test_a_job_keeps_every_forward_pass_within_the_token_budget(
     forward_tokens: list[int] = []
     original = recipe.cached_base_model
 
-    def watched_base_model(model_id: str, models_dir: Path) -> nn.Module:
-        model = original(model_id, models_dir)
+    def watched_base_model(*args: Any) -> nn.Module:
+        model = original(*args)
 
         def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
             forward_tokens.append(args[0].numel())  # input_ids, padded, of one forward pass

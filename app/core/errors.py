@@ -199,6 +199,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not UTF-8 JSON: a 422 like every other malformed body.
+            return _error_response(
+                422, "invalid_request_error", "the request body is not valid UTF-8 JSON", None, "invalid_json"
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = exc.headers
         if exc.status_code == 405:  # RFC 9110: `Allow` lists every method of the path, not only one route's

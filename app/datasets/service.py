@@ -97,8 +97,8 @@ def create_file(
     tenant_id: str,
     filename: str | None,
     purpose: str,
-    base_model: str | None,
     fileobj: IO[bytes],
+    base_model: str | None = None,
 ) -> File:
     """Validate every line, store the file and its row; if the row is not committed the object is removed.
 
