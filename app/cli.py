@@ -60,6 +60,19 @@ def _database_url() -> str:
     return url
 
 
+def _check_placement() -> None:
+    """Exit with a clear message when TUNEFORGE_DEVICE / TUNEFORGE_DTYPE ask for what this machine lacks."""
+    from app.ml.device import PlacementError, resolve_placement
+
+    settings = get_settings()
+    try:
+        placement = resolve_placement(settings.device, settings.dtype)
+    except PlacementError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"models run on {placement.describe()}", err=True)
+
+
 @contextlib.contextmanager
 def _exit_on_app_error() -> Iterator[None]:
     """A domain error (no such key, an ambiguous prefix…) ends the command: its message on stderr, exit code 1."""
@@ -295,15 +308,20 @@ def api(
     from app.main import create_app
 
     _logging()
+    _check_placement()
     settings = get_settings()
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
 
 
 @cli.command()
 def worker() -> None:
-    """Run a Celery training worker on TUNEFORGE_QUEUE_NAME: one job at a time; run one per GPU."""
+    """Run a Celery training worker on TUNEFORGE_QUEUE_NAME: one job at a time, on TUNEFORGE_DEVICE.
+
+    Run one worker per GPU, each with its own CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1 tuneforge worker).
+    """
     from worker.celery_app import celery_app
 
+    _check_placement()
     settings = get_settings()
     celery_app.worker_main(
         [
@@ -405,6 +423,7 @@ def up(
     from app.core.db import session_scope
 
     _logging()
+    _check_placement()
     settings = get_settings()
     run_migrations(settings.db_url)
     with session_scope(settings.db_url) as session:

@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 
 from app.core.db import session_scope
 from app.core.settings import Settings
-from app.ml.registry import ModelStore
 from app.core.storage import ObjectStorage
 from app.datasets import service as files_service
 from app.main import create_app
+from app.ml.registry import ModelStore
 from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.test_worker import start_job
 from worker.runner import run_training_job

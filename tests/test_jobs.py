@@ -88,7 +88,11 @@ def test_base_model_defaults_from_settings(client: TestClient, tenant: Tenant, t
 @pytest.mark.parametrize(
     ("body", "param", "fragment"),
     [
-        ({"base_model": "gpt-17"}, "base_model", "unknown base_model 'gpt-17'; available: smollm2-135m-instruct, tiny-random-llama"),
+        (
+            {"base_model": "gpt-17"},
+            "base_model",
+            "unknown base_model 'gpt-17'; available: smollm2-135m-instruct, tiny-random-llama",
+        ),
         ({"method": "magic"}, "method", "unknown method 'magic'"),
         ({"hyperparameters": {"lora_r": 0}}, "hyperparameters.lora_r", "greater than or equal to 1"),
         ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate", "greater than 0"),

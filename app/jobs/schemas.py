@@ -74,6 +74,8 @@ class JobObject(BaseModel):
     metrics: dict[str, Any]
     error: JobError | None
     adapter_id: str | None
+    device: str | None = Field(description="Where it trains or trained, e.g. cuda:0 or cpu (null until it starts)")
+    dtype: str | None = Field(description="The base model's precision in training, e.g. bfloat16 or float32")
     attempt: int
     created_at: int
     started_at: int | None
@@ -94,6 +96,8 @@ class JobObject(BaseModel):
             metrics=job.metrics,
             error=JobError(code=job.error_code or "training_failed", message=job.error) if job.error else None,
             adapter_id=job.adapter_id,
+            device=job.device,
+            dtype=job.dtype,
             attempt=job.attempt,
             created_at=_ts(job.created_at) or 0,
             started_at=_ts(job.started_at),
