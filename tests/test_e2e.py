@@ -31,6 +31,7 @@ class Service:
     url: str
     key: str
     logs: list[Path]
+    env: dict[str, str]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -83,7 +84,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, model_cache_dir: Pat
         first_line = up.stdout.readline().decode()
         match = re.search(r"API key \(shown once\): (tf_\S+)", first_line)
         assert match, first_line
-        svc = Service(url, match.group(1), [log])
+        svc = Service(url, match.group(1), [log], env)
         try:
             wait_healthy(url, [up])
             yield svc
@@ -117,7 +118,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, model_cache_dir: Pat
     with logs[0].open("wb") as a, logs[1].open("wb") as w:
         api = subprocess.Popen([*TUNEFORGE, "api"], env=env, stdout=a, stderr=subprocess.STDOUT)
         worker = subprocess.Popen([*TUNEFORGE, "worker"], env=env, stdout=w, stderr=subprocess.STDOUT)
-    svc = Service(url, stdout_lines[0], logs)
+    svc = Service(url, stdout_lines[0], logs, env)
     try:
         wait_healthy(url, [api, worker])
         yield svc
@@ -132,17 +133,32 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, model_cache_dir: Pat
 PROMPT = "The secret word is"
 
 
-def test_the_whole_loop(service: Service, model_cache_dir: Path, tmp_path: Path) -> None:
+def test_the_whole_loop(service: Service, tmp_path: Path) -> None:
+    """A model folder the user made (a tiny Qwen2 with its own tokenizer) is registered with the real CLI while
+    the service runs, then goes through the whole loop."""
+    from tests.model_factories import build_tiny_model
+
+    base_dir = build_tiny_model("qwen2", tmp_path / "my-model")
+    added = subprocess.run(
+        [*TUNEFORGE, "models", "add", "my-qwen", "--path", str(base_dir)], env=service.env, capture_output=True
+    )
+    assert added.returncode == 0, added.stderr.decode()
     http = httpx.Client(base_url=service.url, headers=service.headers, timeout=120)
+    assert "my-qwen" in [m["id"] for m in http.get("/v1/models").json()["data"]]
     lines = [json.dumps({"prompt": PROMPT, "completion": " plum"})] * 8
-    r = http.post("/v1/files", files={"file": ("train.jsonl", "\n".join(lines))}, data={"purpose": "fine-tune"})
+    r = http.post(
+        "/v1/files",
+        files={"file": ("train.jsonl", "\n".join(lines))},
+        data={"purpose": "fine-tune", "base_model": "my-qwen"},
+    )
     assert r.status_code == 201, r.text
+    assert r.json()["tokenizer_model"] == "my-qwen"
     file_id = r.json()["id"]
 
     r = http.post(
         "/jobs",
         json={
-            "base_model": "tiny-random-llama",
+            "base_model": "my-qwen",
             "method": "lora",
             "training_file": file_id,
             "validation_file": file_id,
@@ -183,12 +199,17 @@ def test_the_whole_loop(service: Service, model_cache_dir: Path, tmp_path: Path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = model_cache_dir / "tiny-random-llama"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder).eval()
     ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            ids,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     offline = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     r = http.post("/generate", json={"adapter_id": adapter_id, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
@@ -197,7 +218,7 @@ def test_the_whole_loop(service: Service, model_cache_dir: Path, tmp_path: Path)
     assert offline.startswith(" plum")
 
     base = http.post(
-        "/generate", json={"base_model": "tiny-random-llama", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        "/generate", json={"base_model": "my-qwen", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
     ).json()
     assert base["text"] != offline
 

@@ -58,3 +58,26 @@ def test_lora_on_smollm2_learns_and_changes_generation(tmp_path: Path, model_cac
         assert tuned.status_code == 200 and base.status_code == 200
         assert tuned.json()["text"] != base.json()["text"]
         print("base:", base.json()["text"], "| tuned:", tuned.json()["text"], "| losses:", losses)
+
+
+def test_a_gguf_file_registers_as_the_same_model_as_the_builtin(tmp_path: Path, model_cache_dir: Path) -> None:
+    """`tuneforge models add --gguf` on SmolLM2's GGUF file: converted once, checked, stored; its facts are the
+    built-in's (which are written down, not measured, when the API lists them)."""
+    from app.ml.registry import BUILTINS, SMOLLM2_GGUF, _smollm2_gguf_dir
+    from tests.test_base_models import tuneforge
+
+    settings = embedded_settings(tmp_path / "data", model_cache_dir)
+    migrate(settings.db_url)
+    result = tuneforge(settings, "models", "add", "smol-gguf", "--gguf", _smollm2_gguf_dir() / SMOLLM2_GGUF)
+    assert result.returncode == 0, result.stderr
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf (once)" in result.stderr
+    [model] = [m for m in json.loads(tuneforge(settings, "models", "list", "--json").stdout) if m["id"] == "smol-gguf"]
+    builtin = BUILTINS["smollm2-135m-instruct"]
+    assert (model["architecture"], model["parameters"], model["chat"], model["source"]) == (
+        builtin.architecture,
+        builtin.n_parameters,
+        True,
+        "gguf",
+    )
+    assert model["max_seq_length"] == builtin.max_seq_length
+    assert model["linear_modules"] == list(builtin.linear_modules)
