@@ -460,8 +460,25 @@ def test_named_volumes_for_state(compose: dict, services: dict) -> None:
     assert mounts("api")[data_dir] == mounts("worker")[data_dir], "api and worker must share the data dir"
 
 
-def test_worker_documents_the_gpu_reservation() -> None:
-    # Commented out (it fails on hosts without the NVIDIA runtime), but it must stay in the file.
-    text = COMPOSE_FILE.read_text()
-    assert re.search(r"#\s*devices:\s*\n\s*#\s*- driver: nvidia", text)
-    assert "capabilities: [gpu]" in text
+GPU_WORKERS = ("worker-gpu0", "worker-gpu1")
+
+
+def test_gpu_workers_are_one_per_gpu_with_a_reservation(services: dict) -> None:
+    """Off by default (profile `gpu`: they fail on hosts without the NVIDIA runtime); each is the worker on one
+    GPU, chosen with CUDA_VISIBLE_DEVICES, with the shared environment and a valid TUNEFORGE_DEVICE."""
+    shared = service_env(services["worker"])
+    visible = []
+    for name in GPU_WORKERS:
+        service = services[name]
+        assert service["profiles"] == ["gpu"]
+        assert service["image"] == services["worker"]["image"]
+        assert as_argv(service["command"]) == as_argv(services["worker"]["command"])
+        env = service_env(service)
+        assert {k: v for k, v in env.items() if k in shared} == shared
+        Settings(device=env["TUNEFORGE_DEVICE"])  # a value the settings accept
+        assert env["TUNEFORGE_DEVICE"].startswith("cuda")
+        visible.append(env["CUDA_VISIBLE_DEVICES"])
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert len(set(visible)) == len(visible), "two workers on one GPU"
+    assert "profiles" not in services["worker"]  # the CPU worker still starts by default
