@@ -30,7 +30,7 @@ from app.core.storage import ObjectStorage
 from app.datasets.service import _read_chunks, _scan
 from app.datasets.validation import LineValidator
 from app.ml import adapter_format
-from app.ml.device import resolve_placement
+from app.ml.device import Placement, resolve_placement
 from app.ml.formatting import encode_chat_prompt, encode_record
 from app.ml.hyperparameters import LoraHyperparameters
 from app.ml.registry import BUILTINS, ModelStore
@@ -72,7 +72,9 @@ def bench_validation(tokenizer: object) -> None:
     )
 
 
-def bench_training(model_id: str, models_dir: Path, tokenizer: Any, max_batch_tokens: int) -> None:
+def bench_training(
+    model_id: str, models_dir: Path, tokenizer: Any, max_batch_tokens: int, placement: Placement
+) -> None:
     example = encode_record(
         tokenizer,
         {
@@ -90,11 +92,17 @@ def bench_training(model_id: str, models_dir: Path, tokenizer: Any, max_batch_to
 
         def step() -> None:  # one optimizer step as TrainingRecipe.train takes it
             accumulate_gradients(
-                model, examples, pad_token_id=tokenizer.pad_token_id, max_batch_tokens=max_batch_tokens
+                model,
+                examples,
+                pad_token_id=tokenizer.pad_token_id,
+                max_batch_tokens=max_batch_tokens,
+                placement=placement,
             )
             torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if placement.device.type == "cuda":
+                torch.cuda.synchronize()  # time the work, not its queueing
 
         step()  # warm-up (allocations, lazy inits)
         return statistics.median(best_of(step, 1) for _ in range(5))
@@ -102,10 +110,10 @@ def bench_training(model_id: str, models_dir: Path, tokenizer: Any, max_batch_to
     record = BUILTINS[model_id]
     models = ModelStore(models_dir, None)
     hp = LoraHyperparameters().for_model(record)
-    lora = LoraMethod().prepare(models.load(record), hp)
+    lora = LoraMethod().prepare(models.load(record, placement), hp)
     lora.train()
     t_lora = step_time(lora, [p for p in lora.parameters() if p.requires_grad])
-    full = models.load(record)
+    full = models.load(record, placement).float()  # full fine-tuning keeps float32 weights
     full.train()
     t_full = step_time(full, list(full.parameters()))
     print(
@@ -162,16 +170,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="registered base model id")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (as TUNEFORGE_DEVICE)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (as TUNEFORGE_DTYPE)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp))
+        settings = Settings(data_dir=Path(tmp), device=args.device, dtype=args.dtype)
+        placement = resolve_placement(settings.device, settings.dtype)
         settings.model_cache_dir = Settings().models_dir  # reuse the converted models of the default data dir
         tokenizer = ModelStore(settings.models_dir, None).tokenizer(BUILTINS[args.model])
-        print(f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(
+            f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"on {placement.describe()}"
+        )
         bench_validation(tokenizer)
-        bench_training(args.model, settings.models_dir, tokenizer, settings.train_max_batch_tokens)
+        bench_training(args.model, settings.models_dir, tokenizer, settings.train_max_batch_tokens, placement)
         bench_generation(args.model, settings, tokenizer)
 
 

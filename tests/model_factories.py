@@ -205,21 +205,8 @@ def build_tokenizer(arch: str, *, chat_template: bool = True) -> Any:
 def _config(arch: str, vocab_size: int, ids: dict[str, Any]) -> Any:
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PhiConfig, Qwen2Config
 
-    if arch == "llama":
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=_HIDDEN,
-            intermediate_size=_INTERMEDIATE,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=_HEADS,
-            num_key_value_heads=2,
-            max_position_embeddings=_MAX_POSITIONS,
-            initializer_range=_INIT_RANGE,
-            tie_word_embeddings=True,
-            **ids,
-        )
-    if arch == "qwen2":
-        return Qwen2Config(
+    if arch in ("llama", "qwen2"):  # the same shape of config: grouped-query attention, tied embeddings
+        return (LlamaConfig if arch == "llama" else Qwen2Config)(
             vocab_size=vocab_size,
             hidden_size=_HIDDEN,
             intermediate_size=_INTERMEDIATE,
