@@ -70,20 +70,22 @@ def adapter_tensors(client: TestClient, tenant: Tenant, adapter_id: str, tmp_pat
 
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
-def test_a_bfloat16_job_trains_float32_adapters_and_records_where_it_ran(
-    client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_job_trains_float32_adapters_and_records_where_it_ran(
+    dtype: str, client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
 ) -> None:
-    """Mixed precision on the CPU (what a GPU does in bfloat16): the base runs in bfloat16 under autocast, the
-    trained LoRA weights stay float32, and the exported adapter is the same format as a float32 job's."""
-    settings.dtype = "bfloat16"
+    """Mixed precision on the CPU (what a GPU does): the base runs in half precision under autocast (float16 with
+    a loss scaler), the trained LoRA weights stay float32, and the exported adapter is the same format as a
+    float32 job's."""
+    settings.dtype = dtype
     job_id = start_job(client, tenant, n_epochs=2, learning_rate=0.05)
     adapter_id = run_training_job(settings, job_id)
     assert adapter_id is not None
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
-    assert (job["device"], job["dtype"]) == ("cpu", "bfloat16")
+    assert (job["device"], job["dtype"]) == ("cpu", dtype)
     first_log = next(e for e in events(client, tenant, job_id) if e["type"] == "log")
-    assert first_log["message"].startswith("training on cpu (") and first_log["message"].endswith(", bfloat16")
-    assert first_log["data"]["dtype"] == "bfloat16"
+    assert first_log["message"].startswith("training on cpu (") and first_log["message"].endswith(f", {dtype}")
+    assert first_log["data"]["dtype"] == dtype
     losses = [e["data"]["train_loss"] for e in events(client, tenant, job_id) if e["type"] == "metrics"]
     assert all(loss == loss and loss < 100 for loss in losses)  # finite: no overflow in half precision
 

@@ -254,6 +254,10 @@ def _fetch_files(record: ModelRecord, folder: Path, storage: ObjectStorage, file
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         for item in missing:
+            if "/" in item.path or "\\" in item.path or item.path.startswith("."):
+                raise ModelUnavailable(
+                    f"base model {record.id}: its file list names {item.path!r}, not a plain file name"
+                )
             dest = folder / item.path
             if dest.exists():
                 continue  # another process fetched it while we waited for the lock
