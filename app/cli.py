@@ -238,6 +238,14 @@ def models_add(
     )
 
 
+def _human(n: int) -> str:
+    """134515008 -> 134.5M: short enough for a table in 80 columns."""
+    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= limit:
+            return f"{n / limit:.1f}{suffix}"
+    return str(n)
+
+
 @models_cli.command("list")
 def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print the models as GET /v1/models does")] = False,
@@ -258,14 +266,14 @@ def models_list(
     if as_json:
         typer.echo(json.dumps([o.model_dump() for o in objects], indent=2))
         return
-    table = Table(box=box.SIMPLE_HEAD)
-    for column in ("id", "architecture", "parameters", "max tokens", "chat", "source"):
-        table.add_column(column, no_wrap=column == "id")
+    table = Table(box=box.SIMPLE_HEAD, caption="params: parameters; max len: longest sequence in tokens")
+    for column in ("id", "arch", "params", "max len", "chat", "source"):
+        table.add_column(column, no_wrap=True)
     for o in objects:
         table.add_row(
             o.id + (" (default)" if o.default else ""),
             o.architecture,
-            f"{o.parameters:,}",
+            _human(o.parameters),
             str(o.max_seq_length),
             "yes" if o.chat else "no",
             o.source,
