@@ -205,20 +205,7 @@ def build_tokenizer(arch: str, *, chat_template: bool = True) -> Any:
 def _config(arch: str, vocab_size: int, ids: dict[str, Any]) -> Any:
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PhiConfig, Qwen2Config
 
-    if arch in ("llama", "qwen2"):  # the same shape of config: grouped-query attention, tied embeddings
-        return (LlamaConfig if arch == "llama" else Qwen2Config)(
-            vocab_size=vocab_size,
-            hidden_size=_HIDDEN,
-            intermediate_size=_INTERMEDIATE,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=_HEADS,
-            num_key_value_heads=2,
-            max_position_embeddings=_MAX_POSITIONS,
-            initializer_range=_INIT_RANGE,
-            tie_word_embeddings=True,
-            **ids,
-        )
-    if arch == "gpt2":
+    if arch == "gpt2":  # GPT-2 names its sizes its own way
         return GPT2Config(
             vocab_size=vocab_size,
             n_positions=_MAX_POSITIONS,
@@ -232,28 +219,22 @@ def _config(arch: str, vocab_size: int, ids: dict[str, Any]) -> Any:
             initializer_range=_INIT_RANGE,
             **ids,
         )
-    if arch == "gpt_neox":
-        return GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=_HIDDEN,
-            intermediate_size=_INTERMEDIATE,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=_HEADS,
-            max_position_embeddings=_MAX_POSITIONS,
-            initializer_range=_INIT_RANGE,
-            **ids,
+    sizes: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": _HIDDEN,
+        "intermediate_size": _INTERMEDIATE,
+        "num_hidden_layers": _LAYERS,
+        "num_attention_heads": _HEADS,
+        "max_position_embeddings": _MAX_POSITIONS,
+        "initializer_range": _INIT_RANGE,
+        **ids,
+    }
+    if arch in ("llama", "qwen2"):  # grouped-query attention, tied embeddings
+        return (LlamaConfig if arch == "llama" else Qwen2Config)(
+            **sizes, num_key_value_heads=2, tie_word_embeddings=True
         )
-    if arch == "phi":
-        return PhiConfig(
-            vocab_size=vocab_size,
-            hidden_size=_HIDDEN,
-            intermediate_size=_INTERMEDIATE,
-            num_hidden_layers=_LAYERS,
-            num_attention_heads=_HEADS,
-            max_position_embeddings=_MAX_POSITIONS,
-            initializer_range=_INIT_RANGE,
-            **ids,
-        )
+    if arch in ("gpt_neox", "phi"):
+        return (GPTNeoXConfig if arch == "gpt_neox" else PhiConfig)(**sizes)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
