@@ -18,13 +18,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
-from sqlalchemy import select
+from sqlalchemy import select, update
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from app.cli import cli
 from app.core.db import session_scope
-from app.core.models import FileTokenCount
+from app.core.models import FileTokenCount, Job, RegisteredModel
 from app.core.settings import Settings, get_settings
 from app.core.storage import ObjectStorage
 from app.main import create_app
@@ -266,8 +266,15 @@ def test_a_damaged_model_file_fails_the_job_saying_so(
         settings, "models", "add", "tiny-damaged", "--path", folder, TUNEFORGE_MODEL_CACHE_DIR=str(tmp_path / "op")
     )
     assert result.returncode == 0, result.stderr
-    weights = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     storage = ObjectStorage.from_settings(settings)
+    tokenizer_file = (folder / "tokenizer.json").read_bytes()
+    tokenizer_key = f"{BLOB_PREFIX}/{hashlib.sha256(tokenizer_file).hexdigest()}"
+    storage.put_bytes(tokenizer_key, b"{}")
+    refused = upload_for(client, tenant, jsonl(chat_lines(4)), base_model="tiny-damaged")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_unavailable"
+    assert str(settings.models_dir) not in refused.text and "sha256" not in refused.text
+    storage.put_bytes(tokenizer_key, tokenizer_file)  # mended; now the weights are damaged
+    weights = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     storage.put_bytes(f"{BLOB_PREFIX}/{weights}", b"not the weights")
 
     file_id = upload_for(client, tenant, jsonl(chat_lines(4)), base_model="tiny-damaged").json()["id"]
@@ -311,13 +318,14 @@ def test_a_chat_template_file_gives_a_model_chat(
     assert create_job(client, tenant, counted_elsewhere, "tiny-gpt2-chat").status_code == 201
 
 
-@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+@pytest.mark.parametrize("backend", ["embedded", "production"], indirect=True)
 def test_post_jobs_counts_the_file_again_with_the_jobs_tokenizer(
     client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
 ) -> None:
     """A file uploaded for one model and trained on another: the job's model's tokenizer decides whether the
-    examples fit; the count is kept for the next job on that model."""
-    register(settings, "tiny-qwen", "--path", build_tiny_model("qwen2", tmp_path / "qwen"))
+    examples fit; the count is kept, even when the job is refused, for the next job on that model."""
+    model_id = f"tiny-qwen-{tenant.name[-8:]}"  # the PostgreSQL database is shared by the session's tests
+    register(settings, model_id, "--path", build_tiny_model("qwen2", tmp_path / "qwen"))
     long_answer = "Quetzalcoatlus xylophone " * 40  # words the tiny BPE has never seen: many more tokens
     lines = [
         *chat_lines(3),
@@ -330,14 +338,67 @@ def test_post_jobs_counts_the_file_again_with_the_jobs_tokenizer(
         AutoTokenizer.from_pretrained(str(tmp_path / "qwen")), json.loads(lines[-1])["messages"]
     )
     assert tokens_with_qwen > 512 > settings.train_max_batch_tokens
-    refused = create_job(client, tenant, file["id"], "tiny-qwen", max_seq_length=512)
+
+    def stored_counts() -> list[int]:
+        with session_scope(settings.db_url) as session:
+            rows = session.scalars(select(FileTokenCount).where(FileTokenCount.file_id == file["id"]))
+            return sorted(row.max_example_tokens for row in rows)
+
+    assert stored_counts() == [file["max_example_tokens"]]
+    refused = create_job(client, tenant, file["id"], model_id, max_seq_length=512)
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "example_too_long"
     assert "an example of 512 tokens (after max_seq_length=512)" in refused.json()["error"]["message"]
+    assert stored_counts() == sorted([file["max_example_tokens"], tokens_with_qwen])  # kept: not counted again
     # The default model's own count still decides its jobs.
     assert create_job(client, tenant, file["id"], settings.default_base_model, max_seq_length=512).status_code == 201
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_an_id_registered_again_with_other_files_is_another_model(
+    client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
+) -> None:
+    """Adapters and queued jobs belong to the model they were made on: after `remove` and an `add` of other
+    weights under the same id, /generate refuses the old adapter (410) and an old job fails saying why."""
+    register(settings, "tiny-mine", "--path", build_tiny_model("llama", tmp_path / "first"))
+    file_id = upload_for(client, tenant, jsonl(chat_lines(4)), base_model="tiny-mine").json()["id"]
+    trained = create_job(client, tenant, file_id, "tiny-mine", n_epochs=1).json()["id"]
+    adapter_id = run_training_job(settings, trained)
+    assert adapter_id is not None
+    queued = create_job(client, tenant, file_id, "tiny-mine", n_epochs=1).json()["id"]
+    with session_scope(settings.db_url) as session:  # as if it had been created just before the swap
+        session.execute(update(Job).where(Job.id == queued).values(status="cancelled"))
+    assert tuneforge(settings, "models", "remove", "tiny-mine").returncode == 0
+    register(settings, "tiny-mine", "--path", build_tiny_model("llama", tmp_path / "second", seed=1))
     with session_scope(settings.db_url) as session:
-        counts = {c.tokenizer_sha256: c.max_example_tokens for c in session.scalars(select(FileTokenCount))}
-    assert sorted(counts.values()) == sorted([file["max_example_tokens"], tokens_with_qwen])
+        session.execute(update(Job).where(Job.id == queued).values(status="queued"))
+
+    served = client.post("/generate", headers=tenant.headers, json={"adapter_id": adapter_id, "prompt": "Hi"})
+    assert served.status_code == 410
+    assert "its base model tiny-mine was registered again with other files" in served.json()["error"]["message"]
+    assert run_training_job(settings, queued) is None
+    job = client.get(f"/jobs/{queued}", headers=tenant.headers).json()
+    assert job["error"]["code"] == "model_unavailable" and "was registered again" in job["error"]["message"]
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_the_default_max_seq_length_fits_a_short_model_and_extra_weight_copies_are_not_stored(
+    client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
+) -> None:
+    folder = build_tiny_model("phi", tmp_path / "phi")
+    (folder / "consolidated.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (folder / "training_args.bin").write_bytes(b"pickle")
+    register(settings, "tiny-short", "--path", folder, "--max-seq-length", "256")
+    file_id = upload_for(client, tenant, jsonl(chat_lines(2)), base_model="tiny-short").json()["id"]
+    job = create_job(client, tenant, file_id, "tiny-short")
+    assert job.status_code == 201, job.text
+    assert job.json()["hyperparameters"]["max_seq_length"] == 256  # not the 512 default the model cannot take
+    too_long = create_job(client, tenant, file_id, "tiny-short", max_seq_length=300)
+    assert too_long.status_code == 422 and "tiny-short takes at most 256 tokens" in too_long.json()["error"]["message"]
+    with session_scope(settings.db_url) as session:
+        stored = session.scalars(select(RegisteredModel.files).where(RegisteredModel.id == "tiny-short")).one()
+    assert sorted(f["path"] for f in stored) == sorted(
+        p.name for p in folder.iterdir() if p.name not in ("consolidated.safetensors", "training_args.bin")
+    )
 
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)

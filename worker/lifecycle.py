@@ -37,6 +37,7 @@ class ClaimedJob:
     id: str
     tenant_id: str
     base_model: str
+    base_model_revision: str | None
     method: str
     training_file_key: str
     validation_file_key: str | None
@@ -67,6 +68,7 @@ def claim(db_url: str, job_id: str) -> ClaimedJob | None:
             id=job.id,
             tenant_id=job.tenant_id,
             base_model=job.base_model,
+            base_model_revision=job.base_model_revision,
             method=job.method,
             training_file_key=train_key,
             validation_file_key=valid_key,

@@ -161,11 +161,22 @@ class TrainingRecipe:
         try:
             self.placement = resolve_placement(self.settings.device, self.settings.dtype)
         except PlacementError as exc:
-            raise TrainingError(f"this worker cannot train: {exc}", code="device_unavailable") from None
+            log.error("job %s: %s", self.job.id, exc)
+            raise TrainingError(
+                "the worker that took this job cannot use its configured device; the operator's worker log has "
+                "the details",
+                code="device_unavailable",
+            ) from None
         with session_scope(self.settings.db_url) as session:
             record = find_model(session, self.job.base_model)
         if record is None:
             raise TrainingError(f"base model {self.job.base_model} is no longer registered", code="model_unavailable")
+        if self.job.base_model_revision not in (None, record.revision):
+            raise TrainingError(
+                f"base model {self.job.base_model} was registered again, with other files, after this job was "
+                "created; create the job again",
+                code="model_unavailable",
+            )
         self.record = record
         torch.manual_seed(self.hp.seed)
         try:

@@ -130,6 +130,7 @@ def _train_and_publish(
         tenant_id=job.tenant_id,
         job_id=job.id,
         base_model=job.base_model,
+        base_model_revision=job.base_model_revision,
         method=job.method,
         name=f"{job.base_model}:{job.suffix}" if job.suffix else None,
         format=recipe.method.artifact_format,

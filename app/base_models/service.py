@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.errors import Conflict, InvalidInput, NotFound, clip
+from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, clip
 from app.core.models import ACTIVE_JOB_STATUSES, Job, RegisteredModel
 from app.core.storage import ObjectStorage
 from app.ml import model_import
@@ -21,12 +22,15 @@ from app.ml.registry import (
     BUILTINS,
     ModelRecord,
     ModelStore,
+    ModelUnavailable,
     all_models,
     find_model,
     manifest_revision,
     record_of,
     tokenizer_identity,
 )
+
+log = logging.getLogger(__name__)
 
 MODEL_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_DESCRIPTION_CHARS = 500
@@ -53,6 +57,24 @@ def require_model(session: Session, *, model_id: str, param: str = "base_model",
             f"unknown {param} {clip(model_id)}; available: {available}", param=param, code="model_not_found"
         )
     return record
+
+
+def model_unavailable(model_id: str, exc: ModelUnavailable) -> ServiceUnavailable:
+    """The base model's files cannot be had on this machine: the operator's problem, said without internals."""
+    log.error("base model %s unavailable: %s", model_id, exc)
+    return ServiceUnavailable(
+        f"base model {model_id} cannot be loaded on this server (its stored files are missing or damaged); "
+        "the operator's log has the details",
+        code="model_unavailable",
+    )
+
+
+def load_tokenizer(models: ModelStore, record: ModelRecord) -> Any:
+    """The model's tokenizer, or a 503 when its files cannot be had here."""
+    try:
+        return models.tokenizer(record)
+    except ModelUnavailable as exc:
+        raise model_unavailable(record.id, exc) from None
 
 
 def register_model(

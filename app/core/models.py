@@ -149,6 +149,8 @@ class Job(Base):
     # Where it trained, written when training starts: "cuda:0", "cpu", ...; "bfloat16", "float32", ...
     device: Mapped[str | None] = mapped_column(String(64), default=None)
     dtype: Mapped[str | None] = mapped_column(String(16), default=None)
+    # The base model's revision when the job was created: a model registered again under its id is another model.
+    base_model_revision: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class JobEvent(Base):
@@ -174,6 +176,7 @@ class Adapter(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
     base_model: Mapped[str] = mapped_column(String(200))
+    base_model_revision: Mapped[str | None] = mapped_column(String(64), default=None)  # null: before revisions
     method: Mapped[str] = mapped_column(String(64))
     name: Mapped[str | None] = mapped_column(String(200), default=None)
     format: Mapped[str] = mapped_column(String(32), default="peft")

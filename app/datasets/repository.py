@@ -8,9 +8,13 @@ from app.core.pagination import newest_first
 
 
 def get_file(session: Session, *, tenant_id: str, file_id: str, for_update: bool = False) -> File | None:
-    """`for_update` locks the row (PostgreSQL) so that a job cannot start using it while it is deleted."""
+    """`for_update` locks the row (PostgreSQL) so that a job cannot start using it while it is deleted.
+
+    A no-key lock (FOR NO KEY UPDATE): it excludes the other job creations and deletions of the file, but not a
+    row that merely references it (its token counts, stored in a transaction of their own while it is held).
+    """
     query = select(File).where(File.id == file_id, File.tenant_id == tenant_id, File.deleted_at.is_(None))
-    return session.scalar(query.with_for_update() if for_update else query)
+    return session.scalar(query.with_for_update(key_share=True) if for_update else query)
 
 
 def list_files(session: Session, *, tenant_id: str, limit: int, after: File | None) -> tuple[list[File], bool]:

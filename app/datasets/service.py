@@ -7,10 +7,11 @@ import os
 from collections.abc import Iterator
 from typing import IO
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from app.base_models.service import require_model
+from app.base_models.service import load_tokenizer, require_model
 from app.core.db import undo_on_rollback
 from app.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, clip
 from app.core.ids import new_id
@@ -113,7 +114,7 @@ def create_file(
     if base_model is not None and len(base_model) > 64:
         raise InvalidInput("base_model is longer than 64 characters", param="base_model")
     record = require_model(session, model_id=base_model or settings.default_base_model)
-    validator = LineValidator(models.tokenizer(record), settings.max_reported_line_errors, model_id=record.id)
+    validator = LineValidator(load_tokenizer(models, record), settings.max_reported_line_errors, model_id=record.id)
     size, sha256 = _scan(_read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
     if size == 0 or report.n_examples == 0 and report.n_errors == 0:
@@ -160,12 +161,13 @@ def token_counts(
     """The file's tokens as `model`'s tokenizer counts them: stored at upload, or counted now and kept.
 
     Counting reads the whole file again and renders it with the model's chat template, so a line that template
-    cannot render is a 422 naming the line, as at upload.
+    cannot render is a 422 naming the line, as at upload. The count is kept in a transaction of its own: a job
+    refused afterwards (its examples too long, say) does not throw away the work.
     """
     found = session.get(FileTokenCount, (file.id, model.tokenizer_sha256))
     if found is not None:
         return found
-    validator = LineValidator(models.tokenizer(model), 1, model_id=model.id)
+    validator = LineValidator(load_tokenizer(models, model), 1, model_id=model.id)
     try:
         _size, _sha = _scan(storage.open(file.storage_key)[1], validator, max_bytes=file.bytes)
     except FileNotFoundError:
@@ -182,18 +184,18 @@ def token_counts(
             param=param,
             code="invalid_file_for_model",
         )
-    counts = FileTokenCount(
-        file_id=file.id,
-        tokenizer_sha256=model.tokenizer_sha256,
-        n_tokens=report.n_tokens,
-        max_example_tokens=report.max_example_tokens,
-    )
-    try:
-        with session.begin_nested():  # a concurrent job on the same model may have stored them first
-            session.add(counts)
-    except IntegrityError:
-        return session.get(FileTokenCount, (file.id, model.tokenizer_sha256), populate_existing=True) or counts
-    return counts
+    values = {
+        "file_id": file.id,
+        "tokenizer_sha256": model.tokenizer_sha256,
+        "n_tokens": report.n_tokens,
+        "max_example_tokens": report.max_example_tokens,
+        "created_at": utcnow(),
+    }
+    bind = session.get_bind()
+    insert = postgresql_insert if bind.dialect.name == "postgresql" else sqlite_insert
+    with Session(bind) as own, own.begin():  # a concurrent job on the same model may have stored them first
+        own.execute(insert(FileTokenCount).values(**values).on_conflict_do_nothing())
+    return FileTokenCount(**values)
 
 
 def _rejection(report: ValidationReport) -> InvalidInput:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 from sqlalchemy.orm import Session
 
 from app.adapters.service import adapter_unavailable, get_adapter
-from app.base_models.service import require_model
-from app.core.errors import InvalidInput, ServiceUnavailable
+from app.base_models.service import load_tokenizer, model_unavailable, require_model
+from app.core.errors import InvalidInput
 from app.core.settings import Settings
 from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
 from app.ml.formatting import encode_chat_prompt, encode_prompt
 from app.ml.registry import ModelStore, ModelUnavailable, find_model
 from app.ml.serving import AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
-
-log = logging.getLogger(__name__)
 
 
 def generate(
@@ -39,15 +35,16 @@ def generate(
         found = find_model(session, base_model)
         if found is None:
             raise adapter_unavailable(adapter.id, f"its base model {base_model} is no longer registered")
+        if adapter.base_model_revision not in (None, found.revision):
+            raise adapter_unavailable(
+                adapter.id, f"its base model {base_model} was registered again with other files; train it again"
+            )
         record = found
         adapter_ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256)
     else:
         base_model = request.base_model or settings.default_base_model
         record = require_model(session, model_id=base_model)
-    try:
-        tokenizer = models.tokenizer(record)
-    except ModelUnavailable as exc:
-        raise _model_unavailable(base_model, exc) from None
+    tokenizer = load_tokenizer(models, record)
     if request.messages is not None:
         if tokenizer.chat_template is None:
             raise InvalidInput(
@@ -82,7 +79,7 @@ def generate(
     except AdapterUnavailable as exc:
         raise adapter_unavailable(exc.adapter_id, exc.reason) from None
     except ModelUnavailable as exc:
-        raise _model_unavailable(base_model, exc) from None
+        raise model_unavailable(base_model, exc) from None
     return GenerateResponse(
         text=result.text,
         adapter_id=request.adapter_id,
@@ -93,14 +90,4 @@ def generate(
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
-    )
-
-
-def _model_unavailable(model_id: str, exc: ModelUnavailable) -> ServiceUnavailable:
-    """The base model's files cannot be had on this machine: the operator's problem, said without internals."""
-    log.error("base model %s unavailable: %s", model_id, exc)
-    return ServiceUnavailable(
-        f"base model {model_id} cannot be loaded on this server (its stored files are missing or damaged); "
-        "the operator's log has the details",
-        code="model_unavailable",
     )

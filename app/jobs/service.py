@@ -94,6 +94,7 @@ def create_job(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
         base_model=base_model,
+        base_model_revision=record.revision,
         method=request.method,
         training_file_id=request.training_file,
         validation_file_id=request.validation_file,

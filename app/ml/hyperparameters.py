@@ -38,6 +38,8 @@ class TrainingHyperparameters(BaseModel):
 
     def for_model(self, model: ModelRecord) -> Self:
         """These hyperparameters checked against the job's base model, with model-dependent defaults filled in."""
+        if "max_seq_length" not in self.model_fields_set:  # the default, for a model shorter than it
+            return self.model_copy(update={"max_seq_length": min(self.max_seq_length, model.max_seq_length)})
         if self.max_seq_length > model.max_seq_length:
             raise HyperparameterError("max_seq_length", f"{model.id} takes at most {model.max_seq_length} tokens")
         return self

@@ -8,6 +8,7 @@ raised before anything is stored or registered.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def stage_folder(src: Path, dest: Path) -> None:
         raise ModelImportError(f"{src} is not a folder")
     if not (src / "config.json").is_file():
         raise ModelImportError(f"{src} has no config.json: it is not a Hugging Face model folder")
-    weights = sorted(p for p in src.glob("*.safetensors") if p.is_file())
+    weights = _weight_files(src)
     if not weights:
         pickled = [p.name for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
         if pickled:
@@ -93,6 +94,24 @@ def stage_folder(src: Path, dest: Path) -> None:
     for path in [*(src / name for name in MODEL_FILES), *weights, *(src / name for name in tokenizer)]:
         if path.is_file():
             shutil.copyfile(path, dest / path.name)  # follows the HF cache's symlinks: the bytes, not the link
+
+
+def _weight_files(src: Path) -> list[Path]:
+    """The safetensors files the model loads: those its index lists when it is sharded, else model.safetensors,
+    else every *.safetensors (extra copies such as Mistral's consolidated.safetensors are left out)."""
+    index = src / WEIGHT_INDEX
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelImportError(f"{WEIGHT_INDEX} cannot be read: it has no weight_map") from None
+        missing = sorted(name for name in shards if not (src / str(name)).is_file())
+        if missing:
+            raise ModelImportError(f"{WEIGHT_INDEX} lists weight files that are not there: {', '.join(missing[:3])}")
+        return sorted(src / str(name) for name in shards)
+    if (src / "model.safetensors").is_file():
+        return [src / "model.safetensors"]
+    return sorted(p for p in src.glob("*.safetensors") if p.is_file())
 
 
 def stage_gguf(gguf: Path, dest: Path) -> None:

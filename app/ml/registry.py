@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -35,6 +36,7 @@ BLOB_PREFIX = "models/blobs/sha256"
 # Files that hold weights: the tokenizer alone (what the API needs to count tokens) is every other file.
 WEIGHT_SUFFIXES = (".safetensors",)
 WEIGHT_INDEX = "model.safetensors.index.json"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ModelUnavailable(RuntimeError):
@@ -254,9 +256,9 @@ def _fetch_files(record: ModelRecord, folder: Path, storage: ObjectStorage, file
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         for item in missing:
-            if "/" in item.path or "\\" in item.path or item.path.startswith("."):
+            if "/" in item.path or "\\" in item.path or item.path.startswith(".") or not SHA256.fullmatch(item.sha256):
                 raise ModelUnavailable(
-                    f"base model {record.id}: its file list names {item.path!r}, not a plain file name"
+                    f"base model {record.id}: its file list names {item.path!r}, not a plain file name and its digest"
                 )
             dest = folder / item.path
             if dest.exists():

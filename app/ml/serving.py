@@ -53,6 +53,9 @@ class GenerationResult:
     finish_reason: str
 
 
+# Base models kept loaded at once; a request for another unloads the least recently used one.
+MAX_BASE_MODELS = 2
+
 # Below this temperature sampling is numerically greedy (logits / T overflow): decode greedily, as vLLM does.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
@@ -99,8 +102,9 @@ class GenerationEngine:
         self.storage = storage
         self.cache_dir = cache_dir
         self.max_adapters = max_adapters
-        # (base model id, revision) -> plain model or PeftModel holding adapters, and its adapter ids in LRU order
-        self._models: dict[tuple[str, str], Any] = {}
+        # (base model id, revision) -> plain model or PeftModel holding adapters (least recently used first), and
+        # its adapter ids in LRU order
+        self._models: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._loaded: dict[tuple[str, str], OrderedDict[str, None]] = {}
         self._queue: queue.Queue[tuple[GenerationRequest, Future[GenerationResult]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
@@ -152,9 +156,14 @@ class GenerationEngine:
         base_model = (record.id, record.revision)
         model = self._models.get(base_model)
         if model is None:
+            while len(self._models) >= MAX_BASE_MODELS:  # make room first: device memory holds few base models
+                unloaded, _ = self._models.popitem(last=False)
+                del self._loaded[unloaded]
+                log.info("unloaded base model %s to make room", unloaded[0])
             model = self.models.load(record, self.placement)
             self._models[base_model] = model
             self._loaded[base_model] = OrderedDict()
+        self._models.move_to_end(base_model)
         if adapter is None:
             return model
         loaded = self._loaded[base_model]

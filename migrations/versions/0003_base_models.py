@@ -1,4 +1,5 @@
-"""Base models an operator registers, token counts per tokenizer, and where each job trained.
+"""Base models an operator registers, token counts per tokenizer, where each job trained, and on which
+revision of its base model a job and its adapter were made.
 
 Revision ID: 0003
 Revises: 0002
@@ -56,6 +57,9 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("device", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("dtype", sa.String(length=16), nullable=True))
+        batch.add_column(sa.Column("base_model_revision", sa.String(length=64), nullable=True))
+    with op.batch_alter_table("adapters") as batch:
+        batch.add_column(sa.Column("base_model_revision", sa.String(length=64), nullable=True))
     # Files already uploaded were counted with the built-ins' tokenizer; files without a measured longest example
     # (uploaded before revision 0002) are left to be counted again when a job needs it.
     files = sa.table(
@@ -80,7 +84,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("adapters") as batch:
+        batch.drop_column("base_model_revision")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("base_model_revision")
         batch.drop_column("dtype")
         batch.drop_column("device")
     with op.batch_alter_table("files") as batch:
