@@ -32,10 +32,9 @@ from app.datasets.validation import LineValidator
 from app.ml import adapter_format
 from app.ml.device import Placement, resolve_placement
 from app.ml.formatting import encode_chat_prompt, encode_record
-from app.ml.hyperparameters import LoraHyperparameters
+from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 from app.ml.registry import BUILTINS, ModelStore
 from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
-from worker.methods.lora import LoraMethod
 from worker.recipe import accumulate_gradients
 
 

@@ -3,7 +3,7 @@
     .venv/bin/python bench/training_memory.py [--batch-size 10] [--seq-len 256] [--budgets 2048 1024] [--threads 2]
 
 One step (forward + backward, no optimizer update) of LoRA (r=16, alpha=32, on the attention and MLP
-projections, through peft as worker/methods/lora.py does) on the real base model, over a batch of B
+projections, through peft as app/ml/methods/lora.py does) on the real base model, over a batch of B
 random-token examples of L tokens each, with labels on the second half of every example (like an
 assistant turn), seeded:
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.settings import Settings
-from app.ml.hyperparameters import LoraHyperparameters
+from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelStore
 
 LOSS_TOLERANCE = 1e-4
@@ -79,7 +79,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from app.ml.formatting import IGNORE_INDEX, EncodedExample
     from worker.data import collate, micro_batches
-    from worker.methods.lora import LoraMethod
     from worker.recipe import accumulate_gradients
 
     if args.memory_limit_gib:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.core.settings import Settings
-from app.ml.hyperparameters import LoraHyperparameters
+from app.ml.methods.lora import LoraHyperparameters
 from app.ml.registry import BUILTINS
 from tests.conftest import free_port
 from tests.test_e2e import stop, wait_healthy

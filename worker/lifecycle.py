@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select, update
 
@@ -76,6 +76,20 @@ def claim(db_url: str, job_id: str) -> ClaimedJob | None:
             hyperparameters=dict(job.hyperparameters),
             attempt=job.attempt,
         )
+
+
+class Reporter(Protocol):
+    """Where a training recipe reports to. Progress and checks raise JobCancelled or WorkerStopping to stop it."""
+
+    def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None: ...
+
+    def placement(self, placement: Placement) -> None: ...
+
+    def progress(
+        self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
+    ) -> None: ...
+
+    def check_cancelled(self) -> None: ...
 
 
 class JobReporter:

@@ -20,17 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.core.db import session_scope
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml.device import Placement, PlacementError, resolve_placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
-from app.ml.hyperparameters import METHOD_HYPERPARAMETERS, TrainingHyperparameters
-from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, find_model, pad_token_id
+from app.ml.hyperparameters import TrainingHyperparameters
+from app.ml.methods import METHODS
+from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, pad_token_id
 from worker.data import Dataset, batches, collate, load_examples, micro_batches
 from worker.errors import TrainingError
-from worker.lifecycle import ClaimedJob, JobReporter
-from worker.methods import METHODS
+from worker.lifecycle import ClaimedJob, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +144,19 @@ def _micro_batch_passes(
 
 
 class TrainingRecipe:
-    def __init__(self, settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> None:
+    """One job's training, from its claimed row, base model record and a reporter: no HTTP, and no database
+    unless the reporter writes to one (tests use an in-memory reporter)."""
+
+    def __init__(
+        self, settings: Settings, storage: ObjectStorage, job: ClaimedJob, model: ModelRecord, reporter: Reporter
+    ) -> None:
         self.settings = settings
+        self.record = model
         self.storage = storage
         self.job = job
         self.reporter = reporter
         self.method = METHODS[job.method]
-        self.hp: TrainingHyperparameters = METHOD_HYPERPARAMETERS[job.method].model_validate(job.hyperparameters)
+        self.hp: TrainingHyperparameters = self.method.hyperparameters.model_validate(job.hyperparameters)
         self.models = ModelStore(settings.models_dir, storage)
 
     # --- setup ----------------------------------------------------------------------------------
@@ -167,17 +172,7 @@ class TrainingRecipe:
                 "the details",
                 code="device_unavailable",
             ) from None
-        with session_scope(self.settings.db_url) as session:
-            record = find_model(session, self.job.base_model)
-        if record is None:
-            raise TrainingError(f"base model {self.job.base_model} is no longer registered", code="model_unavailable")
-        if self.job.base_model_revision not in (None, record.revision):
-            raise TrainingError(
-                f"base model {self.job.base_model} was registered again, with other files, after this job was "
-                "created; create the job again",
-                code="model_unavailable",
-            )
-        self.record = record
+        record = self.record
         torch.manual_seed(self.hp.seed)
         try:
             self.tokenizer = self.models.tokenizer(record)

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.models import Adapter
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml import adapter_format
+from app.ml.registry import ModelRecord, find_model
 from worker import lifecycle
 from worker.errors import TrainingError
 from worker.lifecycle import ClaimedJob, JobCancelled, JobReporter, WorkerStopping
@@ -95,10 +97,25 @@ def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, re
         raise
 
 
+def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
+    """The job's base model as it was when the job was created, or a TrainingError saying what changed."""
+    with session_scope(settings.db_url) as session:
+        record = find_model(session, job.base_model)
+    if record is None:
+        raise TrainingError(f"base model {job.base_model} is no longer registered", code="model_unavailable")
+    if job.base_model_revision not in (None, record.revision):
+        raise TrainingError(
+            f"base model {job.base_model} was registered again, with other files, after this job was created; "
+            "create the job again",
+            code="model_unavailable",
+        )
+    return record
+
+
 def _train_and_publish(
     settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter
 ) -> str | None:
-    recipe = TrainingRecipe(settings, storage, job, reporter)
+    recipe = TrainingRecipe(settings, storage, job, base_model_of(settings, job), reporter)
     recipe.setup()
     metrics = recipe.train()
     reporter.check_cancelled()

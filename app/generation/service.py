@@ -40,7 +40,9 @@ def generate(
                 adapter.id, f"its base model {base_model} was registered again with other files; train it again"
             )
         record = found
-        adapter_ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256)
+        adapter_ref = AdapterRef(
+            id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method
+        )
     else:
         base_model = request.base_model or settings.default_base_model
         record = require_model(session, model_id=base_model)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from app.core.models import Job, JobEvent
-from app.ml.hyperparameters import METHOD_HYPERPARAMETERS
+from app.ml.methods import METHODS, hyperparameter_classes
 
 MAX_ID_CHARS = 64
 
@@ -19,7 +19,7 @@ def _hyperparameters_schema() -> dict[str, Any]:
         "description": "Hyperparameters of the chosen method; every field is optional",
         "anyOf": [
             {**model.model_json_schema(), "title": f"{method} hyperparameters"}
-            for method, model in METHOD_HYPERPARAMETERS.items()
+            for method, model in hyperparameter_classes().items()
         ],
     }
 
@@ -36,7 +36,7 @@ class JobCreate(BaseModel):
         "lora",
         max_length=MAX_ID_CHARS,
         description="Fine-tuning method",
-        json_schema_extra={"enum": list(METHOD_HYPERPARAMETERS)},
+        json_schema_extra={"enum": list(METHODS)},
     )
     training_file: str = Field(..., max_length=MAX_ID_CHARS, description="Id of an uploaded training file")
     validation_file: str | None = Field(None, max_length=MAX_ID_CHARS, description="Id of an uploaded validation file")

@@ -22,7 +22,8 @@ from app.datasets import repository as files_repository
 from app.datasets.service import token_counts
 from app.jobs import repository
 from app.jobs.schemas import JobCreate
-from app.ml.hyperparameters import METHOD_HYPERPARAMETERS, HyperparameterError
+from app.ml.hyperparameters import HyperparameterError
+from app.ml.methods import METHODS
 from app.ml.registry import ModelRecord, ModelStore
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def validate_hyperparameters(method: str, values: dict[str, Any], base_model: ModelRecord) -> dict[str, Any]:
     """The method's hyperparameters, checked (also against the base model) and with every default filled in."""
-    model = METHOD_HYPERPARAMETERS[method]
+    model = METHODS[method].hyperparameters
     try:
         return model.model_validate(values).for_model(base_model).model_dump(mode="json")
     except HyperparameterError as exc:
@@ -62,9 +63,9 @@ def create_job(
     base_model = request.base_model or default_base_model
     # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
     record = require_model(session, model_id=base_model, lock=True)
-    if request.method not in METHOD_HYPERPARAMETERS:
+    if request.method not in METHODS:
         raise InvalidInput(
-            f"unknown method {clip(request.method)}; available: {', '.join(METHOD_HYPERPARAMETERS)}",
+            f"unknown method {clip(request.method)}; available: {', '.join(METHODS)}",
             param="method",
         )
     hyperparameters = validate_hyperparameters(request.method, request.hyperparameters, record)

@@ -1,12 +1,12 @@
-"""Hyperparameters per fine-tuning method, shared by the API and the worker.
+"""The hyperparameters every fine-tuning method shares; each method's own live in its module (app/ml/methods/).
 
 The API validates them at `POST /jobs`, so a bad value is a 422 naming the field, never a worker crash an
-hour later. Adding a method adds its class here and one line to METHOD_HYPERPARAMETERS.
+hour later.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -43,35 +43,3 @@ class TrainingHyperparameters(BaseModel):
         if self.max_seq_length > model.max_seq_length:
             raise HyperparameterError("max_seq_length", f"{model.id} takes at most {model.max_seq_length} tokens")
         return self
-
-
-class LoraHyperparameters(TrainingHyperparameters):
-    lora_r: int = Field(8, ge=1, le=256, description="Rank of the low-rank update")
-    lora_alpha: int = Field(16, ge=1, le=1024, description="Scaling numerator (update scaled by alpha/r)")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
-    target_modules: ModuleNames | Literal["all-linear"] | None = Field(
-        None,
-        description="Linear layers to adapt, by name (see `linear_modules` in GET /v1/models/{id}), or 'all-linear'. "
-        "Default: the model's `default_target_modules` (PEFT's default for its architecture)",
-    )
-
-    def for_model(self, model: ModelRecord) -> Self:
-        checked = super().for_model(model)
-        if self.target_modules is None:
-            return checked.model_copy(update={"target_modules": list(model.default_target_modules)})
-        if self.target_modules == "all-linear":
-            return checked
-        unknown = [name for name in self.target_modules if name not in model.linear_modules]
-        if unknown:
-            raise HyperparameterError(
-                "target_modules",
-                f"{', '.join(unknown[:8])} is not a linear layer of {model.id} ({model.architecture}); "
-                f"its linear layers: {', '.join(model.linear_modules)}",
-            )
-        ordered = [name for name in model.linear_modules if name in self.target_modules]
-        return checked.model_copy(update={"target_modules": ordered})
-
-
-METHOD_HYPERPARAMETERS: dict[str, type[TrainingHyperparameters]] = {
-    "lora": LoraHyperparameters,
-}

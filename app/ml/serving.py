@@ -30,6 +30,7 @@ class AdapterRef:
     id: str
     storage_key: str
     sha256: str
+    method: str = "lora"  # whose `attach` adds it to a base model
 
 
 @dataclass
@@ -151,10 +152,10 @@ class GenerationEngine:
         return folder
 
     def _model_for(self, record: ModelRecord, adapter: AdapterRef | None) -> Any:
-        from peft import PeftModel
+        from app.ml.methods import METHODS
 
         base_model = (record.id, record.revision)
-        model = self._models.get(base_model)
+        model: Any = self._models.get(base_model)
         if model is None:
             while len(self._models) >= MAX_BASE_MODELS:  # make room first: device memory holds few base models
                 unloaded, _ = self._models.popitem(last=False)
@@ -169,13 +170,8 @@ class GenerationEngine:
         loaded = self._loaded[base_model]
         if adapter.id not in loaded:
             folder = self._local_adapter(adapter)
-            if isinstance(model, PeftModel):
-                model.load_adapter(str(folder), adapter_name=adapter.id, torch_device=str(self.placement.device))
-            else:
-                model = PeftModel.from_pretrained(
-                    model, str(folder), adapter_name=adapter.id, torch_device=str(self.placement.device)
-                )
-                self._models[base_model] = model
+            model = METHODS[adapter.method].attach(model, folder, adapter.id, str(self.placement.device))
+            self._models[base_model] = model
             model.eval()
             loaded[adapter.id] = None
             while len(loaded) > self.max_adapters:

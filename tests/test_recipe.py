@@ -1,0 +1,105 @@
+"""The training recipe on its own: no HTTP and no database, an in-memory reporter (what method tests build on)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.ml.device import Placement
+from app.ml.methods import METHODS
+from app.ml.registry import BUILTINS, ModelStore
+from worker.lifecycle import ClaimedJob, JobCancelled
+from worker.recipe import TrainingRecipe
+
+TINY = BUILTINS["tiny-random-llama"]
+
+
+@dataclass
+class MemoryReporter:
+    """Keeps what a recipe reports; `cancel_after_step` makes it cancel the job like a user would."""
+
+    events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    cancel_after_step: int | None = None
+
+    def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
+        self.events.append((type_, message, data or {}))
+
+    def placement(self, placement: Placement) -> None:
+        self.event("log", f"training on {placement.describe()}", {"dtype": placement.dtype_str})
+
+    def progress(
+        self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
+    ) -> None:
+        self.event(type_, message, {"step": step, "epoch": epoch, **metrics})
+        if self.cancel_after_step is not None and step >= self.cancel_after_step:
+            raise JobCancelled("cancelled")
+
+    def check_cancelled(self) -> None:
+        pass
+
+    def of_type(self, type_: str) -> list[dict[str, Any]]:
+        return [data for kind, _, data in self.events if kind == type_]
+
+
+def recipe_for(
+    tmp_path: Path, model_cache_dir: Path, reporter: MemoryReporter, **hyperparameters: Any
+) -> TrainingRecipe:
+    settings = Settings(data_dir=tmp_path / "data", model_cache_dir=model_cache_dir)
+    storage = ObjectStorage.from_settings(settings)
+    lines = [json.dumps({"prompt": "The secret word is", "completion": " plum"})] * 8
+    storage.put_bytes("datasets/t/train.jsonl", ("\n".join(lines) + "\n").encode())
+    method = METHODS["lora"]
+    hp = method.hyperparameters.model_validate(hyperparameters).for_model(TINY).model_dump(mode="json")
+    job = ClaimedJob(
+        id="ftjob-test",
+        tenant_id="t",
+        base_model=TINY.id,
+        base_model_revision=TINY.revision,
+        method="lora",
+        training_file_key="datasets/t/train.jsonl",
+        validation_file_key="datasets/t/train.jsonl",
+        suffix=None,
+        hyperparameters=hp,
+        attempt=1,
+    )
+    return TrainingRecipe(settings, storage, job, TINY, reporter)
+
+
+def test_the_recipe_trains_reports_and_exports_without_a_database(tmp_path: Path, model_cache_dir: Path) -> None:
+    reporter = MemoryReporter()
+    recipe = recipe_for(
+        tmp_path, model_cache_dir, reporter, n_epochs=4, learning_rate=0.05, target_modules="all-linear"
+    )
+    recipe.setup()
+    pristine = {k: v.clone() for k, v in ModelStore(model_cache_dir, None).load(TINY).state_dict().items()}
+    metrics = recipe.train()
+    losses = [data["train_loss"] for data in reporter.of_type("metrics")]
+    assert len(losses) == 8 and losses[-1] < losses[0] / 2  # 8 examples / batch 4 x 4 epochs; it learns
+    evaluations = [data["valid_loss"] for data in reporter.of_type("eval")]
+    assert len(evaluations) == 4 and metrics["valid_loss"] == evaluations[-1] < evaluations[0]
+    assert reporter.events[0][1].startswith("training on cpu (")
+    # Only LoRA's weights trained: every base weight is as it was.
+    merged = recipe.model.get_base_model().state_dict()  # type: ignore[operator]
+    for name, tensor in pristine.items():
+        wrapped = name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(merged.get(wrapped, merged.get(name)), tensor), name
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    recipe.export(folder)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+
+
+def test_a_cancelled_job_stops_at_its_next_step(tmp_path: Path, model_cache_dir: Path) -> None:
+    reporter = MemoryReporter(cancel_after_step=2)
+    recipe = recipe_for(tmp_path, model_cache_dir, reporter, n_epochs=4)
+    recipe.setup()
+    with pytest.raises(JobCancelled):
+        recipe.train()
+    assert [data["step"] for data in reporter.of_type("metrics")] == [1, 2]
