@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,18 @@ class MemoryReporter:
 
 
 def recipe_for(
-    tmp_path: Path, model_cache_dir: Path, reporter: MemoryReporter, **hyperparameters: Any
+    tmp_path: Path,
+    model_cache_dir: Path,
+    reporter: MemoryReporter,
+    validation: str | None = "plum",
+    **hyperparameters: Any,
 ) -> TrainingRecipe:
+    """A LoRA recipe on 8 examples teaching "plum", validated on the same prompt answered `validation` (or not)."""
     settings = Settings(data_dir=tmp_path / "data", model_cache_dir=model_cache_dir)
     storage = ObjectStorage.from_settings(settings)
-    lines = [json.dumps({"prompt": "The secret word is", "completion": " plum"})] * 8
-    storage.put_bytes("datasets/t/train.jsonl", ("\n".join(lines) + "\n").encode())
+    for name, word in (("train", "plum"), ("valid", validation or "plum")):
+        lines = [json.dumps({"prompt": "The secret word is", "completion": f" {word}"})] * 8
+        storage.put_bytes(f"datasets/t/{name}.jsonl", ("\n".join(lines) + "\n").encode())
     method = METHODS["lora"]
     hp = method.hyperparameters.model_validate(hyperparameters).for_model(TINY).model_dump(mode="json")
     job = ClaimedJob(
@@ -64,7 +71,7 @@ def recipe_for(
         base_model_revision=TINY.revision,
         method="lora",
         training_file_key="datasets/t/train.jsonl",
-        validation_file_key="datasets/t/train.jsonl",
+        validation_file_key="datasets/t/valid.jsonl" if validation else None,
         suffix=None,
         hyperparameters=hp,
         attempt=1,
@@ -103,3 +110,68 @@ def test_a_cancelled_job_stops_at_its_next_step(tmp_path: Path, model_cache_dir:
     with pytest.raises(JobCancelled):
         recipe.train()
     assert [data["step"] for data in reporter.of_type("metrics")] == [1, 2]
+
+
+def test_gradient_accumulation_cosine_schedule_and_evaluation_every_n_steps(
+    tmp_path: Path, model_cache_dir: Path
+) -> None:
+    reporter = MemoryReporter()
+    recipe = recipe_for(
+        tmp_path,
+        model_cache_dir,
+        reporter,
+        n_epochs=3,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        lr_scheduler="cosine",
+        warmup_ratio=0.0,
+        eval_every=1,
+        learning_rate=0.01,
+    )
+    recipe.setup()
+    recipe.train()
+    steps = reporter.of_type("metrics")
+    assert [d["step"] for d in steps] == [1, 2, 3, 4, 5, 6]  # 8 examples, 2 x 2 per optimizer step, 3 epochs
+    rates = [d["learning_rate"] for d in steps]
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
+    assert rates == pytest.approx(expected)
+    assert [d["step"] for d in reporter.of_type("eval")] == [1, 2, 3, 4, 5, 6]  # each step; none twice at epoch end
+
+
+def test_validation_split_holds_out_training_examples(tmp_path: Path, model_cache_dir: Path) -> None:
+    reporter = MemoryReporter()
+    recipe = recipe_for(tmp_path, model_cache_dir, reporter, validation=None, validation_split=0.25, n_epochs=1)
+    recipe.setup()
+    assert (len(recipe.train_data.examples), len(recipe.valid_data.examples)) == (6, 2)  # type: ignore[union-attr]
+    assert any("2 of 8 training examples held out" in message for _, message, _ in reporter.events)
+    recipe.train()
+    assert len(reporter.of_type("eval")) == 1
+
+
+def test_early_stopping_stops_and_keeps_the_best_evaluations_weights(tmp_path: Path, model_cache_dir: Path) -> None:
+    """Trained on "plum" and validated on "kiwi": the validation loss rises once the model is sure of "plum", so
+    training stops, and the published weights are those of the best evaluation, not the last."""
+    reporter = MemoryReporter()
+    recipe = recipe_for(
+        tmp_path,
+        model_cache_dir,
+        reporter,
+        validation="kiwi",
+        n_epochs=20,
+        learning_rate=0.05,
+        target_modules="all-linear",
+        early_stopping_patience=2,
+    )
+    recipe.setup()
+    metrics = recipe.train()
+    evaluations = {d["step"]: d["valid_loss"] for d in reporter.of_type("eval")}
+    [summary] = reporter.of_type("early_stopping")
+    assert summary["stopped_early"] is True and max(evaluations) < recipe.total_steps
+    assert summary["best_valid_loss"] == min(evaluations.values())
+    assert evaluations[summary["best_step"]] == summary["best_valid_loss"]
+    # The two evaluations after the best one were worse, and then it stopped.
+    after = [loss for step, loss in sorted(evaluations.items()) if step > summary["best_step"]]
+    assert len(after) == 2 and all(loss > summary["best_valid_loss"] for loss in after)
+    assert metrics["best_step"] == summary["best_step"]
+    # What is published is the best evaluation's model: evaluating it again gives the best loss.
+    assert recipe.evaluate(recipe.valid_data)["valid_loss"] == pytest.approx(summary["best_valid_loss"], abs=1e-5)  # type: ignore[arg-type]

@@ -159,3 +159,19 @@ def test_a_job_cancelled_before_it_starts_is_not_run(client: TestClient, tenant:
     assert run_training_job(settings, job_id) is None
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "cancelled" and job["attempt"] == 0
+
+
+def test_early_stopping_through_the_service_reports_the_published_step(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    job_id = start_job(client, tenant, n_epochs=3, early_stopping_patience=5, eval_every=1)
+    assert run_training_job(settings, job_id) is not None
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    evaluations = {
+        e["data"]["step"]: e["data"]["valid_loss"] for e in events(client, tenant, job_id) if e["type"] == "eval"
+    }
+    assert sorted(evaluations) == [1, 2, 3, 4, 5, 6]  # every step, not twice at an epoch's end
+    assert job["metrics"]["best_valid_loss"] == min(evaluations.values())
+    assert evaluations[job["metrics"]["best_step"]] == job["metrics"]["best_valid_loss"]
+    [summary] = [e for e in events(client, tenant, job_id) if e["type"] == "early_stopping"]
+    assert summary["message"].startswith("trained all 6 steps; publishing the weights of step ")

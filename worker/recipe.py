@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,42 @@ def cached_base_model(models: ModelStore, record: ModelRecord, placement: Placem
             cpu = Placement(device=torch.device("cpu"), dtype=placement.dtype, device_name="cpu")
             _base_models[key] = models.load(record, cpu)
         return copy.deepcopy(_base_models[key]).to(placement.device)
+
+
+def learning_rate_factor(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
+    """The peak learning rate's multiplier at each step: a linear warmup from 0, then a linear or cosine decay
+    to 0 at the last step."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation loss and a snapshot of the weights that reached it."""
+
+    patience: int | None
+    best: tuple[int, float, dict[str, torch.Tensor]] | None = None  # step, loss, trainable weights
+    without_improvement: int = 0
+
+    def observe(self, step: int, loss: float, snapshot: Callable[[], dict[str, torch.Tensor]]) -> None:
+        if self.best is None or loss < self.best[1]:
+            self.best = (step, loss, snapshot() if self.patience else {})  # a copy only when it may be restored
+            self.without_improvement = 0
+        else:
+            self.without_improvement += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.without_improvement >= self.patience
 
 
 @dataclass
@@ -181,6 +219,8 @@ class TrainingRecipe:
             self.valid_data = (
                 self._load(self.job.validation_file_key, "validation") if self.job.validation_file_key else None
             )
+            if self.valid_data is None and self.hp.validation_split > 0:
+                self.train_data, self.valid_data = self._hold_out(self.train_data, self.hp.validation_split)
             model = cached_base_model(self.models, record, self.placement)
         except ModelUnavailable as exc:
             raise TrainingError(str(exc), code="model_unavailable") from None
@@ -198,14 +238,11 @@ class TrainingRecipe:
         trainable = sum(p.numel() for p in self.trainable_params)
         total = sum(p.numel() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.method.param_groups(self.model, self.hp), weight_decay=0.0)
-        self.steps_per_epoch = math.ceil(len(self.train_data.examples) / self.hp.batch_size)
+        self.examples_per_step = self.hp.batch_size * self.hp.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(self.train_data.examples) / self.examples_per_step)
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
-        warmup = int(0.03 * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: (
-                (s + 1) / warmup if s < warmup else max(0.0, (self.total_steps - s) / (self.total_steps - warmup))
-            ),
+            self.optimizer, learning_rate_factor(self.total_steps, self.hp.warmup_ratio, self.hp.lr_scheduler)
         )
         self.reporter.event(
             "log",
@@ -219,6 +256,23 @@ class TrainingRecipe:
                 "total_steps": self.total_steps,
             },
         )
+
+    def _hold_out(self, data: Dataset, share: float) -> tuple[Dataset, Dataset]:
+        """A seeded random `share` of the training examples (at least one) becomes the validation set."""
+        n = len(data.examples)
+        n_valid = max(1, round(n * share))
+        if n - n_valid < 1:
+            raise TrainingError(
+                f"validation_split={share} leaves no training example out of {n}; lower it or add examples"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hp.seed)).tolist()
+        held = set(order[:n_valid])
+        train = [e for i, e in enumerate(data.examples) if i not in held]
+        valid = [e for i, e in enumerate(data.examples) if i in held]
+        self.reporter.event(
+            "log", f"{n_valid} of {n} training examples held out for validation (validation_split={share})"
+        )
+        return dataclasses.replace(data, examples=train), dataclasses.replace(data, examples=valid)
 
     def _load(self, key: str, what: str) -> Dataset:
         data = load_examples(self.storage, key, self.tokenizer, self.hp.max_seq_length)
@@ -236,12 +290,17 @@ class TrainingRecipe:
 
     # --- train -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        """Train for n_epochs, evaluating every eval_every steps and at each epoch end; with early stopping, stop
+        after `early_stopping_patience` evaluations without a better validation loss and keep the best weights."""
         step = 0
         metrics: dict[str, Any] = {}
+        self.stopping = EarlyStopping(self.hp.early_stopping_patience) if self.valid_data is not None else None
         for epoch in range(1, self.hp.n_epochs + 1):
             self.model.train()
+            self.method.on_epoch_start(self.model, self.optimizer, epoch, self.hp)
+            evaluated_at = -1
             for step_examples in batches(
-                self.train_data.examples, self.hp.batch_size, shuffle_seed=self.hp.seed + epoch
+                self.train_data.examples, self.examples_per_step, shuffle_seed=self.hp.seed + epoch
             ):
                 started = time.perf_counter()
                 stats = accumulate_gradients(
@@ -274,19 +333,66 @@ class TrainingRecipe:
                     metrics=metrics,
                     message=f"step {step}/{self.total_steps}: train loss {stats.loss:.4f}",
                 )
-            if self.valid_data is not None:
-                evaluation = self.evaluate(self.valid_data)
-                metrics.update(evaluation)
-                self.reporter.progress(
-                    step=step,
-                    total_steps=self.total_steps,
-                    epoch=epoch,
-                    metrics=evaluation,
-                    type_="eval",
-                    message=f"epoch {epoch}: valid loss {evaluation['valid_loss']:.4f}, "
-                    f"perplexity {evaluation['valid_perplexity']:.2f}",
-                )
+                if self.hp.eval_every and step % self.hp.eval_every == 0 and self.valid_data is not None:
+                    metrics.update(self._evaluate_and_report(step, epoch, f"step {step}"))
+                    evaluated_at = step
+                    if self.stopping is not None and self.stopping.should_stop:
+                        break
+            if self.valid_data is not None and evaluated_at != step:
+                metrics.update(self._evaluate_and_report(step, epoch, f"epoch {epoch}"))
+            if self.stopping is not None and self.stopping.should_stop:
+                break
+        if self.stopping is not None and self.stopping.best is not None and self.hp.early_stopping_patience:
+            metrics.update(self._keep_best(step, epoch))
         return metrics
+
+    def _evaluate_and_report(self, step: int, epoch: int, when: str) -> dict[str, float]:
+        assert self.valid_data is not None
+        evaluation = self.evaluate(self.valid_data)
+        if self.stopping is not None:
+            self.stopping.observe(step, evaluation["valid_loss"], self.trainable_state)
+        self.reporter.progress(
+            step=step,
+            total_steps=self.total_steps,
+            epoch=epoch,
+            metrics=evaluation,
+            type_="eval",
+            message=f"{when}: valid loss {evaluation['valid_loss']:.4f}, "
+            f"perplexity {evaluation['valid_perplexity']:.2f}",
+        )
+        return evaluation
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of what the optimizer updates (the early-stopping snapshot), on the host."""
+        return {
+            name: param.detach().to("cpu", copy=True)
+            for name, param in self.model.named_parameters()
+            if param.requires_grad
+        }
+
+    def _keep_best(self, step: int, epoch: int) -> dict[str, Any]:
+        """Put the best evaluation's weights back and say so: they are what gets published."""
+        stopping = self.stopping
+        assert stopping is not None and stopping.best is not None
+        best_step, best_loss, best_state = stopping.best
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in best_state:
+                    param.copy_(best_state[name])
+        if stopping.should_stop:
+            why = f"stopped early at step {step}: {stopping.patience} evaluation(s) without a lower validation loss"
+        else:
+            why = f"trained all {step} steps"
+        summary = {"best_step": best_step, "best_valid_loss": best_loss, "stopped_early": stopping.should_stop}
+        self.reporter.progress(
+            step=step,
+            total_steps=self.total_steps,
+            epoch=epoch,
+            metrics=summary,
+            type_="early_stopping",
+            message=f"{why}; publishing the weights of step {best_step} (valid loss {best_loss:.4f})",
+        )
+        return summary
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict[str, float]:

@@ -69,6 +69,13 @@ def create_job(
             param="method",
         )
     hyperparameters = validate_hyperparameters(request.method, request.hyperparameters, record)
+    if hyperparameters["early_stopping_patience"] and not (
+        request.validation_file or hyperparameters["validation_split"]
+    ):
+        raise InvalidInput(
+            "hyperparameters.early_stopping_patience: early stopping needs a validation_file or a validation_split",
+            param="hyperparameters.early_stopping_patience",
+        )
     for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
         if file_id is None:
             continue

@@ -6,7 +6,7 @@ hour later.
 
 from __future__ import annotations
 
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -32,9 +32,34 @@ class TrainingHyperparameters(BaseModel):
 
     n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training file")
     batch_size: int = Field(4, ge=1, le=512, description="Examples per optimizer step")
-    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (linear decay)")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (after the warmup)")
     max_seq_length: int = Field(512, ge=16, le=32768, description="Tokens per example; longer ones are cut")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for shuffling, dropout and initialization")
+    lr_scheduler: Literal["linear", "cosine"] = Field(
+        "linear", description="How the learning rate decays to 0 after the warmup: linear or cosine"
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0, le=0.5, description="Share of the steps over which the learning rate rises from 0 to its peak"
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=64, description="Batches of batch_size whose gradients make one optimizer step"
+    )
+    eval_every: int | None = Field(
+        None, ge=1, le=1_000_000, description="Also evaluate every this many steps (always at the end of each epoch)"
+    )
+    validation_split: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Share of the training examples held out for evaluation; ignored when a validation file is given",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Stop after this many evaluations without a lower validation loss; the weights of the best "
+        "evaluation are published. Needs a validation file or validation_split",
+    )
 
     def for_model(self, model: ModelRecord) -> Self:
         """These hyperparameters checked against the job's base model, with model-dependent defaults filled in."""
