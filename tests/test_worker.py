@@ -47,6 +47,10 @@ def test_job_trains_publishes_and_succeeds(client: TestClient, tenant: Tenant, s
     assert job["adapter_id"] == adapter_id
     assert job["progress"] == {"step": 4, "total_steps": 4, "epoch": 2}  # 8 examples / batch 4 * 2 epochs
     assert job["attempt"] == 1
+    # LoRA r=8 on q_proj (64 -> 64) and v_proj (64 -> 32) of 2 layers: 2 x (8 x (64 + 64) + 8 x (64 + 32)).
+    assert job["metrics"]["trainable_parameters"] == 3584
+    assert job["metrics"]["total_parameters"] == 3_219_776 + 3584
+    assert job["metrics"]["trainable_share"] == round(3584 / (3_219_776 + 3584), 6)
     assert job["started_at"] is not None and job["finished_at"] >= job["started_at"]
     for name in (
         "train_loss",

@@ -244,17 +244,21 @@ class TrainingRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_factor(self.total_steps, self.hp.warmup_ratio, self.hp.lr_scheduler)
         )
-        self.reporter.event(
-            "log",
-            f"{self.method.name} on {self.job.base_model}: {trainable:,} of {total:,} parameters trainable; "
-            f"{len(self.train_data.examples)} examples, {self.total_steps} steps",
-            {
+        # In the job's metrics from the start (GET /jobs/{id}), and as an event.
+        self.reporter.progress(
+            step=0,
+            total_steps=self.total_steps,
+            epoch=0,
+            metrics={
                 "trainable_parameters": trainable,
                 "total_parameters": total,
+                "trainable_share": round(trainable / total, 6),
                 "train_examples": len(self.train_data.examples),
                 "truncated_examples": self.train_data.n_truncated,
-                "total_steps": self.total_steps,
             },
+            message=f"{self.method.name} on {self.job.base_model}: {trainable:,} of {total:,} parameters trainable "
+            f"({100 * trainable / total:.3f}%); {len(self.train_data.examples)} examples, {self.total_steps} steps",
+            type_="log",
         )
 
     def _hold_out(self, data: Dataset, share: float) -> tuple[Dataset, Dataset]:
