@@ -191,9 +191,11 @@ def models_add(
 ) -> None:
     """Register a base model: check it, copy its files into the object store, add it to the database.
 
-    Give exactly one of --path, --gguf, --hf-repo. The model must be a causal language model that transformers
-    loads without custom code, with safetensors weights and a tokenizer. Every worker and API replica then
-    fetches the same files from the object store on first use and verifies their checksums.
+    Give exactly one of --path, --gguf, --hf-repo.
+
+    The model: a causal LM that transformers loads without custom code, with safetensors weights and a tokenizer.
+
+    Workers and API replicas fetch the files from the object store on first use and verify their checksums.
     """
     from app.base_models.service import register_model
     from app.core.db import session_scope
