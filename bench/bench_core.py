@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from app.core.settings import Settings
-from app.core.storage import ObjectStorage
-from app.datasets.service import _read_chunks, _scan
+from app.core.storage import ObjectStorage, read_chunks
+from app.datasets.service import _scan
 from app.datasets.validation import LineValidator
 from app.ml import adapter_format
 from app.ml.device import Placement, resolve_placement
@@ -58,7 +58,7 @@ def bench_validation(tokenizer: object) -> None:
     mb = len(data) / 1e6
 
     def ours() -> None:
-        _scan(_read_chunks(io.BytesIO(data)), LineValidator(tokenizer, 100, model_id="bench"), 10**9)
+        _scan(read_chunks(io.BytesIO(data)), LineValidator(tokenizer, 100, model_id="bench"), 10**9)
 
     def baseline() -> None:
         for line in data.splitlines():

@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 
 from app.core.errors import AppError, PayloadTooLarge
 from app.core.settings import Settings
-from app.core.storage import ObjectStorage
-from app.datasets.service import _read_chunks, _rejection, _scan
+from app.core.storage import ObjectStorage, read_chunks
+from app.datasets.service import _rejection, _scan
 from app.datasets.validation import FORMATS, LineValidator, ValidationReport
 from app.ml.formatting import encode_record
 from app.ml.jsonl import MAX_LINE_BYTES, Line, read_records, split_lines
@@ -306,7 +306,7 @@ def chunked(data: bytes, cuts: list[int]) -> Iterator[bytes]:
 
 def validate(tokenizer: Any, data: bytes, max_bytes: int = NO_LIMIT) -> ValidationReport:
     validator = LineValidator(tokenizer, MAX_ERRORS, model_id="tiny-random-llama")
-    size, sha256 = _scan(_read_chunks(io.BytesIO(data)), validator, max_bytes)
+    size, sha256 = _scan(read_chunks(io.BytesIO(data)), validator, max_bytes)
     assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
     return validator.report
 

@@ -61,7 +61,7 @@ class ObjectStorage:
 
     def put_file(self, key: str, fileobj: IO[bytes]) -> None:
         """Upload a readable binary file, streamed in chunks; the object appears atomically."""
-        obstore.put(self._store, key, _chunks(fileobj), chunk_size=5 * CHUNK_SIZE)
+        obstore.put(self._store, key, read_chunks(fileobj), chunk_size=5 * CHUNK_SIZE)
 
     def put_path(self, key: str, path: Path) -> None:
         obstore.put(self._store, key, path)
@@ -115,6 +115,7 @@ class ObjectStorage:
         obstore.list_with_delimiter(self._probe_store, PROBE_PREFIX)
 
 
-def _chunks(fileobj: IO[bytes]) -> Iterator[bytes]:
+def read_chunks(fileobj: IO[bytes]) -> Iterator[bytes]:
+    """A binary file as chunks of CHUNK_SIZE bytes."""
     while chunk := fileobj.read(CHUNK_SIZE):
         yield chunk

@@ -18,7 +18,7 @@ from app.core.ids import new_id
 from app.core.models import File, FileTokenCount, utcnow
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
-from app.core.storage import CHUNK_SIZE, ObjectStorage
+from app.core.storage import ObjectStorage, read_chunks
 from app.datasets import repository
 from app.datasets.validation import LineValidator, ValidationReport
 from app.ml.jsonl import split_lines
@@ -50,11 +50,6 @@ def _scan(stream: Iterator[bytes], validator: LineValidator, max_bytes: int) -> 
         validator.feed(line)
     validator.finish()
     return size, digest.hexdigest()
-
-
-def _read_chunks(fileobj: IO[bytes]) -> Iterator[bytes]:
-    while chunk := fileobj.read(CHUNK_SIZE):
-        yield chunk
 
 
 def missing_file() -> InvalidInput:
@@ -115,7 +110,7 @@ def create_file(
         raise InvalidInput("base_model is longer than 64 characters", param="base_model")
     record = require_model(session, model_id=base_model or settings.default_base_model)
     validator = LineValidator(load_tokenizer(models, record), settings.max_reported_line_errors, model_id=record.id)
-    size, sha256 = _scan(_read_chunks(fileobj), validator, settings.max_upload_bytes)
+    size, sha256 = _scan(read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
     if size == 0 or report.n_examples == 0 and report.n_errors == 0:
         raise InvalidInput("the file is empty: it has no examples", param="file", code="empty_file")

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 
 if TYPE_CHECKING:
-    from app.core.settings import Settings
     from app.core.storage import ObjectStorage
     from app.ml.device import Placement
 
@@ -88,10 +87,6 @@ class ModelRecord:
     @property
     def base_model_name_or_path(self) -> str:
         return self.origin or self.id
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
 
 
 # --- built-ins -------------------------------------------------------------------------------------
@@ -264,14 +259,14 @@ def _fetch_files(record: ModelRecord, folder: Path, storage: ObjectStorage, file
             if dest.exists():
                 continue  # another process fetched it while we waited for the lock
             log.info("fetching %s/%s (%d bytes) from the object store", record.id, item.path, item.size)
+            fetched = dest.with_name(dest.name + ".fetched")
             try:
-                digest = storage.download(item.blob_key, dest.with_name(dest.name + ".fetched"))
+                digest = storage.download(item.blob_key, fetched)
             except FileNotFoundError:
                 raise ModelUnavailable(
                     f"base model {record.id}: its file {item.path} is missing from the object store; "
                     "the operator should register the model again"
                 ) from None
-            fetched = dest.with_name(dest.name + ".fetched")
             if digest != item.sha256:
                 fetched.unlink(missing_ok=True)
                 log.error("%s/%s: sha256 %s, expected %s", record.id, item.path, digest, item.sha256)
@@ -288,12 +283,6 @@ class ModelStore:
     def __init__(self, models_dir: Path, storage: ObjectStorage | None) -> None:
         self.models_dir = models_dir
         self.storage = storage
-
-    @classmethod
-    def from_settings(cls, settings: Settings, storage: ObjectStorage | None = None) -> ModelStore:
-        from app.core.storage import ObjectStorage
-
-        return cls(settings.models_dir, storage or ObjectStorage.from_settings(settings))
 
     def _shared_tokenizer_dir(self) -> Path:
         return _materialize(self.models_dir / "_tokenizer-smollm2", build_shared_tokenizer)
