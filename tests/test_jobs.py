@@ -72,6 +72,8 @@ def test_create_job_fills_defaults_and_enqueues(
         "lora_alpha": 16,
         "lora_dropout": 0.05,
         "target_modules": ["q_proj", "v_proj"],  # PEFT's default for LLaMA
+        "use_dora": False,
+        "use_rslora": False,
     }
     assert job["progress"] == {"step": 0, "total_steps": None, "epoch": 0}
     assert job["adapter_id"] is None and job["error"] is None

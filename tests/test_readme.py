@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from app.core.settings import Settings
-from app.ml.methods.lora import LoraHyperparameters
+from app.ml.hyperparameters import TrainingHyperparameters
+from app.ml.methods import METHODS
 from app.ml.registry import BUILTINS
 from tests.conftest import free_port
 from tests.test_e2e import stop, wait_healthy
@@ -68,15 +69,37 @@ def test_configuration_table_lists_every_setting() -> None:
     assert documented == {name.upper() for name in Settings.model_fields}
 
 
+def shown(default: object) -> str:
+    return str(default).replace("'", '"') if isinstance(default, list) else str(default)
+
+
 def test_hyperparameter_table_matches_the_defaults() -> None:
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", README, re.M))
-    for name, field in LoraHyperparameters.model_fields.items():
+    for name, field in TrainingHyperparameters.model_fields.items():
         default = field.get_default(call_default_factory=True)
-        shown = rows[name].strip().strip("`")
+        value = rows[name].strip().strip("`")
         if default is None:  # off, or filled in from the base model at POST /jobs
-            assert shown == "none" or shown.startswith("the model's"), name
+            assert value == "none" or value.startswith("the model's"), name
             continue
-        assert shown == (str(default).replace("'", '"') if isinstance(default, list) else str(default)), name
+        assert value == shown(default), name
+
+
+def test_methods_table_lists_every_method_with_its_own_defaults() -> None:
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \| [^|]+ \|$", README, re.M))
+    assert set(rows) >= set(METHODS)
+    shared = TrainingHyperparameters.model_fields
+    for method, spec in METHODS.items():
+        for name, field in spec.hyperparameters.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            if name == "learning_rate":
+                assert f"`learning_rate` {default}" in rows[method] or default == shared[name].default, method
+            elif name not in shared:
+                listed = re.search(rf"`{name}` \(([^)]*)\)", rows[method])
+                assert listed, (method, name)
+                if default is None:
+                    assert listed[1].startswith(("none", "the model's")), (method, name)
+                else:
+                    assert listed[1].split(",")[0].split(":")[0] == shown(default), (method, name)
 
 
 def test_base_model_table_matches_the_registry() -> None:

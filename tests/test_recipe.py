@@ -54,22 +54,23 @@ def recipe_for(
     model_cache_dir: Path,
     reporter: MemoryReporter,
     validation: str | None = "plum",
+    method: str = "lora",
     **hyperparameters: Any,
 ) -> TrainingRecipe:
-    """A LoRA recipe on 8 examples teaching "plum", validated on the same prompt answered `validation` (or not)."""
+    """A `method` recipe on 8 examples teaching "plum", validated on the same prompt answered `validation` (or
+    not)."""
     settings = Settings(data_dir=tmp_path / "data", model_cache_dir=model_cache_dir)
     storage = ObjectStorage.from_settings(settings)
     for name, word in (("train", "plum"), ("valid", validation or "plum")):
         lines = [json.dumps({"prompt": "The secret word is", "completion": f" {word}"})] * 8
         storage.put_bytes(f"datasets/t/{name}.jsonl", ("\n".join(lines) + "\n").encode())
-    method = METHODS["lora"]
-    hp = method.hyperparameters.model_validate(hyperparameters).for_model(TINY).model_dump(mode="json")
+    hp = METHODS[method].hyperparameters.model_validate(hyperparameters).for_model(TINY).model_dump(mode="json")
     job = ClaimedJob(
         id="ftjob-test",
         tenant_id="t",
         base_model=TINY.id,
         base_model_revision=TINY.revision,
-        method="lora",
+        method=method,
         training_file_key="datasets/t/train.jsonl",
         validation_file_key="datasets/t/valid.jsonl" if validation else None,
         suffix=None,

@@ -28,6 +28,7 @@ from app.ml.device import Placement, PlacementError, resolve_placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
 from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.methods import METHODS
+from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, pad_token_id
 from worker.data import Dataset, batches, collate, load_examples, micro_batches
 from worker.errors import TrainingError
@@ -160,6 +161,8 @@ def _micro_batch_passes(
         batch = {name: tensor.to(device) for name, tensor in collate(group, pad_token_id).items()}
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        # Prompt and p-tuning put their virtual tokens' positions first: the text's logits are the last ones.
+        logits = logits[:, -batch["input_ids"].shape[1] :]
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
         # Keep only the loss-bearing positions, in float32 whatever the model's dtype; the full logits go now.
@@ -221,13 +224,24 @@ class TrainingRecipe:
             )
             if self.valid_data is None and self.hp.validation_split > 0:
                 self.train_data, self.valid_data = self._hold_out(self.train_data, self.hp.validation_split)
-            model = cached_base_model(self.models, record, self.placement)
+            if self.method.needs_cuda and self.placement.device.type != "cuda":
+                raise TrainingError(
+                    f"{self.method.name} needs a CUDA GPU; the worker that took this job trains on "
+                    f"{self.placement.device_str}",
+                    code="device_unavailable",
+                )
+            context = MethodContext(record=record, models=self.models, placement=self.placement)
+            model = self.method.load_base(context) or cached_base_model(self.models, record, self.placement)
         except ModelUnavailable as exc:
             raise TrainingError(str(exc), code="model_unavailable") from None
         self.reporter.placement(self.placement)
-        self.model = self.method.prepare(model, self.hp)
+        self.model = self.method.prepare(model, self.hp, context)
         self.model.train()
-        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = self.method.param_groups(self.model, self.hp)
+        # Everything the optimizer may update over the job (a method can unfreeze more as it goes), by name.
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        self.trained_names = {names[id(p)] for group in groups for p in group["params"]}
+        self.trainable_params = [p for name, p in self.model.named_parameters() if name in self.trained_names]
         # Mixed precision: the frozen base computes in half precision, but what the optimizer updates stays
         # float32 (small updates vanish in bfloat16's 8-bit mantissa). PEFT already keeps adapters in float32.
         for param in self.trainable_params:
@@ -237,7 +251,7 @@ class TrainingRecipe:
         self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
         trainable = sum(p.numel() for p in self.trainable_params)
         total = sum(p.numel() for p in self.model.parameters())
-        self.optimizer = torch.optim.AdamW(self.method.param_groups(self.model, self.hp), weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.examples_per_step = self.hp.batch_size * self.hp.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(len(self.train_data.examples) / self.examples_per_step)
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
@@ -301,11 +315,15 @@ class TrainingRecipe:
         self.stopping = EarlyStopping(self.hp.early_stopping_patience) if self.valid_data is not None else None
         for epoch in range(1, self.hp.n_epochs + 1):
             self.model.train()
-            self.method.on_epoch_start(self.model, self.optimizer, epoch, self.hp)
             evaluated_at = -1
             for step_examples in batches(
                 self.train_data.examples, self.examples_per_step, shuffle_seed=self.hp.seed + epoch
             ):
+                change = self.method.before_step(
+                    self.model, self.hp, step=step, epoch=epoch, steps_per_epoch=self.steps_per_epoch
+                )
+                if change:
+                    self.reporter.event("log", f"step {step + 1}: {change}", {"step": step + 1})
                 started = time.perf_counter()
                 stats = accumulate_gradients(
                     self.model,
@@ -371,7 +389,7 @@ class TrainingRecipe:
         return {
             name: param.detach().to("cpu", copy=True)
             for name, param in self.model.named_parameters()
-            if param.requires_grad
+            if name in self.trained_names
         }
 
     def _keep_best(self, step: int, epoch: int) -> dict[str, Any]:
@@ -418,4 +436,7 @@ class TrainingRecipe:
     # --- export ----------------------------------------------------------------------------------
     def export(self, folder: Path) -> None:
         self.model.eval()
-        self.method.export(self.model, folder, self.record)
+        self.method.export(self.model, folder, self.base_weights())
+
+    def base_weights(self) -> BaseWeights:
+        return BaseWeights(record=self.record, weights_sha256=self.models.weights_sha256(self.record))

@@ -137,6 +137,8 @@ def _train_and_publish(
                 "base_model": job.base_model,
                 "method": job.method,
                 "format": recipe.method.artifact_format,
+                "base_model_revision": job.base_model_revision,
+                "base_model_weights_sha256": recipe.base_weights().weights_sha256,
                 "hyperparameters": job.hyperparameters,
                 "metrics": metrics,
             },

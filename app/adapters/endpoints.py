@@ -42,7 +42,10 @@ def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: TenantDep) -
 def download_adapter(
     adapter_id: AdapterId, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> StreamingResponse:
-    """A gzipped tar holding `adapter_config.json`, `adapter_model.safetensors` and `tuneforge.json`.
+    """A gzipped tar holding the artifact and `tuneforge.json` (its manifest): for PEFT methods (`format`
+    `peft`) `adapter_config.json` and `adapter_model.safetensors`, which `peft.PeftModel.from_pretrained` loads;
+    for weight-delta methods (`format` `delta`: head, layerwise, discriminative, full) `delta.safetensors` with
+    `delta_config.json`, which name the base model and the sha256 of its weights.
 
     410 if the stored archive is missing or damaged; the body always has its full `Content-Length`.
     """

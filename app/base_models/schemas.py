@@ -20,6 +20,10 @@ class ModelObject(BaseModel):
     parameters: int
     max_seq_length: int = Field(description="The longest sequence (prompt plus completion) the model takes")
     chat: bool = Field(description="Whether the model has a chat template: chat files and `messages` need one")
+    layers: int | None = Field(
+        description="Transformer blocks (what layerwise and discriminative count); null for a "
+        "model registered before Tuneforge recorded it"
+    )
     linear_modules: list[str] = Field(description="What LoRA's `target_modules` may name")
     default_target_modules: list[str] = Field(description="LoRA's `target_modules` when a job names none")
     default: bool = Field(description="Whether jobs and /generate use this model when they name none")
@@ -36,6 +40,7 @@ class ModelObject(BaseModel):
             parameters=record.n_parameters,
             max_seq_length=record.max_seq_length,
             chat=record.chat_template,
+            layers=record.n_layers,
             linear_modules=list(record.linear_modules),
             default_target_modules=list(record.default_target_modules),
             default=record.id == default_model,

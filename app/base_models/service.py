@@ -139,6 +139,7 @@ def register_model(
             n_parameters=facts.n_parameters,
             max_seq_length=facts.max_seq_length,
             chat_template=facts.chat_template,
+            n_layers=facts.n_layers,
             linear_modules=list(facts.linear_modules),
             default_target_modules=list(facts.default_target_modules),
             revision=revision,

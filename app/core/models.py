@@ -199,6 +199,7 @@ class RegisteredModel(Base):
     n_parameters: Mapped[int] = mapped_column(BigInteger)
     max_seq_length: Mapped[int] = mapped_column(Integer)
     chat_template: Mapped[bool] = mapped_column(Boolean)
+    n_layers: Mapped[int | None] = mapped_column(Integer, default=None)  # transformer blocks
     linear_modules: Mapped[list[str]] = mapped_column(JSON)
     default_target_modules: Mapped[list[str]] = mapped_column(JSON)
     revision: Mapped[str] = mapped_column(String(64))

@@ -9,6 +9,7 @@ from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.jobs import service
 from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObject
+from app.ml.methods.qlora import cuda_training_available
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 503))
 
@@ -32,6 +33,7 @@ def create_job(
         request=body,
         default_base_model=settings.default_base_model,
         max_batch_tokens=settings.train_max_batch_tokens,
+        cuda_training=cuda_training_available(settings.device),
     )
     session.commit()  # the worker re-reads the row: it must be committed before the task is sent
     service.dispatch_job(session, settings=settings, job=job)

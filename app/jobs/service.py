@@ -59,7 +59,9 @@ def create_job(
     request: JobCreate,
     default_base_model: str,
     max_batch_tokens: int,
+    cuda_training: bool,
 ) -> Job:
+    """`cuda_training`: whether this service's workers train on CUDA (methods that need it are refused without)."""
     base_model = request.base_model or default_base_model
     # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
     record = require_model(session, model_id=base_model, lock=True)
@@ -67,6 +69,13 @@ def create_job(
         raise InvalidInput(
             f"unknown method {clip(request.method)}; available: {', '.join(METHODS)}",
             param="method",
+        )
+    if METHODS[request.method].needs_cuda and not cuda_training:
+        raise InvalidInput(
+            f"method {request.method} needs a CUDA GPU (and the bitsandbytes package), and this service trains "
+            "without one; use method lora, which trains the same adapters on the unquantized model",
+            param="method",
+            code="method_unavailable",
         )
     hyperparameters = validate_hyperparameters(request.method, request.hyperparameters, record)
     if hyperparameters["early_stopping_patience"] and not (

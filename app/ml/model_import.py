@@ -7,7 +7,6 @@ raised before anything is stored or registered.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.ml.registry import WEIGHT_INDEX, ModelFile, peft_default_target_modules
+from app.ml.registry import WEIGHT_INDEX, ModelFile, file_sha256, peft_default_target_modules
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,7 @@ class ModelFacts:
     chat_template: bool
     linear_modules: tuple[str, ...]
     default_target_modules: tuple[str, ...]
+    n_layers: int
 
 
 def resolve_hf_repo(repo: str, revision: str | None) -> Path:
@@ -227,16 +227,13 @@ def inspect(folder: Path, *, max_seq_length: int | None) -> ModelFacts:
         chat_template=chat,
         linear_modules=linear,
         default_target_modules=peft_default_target_modules(str(config.model_type), linear),
+        n_layers=int(config.num_hidden_layers),
     )
 
 
 def manifest(folder: Path) -> list[ModelFile]:
     """Every file of the staged folder with its sha256 and size."""
-    files = []
-    for path in sorted(folder.iterdir()):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1024 * 1024):
-                digest.update(chunk)
-        files.append(ModelFile(path=path.name, sha256=digest.hexdigest(), size=path.stat().st_size))
-    return files
+    return [
+        ModelFile(path=path.name, sha256=file_sha256(path), size=path.stat().st_size)
+        for path in sorted(folder.iterdir())
+    ]

@@ -73,6 +73,7 @@ class ModelRecord:
     revision: str  # sha256 of the file manifest (built-ins: a fixed tag)
     tokenizer_sha256: str  # identity of the tokenizer and chat template: token counts are shared between equals
     origin: str | None = None  # a Hugging Face repo name, written as `base_model_name_or_path` in adapters
+    n_layers: int | None = None  # transformer blocks (None: registered before this was recorded)
     files: tuple[ModelFile, ...] = ()
     created_at: datetime = field(default_factory=lambda: datetime(2026, 11, 1, tzinfo=UTC))
 
@@ -206,12 +207,14 @@ BUILTINS: dict[str, ModelRecord] = {
             origin="HuggingFaceTB/SmolLM2-135M-Instruct",
             n_parameters=134_515_008,
             max_seq_length=8192,
+            n_layers=30,
         ),
         _builtin(
             "tiny-random-llama",
             "2-layer random LLaMA with SmolLM2's tokenizer and chat template, for tests and trials",
             n_parameters=3_219_776,
             max_seq_length=2048,
+            n_layers=2,
         ),
     )
 }
@@ -332,6 +335,26 @@ class ModelStore:
         with _cache_lock:
             return _tokenizers.setdefault(key, tokenizer)
 
+    def weights_sha256(self, record: ModelRecord) -> str:
+        """A sha256 over the sha256 of each of the model's weight files: what a weight-delta artifact names as
+        its base (built-ins: hashed from the files built here, which every machine builds the same)."""
+        if not record.builtin:
+            return manifest_revision([f for f in record.files if f.is_weights])
+        key = (record.id, record.revision, str(self.models_dir))
+        with _cache_lock:
+            cached = _weights_sha256.get(key)
+        if cached is not None:
+            return cached
+        folder = self.model_dir(record)
+        files = [
+            ModelFile(path.name, file_sha256(path), path.stat().st_size)
+            for path in sorted(folder.iterdir())
+            if ModelFile(path.name, "", 0).is_weights
+        ]
+        digest = manifest_revision(files)
+        with _cache_lock:
+            return _weights_sha256.setdefault(key, digest)
+
     def load(self, record: ModelRecord, placement: Placement | None = None) -> Any:
         """A fresh copy of the base model in eval mode, in the placement's dtype, on its device (default: CPU,
         float32). Not cached: callers wrap and train it."""
@@ -348,6 +371,15 @@ class ModelStore:
 
 _cache_lock = threading.Lock()
 _tokenizers: dict[tuple[str, str, str], Any] = {}
+_weights_sha256: dict[tuple[str, str, str], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -388,6 +420,7 @@ def record_of(row: Any) -> ModelRecord:
         revision=row.revision,
         tokenizer_sha256=row.tokenizer_sha256,
         origin=row.origin,
+        n_layers=row.n_layers,
         files=tuple(ModelFile(**item) for item in row.files),
         created_at=row.created_at,
     )

@@ -2,17 +2,25 @@
 
 Callers `submit` a request and get a future. One thread owns the models, so requests never race on
 adapter state. Adapters load lazily: object store -> local disk -> memory, with an LRU bound.
+
+How an adapter is applied depends on its method's artifact (app/ml/methods/): PEFT adapters are served from one
+PeftModel per serving group (LoRA's, IA3's, each prompt-learning method's), each over its own copy of the base
+model, since PEFT cannot mix those types in one model; weight-delta adapters (head, layerwise, discriminative,
+full) swap their tensors into the plain base model for the request and back. The plain base model serves
+requests without an adapter.
 (A continuous-batching engine that mixes adapters inside one batch replaces this loop later; the
 `submit` interface stays.)
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,7 @@ from typing import Any
 from app.core.storage import ObjectStorage
 from app.ml import adapter_format
 from app.ml.device import Placement
+from app.ml.methods.base import GenerationCall
 from app.ml.registry import ModelRecord, ModelStore, pad_token_id
 
 log = logging.getLogger(__name__)
@@ -94,6 +103,17 @@ class StopOnStrings:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass
+class _LoadedBase:
+    """A base model in memory with what is attached to it."""
+
+    plain: Any  # never wrapped or changed outside a request: serves requests without an adapter
+    weights_sha256: str  # what weight-delta artifacts must have been trained on
+    groups: dict[str, Any] = field(default_factory=dict)  # PEFT serving group -> its PeftModel
+    # adapter id -> its PEFT group, or its loaded weight delta; least recently used first
+    adapters: OrderedDict[str, str | Any] = field(default_factory=OrderedDict)
+
+
 class GenerationEngine:
     def __init__(
         self, *, models: ModelStore, placement: Placement, storage: ObjectStorage, cache_dir: Path, max_adapters: int
@@ -103,10 +123,8 @@ class GenerationEngine:
         self.storage = storage
         self.cache_dir = cache_dir
         self.max_adapters = max_adapters
-        # (base model id, revision) -> plain model or PeftModel holding adapters (least recently used first), and
-        # its adapter ids in LRU order
-        self._models: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self._loaded: dict[tuple[str, str], OrderedDict[str, None]] = {}
+        # (base model id, revision) -> the loaded base model and its adapters, least recently used first
+        self._models: OrderedDict[tuple[str, str], _LoadedBase] = OrderedDict()
         self._queue: queue.Queue[tuple[GenerationRequest, Future[GenerationResult]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._thread.start()
@@ -136,7 +154,7 @@ class GenerationEngine:
 
     def _local_adapter(self, ref: AdapterRef) -> Path:
         folder = self.cache_dir / ref.id
-        if (folder / "adapter_config.json").exists():
+        if (folder / adapter_format.MANIFEST).exists():
             return folder
         archive = self.cache_dir / f"{ref.id}.tar.gz"
         try:
@@ -151,46 +169,80 @@ class GenerationEngine:
         archive.unlink(missing_ok=True)
         return folder
 
-    def _model_for(self, record: ModelRecord, adapter: AdapterRef | None) -> Any:
-        from app.ml.methods import METHODS
-
-        base_model = (record.id, record.revision)
-        model: Any = self._models.get(base_model)
-        if model is None:
+    def _base(self, record: ModelRecord) -> _LoadedBase:
+        key = (record.id, record.revision)
+        loaded = self._models.get(key)
+        if loaded is None:
             while len(self._models) >= MAX_BASE_MODELS:  # make room first: device memory holds few base models
                 unloaded, _ = self._models.popitem(last=False)
-                del self._loaded[unloaded]
                 log.info("unloaded base model %s to make room", unloaded[0])
-            model = self.models.load(record, self.placement)
-            self._models[base_model] = model
-            self._loaded[base_model] = OrderedDict()
-        self._models.move_to_end(base_model)
+            plain = self.models.load(record, self.placement)
+            loaded = self._models[key] = _LoadedBase(plain=plain, weights_sha256=self.models.weights_sha256(record))
+        self._models.move_to_end(key)
+        return loaded
+
+    def _model_for(
+        self, record: ModelRecord, adapter: AdapterRef | None, input_ids: Any
+    ) -> tuple[GenerationCall, AbstractContextManager[Any]]:
+        """How to generate from `input_ids`, and the context to generate in (a weight delta applied for its span)."""
+        import torch
+
+        from app.ml.methods import METHODS
+        from app.ml.methods.base import PeftMethod
+        from app.ml.methods.delta import DeltaMismatch, applied, load_delta
+
+        loaded = self._base(record)
+        plain = GenerationCall(
+            loaded.plain, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, input_ids.shape[1]
+        )
         if adapter is None:
-            return model
-        loaded = self._loaded[base_model]
-        if adapter.id not in loaded:
+            return plain, nullcontext()
+        if adapter.id not in loaded.adapters:
+            method = METHODS[adapter.method]
             folder = self._local_adapter(adapter)
-            model = METHODS[adapter.method].attach(model, folder, adapter.id, str(self.placement.device))
-            self._models[base_model] = model
-            model.eval()
-            loaded[adapter.id] = None
-            while len(loaded) > self.max_adapters:
-                evicted, _ = loaded.popitem(last=False)
-                model.delete_adapter(evicted)
-        loaded.move_to_end(adapter.id)
-        model.set_adapter(adapter.id)
-        return model
+            if isinstance(method, PeftMethod):
+                group = method.serving_group
+                model = loaded.groups.get(group) or copy.deepcopy(loaded.plain)
+                loaded.groups[group] = method.attach(model, folder, adapter.id, str(self.placement.device))
+                loaded.groups[group].eval()
+                loaded.adapters[adapter.id] = group
+            else:
+                try:
+                    delta = load_delta(
+                        folder,
+                        weights_sha256=loaded.weights_sha256,
+                        device=self.placement.device,
+                        dtype=self.placement.dtype,
+                    )
+                except DeltaMismatch as exc:
+                    raise AdapterUnavailable(adapter.id, f"it cannot be applied to {record.id}: {exc}") from None
+                loaded.adapters[adapter.id] = delta
+            while len(loaded.adapters) > self.max_adapters:
+                self._evict(loaded, *loaded.adapters.popitem(last=False))
+        loaded.adapters.move_to_end(adapter.id)
+        attached = loaded.adapters[adapter.id]
+        if isinstance(attached, str):
+            method = METHODS[adapter.method]
+            assert isinstance(method, PeftMethod)
+            return method.generation_call(loaded.groups[attached], adapter.id, input_ids), nullcontext()
+        return plain, applied(loaded.plain, attached)
+
+    @staticmethod
+    def _evict(loaded: _LoadedBase, adapter_id: str, attached: str | Any) -> None:
+        if not isinstance(attached, str):
+            return  # a weight delta: dropping the reference frees it
+        if attached in loaded.adapters.values():
+            loaded.groups[attached].delete_adapter(adapter_id)
+        else:  # the group's last adapter: its copy of the base model goes too
+            del loaded.groups[attached]
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
-        import contextlib
-
         import torch
-        from peft import PeftModel
         from transformers import StoppingCriteriaList
 
         tokenizer = self.models.tokenizer(request.model)
-        model = self._model_for(request.model, request.adapter)
         input_ids = torch.tensor([request.input_ids], dtype=torch.long, device=self.placement.device)
+        call, context = self._model_for(request.model, request.adapter, input_ids)
         kwargs: dict[str, Any] = {
             "max_new_tokens": request.max_tokens,
             "pad_token_id": pad_token_id(tokenizer),
@@ -202,14 +254,13 @@ class GenerationEngine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if request.stop:
             kwargs["stopping_criteria"] = StoppingCriteriaList(
-                [StopOnStrings(tokenizer, request.stop, prompt_length=len(request.input_ids))]
+                [StopOnStrings(tokenizer, request.stop, prompt_length=call.new_tokens_from)]
             )
         if request.seed is not None:
             torch.manual_seed(request.seed)  # seeds the CUDA generators too
-        use_base = request.adapter is None and isinstance(model, PeftModel)
-        with torch.inference_mode(), model.disable_adapter() if use_base else contextlib.nullcontext():
-            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        new_ids = output[0, input_ids.shape[1] :].tolist()
+        with torch.inference_mode(), context:
+            output = call.model.generate(**call.inputs, **kwargs)
+        new_ids = output[0, call.new_tokens_from :].tolist()
         finish_reason = "length"
         if new_ids and new_ids[-1] == tokenizer.eos_token_id:
             finish_reason = "stop"

@@ -27,6 +27,17 @@ def hyperparameter_classes() -> dict[str, type[TrainingHyperparameters]]:
 
 
 # Each import registers its method.
-from app.ml.methods import lora  # noqa: E402, F401
+from app.ml.methods import (  # noqa: E402, F401
+    discriminative,
+    full,
+    head,
+    ia3,
+    layerwise,
+    lora,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    qlora,
+)
 
 __all__ = ["METHODS", "FineTuningMethod", "hyperparameter_classes", "register"]

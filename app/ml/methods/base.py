@@ -1,7 +1,16 @@
-"""The interface every fine-tuning method implements, with the defaults most methods share."""
+"""The interface every fine-tuning method implements, with the defaults most methods share.
+
+Two families share it:
+- PEFT methods (`PeftMethod`: lora, qlora, prefix_tuning, prompt_tuning, p_tuning, ia3) wrap the base model with a
+  `peft` config, publish PEFT's own format, and are served from one PeftModel per method holding its adapters;
+- weight-delta methods (`app/ml/methods/delta.py`: head, layerwise, discriminative, full) unfreeze some of the base
+  model's own weights, and publish only the tensors they trained, with the sha256 of the base weights they apply to.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -9,7 +18,38 @@ from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.registry import ModelRecord
 
 if TYPE_CHECKING:  # torch and peft load only where a model is trained or served, not in every API import
+    import torch
+    from peft import PeftConfig
     from torch import nn
+
+    from app.ml.device import Placement
+    from app.ml.registry import ModelStore
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need besides the model and its hyperparameters."""
+
+    record: ModelRecord
+    models: ModelStore
+    placement: Placement
+
+
+@dataclass
+class GenerationCall:
+    """Serving: what to call `generate` on, with which inputs, and where the new tokens start in its output."""
+
+    model: Any  # a transformers model (or PeftModel) with `generate`
+    inputs: dict[str, Any]
+    new_tokens_from: int
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """The base model an artifact is made for: written into every artifact's manifest."""
+
+    record: ModelRecord
+    weights_sha256: str  # ModelStore.weights_sha256: over the sha256 of each weight file
 
 
 class FineTuningMethod:
@@ -17,24 +57,75 @@ class FineTuningMethod:
 
     name: ClassVar[str]
     hyperparameters: ClassVar[type[TrainingHyperparameters]]
-    artifact_format: ClassVar[str]  # "peft": loadable with peft.PeftModel.from_pretrained
+    artifact_format: ClassVar[str]  # "peft" (peft.PeftModel.from_pretrained loads it) or "delta" (safetensors)
+    needs_cuda: ClassVar[bool] = False  # POST /jobs refuses the method where no CUDA device can train it
 
-    def prepare(self, model: nn.Module, hp: TrainingHyperparameters) -> nn.Module:
-        """Wrap or modify the base model so that only what the method trains requires grad."""
+    def load_base(self, ctx: MethodContext) -> nn.Module | None:
+        """The base model to train, if the method loads its own (QLoRA: quantized); None takes the shared one."""
+        return None
+
+    def prepare(self, model: nn.Module, hp: TrainingHyperparameters, ctx: MethodContext) -> nn.Module:
+        """Wrap or modify the base model so that what the method trains requires grad, and nothing else."""
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module, hp: TrainingHyperparameters) -> list[dict[str, Any]]:
-        """Optimizer parameter groups (one per learning rate); by default every trainable weight at one rate."""
+        """Optimizer parameter groups, each with its own `lr`: everything the method trains at any point of the
+        job (a weight that is still frozen has no gradient, and AdamW leaves it alone until it has one). By
+        default every weight that requires grad after `prepare`, at one rate."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": hp.learning_rate}]
 
-    def on_epoch_start(self, model: nn.Module, optimizer: Any, epoch: int, hp: TrainingHyperparameters) -> None:
-        """Called before each epoch (1-based), e.g. to unfreeze more of the model; by default nothing."""
+    def before_step(
+        self, model: nn.Module, hp: TrainingHyperparameters, *, step: int, epoch: int, steps_per_epoch: int
+    ) -> str | None:
+        """Called before each optimizer step (`step` counts from 0, `epoch` from 1), e.g. to unfreeze more of the
+        model; returns a message for the job's events when it changed what trains. By default nothing."""
+        return None
 
-    def export(self, model: nn.Module, folder: Path, base: ModelRecord) -> None:
+    def export(self, model: nn.Module, folder: Path, base: BaseWeights) -> None:
         """Write the trained artifact into `folder` in the method's standard format."""
         raise NotImplementedError
 
     def attach(self, model: nn.Module, folder: Path, name: str, device: str) -> nn.Module:
-        """Serving: add the artifact in `folder` to `model` (a base model, or one that already holds artifacts
-        of this method) under `name`, and return the model to generate with."""
+        """Serving (PEFT methods): add the artifact in `folder` to `model` (a private copy of the base model, or
+        the PeftModel that already holds this method's adapters) under `name`, and return the model."""
         raise NotImplementedError
+
+
+class PeftMethod(FineTuningMethod):
+    """A method that `peft` implements: subclasses say how their hyperparameters become a `PeftConfig`."""
+
+    artifact_format = "peft"
+    serving_group: ClassVar[str]  # adapters of one group are served from one PeftModel (qlora's are LoRA's)
+
+    def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, hp: TrainingHyperparameters, ctx: MethodContext) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(hp, ctx))  # type: ignore[arg-type]
+
+    def export(self, model: nn.Module, folder: Path, base: BaseWeights) -> None:
+        model.save_pretrained(str(folder))  # type: ignore[operator]
+        # Name the base model so ecosystem tools (PEFT, vLLM, LoRAX) can find it.
+        config_path = folder / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base.record.base_model_name_or_path
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    def attach(self, model: nn.Module, folder: Path, name: str, device: str) -> nn.Module:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name, torch_device=device)
+            return model
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=name, torch_device=device)
+
+    def generation_call(self, model: Any, name: str, input_ids: torch.Tensor) -> GenerationCall:
+        """Serving: generate with adapter `name` of `model` (the group's PeftModel) from `input_ids` (one row)."""
+        import torch
+
+        model.set_adapter(name)
+        return GenerationCall(
+            model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, input_ids.shape[1]
+        )

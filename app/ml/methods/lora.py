@@ -1,20 +1,33 @@
-"""LoRA (Hu et al., 2021) with peft: low-rank updates to chosen linear layers, saved in PEFT format."""
+"""LoRA (Hu et al., 2021) with peft: low-rank updates to chosen linear layers, saved in PEFT format.
+
+Options: DoRA (weight-decomposed LoRA, Liu et al., 2024) and rank-stabilized scaling (rsLoRA: alpha/sqrt(r)).
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Self
 
 from pydantic import Field
 
 from app.ml.hyperparameters import HyperparameterError, ModuleNames, TrainingHyperparameters
 from app.ml.methods import register
-from app.ml.methods.base import FineTuningMethod
+from app.ml.methods.base import MethodContext, PeftMethod
 from app.ml.registry import ModelRecord
 
 if TYPE_CHECKING:
-    from torch import nn
+    from peft import PeftConfig
+
+
+def checked_module_names(field: str, names: list[str], model: ModelRecord) -> list[str]:
+    """`names` in the model's order, or a HyperparameterError naming `field` and the model's linear layers."""
+    unknown = [name for name in names if name not in model.linear_modules]
+    if unknown:
+        raise HyperparameterError(
+            field,
+            f"{', '.join(unknown[:8])} is not a linear layer of {model.id} ({model.architecture}); "
+            f"its linear layers: {', '.join(model.linear_modules)}",
+        )
+    return [name for name in model.linear_modules if name in names]
 
 
 class LoraHyperparameters(TrainingHyperparameters):
@@ -26,6 +39,8 @@ class LoraHyperparameters(TrainingHyperparameters):
         description="Linear layers to adapt, by name (see `linear_modules` in GET /v1/models/{id}), or 'all-linear'. "
         "Default: the model's `default_target_modules` (PEFT's default for its architecture)",
     )
+    use_dora: bool = Field(False, description="DoRA: learn each adapted weight's magnitude apart from its direction")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r")
 
     def for_model(self, model: ModelRecord) -> Self:
         checked = super().for_model(model)
@@ -33,51 +48,30 @@ class LoraHyperparameters(TrainingHyperparameters):
             return checked.model_copy(update={"target_modules": list(model.default_target_modules)})
         if self.target_modules == "all-linear":
             return checked
-        unknown = [name for name in self.target_modules if name not in model.linear_modules]
-        if unknown:
-            raise HyperparameterError(
-                "target_modules",
-                f"{', '.join(unknown[:8])} is not a linear layer of {model.id} ({model.architecture}); "
-                f"its linear layers: {', '.join(model.linear_modules)}",
-            )
-        ordered = [name for name in model.linear_modules if name in self.target_modules]
-        return checked.model_copy(update={"target_modules": ordered})
+        return checked.model_copy(
+            update={"target_modules": checked_module_names("target_modules", self.target_modules, model)}
+        )
 
 
-class LoraMethod(FineTuningMethod):
+class LoraMethod(PeftMethod):
     name = "lora"
     hyperparameters = LoraHyperparameters
-    artifact_format = "peft"
+    serving_group = "lora"
 
-    def prepare(self, model: nn.Module, hp: TrainingHyperparameters) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
+    def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
+        from peft import LoraConfig
 
         assert isinstance(hp, LoraHyperparameters)
-        config = LoraConfig(
+        return LoraConfig(
             r=hp.lora_r,
             lora_alpha=hp.lora_alpha,
             lora_dropout=hp.lora_dropout,
             target_modules=hp.target_modules,
+            use_dora=hp.use_dora,
+            use_rslora=hp.use_rslora,
             bias="none",
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)  # type: ignore[arg-type]
-
-    def export(self, model: nn.Module, folder: Path, base: ModelRecord) -> None:
-        model.save_pretrained(str(folder))  # type: ignore[operator]
-        # Name the base model so ecosystem tools (PEFT, vLLM, LoRAX) can find it.
-        config_path = folder / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = base.base_model_name_or_path
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-
-    def attach(self, model: nn.Module, folder: Path, name: str, device: str) -> nn.Module:
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(folder), adapter_name=name, torch_device=device)
-            return model
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=name, torch_device=device)
 
 
 register(LoraMethod())

@@ -1,0 +1,62 @@
+"""QLoRA (Dettmers et al., 2023): LoRA over the base model quantized to 4-bit NF4 with bitsandbytes.
+
+Needs a CUDA device and the `bitsandbytes` package (`pip install 'tuneforge[gpu]'`): `POST /jobs` refuses it
+elsewhere. The adapter is an ordinary LoRA adapter (PEFT format), served like LoRA's on the unquantized base.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from app.ml.methods import register
+from app.ml.methods.base import MethodContext
+from app.ml.methods.lora import LoraHyperparameters, LoraMethod
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def cuda_training_available(device: str) -> bool:
+    """Whether a process configured with `device` (auto|cpu|cuda[:N]|mps) trains on CUDA with bitsandbytes."""
+    import importlib.util
+
+    if device in ("cpu", "mps") or importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class QloraHyperparameters(LoraHyperparameters):
+    pass
+
+
+class QloraMethod(LoraMethod):
+    name = "qlora"
+    hyperparameters = QloraHyperparameters
+    needs_cuda = True
+
+    def load_base(self, ctx: MethodContext) -> nn.Module | None:
+        import torch
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        if ctx.placement.device.type != "cuda":
+            raise RuntimeError("qlora needs a CUDA device")  # POST /jobs refuses it first; the runner says so
+        compute = ctx.placement.dtype if ctx.placement.dtype != torch.float32 else torch.bfloat16
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(ctx.models.model_dir(ctx.record)),
+            quantization_config=quantization,
+            dtype=compute,
+            device_map={"": ctx.placement.device},
+        )
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-any-return]
+
+
+register(QloraMethod())

@@ -1,0 +1,379 @@
+"""Contract tests over the method registry (as PEFT's test matrix is): every method that runs on a CPU, on the tiny
+model, through the recipe alone (no HTTP, no database) and through the serving engine.
+
+For each method: exactly the intended tensors change, the loss falls on a learnable task, early stopping stops and
+publishes the best step, the artifact round-trips through the ecosystem's loader, and the engine's greedy output
+equals transformers + peft (the reference) with every method's adapter loaded in one engine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.core.errors import InvalidInput
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.jobs.service import validate_hyperparameters
+from app.ml import adapter_format
+from app.ml.device import resolve_placement
+from app.ml.formatting import IGNORE_INDEX, encode_prompt
+from app.ml.methods import METHODS
+from app.ml.methods.base import PeftMethod
+from app.ml.methods.delta import CONFIG, TENSORS, decoder_blocks, untie_output
+from app.ml.registry import BUILTINS, ModelStore
+from app.ml.serving import AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
+from tests.test_recipe import TINY, MemoryReporter, recipe_for
+from worker.data import collate
+from worker.lifecycle import JobCancelled
+from worker.recipe import TrainingRecipe, evaluation_stats
+
+CPU_METHODS = [name for name, method in METHODS.items() if not method.needs_cuda]
+
+# A peak learning rate at which each method learns the tiny task in a few steps, and options that make its
+# contract visible (a schedule that unfreezes within the run, a decay and a block left frozen).
+LEARNING_RATES = {
+    "lora": 0.05,
+    "ia3": 0.3,
+    "prompt_tuning": 0.3,
+    "p_tuning": 0.01,
+    "prefix_tuning": 0.3,
+    "head": 0.03,
+    "layerwise": 0.03,
+    "discriminative": 0.03,
+    "full": 0.03,
+}
+OPTIONS: dict[str, dict[str, Any]] = {
+    "lora": {"target_modules": "all-linear"},
+    "layerwise": {"unfreeze_every": 2, "unfreeze_unit": "steps"},
+    "discriminative": {"lr_decay": 0.5, "n_layers": 1},
+}
+
+
+def test_every_registered_method_is_covered_here() -> None:
+    """A new method joins this matrix (with a learning rate) or these tests fail."""
+    assert sorted(LEARNING_RATES) == sorted(CPU_METHODS)
+    assert sorted(METHODS) == sorted([*CPU_METHODS, "qlora"])
+
+
+def method_recipe(
+    tmp_path: Path, cache: Path, method: str, reporter: MemoryReporter, **overrides: Any
+) -> TrainingRecipe:
+    options = {"learning_rate": LEARNING_RATES[method], **OPTIONS.get(method, {}), **overrides}
+    return recipe_for(tmp_path, cache, reporter, method=method, **options)
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def expected_changes(method: str, model: torch.nn.Module) -> set[str]:
+    """The tensors each method must train on the tiny model (2 blocks, output layer tied to the embeddings)."""
+    names = {name for name, _ in model.named_parameters()}
+    if isinstance(METHODS[method], PeftMethod):  # the adapter's own weights, none of the base model's
+        return {name for name, param in model.named_parameters() if param.requires_grad}
+    if method == "head":
+        return {"lm_head.weight"}
+    if method == "discriminative":  # n_layers=1: the top block only
+        return {"lm_head.weight"} | {name for name in names if name.startswith("model.layers.1.")}
+    if method == "layerwise":  # both blocks are unfrozen by step 5 of 8
+        return {"lm_head.weight"} | {name for name in names if name.startswith("model.layers.")}
+    assert method == "full"
+    return names
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_each_method_trains_exactly_its_tensors_and_learns(tmp_path: Path, model_cache_dir: Path, method: str) -> None:
+    reporter = MemoryReporter()
+    recipe = method_recipe(tmp_path, model_cache_dir, method, reporter, n_epochs=4)
+    recipe.setup()
+    before = parameters(recipe.model)
+    metrics = recipe.train()
+
+    losses = [data["train_loss"] for data in reporter.of_type("metrics")]
+    evaluations = [data["valid_loss"] for data in reporter.of_type("eval")]
+    assert len(losses) == 8 and losses[-1] < 0.75 * losses[0], losses
+    assert evaluations[-1] < 0.75 * losses[0] and metrics["valid_loss"] == evaluations[-1]
+
+    after = parameters(recipe.model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == expected_changes(method, recipe.model)
+    [setup] = [data for data in reporter.of_type("log") if "trainable_parameters" in data]
+    assert setup["trainable_parameters"] == sum(p.numel() for p in recipe.trainable_params) > 0
+    assert setup["trainable_share"] == round(setup["trainable_parameters"] / setup["total_parameters"], 6)
+    if method in ("head", "layerwise", "discriminative"):
+        # The tiny model ties its output layer to the input embeddings: these untie it, and the embeddings stay.
+        pristine = ModelStore(model_cache_dir, None).load(TINY)
+        assert recipe.model.lm_head.weight is not recipe.model.model.embed_tokens.weight
+        assert torch.equal(recipe.model.model.embed_tokens.weight, pristine.model.embed_tokens.weight)
+    if method == "full":  # tied stays tied: one matrix trains for both
+        assert recipe.model.lm_head.weight is recipe.model.model.embed_tokens.weight
+
+
+def test_layerwise_unfreezes_one_block_at_a_time_on_schedule(tmp_path: Path, model_cache_dir: Path) -> None:
+    reporter = MemoryReporter(cancel_after_step=4)
+    recipe = method_recipe(tmp_path, model_cache_dir, "layerwise", reporter, n_epochs=4)
+    recipe.setup()
+    before = parameters(recipe.model)
+    # Every block is in the optimizer from the start, so it picks each one up when it gets a gradient.
+    in_optimizer = {id(p) for group in recipe.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in in_optimizer for block in decoder_blocks(recipe.model) for p in block.parameters())
+    with pytest.raises(JobCancelled):
+        recipe.train()  # 4 of 8 steps: output layer from step 1, the top block from step 3, the lower one not yet
+    changed = {name for name, value in parameters(recipe.model).items() if not torch.equal(value, before[name])}
+    assert changed == {"lm_head.weight"} | {name for name in before if name.startswith("model.layers.1.")}
+    unfrozen = [(data["step"], message) for kind, message, data in reporter.events if "unfroze" in message]
+    assert [step for step, _ in unfrozen] == [3]
+    assert unfrozen[0][1].startswith("step 3: unfroze block 1")
+
+
+def test_layerwise_counts_epochs_by_default(tmp_path: Path, model_cache_dir: Path) -> None:
+    reporter = MemoryReporter()
+    recipe = recipe_for(tmp_path, model_cache_dir, reporter, method="layerwise", n_epochs=3, learning_rate=0.01)
+    recipe.setup()
+    recipe.train()
+    # 2 steps an epoch: block 1 from epoch 2 (step 3), block 0 from epoch 3 (step 5).
+    assert [data["step"] for kind, message, data in reporter.events if "unfroze" in message] == [3, 5]
+
+
+def test_discriminative_learning_rates_fall_by_lr_decay_per_block(tmp_path: Path, model_cache_dir: Path) -> None:
+    reporter = MemoryReporter()
+    recipe = recipe_for(tmp_path, model_cache_dir, reporter, method="discriminative", learning_rate=0.01, lr_decay=0.25)
+    recipe.setup()
+    groups = recipe.optimizer.param_groups
+    blocks = decoder_blocks(recipe.model)
+    assert [g["initial_lr"] for g in groups] == pytest.approx([0.01, 0.0025, 0.000625])
+    assert groups[0]["params"] == [recipe.model.lm_head.weight]
+    assert groups[1]["params"] == list(blocks[1].parameters()) and groups[2]["params"] == list(blocks[0].parameters())
+    recipe.train()
+    # The schedule scales every group alike: the ratio holds at every step.
+    lrs = [g["lr"] for g in recipe.optimizer.param_groups]
+    assert lrs[1] == pytest.approx(lrs[0] * 0.25) and lrs[2] == pytest.approx(lrs[0] * 0.25**2)
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_early_stopping_publishes_the_best_step_for_every_method(
+    tmp_path: Path, model_cache_dir: Path, method: str
+) -> None:
+    """Trained on "plum", validated on "kiwi": once the model is sure of "plum" the validation loss rises."""
+    reporter = MemoryReporter()
+    recipe = method_recipe(
+        tmp_path, model_cache_dir, method, reporter, validation="kiwi", n_epochs=30, early_stopping_patience=2
+    )
+    recipe.setup()
+    recipe.train()
+    evaluations = {data["step"]: data["valid_loss"] for data in reporter.of_type("eval")}
+    [summary] = reporter.of_type("early_stopping")
+    assert summary["stopped_early"] is True and max(evaluations) < recipe.total_steps
+    assert summary["best_valid_loss"] == min(evaluations.values()) == evaluations[summary["best_step"]]
+    # The model is the best evaluation's, not the last one's.
+    assert recipe.valid_data is not None
+    assert recipe.evaluate(recipe.valid_data)["valid_loss"] == pytest.approx(summary["best_valid_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_virtual_tokens_do_not_shift_labels_against_logits(tmp_path: Path, model_cache_dir: Path, method: str) -> None:
+    """The recipe's loss over a padded batch equals PEFT's own loss (which pads the labels for the virtual tokens)
+    example by example."""
+    recipe = method_recipe(tmp_path, model_cache_dir, method, MemoryReporter())
+    recipe.setup()
+    recipe.model.eval()
+    examples = recipe.train_data.examples[:1]
+    longer = type(examples[0])(examples[0].input_ids + [5, 6, 7], examples[0].labels + [IGNORE_INDEX] * 3)
+    for example in (examples[0], longer):
+        stats = evaluation_stats(recipe.model, [example], pad_token_id=recipe.pad_token_id, max_batch_tokens=4096)
+        batch = collate([example], recipe.pad_token_id)
+        with torch.no_grad():
+            reference = recipe.model(**batch).loss  # PEFT prepends IGNORE_INDEX labels for the virtual tokens
+        assert stats.loss == pytest.approx(float(reference), rel=1e-5)
+
+
+# --- artifacts and serving ---------------------------------------------------------------------------------
+@dataclass
+class Trained:
+    method: str
+    folder: Path  # the exported artifact
+    model: torch.nn.Module  # the model as trained, in eval mode
+    ref: AdapterRef
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> dict[str, Trained]:
+    """Every CPU method trained once on "plum" and published into one object store."""
+    root = tmp_path_factory.mktemp("methods")
+    storage = ObjectStorage.from_settings(Settings(data_dir=root / "store", model_cache_dir=model_cache_dir))
+    out = {}
+    for method in CPU_METHODS:
+        recipe = method_recipe(root / method, model_cache_dir, method, MemoryReporter(), n_epochs=3, validation=None)
+        recipe.setup()
+        recipe.train()
+        folder = root / method / "artifact"
+        folder.mkdir()
+        recipe.export(folder)
+        archive = root / method / "artifact.tar.gz"
+        _, sha256 = adapter_format.pack(folder, archive, {"method": method})
+        key = f"adapters/t/{method}.tar.gz"
+        storage.put_path(key, archive)
+        recipe.model.eval()
+        out[method] = Trained(method, folder, recipe.model, AdapterRef(f"adapter-{method}", key, sha256, method))
+    return out
+
+
+def reference_model(method: str, folder: Path, cache: Path) -> torch.nn.Module:
+    """The artifact loaded the ecosystem's way: peft's PeftModel.from_pretrained, or load_state_dict for deltas."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = ModelStore(cache, None).load(TINY)
+    if METHODS[method].artifact_format == "peft":
+        return PeftModel.from_pretrained(base, str(folder)).eval()
+    config = json.loads((folder / CONFIG).read_text())
+    if config["untied_output"]:
+        untie_output(base)
+    result = base.load_state_dict(load_file(str(folder / TENSORS)), strict=False)
+    assert not result.unexpected_keys
+    return base
+
+
+PROMPT = "The secret word is"
+
+
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_the_artifact_round_trips(trained: dict[str, Trained], model_cache_dir: Path, method: str) -> None:
+    item = trained[method]
+    files = {path.name for path in item.folder.iterdir()}
+    if METHODS[method].artifact_format == "peft":
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+        config = json.loads((item.folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == TINY.id
+    else:
+        config = json.loads((item.folder / CONFIG).read_text())
+        assert files == {CONFIG, TENSORS, adapter_format.MANIFEST}
+        assert config["base_model"] == TINY.id and config["method"] == method
+        assert config["base_model_weights_sha256"] == ModelStore(model_cache_dir, None).weights_sha256(TINY)
+        assert sorted(config["tensors"]) == sorted(expected_changes(method, item.model))  # only what trained
+    reference = reference_model(method, item.folder, model_cache_dir)
+    ids = torch.tensor([[1, 504, 3072, 1837, 314, 30, 12]])
+    with torch.no_grad():
+        assert torch.allclose(reference(input_ids=ids).logits, item.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_one_engine_serves_every_method_equal_to_the_reference(
+    trained: dict[str, Trained], model_cache_dir: Path, tmp_path: Path
+) -> None:
+    """All nine adapters in one engine, requests interleaved (and the base model between them): each greedy
+    output is token-identical to the artifact loaded alone by transformers + peft, decoded step by step."""
+    storage = ObjectStorage.from_settings(Settings(data_dir=next(iter(trained.values())).folder.parents[1] / "store"))
+    models = ModelStore(model_cache_dir, None)
+    engine = GenerationEngine(
+        models=models,
+        placement=resolve_placement("cpu", "float32"),
+        storage=storage,
+        cache_dir=tmp_path / "adapters",
+        max_adapters=16,
+    )
+    tokenizer = models.tokenizer(TINY)
+    input_ids = encode_prompt(tokenizer, PROMPT)
+
+    def served(ref: AdapterRef | None) -> list[int]:
+        request = GenerationRequest(model=TINY, input_ids=input_ids, adapter=ref, max_tokens=6, temperature=0)
+        return engine.generate(request).token_ids
+
+    def offline(model: torch.nn.Module) -> list[int]:
+        """Greedy decoding by the model's own forward pass over the whole sequence at each step (no KV cache, no
+        `generate`): what the trained model predicts, whatever a cache implementation does."""
+        ids = list(input_ids)
+        with torch.no_grad():
+            for _ in range(6):
+                logits = model(input_ids=torch.tensor([ids])).logits
+                ids.append(int(logits[0, -1].argmax()))
+                if ids[-1] == tokenizer.eos_token_id:
+                    break
+        return ids[len(input_ids) :]
+
+    try:
+        base = offline(models.load(TINY))
+        assert served(None) == base
+        outputs = {}
+        for _ in range(2):  # the second round finds every adapter loaded
+            for method, item in trained.items():
+                outputs[method] = served(item.ref)
+                assert served(None) == base  # nothing leaks into the base model (deltas are swapped back)
+        for method, item in trained.items():
+            assert outputs[method] == offline(reference_model(method, item.folder, model_cache_dir)), method
+        learned = [method for method, ids in outputs.items() if tokenizer.decode(ids).startswith(" plum")]
+        assert len(learned) >= 6, outputs  # most of them learned the word in 3 epochs; all differ from the base
+        assert [method for method, ids in outputs.items() if ids == base] == []
+    finally:
+        engine.close()
+
+
+def test_a_delta_for_other_base_weights_is_refused(
+    trained: dict[str, Trained], model_cache_dir: Path, tmp_path: Path
+) -> None:
+    item = trained["head"]
+    folder = tmp_path / "tampered"
+    shutil.copytree(item.folder, folder)
+    config = json.loads((folder / CONFIG).read_text())
+    config["base_model_weights_sha256"] = "0" * 64
+    (folder / CONFIG).write_text(json.dumps(config))
+    storage = ObjectStorage.from_settings(Settings(data_dir=tmp_path / "store"))
+    sha = adapter_format.pack(folder, tmp_path / "a.tar.gz", {"method": "head"})[1]
+    storage.put_path("adapters/t/x.tar.gz", tmp_path / "a.tar.gz")
+    engine = GenerationEngine(
+        models=ModelStore(model_cache_dir, None),
+        placement=resolve_placement("cpu", "float32"),
+        storage=storage,
+        cache_dir=tmp_path / "adapters",
+        max_adapters=4,
+    )
+    try:
+        request = GenerationRequest(
+            model=TINY, input_ids=[1, 2, 3], adapter=AdapterRef("adapter-x", "adapters/t/x.tar.gz", sha, "head")
+        )
+        with pytest.raises(AdapterUnavailable, match="trained on other weights of tiny-random-llama"):
+            engine.generate(request)
+    finally:
+        engine.close()
+
+
+# --- hyperparameters -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("method", "values", "field", "says"),
+    [
+        ("lora", {"use_dora": "yes"}, "use_dora", "boolean"),
+        ("prompt_tuning", {"num_virtual_tokens": 0}, "num_virtual_tokens", "greater than or equal to 1"),
+        ("prompt_tuning", {"prompt_init": "text"}, "prompt_init_text", "needs a prompt_init_text"),
+        ("prompt_tuning", {"prompt_init_text": "hello"}, "prompt_init_text", "only used with prompt_init='text'"),
+        ("p_tuning", {"max_seq_length": 2040}, "max_seq_length", "at most 2028 for text"),
+        ("prefix_tuning", {"encoder_hidden_size": 64}, "encoder_hidden_size", "only used with prefix_projection"),
+        ("ia3", {"target_modules": ["q_proj", "nope"]}, "target_modules", "nope is not a linear layer"),
+        ("ia3", {"target_modules": ["q_proj"], "feedforward_modules": ["down_proj"]}, "feedforward_modules", "not in"),
+        ("layerwise", {"unfreeze_unit": "hours"}, "unfreeze_unit", "'epochs' or 'steps'"),
+        ("discriminative", {"n_layers": 3}, "n_layers", "tiny-random-llama has 2 blocks"),
+        ("discriminative", {"lr_decay": 0}, "lr_decay", "greater than 0"),
+        ("head", {"lora_r": 8}, "lora_r", "unknown hyperparameter for method 'head'"),
+    ],
+)
+def test_each_methods_hyperparameters_are_checked(method: str, values: dict[str, Any], field: str, says: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        validate_hyperparameters(method, values, TINY)
+    assert caught.value.param == f"hyperparameters.{field}"
+    assert says in str(caught.value)
+
+
+def test_method_defaults_fill_in_for_the_model() -> None:
+    ia3 = validate_hyperparameters("ia3", {}, TINY)
+    assert ia3["target_modules"] == ["k_proj", "v_proj", "down_proj"] and ia3["feedforward_modules"] == ["down_proj"]
+    prompt = validate_hyperparameters("prompt_tuning", {"num_virtual_tokens": 48}, TINY)
+    assert prompt["max_seq_length"] == 512  # the default fits: 512 + 48 <= 2048
+    smollm2 = BUILTINS["smollm2-135m-instruct"]
+    assert validate_hyperparameters("discriminative", {"n_layers": 30}, smollm2)["n_layers"] == 30
+    lora = validate_hyperparameters("lora", {"use_dora": True, "use_rslora": True}, TINY)
+    assert lora["use_dora"] and lora["use_rslora"] and lora["target_modules"] == ["q_proj", "v_proj"]
