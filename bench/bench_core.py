@@ -32,6 +32,7 @@ from app.datasets.validation import LineValidator
 from app.ml import adapter_format
 from app.ml.device import Placement, resolve_placement
 from app.ml.formatting import encode_chat_prompt, encode_record
+from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 from app.ml.registry import BUILTINS, ModelStore
 from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
@@ -109,7 +110,8 @@ def bench_training(
     record = BUILTINS[model_id]
     models = ModelStore(models_dir, None)
     hp = LoraHyperparameters().for_model(record)
-    lora = LoraMethod().prepare(models.load(record, placement), hp)
+    context = MethodContext(record=record, models=models, placement=placement)
+    lora = LoraMethod().prepare(models.load(record, placement), hp, context)
     lora.train()
     t_lora = step_time(lora, [p for p in lora.parameters() if p.requires_grad])
     full = models.load(record, placement).float()  # full fine-tuning keeps float32 weights
@@ -128,11 +130,12 @@ def bench_generation(model_id: str, settings: Settings, tokenizer: object) -> No
         folder.mkdir()
         record = BUILTINS[model_id]
         models = ModelStore(settings.models_dir, storage)
-        lora = LoraMethod().prepare(models.load(record), LoraHyperparameters().for_model(record))
+        context = MethodContext(record=record, models=models, placement=resolve_placement("cpu", "float32"))
+        lora = LoraMethod().prepare(models.load(record), LoraHyperparameters().for_model(record), context)
         for name, param in lora.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)  # a non-trivial adapter
-        LoraMethod().export(lora, folder, record)
+        LoraMethod().export(lora, folder, BaseWeights(record=record, weights_sha256=models.weights_sha256(record)))
         size, sha = adapter_format.pack(folder, Path(tmp) / "a.tar.gz", {"adapter_id": "adapter-bench"})
         storage.put_path("adapters/bench/adapter-bench.tar.gz", Path(tmp) / "a.tar.gz")
     engine = GenerationEngine(

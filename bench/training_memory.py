@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from app.core.settings import Settings
+from app.ml.device import resolve_placement
+from app.ml.methods.base import MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelStore
 
@@ -96,7 +98,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "target_modules": list(LLAMA_LINEAR_MODULES),
         }
     )
-    model: Any = LoraMethod().prepare(models.load(BUILTINS[args.model]), hp)
+    context = MethodContext(record=BUILTINS[args.model], models=models, placement=resolve_placement("cpu", "float32"))
+    model: Any = LoraMethod().prepare(models.load(BUILTINS[args.model]), hp, context)
     model.train()
     device = next(model.parameters()).device
 

@@ -8,14 +8,17 @@ equals transformers + peft (the reference) with every method's adapter loaded in
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from app.core.errors import InvalidInput
 from app.core.settings import Settings
@@ -27,12 +30,15 @@ from app.ml.formatting import IGNORE_INDEX, encode_prompt
 from app.ml.methods import METHODS
 from app.ml.methods.base import PeftMethod
 from app.ml.methods.delta import CONFIG, TENSORS, decoder_blocks, untie_output
+from app.ml.methods.qlora import cuda_training_available
 from app.ml.registry import BUILTINS, ModelStore
 from app.ml.serving import AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
+from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.test_recipe import TINY, MemoryReporter, recipe_for
 from worker.data import collate
 from worker.lifecycle import JobCancelled
 from worker.recipe import TrainingRecipe, evaluation_stats
+from worker.runner import run_training_job
 
 CPU_METHODS = [name for name, method in METHODS.items() if not method.needs_cuda]
 
@@ -377,3 +383,65 @@ def test_method_defaults_fill_in_for_the_model() -> None:
     assert validate_hyperparameters("discriminative", {"n_layers": 30}, smollm2)["n_layers"] == 30
     lora = validate_hyperparameters("lora", {"use_dora": True, "use_rslora": True}, TINY)
     assert lora["use_dora"] and lora["use_rslora"] and lora["target_modules"] == ["q_proj", "v_proj"]
+
+
+# --- through the service -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", CPU_METHODS)
+def test_every_method_end_to_end_through_the_service(
+    client: TestClient, tenant: Tenant, settings: Settings, method: str
+) -> None:
+    """POST /jobs -> the worker trains, evaluates and stops early -> the job reports it -> the adapter downloads in
+    its method's format -> /generate serves it."""
+    train, valid = ([json.dumps({"prompt": PROMPT, "completion": f" {word}"})] * 8 for word in ("plum", "kiwi"))
+    train_id = upload(client, tenant, jsonl(train)).json()["id"]
+    valid_id = upload(client, tenant, jsonl(valid), "valid.jsonl").json()["id"]
+    hyperparameters = {"n_epochs": 30, "learning_rate": LEARNING_RATES[method], "early_stopping_patience": 2}
+    body = {
+        "base_model": TINY.id,
+        "method": method,
+        "training_file": train_id,
+        "validation_file": valid_id,
+        "hyperparameters": {**hyperparameters, **OPTIONS.get(method, {})},
+    }
+    created = client.post("/jobs", headers=tenant.headers, json=body)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    adapter_id = run_training_job(settings, job_id)
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "succeeded" and job["adapter_id"] == adapter_id is not None
+    assert job["method"] == method and 0 < job["metrics"]["trainable_share"] <= 1
+    assert job["metrics"]["stopped_early"] is True and job["metrics"]["best_step"] < job["progress"]["total_steps"]
+
+    adapter = client.get(f"/adapters/{adapter_id}", headers=tenant.headers).json()
+    assert adapter["method"] == method and adapter["format"] == METHODS[method].artifact_format
+    download = client.get(f"/adapters/{adapter_id}/download", headers=tenant.headers)
+    assert download.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as tar:
+        names = set(tar.getnames())
+        manifest = json.loads(tar.extractfile(adapter_format.MANIFEST).read())  # type: ignore[union-attr]
+    artifact = (
+        {"adapter_config.json", "adapter_model.safetensors"} if adapter["format"] == "peft" else {CONFIG, TENSORS}
+    )
+    assert artifact <= names
+    assert manifest["method"] == method and manifest["metrics"]["best_step"] == job["metrics"]["best_step"]
+
+    r = client.post(
+        "/generate",
+        headers=tenant.headers,
+        json={"adapter_id": adapter_id, "prompt": PROMPT, "max_tokens": 4, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter_id"] == adapter_id and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_qlora_is_refused_where_no_cuda_gpu_trains(client: TestClient, tenant: Tenant) -> None:
+    if cuda_training_available("auto"):
+        pytest.skip("this machine can train qlora")
+    file_id = upload(client, tenant, jsonl(chat_lines(4))).json()["id"]
+    r = client.post(
+        "/jobs", headers=tenant.headers, json={"base_model": TINY.id, "method": "qlora", "training_file": file_id}
+    )
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["param"] == "method" and error["code"] == "method_unavailable"
+    assert "needs a CUDA GPU" in error["message"]
