@@ -26,18 +26,18 @@ def hyperparameter_classes() -> dict[str, type[TrainingHyperparameters]]:
     return {name: method.hyperparameters for name, method in METHODS.items()}
 
 
-# Each import registers its method.
-from app.ml.methods import (  # noqa: E402, F401
-    discriminative,
-    full,
-    head,
-    ia3,
-    layerwise,
-    lora,
-    p_tuning,
-    prefix_tuning,
-    prompt_tuning,
-    qlora,
-)
+# Each import registers its method, in this order (the order `POST /jobs` lists them in).
+# isort: off
+from app.ml.methods import lora  # noqa: E402, F401
+from app.ml.methods import qlora  # noqa: E402, F401
+from app.ml.methods import prefix_tuning  # noqa: E402, F401
+from app.ml.methods import prompt_tuning  # noqa: E402, F401
+from app.ml.methods import p_tuning  # noqa: E402, F401
+from app.ml.methods import ia3  # noqa: E402, F401
+from app.ml.methods import head  # noqa: E402, F401
+from app.ml.methods import layerwise  # noqa: E402, F401
+from app.ml.methods import discriminative  # noqa: E402, F401
+from app.ml.methods import full  # noqa: E402, F401
+# isort: on
 
 __all__ = ["METHODS", "FineTuningMethod", "hyperparameter_classes", "register"]

@@ -1,6 +1,6 @@
 """QLoRA (Dettmers et al., 2023): LoRA over the base model quantized to 4-bit NF4 with bitsandbytes.
 
-Needs a CUDA device and the `bitsandbytes` package (`pip install 'tuneforge[gpu]'`): `POST /jobs` refuses it
+Needs a CUDA device and the `bitsandbytes` package (`pip install -e ".[gpu]"`): `POST /jobs` refuses it
 elsewhere. The adapter is an ordinary LoRA adapter (PEFT format), served like LoRA's on the unquantized base.
 """
 
