@@ -432,6 +432,13 @@ def test_every_method_end_to_end_through_the_service(
     )
     assert r.status_code == 200, r.text
     assert r.json()["adapter_id"] == adapter_id and r.json()["usage"]["completion_tokens"] >= 1
+    if method in ("prefix_tuning", "prompt_tuning", "p_tuning"):
+        # Virtual tokens take positions too: the prompt and max_tokens get the model's context less those.
+        prompt_tokens = r.json()["usage"]["prompt_tokens"]
+        request = {"adapter_id": adapter_id, "prompt": PROMPT, "max_tokens": TINY.max_seq_length - prompt_tokens}
+        r = client.post("/generate", headers=tenant.headers, json=request)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
+        assert "less the adapter's 20 virtual tokens" in r.json()["error"]["message"]
 
 
 def test_qlora_is_refused_where_no_cuda_gpu_trains(client: TestClient, tenant: Tenant) -> None:

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 from app.adapters.service import adapter_unavailable, get_adapter
 from app.base_models.service import load_tokenizer, model_unavailable, require_model
 from app.core.errors import InvalidInput
+from app.core.models import Job
 from app.core.settings import Settings
 from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
 from app.ml.formatting import encode_chat_prompt, encode_prompt
@@ -24,6 +25,7 @@ def generate(
     request: GenerateRequest,
 ) -> GenerateResponse:
     adapter_ref = None
+    virtual_tokens = 0  # positions a prompt-learning adapter takes before the prompt
     if request.adapter_id is not None:
         adapter = get_adapter(session, tenant_id=tenant_id, adapter_id=request.adapter_id)
         if request.base_model is not None and request.base_model != adapter.base_model:
@@ -40,6 +42,8 @@ def generate(
                 adapter.id, f"its base model {base_model} was registered again with other files; train it again"
             )
         record = found
+        job = session.get(Job, adapter.job_id)
+        virtual_tokens = int((job.hyperparameters if job else {}).get("num_virtual_tokens") or 0)
         adapter_ref = AdapterRef(
             id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method
         )
@@ -59,10 +63,13 @@ def generate(
         input_ids = encode_prompt(tokenizer, request.prompt or "")
     if not input_ids:
         raise InvalidInput("prompt is empty", param="prompt")
-    limit = record.max_seq_length
+    limit = record.max_seq_length - virtual_tokens
     if len(input_ids) + request.max_tokens > limit:
+        room = str(limit)
+        if virtual_tokens:
+            room += f" ({base_model} takes {record.max_seq_length}, less the adapter's {virtual_tokens} virtual tokens)"
         raise InvalidInput(
-            f"prompt ({len(input_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds {limit}",
+            f"prompt ({len(input_ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds {room}",
             param="max_tokens",
         )
     try:
