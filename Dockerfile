@@ -6,13 +6,17 @@
 # See docker-compose.yml for the PostgreSQL + Redis + MinIO deployment.
 #
 # CPU build (default):  docker build -t tuneforge .
-# GPU build:            docker build -t tuneforge --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/<cuda tag> .
-#                       (pick the CUDA index for your driver from https://pytorch.org/get-started/locally/)
+# GPU build:            docker build -t tuneforge --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/<cuda tag> \
+#                           --build-arg BITSANDBYTES_VERSION=0.50.2 .
+#                       (pick the CUDA index for your driver from https://pytorch.org/get-started/locally/;
+#                       bitsandbytes is what qlora jobs need, as in pyproject.toml's gpu extra)
 
 FROM python:3.11-slim
 
 # Where the torch wheel comes from. The CPU index keeps the image small; a CUDA index gives GPU training.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# bitsandbytes for qlora in a CUDA image (pyproject.toml's gpu extra); empty: not installed.
+ARG BITSANDBYTES_VERSION=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -34,6 +38,7 @@ RUN pip install --no-cache-dir . \
     && useradd --no-log-init --create-home --uid 10001 --user-group tuneforge \
     && mkdir -p /data \
     && chown tuneforge:tuneforge /data
+RUN if [ -n "${BITSANDBYTES_VERSION}" ]; then pip install --no-cache-dir "bitsandbytes==${BITSANDBYTES_VERSION}"; fi
 
 # Everything the service writes (embedded database, objects, converted base models) goes under /data.
 ENV TUNEFORGE_DATA_DIR=/data \

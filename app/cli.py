@@ -327,19 +327,28 @@ def api(
 def worker() -> None:
     """Run a Celery training worker on TUNEFORGE_QUEUE_NAME: one job at a time, on TUNEFORGE_DEVICE.
 
+    A worker that trains on CUDA with bitsandbytes installed also takes the jobs that need it (qlora), from
+    <TUNEFORGE_QUEUE_NAME>-cuda.
+
     Run one worker per GPU, each with its own CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1 tuneforge worker).
     """
+    from app.core.queue import cuda_queue
+    from app.ml.methods.qlora import cuda_training_available
     from worker.celery_app import celery_app
 
     _check_placement()
     settings = get_settings()
+    queues = [settings.queue_name]
+    if cuda_training_available(settings.device):
+        queues.append(cuda_queue(settings.queue_name))
+    logging.getLogger("tuneforge.worker").info("taking jobs from %s", ", ".join(queues))
     celery_app.worker_main(
         [
             "worker",
             "--loglevel=INFO",
             # solo: the job runs in this process, so the base model stays cached between jobs.
             "--pool=solo",
-            f"--queues={settings.queue_name}",
+            f"--queues={','.join(queues)}",
             "--without-gossip",
             "--without-mingle",
         ]

@@ -24,10 +24,11 @@ def create(client: TestClient, tenant: Tenant, **body: Any) -> Any:
     return client.post("/jobs", headers=tenant.headers, json=body)
 
 
-def queued_messages(settings: Settings) -> list[dict[str, Any]]:
-    """Training tasks waiting on the broker, read straight from it."""
+def queued_messages(settings: Settings, queue: str | None = None) -> list[dict[str, Any]]:
+    """Training tasks waiting on the broker (on `queue`, by default the settings' queue), read straight from it."""
+    queue = queue or settings.queue_name
     if settings.broker.startswith("redis"):
-        raw = redis.Redis.from_url(settings.broker).lrange(settings.queue_name, 0, -1)
+        raw = redis.Redis.from_url(settings.broker).lrange(queue, 0, -1)
         return [json.loads(m)["headers"] for m in raw]
     broker_db = settings.broker.removeprefix("sqla+")
     if not inspect(get_engine(broker_db)).has_table("kombu_message"):
@@ -35,7 +36,7 @@ def queued_messages(settings: Settings) -> list[dict[str, Any]]:
     with get_engine(broker_db).connect() as conn:
         rows = conn.execute(
             text("SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id WHERE q.name = :q"),
-            {"q": settings.queue_name},
+            {"q": queue},
         ).all()
     return [json.loads(r[0])["headers"] for r in rows]
 

@@ -21,9 +21,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.core.errors import InvalidInput
+from app.core.queue import cuda_queue
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs.service import validate_hyperparameters
+from app.main import create_app
 from app.ml import adapter_format
 from app.ml.device import resolve_placement
 from app.ml.formatting import IGNORE_INDEX, encode_prompt
@@ -32,8 +34,9 @@ from app.ml.methods.base import PeftMethod
 from app.ml.methods.delta import CONFIG, TENSORS, decoder_blocks, untie_output
 from app.ml.methods.qlora import cuda_training_available
 from app.ml.registry import BUILTINS, ModelStore
-from app.ml.serving import AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
+from app.ml.serving import MAX_DELTA_MODELS, AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
 from tests.conftest import Tenant, chat_lines, jsonl, upload
+from tests.test_jobs import queued_messages
 from tests.test_recipe import TINY, MemoryReporter, recipe_for
 from worker.data import collate
 from worker.lifecycle import JobCancelled
@@ -313,6 +316,13 @@ def test_one_engine_serves_every_method_equal_to_the_reference(
                 assert served(None) == base  # nothing leaks into the base model (deltas are swapped back)
         for method, item in trained.items():
             assert outputs[method] == offline(reference_model(method, item.folder, model_cache_dir)), method
+        # Memory: the weight deltas held stay within their bound (4 deltas of about a model each: some were evicted
+        # and loaded again in the second round), and prompt-learning adapters wrap the one loaded base model.
+        [loaded] = engine._models.values()
+        assert 0 < engine._delta_bytes(loaded) <= MAX_DELTA_MODELS * loaded.model_bytes
+        for group in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+            assert loaded.groups[group].get_base_model() is loaded.plain
+        assert loaded.groups["lora"].get_base_model() is not loaded.plain
         learned = [method for method, ids in outputs.items() if tokenizer.decode(ids).startswith(" plum")]
         assert len(learned) >= 6, outputs  # most of them learned the word in 3 epochs; all differ from the base
         assert [method for method, ids in outputs.items() if ids == base] == []
@@ -452,3 +462,37 @@ def test_qlora_is_refused_where_no_cuda_gpu_trains(client: TestClient, tenant: T
     error = r.json()["error"]
     assert error["param"] == "method" and error["code"] == "method_unavailable"
     assert "needs a CUDA GPU" in error["message"]
+
+
+def test_a_qlora_job_waits_on_its_own_queue_for_a_cuda_worker(settings: Settings, tenant: Tenant) -> None:
+    """With TUNEFORGE_CUDA_WORKERS=true (an API without a GPU, GPU workers behind it), qlora is accepted and goes to
+    <queue>-cuda, which only workers that train on CUDA take; other jobs stay on the usual queue."""
+    with TestClient(create_app(settings.model_copy(update={"cuda_workers": True}))) as client:
+        file_id = upload(client, tenant, jsonl(chat_lines(4))).json()["id"]
+        jobs = {}
+        for method in ("qlora", "lora"):
+            body = {"base_model": TINY.id, "method": method, "training_file": file_id}
+            r = client.post("/jobs", headers=tenant.headers, json=body)
+            assert r.status_code == 201, r.text
+            jobs[method] = r.json()["id"]
+    on_cuda = [repr({"job_id": jobs["qlora"]})]
+    assert [m["kwargsrepr"] for m in queued_messages(settings, cuda_queue(settings.queue_name))] == on_cuda
+    assert [m["kwargsrepr"] for m in queued_messages(settings)] == [repr({"job_id": jobs["lora"]})]
+
+
+def test_prompt_init_from_text_names_no_server_path(tmp_path: Path, model_cache_dir: Path) -> None:
+    recipe = method_recipe(
+        tmp_path, model_cache_dir, "prompt_tuning", MemoryReporter(), prompt_init="text", prompt_init_text="plum"
+    )
+    recipe.setup()
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    recipe.export(folder)
+    config = (folder / "adapter_config.json").read_text()
+    assert json.loads(config)["tokenizer_name_or_path"] == TINY.id
+    assert str(model_cache_dir) not in config and str(tmp_path) not in config
+    # The soft prompt starts as the text's embeddings, repeated to num_virtual_tokens.
+    plum = encode_prompt(recipe.tokenizer, "plum")
+    embeddings = recipe.model.get_input_embeddings().weight[plum]
+    prompt = recipe.model.prompt_encoder["default"].embedding.weight
+    assert torch.equal(prompt[: len(plum)], embeddings)

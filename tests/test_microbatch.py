@@ -37,19 +37,20 @@ def make_examples(lengths: list[int], seed: int = 0) -> list[EncodedExample]:
     return examples
 
 
-@pytest.mark.parametrize("budget", [64, 100, 257, 4096])
-def test_micro_batches_cover_every_example_once_within_the_budget(budget: int) -> None:
+@pytest.mark.parametrize(("budget", "extra"), [(64, 0), (100, 0), (257, 0), (4096, 0), (257, 20), (4096, 100)])
+def test_micro_batches_cover_every_example_once_within_the_budget(budget: int, extra: int) -> None:
+    """`extra`: positions the method adds to every row (virtual tokens), which the budget counts too."""
     rng = random.Random(budget)
     examples = make_examples([rng.randint(1, 150) for _ in range(48)] + [300])  # 300: over the smaller budgets
-    groups = micro_batches(examples, budget)
+    groups = micro_batches(examples, budget, extra)
 
     assert sorted(id(e) for group in groups for e in group) == sorted(id(e) for e in examples)
     for group in groups:
-        width = max(len(e.input_ids) for e in group)
+        width = max(len(e.input_ids) for e in group) + extra
         assert len(group) * width <= budget or (len(group) == 1 and width > budget), [len(e.input_ids) for e in group]
     # Not split more than needed: the next group's first example would not have fitted in the one before.
     for group, following in zip(groups, groups[1:], strict=False):
-        assert (len(group) + 1) * len(following[0].input_ids) > budget
+        assert (len(group) + 1) * (len(following[0].input_ids) + extra) > budget
 
 
 def test_one_example_is_one_micro_batch_even_over_budget() -> None:

@@ -70,8 +70,11 @@ def batches(
         yield [examples[i] for i in order[start : start + batch_size]]
 
 
-def micro_batches(examples: list[EncodedExample], max_batch_tokens: int) -> list[list[EncodedExample]]:
-    """Split examples into groups whose padded size (examples x longest) stays within max_batch_tokens.
+def micro_batches(
+    examples: list[EncodedExample], max_batch_tokens: int, extra_positions: int = 0
+) -> list[list[EncodedExample]]:
+    """Split examples into groups whose padded size (examples x (longest + extra_positions)) stays within
+    max_batch_tokens; `extra_positions` are what the method adds to every row (virtual tokens).
 
     Sorted by length first, so each group pads little; a sum of per-token losses does not depend on the
     order. An example longer than the budget on its own is a group by itself.
@@ -80,7 +83,7 @@ def micro_batches(examples: list[EncodedExample], max_batch_tokens: int) -> list
     current: list[EncodedExample] = []
     for example in sorted(examples, key=lambda e: len(e.input_ids)):
         # Ascending lengths: the example being added sets the group's padded width.
-        if current and (len(current) + 1) * len(example.input_ids) > max_batch_tokens:
+        if current and (len(current) + 1) * (len(example.input_ids) + extra_positions) > max_batch_tokens:
             groups.append(current)
             current = []
         current.append(example)

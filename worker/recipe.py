@@ -28,7 +28,7 @@ from app.ml.device import Placement, PlacementError, resolve_placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
 from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.methods import METHODS
-from app.ml.methods.base import BaseWeights, MethodContext
+from app.ml.methods.base import BaseWeights, MethodContext, MethodUnavailable
 from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, pad_token_id
 from worker.data import Dataset, batches, collate, load_examples, micro_batches
 from worker.errors import TrainingError
@@ -114,6 +114,7 @@ def accumulate_gradients(
     max_batch_tokens: int,
     placement: Placement | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    extra_positions: int = 0,
 ) -> StepStats:
     """Forward and backward passes of one optimizer step, one micro-batch under the token budget at a time.
 
@@ -122,9 +123,17 @@ def accumulate_gradients(
     computes), while only one micro-batch's activations and logits are alive at a time.
 
     With a half-precision `placement` the forward pass runs under autocast; `scaler` scales float16 losses.
+    `extra_positions`: what the method adds to every row (virtual tokens), counted against max_batch_tokens.
     """
     return _micro_batch_passes(
-        model, examples, pad_token_id, max_batch_tokens, placement=placement, scaler=scaler, backward=True
+        model,
+        examples,
+        pad_token_id,
+        max_batch_tokens,
+        placement=placement,
+        scaler=scaler,
+        backward=True,
+        extra_positions=extra_positions,
     )
 
 
@@ -136,9 +145,18 @@ def evaluation_stats(
     pad_token_id: int,
     max_batch_tokens: int,
     placement: Placement | None = None,
+    extra_positions: int = 0,
 ) -> StepStats:
     """Loss and accuracy over examples, with the same micro-batches (and memory bound) as training."""
-    return _micro_batch_passes(model, examples, pad_token_id, max_batch_tokens, placement=placement, backward=False)
+    return _micro_batch_passes(
+        model,
+        examples,
+        pad_token_id,
+        max_batch_tokens,
+        placement=placement,
+        backward=False,
+        extra_positions=extra_positions,
+    )
 
 
 def _micro_batch_passes(
@@ -150,6 +168,7 @@ def _micro_batch_passes(
     placement: Placement | None,
     backward: bool,
     scaler: torch.amp.GradScaler | None = None,
+    extra_positions: int = 0,
 ) -> StepStats:
     device = next(model.parameters()).device
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
@@ -157,7 +176,7 @@ def _micro_batch_passes(
     # Summed on the device, read once at the end: no host synchronization per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for group in micro_batches(examples, max_batch_tokens):
+    for group in micro_batches(examples, max_batch_tokens, extra_positions):
         batch = {name: tensor.to(device) for name, tensor in collate(group, pad_token_id).items()}
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -198,6 +217,7 @@ class TrainingRecipe:
         self.reporter = reporter
         self.method = METHODS[job.method]
         self.hp: TrainingHyperparameters = self.method.hyperparameters.model_validate(job.hyperparameters)
+        self.extra_positions = self.method.extra_positions(self.hp)
         self.models = ModelStore(settings.models_dir, storage)
 
     # --- setup ----------------------------------------------------------------------------------
@@ -224,16 +244,12 @@ class TrainingRecipe:
             )
             if self.valid_data is None and self.hp.validation_split > 0:
                 self.train_data, self.valid_data = self._hold_out(self.train_data, self.hp.validation_split)
-            if self.method.needs_cuda and self.placement.device.type != "cuda":
-                raise TrainingError(
-                    f"{self.method.name} needs a CUDA GPU; the worker that took this job trains on "
-                    f"{self.placement.device_str}",
-                    code="device_unavailable",
-                )
             context = MethodContext(record=record, models=self.models, placement=self.placement)
             model = self.method.load_base(context) or cached_base_model(self.models, record, self.placement)
         except ModelUnavailable as exc:
             raise TrainingError(str(exc), code="model_unavailable") from None
+        except MethodUnavailable as exc:
+            raise TrainingError(str(exc), code="method_unavailable") from None
         self.reporter.placement(self.placement)
         self.model = self.method.prepare(model, self.hp, context)
         self.model.train()
@@ -332,6 +348,7 @@ class TrainingRecipe:
                     max_batch_tokens=self.settings.train_max_batch_tokens,
                     placement=self.placement,
                     scaler=self.scaler,
+                    extra_positions=self.extra_positions,
                 )
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
@@ -425,6 +442,7 @@ class TrainingRecipe:
             pad_token_id=self.pad_token_id,
             max_batch_tokens=self.settings.train_max_batch_tokens,
             placement=self.placement,
+            extra_positions=self.extra_positions,
         )
         self.model.train()
         return {

@@ -38,6 +38,12 @@ def _sender(broker: str, queue: str) -> Celery:
     return make_celery(broker, queue)
 
 
-def enqueue_training(settings: Settings, job_id: str) -> None:
+def cuda_queue(queue: str) -> str:
+    """The queue of jobs whose method needs CUDA (qlora): only workers that train on CUDA consume it."""
+    return f"{queue}-cuda"
+
+
+def enqueue_training(settings: Settings, job_id: str, *, needs_cuda: bool = False) -> None:
     """Send `training.run` by name with only the job id; call after the job row is committed."""
-    _sender(settings.broker, settings.queue_name).send_task(TRAINING_TASK, kwargs={"job_id": job_id})
+    queue = cuda_queue(settings.queue_name) if needs_cuda else settings.queue_name
+    _sender(settings.broker, settings.queue_name).send_task(TRAINING_TASK, kwargs={"job_id": job_id}, queue=queue)

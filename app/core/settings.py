@@ -71,7 +71,16 @@ class Settings(BaseSettings):
     default_base_model: str = Field(
         default="smollm2-135m-instruct", description="Base model used when a request names none"
     )
-    queue_name: str = Field(default="training", description="Celery queue the training tasks go to")
+    queue_name: str = Field(
+        default="training",
+        description="Celery queue the training tasks go to (jobs whose method needs CUDA, qlora, go to "
+        "<queue_name>-cuda, which only workers that train on CUDA consume)",
+    )
+    cuda_workers: bool | None = Field(
+        default=None,
+        description="Whether workers that train on CUDA with bitsandbytes serve this service, so that POST /jobs "
+        "accepts methods that need them (qlora); unset: whether this process itself could",
+    )
     serving_max_adapters: int = Field(
         default=8, gt=0, description="Adapters kept loaded per base model in a serving process"
     )

@@ -33,7 +33,9 @@ def create_job(
         request=body,
         default_base_model=settings.default_base_model,
         max_batch_tokens=settings.train_max_batch_tokens,
-        cuda_training=cuda_training_available(settings.device),
+        cuda_training=settings.cuda_workers
+        if settings.cuda_workers is not None
+        else cuda_training_available(settings.device),
     )
     session.commit()  # the worker re-reads the row: it must be committed before the task is sent
     service.dispatch_job(session, settings=settings, job=job)

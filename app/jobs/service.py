@@ -104,7 +104,12 @@ def create_job(
         # Counted with this model's tokenizer (at upload, or now: then kept for the next job on it).
         counts = token_counts(session, storage=storage, models=models, file=file, model=record, param=param)
         _check_fits_token_budget(
-            file.id, counts.max_example_tokens, param, hyperparameters["max_seq_length"], max_batch_tokens
+            file.id,
+            counts.max_example_tokens,
+            param,
+            hyperparameters["max_seq_length"],
+            max_batch_tokens,
+            virtual_tokens=int(hyperparameters.get("num_virtual_tokens") or 0),
         )
 
     job = Job(
@@ -130,12 +135,28 @@ def create_job(
 
 
 def _check_fits_token_budget(
-    file_id: str, max_example_tokens: int, param: str, max_seq_length: int, max_batch_tokens: int
+    file_id: str,
+    max_example_tokens: int,
+    param: str,
+    max_seq_length: int,
+    max_batch_tokens: int,
+    *,
+    virtual_tokens: int = 0,
 ) -> None:
-    """Refuse a job whose longest example (cut to max_seq_length) cannot fit one training micro-batch."""
+    """Refuse a job whose longest example (cut to max_seq_length), with the method's virtual tokens, cannot fit
+    one training micro-batch."""
     longest = min(max_seq_length, max_example_tokens or max_seq_length)
-    if longest <= max_batch_tokens:
+    if longest + virtual_tokens <= max_batch_tokens:
         return
+    if virtual_tokens:
+        raise InvalidInput(
+            f"hyperparameters.max_seq_length: {param} {file_id} has an example of {longest} tokens (after "
+            f"max_seq_length={max_seq_length}), which with the {virtual_tokens} virtual tokens is more than the "
+            f"{max_batch_tokens} tokens a training micro-batch may hold on this service; lower max_seq_length to "
+            f"at most {max_batch_tokens - virtual_tokens} (longer examples are cut) or num_virtual_tokens",
+            param="hyperparameters.max_seq_length",
+            code="example_too_long",
+        )
     raise InvalidInput(
         f"hyperparameters.max_seq_length: {param} {file_id} has an example of {longest} tokens (after "
         f"max_seq_length={max_seq_length}), more than the {max_batch_tokens} tokens a training micro-batch may "
@@ -149,7 +170,7 @@ def _check_fits_token_budget(
 def dispatch_job(session: Session, *, settings: Settings, job: Job) -> None:
     """Send the committed job to the broker; if the broker is unreachable the job fails visibly."""
     try:
-        enqueue_training(settings, job.id)
+        enqueue_training(settings, job.id, needs_cuda=METHODS[job.method].needs_cuda)
     except Exception as exc:
         log.exception("could not enqueue %s", job.id)
         job.status = JobStatus.failed

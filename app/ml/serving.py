@@ -65,6 +65,9 @@ class GenerationResult:
 
 # Base models kept loaded at once; a request for another unloads the least recently used one.
 MAX_BASE_MODELS = 2
+# Weight-delta adapters (head, layerwise, discriminative, full) kept loaded per base model may take at most this
+# many times the base model's bytes (a `full` delta is a whole model); the least recently used go first.
+MAX_DELTA_MODELS = 2
 
 # Below this temperature sampling is numerically greedy (logits / T overflow): decode greedily, as vLLM does.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -107,8 +110,9 @@ class StopOnStrings:
 class _LoadedBase:
     """A base model in memory with what is attached to it."""
 
-    plain: Any  # never wrapped or changed outside a request: serves requests without an adapter
+    plain: Any  # changed only inside a weight delta's request: serves requests without an adapter
     weights_sha256: str  # what weight-delta artifacts must have been trained on
+    model_bytes: int  # of the plain model: weight deltas kept loaded may take at most MAX_DELTA_MODELS times this
     groups: dict[str, Any] = field(default_factory=dict)  # PEFT serving group -> its PeftModel
     # adapter id -> its PEFT group, or its loaded weight delta; least recently used first
     adapters: OrderedDict[str, str | Any] = field(default_factory=OrderedDict)
@@ -177,7 +181,11 @@ class GenerationEngine:
                 unloaded, _ = self._models.popitem(last=False)
                 log.info("unloaded base model %s to make room", unloaded[0])
             plain = self.models.load(record, self.placement)
-            loaded = self._models[key] = _LoadedBase(plain=plain, weights_sha256=self.models.weights_sha256(record))
+            loaded = self._models[key] = _LoadedBase(
+                plain=plain,
+                weights_sha256=self.models.weights_sha256(record),
+                model_bytes=sum(p.numel() * p.element_size() for p in plain.parameters()),
+            )
         self._models.move_to_end(key)
         return loaded
 
@@ -202,7 +210,9 @@ class GenerationEngine:
             folder = self._local_adapter(adapter)
             if isinstance(method, PeftMethod):
                 group = method.serving_group
-                model = loaded.groups.get(group) or copy.deepcopy(loaded.plain)
+                # LoRA and IA3 inject layers into the model they wrap: they get a copy of their own.
+                fresh = loaded.plain if method.leaves_base_unchanged else copy.deepcopy(loaded.plain)
+                model = loaded.groups.get(group) or fresh
                 loaded.groups[group] = method.attach(model, folder, adapter.id, str(self.placement.device))
                 loaded.groups[group].eval()
                 loaded.adapters[adapter.id] = group
@@ -219,6 +229,11 @@ class GenerationEngine:
                 loaded.adapters[adapter.id] = delta
             while len(loaded.adapters) > self.max_adapters:
                 self._evict(loaded, *loaded.adapters.popitem(last=False))
+            # Then the least recently used weight deltas (not the one just loaded) until they fit their bound.
+            for older in [key for key, attached in loaded.adapters.items() if not isinstance(attached, str)][:-1]:
+                if self._delta_bytes(loaded) <= MAX_DELTA_MODELS * loaded.model_bytes:
+                    break
+                del loaded.adapters[older]
         loaded.adapters.move_to_end(adapter.id)
         attached = loaded.adapters[adapter.id]
         if isinstance(attached, str):
@@ -226,6 +241,10 @@ class GenerationEngine:
             assert isinstance(method, PeftMethod)
             return method.generation_call(loaded.groups[attached], adapter.id, input_ids), nullcontext()
         return plain, applied(loaded.plain, attached)
+
+    @staticmethod
+    def _delta_bytes(loaded: _LoadedBase) -> int:
+        return sum(attached.n_bytes for attached in loaded.adapters.values() if not isinstance(attached, str))
 
     @staticmethod
     def _evict(loaded: _LoadedBase, adapter_id: str, attached: str | Any) -> None:
@@ -258,8 +277,14 @@ class GenerationEngine:
             )
         if request.seed is not None:
             torch.manual_seed(request.seed)  # seeds the CUDA generators too
-        with torch.inference_mode(), context:
-            output = call.model.generate(**call.inputs, **kwargs)
+        from app.ml.methods.delta import DeltaMismatch
+
+        try:
+            with torch.inference_mode(), context:
+                output = call.model.generate(**call.inputs, **kwargs)
+        except DeltaMismatch as exc:  # a weight delta whose tensors do not fit the model
+            assert request.adapter is not None
+            raise AdapterUnavailable(request.adapter.id, f"it cannot be applied to {request.model.id}: {exc}") from None
         new_ids = output[0, call.new_tokens_from :].tolist()
         finish_reason = "length"
         if new_ids and new_ids[-1] == tokenizer.eos_token_id:

@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # torch and peft load only where a model is trained or served
     from app.ml.registry import ModelStore
 
 
+class MethodUnavailable(RuntimeError):
+    """The method cannot train here (no CUDA device, a package missing); the message says what it needs."""
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What a method may need besides the model and its hyperparameters."""
@@ -64,6 +68,10 @@ class FineTuningMethod:
         """The base model to train, if the method loads its own (QLoRA: quantized); None takes the shared one."""
         return None
 
+    def extra_positions(self, hp: TrainingHyperparameters) -> int:
+        """Positions the method adds to every sequence (virtual tokens), which count against memory budgets."""
+        return int(getattr(hp, "num_virtual_tokens", 0))
+
     def prepare(self, model: nn.Module, hp: TrainingHyperparameters, ctx: MethodContext) -> nn.Module:
         """Wrap or modify the base model so that what the method trains requires grad, and nothing else."""
         raise NotImplementedError
@@ -96,6 +104,9 @@ class PeftMethod(FineTuningMethod):
 
     artifact_format = "peft"
     serving_group: ClassVar[str]  # adapters of one group are served from one PeftModel (qlora's are LoRA's)
+    # Whether the PeftModel leaves the base model it wraps as it was (prompt learning: the prompts live on the
+    # PeftModel), so that serving can wrap the shared base model instead of a copy of it.
+    leaves_base_unchanged: ClassVar[bool] = False
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         raise NotImplementedError

@@ -26,11 +26,10 @@ def peft_ia3_defaults(model: ModelRecord) -> tuple[list[str], list[str]]:
         TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
     )
 
-    def leaf(names: list[str]) -> list[str]:  # PEFT writes some as suffixes ("mlp.c_proj")
-        return [name for name in dict.fromkeys(n.rsplit(".", 1)[-1] for n in names) if name in model.linear_modules]
-
-    targets = leaf(TARGETS.get(model.architecture, []))
-    feedforward = [name for name in leaf(FEEDFORWARD.get(model.architecture, [])) if name in targets]
+    # PEFT's names as it writes them: some are suffixes that tell two layers of one name apart ("mlp.c_proj" is
+    # GPT-2's feed-forward output, not its attention's c_proj); PEFT matches them against the ends of module names.
+    targets = [n for n in TARGETS.get(model.architecture, []) if n.rsplit(".", 1)[-1] in model.linear_modules]
+    feedforward = [n for n in FEEDFORWARD.get(model.architecture, []) if n in targets]
     if not targets:  # an architecture PEFT has no mapping for: every linear layer, the last one as feed-forward
         targets = list(model.linear_modules)
         feedforward = targets[-1:]

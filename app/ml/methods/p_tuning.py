@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 class PTuningHyperparameters(VirtualTokenHyperparameters):
     learning_rate: float = Field(1e-3, gt=0, le=1.0, description="Peak learning rate (after the warmup)")
-    encoder_hidden_size: int = Field(128, ge=1, le=8192, description="Hidden width of the prompt encoder (an MLP)")
+    encoder_hidden_size: int = Field(128, ge=1, le=1024, description="Hidden width of the prompt encoder (an MLP)")
 
 
 class PTuningMethod(SoftPromptMethod):

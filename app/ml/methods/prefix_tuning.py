@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from peft import PeftConfig
 
 
+DEFAULT_PROJECTION_WIDTH = 512
+
+
 class PrefixTuningHyperparameters(VirtualTokenHyperparameters):
     learning_rate: float = Field(1e-2, gt=0, le=1.0, description="Peak learning rate (after the warmup)")
     prefix_projection: bool = Field(
@@ -25,7 +28,11 @@ class PrefixTuningHyperparameters(VirtualTokenHyperparameters):
         "learning them directly",
     )
     encoder_hidden_size: int | None = Field(
-        None, ge=1, le=8192, description="With prefix_projection: the MLP's hidden width (default: the model's)"
+        None,
+        ge=1,
+        le=1024,
+        description=f"With prefix_projection: the MLP's hidden width (default {DEFAULT_PROJECTION_WIDTH}; its output "
+        "layer has this many times 2 x layers x key/value width parameters)",
     )
 
     def for_model(self, model: ModelRecord) -> Self:
@@ -38,6 +45,7 @@ class PrefixTuningMethod(PeftMethod):
     name = "prefix_tuning"
     hyperparameters = PrefixTuningHyperparameters
     serving_group = "prefix_tuning"
+    leaves_base_unchanged = True
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import PrefixTuningConfig
@@ -46,8 +54,8 @@ class PrefixTuningMethod(PeftMethod):
         config = PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=hp.num_virtual_tokens, prefix_projection=hp.prefix_projection
         )
-        if hp.encoder_hidden_size is not None:
-            config.encoder_hidden_size = hp.encoder_hidden_size
+        if hp.prefix_projection:  # PEFT's default width is the model's, which on a 7B model makes a 1B-weight MLP
+            config.encoder_hidden_size = hp.encoder_hidden_size or DEFAULT_PROJECTION_WIDTH
         return config
 
     def generation_call(self, model: Any, name: str, input_ids: torch.Tensor) -> GenerationCall:

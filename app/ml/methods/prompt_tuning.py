@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Self
 
 from pydantic import Field
 
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import register
-from app.ml.methods.base import MethodContext
+from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.methods.virtual_tokens import SoftPromptMethod, VirtualTokenHyperparameters
 from app.ml.registry import ModelRecord
 
 if TYPE_CHECKING:
     from peft import PeftConfig
+    from torch import nn
 
 
 class PromptTuningHyperparameters(VirtualTokenHyperparameters):
@@ -55,6 +58,16 @@ class PromptTuningMethod(SoftPromptMethod):
                 tokenizer_name_or_path=str(ctx.models.tokenizer_dir(ctx.record)),
             )
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=hp.num_virtual_tokens)
+
+    def export(self, model: nn.Module, folder: Path, base: BaseWeights) -> None:
+        super().export(model, folder, base)
+        # A text-initialized prompt names the tokenizer it was initialized with: this machine's folder, which
+        # means nothing elsewhere (and must not leak). Name the base model instead, as PEFT's own docs do.
+        config_path = folder / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        if config.get("tokenizer_name_or_path"):
+            config["tokenizer_name_or_path"] = base.record.base_model_name_or_path
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 register(PromptTuningMethod())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from app.ml.methods import register
-from app.ml.methods.base import MethodContext
+from app.ml.methods.base import MethodContext, MethodUnavailable
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 
 if TYPE_CHECKING:
@@ -41,9 +41,15 @@ class QloraMethod(LoraMethod):
         from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        if ctx.placement.device.type != "cuda":
-            raise RuntimeError("qlora needs a CUDA device")  # POST /jobs refuses it first; the runner says so
-        compute = ctx.placement.dtype if ctx.placement.dtype != torch.float32 else torch.bfloat16
+        if not cuda_training_available(ctx.placement.device_str):
+            raise MethodUnavailable(
+                "qlora needs a CUDA GPU and the bitsandbytes package, which the worker that took this job lacks "
+                f"(it trains on {ctx.placement.device_str})"
+            )
+        compute = ctx.placement.dtype
+        if compute == torch.float32:  # the 4-bit matmuls compute in half precision: bfloat16 where it is native
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            compute = torch.bfloat16 if native_bf16 else torch.float16
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

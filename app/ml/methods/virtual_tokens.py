@@ -40,6 +40,8 @@ class VirtualTokenHyperparameters(TrainingHyperparameters):
 class SoftPromptMethod(PeftMethod):
     """Prompt and p-tuning: learned embeddings before the text's."""
 
+    leaves_base_unchanged = True
+
     def generation_call(self, model: Any, name: str, input_ids: torch.Tensor) -> GenerationCall:
         """The soft prompt and the text's embeddings go to the base model's `generate` as `inputs_embeds`, at
         positions from 0 as in training. (PEFT's own `generate` numbers the positions after the first token
