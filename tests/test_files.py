@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -209,3 +210,12 @@ def test_token_counts_match_what_training_sees(client: TestClient, tenant: Tenan
         body = upload(client, tenant, jsonl(lines)).json()
         assert body["n_tokens"] == expected
         assert body["n_examples"] == len(lines)
+
+
+def test_a_data_dir_with_spaces_and_plus_signs_stores_objects_in_it(tmp_path: Path) -> None:
+    """The local store's URL is percent-encoded (file:///…/a%20b%2Bc): objects still land in the folder named."""
+    data_dir = tmp_path / "a b+c"
+    storage = ObjectStorage.from_settings(Settings(data_dir=data_dir))
+    storage.put_bytes("datasets/t/x.jsonl", b"{}\n")
+    assert (data_dir / "objects" / "datasets" / "t" / "x.jsonl").read_bytes() == b"{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a b+c"]

@@ -214,23 +214,27 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> dict[str, Trained]:
-    """Every CPU method trained once on "plum" and published into one object store."""
+    """Every CPU method trained once on "plum" and published into one object store (and LoRA once more, with DoRA
+    and rsLoRA, as "lora+dora")."""
     root = tmp_path_factory.mktemp("methods")
     storage = ObjectStorage.from_settings(Settings(data_dir=root / "store", model_cache_dir=model_cache_dir))
     out = {}
-    for method in CPU_METHODS:
-        recipe = method_recipe(root / method, model_cache_dir, method, MemoryReporter(), n_epochs=3, validation=None)
+    variants = [(method, method, {}) for method in CPU_METHODS]
+    variants.append(("lora+dora", "lora", {"use_dora": True, "use_rslora": True}))
+    for name, method, options in variants:
+        reporter = MemoryReporter()
+        recipe = method_recipe(root / name, model_cache_dir, method, reporter, n_epochs=3, validation=None, **options)
         recipe.setup()
         recipe.train()
-        folder = root / method / "artifact"
+        folder = root / name / "artifact"
         folder.mkdir()
         recipe.export(folder)
-        archive = root / method / "artifact.tar.gz"
+        archive = root / name / "artifact.tar.gz"
         _, sha256 = adapter_format.pack(folder, archive, {"method": method})
-        key = f"adapters/t/{method}.tar.gz"
+        key = f"adapters/t/{name}.tar.gz"
         storage.put_path(key, archive)
         recipe.model.eval()
-        out[method] = Trained(method, folder, recipe.model, AdapterRef(f"adapter-{method}", key, sha256, method))
+        out[name] = Trained(method, folder, recipe.model, AdapterRef(f"adapter-{name}", key, sha256, method))
     return out
 
 
@@ -276,8 +280,9 @@ def test_the_artifact_round_trips(trained: dict[str, Trained], model_cache_dir: 
 def test_one_engine_serves_every_method_equal_to_the_reference(
     trained: dict[str, Trained], model_cache_dir: Path, tmp_path: Path
 ) -> None:
-    """All nine adapters in one engine, requests interleaved (and the base model between them): each greedy
-    output is token-identical to the artifact loaded alone by transformers + peft, decoded step by step."""
+    """All ten adapters (nine methods, and LoRA with DoRA) in one engine, requests interleaved (and the base
+    model between them): each greedy output is token-identical to the artifact loaded alone by transformers +
+    peft, decoded step by step."""
     storage = ObjectStorage.from_settings(Settings(data_dir=next(iter(trained.values())).folder.parents[1] / "store"))
     models = ModelStore(model_cache_dir, None)
     engine = GenerationEngine(
@@ -314,8 +319,10 @@ def test_one_engine_serves_every_method_equal_to_the_reference(
             for method, item in trained.items():
                 outputs[method] = served(item.ref)
                 assert served(None) == base  # nothing leaks into the base model (deltas are swapped back)
-        for method, item in trained.items():
-            assert outputs[method] == offline(reference_model(method, item.folder, model_cache_dir)), method
+        for name, item in trained.items():
+            assert outputs[name] == offline(reference_model(item.method, item.folder, model_cache_dir)), name
+        dora = json.loads((trained["lora+dora"].folder / "adapter_config.json").read_text())
+        assert dora["use_dora"] is True and dora["use_rslora"] is True
         # Memory: the weight deltas held stay within their bound (4 deltas of about a model each: some were evicted
         # and loaded again in the second round), and prompt-learning adapters wrap the one loaded base model.
         [loaded] = engine._models.values()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import obstore
 from obstore.store import LocalStore, from_url
@@ -35,7 +35,7 @@ class ObjectStorage:
         url = settings.storage
         parsed = urlparse(url)
         if parsed.scheme == "file":
-            root = Path(parsed.path)
+            root = Path(unquote(parsed.path))  # a data dir named "a b+c" is file:///a%20b%2Bc
             root.mkdir(parents=True, exist_ok=True)
             return cls(LocalStore(prefix=root), url)
         config: dict[str, str] = {}
