@@ -224,6 +224,7 @@ def test_each_architecture_registers_trains_and_serves(
     assert model["parameters"] == sum(p.numel() for p in reference.parameters())
     assert model["max_seq_length"] == 512
     assert model["default_target_modules"] == PEFT_DEFAULTS[arch]
+    assert model["layers"] == reference.config.num_hidden_layers
     assert set(PEFT_DEFAULTS[arch]) <= set(model["linear_modules"])
     assert isinstance(model["created"], int) and model["default"] is False
 
