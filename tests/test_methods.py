@@ -118,6 +118,9 @@ def test_each_method_trains_exactly_its_tensors_and_learns(tmp_path: Path, model
     [setup] = [data for data in reporter.of_type("log") if "trainable_parameters" in data]
     assert setup["trainable_parameters"] == sum(p.numel() for p in recipe.trainable_params) > 0
     assert setup["trainable_share"] == round(setup["trainable_parameters"] / setup["total_parameters"], 6)
+    # The base model's parameters, and a PEFT adapter's own; an untied output layer is not counted twice.
+    added = setup["trainable_parameters"] if isinstance(METHODS[method], PeftMethod) else 0
+    assert setup["total_parameters"] == TINY.n_parameters + added
     if method in ("head", "layerwise", "discriminative"):
         # The tiny model ties its output layer to the input embeddings: these untie it, and the embeddings stay.
         pristine = ModelStore(model_cache_dir, None).load(TINY)

@@ -266,7 +266,7 @@ class TrainingRecipe:
         # float16's narrow range underflows small gradients: scale the loss (bfloat16 has float32's range).
         self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
         trainable = sum(p.numel() for p in self.trainable_params)
-        total = sum(p.numel() for p in self.model.parameters())
+        total = self.method.count_parameters(self.model)
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.examples_per_step = self.hp.batch_size * self.hp.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(len(self.train_data.examples) / self.examples_per_step)

@@ -72,6 +72,11 @@ class FineTuningMethod:
         """Positions the method adds to every sequence (virtual tokens), which count against memory budgets."""
         return int(getattr(hp, "num_virtual_tokens", 0))
 
+    def count_parameters(self, model: nn.Module) -> int:
+        """The model's parameters as a job reports them (`total_parameters`): the base model's and the method's own;
+        a weight the method only copied (an untied output layer) counts once."""
+        return sum(p.numel() for p in model.parameters())
+
     def prepare(self, model: nn.Module, hp: TrainingHyperparameters, ctx: MethodContext) -> nn.Module:
         """Wrap or modify the base model so that what the method trains requires grad, and nothing else."""
         raise NotImplementedError

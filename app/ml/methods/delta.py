@@ -69,6 +69,7 @@ def untie_output(model: nn.Module) -> bool:
         return False
     output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
     model.config.tie_word_embeddings = False  # type: ignore[union-attr]
+    model.config.tuneforge_untied_output = True  # type: ignore[union-attr]  # for count_parameters
     return True
 
 
@@ -96,6 +97,12 @@ class DeltaMethod(FineTuningMethod):
 
     def unfreeze(self, model: nn.Module, hp: TrainingHyperparameters) -> None:
         raise NotImplementedError
+
+    def count_parameters(self, model: nn.Module) -> int:
+        total = super().count_parameters(model)
+        if getattr(model.config, "tuneforge_untied_output", False):  # the copy is the base's output layer still
+            total -= model.get_output_embeddings().weight.numel()  # type: ignore[operator]
+        return total
 
     def export(self, model: nn.Module, folder: Path, base: BaseWeights) -> None:
         from safetensors.torch import save_file

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class HeadHyperparameters(TrainingHyperparameters):
-    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate (after the warmup)")
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate (after the warmup)")
 
 
 class HeadMethod(DeltaMethod):

@@ -21,7 +21,7 @@ DEFAULT_PROJECTION_WIDTH = 512
 
 
 class PrefixTuningHyperparameters(VirtualTokenHyperparameters):
-    learning_rate: float = Field(1e-2, gt=0, le=1.0, description="Peak learning rate (after the warmup)")
+    learning_rate: float = Field(5e-2, gt=0, le=1.0, description="Peak learning rate (after the warmup)")
     prefix_projection: bool = Field(
         False,
         description="Produce the prefixes through a trained two-layer MLP (reparameterization) instead of "
