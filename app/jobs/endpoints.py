@@ -1,14 +1,16 @@
 """HTTP routes for fine-tuning jobs."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Header, Path, Query, Request, status
+from fastapi.responses import StreamingResponse
 
 from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.jobs import service
-from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObject
+from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObject, MetricsObject
+from app.jobs.streaming import event_stream
 from app.ml.methods.qlora import cuda_training_available
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 503))
@@ -63,13 +65,54 @@ def cancel_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobObje
     return JobObject.of(service.cancel_job(session, tenant_id=tenant.id, job_id=job_id))
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "The events (JSON, paginated), or with `Accept: text/event-stream` or `stream=true` a "
+            "server-sent event stream: `id` the seq, `event` the type, `data` the event object",
+        }
+    },
+)
 def list_events(
     job_id: JobId,
+    request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     tenant: TenantDep,
     after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Return events with seq greater than this")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> EventList:
+    stream: Annotated[
+        bool, Query(description="Stream new events as server-sent events until the job ends (as Accept does)")
+    ] = False,
+    last_event_id: Annotated[
+        int | None,
+        Header(ge=0, le=2**31 - 1, description="Streaming: resume after this seq (what a reconnecting client sends)"),
+    ] = None,
+) -> Any:
+    if stream or "text/event-stream" in request.headers.get("accept", ""):
+        job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 before the stream starts
+        start = last_event_id if last_event_id is not None else after
+        return StreamingResponse(
+            event_stream(settings.db_url, job.id, start, request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     rows, has_more = service.list_events(session, tenant_id=tenant.id, job_id=job_id, after_seq=after, limit=limit)
     return EventList(data=[EventObject.of(e) for e in rows], has_more=has_more)
+
+
+@router.get("/{job_id}/metrics")
+def job_metrics(
+    job_id: JobId,
+    session: SessionDep,
+    tenant: TenantDep,
+    max_points: Annotated[
+        int, Query(ge=2, le=10_000, description="At most this many points per curve (evenly thinned, last kept)")
+    ] = 1000,
+) -> MetricsObject:
+    """The training and validation curves as (step, value) pairs, for a plot."""
+    job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)
+    return MetricsObject(job_id=job.id, curves=service.metric_curves(session, job_id=job.id, max_points=max_points))

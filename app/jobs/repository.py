@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,6 +17,12 @@ def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job | None:
 
 def list_jobs(session: Session, *, tenant_id: str, limit: int, after: Job | None) -> tuple[list[Job], bool]:
     return newest_first(session, select(Job).where(Job.tenant_id == tenant_id), Job, limit=limit, after=after)
+
+
+def event_data(session: Session, *, job_id: str, types: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The `data` of the job's events of these types, in seq order."""
+    query = select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type.in_(types)).order_by(JobEvent.seq)
+    return list(session.scalars(query))
 
 
 def list_events(session: Session, *, job_id: str, after_seq: int, limit: int) -> list[JobEvent]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.core.models import Job, JobEvent
+from app.core.models import Job, JobEvent, JobStatus
 from app.ml.methods import METHODS, hyperparameter_classes
 
 MAX_ID_CHARS = 64
@@ -26,6 +26,21 @@ def _hyperparameters_schema() -> dict[str, Any]:
 
 def _ts(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value is not None else None
+
+
+ESTIMATE_AFTER_STEPS = 3  # steps a running job must have done before its finish is estimated
+
+
+def _estimated_finish(job: Job) -> int | None:
+    """Now plus the remaining steps at the average pace since training started (which includes loading)."""
+    if job.status != JobStatus.running or not job.total_steps or job.started_at is None:
+        return None
+    if job.step < ESTIMATE_AFTER_STEPS:
+        return None
+    started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    per_step = (now - started).total_seconds() / job.step
+    return int(now.timestamp() + per_step * max(0, job.total_steps - job.step))
 
 
 class JobCreate(BaseModel):
@@ -77,6 +92,10 @@ class JobObject(BaseModel):
     device: str | None = Field(description="Where it trains or trained, e.g. cuda:0 or cpu (null until it starts)")
     dtype: str | None = Field(description="The base model's precision in training, e.g. bfloat16 or float32")
     attempt: int
+    heartbeat_at: int | None = Field(description="When the worker training it last said it was alive")
+    estimated_finish: int | None = Field(
+        description="When training should end, from the pace so far (running jobs, after a few steps)"
+    )
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -99,6 +118,8 @@ class JobObject(BaseModel):
             device=job.device,
             dtype=job.dtype,
             attempt=job.attempt,
+            heartbeat_at=_ts(job.heartbeat_at),
+            estimated_finish=_estimated_finish(job),
             created_at=_ts(job.created_at) or 0,
             started_at=_ts(job.started_at),
             finished_at=_ts(job.finished_at),
@@ -130,6 +151,15 @@ class EventObject(BaseModel):
             data=event.data,
             created_at=_ts(event.created_at) or 0,
         )
+
+
+class MetricsObject(BaseModel):
+    object: Literal["fine_tuning.job.metrics"] = "fine_tuning.job.metrics"
+    job_id: str
+    curves: dict[str, list[tuple[int, float]]] = Field(
+        description="Per metric, (step, value) in step order: train_loss, train_token_accuracy, learning_rate, "
+        "tokens_per_second every step; valid_loss, valid_perplexity, valid_token_accuracy at each evaluation"
+    )
 
 
 class EventList(BaseModel):

@@ -213,6 +213,39 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     return job
 
 
+METRIC_EVENT_TYPES = ("metrics", "eval")
+CURVES = (
+    "train_loss",
+    "train_token_accuracy",
+    "learning_rate",
+    "tokens_per_second",
+    "valid_loss",
+    "valid_perplexity",
+    "valid_token_accuracy",
+)
+
+
+def metric_curves(session: Session, *, job_id: str, max_points: int) -> dict[str, list[tuple[int, float]]]:
+    """Each metric's (step, value) pairs from the job's events, thinned evenly to `max_points` (the last kept)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for data in repository.event_data(session, job_id=job_id, types=METRIC_EVENT_TYPES):
+        step = data.get("step")
+        if not isinstance(step, int):
+            continue
+        for name in CURVES:
+            value = data.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                curves.setdefault(name, []).append((step, float(value)))
+    return {name: _thin(points, max_points) for name, points in curves.items()}
+
+
+def _thin(points: list[tuple[int, float]], max_points: int) -> list[tuple[int, float]]:
+    if len(points) <= max_points:
+        return points
+    last = len(points) - 1
+    return [points[round(i * last / (max_points - 1))] for i in range(max_points)]
+
+
 def list_events(
     session: Session, *, tenant_id: str, job_id: str, after_seq: int, limit: int
 ) -> tuple[list[JobEvent], bool]:

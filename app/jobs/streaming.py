@@ -1,0 +1,76 @@
+"""A job's events as server-sent events: what is new, as it is written, until the job ends.
+
+The stream polls the event log (`seq` orders a job's events and only grows), so a client that reconnects with
+`Last-Event-ID: <seq>` gets exactly the events after it: nothing missed, nothing twice. Each poll uses its own
+short database session in a worker thread; between polls the stream holds no connection and no thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+
+from anyio import to_thread
+
+from app.core.db import session_scope
+from app.core.models import Job
+from app.jobs import repository
+from app.jobs.schemas import EventObject
+
+POLL_SECONDS = 0.5
+KEEPALIVE_SECONDS = 15.0  # a comment line, so that proxies do not close an idle stream
+MAX_STREAM_SECONDS = 3600.0  # then the stream ends and the client reconnects with Last-Event-ID
+BATCH = 500  # events read per poll
+ENDED_GRACE_SECONDS = 1.0  # the stream stays this long after the job ended, for its last writes
+
+
+def sse(event: EventObject) -> str:
+    """One event in the text/event-stream format: its seq as the id, its type as the event name."""
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(event.model_dump(), separators=(',', ':'))}\n\n"
+
+
+def _poll(db_url: str, job_id: str, after_seq: int) -> tuple[list[EventObject], bool]:
+    """Events after `after_seq` (up to BATCH), and whether the job had ended before they were read."""
+    with session_scope(db_url) as session:
+        job = session.get(Job, job_id)
+        ended = job is None or job.status.is_terminal  # read first: no event of an ended job can come after
+        rows = repository.list_events(session, job_id=job_id, after_seq=after_seq, limit=BATCH)
+        return [EventObject.of(row) for row in rows], ended
+
+
+async def event_stream(
+    db_url: str,
+    job_id: str,
+    after_seq: int,
+    is_disconnected: Callable[[], object],
+    *,
+    poll_seconds: float = POLL_SECONDS,
+    max_seconds: float = MAX_STREAM_SECONDS,
+) -> AsyncIterator[str]:
+    """The stream's text: every event after `after_seq`, then new ones as they come; it ends once the job has
+    ended and its last event was sent, when the client goes away, or after `max_seconds`."""
+    started = last_sent = time.monotonic()
+    ended_at: float | None = None
+    yield f"retry: {int(poll_seconds * 2000)}\n\n"  # how long a client waits before it reconnects
+    while time.monotonic() - started < max_seconds:
+        events, ended = await to_thread.run_sync(_poll, db_url, job_id, after_seq)
+        for event in events:
+            yield sse(event)
+            after_seq = event.seq
+        if events:
+            last_sent = time.monotonic()
+            if len(events) == BATCH:
+                continue  # more are waiting
+        if ended:
+            # Writes that follow the final status (the worker's "training stopped" after a cancel) get a moment.
+            ended_at = ended_at or time.monotonic()
+            if not events and time.monotonic() - ended_at >= ENDED_GRACE_SECONDS:
+                return
+        if await is_disconnected():  # type: ignore[misc]
+            return
+        if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(poll_seconds)
