@@ -12,6 +12,7 @@ from sqlalchemy import inspect, text
 
 from app.core.db import get_engine
 from app.core.settings import Settings
+from app.main import create_app
 from tests.conftest import Tenant, chat_lines, jsonl, upload
 
 
@@ -238,3 +239,22 @@ def test_unreachable_broker_fails_the_job_visibly(
     assert error["code"] == "queue_unavailable"
     assert "job queue was unreachable" in error["message"]
     assert "127.0.0.1" not in error["message"] and "redis" not in error["message"]
+
+
+def test_a_tenant_past_its_active_job_limit_gets_429_with_retry_after(
+    settings: Settings, tenant: Tenant, make_tenant: Any, training_file: str
+) -> None:
+    with TestClient(create_app(settings.model_copy(update={"max_active_jobs_per_tenant": 2}))) as client:
+        body = {"base_model": "tiny-random-llama", "training_file": training_file}
+        first, second = (create(client, tenant, **body).json()["id"] for _ in range(2))
+        r = create(client, tenant, **body)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "30"
+        error = r.json()["error"]
+        assert error["code"] == "too_many_jobs" and "2 jobs queued or running" in error["message"]
+        # Another tenant is not held back, and an ended job frees its place.
+        other = make_tenant()
+        other_file = upload(client, other, jsonl(chat_lines(8))).json()["id"]
+        assert create(client, other, base_model="tiny-random-llama", training_file=other_file).status_code == 201
+        client.post(f"/jobs/{first}/cancel", headers=tenant.headers)
+        assert create(client, tenant, **body).status_code == 201
+        assert client.get(f"/jobs/{second}", headers=tenant.headers).json()["status"] == "queued"

@@ -64,12 +64,11 @@ class AppError(Exception):
         error.update(self.extra)
         return {"error": error}
 
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None
+
     def response(self) -> JSONResponse:
-        return JSONResponse(
-            status_code=self.status_code,
-            content=self.body(),
-            headers={"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None,
-        )
+        return JSONResponse(status_code=self.status_code, content=self.body(), headers=self.headers())
 
 
 class InvalidInput(AppError):
@@ -95,6 +94,20 @@ class Gone(AppError):
 class PayloadTooLarge(AppError):
     status_code = 413
     code = "file_too_large"
+
+
+class TooManyRequests(AppError):
+    """429: a limit the client may retry against later, after `retry_after` seconds (the Retry-After header)."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ServiceUnavailable(AppError):
@@ -142,6 +155,7 @@ _ERROR_DESCRIPTIONS = {
     410: "The resource's stored files are missing or damaged",
     413: "The request body is larger than its limit",
     422: "A field is invalid; `param` names it",
+    429: "A limit was reached; try again after the `Retry-After` header's seconds",
     503: "A service the request needs is unreachable",
 }
 

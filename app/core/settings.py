@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         description="Celery queue the training tasks go to (jobs whose method needs CUDA, qlora, go to "
         "<queue_name>-cuda, which only workers that train on CUDA consume)",
     )
+    max_active_jobs_per_tenant: int = Field(
+        default=16,
+        gt=0,
+        le=100_000,
+        description="Jobs a tenant may have queued or running at once; POST /jobs answers 429 past it",
+    )
     cuda_workers: bool | None = Field(
         default=None,
         description="Whether workers that train on CUDA with bitsandbytes serve this service, so that POST /jobs "

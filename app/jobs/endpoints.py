@@ -13,7 +13,7 @@ from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObje
 from app.jobs.streaming import event_stream
 from app.ml.methods.qlora import cuda_training_available
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 503))
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 429, 503))
 
 JobId = Annotated[str, Path(max_length=64, description="A job id (`ftjob-…`)")]
 
@@ -38,6 +38,7 @@ def create_job(
         cuda_training=settings.cuda_workers
         if settings.cuda_workers is not None
         else cuda_training_available(settings.device),
+        max_active_jobs=settings.max_active_jobs_per_tenant,
     )
     session.commit()  # the worker re-reads the row: it must be committed before the task is sent
     service.dispatch_job(session, settings=settings, job=job)

@@ -6,14 +6,14 @@ import logging
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.base_models.service import require_model
-from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, clip
+from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
 from app.core.job_events import append_event
-from app.core.models import Job, JobEvent, JobStatus, utcnow
+from app.core.models import ACTIVE_JOB_STATUSES, Job, JobEvent, JobStatus, Tenant, utcnow
 from app.core.pagination import cursor_row
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
@@ -60,6 +60,7 @@ def create_job(
     default_base_model: str,
     max_batch_tokens: int,
     cuda_training: bool,
+    max_active_jobs: int,
 ) -> Job:
     """`cuda_training`: whether this service's workers train on CUDA (methods that need it are refused without)."""
     base_model = request.base_model or default_base_model
@@ -77,6 +78,7 @@ def create_job(
             param="method",
             code="method_unavailable",
         )
+    _check_active_jobs(session, tenant_id=tenant_id, limit=max_active_jobs)
     hyperparameters = validate_hyperparameters(request.method, request.hyperparameters, record)
     if hyperparameters["early_stopping_patience"] and not (
         request.validation_file or hyperparameters["validation_split"]
@@ -132,6 +134,25 @@ def create_job(
     session.flush()
     append_event(session, job.id, "status", "files validated; job queued", {"status": job.status.value})
     return job
+
+
+# How long a client told "too many jobs" waits before it tries again.
+ACTIVE_JOBS_RETRY_AFTER = 30
+
+
+def _check_active_jobs(session: Session, *, tenant_id: str, limit: int) -> None:
+    """Refuse a job past the tenant's limit of jobs queued or running. The tenant's row is locked (PostgreSQL)
+    until the job is committed, so two concurrent requests cannot both take the last place."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+    )
+    if active is not None and active >= limit:
+        raise TooManyRequests(
+            f"this tenant has {active} jobs queued or running, its limit; wait for one to end or cancel one",
+            code="too_many_jobs",
+            retry_after=ACTIVE_JOBS_RETRY_AFTER,
+        )
 
 
 def _check_fits_token_budget(
