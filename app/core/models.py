@@ -219,3 +219,16 @@ class FileTokenCount(Base):
     n_tokens: Mapped[int] = mapped_column(BigInteger)
     max_example_tokens: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A client's `Idempotency-Key` on a creating request, and what it created: a retry returns that, for a day."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(16), primary_key=True)  # files | jobs
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # jobs: of the request body
+    resource_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

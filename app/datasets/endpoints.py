@@ -5,8 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, status
 from starlette.concurrency import run_in_threadpool
 
+from app.core import idempotency
 from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
+from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.datasets import service
 from app.datasets.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileList, FileObject
@@ -25,11 +27,18 @@ async def upload_file(
     storage: StorageDep,
     models: ModelStoreDep,
     tenant: TenantDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FileObject:
     """Upload a JSONL training file; every line is validated before it is stored (422 lists each bad line).
 
     Tokens are counted with the tokenizer of `base_model` (a form field; default: the service's default model).
+    With an `Idempotency-Key` seen in the last 24 hours, the file that request stored is returned and the body is
+    not read.
     """
+    if idempotency_key:
+        seen = await run_in_threadpool(service.file_of_key, session, tenant_id=tenant.id, key=idempotency_key)
+        if seen is not None:
+            return FileObject.of(seen)
     received = await receive_upload(request.headers.get("content-type"), request.stream(), scratch_dir=settings.tmp_dir)
     try:
         if received.file is None:
@@ -49,6 +58,15 @@ async def upload_file(
         )
     finally:
         received.close()
+    if idempotency_key:
+        idempotency.remember(
+            session, tenant_id=tenant.id, endpoint="files", key=idempotency_key, resource_id=row.id, request_sha256=None
+        )
+    winner = await run_in_threadpool(
+        idempotency.commit_or_winner, session, tenant_id=tenant.id, endpoint="files", key=idempotency_key
+    )
+    if winner is not None:  # the same key's first request won: this upload was rolled back, its object removed
+        return FileObject.of(service.get_file(session, tenant_id=tenant.id, file_id=winner))
     return FileObject.of(row)
 
 

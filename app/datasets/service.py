@@ -12,6 +12,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app.base_models.service import load_tokenizer, require_model
+from app.core import idempotency
 from app.core.db import undo_on_rollback
 from app.core.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, clip
 from app.core.ids import new_id
@@ -202,6 +203,19 @@ def _rejection(report: ValidationReport) -> InvalidInput:
         code="invalid_file",
         extra={"report": report.as_dict()},
     )
+
+
+def file_of_key(session: Session, *, tenant_id: str, key: str) -> File | None:
+    """The file an upload with this `Idempotency-Key` stored, if it is still there (a deleted file's key is
+    forgotten: the key may store a new one)."""
+    seen = idempotency.find(session, tenant_id=tenant_id, endpoint="files", key=key)
+    if seen is None:
+        return None
+    row = repository.get_file(session, tenant_id=tenant_id, file_id=seen.resource_id)
+    if row is None:
+        session.delete(seen)
+        session.flush()
+    return row
 
 
 def get_file(session: Session, *, tenant_id: str, file_id: str, for_update: bool = False) -> File:

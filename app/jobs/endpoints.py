@@ -5,8 +5,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, status
 from fastapi.responses import StreamingResponse
 
+from app.core import idempotency
 from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
+from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.jobs import service
 from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObject, MetricsObject
@@ -26,7 +28,14 @@ def create_job(
     storage: StorageDep,
     models: ModelStoreDep,
     tenant: TenantDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobObject:
+    request_sha256 = idempotency.digest(body.model_dump_json()) if idempotency_key else None
+    if idempotency_key:
+        seen = idempotency.find(session, tenant_id=tenant.id, endpoint="jobs", key=idempotency_key)
+        if seen is not None:  # a retry: what the first request created, never a second job
+            idempotency.check_same_request(seen, request_sha256)
+            return JobObject.of(service.get_job(session, tenant_id=tenant.id, job_id=seen.resource_id))
     job = service.create_job(
         session,
         storage=storage,
@@ -40,7 +49,19 @@ def create_job(
         else cuda_training_available(settings.device),
         max_active_jobs=settings.max_active_jobs_per_tenant,
     )
-    session.commit()  # the worker re-reads the row: it must be committed before the task is sent
+    if idempotency_key:
+        idempotency.remember(
+            session,
+            tenant_id=tenant.id,
+            endpoint="jobs",
+            key=idempotency_key,
+            resource_id=job.id,
+            request_sha256=request_sha256,
+        )
+    # Committed before the task is sent (the worker re-reads the row), unless the same key won a race.
+    winner = idempotency.commit_or_winner(session, tenant_id=tenant.id, endpoint="jobs", key=idempotency_key)
+    if winner is not None:
+        return JobObject.of(service.get_job(session, tenant_id=tenant.id, job_id=winner))
     service.dispatch_job(session, settings=settings, job=job)
     return JobObject.of(job)
 
