@@ -14,6 +14,7 @@ from app.core.db import get_engine
 from app.core.settings import Settings
 from app.main import create_app
 from tests.conftest import Tenant, chat_lines, jsonl, upload
+from worker.runner import run_training_job
 
 
 @pytest.fixture
@@ -258,3 +259,42 @@ def test_a_tenant_past_its_active_job_limit_gets_429_with_retry_after(
         client.post(f"/jobs/{first}/cancel", headers=tenant.headers)
         assert create(client, tenant, **body).status_code == 201
         assert client.get(f"/jobs/{second}", headers=tenant.headers).json()["status"] == "queued"
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # a fresh database: no finished job yet
+def test_a_dry_run_checks_everything_and_creates_nothing(
+    client: TestClient, tenant: Tenant, training_file: str, settings: Settings
+) -> None:
+    body = {
+        "base_model": "tiny-random-llama",
+        "training_file": training_file,
+        "hyperparameters": {"n_epochs": 2, "batch_size": 3, "validation_split": 0.25},
+        "dry_run": True,
+    }
+    r = create(client, tenant, **body)
+    assert r.status_code == 200, r.text
+    plan = r.json()
+    assert plan["object"] == "fine_tuning.job.dry_run" and plan["hyperparameters"]["target_modules"]
+    # 8 examples, 2 held out; 6 in steps of 3, twice.
+    assert (plan["train_examples"], plan["held_out_examples"], plan["steps_per_epoch"], plan["total_steps"]) == (
+        6,
+        2,
+        2,
+        4,
+    )
+    file = client.get(f"/v1/files/{training_file}", headers=tenant.headers).json()
+    assert 0 < plan["train_tokens_per_epoch"] <= file["n_tokens"]
+    assert plan["estimated_duration_seconds"] is None and plan["estimate_basis"].startswith("none yet")
+    assert client.get("/jobs", headers=tenant.headers).json()["data"] == [] and queued_messages(settings) == []
+    # The same checks as a real request: a bad value is the same 422.
+    bad = create(client, tenant, **{**body, "hyperparameters": {"lora_r": 0}})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "hyperparameters.lora_r"
+
+    # Once a job of the method has finished here, its pace estimates the duration.
+    job_id = create(client, tenant, **{**body, "dry_run": False}).json()["id"]
+    assert run_training_job(settings, job_id) is not None
+    plan = create(client, tenant, **body).json()
+    pace = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["metrics"]["tokens_per_second"]
+    assert plan["estimated_tokens_per_second"] == round(pace, 1)
+    assert plan["estimated_duration_seconds"] == round(2 * plan["train_tokens_per_epoch"] / pace)
+    assert plan["estimate_basis"].startswith("the median pace of the last 1 finished lora job(s)")

@@ -3,24 +3,36 @@
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.core import idempotency
 from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
+from app.core.settings import Settings
 from app.jobs import service
-from app.jobs.schemas import EventList, EventObject, JobCreate, JobList, JobObject, MetricsObject
+from app.jobs.schemas import DryRunObject, EventList, EventObject, JobCreate, JobList, JobObject, MetricsObject
 from app.jobs.streaming import event_stream
 from app.ml.methods.qlora import cuda_training_available
+
+
+def _cuda_training(settings: Settings) -> bool:
+    """Whether this service's workers train on CUDA: as configured, or as this process could."""
+    return settings.cuda_workers if settings.cuda_workers is not None else cuda_training_available(settings.device)
+
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 429, 503))
 
 JobId = Annotated[str, Path(max_length=64, description="A job id (`ftjob-…`)")]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobObject,
+    responses={200: {"model": DryRunObject, "description": "`dry_run`: the plan; nothing is created or queued"}},
+)
 def create_job(
     body: JobCreate,
     session: SessionDep,
@@ -29,7 +41,19 @@ def create_job(
     models: ModelStoreDep,
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JobObject:
+) -> JobObject | JSONResponse:
+    if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
+        plan = service.plan_job(
+            session,
+            storage=storage,
+            models=models,
+            tenant_id=tenant.id,
+            request=body,
+            default_base_model=settings.default_base_model,
+            max_batch_tokens=settings.train_max_batch_tokens,
+            cuda_training=_cuda_training(settings),
+        )
+        return JSONResponse(DryRunObject(**service.dry_run(session, plan)).model_dump(), status_code=200)
     request_sha256 = idempotency.digest(body.model_dump_json()) if idempotency_key else None
     if idempotency_key:
         seen = idempotency.find(session, tenant_id=tenant.id, endpoint="jobs", key=idempotency_key)
@@ -44,9 +68,7 @@ def create_job(
         request=body,
         default_base_model=settings.default_base_model,
         max_batch_tokens=settings.train_max_batch_tokens,
-        cuda_training=settings.cuda_workers
-        if settings.cuda_workers is not None
-        else cuda_training_available(settings.device),
+        cuda_training=_cuda_training(settings),
         max_active_jobs=settings.max_active_jobs_per_tenant,
     )
     if idempotency_key:

@@ -62,6 +62,28 @@ class JobCreate(BaseModel):
         default_factory=dict,
         examples=[{"n_epochs": 3, "batch_size": 4, "learning_rate": 0.0002, "lora_r": 8}],
     )
+    dry_run: bool = Field(
+        False,
+        description="Check everything and answer 200 with the plan (examples, steps, tokens, estimated duration) "
+        "instead of creating and queueing the job",
+    )
+
+
+class DryRunObject(BaseModel):
+    object: Literal["fine_tuning.job.dry_run"] = "fine_tuning.job.dry_run"
+    base_model: str
+    hyperparameters: dict[str, Any] = Field(description="As the job would have them, every default filled in")
+    train_examples: int = Field(description="Examples trained on (the training file's, less any validation_split)")
+    held_out_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    train_tokens_per_epoch: int = Field(description="An upper bound: each example counted up to max_seq_length")
+    estimated_tokens_per_second: float | None
+    estimated_duration_seconds: int | None = Field(
+        description="At the median pace of this deployment's last finished jobs of this method on this model; "
+        "null until one has finished"
+    )
+    estimate_basis: str
 
 
 class JobProgress(BaseModel):

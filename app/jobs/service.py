@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import statistics
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -13,7 +16,7 @@ from app.base_models.service import require_model
 from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
 from app.core.job_events import append_event
-from app.core.models import ACTIVE_JOB_STATUSES, Job, JobEvent, JobStatus, Tenant, utcnow
+from app.core.models import ACTIVE_JOB_STATUSES, File, FileTokenCount, Job, JobEvent, JobStatus, Tenant, utcnow
 from app.core.pagination import cursor_row
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
@@ -50,7 +53,18 @@ def validate_hyperparameters(method: str, values: dict[str, Any], base_model: Mo
         raise InvalidInput(f"{param}: {message}", param=param) from exc
 
 
-def create_job(
+@dataclass
+class JobPlan:
+    """A job request checked against its model, method and files: what `POST /jobs` creates, or a dry run shows."""
+
+    base_model: str
+    method: str
+    record: ModelRecord
+    hyperparameters: dict[str, Any]
+    files: dict[str, tuple[File, FileTokenCount]]  # training_file / validation_file -> the row and its counts
+
+
+def plan_job(
     session: Session,
     *,
     storage: ObjectStorage,
@@ -60,9 +74,9 @@ def create_job(
     default_base_model: str,
     max_batch_tokens: int,
     cuda_training: bool,
-    max_active_jobs: int,
-) -> Job:
-    """`cuda_training`: whether this service's workers train on CUDA (methods that need it are refused without)."""
+) -> JobPlan:
+    """Every check of a job request, short of creating it. `cuda_training`: whether this service's workers train
+    on CUDA (methods that need it are refused without)."""
     base_model = request.base_model or default_base_model
     # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
     record = require_model(session, model_id=base_model, lock=True)
@@ -78,7 +92,6 @@ def create_job(
             param="method",
             code="method_unavailable",
         )
-    _check_active_jobs(session, tenant_id=tenant_id, limit=max_active_jobs)
     hyperparameters = validate_hyperparameters(request.method, request.hyperparameters, record)
     if hyperparameters["early_stopping_patience"] and not (
         request.validation_file or hyperparameters["validation_split"]
@@ -87,6 +100,7 @@ def create_job(
             "hyperparameters.early_stopping_patience: early stopping needs a validation_file or a validation_split",
             param="hyperparameters.early_stopping_patience",
         )
+    files: dict[str, tuple[File, FileTokenCount]] = {}
     for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
         if file_id is None:
             continue
@@ -113,6 +127,37 @@ def create_job(
             max_batch_tokens,
             virtual_tokens=int(hyperparameters.get("num_virtual_tokens") or 0),
         )
+        files[param] = (file, counts)
+    return JobPlan(
+        base_model=base_model, method=request.method, record=record, hyperparameters=hyperparameters, files=files
+    )
+
+
+def create_job(
+    session: Session,
+    *,
+    storage: ObjectStorage,
+    models: ModelStore,
+    tenant_id: str,
+    request: JobCreate,
+    default_base_model: str,
+    max_batch_tokens: int,
+    cuda_training: bool,
+    max_active_jobs: int,
+) -> Job:
+    """A queued job for the request (sent to the broker by `dispatch_job` once committed)."""
+    _check_active_jobs(session, tenant_id=tenant_id, limit=max_active_jobs)
+    plan = plan_job(
+        session,
+        storage=storage,
+        models=models,
+        tenant_id=tenant_id,
+        request=request,
+        default_base_model=default_base_model,
+        max_batch_tokens=max_batch_tokens,
+        cuda_training=cuda_training,
+    )
+    base_model, record, hyperparameters = plan.base_model, plan.record, plan.hyperparameters
 
     job = Job(
         id=new_id("ftjob"),
@@ -134,6 +179,54 @@ def create_job(
     session.flush()
     append_event(session, job.id, "status", "files validated; job queued", {"status": job.status.value})
     return job
+
+
+PACE_SAMPLE = 20  # recent finished jobs whose training pace estimates a dry run's duration
+
+
+def dry_run(session: Session, plan: JobPlan) -> dict[str, Any]:
+    """What the job would do: examples, steps and tokens, and how long it would train at the pace of this
+    deployment's recent jobs of the same method on the same model (None before there is one)."""
+    hp = plan.hyperparameters
+    train_file, train_counts = plan.files["training_file"]
+    n_examples = train_file.n_examples
+    held_out = 0
+    if "validation_file" not in plan.files and hp["validation_split"] > 0:
+        held_out = max(1, round(n_examples * hp["validation_split"]))
+    n_train = max(0, n_examples - held_out)
+    examples_per_step = hp["batch_size"] * hp["gradient_accumulation_steps"]
+    steps_per_epoch = math.ceil(n_train / examples_per_step) if n_train else 0
+    # At most max_seq_length tokens an example; a file's count is of whole examples, so this is an upper bound.
+    train_tokens = min(train_counts.n_tokens * n_train // max(n_examples, 1), n_train * hp["max_seq_length"])
+    tokens = train_tokens * hp["n_epochs"]
+    paces = [
+        float(metrics["tokens_per_second"])
+        for metrics in session.scalars(
+            select(Job.metrics)
+            .where(Job.base_model == plan.base_model, Job.status == JobStatus.succeeded)
+            .where(Job.method == plan.method)
+            .order_by(Job.finished_at.desc())
+            .limit(PACE_SAMPLE)
+        )
+        if isinstance(metrics.get("tokens_per_second"), int | float) and metrics["tokens_per_second"] > 0
+    ]
+    pace = statistics.median(paces) if paces else None
+    return {
+        "object": "fine_tuning.job.dry_run",
+        "base_model": plan.base_model,
+        "hyperparameters": hp,
+        "train_examples": n_train,
+        "held_out_examples": held_out,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * hp["n_epochs"],
+        "train_tokens_per_epoch": train_tokens,
+        "estimated_tokens_per_second": round(pace, 1) if pace else None,
+        "estimated_duration_seconds": round(tokens / pace) if pace else None,
+        "estimate_basis": f"the median pace of the last {len(paces)} finished {plan.method} job(s) on "
+        f"{plan.base_model} here"
+        if paces
+        else f"none yet: no {plan.method} job on {plan.base_model} has finished here",
+    }
 
 
 # How long a client told "too many jobs" waits before it tries again.
