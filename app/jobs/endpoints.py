@@ -42,25 +42,13 @@ def create_job(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobObject | JSONResponse:
-    if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
-        plan = service.plan_job(
-            session,
-            storage=storage,
-            models=models,
-            tenant_id=tenant.id,
-            request=body,
-            default_base_model=settings.default_base_model,
-            max_batch_tokens=settings.train_max_batch_tokens,
-            cuda_training=_cuda_training(settings),
-        )
-        return JSONResponse(DryRunObject(**service.dry_run(session, plan)).model_dump(), status_code=200)
     request_sha256 = idempotency.digest(body.model_dump_json()) if idempotency_key else None
-    if idempotency_key:
+    if idempotency_key and not body.dry_run:
         seen = idempotency.find(session, tenant_id=tenant.id, endpoint="jobs", key=idempotency_key)
         if seen is not None:  # a retry: what the first request created, never a second job
             idempotency.check_same_request(seen, request_sha256)
             return JobObject.of(service.get_job(session, tenant_id=tenant.id, job_id=seen.resource_id))
-    job = service.create_job(
+    plan = service.plan_job(
         session,
         storage=storage,
         models=models,
@@ -69,9 +57,13 @@ def create_job(
         default_base_model=settings.default_base_model,
         max_batch_tokens=settings.train_max_batch_tokens,
         cuda_training=_cuda_training(settings),
-        max_active_jobs=settings.max_active_jobs_per_tenant,
     )
-    if idempotency_key:
+    if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
+        return JSONResponse(DryRunObject(**service.dry_run(session, plan)).model_dump(), status_code=200)
+    job = service.create_job(
+        session, tenant_id=tenant.id, request=body, plan=plan, max_active_jobs=settings.max_active_jobs_per_tenant
+    )
+    if request_sha256 is not None and idempotency_key:
         idempotency.remember(
             session,
             tenant_id=tenant.id,

@@ -133,32 +133,10 @@ def plan_job(
     )
 
 
-def create_job(
-    session: Session,
-    *,
-    storage: ObjectStorage,
-    models: ModelStore,
-    tenant_id: str,
-    request: JobCreate,
-    default_base_model: str,
-    max_batch_tokens: int,
-    cuda_training: bool,
-    max_active_jobs: int,
-) -> Job:
-    """A queued job for the request (sent to the broker by `dispatch_job` once committed)."""
+def create_job(session: Session, *, tenant_id: str, request: JobCreate, plan: JobPlan, max_active_jobs: int) -> Job:
+    """A queued job for the checked request (sent to the broker by `dispatch_job` once committed)."""
     _check_active_jobs(session, tenant_id=tenant_id, limit=max_active_jobs)
-    plan = plan_job(
-        session,
-        storage=storage,
-        models=models,
-        tenant_id=tenant_id,
-        request=request,
-        default_base_model=default_base_model,
-        max_batch_tokens=max_batch_tokens,
-        cuda_training=cuda_training,
-    )
     base_model, record, hyperparameters = plan.base_model, plan.record, plan.hyperparameters
-
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
