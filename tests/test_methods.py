@@ -565,7 +565,7 @@ def test_every_method_prepares_trains_and_exports_on_every_architecture(
     optimizer = torch.optim.AdamW(groups)
     examples = [EncodedExample(list(range(5, 17)), [IGNORE_INDEX] * 6 + list(range(11, 17)))] * 2
     stats = accumulate_gradients(
-        model, examples, pad_token_id=0, max_batch_tokens=4096, extra_positions=spec.extra_positions(hp)
+        model, examples, pad_token_id=0, max_batch_tokens=4096, extra_positions=hp.reserved_positions()
     )
     assert math.isfinite(stats.loss) and stats.tokens == 12
     optimizer.step()

@@ -217,7 +217,7 @@ class TrainingRecipe:
         self.reporter = reporter
         self.method = METHODS[job.method]
         self.hp: TrainingHyperparameters = self.method.hyperparameters.model_validate(job.hyperparameters)
-        self.extra_positions = self.method.extra_positions(self.hp)
+        self.extra_positions = self.hp.reserved_positions()
         self.models = ModelStore(settings.models_dir, storage)
 
     # --- setup ----------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ class TrainingRecipe:
                 self._load(self.job.validation_file_key, "validation") if self.job.validation_file_key else None
             )
             if self.valid_data is None and self.hp.validation_split > 0:
-                self.train_data, self.valid_data = self._hold_out(self.train_data, self.hp.validation_split)
+                self.train_data, self.valid_data = self._hold_out(self.train_data)
             context = MethodContext(record=record, models=self.models, placement=self.placement)
             model = self.method.load_base(context) or cached_base_model(self.models, record, self.placement)
         except ModelUnavailable as exc:
@@ -269,7 +269,7 @@ class TrainingRecipe:
         total = self.method.count_parameters(self.model)
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.examples_per_step = self.hp.batch_size * self.hp.gradient_accumulation_steps
-        self.steps_per_epoch = math.ceil(len(self.train_data.examples) / self.examples_per_step)
+        self.steps_per_epoch = self.hp.steps_per_epoch(len(self.train_data.examples))
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_factor(self.total_steps, self.hp.warmup_ratio, self.hp.lr_scheduler)
@@ -291,10 +291,11 @@ class TrainingRecipe:
             type_="log",
         )
 
-    def _hold_out(self, data: Dataset, share: float) -> tuple[Dataset, Dataset]:
-        """A seeded random `share` of the training examples (at least one) becomes the validation set."""
+    def _hold_out(self, data: Dataset) -> tuple[Dataset, Dataset]:
+        """A seeded random `validation_split` of the training examples (at least one) becomes the validation set."""
+        share = self.hp.validation_split
         n = len(data.examples)
-        n_valid = max(1, round(n * share))
+        n_valid = self.hp.held_out(n)
         if n - n_valid < 1:
             raise TrainingError(
                 f"validation_split={share} leaves no training example out of {n}; lower it or add examples"

@@ -11,6 +11,7 @@ from app.core.models import Job
 from app.core.settings import Settings
 from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
 from app.ml.formatting import encode_chat_prompt, encode_prompt
+from app.ml.methods import METHODS
 from app.ml.registry import ModelStore, ModelUnavailable, find_model
 from app.ml.serving import AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
 
@@ -43,7 +44,9 @@ def generate(
             )
         record = found
         job = session.get(Job, adapter.job_id)
-        virtual_tokens = int((job.hyperparameters if job else {}).get("num_virtual_tokens") or 0)
+        if job is not None:  # what the trained method puts before the prompt (its hyperparameters, as it trained)
+            trained = METHODS[adapter.method].hyperparameters.model_validate(job.hyperparameters)
+            virtual_tokens = trained.reserved_positions()
         adapter_ref = AdapterRef(
             id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method
         )

@@ -63,7 +63,7 @@ def create_job(
     job = service.create_job(
         session, tenant_id=tenant.id, request=body, plan=plan, max_active_jobs=settings.max_active_jobs_per_tenant
     )
-    if request_sha256 is not None and idempotency_key:
+    if idempotency_key:
         idempotency.remember(
             session,
             tenant_id=tenant.id,

@@ -37,9 +37,8 @@ def _estimated_finish(job: Job) -> int | None:
         return None
     if job.step < ESTIMATE_AFTER_STEPS:
         return None
-    started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=UTC)
     now = datetime.now(UTC)
-    per_step = (now - started).total_seconds() / job.step
+    per_step = (now - job.started_at).total_seconds() / job.step
     return int(now.timestamp() + per_step * max(0, job.total_steps - job.step))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ from app.datasets import repository as files_repository
 from app.datasets.service import token_counts
 from app.jobs import repository
 from app.jobs.schemas import JobCreate
-from app.ml.hyperparameters import HyperparameterError
+from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import METHODS
 from app.ml.registry import ModelRecord, ModelStore
 
@@ -34,9 +33,14 @@ log = logging.getLogger(__name__)
 
 def validate_hyperparameters(method: str, values: dict[str, Any], base_model: ModelRecord) -> dict[str, Any]:
     """The method's hyperparameters, checked (also against the base model) and with every default filled in."""
+    return checked_hyperparameters(method, values, base_model).model_dump(mode="json")
+
+
+def checked_hyperparameters(method: str, values: dict[str, Any], base_model: ModelRecord) -> TrainingHyperparameters:
+    """`validate_hyperparameters`, as the method's hyperparameter object."""
     model = METHODS[method].hyperparameters
     try:
-        return model.model_validate(values).for_model(base_model).model_dump(mode="json")
+        return model.model_validate(values).for_model(base_model)
     except HyperparameterError as exc:
         param = f"hyperparameters.{exc.field}"
         raise InvalidInput(f"{param}: {exc}", param=param) from None
@@ -60,7 +64,7 @@ class JobPlan:
     base_model: str
     method: str
     record: ModelRecord
-    hyperparameters: dict[str, Any]
+    hyperparameters: TrainingHyperparameters
     files: dict[str, tuple[File, FileTokenCount]]  # training_file / validation_file -> the row and its counts
 
 
@@ -92,10 +96,8 @@ def plan_job(
             param="method",
             code="method_unavailable",
         )
-    hyperparameters = validate_hyperparameters(request.method, request.hyperparameters, record)
-    if hyperparameters["early_stopping_patience"] and not (
-        request.validation_file or hyperparameters["validation_split"]
-    ):
+    hyperparameters = checked_hyperparameters(request.method, request.hyperparameters, record)
+    if hyperparameters.early_stopping_patience and not (request.validation_file or hyperparameters.validation_split):
         raise InvalidInput(
             "hyperparameters.early_stopping_patience: early stopping needs a validation_file or a validation_split",
             param="hyperparameters.early_stopping_patience",
@@ -123,9 +125,9 @@ def plan_job(
             file.id,
             counts.max_example_tokens,
             param,
-            hyperparameters["max_seq_length"],
+            hyperparameters.max_seq_length,
             max_batch_tokens,
-            virtual_tokens=int(hyperparameters.get("num_virtual_tokens") or 0),
+            virtual_tokens=hyperparameters.reserved_positions(),
         )
         files[param] = (file, counts)
     return JobPlan(
@@ -136,7 +138,7 @@ def plan_job(
 def create_job(session: Session, *, tenant_id: str, request: JobCreate, plan: JobPlan, max_active_jobs: int) -> Job:
     """A queued job for the checked request (sent to the broker by `dispatch_job` once committed)."""
     _check_active_jobs(session, tenant_id=tenant_id, limit=max_active_jobs)
-    base_model, record, hyperparameters = plan.base_model, plan.record, plan.hyperparameters
+    base_model, record = plan.base_model, plan.record
     job = Job(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
@@ -146,7 +148,7 @@ def create_job(session: Session, *, tenant_id: str, request: JobCreate, plan: Jo
         training_file_id=request.training_file,
         validation_file_id=request.validation_file,
         suffix=request.suffix,
-        hyperparameters=hyperparameters,
+        hyperparameters=plan.hyperparameters.model_dump(mode="json"),
         status=JobStatus.validating_files,
     )
     session.add(job)
@@ -168,15 +170,12 @@ def dry_run(session: Session, plan: JobPlan) -> dict[str, Any]:
     hp = plan.hyperparameters
     train_file, train_counts = plan.files["training_file"]
     n_examples = train_file.n_examples
-    held_out = 0
-    if "validation_file" not in plan.files and hp["validation_split"] > 0:
-        held_out = max(1, round(n_examples * hp["validation_split"]))
+    held_out = hp.held_out(n_examples) if "validation_file" not in plan.files else 0
     n_train = max(0, n_examples - held_out)
-    examples_per_step = hp["batch_size"] * hp["gradient_accumulation_steps"]
-    steps_per_epoch = math.ceil(n_train / examples_per_step) if n_train else 0
+    steps_per_epoch = hp.steps_per_epoch(n_train)
     # At most max_seq_length tokens an example; a file's count is of whole examples, so this is an upper bound.
-    train_tokens = min(train_counts.n_tokens * n_train // max(n_examples, 1), n_train * hp["max_seq_length"])
-    tokens = train_tokens * hp["n_epochs"]
+    train_tokens = min(train_counts.n_tokens * n_train // max(n_examples, 1), n_train * hp.max_seq_length)
+    tokens = train_tokens * hp.n_epochs
     paces = [
         float(metrics["tokens_per_second"])
         for metrics in session.scalars(
@@ -192,11 +191,11 @@ def dry_run(session: Session, plan: JobPlan) -> dict[str, Any]:
     return {
         "object": "fine_tuning.job.dry_run",
         "base_model": plan.base_model,
-        "hyperparameters": hp,
+        "hyperparameters": hp.model_dump(mode="json"),
         "train_examples": n_train,
         "held_out_examples": held_out,
         "steps_per_epoch": steps_per_epoch,
-        "total_steps": steps_per_epoch * hp["n_epochs"],
+        "total_steps": steps_per_epoch * hp.n_epochs,
         "train_tokens_per_epoch": train_tokens,
         "estimated_tokens_per_second": round(pace, 1) if pace else None,
         "estimated_duration_seconds": round(tokens / pace) if pace else None,
@@ -240,20 +239,12 @@ def _check_fits_token_budget(
     longest = min(max_seq_length, max_example_tokens or max_seq_length)
     if longest + virtual_tokens <= max_batch_tokens:
         return
-    if virtual_tokens:
-        raise InvalidInput(
-            f"hyperparameters.max_seq_length: {param} {file_id} has an example of {longest} tokens (after "
-            f"max_seq_length={max_seq_length}), which with the {virtual_tokens} virtual tokens is more than the "
-            f"{max_batch_tokens} tokens a training micro-batch may hold on this service; lower max_seq_length to "
-            f"at most {max_batch_tokens - virtual_tokens} (longer examples are cut) or num_virtual_tokens",
-            param="hyperparameters.max_seq_length",
-            code="example_too_long",
-        )
+    with_virtual = f", which with the {virtual_tokens} virtual tokens is" if virtual_tokens else ","
     raise InvalidInput(
         f"hyperparameters.max_seq_length: {param} {file_id} has an example of {longest} tokens (after "
-        f"max_seq_length={max_seq_length}), more than the {max_batch_tokens} tokens a training micro-batch may "
-        f"hold on this service; lower max_seq_length to at most {max_batch_tokens} (longer examples are cut) "
-        "or shorten the examples",
+        f"max_seq_length={max_seq_length}){with_virtual} more than the {max_batch_tokens} tokens a training "
+        f"micro-batch may hold on this service; lower max_seq_length to at most {max_batch_tokens - virtual_tokens} "
+        f"(longer examples are cut) or {'num_virtual_tokens' if virtual_tokens else 'shorten the examples'}",
         param="hyperparameters.max_seq_length",
         code="example_too_long",
     )

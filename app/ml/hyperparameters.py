@@ -6,6 +6,7 @@ hour later.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -61,10 +62,29 @@ class TrainingHyperparameters(BaseModel):
         "evaluation are published. Needs a validation file or validation_split",
     )
 
+    def reserved_positions(self) -> int:
+        """Positions the method itself puts in every sequence (virtual tokens), besides the example's tokens."""
+        return 0
+
+    def held_out(self, n_examples: int) -> int:
+        """Training examples `validation_split` holds out for evaluation (at least one when it is set)."""
+        return max(1, round(n_examples * self.validation_split)) if self.validation_split > 0 else 0
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        return math.ceil(n_train / (self.batch_size * self.gradient_accumulation_steps))
+
     def for_model(self, model: ModelRecord) -> Self:
         """These hyperparameters checked against the job's base model, with model-dependent defaults filled in."""
+        reserved = self.reserved_positions()
+        room = model.max_seq_length - reserved  # for the example's own tokens
         if "max_seq_length" not in self.model_fields_set:  # the default, for a model shorter than it
-            return self.model_copy(update={"max_seq_length": min(self.max_seq_length, model.max_seq_length)})
-        if self.max_seq_length > model.max_seq_length:
+            return self.model_copy(update={"max_seq_length": min(self.max_seq_length, room)})
+        if self.max_seq_length > room:
+            if reserved:
+                raise HyperparameterError(
+                    "max_seq_length",
+                    f"{model.id} takes {model.max_seq_length} positions, {reserved} of them virtual tokens here: "
+                    f"at most {room} for text",
+                )
             raise HyperparameterError("max_seq_length", f"{model.id} takes at most {model.max_seq_length} tokens")
         return self

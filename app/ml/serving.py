@@ -197,7 +197,7 @@ class GenerationEngine:
 
         from app.ml.methods import METHODS
         from app.ml.methods.base import PeftMethod
-        from app.ml.methods.delta import DeltaMismatch, applied, load_delta
+        from app.ml.methods.delta import applied, load_delta
 
         loaded = self._base(record)
         plain = GenerationCall(
@@ -217,16 +217,12 @@ class GenerationEngine:
                 loaded.groups[group].eval()
                 loaded.adapters[adapter.id] = group
             else:
-                try:
-                    delta = load_delta(
-                        folder,
-                        weights_sha256=loaded.weights_sha256,
-                        device=self.placement.device,
-                        dtype=self.placement.dtype,
-                    )
-                except DeltaMismatch as exc:
-                    raise AdapterUnavailable(adapter.id, f"it cannot be applied to {record.id}: {exc}") from None
-                loaded.adapters[adapter.id] = delta
+                loaded.adapters[adapter.id] = load_delta(
+                    folder,
+                    weights_sha256=loaded.weights_sha256,
+                    device=self.placement.device,
+                    dtype=self.placement.dtype,
+                )
             while len(loaded.adapters) > self.max_adapters:
                 self._evict(loaded, *loaded.adapters.popitem(last=False))
             # Then the least recently used weight deltas (not the one just loaded) until they fit their bound.
@@ -259,9 +255,10 @@ class GenerationEngine:
         import torch
         from transformers import StoppingCriteriaList
 
+        from app.ml.methods.delta import DeltaMismatch
+
         tokenizer = self.models.tokenizer(request.model)
         input_ids = torch.tensor([request.input_ids], dtype=torch.long, device=self.placement.device)
-        call, context = self._model_for(request.model, request.adapter, input_ids)
         kwargs: dict[str, Any] = {
             "max_new_tokens": request.max_tokens,
             "pad_token_id": pad_token_id(tokenizer),
@@ -271,18 +268,17 @@ class GenerationEngine:
             kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if request.stop:
-            kwargs["stopping_criteria"] = StoppingCriteriaList(
-                [StopOnStrings(tokenizer, request.stop, prompt_length=call.new_tokens_from)]
-            )
-        if request.seed is not None:
-            torch.manual_seed(request.seed)  # seeds the CUDA generators too
-        from app.ml.methods.delta import DeltaMismatch
-
         try:
+            call, context = self._model_for(request.model, request.adapter, input_ids)
+            if request.stop:
+                kwargs["stopping_criteria"] = StoppingCriteriaList(
+                    [StopOnStrings(tokenizer, request.stop, prompt_length=call.new_tokens_from)]
+                )
+            if request.seed is not None:  # after loading, whose initializations draw from the generator too
+                torch.manual_seed(request.seed)  # seeds the CUDA generators too
             with torch.inference_mode(), context:
                 output = call.model.generate(**call.inputs, **kwargs)
-        except DeltaMismatch as exc:  # a weight delta whose tensors do not fit the model
+        except DeltaMismatch as exc:  # a weight delta made for other weights, or whose tensors do not fit
             assert request.adapter is not None
             raise AdapterUnavailable(request.adapter.id, f"it cannot be applied to {request.model.id}: {exc}") from None
         new_ids = output[0, call.new_tokens_from :].tolist()

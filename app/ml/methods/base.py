@@ -68,10 +68,6 @@ class FineTuningMethod:
         """The base model to train, if the method loads its own (QLoRA: quantized); None takes the shared one."""
         return None
 
-    def extra_positions(self, hp: TrainingHyperparameters) -> int:
-        """Positions the method adds to every sequence (virtual tokens), which count against memory budgets."""
-        return int(getattr(hp, "num_virtual_tokens", 0))
-
     def count_parameters(self, model: nn.Module) -> int:
         """The model's parameters as a job reports them (`total_parameters`): the base model's and the method's own;
         a weight the method only copied (an untied output layer) counts once."""

@@ -73,12 +73,9 @@ def untie_output(model: nn.Module) -> bool:
     return True
 
 
-def set_trainable(params: Iterator[torch.nn.Parameter] | list[torch.nn.Parameter], trainable: bool = True) -> int:
-    count = 0
+def set_trainable(params: Iterator[torch.nn.Parameter] | list[torch.nn.Parameter], trainable: bool = True) -> None:
     for param in params:
         param.requires_grad_(trainable)
-        count += param.numel()
-    return count
 
 
 # --- the method family ---------------------------------------------------------------------------------

@@ -18,23 +18,15 @@ if TYPE_CHECKING:
 class VirtualTokenHyperparameters(TrainingHyperparameters):
     num_virtual_tokens: int = Field(20, ge=1, le=512, description="Learned virtual tokens put before every sequence")
 
+    def reserved_positions(self) -> int:
+        return self.num_virtual_tokens
+
     def for_model(self, model: ModelRecord) -> Self:
-        room = model.max_seq_length - self.num_virtual_tokens
-        if room < 16:
+        if model.max_seq_length - self.num_virtual_tokens < 16:
             raise HyperparameterError(
                 "num_virtual_tokens", f"{model.id} takes {model.max_seq_length} positions: leave at least 16 for text"
             )
-        if "max_seq_length" not in self.model_fields_set:
-            checked = self.model_copy(update={"max_seq_length": min(self.max_seq_length, room)})
-        else:
-            checked = self
-            if self.max_seq_length > room:
-                raise HyperparameterError(
-                    "max_seq_length",
-                    f"{model.id} takes {model.max_seq_length} positions, {self.num_virtual_tokens} of them virtual "
-                    f"tokens here: at most {room} for text",
-                )
-        return checked
+        return super().for_model(model)
 
 
 class SoftPromptMethod(PeftMethod):
