@@ -26,6 +26,7 @@ from app.datasets.endpoints import router as files_router
 from app.datasets.service import upload_too_large
 from app.generation.endpoints import router as generation_router
 from app.jobs.endpoints import router as jobs_router
+from app.jobs.reaper import Reaper
 from app.ml.registry import ModelStore
 
 # Multipart framing around the file: a request larger than the limit plus this is refused unread.
@@ -37,7 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        with Reaper(settings):  # jobs whose worker died go back to the queue, whoever else also looks
+            yield
         if app.state.engine is not None:
             app.state.engine.close()
 

@@ -95,8 +95,13 @@ def s3() -> Iterator[S3Endpoint]:
     server.stop()
 
 
+# The tests share one PostgreSQL database: a reaper in one test's API must not take another test's jobs.
+NO_REAPER = {"reaper_seconds": 0}
+
+
 def embedded_settings(data_dir: Path, model_cache_dir: Path, **overrides: Any) -> Settings:
     overrides.setdefault("default_base_model", "tiny-random-llama")
+    overrides = {**NO_REAPER, **overrides}
     return Settings(data_dir=data_dir, model_cache_dir=model_cache_dir, **overrides)
 
 
@@ -114,7 +119,7 @@ def production_settings(
         s3_access_key_id=S3_KEY,
         s3_secret_access_key=S3_KEY,
         queue_name=f"training-{uuid.uuid4().hex[:8]}",
-        **overrides,
+        **{**NO_REAPER, **overrides},
     )
 
 

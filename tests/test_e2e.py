@@ -107,6 +107,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, model_cache_dir: Pat
         TUNEFORGE_S3_ACCESS_KEY_ID=S3_KEY,
         TUNEFORGE_S3_SECRET_ACCESS_KEY=S3_KEY,
         TUNEFORGE_QUEUE_NAME=f"e2e-{port}",
+        TUNEFORGE_REAPER_SECONDS="0",  # the database is shared with other tests: their jobs are not ours
     )
     subprocess.run([*TUNEFORGE, "migrate"], env=env, check=True, capture_output=True)
     keys = subprocess.run(

@@ -1,7 +1,11 @@
 """The training recipe every method shares: setup -> train (with per-epoch evaluation) -> export.
 
 Modeled on torchtune's single-device recipes: a plain PyTorch loop, so every step can report metrics,
-honour cancellation and (later) checkpoint. Methods only decide what is trained and how it is saved.
+honour cancellation and stop requests, and checkpoint. Methods only decide what is trained and how it is saved.
+
+The recipe's whole state (`state_dict` / `load_state_dict`: trainable weights, optimizer, scheduler, loss
+scaler, RNG, the data position, the best evaluation so far) is what a checkpoint stores: a job resumed from one
+continues exactly where the checkpoint was taken, and ends with the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ from app.ml.methods.base import BaseWeights, MethodContext, MethodUnavailable
 from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, pad_token_id
 from worker.data import Dataset, batches, collate, load_examples, micro_batches
 from worker.errors import TrainingError
-from worker.lifecycle import ClaimedJob, Reporter
+from worker.lifecycle import ClaimedJob, Reporter, WorkerStopping, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,23 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.without_improvement >= self.patience
+
+
+@dataclass
+class Position:
+    """Where training is: optimizer steps done, the epoch in progress and how many of its batches are done."""
+
+    step: int = 0
+    epoch: int = 1
+    batches_done: int = 0
+    evaluated_at: int = -1  # the step of the epoch's last evaluation
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last step's and evaluation's
+
+
+class Checkpointer(Protocol):
+    """Where a recipe saves its checkpoints (the worker: the object store and the job's checkpoint rows)."""
+
+    def save(self, recipe: TrainingRecipe) -> None: ...
 
 
 @dataclass
@@ -208,9 +229,18 @@ class TrainingRecipe:
     unless the reporter writes to one (tests use an in-memory reporter)."""
 
     def __init__(
-        self, settings: Settings, storage: ObjectStorage, job: ClaimedJob, model: ModelRecord, reporter: Reporter
+        self,
+        settings: Settings,
+        storage: ObjectStorage,
+        job: ClaimedJob,
+        model: ModelRecord,
+        reporter: Reporter,
+        checkpoints: Checkpointer | None = None,
     ) -> None:
         self.settings = settings
+        self.checkpoints = checkpoints
+        self.position = Position()
+        self.stopping: EarlyStopping | None = None
         self.record = model
         self.storage = storage
         self.job = job
@@ -221,7 +251,8 @@ class TrainingRecipe:
         self.models = ModelStore(settings.models_dir, storage)
 
     # --- setup ----------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, resume: dict[str, Any] | None = None) -> None:
+        """Load the data and the model and build the optimizer; with `resume` (a `state_dict`), continue from it."""
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         try:
@@ -274,11 +305,16 @@ class TrainingRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_factor(self.total_steps, self.hp.warmup_ratio, self.hp.lr_scheduler)
         )
+        if self.valid_data is not None:
+            self.stopping = EarlyStopping(self.hp.early_stopping_patience)
+        if resume is not None:
+            self.load_state_dict(resume)
+        self.last_checkpoint = time.monotonic()
         # In the job's metrics from the start (GET /jobs/{id}), and as an event.
         self.reporter.progress(
-            step=0,
+            step=self.position.step,
             total_steps=self.total_steps,
-            epoch=0,
+            epoch=self.position.epoch - 1,
             metrics={
                 "trainable_parameters": trainable,
                 "total_parameters": total,
@@ -325,66 +361,95 @@ class TrainingRecipe:
 
     # --- train -----------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Train for n_epochs, evaluating every eval_every steps and at each epoch end; with early stopping, stop
-        after `early_stopping_patience` evaluations without a better validation loss and keep the best weights."""
-        step = 0
-        metrics: dict[str, Any] = {}
-        self.stopping = EarlyStopping(self.hp.early_stopping_patience) if self.valid_data is not None else None
-        for epoch in range(1, self.hp.n_epochs + 1):
+        """Train for n_epochs (from where `setup(resume=...)` left off), evaluating every eval_every steps and at
+        each epoch end, checkpointing every checkpoint_every steps and at each epoch end; with early stopping,
+        stop after `early_stopping_patience` evaluations without a better validation loss and keep the best
+        weights. A stop request (the worker shutting down) checkpoints and raises WorkerStopping."""
+        at = self.position
+        while at.epoch <= self.hp.n_epochs and not self._should_stop_early():
             self.model.train()
-            evaluated_at = -1
-            for step_examples in batches(
-                self.train_data.examples, self.examples_per_step, shuffle_seed=self.hp.seed + epoch
-            ):
-                change = self.method.before_step(
-                    self.model, self.hp, step=step, epoch=epoch, steps_per_epoch=self.steps_per_epoch
-                )
-                if change:
-                    self.reporter.event("log", f"step {step + 1}: {change}", {"step": step + 1})
-                started = time.perf_counter()
-                stats = accumulate_gradients(
-                    self.model,
-                    step_examples,
-                    pad_token_id=self.pad_token_id,
-                    max_batch_tokens=self.settings.train_max_batch_tokens,
-                    placement=self.placement,
-                    scaler=self.scaler,
-                    extra_positions=self.extra_positions,
-                )
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
-                lr = self.scheduler.get_last_lr()[0]
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                elapsed = time.perf_counter() - started
-                metrics = {
-                    "train_loss": round(stats.loss, 6),
-                    "train_token_accuracy": round(stats.accuracy, 6),
-                    "learning_rate": lr,
-                    "tokens_per_second": round(stats.input_tokens / max(elapsed, 1e-9), 1),
-                }
-                self.reporter.progress(
-                    step=step,
-                    total_steps=self.total_steps,
-                    epoch=epoch,
-                    metrics=metrics,
-                    message=f"step {step}/{self.total_steps}: train loss {stats.loss:.4f}",
-                )
-                if self.hp.eval_every and step % self.hp.eval_every == 0 and self.valid_data is not None:
-                    metrics.update(self._evaluate_and_report(step, epoch, f"step {step}"))
-                    evaluated_at = step
-                    if self.stopping is not None and self.stopping.should_stop:
-                        break
-            if self.valid_data is not None and evaluated_at != step:
-                metrics.update(self._evaluate_and_report(step, epoch, f"epoch {epoch}"))
-            if self.stopping is not None and self.stopping.should_stop:
-                break
+            order = batches(self.train_data.examples, self.examples_per_step, shuffle_seed=self.hp.seed + at.epoch)
+            for index, step_examples in enumerate(order):
+                if index < at.batches_done:  # trained before the checkpoint this run resumed from
+                    continue
+                self._train_step(step_examples)
+                at.batches_done = index + 1
+                if self.hp.eval_every and at.step % self.hp.eval_every == 0 and self.valid_data is not None:
+                    at.metrics.update(self._evaluate_and_report(at.step, at.epoch, f"step {at.step}"))
+                    at.evaluated_at = at.step
+                if self._should_stop_early():
+                    break
+                if at.batches_done < self.steps_per_epoch:  # the epoch's end has its own checkpoint
+                    self._checkpoint_if_due()
+            if self.valid_data is not None and at.evaluated_at != at.step:
+                at.metrics.update(self._evaluate_and_report(at.step, at.epoch, f"epoch {at.epoch}"))
+            if not self._should_stop_early():
+                at.epoch, at.batches_done, at.evaluated_at = at.epoch + 1, 0, -1
+            self._checkpoint()
+            self._stop_if_requested()
         if self.stopping is not None and self.stopping.best is not None and self.hp.early_stopping_patience:
-            metrics.update(self._keep_best(step, epoch))
-        return metrics
+            at.metrics.update(self._keep_best(at.step, min(at.epoch, self.hp.n_epochs)))
+        return at.metrics
+
+    def _should_stop_early(self) -> bool:
+        return self.stopping is not None and self.stopping.should_stop
+
+    def _train_step(self, step_examples: list[EncodedExample]) -> None:
+        at = self.position
+        change = self.method.before_step(
+            self.model, self.hp, step=at.step, epoch=at.epoch, steps_per_epoch=self.steps_per_epoch
+        )
+        if change:
+            self.reporter.event("log", f"step {at.step + 1}: {change}", {"step": at.step + 1})
+        started = time.perf_counter()
+        stats = accumulate_gradients(
+            self.model,
+            step_examples,
+            pad_token_id=self.pad_token_id,
+            max_batch_tokens=self.settings.train_max_batch_tokens,
+            placement=self.placement,
+            scaler=self.scaler,
+            extra_positions=self.extra_positions,
+        )
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        at.step += 1
+        elapsed = time.perf_counter() - started
+        at.metrics = {
+            "train_loss": round(stats.loss, 6),
+            "train_token_accuracy": round(stats.accuracy, 6),
+            "learning_rate": lr,
+            "tokens_per_second": round(stats.input_tokens / max(elapsed, 1e-9), 1),
+        }
+        self.reporter.progress(
+            step=at.step,
+            total_steps=self.total_steps,
+            epoch=at.epoch,
+            metrics=at.metrics,
+            message=f"step {at.step}/{self.total_steps}: train loss {stats.loss:.4f}",
+        )
+
+    def _checkpoint_if_due(self) -> None:
+        every = self.hp.checkpoint_every
+        overdue = time.monotonic() - self.last_checkpoint > 60 * self.settings.checkpoint_minutes
+        if (every and self.position.step % every == 0) or overdue or stop_requested():
+            self._checkpoint()
+        self._stop_if_requested()
+
+    def _checkpoint(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.save(self)
+        self.last_checkpoint = time.monotonic()
+
+    def _stop_if_requested(self) -> None:
+        """The worker is shutting down: the step's checkpoint is saved, the job can go back to the queue."""
+        if stop_requested():
+            raise WorkerStopping(self.position.step)
 
     def _evaluate_and_report(self, step: int, epoch: int, when: str) -> dict[str, float]:
         assert self.valid_data is not None
@@ -434,6 +499,67 @@ class TrainingRecipe:
         )
         return summary
 
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here (tensors on the host; loads with weights_only)."""
+        at = self.position
+        stopping, device = self.stopping, self.placement.device
+        early_stopping = None
+        if stopping is not None:
+            best = list(stopping.best) if stopping.best else None
+            early_stopping = {"best": best, "without_improvement": stopping.without_improvement}
+        return {
+            "position": {
+                "step": at.step,
+                "epoch": at.epoch,
+                "batches_done": at.batches_done,
+                "evaluated_at": at.evaluated_at,
+            },
+            "metrics": dict(at.metrics),
+            "trainable": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
+            "early_stopping": early_stopping,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict` of the same job (after `setup` has built the model and optimizer)."""
+        self.position = Position(**state["position"], metrics=dict(state["metrics"]))
+        trainable = state["trainable"]
+        missing = self.trained_names - set(trainable)
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in trainable:
+                    param.copy_(trainable[name])
+        # A method that unfreezes as it goes (layerwise) unfreezes what it had by then, before the optimizer
+        # state of those parameters is matched to them.
+        self.method.before_step(
+            self.model,
+            self.hp,
+            step=self.position.step,
+            epoch=self.position.epoch,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and self.placement.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.placement.device)
+        saved = state["early_stopping"]
+        if saved is not None and self.stopping is not None:
+            best = saved["best"]
+            self.stopping.best = (int(best[0]), float(best[1]), dict(best[2])) if best else None
+            self.stopping.without_improvement = int(saved["without_improvement"])
+
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict[str, float]:
         self.model.eval()
@@ -454,8 +580,13 @@ class TrainingRecipe:
 
     # --- export ----------------------------------------------------------------------------------
     def export(self, folder: Path) -> None:
+        """Write the method's artifact; a checkpoint's export mid-training leaves the model in training mode."""
+        training = self.model.training
         self.model.eval()
-        self.method.export(self.model, folder, self.base_weights())
+        try:
+            self.method.export(self.model, folder, self.base_weights())
+        finally:
+            self.model.train(training)
 
     def base_weights(self) -> BaseWeights:
         return BaseWeights(record=self.record, weights_sha256=self.models.weights_sha256(self.record))

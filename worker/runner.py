@@ -1,33 +1,36 @@
-"""Run one training job end to end: claim it, train, publish the adapter, record the outcome.
+"""Run one training job end to end: claim it, train (resuming from its latest checkpoint), publish the adapter,
+record the outcome.
 
-Whatever happens inside, the job leaves `running`: succeeded, failed with a readable error, or
-cancelled by the user.
+Whatever happens inside, the job leaves `running`: succeeded, failed with a readable error, cancelled by the
+user, or back in the queue when the worker is stopped. Only a worker that dies outright (kill -9, a lost
+machine) or loses the database for longer than `db_retry_seconds` leaves it running, and then its heartbeat
+stops and the reaper re-queues it.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import tempfile
-from pathlib import Path
 
 import torch
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.models import Adapter
+from app.core.queue import enqueue_training
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.ml import adapter_format
+from app.ml.methods import METHODS
 from app.ml.registry import ModelRecord, find_model
 from worker import lifecycle
+from worker.checkpoints import JobCheckpoints, store_artifact
 from worker.errors import TrainingError
-from worker.lifecycle import ClaimedJob, JobCancelled, JobReporter, WorkerStopping
+from worker.lifecycle import ClaimedJob, Heartbeat, JobCancelled, JobLost, JobReporter, WorkerStopping
 from worker.recipe import TrainingRecipe
 
 log = logging.getLogger(__name__)
 
-STOPPED_MESSAGE = "the worker was stopped while this job ran; create a new job to train again"
 FILE_UNAVAILABLE_MESSAGE = "a file of this job could not be read from storage; upload it again and create a new job"
 
 
@@ -52,49 +55,70 @@ def release_device_memory() -> None:
 
 def run_training_job(settings: Settings, job_id: str) -> str | None:
     """Returns the adapter id, or None if the job was not run to success."""
-    job = lifecycle.claim(settings.db_url, job_id)
+    job = lifecycle.claim(
+        settings.db_url,
+        job_id,
+        heartbeat_timeout=settings.heartbeat_timeout_seconds,
+        max_attempts=settings.max_job_attempts,
+    )
     if job is None:
-        log.info("job %s is not queued (already taken, finished or cancelled); nothing to do", job_id)
+        log.info("job %s cannot be claimed (running elsewhere, finished or cancelled); nothing to do", job_id)
         return None
-    reporter = JobReporter(settings.db_url, job.id)
     storage = ObjectStorage.from_settings(settings)
     try:
-        return _run_claimed(settings, storage, job, reporter)
+        with Heartbeat(settings.db_url, job, settings.heartbeat_seconds):
+            reporter = JobReporter(settings.db_url, job, retry_seconds=settings.db_retry_seconds)
+            return _run_claimed(settings, storage, job, reporter)
     finally:
         release_device_memory()
 
 
 def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> str | None:
+    retry = settings.db_retry_seconds
     try:
         return _train_and_publish(settings, storage, job, reporter)
     except JobCancelled:
         log.info("job %s was cancelled; stopped", job.id)
         reporter.event("log", "training stopped: the job was cancelled")
         return None
-    # What the user sees is a stable code and a message written for them; the detail goes to the log.
-    except WorkerStopping:
-        lifecycle.fail(settings.db_url, job.id, STOPPED_MESSAGE, code="worker_stopped")
+    except JobLost as exc:
+        log.warning("job %s was taken over by another worker (%s); this run stops", job.id, exc)
         return None
+    except WorkerStopping as exc:
+        _hand_back(settings, job, exc.step)
+        return None
+    except (OperationalError, InterfaceError):
+        # Retried for db_retry_seconds already: the heartbeat stops with this run, and the reaper re-queues it.
+        log.exception("job %s: the database stayed unreachable; the reaper will re-queue the job", job.id)
+        return None
+    # What the user sees is a stable code and a message written for them; the detail goes to the log.
     except TrainingError as exc:
         log.info("job %s failed: %s", job.id, exc)
-        lifecycle.fail(settings.db_url, job.id, str(exc), code=exc.code)
+        lifecycle.fail(settings.db_url, job, str(exc), code=exc.code, retry_seconds=retry)
         return None
     except torch.OutOfMemoryError:
         log.exception("job %s ran out of device memory", job.id)
-        lifecycle.fail(settings.db_url, job.id, out_of_memory_message(job), code="out_of_memory")
+        lifecycle.fail(settings.db_url, job, out_of_memory_message(job), code="out_of_memory", retry_seconds=retry)
         return None
     except FileNotFoundError:
         log.exception("job %s failed: an object is missing from storage", job.id)
-        lifecycle.fail(settings.db_url, job.id, FILE_UNAVAILABLE_MESSAGE, code="file_unavailable")
+        lifecycle.fail(settings.db_url, job, FILE_UNAVAILABLE_MESSAGE, code="file_unavailable", retry_seconds=retry)
         return None
     except Exception:
         log.exception("job %s failed", job.id)
-        lifecycle.fail(settings.db_url, job.id, internal_error_message(job.id), code="internal_error")
+        lifecycle.fail(settings.db_url, job, internal_error_message(job.id), code="internal_error", retry_seconds=retry)
         return None
-    except BaseException:  # the worker is being stopped (cold shutdown, Ctrl-C): say so, then stop
+    except BaseException:  # a cold shutdown (a second Ctrl-C): back to the queue, from the last checkpoint
         log.exception("job %s stopped", job.id)
-        lifecycle.fail(settings.db_url, job.id, STOPPED_MESSAGE, code="worker_stopped")
+        _hand_back(settings, job, None)
         raise
+
+
+def _hand_back(settings: Settings, job: ClaimedJob, step: int | None) -> None:
+    """Queued again, for another worker (or this one after its restart) to resume from the latest checkpoint."""
+    if lifecycle.hand_back(settings.db_url, job, step=step, retry_seconds=min(settings.db_retry_seconds, 10)):
+        enqueue_training(settings, job.id, needs_cuda=METHODS[job.method].needs_cuda)
+        log.info("job %s handed back to the queue at step %s", job.id, step)
 
 
 def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
@@ -112,38 +136,35 @@ def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
     return record
 
 
+def _resume_state(checkpoints: JobCheckpoints, reporter: JobReporter) -> tuple[dict | None, str]:  # type: ignore[type-arg]
+    """The latest checkpoint's state to continue from, or None (with why) to train from the start."""
+    latest = checkpoints.latest()
+    if latest is None:
+        return None, "no checkpoint yet: training from the start"
+    try:
+        state = checkpoints.load_state(latest)
+    except Exception:
+        log.exception("job %s: checkpoint %s could not be read", checkpoints.job.id, latest.id)
+        reporter.event("log", f"checkpoint {latest.id} could not be read: training from the start", level="warning")
+        return None, "training from the start"
+    return state, f"resumed from checkpoint {latest.id} at step {latest.step}"
+
+
 def _train_and_publish(
     settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter
 ) -> str | None:
-    recipe = TrainingRecipe(settings, storage, job, base_model_of(settings, job), reporter)
-    recipe.setup()
+    checkpoints = JobCheckpoints(settings, storage, job)
+    recipe = TrainingRecipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints)
+    resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
+    recipe.setup(resume=resume)
+    if how:
+        reporter.event("log", f"attempt {job.attempt}: {how}", {"step": recipe.position.step})
     metrics = recipe.train()
     reporter.check_cancelled()
 
     adapter_id = new_id("adapter")
     key = f"adapters/{job.tenant_id}/{adapter_id}.tar.gz"
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="export-", dir=settings.tmp_dir) as tmp:
-        folder = Path(tmp) / "adapter"
-        folder.mkdir()
-        recipe.export(folder)
-        archive = Path(tmp) / "adapter.tar.gz"
-        size, sha256 = adapter_format.pack(
-            folder,
-            archive,
-            {
-                "adapter_id": adapter_id,
-                "job_id": job.id,
-                "base_model": job.base_model,
-                "method": job.method,
-                "format": recipe.method.artifact_format,
-                "base_model_revision": job.base_model_revision,
-                "base_model_weights_sha256": recipe.base_weights().weights_sha256,
-                "hyperparameters": job.hyperparameters,
-                "metrics": metrics,
-            },
-        )
-        storage.put_path(key, archive)
+    size, sha256 = store_artifact(settings, storage, recipe, key, {"adapter_id": adapter_id, "metrics": metrics})
     adapter = Adapter(
         id=adapter_id,
         tenant_id=job.tenant_id,
@@ -157,7 +178,7 @@ def _train_and_publish(
         size_bytes=size,
         sha256=sha256,
     )
-    if not lifecycle.succeed(settings.db_url, job, adapter):
-        storage.delete(key)  # cancelled between the last step and now: publish nothing
+    if not lifecycle.succeed(settings.db_url, job, adapter, retry_seconds=settings.db_retry_seconds):
+        storage.delete(key)  # cancelled (or taken over) between the last step and now: publish nothing
         raise JobCancelled("cancelled before publishing")
     return adapter_id

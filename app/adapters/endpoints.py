@@ -14,6 +14,9 @@ from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 router = APIRouter(prefix="/adapters", tags=["adapters"], responses=error_responses(401, 404, 410, 422))
 
 AdapterId = Annotated[str, Path(max_length=64, description="An adapter id (`adapter-…`)")]
+ArtifactId = Annotated[
+    str, Path(max_length=64, description="An adapter id (`adapter-…`) or a checkpoint id (`ftckpt-…`)")
+]
 
 
 @router.get("")
@@ -40,16 +43,18 @@ def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: TenantDep) -
     },
 )
 def download_adapter(
-    adapter_id: AdapterId, session: SessionDep, storage: StorageDep, tenant: TenantDep
+    adapter_id: ArtifactId, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> StreamingResponse:
     """A gzipped tar holding the artifact and `tuneforge.json` (its manifest): for PEFT methods (`format`
     `peft`) `adapter_config.json` and `adapter_model.safetensors`, which `peft.PeftModel.from_pretrained` loads;
     for weight-delta methods (`format` `delta`: head, layerwise, discriminative, full) `delta.safetensors` with
     `delta_config.json`, which name the base model and the sha256 of its weights.
 
+    A job's checkpoint id (`ftckpt-…`) downloads the artifact as it was at that checkpoint.
+
     410 if the stored archive is missing or damaged; the body always has its full `Content-Length`.
     """
-    row = service.get_adapter(session, tenant_id=tenant.id, adapter_id=adapter_id)
+    row = service.get_servable(session, tenant_id=tenant.id, adapter_id=adapter_id)
     return StreamingResponse(
         service.open_artifact(storage, row),
         media_type="application/gzip",

@@ -3,7 +3,7 @@
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.models import Adapter
+from app.core.models import Adapter, Checkpoint
 from app.core.pagination import newest_first
 
 
@@ -14,3 +14,7 @@ def get_adapter(session: Session, *, tenant_id: str, adapter_id: str) -> Adapter
 def list_adapters(session: Session, *, tenant_id: str, limit: int, after: Adapter | None) -> tuple[list[Adapter], bool]:
     query = select(Adapter).where(Adapter.tenant_id == tenant_id)
     return newest_first(session, query, Adapter, limit=limit, after=after)
+
+
+def get_checkpoint(session: Session, *, tenant_id: str, checkpoint_id: str) -> Checkpoint | None:
+    return session.scalar(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.tenant_id == tenant_id))

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from app.adapters import repository
 from app.core.errors import Gone, NotFound, clip
-from app.core.models import Adapter
+from app.core.models import Adapter, Checkpoint
 from app.core.pagination import cursor_row
 from app.core.storage import ObjectStorage
 
@@ -15,6 +15,21 @@ def get_adapter(session: Session, *, tenant_id: str, adapter_id: str, param: str
     row = repository.get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
     if row is None:
         raise NotFound(f"no adapter with id {clip(adapter_id)}", param=param)
+    return row
+
+
+CHECKPOINT_PREFIX = "ftckpt-"
+
+
+def get_servable(
+    session: Session, *, tenant_id: str, adapter_id: str, param: str = "adapter_id"
+) -> Adapter | Checkpoint:
+    """An adapter, or a job's checkpoint (`ftckpt-…`): both are served and downloaded the same way."""
+    if not adapter_id.startswith(CHECKPOINT_PREFIX):
+        return get_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id, param=param)
+    row = repository.get_checkpoint(session, tenant_id=tenant_id, checkpoint_id=adapter_id)
+    if row is None:
+        raise NotFound(f"no checkpoint with id {clip(adapter_id)} (a job keeps its latest ones)", param=param)
     return row
 
 
@@ -31,7 +46,7 @@ def adapter_unavailable(adapter_id: str, reason: str, param: str = "adapter_id")
     )
 
 
-def open_artifact(storage: ObjectStorage, adapter: Adapter) -> Iterator[bytes]:
+def open_artifact(storage: ObjectStorage, adapter: Adapter | Checkpoint) -> Iterator[bytes]:
     """The stored archive's bytes; refused before any is sent if the object is missing or has the wrong size."""
     try:
         size, chunks = storage.open(adapter.storage_key)

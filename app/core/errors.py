@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
@@ -116,6 +117,22 @@ class ServiceUnavailable(AppError):
     code = "unavailable"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """503 while the database does not answer: nothing was changed, the request can be sent again."""
+
+    code = "database_unavailable"
+    RETRY_AFTER = 5
+
+    def __init__(self) -> None:
+        super().__init__("the database is unreachable right now; nothing was changed, try again shortly")
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.RETRY_AFTER)}
+
+
+DATABASE_ERRORS = (OperationalError, InterfaceError)  # the database is unreachable (not a bad query)
+
+
 class Unauthorized(AppError):
     status_code = 401
     type = "authentication_error"
@@ -150,6 +167,7 @@ class ErrorBody(BaseModel):
 
 _ERROR_DESCRIPTIONS = {
     401: "Missing, malformed, unknown or revoked API key",
+    403: "A limit of the tenant that waiting does not lift (stored bytes)",
     404: "No such resource for this tenant",
     409: "The resource's state does not allow this",
     410: "The resource's stored files are missing or damaged",
@@ -193,6 +211,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unreachable: %s", type(exc).__name__)
+        return DatabaseUnavailable().response()
 
     @app.exception_handler(RequestTooLarge)
     async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:

@@ -13,7 +13,14 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import AppError, PayloadTooLarge, RequestTooLarge, Unauthorized
+from app.core.errors import (
+    DATABASE_ERRORS,
+    AppError,
+    DatabaseUnavailable,
+    PayloadTooLarge,
+    RequestTooLarge,
+    Unauthorized,
+)
 
 # Paths that answer without an API key: liveness/readiness probes and the API documentation.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
@@ -46,6 +53,9 @@ class AuthenticationMiddleware:
             tenant = await anyio.to_thread.run_sync(self.authenticate, _header(scope, b"authorization"))
         except Unauthorized as exc:
             await exc.response()(scope, receive, send)
+            return
+        except DATABASE_ERRORS:
+            await DatabaseUnavailable().response()(scope, receive, send)
             return
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)

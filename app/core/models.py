@@ -186,6 +186,34 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Checkpoint(Base):
+    """A job's saved state at one step: the artifact there (served and downloaded like an adapter, by this id)
+    and the recipe's whole state (`state_key`: weights, optimizer, scheduler, RNG, data position) to resume from.
+    """
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What an adapter row has, so that /generate and downloads take a checkpoint id where an adapter id goes.
+    base_model: Mapped[str] = mapped_column(String(200))
+    base_model_revision: Mapped[str | None] = mapped_column(String(64), default=None)
+    method: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(32))
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    state_key: Mapped[str] = mapped_column(String(1024))
+    state_size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class RegisteredModel(Base):
     """A base model an operator registered (`tuneforge models add`); its files are in the object store."""
 

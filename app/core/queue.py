@@ -10,6 +10,7 @@ from celery import Celery
 from app.core.settings import Settings
 
 TRAINING_TASK = "training.run"
+VISIBILITY_TIMEOUT_SECONDS = 7 * 24 * 3600
 
 
 def make_celery(broker: str, queue: str) -> Celery:
@@ -30,6 +31,11 @@ def make_celery(broker: str, queue: str) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
     )
+    if broker.startswith(("redis://", "rediss://")):
+        # An unacknowledged message comes back only after this long: longer than any job, so a job that runs
+        # for hours is not delivered again by itself. A dead worker's job is found sooner by its stale
+        # heartbeat (app/jobs/reaper.py), and a message that does come back claims nothing.
+        app.conf.broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
     return app
 
 

@@ -82,6 +82,48 @@ class Settings(BaseSettings):
         le=100_000,
         description="Jobs a tenant may have queued or running at once; POST /jobs answers 429 past it",
     )
+    max_stored_bytes_per_tenant: int = Field(
+        default=50 * 1024**3,
+        gt=0,
+        description="Bytes a tenant may keep stored (files, adapters, checkpoints); uploads and new jobs past it "
+        "are refused with 403 storage_quota_exceeded",
+    )
+    heartbeat_seconds: float = Field(
+        default=10.0, gt=0, le=3600, description="How often a worker says it is alive while it trains a job"
+    )
+    heartbeat_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="A running job whose heartbeat is older than this is taken to be on a dead worker: the reaper "
+        "puts it back in the queue (it resumes from its latest checkpoint) and another worker may claim it",
+    )
+    reaper_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=86_400,
+        description="How often each API and worker process looks for running jobs with a stale heartbeat "
+        "(0: never; safe to run on every replica)",
+    )
+    max_job_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Runs a job may start before the reaper fails it instead of re-queueing it (a worker that "
+        "keeps dying on the same job)",
+    )
+    checkpoint_minutes: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job also saves a checkpoint when this long has passed since its last one",
+    )
+    db_retry_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        le=86_400,
+        description="How long a worker retries a database write while the database is unreachable before it "
+        "gives the job up to the reaper",
+    )
     cuda_workers: bool | None = Field(
         default=None,
         description="Whether workers that train on CUDA with bitsandbytes serve this service, so that POST /jobs "

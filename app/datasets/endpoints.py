@@ -10,11 +10,12 @@ from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, Te
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
+from app.core.usage import check_storage
 from app.datasets import service
 from app.datasets.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileList, FileObject
 from app.datasets.upload import receive_upload
 
-router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(401, 404, 409, 413, 422))
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(401, 403, 404, 409, 413, 422))
 
 FileId = Annotated[str, Path(max_length=64, description="A file id (`file-…`)")]
 
@@ -39,6 +40,16 @@ async def upload_file(
         seen = await run_in_threadpool(service.file_of_key, session, tenant_id=tenant.id, key=idempotency_key)
         if seen is not None:
             return FileObject.of(seen)
+    # A tenant already at its storage limit is refused before its body is read.
+    await run_in_threadpool(
+        check_storage,
+        session,
+        tenant_id=tenant.id,
+        adding=1,
+        limit=settings.max_stored_bytes_per_tenant,
+        what="another file",
+        lock=False,
+    )
     received = await receive_upload(request.headers.get("content-type"), request.stream(), scratch_dir=settings.tmp_dir)
     try:
         if received.file is None:

@@ -20,6 +20,7 @@ from app.core.models import File, FileTokenCount, utcnow
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, read_chunks
+from app.core.usage import check_storage
 from app.datasets import repository
 from app.datasets.validation import LineValidator, ValidationReport
 from app.ml.jsonl import split_lines
@@ -118,6 +119,13 @@ def create_file(
     if report.n_errors:
         raise _rejection(report)
 
+    check_storage(
+        session,
+        tenant_id=tenant_id,
+        adding=size,
+        limit=settings.max_stored_bytes_per_tenant,
+        what=f"this file ({size:,} bytes)",
+    )
     file_id = new_id("file")
     key = f"datasets/{tenant_id}/{file_id}.jsonl"
     fileobj.seek(0, os.SEEK_SET)

@@ -23,7 +23,11 @@ class ChatMessage(BaseModel):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter_id: str | None = Field(None, max_length=64, description="Adapter to apply; absent = the base model alone")
+    adapter_id: str | None = Field(
+        None,
+        max_length=64,
+        description="Adapter to apply, or a job's checkpoint (`ftckpt-…`); absent = the base model alone",
+    )
     base_model: str | None = Field(
         None, max_length=128, description="Base model when no adapter is given (default from settings)"
     )

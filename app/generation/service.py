@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.adapters.service import adapter_unavailable, get_adapter
+from app.adapters.service import adapter_unavailable, get_servable
 from app.base_models.service import load_tokenizer, model_unavailable, require_model
 from app.core.errors import InvalidInput
 from app.core.models import Job
@@ -28,7 +28,7 @@ def generate(
     adapter_ref = None
     virtual_tokens = 0  # positions a prompt-learning adapter takes before the prompt
     if request.adapter_id is not None:
-        adapter = get_adapter(session, tenant_id=tenant_id, adapter_id=request.adapter_id)
+        adapter = get_servable(session, tenant_id=tenant_id, adapter_id=request.adapter_id)
         if request.base_model is not None and request.base_model != adapter.base_model:
             raise InvalidInput(
                 f"adapter {adapter.id} was trained on {adapter.base_model}, not {request.base_model}",

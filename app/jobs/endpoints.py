@@ -12,7 +12,17 @@ from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
 from app.core.settings import Settings
 from app.jobs import service
-from app.jobs.schemas import DryRunObject, EventList, EventObject, JobCreate, JobList, JobObject, MetricsObject
+from app.jobs.schemas import (
+    CheckpointList,
+    CheckpointObject,
+    DryRunObject,
+    EventList,
+    EventObject,
+    JobCreate,
+    JobList,
+    JobObject,
+    MetricsObject,
+)
 from app.jobs.streaming import event_stream
 from app.ml.methods.qlora import cuda_training_available
 
@@ -22,7 +32,7 @@ def _cuda_training(settings: Settings) -> bool:
     return settings.cuda_workers if settings.cuda_workers is not None else cuda_training_available(settings.device)
 
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 429, 503))
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 409, 413, 422, 429, 503))
 
 JobId = Annotated[str, Path(max_length=64, description="A job id (`ftjob-…`)")]
 
@@ -61,7 +71,12 @@ def create_job(
     if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
         return JSONResponse(DryRunObject(**service.dry_run(session, plan)).model_dump(), status_code=200)
     job = service.create_job(
-        session, tenant_id=tenant.id, request=body, plan=plan, max_active_jobs=settings.max_active_jobs_per_tenant
+        session,
+        tenant_id=tenant.id,
+        request=body,
+        plan=plan,
+        max_active_jobs=settings.max_active_jobs_per_tenant,
+        max_stored_bytes=settings.max_stored_bytes_per_tenant,
     )
     if idempotency_key:
         idempotency.remember(
@@ -152,3 +167,13 @@ def job_metrics(
     """The training and validation curves as (step, value) pairs, for a plot."""
     job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)
     return MetricsObject(job_id=job.id, curves=service.metric_curves(session, job_id=job.id, max_points=max_points))
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(job_id: JobId, session: SessionDep, tenant: TenantDep) -> CheckpointList:
+    """The job's kept checkpoints (its latest `keep_checkpoints`), latest step first. Each one is saved every
+    `checkpoint_every` steps and at each epoch end; `/generate` takes its id as `adapter_id`, and
+    `GET /adapters/{id}/download` downloads it. A job that a crash or a stopped worker interrupted resumes from
+    the latest."""
+    rows = service.list_checkpoints(session, tenant_id=tenant.id, job_id=job_id)
+    return CheckpointList(data=[CheckpointObject.of(row) for row in rows])

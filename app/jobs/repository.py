@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.models import Job, JobEvent
+from app.core.models import Checkpoint, Job, JobEvent
 from app.core.pagination import newest_first
 
 
@@ -34,3 +34,9 @@ def list_events(session: Session, *, job_id: str, after_seq: int, limit: int) ->
             .limit(limit)
         )
     )
+
+
+def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
+    """The job's kept checkpoints, latest step first (a job keeps at most 20)."""
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    return list(session.scalars(query.order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())))

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.core.models import Job, JobEvent, JobStatus
+from app.core.models import Checkpoint, Job, JobEvent, JobStatus
 from app.ml.methods import METHODS, hyperparameter_classes
 
 MAX_ID_CHARS = 64
@@ -187,3 +187,42 @@ class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventObject]
     has_more: bool
+
+
+class CheckpointObject(BaseModel):
+    """A saved step of a job: serve it (`/generate` with `adapter_id` = its id) or download it like an adapter."""
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str = Field(description="What /generate takes as `adapter_id`: this id")
+    step_number: int
+    epoch: int
+    metrics: dict[str, Any] = Field(description="The last step's training metrics and the last evaluation's")
+    format: str
+    size_bytes: int
+    sha256: str
+    download_url: str
+    created_at: int
+
+    @classmethod
+    def of(cls, row: Checkpoint) -> CheckpointObject:
+        return cls(
+            id=row.id,
+            fine_tuning_job_id=row.job_id,
+            fine_tuned_model_checkpoint=row.id,
+            step_number=row.step,
+            epoch=row.epoch,
+            metrics=row.metrics,
+            format=row.format,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            download_url=f"/adapters/{row.id}/download",
+            created_at=_ts(row.created_at) or 0,
+        )
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointObject]
+    has_more: bool = False

@@ -15,11 +15,22 @@ from app.base_models.service import require_model
 from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
 from app.core.job_events import append_event
-from app.core.models import ACTIVE_JOB_STATUSES, File, FileTokenCount, Job, JobEvent, JobStatus, Tenant, utcnow
+from app.core.models import (
+    ACTIVE_JOB_STATUSES,
+    Checkpoint,
+    File,
+    FileTokenCount,
+    Job,
+    JobEvent,
+    JobStatus,
+    Tenant,
+    utcnow,
+)
 from app.core.pagination import cursor_row
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.core.usage import check_storage
 from app.datasets import repository as files_repository
 from app.datasets.service import token_counts
 from app.jobs import repository
@@ -135,9 +146,19 @@ def plan_job(
     )
 
 
-def create_job(session: Session, *, tenant_id: str, request: JobCreate, plan: JobPlan, max_active_jobs: int) -> Job:
+def create_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    request: JobCreate,
+    plan: JobPlan,
+    max_active_jobs: int,
+    max_stored_bytes: int,
+) -> Job:
     """A queued job for the checked request (sent to the broker by `dispatch_job` once committed)."""
     _check_active_jobs(session, tenant_id=tenant_id, limit=max_active_jobs)
+    # The job will store an adapter and checkpoints: not for a tenant already at its storage limit.
+    check_storage(session, tenant_id=tenant_id, adding=1, limit=max_stored_bytes, what="a new job", lock=False)
     base_model, record = plan.base_model, plan.record
     job = Job(
         id=new_id("ftjob"),
@@ -306,6 +327,11 @@ CURVES = (
     "valid_perplexity",
     "valid_token_accuracy",
 )
+
+
+def list_checkpoints(session: Session, *, tenant_id: str, job_id: str) -> list[Checkpoint]:
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    return repository.list_checkpoints(session, job_id=job.id)
 
 
 def metric_curves(session: Session, *, job_id: str, max_points: int) -> dict[str, list[tuple[int, float]]]:

@@ -62,6 +62,15 @@ class TrainingHyperparameters(BaseModel):
         "evaluation are published. Needs a validation file or validation_split",
     )
 
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Also save a checkpoint every this many steps (always at the end of each epoch); each can be "
+        "served and downloaded like an adapter, and a job interrupted by a crash resumes from the latest",
+    )
+    keep_checkpoints: int = Field(3, ge=1, le=20, description="How many of the latest checkpoints are kept")
+
     def reserved_positions(self) -> int:
         """Positions the method itself puts in every sequence (virtual tokens), besides the example's tokens."""
         return 0

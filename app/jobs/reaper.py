@@ -1,0 +1,106 @@
+"""The reaper: running jobs whose worker stopped answering go back to the queue (or fail after max attempts).
+
+A worker marks its job alive every `heartbeat_seconds` from a thread of its own. A `running` job whose heartbeat
+is older than `heartbeat_timeout_seconds` is on a worker that died (kill -9, a lost machine): the reaper sends
+its task again and marks it `queued`; the worker that takes it resumes from the job's latest checkpoint. After
+`max_job_attempts` runs it is failed with the reason instead.
+
+Safe to run in every API and worker process at once: the task is sent before the job is marked queued (a
+reaper that dies in between leaves a task whose claim takes the stale job anyway), every change is
+conditioned on the stale state it saw, and a task sent twice is claimed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from app.core.db import session_scope
+from app.core.job_events import append_event
+from app.core.models import Job, JobStatus, utcnow
+from app.core.queue import enqueue_training
+from app.core.settings import Settings
+from app.ml.methods import METHODS
+
+log = logging.getLogger(__name__)
+
+
+def lost_job_message(attempts: int) -> str:
+    return (
+        f"the worker running this job stopped answering, {attempts} times; the job is not tried again. Create it "
+        "again (its checkpoints can be downloaded), or ask the operator to look at the workers"
+    )
+
+
+def reap_stale_jobs(settings: Settings) -> list[str]:
+    """Re-queue (or fail) every running job with a stale heartbeat; returns their ids."""
+    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_seconds)
+    with session_scope(settings.db_url) as session:
+        stale = session.execute(
+            select(Job.id, Job.method, Job.attempt, Job.heartbeat_at).where(
+                Job.status == JobStatus.running, Job.heartbeat_at < cutoff
+            )
+        ).all()
+    reaped = []
+    for job_id, method, attempt, heartbeat_at in stale:
+        still_stale = [
+            Job.id == job_id,
+            Job.status == JobStatus.running,
+            Job.attempt == attempt,
+            Job.heartbeat_at < cutoff,
+        ]
+        if attempt >= settings.max_job_attempts:
+            message = lost_job_message(attempt)
+            values = {
+                "status": JobStatus.failed,
+                "error": message,
+                "error_code": "worker_lost",
+                "finished_at": utcnow(),
+            }
+            event: tuple[str, dict[str, object], str] = (message, {"status": "failed", "code": "worker_lost"}, "error")
+        else:
+            # First the task, then the state: whatever happens in between, a task exists for the job.
+            enqueue_training(settings, job_id, needs_cuda=method in METHODS and METHODS[method].needs_cuda)
+            values = {"status": JobStatus.queued}
+            event = (
+                f"the worker running this job stopped answering (last heartbeat {heartbeat_at:%Y-%m-%d %H:%M:%S} "
+                "UTC); the job is back in the queue and resumes from its latest checkpoint",
+                {"status": "queued", "attempt": attempt},
+                "warning",
+            )
+        with session_scope(settings.db_url) as session:
+            done = session.execute(update(Job).where(*still_stale).values(**values))
+            if done.rowcount == 1:  # type: ignore[attr-defined]
+                append_event(session, job_id, "status", event[0], event[1], level=event[2])
+                reaped.append(job_id)
+                log.warning("job %s: stale heartbeat; %s", job_id, event[1]["status"])
+    return reaped
+
+
+class Reaper:
+    """Runs `reap_stale_jobs` every `reaper_seconds` in a daemon thread, for as long as the context is open."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+
+    def __enter__(self) -> Reaper:
+        if self.settings.reaper_seconds > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.settings.reaper_seconds):
+            try:
+                reap_stale_jobs(self.settings)
+            except Exception as exc:  # the database or broker is away: the next round tries again
+                log.warning("reaper: %s", type(exc).__name__)

@@ -1,0 +1,373 @@
+"""A job's lifecycle in-process: checkpoints (listed, served, downloaded), resuming from one to the same result,
+handing a job back when the worker stops, heartbeats, the reaper, the claim, and per-tenant storage limits.
+The same behaviours against real processes (kill -9, SIGTERM, a lost database) are in test_faults.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+from sqlalchemy import select, update
+
+from app.core.db import session_scope
+from app.core.ids import new_id
+from app.core.models import Checkpoint, Job, utcnow
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.jobs.reaper import reap_stale_jobs
+from app.main import create_app
+from tests.conftest import Tenant, chat_lines, jsonl, upload
+from tests.test_jobs import queued_messages
+from tests.test_recipe import MemoryReporter, recipe_for
+from tests.test_worker import events, start_job
+from worker import lifecycle
+from worker.lifecycle import Heartbeat, JobReporter, claim
+from worker.recipe import TrainingRecipe
+from worker.runner import run_training_job
+
+
+# --- the recipe's state ---------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Stands for the process dying right after a checkpoint was saved."""
+
+
+class MemoryCheckpoints:
+    """Keeps each checkpoint's state as the worker stores it (torch.save, loaded back with weights_only)."""
+
+    def __init__(self, interrupt_after: int | None = None) -> None:
+        self.saved: list[tuple[int, dict[str, Any]]] = []
+        self.interrupt_after = interrupt_after
+
+    def save(self, recipe: TrainingRecipe) -> None:
+        with tempfile.TemporaryDirectory() as tmp:  # as the worker does: the artifact too, mid-training
+            recipe.export(Path(tmp))
+        buffer = io.BytesIO()
+        torch.save(recipe.state_dict(), buffer)
+        buffer.seek(0)
+        self.saved.append((recipe.position.step, torch.load(buffer, weights_only=True)))
+        if self.interrupt_after is not None and len(self.saved) >= self.interrupt_after:
+            raise Interrupted()
+
+
+CASES = {
+    # LoRA with dropout (the RNG), over epochs (the data order and position).
+    "lora": ("lora", "plum", {"lora_dropout": 0.1}),
+    # Gradual unfreezing: which blocks train, and the optimizer state of those unfrozen since.
+    "layerwise": ("layerwise", "plum", {"unfreeze_every": 3, "learning_rate": 1e-3}),
+    # Early stopping: the best evaluation so far and the evaluations without improvement.
+    "early_stopping": (
+        "lora",
+        "kiwi",
+        {"early_stopping_patience": 2, "n_epochs": 20, "learning_rate": 0.05, "target_modules": "all-linear"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(
+    case: str, tmp_path: Path, model_cache_dir: Path
+) -> None:
+    method, validation, extra = CASES[case]
+    hp = {"n_epochs": 3, "batch_size": 2, "checkpoint_every": 3, **extra}  # 4 steps an epoch
+
+    def recipe(reporter: MemoryReporter, checkpoints: MemoryCheckpoints, folder: str) -> TrainingRecipe:
+        r = recipe_for(tmp_path / folder, model_cache_dir, reporter, validation=validation, method=method, **hp)
+        r.checkpoints = checkpoints
+        return r
+
+    whole_reporter, whole_checkpoints = MemoryReporter(), MemoryCheckpoints()
+    whole = recipe(whole_reporter, whole_checkpoints, "whole")
+    whole.setup()
+    whole.train()
+
+    # The first run dies after its third checkpoint (step 6, in the middle of the second epoch)...
+    first = recipe(MemoryReporter(), MemoryCheckpoints(interrupt_after=3), "first")
+    first.setup()
+    with pytest.raises(Interrupted):
+        first.train()
+    saved_step, state = first.checkpoints.saved[-1]  # type: ignore[union-attr]
+    assert saved_step == [s for s, _ in whole_checkpoints.saved][2]
+    # ... and a new one, in a new recipe, continues from that checkpoint.
+    resumed_reporter = MemoryReporter()
+    resumed = recipe(resumed_reporter, MemoryCheckpoints(), "resumed")
+    resumed.setup(resume=state)
+    resumed.train()
+
+    steps = [d["step"] for d in resumed_reporter.of_type("metrics")]
+    assert steps == list(range(saved_step + 1, whole.position.step + 1))  # no step trained twice, none skipped
+    expected = {d["step"]: d["train_loss"] for d in whole_reporter.of_type("metrics")}
+    assert [d["train_loss"] for d in resumed_reporter.of_type("metrics")] == pytest.approx(
+        [expected[s] for s in steps], abs=1e-5
+    )
+    assert resumed.position.step == whole.position.step
+    final, reference = resumed.trainable_state(), whole.trainable_state()
+    assert final.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    if case == "early_stopping":
+        [summary] = resumed_reporter.of_type("early_stopping")
+        assert summary == whole_reporter.of_type("early_stopping")[0]
+
+
+# --- checkpoints through the service --------------------------------------------------------------
+def test_checkpoints_are_listed_served_and_downloaded(
+    client: TestClient, tenant: Tenant, make_tenant: Any, settings: Settings
+) -> None:
+    job_id = start_job(client, tenant, n_epochs=2, batch_size=4, checkpoint_every=1, keep_checkpoints=2)
+    assert run_training_job(settings, job_id) is not None
+    listed = client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers)
+    assert listed.status_code == 200, listed.text
+    checkpoints = listed.json()["data"]
+    # 8 examples, 4 a step: 4 steps, a checkpoint each; the latest 2 are kept, latest first.
+    assert [c["step_number"] for c in checkpoints] == [4, 3]
+    assert [c["epoch"] for c in checkpoints] == [2, 2]
+    latest = checkpoints[0]
+    assert latest["object"] == "fine_tuning.job.checkpoint" and latest["fine_tuning_job_id"] == job_id
+    assert latest["fine_tuned_model_checkpoint"] == latest["id"] and latest["id"].startswith("ftckpt-")
+    assert {"train_loss", "valid_loss"} <= set(latest["metrics"])
+    # The pruned checkpoints' objects are gone: two objects (artifact and state) for each kept one.
+    storage = ObjectStorage.from_settings(settings)
+    assert len(storage.list_keys(f"checkpoints/{tenant_id_of(settings, job_id)}/{job_id}")) == 4
+    # Downloaded like an adapter: the artifact at that step, which PEFT loads.
+    download = client.get(latest["download_url"], headers=tenant.headers)
+    assert download.status_code == 200
+    assert download.headers["x-content-sha256"] == latest["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as tar:
+        names = set(tar.getnames())
+        manifest = json.loads(tar.extractfile("tuneforge.json").read())  # type: ignore[union-attr]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert manifest["checkpoint_id"] == latest["id"] and manifest["step"] == 4
+    # Served like an adapter; the last checkpoint is the published adapter's weights.
+    prompt = {"prompt": "Name fruit number 1.", "max_tokens": 6, "temperature": 0}
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    at_checkpoint = client.post("/generate", headers=tenant.headers, json={**prompt, "adapter_id": latest["id"]})
+    published = client.post("/generate", headers=tenant.headers, json={**prompt, "adapter_id": job["adapter_id"]})
+    assert at_checkpoint.status_code == 200, at_checkpoint.text
+    assert at_checkpoint.json()["text"] == published.json()["text"]
+    # Another tenant sees none of it.
+    other = make_tenant()
+    assert client.get(f"/jobs/{job_id}/checkpoints", headers=other.headers).status_code == 404
+    assert client.get(latest["download_url"], headers=other.headers).status_code == 404
+    r = client.post("/generate", headers=other.headers, json={**prompt, "adapter_id": latest["id"]})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "adapter_id"
+
+
+def tenant_id_of(settings: Settings, job_id: str) -> str:
+    with session_scope(settings.db_url) as session:
+        return str(session.scalars(select(Job.tenant_id).where(Job.id == job_id)).one())
+
+
+def adapter_tensors(client: TestClient, tenant: Tenant, adapter_id: str) -> dict[str, torch.Tensor]:
+    archive = client.get(f"/adapters/{adapter_id}/download", headers=tenant.headers).content
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        return load_safetensors(tar.extractfile("adapter_model.safetensors").read())  # type: ignore[union-attr]
+
+
+def test_a_stopped_worker_hands_the_job_back_and_the_next_run_resumes_to_the_same_adapter(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    spec = {"n_epochs": 2, "batch_size": 1, "checkpoint_every": 4, "lora_dropout": 0.1}
+    reference = start_job(client, tenant, lines=chat_lines(12), **spec)
+    job_id = start_job(client, tenant, lines=chat_lines(12), **spec)  # 24 steps
+    assert run_training_job(settings, reference) is not None
+
+    result: list[str | None] = []
+    thread = threading.Thread(target=lambda: result.append(run_training_job(settings, job_id)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["progress"]["step"] < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    lifecycle.request_stop()  # what Ctrl-C or SIGTERM does in the worker
+    try:
+        thread.join(timeout=120)
+    finally:
+        lifecycle._stop_requested.clear()
+    assert result == [None]
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "queued" and job["attempt"] == 1 and job["error"] is None
+    stopped_at = job["progress"]["step"]
+    assert 6 <= stopped_at < 24
+    assert events(client, tenant, job_id)[-1]["message"].startswith(f"the worker was stopped at step {stopped_at};")
+    # Checkpointed at the step it stopped at, and sent to the queue again (besides the first message).
+    checkpoints = client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
+    assert checkpoints[0]["step_number"] == stopped_at
+    assert sum(job_id in m["kwargsrepr"] for m in queued_messages(settings)) == 2
+
+    adapter_id = run_training_job(settings, job_id)
+    assert adapter_id is not None
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+    log = events(client, tenant, job_id)
+    assert f"attempt 2: resumed from checkpoint {checkpoints[0]['id']} at step {stopped_at}" in [
+        e["message"] for e in log
+    ]
+    assert [e["data"]["step"] for e in log if e["type"] == "metrics"] == list(range(1, 25))  # each step once
+    # The same adapter as the uninterrupted job's (same data, seed and hyperparameters).
+    expected = adapter_tensors(
+        client, tenant, client.get(f"/jobs/{reference}", headers=tenant.headers).json()["adapter_id"]
+    )
+    got = adapter_tensors(client, tenant, adapter_id)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_resumed_run_does_not_report_a_step_twice(client: TestClient, tenant: Tenant, settings: Settings) -> None:
+    """A worker that died after step 7 but checkpointed at 4 trains 5-7 again: their events are not repeated."""
+    job_id = start_job(client, tenant)
+    first = claim(settings.db_url, job_id)
+    assert first is not None
+    reporter = JobReporter(settings.db_url, first)
+    for step in range(1, 8):
+        reporter.progress(step=step, total_steps=10, epoch=1, metrics={"train_loss": 1.0}, message=f"step {step}")
+    make_stale(settings, job_id)
+    second = claim(settings.db_url, job_id, heartbeat_timeout=60)
+    assert second is not None and second.attempt == 2
+    again = JobReporter(settings.db_url, second)
+    for step in range(5, 11):
+        again.progress(step=step, total_steps=10, epoch=1, metrics={"train_loss": 0.5}, message=f"step {step}")
+    metrics = [e["data"] for e in events(client, tenant, job_id) if e["type"] == "metrics"]
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert [m["train_loss"] for m in metrics] == [1.0] * 7 + [0.5] * 3
+    # The first attempt, if it is still alive somewhere, can change nothing now.
+    with pytest.raises(lifecycle.JobLost):
+        reporter.progress(step=8, total_steps=10, epoch=1, metrics={}, message="step 8")
+
+
+# --- heartbeats, the claim, the reaper ------------------------------------------------------------
+def make_stale(settings: Settings, job_id: str, age: float = 600) -> None:
+    with session_scope(settings.db_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=age)))
+
+
+def heartbeat_of(settings: Settings, job_id: str) -> Any:
+    with session_scope(settings.db_url) as session:
+        return session.scalars(select(Job.heartbeat_at).where(Job.id == job_id)).one()
+
+
+def test_the_heartbeat_beats_while_a_step_takes_long(client: TestClient, tenant: Tenant, settings: Settings) -> None:
+    job_id = start_job(client, tenant)
+    job = claim(settings.db_url, job_id)
+    assert job is not None
+    make_stale(settings, job_id)
+    with Heartbeat(settings.db_url, job, interval=0.1):
+        time.sleep(0.5)  # a long step: no progress is reported meanwhile
+    assert (utcnow() - heartbeat_of(settings, job_id)).total_seconds() < 1
+    # A later attempt owns it now: the old heartbeat writes nothing.
+    make_stale(settings, job_id)
+    assert claim(settings.db_url, job_id, heartbeat_timeout=60) is not None
+    make_stale(settings, job_id)
+    with Heartbeat(settings.db_url, job, interval=0.1):
+        time.sleep(0.4)
+    assert (utcnow() - heartbeat_of(settings, job_id)).total_seconds() > 500
+
+
+def test_a_running_job_is_claimed_again_only_once_its_heartbeat_is_stale(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    job_id = start_job(client, tenant)
+    assert claim(settings.db_url, job_id) is not None
+    assert claim(settings.db_url, job_id, heartbeat_timeout=60) is None  # alive: a redelivered task is a no-op
+    make_stale(settings, job_id, age=120)
+    again = claim(settings.db_url, job_id, heartbeat_timeout=60)
+    assert again is not None and again.attempt == 2
+    assert events(client, tenant, job_id)[-1]["message"].startswith("training started again: the worker")
+    make_stale(settings, job_id, age=120)
+    assert claim(settings.db_url, job_id, heartbeat_timeout=60, max_attempts=2) is None  # out of attempts
+
+
+def test_the_reaper_requeues_a_job_whose_worker_died_and_it_then_completes(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    dead = start_job(client, tenant)
+    alive = start_job(client, tenant)
+    for job_id in (dead, alive):
+        assert claim(settings.db_url, job_id) is not None
+    make_stale(settings, dead, age=settings.heartbeat_timeout_seconds + 5)
+    # (In the suite's shared PostgreSQL database, earlier tests' abandoned jobs are reaped too.)
+    assert dead in reap_stale_jobs(settings) and alive not in reap_stale_jobs(settings)
+    assert dead not in reap_stale_jobs(settings)  # a second reaper (another replica) finds nothing more to do
+    job = client.get(f"/jobs/{dead}", headers=tenant.headers).json()
+    assert job["status"] == "queued" and job["attempt"] == 1
+    event = events(client, tenant, dead)[-1]
+    assert event["level"] == "warning" and "stopped answering" in event["message"]
+    assert sum(dead in m["kwargsrepr"] for m in queued_messages(settings)) == 2  # created, then reaped
+    assert client.get(f"/jobs/{alive}", headers=tenant.headers).json()["status"] == "running"
+    assert run_training_job(settings, dead) is not None
+    job = client.get(f"/jobs/{dead}", headers=tenant.headers).json()
+    assert job["status"] == "succeeded" and job["attempt"] == 2
+
+
+def test_the_reaper_fails_a_job_out_of_attempts_with_the_reason(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    job_id = start_job(client, tenant)
+    for _ in range(settings.max_job_attempts):
+        assert claim(settings.db_url, job_id, heartbeat_timeout=60) is not None
+        make_stale(settings, job_id)
+    assert job_id in reap_stale_jobs(settings)
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    assert f"stopped answering, {settings.max_job_attempts} times" in job["error"]["message"]
+
+
+# --- storage limits -------------------------------------------------------------------------------
+def test_a_tenant_past_its_storage_limit_cannot_upload_or_create_jobs(settings: Settings, make_tenant: Any) -> None:
+    content = jsonl(chat_lines(8))
+    limited = settings.model_copy(update={"max_stored_bytes_per_tenant": 2 * len(content) + 10})
+    tenant, other = make_tenant(), make_tenant()
+    with TestClient(create_app(limited)) as client:
+        first = upload(client, tenant, content).json()["id"]
+        assert upload(client, tenant, content).status_code == 201
+        refused = upload(client, tenant, content)
+        assert refused.status_code == 403, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "storage_quota_exceeded" and f"{3 * len(content):,}" in error["message"]
+        assert upload(client, other, content).status_code == 201  # per tenant
+        # Deleting a file makes room again.
+        assert client.delete(f"/v1/files/{first}", headers=tenant.headers).status_code == 200
+        assert upload(client, tenant, content).status_code == 201
+        # At the limit (here, by a long job's checkpoint), a new job is refused too; a dry run still answers.
+        file_id = client.get("/v1/files", headers=tenant.headers).json()["data"][0]["id"]
+        job_body = {"base_model": "tiny-random-llama", "training_file": file_id}
+        created = client.post("/jobs", headers=tenant.headers, json=job_body)
+        assert created.status_code == 201
+        add_checkpoint(settings, created.json()["id"], state_bytes=1024**3)
+        r = client.post("/jobs", headers=tenant.headers, json=job_body)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "storage_quota_exceeded"
+        assert client.post("/jobs", headers=tenant.headers, json={**job_body, "dry_run": True}).status_code == 200
+
+
+def add_checkpoint(settings: Settings, job_id: str, *, state_bytes: int) -> None:
+    with session_scope(settings.db_url) as session:
+        session.add(
+            Checkpoint(
+                id=new_id("ftckpt"),
+                tenant_id=tenant_id_of(settings, job_id),
+                job_id=job_id,
+                attempt=1,
+                step=1,
+                epoch=1,
+                metrics={},
+                base_model="tiny-random-llama",
+                method="lora",
+                format="peft",
+                storage_key="checkpoints/x/artifact.tar.gz",
+                size_bytes=1,
+                sha256="0" * 64,
+                state_key="checkpoints/x/state.pt",
+                state_size_bytes=state_bytes,
+            )
+        )
