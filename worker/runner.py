@@ -64,6 +64,7 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
     if job is None:
         log.info("job %s cannot be claimed (running elsewhere, finished or cancelled); nothing to do", job_id)
         return None
+    log.info("job %s: attempt %d started", job.id, job.attempt)
     storage = ObjectStorage.from_settings(settings)
     try:
         with Heartbeat(settings.db_url, job, settings.heartbeat_seconds):

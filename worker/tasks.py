@@ -2,13 +2,14 @@
 
 from typing import Any
 
+from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.core.queue import TRAINING_TASK
 from app.core.settings import get_settings
 from app.jobs.reaper import Reaper
 from worker.celery_app import celery_app
-from worker.lifecycle import request_stop
+from worker.lifecycle import request_stop, stop_requested
 from worker.runner import run_training_job
 
 _reaper: Reaper | None = None
@@ -16,6 +17,8 @@ _reaper: Reaper | None = None
 
 @celery_app.task(name=TRAINING_TASK)
 def training_run(job_id: str) -> None:
+    if stop_requested():  # received while shutting down (a job just handed back, say): leave it for the next
+        raise Reject("the worker is stopping", requeue=True)
     run_training_job(get_settings(), job_id)
 
 

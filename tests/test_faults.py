@@ -1,0 +1,363 @@
+"""Fault tests against the real processes (`tuneforge api`, `tuneforge worker`) on PostgreSQL, Redis and S3:
+a worker killed with kill -9, a worker stopped gracefully, the API killed and restarted, the database cut off
+behind a loopback proxy, two workers sharing twenty jobs, and a cancel that frees the worker.
+
+Each test has a database of its own and short heartbeats (0.5 s, stale after 3 s) and reaper rounds (1 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from app.core.db import migrate
+from tests.conftest import PG_ADMIN_DSN, S3_BUCKET, S3_KEY, S3Endpoint, chat_lines, free_port
+
+pytestmark = pytest.mark.e2e
+TUNEFORGE = [sys.executable, "-m", "app.cli"]
+PG_PORT = 5432
+
+
+class TcpProxy:
+    """A loopback TCP proxy to PostgreSQL that a test can cut (every connection closed, new ones refused) and
+    restore on the same port: what a database restart or a network partition looks like to the processes."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        assert self._listener is not None
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class Cluster:
+    """One deployment: a database of its own (through a proxy), a queue, a storage prefix; API and workers
+    started and stopped by the test."""
+
+    env: dict[str, str]
+    tmp: Path
+    proxy: TcpProxy
+    key: str = ""
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['TUNEFORGE_PORT']}"
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        """`api` or `worker…` (any number of workers)."""
+        role = "api" if name == "api" else "worker"
+        with (self.tmp / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen([*TUNEFORGE, role], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        if role == "api":
+            wait_for(lambda: healthy(self.url), 60, "the API did not come up", self)
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 60) -> int:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        return proc.wait(timeout=timeout)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-5000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        with self.http() as http:
+            return http.get(f"/jobs/{job_id}").json()  # type: ignore[no-any-return]
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        with self.http() as http:
+            return http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]  # type: ignore[no-any-return]
+
+    def create_job(self, n_lines: int = 8, **hyperparameters: Any) -> str:
+        with self.http() as http:
+            file_id = http.post("/v1/files", files={"file": ("t.jsonl", "\n".join(chat_lines(n_lines)))}).json()["id"]
+            r = http.post(
+                "/jobs",
+                json={"base_model": "tiny-random-llama", "training_file": file_id, "hyperparameters": hyperparameters},
+            )
+            assert r.status_code == 201, r.text
+            return str(r.json()["id"])
+
+    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+
+        def reached() -> bool:
+            found.update(self.job(job_id))
+            return found["status"] in statuses
+
+        wait_for(reached, timeout, f"job {job_id} never reached {statuses}", self)
+        return found
+
+    def wait_step(self, job_id: str, step: int, *, checkpoints: int = 0) -> None:
+        def there() -> bool:
+            if self.job(job_id)["progress"]["step"] < step:
+                return False
+            with self.http() as http:
+                return len(http.get(f"/jobs/{job_id}/checkpoints").json()["data"]) >= checkpoints
+
+        wait_for(there, 120, f"job {job_id} never reached step {step}", self)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, message: str, cluster: Cluster) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{message}\n{cluster.logs()}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, model_cache_dir: Path, redis_url: str, s3: S3Endpoint
+) -> Iterator[Cluster]:
+    name = f"tuneforge_fault_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    proxy = TcpProxy(PG_PORT)
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    db_url = f"{base}/{name}".replace(f":{PG_PORT}/", f":{proxy.port}/")
+    migrate(db_url)
+    run = uuid.uuid4().hex[:8]
+    env = {
+        **os.environ,
+        "TUNEFORGE_DATA_DIR": str(tmp_path / "data"),
+        "TUNEFORGE_MODEL_CACHE_DIR": str(model_cache_dir),
+        "TUNEFORGE_PORT": str(free_port()),
+        "TUNEFORGE_DATABASE_URL": db_url,
+        "TUNEFORGE_BROKER_URL": redis_url,
+        "TUNEFORGE_QUEUE_NAME": f"fault-{run}",
+        "TUNEFORGE_STORAGE_URL": f"s3://{S3_BUCKET}/fault-{run}",
+        "TUNEFORGE_S3_ENDPOINT_URL": s3.url,
+        "TUNEFORGE_S3_ACCESS_KEY_ID": S3_KEY,
+        "TUNEFORGE_S3_SECRET_ACCESS_KEY": S3_KEY,
+        "TUNEFORGE_DEFAULT_BASE_MODEL": "tiny-random-llama",
+        "TUNEFORGE_HEARTBEAT_SECONDS": "0.5",
+        "TUNEFORGE_HEARTBEAT_TIMEOUT_SECONDS": "3",
+        "TUNEFORGE_REAPER_SECONDS": "1",
+        "TUNEFORGE_MAX_ACTIVE_JOBS_PER_TENANT": "100",
+        "PYTHONUNBUFFERED": "1",
+        **getattr(request, "param", {}),
+    }
+    keys = subprocess.run(
+        [*TUNEFORGE, "keys", "create", "--tenant", "faults"], env=env, check=True, capture_output=True
+    )
+    cluster = Cluster(env=env, tmp=tmp_path, proxy=proxy, key=keys.stdout.decode().strip())
+    try:
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        for proc in cluster.procs.values():
+            proc.kill()
+            proc.wait(timeout=30)
+        proxy.cut()
+        from app.core.db import get_engine
+
+        get_engine(db_url).dispose()
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def assert_each_step_once(cluster: Cluster, job: dict[str, Any]) -> list[dict[str, Any]]:
+    events = cluster.events(job["id"])
+    steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+    assert steps == list(range(1, job["progress"]["total_steps"] + 1)), steps
+    return events
+
+
+# 24 examples one at a time for 2 epochs: 48 steps, a checkpoint every 8 and at each epoch's end.
+LONG = {"n_lines": 24, "n_epochs": 2, "batch_size": 1, "checkpoint_every": 8}
+
+
+def long_job(cluster: Cluster) -> str:
+    spec = dict(LONG)
+    return cluster.create_job(spec.pop("n_lines"), **spec)
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_checkpoint(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker-a")
+    job_id = long_job(cluster)
+    cluster.wait_step(job_id, 10, checkpoints=1)  # past a checkpoint: steps 9-10 (or more) are trained again
+    cluster.kill("worker-a")  # kill -9: no handler runs
+    cluster.start("worker-b")
+    job = cluster.wait_status(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 2 and job["adapter_id"]
+    messages = [e["message"] for e in assert_each_step_once(cluster, job)]
+    assert any("stopped answering" in m for m in messages)  # the reaper's event
+    assert any(m.startswith("attempt 2: resumed from checkpoint") for m in messages), messages
+
+
+def test_a_worker_stopped_gracefully_hands_the_job_back_and_it_completes(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker-a")
+    job_id = long_job(cluster)
+    cluster.wait_step(job_id, 5)
+    started = time.monotonic()
+    assert cluster.kill("worker-a", signal.SIGTERM) == 0
+    assert time.monotonic() - started < 30
+    job = cluster.job(job_id)
+    assert job["status"] == "queued" and job["error"] is None, job
+    stopped_at = job["progress"]["step"]
+    assert cluster.events(job_id)[-1]["message"].startswith(f"the worker was stopped at step {stopped_at};")
+    cluster.start("worker-b")
+    job = cluster.wait_status(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job["error"]
+    messages = [e["message"] for e in assert_each_step_once(cluster, job)]
+    assert any(
+        m.startswith("attempt 2: resumed from checkpoint") and m.endswith(f"at step {stopped_at}") for m in messages
+    )
+
+
+def test_the_api_killed_and_restarted_mid_job_changes_nothing_for_the_job(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker")
+    job_id = long_job(cluster)
+    cluster.wait_step(job_id, 3)
+    cluster.kill("api")
+    time.sleep(4)  # longer than the heartbeat timeout: a restarted API's reaper must still leave the job alone
+    cluster.start("api")
+    job = cluster.wait_status(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    messages = [e["message"] for e in assert_each_step_once(cluster, job)]
+    assert not any("stopped answering" in m or m.startswith("training started again") for m in messages)
+
+
+@pytest.mark.parametrize("cluster", [{"TUNEFORGE_HEARTBEAT_TIMEOUT_SECONDS": "60"}], indirect=True)
+def test_a_lost_database_is_a_503_and_the_api_and_the_worker_recover_by_themselves(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker")
+    job_id = long_job(cluster)
+    cluster.wait_step(job_id, 3)
+    cluster.proxy.cut()
+    try:
+        with cluster.http() as http:
+            for _ in range(3):  # while it is gone, and without hanging
+                started = time.monotonic()
+                r = http.get(f"/jobs/{job_id}")
+                assert r.status_code == 503, r.text
+                assert time.monotonic() - started < 5
+                error = r.json()["error"]
+                assert error["code"] == "database_unavailable" and "5432" not in error["message"]
+                assert r.headers["retry-after"] == "5"
+                assert http.post("/jobs", json={"training_file": "file-x"}).status_code == 503
+                time.sleep(1)
+    finally:
+        cluster.proxy.restore()
+    with cluster.http() as http:
+        wait_for(lambda: http.get(f"/jobs/{job_id}").status_code == 200, 30, "the API did not recover", cluster)
+    job = cluster.wait_status(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job["error"]
+    assert_each_step_once(cluster, job)
+    assert "no answer from the database" in (cluster.tmp / "worker.log").read_text()  # its writes were retried
+
+
+def test_two_workers_and_twenty_jobs_every_job_runs_exactly_once(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker-a")
+    cluster.start("worker-b")
+    job_ids = [cluster.create_job(8, n_epochs=1, batch_size=4) for _ in range(20)]
+    jobs = [cluster.wait_status(job_id, {"succeeded", "failed", "cancelled"}) for job_id in job_ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 20, [j["error"] for j in jobs]
+    assert [j["attempt"] for j in jobs] == [1] * 20
+    assert len({j["adapter_id"] for j in jobs}) == 20
+    for job in jobs:
+        started = [e for e in cluster.events(job["id"]) if e["data"].get("status") == "running"]
+        assert len(started) == 1
+    # Both workers took jobs (the queue is shared, not the work duplicated).
+    logs = {name: (cluster.tmp / f"{name}.log").read_text() for name in ("worker-a", "worker-b")}
+    claimed = {name: sum(f"job {j}: attempt 1 started" in log for j in job_ids) for name, log in logs.items()}
+    assert sum(claimed.values()) == 20 and all(count > 0 for count in claimed.values()), claimed
+
+
+def test_a_cancelled_running_job_frees_the_worker_for_the_job_behind_it(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker")
+    long_id = cluster.create_job(40, n_epochs=100, batch_size=1, checkpoint_every=2)
+    behind = cluster.create_job(8, n_epochs=1, batch_size=4)
+    cluster.wait_step(long_id, 5, checkpoints=1)
+    with cluster.http() as http:
+        cancelled = http.post(f"/jobs/{long_id}/cancel").json()
+        checkpoints_then = http.get(f"/jobs/{long_id}/checkpoints").json()["data"]
+    assert cancelled["status"] == "cancelled"
+    job = cluster.wait_status(behind, {"succeeded", "failed"}, timeout=120)
+    assert job["status"] == "succeeded", job["error"]
+    stopped = cluster.job(long_id)
+    assert stopped["status"] == "cancelled" and stopped["adapter_id"] is None
+    assert stopped["progress"]["step"] <= cancelled["progress"]["step"] + 1  # within one optimizer step
+    with cluster.http() as http:
+        kept = http.get(f"/jobs/{long_id}/checkpoints").json()["data"]
+    assert kept and kept[0]["step_number"] >= checkpoints_then[0]["step_number"]
+    assert cluster.events(long_id)[-1]["message"] == "training stopped: the job was cancelled"
