@@ -331,6 +331,9 @@ def worker() -> None:
     <TUNEFORGE_QUEUE_NAME>-cuda.
 
     Run one worker per GPU, each with its own CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1 tuneforge worker).
+
+    Ctrl-C or SIGTERM: the running job is checkpointed after its current step and put back in the queue, where
+    the next worker resumes it. The worker also re-queues jobs whose worker died (a stale heartbeat).
     """
     from app.core.queue import cuda_queue
     from app.ml.methods.qlora import cuda_training_available
@@ -429,7 +432,8 @@ def up(
     host: Annotated[str | None, typer.Option(help="Bind address (default: TUNEFORGE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: TUNEFORGE_PORT)")] = None,
 ) -> None:
-    """Run everything on this machine: migrate, then the API and one worker. Ctrl-C (or SIGTERM) stops both.
+    """Run everything on this machine: migrate, then the API and one worker. Ctrl-C (or SIGTERM) stops both; a
+    running job is checkpointed and queued again, and the next `tuneforge up` resumes it.
 
     A crashed API or worker (any exit of its own, even kill -9) is restarted; starts, exits and restarts go to stderr.
 

@@ -306,7 +306,7 @@ def test_an_internal_error_is_logged_not_shown(
     job_id = start_job(client, tenant, n_epochs=1)
     secret = f"boom at {settings.data_dir}/models s3://tuneforge-test/x tenant-1234"
 
-    def explode(self: Any) -> None:
+    def explode(self: Any, resume: Any = None) -> None:
         raise RuntimeError(secret)
 
     monkeypatch.setattr("worker.recipe.TrainingRecipe.setup", explode)

@@ -71,6 +71,8 @@ def test_create_job_fills_defaults_and_enqueues(
         "eval_every": None,
         "validation_split": 0.0,
         "early_stopping_patience": None,
+        "checkpoint_every": None,
+        "keep_checkpoints": 3,
         "lora_r": 4,
         "lora_alpha": 16,
         "lora_dropout": 0.05,

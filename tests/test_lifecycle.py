@@ -371,3 +371,15 @@ def add_checkpoint(settings: Settings, job_id: str, *, state_bytes: int) -> None
                 state_size_bytes=state_bytes,
             )
         )
+
+
+def test_the_broker_settings_never_deliver_a_long_job_twice_by_themselves() -> None:
+    from app.core.queue import make_celery
+
+    for broker in ("redis://127.0.0.1:6379/0", "sqla+sqlite:////tmp/tuneforge-broker-test.db"):
+        conf = make_celery(broker, "training").conf
+        # Acknowledged when the job ends; given back if the worker dies; one job at a time per worker.
+        assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    redis_conf = make_celery("redis://127.0.0.1:6379/0", "training").conf
+    # An unacknowledged message would come back after this: a week, longer than any job; the reaper decides.
+    assert redis_conf.broker_transport_options["visibility_timeout"] >= 7 * 24 * 3600
