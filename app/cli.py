@@ -20,6 +20,7 @@ import typer
 from app.core.settings import get_settings
 
 log = logging.getLogger("tuneforge.up")  # not __name__: that is "__main__" under `python -m app.cli`
+KEEP_ALIVE_SECONDS = 75  # as nginx's default: idle connections are closed by the client first
 
 cli = typer.Typer(
     help="Tuneforge: self-hostable fine-tuning-as-a-service. Configure with TUNEFORGE_* environment variables.",
@@ -320,7 +321,15 @@ def api(
     _logging()
     _check_placement()
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+        # Longer than clients keep an idle connection (httpx and the openai client: 5 s, uvicorn's default too):
+        # a server that closes first races the client's next request on that connection, which then fails.
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
 
 
 @cli.command()
