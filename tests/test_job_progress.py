@@ -129,3 +129,12 @@ def test_a_running_job_shows_its_heartbeat_and_estimated_finish(
     now = time.time()
     assert abs(job["heartbeat_at"] - now) < 5
     assert abs(job["estimated_finish"] - (now + 60)) < 5  # 10 s a step, 6 steps to go
+    # A resumed attempt's pace counts only its own steps: 4 steps since step 4 in 20 s, 2 to go.
+    with session_scope(settings.db_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(step=8, started_at=utcnow() - timedelta(seconds=20), metrics={"resumed_from_step": 4})
+        )
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert abs(job["estimated_finish"] - (time.time() + 10)) < 5

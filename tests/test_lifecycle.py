@@ -383,3 +383,20 @@ def test_the_broker_settings_never_deliver_a_long_job_twice_by_themselves() -> N
     redis_conf = make_celery("redis://127.0.0.1:6379/0", "training").conf
     # An unacknowledged message would come back after this: a week, longer than any job; the reaper decides.
     assert redis_conf.broker_transport_options["visibility_timeout"] >= 7 * 24 * 3600
+
+
+def test_a_job_checkpoints_when_checkpoint_minutes_have_passed(tmp_path: Path, model_cache_dir: Path) -> None:
+    """Without checkpoint_every, a long epoch still checkpoints every TUNEFORGE_CHECKPOINT_MINUTES."""
+    reporter, checkpoints = MemoryReporter(), MemoryCheckpoints()
+    recipe = recipe_for(tmp_path, model_cache_dir, reporter, n_epochs=1, batch_size=2)  # 4 steps
+    recipe.settings = recipe.settings.model_copy(update={"checkpoint_minutes": 1e-9})  # always overdue
+    recipe.checkpoints = checkpoints
+    recipe.setup()
+    recipe.train()
+    assert [step for step, _ in checkpoints.saved] == [1, 2, 3, 4]  # the last one is the epoch's end
+    quiet = MemoryCheckpoints()
+    recipe = recipe_for(tmp_path / "quiet", model_cache_dir, MemoryReporter(), n_epochs=1, batch_size=2)
+    recipe.checkpoints = quiet
+    recipe.setup()
+    recipe.train()
+    assert [step for step, _ in quiet.saved] == [4]  # by default: the epoch's end only

@@ -321,6 +321,7 @@ class TrainingRecipe:
                 "trainable_share": round(trainable / total, 6),
                 "train_examples": len(self.train_data.examples),
                 "truncated_examples": self.train_data.n_truncated,
+                "resumed_from_step": self.position.step,  # this attempt's first step is the one after
             },
             message=f"{self.method.name} on {self.job.base_model}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.3f}%); {len(self.train_data.examples)} examples, {self.total_steps} steps",

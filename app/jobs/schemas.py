@@ -32,13 +32,15 @@ ESTIMATE_AFTER_STEPS = 3  # steps a running job must have done before its finish
 
 
 def _estimated_finish(job: Job) -> int | None:
-    """Now plus the remaining steps at the average pace since training started (which includes loading)."""
+    """Now plus the remaining steps at the average pace since this attempt started (which includes loading; a
+    resumed attempt counts from the checkpoint's step)."""
     if job.status != JobStatus.running or not job.total_steps or job.started_at is None:
         return None
-    if job.step < ESTIMATE_AFTER_STEPS:
+    done = job.step - int(job.metrics.get("resumed_from_step") or 0)
+    if done < ESTIMATE_AFTER_STEPS:
         return None
     now = datetime.now(UTC)
-    per_step = (now - job.started_at).total_seconds() / job.step
+    per_step = (now - job.started_at).total_seconds() / done
     return int(now.timestamp() + per_step * max(0, job.total_steps - job.step))
 
 
