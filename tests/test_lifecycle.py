@@ -136,9 +136,12 @@ def test_checkpoints_are_listed_served_and_downloaded(
     assert latest["object"] == "fine_tuning.job.checkpoint" and latest["fine_tuning_job_id"] == job_id
     assert latest["fine_tuned_model_checkpoint"] == latest["id"] and latest["id"].startswith("ftckpt-")
     assert {"train_loss", "valid_loss"} <= set(latest["metrics"])
-    # The pruned checkpoints' objects are gone: two objects (artifact and state) for each kept one.
+    # The pruned checkpoints' objects are gone, and so, the job having ended, are the kept ones' training
+    # states: what is left is each kept checkpoint's artifact.
     storage = ObjectStorage.from_settings(settings)
-    assert len(storage.list_keys(f"checkpoints/{tenant_id_of(settings, job_id)}/{job_id}")) == 4
+    keys = storage.list_keys(f"checkpoints/{tenant_id_of(settings, job_id)}/{job_id}")
+    assert sorted(k.rsplit("/", 2)[-2:][0] for k in keys) == sorted(c["id"] for c in checkpoints)
+    assert all(k.endswith("/artifact.tar.gz") for k in keys)
     # Downloaded like an adapter: the artifact at that step, which PEFT loads.
     download = client.get(latest["download_url"], headers=tenant.headers)
     assert download.status_code == 200
@@ -174,6 +177,23 @@ def adapter_tensors(client: TestClient, tenant: Tenant, adapter_id: str) -> dict
         return load_safetensors(tar.extractfile("adapter_model.safetensors").read())  # type: ignore[union-attr]
 
 
+def stop_worker_at(client: TestClient, tenant: Tenant, settings: Settings, job_id: str, step: int) -> None:
+    """Run the job in a thread, and stop "the worker" (as Ctrl-C or SIGTERM does) once it passed `step`."""
+    result: list[str | None] = []
+    thread = threading.Thread(target=lambda: result.append(run_training_job(settings, job_id)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["progress"]["step"] < step:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    lifecycle.request_stop()
+    try:
+        thread.join(timeout=120)
+    finally:
+        lifecycle._stop_requested.clear()
+    assert result == [None]
+
+
 def test_a_stopped_worker_hands_the_job_back_and_the_next_run_resumes_to_the_same_adapter(
     client: TestClient, tenant: Tenant, settings: Settings
 ) -> None:
@@ -181,20 +201,7 @@ def test_a_stopped_worker_hands_the_job_back_and_the_next_run_resumes_to_the_sam
     reference = start_job(client, tenant, lines=chat_lines(12), **spec)
     job_id = start_job(client, tenant, lines=chat_lines(12), **spec)  # 24 steps
     assert run_training_job(settings, reference) is not None
-
-    result: list[str | None] = []
-    thread = threading.Thread(target=lambda: result.append(run_training_job(settings, job_id)))
-    thread.start()
-    deadline = time.monotonic() + 120
-    while client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["progress"]["step"] < 6:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    lifecycle.request_stop()  # what Ctrl-C or SIGTERM does in the worker
-    try:
-        thread.join(timeout=120)
-    finally:
-        lifecycle._stop_requested.clear()
-    assert result == [None]
+    stop_worker_at(client, tenant, settings, job_id, 6)
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "queued" and job["attempt"] == 1 and job["error"] is None
     stopped_at = job["progress"]["step"]
@@ -400,3 +407,38 @@ def test_a_job_checkpoints_when_checkpoint_minutes_have_passed(tmp_path: Path, m
     recipe.setup()
     recipe.train()
     assert [step for step, _ in quiet.saved] == [4]  # by default: the epoch's end only
+
+
+def test_a_checkpoint_that_cannot_be_read_is_skipped_for_the_one_before(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    job_id = start_job(client, tenant, lines=chat_lines(12), n_epochs=1, batch_size=1, checkpoint_every=2)
+    stop_worker_at(client, tenant, settings, job_id, 5)
+    kept = client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
+    latest, before = kept[0], kept[1]
+    with session_scope(settings.db_url) as session:
+        state_key = session.scalars(select(Checkpoint.state_key).where(Checkpoint.id == latest["id"])).one()
+    ObjectStorage.from_settings(settings).put_bytes(state_key, b"not a checkpoint")  # damaged in storage
+    assert run_training_job(settings, job_id) is not None
+    log = events(client, tenant, job_id)
+    messages = [e["message"] for e in log]
+    assert f"checkpoint {latest['id']} (step {latest['step_number']}) could not be read; deleted" in messages
+    assert f"attempt 2: resumed from checkpoint {before['id']} at step {before['step_number']}" in messages
+    assert [e["data"]["step"] for e in log if e["type"] == "metrics"] == list(range(1, 13))
+
+
+def test_a_worker_the_reaper_gave_up_on_can_change_nothing(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    job_id = start_job(client, tenant)
+    job = claim(settings.db_url, job_id)
+    assert job is not None
+    make_stale(settings, job_id)
+    assert job_id in reap_stale_jobs(settings)
+    # It comes back (the database was away, say) and meets an error: the queued job is not failed.
+    lifecycle.fail(settings.db_url, job, "boom", code="internal_error")
+    assert client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["status"] == "queued"
+    with pytest.raises(lifecycle.JobLost):
+        JobReporter(settings.db_url, job).progress(step=1, total_steps=2, epoch=1, metrics={}, message="step 1")
+    with pytest.raises(lifecycle.JobLost):
+        JobReporter(settings.db_url, job).event("log", "anything")

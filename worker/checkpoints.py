@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from app.core.db import session_scope
 from app.core.ids import new_id
@@ -69,17 +69,50 @@ class JobCheckpoints:
         self.job = job
         self.keep = int(job.hyperparameters.get("keep_checkpoints", 3))
 
-    def latest(self) -> Checkpoint | None:
-        def read() -> Checkpoint | None:
+    def latest_first(self) -> list[Checkpoint]:
+        def read() -> list[Checkpoint]:
             with session_scope(self.settings.db_url) as session:
-                return session.scalars(
-                    select(Checkpoint)
-                    .where(Checkpoint.job_id == self.job.id)
-                    .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
-                    .limit(1)
-                ).first()
+                return list(
+                    session.scalars(
+                        select(Checkpoint)
+                        .where(Checkpoint.job_id == self.job.id)
+                        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
+                    )
+                )
 
         return retrying(self.settings.db_retry_seconds, "reading the job's checkpoints", read)
+
+    def resume_state(self) -> tuple[Checkpoint | None, dict[str, Any] | None, list[Checkpoint]]:
+        """The latest checkpoint whose state can be read, and that state (None, None: start over); and the later
+        ones that could not be read, now deleted (else they would outrank, and prune, what this run saves)."""
+        unreadable: list[Checkpoint] = []
+        for row in self.latest_first():
+            if row.state_key:
+                try:
+                    return row, self.load_state(row), unreadable
+                except Exception:
+                    log.exception("job %s: the state of checkpoint %s could not be read", self.job.id, row.id)
+            unreadable.append(row)
+            self.remove(row)
+        return None, None, unreadable
+
+    def remove(self, row: Checkpoint) -> None:
+        def write() -> None:
+            with session_scope(self.settings.db_url) as session:
+                session.execute(delete(Checkpoint).where(Checkpoint.id == row.id))
+
+        retrying(self.settings.db_retry_seconds, "deleting a checkpoint", write)
+        self._delete(row)
+
+    def drop_states(self) -> None:
+        """The job has ended: nothing will resume from its checkpoints, so their training states go (the
+        artifacts stay, to serve and download)."""
+        with session_scope(self.settings.db_url) as session:
+            rows = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job.id)))
+            for row in rows:
+                if row.state_key:
+                    self._delete_key(row.state_key, row.id)
+                    row.state_key, row.state_size_bytes = "", 0
 
     def load_state(self, checkpoint: Checkpoint) -> dict[str, Any]:
         self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +192,11 @@ class JobCheckpoints:
 
     def _delete(self, row: Checkpoint) -> None:
         for key in (row.storage_key, row.state_key):
-            try:
-                self.storage.delete(key)
-            except Exception:  # an object left behind costs storage, not correctness
-                log.warning("could not delete %s of checkpoint %s", key, row.id)
+            if key:
+                self._delete_key(key, row.id)
+
+    def _delete_key(self, key: str, checkpoint_id: str) -> None:
+        try:
+            self.storage.delete(key)
+        except Exception:  # an object left behind costs storage, not correctness
+            log.warning("could not delete %s of checkpoint %s", key, checkpoint_id)

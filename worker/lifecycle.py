@@ -13,10 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.db import session_scope
@@ -45,6 +45,8 @@ class WorkerStopping(Exception):
         super().__init__(f"stopped at step {step}" if step is not None else "stopped")
         self.step = step
 
+
+FINAL_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 _stop_requested = threading.Event()
 
@@ -91,8 +93,8 @@ class ClaimedJob:
 
 def claimable(job_id: str, *, stale_before: Any, max_attempts: int) -> Any:
     """The condition under which a worker may take a job: queued, or running with a heartbeat older than
-    `stale_before` (its worker died) and attempts left."""
-    stale = and_(Job.status == JobStatus.running, Job.heartbeat_at < stale_before, Job.attempt < max_attempts)
+    `stale_before` (its worker died) if it may lose one more worker (`max_attempts`)."""
+    stale = and_(Job.status == JobStatus.running, Job.heartbeat_at < stale_before, Job.lost_workers + 1 < max_attempts)
     return and_(Job.id == job_id, or_(Job.status == JobStatus.queued, stale))
 
 
@@ -106,7 +108,13 @@ def claim(db_url: str, job_id: str, *, heartbeat_timeout: float = 120.0, max_att
         claimed = session.execute(
             update(Job)
             .where(claimable(job_id, stale_before=stale_before, max_attempts=max_attempts))
-            .values(status=JobStatus.running, attempt=Job.attempt + 1, started_at=now, heartbeat_at=now)
+            .values(
+                status=JobStatus.running,
+                attempt=Job.attempt + 1,
+                lost_workers=Job.lost_workers + case((Job.status == JobStatus.running, 1), else_=0),
+                started_at=now,
+                heartbeat_at=now,
+            )
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             return None
@@ -187,8 +195,8 @@ class JobReporter:
     def _owned(self, session: Any, *, running: bool = True) -> Job:
         """The job row, locked; JobLost if another attempt owns it, JobCancelled if it is no longer running."""
         job = session.scalars(select(Job).where(Job.id == self.job_id).with_for_update()).one()
-        if job.attempt != self.attempt:
-            raise JobLost(f"attempt {job.attempt} took the job over")
+        if job.attempt != self.attempt or job.status == JobStatus.queued:  # queued: the reaper gave up on us
+            raise JobLost(f"attempt {job.attempt} is {job.status.value}")
         if running and job.status != JobStatus.running:
             raise JobCancelled(job.status.value)
         return job
@@ -295,7 +303,8 @@ def succeed(db_url: str, job: ClaimedJob, adapter: Adapter, *, retry_seconds: fl
                 .values(status=JobStatus.succeeded, adapter_id=adapter.id, finished_at=utcnow())
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
-                return False
+                # A retry of a write that went through (the answer was lost, not the commit) finds it done.
+                return _already(session, job, JobStatus.succeeded, adapter_id=adapter.id)
             session.add(adapter)
             session.flush()
             append_event(
@@ -310,6 +319,13 @@ def succeed(db_url: str, job: ClaimedJob, adapter: Adapter, *, retry_seconds: fl
     return retrying(retry_seconds, "publishing the adapter", write)
 
 
+def _already(session: Any, job: ClaimedJob, status: JobStatus, **values: Any) -> bool:
+    row = session.scalars(select(Job).where(Job.id == job.id)).one()
+    return bool(
+        row.attempt == job.attempt and row.status == status and all(getattr(row, k) == v for k, v in values.items())
+    )
+
+
 def hand_back(db_url: str, job: ClaimedJob, *, step: int | None, retry_seconds: float = 0.0) -> bool:
     """running -> queued, when the worker stops gracefully: another worker resumes it from its checkpoint.
     False if this attempt no longer owns the running job."""
@@ -322,7 +338,7 @@ def hand_back(db_url: str, job: ClaimedJob, *, step: int | None, retry_seconds: 
                 .values(status=JobStatus.queued, heartbeat_at=None)
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
-                return False
+                return _already(session, job, JobStatus.queued)
             where = f" at step {step}" if step is not None else ""
             append_event(
                 session,
@@ -336,13 +352,34 @@ def hand_back(db_url: str, job: ClaimedJob, *, step: int | None, retry_seconds: 
     return retrying(retry_seconds, "handing the job back", write)
 
 
+def has_ended(db_url: str, job: ClaimedJob) -> bool:
+    """Whether the job reached a final state on this attempt (so nothing will resume it)."""
+    try:
+        with session_scope(db_url) as session:
+            row = session.execute(select(Job.status, Job.attempt).where(Job.id == job.id)).one()
+    except (OperationalError, InterfaceError):
+        return False
+    return row.attempt == job.attempt and row.status in FINAL_STATUSES
+
+
+def unhand(db_url: str, job: ClaimedJob) -> None:
+    """The task of a handed-back job could not be sent: running again, with a heartbeat already stale, so that
+    the reaper sends it (and marks it queued) once the broker answers."""
+    with session_scope(db_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.queued, Job.attempt == job.attempt)
+            .values(status=JobStatus.running, heartbeat_at=datetime(2000, 1, 1, tzinfo=UTC))
+        )
+
+
 def fail(db_url: str, job: ClaimedJob | str, message: str, *, code: str, retry_seconds: float = 0.0) -> None:
     """-> failed, with a stable `code` and a message written for the user (no paths, hosts or library errors).
     Given the claimed job, only while its attempt owns it."""
     job_id = job if isinstance(job, str) else job.id
     condition = [Job.id == job_id, Job.status.in_((JobStatus.running, JobStatus.queued))]
-    if not isinstance(job, str):
-        condition.append(Job.attempt == job.attempt)
+    if not isinstance(job, str):  # only while it runs this attempt (not once the reaper has queued it again)
+        condition = [Job.id == job_id, Job.status == JobStatus.running, Job.attempt == job.attempt]
 
     def write() -> None:
         with session_scope(db_url) as session:

@@ -75,6 +75,24 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
 
 
 def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> str | None:
+    """Run the job to its end (and then drop its checkpoints' training states), or leave it to be resumed."""
+    ended = True
+    try:
+        return _run_to_an_outcome(settings, storage, job, reporter)
+    except BaseException:
+        ended = False
+        raise
+    finally:
+        if ended and lifecycle.has_ended(settings.db_url, job):
+            try:
+                JobCheckpoints(settings, storage, job).drop_states()
+            except Exception:  # left behind: storage, not correctness
+                log.exception("job %s: its checkpoints' training states could not be deleted", job.id)
+
+
+def _run_to_an_outcome(
+    settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter
+) -> str | None:
     retry = settings.db_retry_seconds
     try:
         return _train_and_publish(settings, storage, job, reporter)
@@ -117,9 +135,15 @@ def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, re
 
 def _hand_back(settings: Settings, job: ClaimedJob, step: int | None) -> None:
     """Queued again, for another worker (or this one after its restart) to resume from the latest checkpoint."""
-    if lifecycle.hand_back(settings.db_url, job, step=step, retry_seconds=min(settings.db_retry_seconds, 10)):
+    if not lifecycle.hand_back(settings.db_url, job, step=step, retry_seconds=min(settings.db_retry_seconds, 10)):
+        return
+    try:
         enqueue_training(settings, job.id, needs_cuda=METHODS[job.method].needs_cuda)
-        log.info("job %s handed back to the queue at step %s", job.id, step)
+    except Exception:
+        log.exception("job %s: its task could not be sent; the reaper will send it", job.id)
+        lifecycle.unhand(settings.db_url, job)
+        return
+    log.info("job %s handed back to the queue at step %s", job.id, step)
 
 
 def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
@@ -138,17 +162,13 @@ def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
 
 
 def _resume_state(checkpoints: JobCheckpoints, reporter: JobReporter) -> tuple[dict | None, str]:  # type: ignore[type-arg]
-    """The latest checkpoint's state to continue from, or None (with why) to train from the start."""
-    latest = checkpoints.latest()
-    if latest is None:
-        return None, "no checkpoint yet: training from the start"
-    try:
-        state = checkpoints.load_state(latest)
-    except Exception:
-        log.exception("job %s: checkpoint %s could not be read", checkpoints.job.id, latest.id)
-        reporter.event("log", f"checkpoint {latest.id} could not be read: training from the start", level="warning")
-        return None, "training from the start"
-    return state, f"resumed from checkpoint {latest.id} at step {latest.step}"
+    """The latest readable checkpoint's state to continue from, or None (with why) to train from the start."""
+    row, state, unreadable = checkpoints.resume_state()
+    for bad in unreadable:
+        reporter.event("log", f"checkpoint {bad.id} (step {bad.step}) could not be read; deleted", level="warning")
+    if row is None:
+        return None, "no checkpoint to resume from: training from the start"
+    return state, f"resumed from checkpoint {row.id} at step {row.step}"
 
 
 def _train_and_publish(

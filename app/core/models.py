@@ -141,6 +141,8 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     adapter_id: Mapped[str | None] = mapped_column(String(64), default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Runs that ended with their worker lost (a stale heartbeat); graceful hand-backs do not count.
+    lost_workers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_event_seq: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -109,8 +109,8 @@ class Settings(BaseSettings):
         default=3,
         ge=1,
         le=100,
-        description="Runs a job may start before the reaper fails it instead of re-queueing it (a worker that "
-        "keeps dying on the same job)",
+        description="Workers a job may lose (each stopped answering while it ran) before the reaper fails it "
+        "instead of re-queueing it; a worker stopped gracefully hands the job back without counting",
     )
     checkpoint_minutes: float = Field(
         default=30.0,

@@ -3,7 +3,7 @@
 A worker marks its job alive every `heartbeat_seconds` from a thread of its own. A `running` job whose heartbeat
 is older than `heartbeat_timeout_seconds` is on a worker that died (kill -9, a lost machine): the reaper sends
 its task again and marks it `queued`; the worker that takes it resumes from the job's latest checkpoint. After
-`max_job_attempts` runs it is failed with the reason instead.
+`max_job_attempts` lost workers it is failed with the reason instead (graceful hand-backs do not count).
 
 Safe to run in every API and worker process at once: the task is sent before the job is marked queued (a
 reaper that dies in between leaves a task whose claim takes the stale job anyway), every change is
@@ -40,20 +40,20 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_seconds)
     with session_scope(settings.db_url) as session:
         stale = session.execute(
-            select(Job.id, Job.method, Job.attempt, Job.heartbeat_at).where(
+            select(Job.id, Job.method, Job.attempt, Job.lost_workers, Job.heartbeat_at).where(
                 Job.status == JobStatus.running, Job.heartbeat_at < cutoff
             )
         ).all()
     reaped = []
-    for job_id, method, attempt, heartbeat_at in stale:
+    for job_id, method, attempt, lost, heartbeat_at in stale:
         still_stale = [
             Job.id == job_id,
             Job.status == JobStatus.running,
             Job.attempt == attempt,
             Job.heartbeat_at < cutoff,
         ]
-        if attempt >= settings.max_job_attempts:
-            message = lost_job_message(attempt)
+        if lost + 1 >= settings.max_job_attempts:
+            message = lost_job_message(lost + 1)
             values = {
                 "status": JobStatus.failed,
                 "error": message,
@@ -64,7 +64,7 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
         else:
             # First the task, then the state: whatever happens in between, a task exists for the job.
             enqueue_training(settings, job_id, needs_cuda=method in METHODS and METHODS[method].needs_cuda)
-            values = {"status": JobStatus.queued}
+            values = {"status": JobStatus.queued, "lost_workers": lost + 1}
             event = (
                 f"the worker running this job stopped answering (last heartbeat {heartbeat_at:%Y-%m-%d %H:%M:%S} "
                 "UTC); the job is back in the queue and resumes from its latest checkpoint",

@@ -1,5 +1,6 @@
 """Checkpoints: a job's saved state every `checkpoint_every` steps and at each epoch end, to resume from after a
-crash or a stopped worker, and to serve or download like an adapter.
+crash or a stopped worker, and to serve or download like an adapter. `jobs.lost_workers`: the runs of a job
+whose worker stopped answering (the reaper fails the job after `max_job_attempts`).
 
 Revision ID: 0006
 Revises: 0005
@@ -18,6 +19,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("lost_workers", sa.Integer(), nullable=False, server_default="0"))
     op.create_table(
         "checkpoints",
         sa.Column("id", sa.String(length=64), nullable=False),
@@ -49,3 +52,5 @@ def downgrade() -> None:
     op.drop_index("ix_checkpoints_tenant_id", table_name="checkpoints")
     op.drop_index("ix_checkpoints_job_step", table_name="checkpoints")
     op.drop_table("checkpoints")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("lost_workers")
