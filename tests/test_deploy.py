@@ -379,6 +379,16 @@ def test_one_shot_services_are_not_restarted(services: dict) -> None:
         assert services[name].get("restart", "no") == "no", f"{name} would be restarted after it completes"
 
 
+def test_workers_are_given_time_to_checkpoint_when_stopped(services: dict) -> None:
+    """`docker compose stop` sends SIGTERM, then SIGKILL after the grace period (10 s by default): a worker
+    hands its job back after the step it is on, which on a big model takes longer than 10 s."""
+    workers = [name for name, service in services.items() if service.get("command") == ["tuneforge", "worker"]]
+    assert "worker" in workers and len(workers) >= 2
+    for name in workers:
+        grace = services[name].get("stop_grace_period", "10s")
+        assert grace.endswith("m") and int(grace[:-1]) >= 1, f"{name}: {grace}"
+
+
 def test_healthchecks(services: dict) -> None:
     assert "pg_isready" in healthcheck_test(services["postgres"])
     user = healthcheck_test(services["postgres"])
