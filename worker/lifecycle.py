@@ -373,13 +373,10 @@ def unhand(db_url: str, job: ClaimedJob) -> None:
         )
 
 
-def fail(db_url: str, job: ClaimedJob | str, message: str, *, code: str, retry_seconds: float = 0.0) -> None:
-    """-> failed, with a stable `code` and a message written for the user (no paths, hosts or library errors).
-    Given the claimed job, only while its attempt owns it."""
-    job_id = job if isinstance(job, str) else job.id
-    condition = [Job.id == job_id, Job.status.in_((JobStatus.running, JobStatus.queued))]
-    if not isinstance(job, str):  # only while it runs this attempt (not once the reaper has queued it again)
-        condition = [Job.id == job_id, Job.status == JobStatus.running, Job.attempt == job.attempt]
+def fail(db_url: str, job: ClaimedJob, message: str, *, code: str, retry_seconds: float = 0.0) -> None:
+    """running -> failed, with a stable `code` and a message written for the user (no paths, hosts or library
+    errors); only while this attempt runs it (not once the reaper has queued it again)."""
+    condition = [Job.id == job.id, Job.status == JobStatus.running, Job.attempt == job.attempt]
 
     def write() -> None:
         with session_scope(db_url) as session:
@@ -389,6 +386,6 @@ def fail(db_url: str, job: ClaimedJob | str, message: str, *, code: str, retry_s
                 .values(status=JobStatus.failed, error=message, error_code=code, finished_at=utcnow())
             )
             if done.rowcount == 1:  # type: ignore[attr-defined]
-                append_event(session, job_id, "status", message, {"status": "failed", "code": code}, level="error")
+                append_event(session, job.id, "status", message, {"status": "failed", "code": code}, level="error")
 
     retrying(retry_seconds, "failing the job", write)

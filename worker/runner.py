@@ -76,18 +76,13 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
 
 def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> str | None:
     """Run the job to its end (and then drop its checkpoints' training states), or leave it to be resumed."""
-    ended = True
-    try:
-        return _run_to_an_outcome(settings, storage, job, reporter)
-    except BaseException:
-        ended = False
-        raise
-    finally:
-        if ended and lifecycle.has_ended(settings.db_url, job):
-            try:
-                JobCheckpoints(settings, storage, job).drop_states()
-            except Exception:  # left behind: storage, not correctness
-                log.exception("job %s: its checkpoints' training states could not be deleted", job.id)
+    adapter_id = _run_to_an_outcome(settings, storage, job, reporter)
+    if lifecycle.has_ended(settings.db_url, job):
+        try:
+            JobCheckpoints(settings, storage, job).drop_states()
+        except Exception:  # left behind: storage, not correctness
+            log.exception("job %s: its checkpoints' training states could not be deleted", job.id)
+    return adapter_id
 
 
 def _run_to_an_outcome(
