@@ -324,10 +324,19 @@ def test_the_reaper_fails_a_job_out_of_attempts_with_the_reason(
     for _ in range(settings.max_job_attempts):
         assert claim(settings.db_url, job_id, heartbeat_timeout=60) is not None
         make_stale(settings, job_id)
+    storage = ObjectStorage.from_settings(settings)
+    state_key = f"checkpoints/t/{job_id}/state.pt"
+    storage.put_bytes(state_key, b"state")
+    add_checkpoint(settings, job_id, state_bytes=5, state_key=state_key)
     assert job_id in reap_stale_jobs(settings)
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
     assert f"stopped answering, {settings.max_job_attempts} times" in job["error"]["message"]
+    # Ended: nothing will resume it, so its checkpoints' training states are deleted (the artifacts stay).
+    assert not storage.exists(state_key)
+    [checkpoint] = client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
+    with session_scope(settings.db_url) as session:
+        assert session.get(Checkpoint, checkpoint["id"]).state_size_bytes == 0  # type: ignore[union-attr]
 
 
 # --- storage limits -------------------------------------------------------------------------------
@@ -357,7 +366,9 @@ def test_a_tenant_past_its_storage_limit_cannot_upload_or_create_jobs(settings: 
         assert client.post("/jobs", headers=tenant.headers, json={**job_body, "dry_run": True}).status_code == 200
 
 
-def add_checkpoint(settings: Settings, job_id: str, *, state_bytes: int) -> None:
+def add_checkpoint(
+    settings: Settings, job_id: str, *, state_bytes: int, state_key: str = "checkpoints/x/state.pt"
+) -> None:
     with session_scope(settings.db_url) as session:
         session.add(
             Checkpoint(
@@ -374,7 +385,7 @@ def add_checkpoint(settings: Settings, job_id: str, *, state_bytes: int) -> None
                 storage_key="checkpoints/x/artifact.tar.gz",
                 size_bytes=1,
                 sha256="0" * 64,
-                state_key="checkpoints/x/state.pt",
+                state_key=state_key,
                 state_size_bytes=state_bytes,
             )
         )
@@ -442,3 +453,19 @@ def test_a_worker_the_reaper_gave_up_on_can_change_nothing(
         JobReporter(settings.db_url, job).progress(step=1, total_steps=2, epoch=1, metrics={}, message="step 1")
     with pytest.raises(lifecycle.JobLost):
         JobReporter(settings.db_url, job).event("log", "anything")
+
+
+def test_a_cancelled_job_keeps_its_checkpoints_artifacts_and_drops_their_training_states(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    job_id = start_job(client, tenant, lines=chat_lines(12), n_epochs=1, batch_size=1, checkpoint_every=2)
+    stop_worker_at(client, tenant, settings, job_id, 3)  # handed back: queued, with its checkpoints
+    storage = ObjectStorage.from_settings(settings)
+    prefix = f"checkpoints/{tenant_id_of(settings, job_id)}/{job_id}"
+    assert any(k.endswith("/state.pt") for k in storage.list_keys(prefix))
+    assert client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers).status_code == 200
+    keys = storage.list_keys(prefix)
+    assert keys and all(k.endswith("/artifact.tar.gz") for k in keys)
+    [latest, *_] = client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
+    prompt = {"prompt": "Name fruit number 1.", "max_tokens": 4, "temperature": 0, "adapter_id": latest["id"]}
+    assert client.post("/generate", headers=tenant.headers, json=prompt).status_code == 200

@@ -22,6 +22,7 @@ from app.core.ids import new_id
 from app.core.models import Checkpoint, Job, JobStatus
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.jobs.service import drop_training_states
 from app.ml import adapter_format
 from worker.lifecycle import ClaimedJob, JobCancelled, JobLost, retrying
 
@@ -108,11 +109,7 @@ class JobCheckpoints:
         """The job has ended: nothing will resume from its checkpoints, so their training states go (the
         artifacts stay, to serve and download)."""
         with session_scope(self.settings.db_url) as session:
-            rows = list(session.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job.id)))
-            for row in rows:
-                if row.state_key:
-                    self._delete_key(row.state_key, row.id)
-                    row.state_key, row.state_size_bytes = "", 0
+            drop_training_states(session, self.storage, job_id=self.job.id)
 
     def load_state(self, checkpoint: Checkpoint) -> dict[str, Any]:
         self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)

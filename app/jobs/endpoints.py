@@ -112,8 +112,8 @@ def get_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobObject:
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobObject:
-    return JobObject.of(service.cancel_job(session, tenant_id=tenant.id, job_id=job_id))
+def cancel_job(job_id: JobId, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> JobObject:
+    return JobObject.of(service.cancel_job(session, storage=storage, tenant_id=tenant.id, job_id=job_id))
 
 
 @router.get(

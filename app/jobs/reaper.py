@@ -23,6 +23,8 @@ from app.core.job_events import append_event
 from app.core.models import Job, JobStatus, utcnow
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.jobs.service import drop_training_states
 from app.ml.methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
             done = session.execute(update(Job).where(*still_stale).values(**values))
             if done.rowcount == 1:  # type: ignore[attr-defined]
                 append_event(session, job_id, "status", event[0], event[1], level=event[2])
+                if values["status"] == JobStatus.failed:  # ended: nothing will resume from its checkpoints
+                    drop_training_states(session, ObjectStorage.from_settings(settings), job_id=job_id)
                 reaped.append(job_id)
                 log.warning("job %s: stale heartbeat; %s", job_id, event[1]["status"])
     return reaped

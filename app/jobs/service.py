@@ -300,7 +300,9 @@ def list_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None
     return repository.list_jobs(session, tenant_id=tenant_id, limit=limit, after=cursor)
 
 
-def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+def cancel_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_id: str) -> Job:
+    """queued or running -> cancelled (a running job's worker stops at its next step); its checkpoints keep their
+    artifacts and lose their training states: nothing will resume it."""
     job = get_job(session, tenant_id=tenant_id, job_id=job_id)
     cancellable = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
     # Atomic: a worker finishing at the same moment either wins (and we report a conflict) or sees
@@ -314,6 +316,7 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise Conflict(f"job {job.id} is already {job.status.value}", param="job_id", code="job_not_cancellable")
     append_event(session, job.id, "status", "job cancelled by the user", {"status": "cancelled"})
+    drop_training_states(session, storage, job_id=job.id)
     return job
 
 
@@ -327,6 +330,17 @@ CURVES = (
     "valid_perplexity",
     "valid_token_accuracy",
 )
+
+
+def drop_training_states(session: Session, storage: ObjectStorage, *, job_id: str) -> None:
+    """The job has ended: nothing will resume from its checkpoints, so their training states (weights, optimizer,
+    RNG: the larger part) are deleted; the artifacts stay, to serve and download."""
+    for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.state_key != "")):
+        try:
+            storage.delete(row.state_key)
+        except Exception:  # an object left behind costs storage, not correctness
+            log.warning("could not delete the training state of checkpoint %s", row.id)
+        row.state_key, row.state_size_bytes = "", 0
 
 
 def list_checkpoints(session: Session, *, tenant_id: str, job_id: str) -> list[Checkpoint]:
