@@ -22,7 +22,8 @@ from app.core.ids import new_id
 from app.core.models import Checkpoint, Job, JobStatus
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.jobs.service import drop_training_states
+from app.jobs import repository
+from app.jobs.service import delete_checkpoint_object, drop_training_states
 from app.ml import adapter_format
 from worker.lifecycle import ClaimedJob, JobCancelled, JobLost, retrying
 
@@ -73,13 +74,7 @@ class JobCheckpoints:
     def latest_first(self) -> list[Checkpoint]:
         def read() -> list[Checkpoint]:
             with session_scope(self.settings.db_url) as session:
-                return list(
-                    session.scalars(
-                        select(Checkpoint)
-                        .where(Checkpoint.job_id == self.job.id)
-                        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
-                    )
-                )
+                return repository.list_checkpoints(session, job_id=self.job.id)
 
         return retrying(self.settings.db_retry_seconds, "reading the job's checkpoints", read)
 
@@ -177,12 +172,7 @@ class JobCheckpoints:
                 raise JobCancelled(job.status.value)
             session.add(row)
             session.flush()
-            rows = session.scalars(
-                select(Checkpoint)
-                .where(Checkpoint.job_id == self.job.id)
-                .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc())
-            ).all()
-            pruned = list(rows[self.keep :])
+            pruned = repository.list_checkpoints(session, job_id=self.job.id)[self.keep :]
             for old in pruned:
                 session.delete(old)
             return pruned
@@ -190,10 +180,4 @@ class JobCheckpoints:
     def _delete(self, row: Checkpoint) -> None:
         for key in (row.storage_key, row.state_key):
             if key:
-                self._delete_key(key, row.id)
-
-    def _delete_key(self, key: str, checkpoint_id: str) -> None:
-        try:
-            self.storage.delete(key)
-        except Exception:  # an object left behind costs storage, not correctness
-            log.warning("could not delete %s of checkpoint %s", key, checkpoint_id)
+                delete_checkpoint_object(self.storage, key, row.id)

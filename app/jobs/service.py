@@ -336,11 +336,15 @@ def drop_training_states(session: Session, storage: ObjectStorage, *, job_id: st
     """The job has ended: nothing will resume from its checkpoints, so their training states (weights, optimizer,
     RNG: the larger part) are deleted; the artifacts stay, to serve and download."""
     for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.state_key != "")):
-        try:
-            storage.delete(row.state_key)
-        except Exception:  # an object left behind costs storage, not correctness
-            log.warning("could not delete the training state of checkpoint %s", row.id)
+        delete_checkpoint_object(storage, row.state_key, row.id)
         row.state_key, row.state_size_bytes = "", 0
+
+
+def delete_checkpoint_object(storage: ObjectStorage, key: str, checkpoint_id: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # an object left behind costs storage, not correctness
+        log.warning("could not delete %s of checkpoint %s", key, checkpoint_id)
 
 
 def list_checkpoints(session: Session, *, tenant_id: str, job_id: str) -> list[Checkpoint]:
