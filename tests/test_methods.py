@@ -35,7 +35,14 @@ from app.ml.methods.base import BaseWeights, MethodContext, PeftMethod
 from app.ml.methods.delta import CONFIG, TENSORS, decoder_blocks, untie_output
 from app.ml.methods.qlora import cuda_training_available
 from app.ml.registry import BUILTINS, ModelRecord, ModelStore
-from app.ml.serving import MAX_DELTA_MODELS, AdapterRef, AdapterUnavailable, GenerationEngine, GenerationRequest
+from app.ml.serving import (
+    MAX_DELTA_MODELS,
+    AdapterRef,
+    AdapterUnavailable,
+    EngineLimits,
+    GenerationEngine,
+    GenerationRequest,
+)
 from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.model_factories import ARCHITECTURES, build_tiny_model
 from tests.test_jobs import queued_messages
@@ -285,9 +292,10 @@ def test_the_artifact_round_trips(trained: dict[str, Trained], model_cache_dir: 
 def test_one_engine_serves_every_method_equal_to_the_reference(
     trained: dict[str, Trained], model_cache_dir: Path, tmp_path: Path
 ) -> None:
-    """All ten adapters (nine methods, and LoRA with DoRA) in one engine, requests interleaved (and the base
-    model between them): each greedy output is token-identical to the artifact loaded alone by transformers +
-    peft, decoded step by step."""
+    """All ten adapters (nine methods, and LoRA with DoRA and rsLoRA) in one engine: first every request alone,
+    then all of them (twice each, and the base model between them) submitted at once so that they decode in one
+    mixed batch. Every greedy output is token-identical to the artifact loaded alone by transformers + peft,
+    decoded step by step."""
     storage = ObjectStorage.from_settings(Settings(data_dir=next(iter(trained.values())).folder.parents[1] / "store"))
     models = ModelStore(model_cache_dir, None)
     engine = GenerationEngine(
@@ -295,14 +303,13 @@ def test_one_engine_serves_every_method_equal_to_the_reference(
         placement=resolve_placement("cpu", "float32"),
         storage=storage,
         cache_dir=tmp_path / "adapters",
-        max_adapters=16,
+        limits=EngineLimits(max_adapters=16),
     )
     tokenizer = models.tokenizer(TINY)
     input_ids = encode_prompt(tokenizer, PROMPT)
 
-    def served(ref: AdapterRef | None) -> list[int]:
-        request = GenerationRequest(model=TINY, input_ids=input_ids, adapter=ref, max_tokens=6, temperature=0)
-        return engine.generate(request).token_ids
+    def request(ref: AdapterRef | None) -> GenerationRequest:
+        return GenerationRequest(model=TINY, input_ids=input_ids, adapter=ref, max_tokens=6, temperature=0)
 
     def offline(model: torch.nn.Module) -> list[int]:
         """Greedy decoding by the model's own forward pass over the whole sequence at each step (no KV cache, no
@@ -318,26 +325,32 @@ def test_one_engine_serves_every_method_equal_to_the_reference(
 
     try:
         base = offline(models.load(TINY))
-        assert served(None) == base
-        outputs = {}
-        for _ in range(2):  # the second round finds every adapter loaded
-            for method, item in trained.items():
-                outputs[method] = served(item.ref)
-                assert served(None) == base  # nothing leaks into the base model (deltas are swapped back)
+        assert engine.generate(request(None)).token_ids == base
+        alone = {method: engine.generate(request(item.ref)).token_ids for method, item in trained.items()}
         for name, item in trained.items():
-            assert outputs[name] == offline(reference_model(item.method, item.folder, model_cache_dir)), name
+            assert alone[name] == offline(reference_model(item.method, item.folder, model_cache_dir)), name
+        # All at once: one mixed batch (the delta adapters in their own lanes), base rows between adapter rows.
+        steps = engine.steps
+        refs = [None, *[item.ref for item in trained.values()], None, *[item.ref for item in trained.values()]]
+        batch = [engine.submit(request(ref)) for ref in refs]
+        outputs = [generation.result(timeout=120).token_ids for generation in batch]
+        for ref, ids in zip(refs, outputs, strict=True):
+            assert ids == (base if ref is None else alone[ref.id.removeprefix("adapter-")]), ref
+        assert engine.steps - steps < 6 * len(refs) / 2  # decoded together, not one request after another
         dora = json.loads((trained["lora+dora"].folder / "adapter_config.json").read_text())
         assert dora["use_dora"] is True and dora["use_rslora"] is True
-        # Memory: the weight deltas held stay within their bound (4 deltas of about a model each: some were evicted
-        # and loaded again in the second round), and prompt-learning adapters wrap the one loaded base model.
-        [loaded] = engine._models.values()
-        assert 0 < engine._delta_bytes(loaded) <= MAX_DELTA_MODELS * loaded.model_bytes
-        for group in ("prompt_tuning", "p_tuning", "prefix_tuning"):
-            assert loaded.groups[group].get_base_model() is loaded.plain
-        assert loaded.groups["lora"].get_base_model() is not loaded.plain
-        learned = [method for method, ids in outputs.items() if tokenizer.decode(ids).startswith(" plum")]
-        assert len(learned) >= 6, outputs  # most of them learned the word in 3 epochs; all differ from the base
-        assert [method for method, ids in outputs.items() if ids == base] == []
+        # Memory: the weight deltas held stay within their bound, and each shares the base model's other tensors.
+        [loaded] = engine._bases.values()
+        deltas = [s for s in loaded.adapters.values() if s.delta_model is not None]
+        assert 0 < sum(s.n_bytes for s in deltas) <= MAX_DELTA_MODELS * loaded.model_bytes
+        for servable in deltas:
+            shared = {id(p) for p in loaded.plain.parameters()} & {id(p) for p in servable.delta_model.parameters()}
+            if servable.ref.method != "full":
+                assert shared, servable.ref.method
+        assert offline(loaded.plain) == base  # the base model itself never changed
+        learned = [method for method, ids in alone.items() if tokenizer.decode(ids).startswith(" plum")]
+        assert len(learned) >= 6, alone  # most of them learned the word in 3 epochs; all differ from the base
+        assert [method for method, ids in alone.items() if ids == base] == []
     finally:
         engine.close()
 
@@ -359,7 +372,7 @@ def test_a_delta_for_other_base_weights_is_refused(
         placement=resolve_placement("cpu", "float32"),
         storage=storage,
         cache_dir=tmp_path / "adapters",
-        max_adapters=4,
+        limits=EngineLimits(max_adapters=4),
     )
     try:
         request = GenerationRequest(

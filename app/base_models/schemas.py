@@ -47,6 +47,19 @@ class ModelObject(BaseModel):
         )
 
 
+class AdapterModelObject(BaseModel):
+    """A fine-tuned adapter as an OpenAI model: `model` in /v1/completions and /v1/chat/completions takes its id
+    (or its name)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = Field(description="The tenant that trained it")
+    parent: str = Field(description="The base model it applies to")
+    method: str = Field(description="The fine-tuning method that made it")
+    name: str | None = Field(description="Its name (the job's suffix), which `model` takes too")
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelObject]
+    data: list[ModelObject | AdapterModelObject]

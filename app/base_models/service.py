@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, clip
-from app.core.models import ACTIVE_JOB_STATUSES, Job, RegisteredModel
+from app.core.models import ACTIVE_JOB_STATUSES, Adapter, Job, RegisteredModel
 from app.core.storage import ObjectStorage
 from app.ml import model_import
 from app.ml.registry import (
@@ -39,6 +39,20 @@ Source = Literal["path", "gguf", "hf-repo"]
 
 def list_models(session: Session) -> list[ModelRecord]:
     return all_models(session)
+
+
+# /v1/models is not paged (OpenAI's is not): the tenant's newest adapters, at most this many.
+MAX_LISTED_ADAPTERS = 1000
+
+
+def list_adapter_models(session: Session, *, tenant_id: str) -> list[Adapter]:
+    query = (
+        select(Adapter)
+        .where(Adapter.tenant_id == tenant_id)
+        .order_by(Adapter.created_at.desc(), Adapter.id.desc())
+        .limit(MAX_LISTED_ADAPTERS)
+    )
+    return list(session.scalars(query))
 
 
 def get_model(session: Session, *, model_id: str) -> ModelRecord:

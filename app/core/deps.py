@@ -16,7 +16,7 @@ from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml.device import resolve_placement
 from app.ml.registry import ModelStore
-from app.ml.serving import GenerationEngine
+from app.ml.serving import EngineLimits, GenerationEngine
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -74,7 +74,15 @@ def get_generation_engine(request: Request) -> GenerationEngine:
                 placement=resolve_placement(settings.device, settings.dtype),
                 storage=state.storage,
                 cache_dir=settings.data_dir / "adapter-cache",
-                max_adapters=settings.serving_max_adapters,
+                limits=EngineLimits(
+                    max_batch=settings.serving_max_batch,
+                    max_waiting=settings.serving_max_waiting,
+                    kv_cache_bytes=settings.serving_kv_cache_bytes,
+                    max_adapters=settings.serving_max_adapters,
+                    adapter_bytes=settings.serving_adapter_cache_bytes,
+                    host_adapter_bytes=settings.serving_host_cache_bytes,
+                    disk_adapter_bytes=settings.serving_disk_cache_bytes,
+                ),
             )
         return state.engine  # type: ignore[no-any-return]
 

@@ -130,7 +130,32 @@ class Settings(BaseSettings):
         "accepts methods that need them (qlora); unset: whether this process itself could",
     )
     serving_max_adapters: int = Field(
-        default=8, gt=0, description="Adapters kept loaded per base model in a serving process"
+        default=64, gt=0, description="Adapters kept in device memory per base model in a serving process"
+    )
+    serving_adapter_cache_bytes: int = Field(
+        default=1 << 30,
+        gt=0,
+        description="Bytes of adapters (LoRA, IA3, prompts) kept in device memory per base model; least recently "
+        "used go first, adapters of running requests stay. Weight deltas are bounded apart: at most twice the base "
+        "model's bytes",
+    )
+    serving_host_cache_bytes: int = Field(
+        default=4 << 30, ge=0, description="Bytes of adapters kept in host memory when serving on a GPU"
+    )
+    serving_disk_cache_bytes: int = Field(
+        default=20 << 30, gt=0, description="Bytes of unpacked adapters kept on the local disk (data_dir)"
+    )
+    serving_max_batch: int = Field(default=32, ge=1, le=1024, description="Requests decoding together in one batch")
+    serving_max_waiting: int = Field(
+        default=256,
+        ge=1,
+        description="Requests waiting to join the batch; past it, generation requests get 429 with Retry-After",
+    )
+    serving_kv_cache_bytes: int = Field(
+        default=2 << 30,
+        gt=0,
+        description="KV-cache bytes the running batch may take per base model (rows padded to the longest); a "
+        "request joins the batch when it fits",
     )
     train_max_batch_tokens: int = Field(
         # About 3.4 MiB a token for LoRA on the 135M model in float32 (bench/training_memory.py): 2048 tokens

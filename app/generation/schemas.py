@@ -11,6 +11,8 @@ MAX_PROMPT_CHARS = 65_536  # about 16k tokens, twice the longest context of the 
 MAX_MESSAGES = 256
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
+MAX_NEW_TOKENS = 4096
+MAX_TOP_K = 1000
 
 
 class ChatMessage(BaseModel):
@@ -42,10 +44,14 @@ class GenerateRequest(BaseModel):
         description=f"Chat messages, rendered with the chat template (≤ {MAX_MESSAGES} messages, "
         f"≤ {MAX_PROMPT_CHARS} characters of content in all)",
     )
-    max_tokens: int = Field(128, ge=1, le=4096)
+    max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5) = greedy; higher is more random")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="Sample among the k most likely tokens only (0: all)")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="Same seed, same text: the request has its own random generator"
+    )
+    stream: bool = Field(False, description="Send the text as server-sent events, token by token")
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(
         None,
         max_length=MAX_STOP_STRINGS,

@@ -1,0 +1,32 @@
+"""The serving engine: continuous batching of requests for many adapters over one base model (see engine.py)."""
+
+from app.ml.serving.engine import MAX_BASE_MODELS, MAX_DELTA_MODELS, EngineLimits, GenerationEngine
+from app.ml.serving.requests import (
+    GREEDY_BELOW_TEMPERATURE,
+    AdapterRef,
+    AdapterUnavailable,
+    Delta,
+    EngineClosed,
+    EngineOverloaded,
+    Generation,
+    GenerationRequest,
+    GenerationResult,
+    TokenLogprob,
+)
+
+__all__ = [
+    "GREEDY_BELOW_TEMPERATURE",
+    "MAX_BASE_MODELS",
+    "MAX_DELTA_MODELS",
+    "AdapterRef",
+    "AdapterUnavailable",
+    "Delta",
+    "EngineClosed",
+    "EngineLimits",
+    "EngineOverloaded",
+    "Generation",
+    "GenerationEngine",
+    "GenerationRequest",
+    "GenerationResult",
+    "TokenLogprob",
+]

@@ -1,0 +1,616 @@
+"""The serving engine: one thread, continuous batching, many adapters in one batch.
+
+Callers `submit` a request and get a `Generation` (a future for the result, deltas for streaming, `cancel`). The
+engine thread owns the models and loops:
+1. take new requests into the waiting line (bounded: past `max_waiting`, `submit` raises `EngineOverloaded`);
+2. admit waiting requests, oldest first, whose adapter is ready, while the batch has room (rows, KV-cache bytes):
+   each is prefilled alone (its prompt through the model once, with its adapter) and its KV cache joins the
+   running batch;
+3. one decoding step for every running row at once, each row with its own adapter, sampling and stop rules;
+   finished and cancelled rows leave the batch at once.
+So a short request that arrives while a long one decodes starts at the next step, not after it.
+
+Where a batch runs ("lanes"): the base model serves requests without an adapter and every PEFT adapter in one
+batch (LoRA and IA3 per row through `layers.BatchAdapters`, prompt and p-tuning as per-row virtual-token
+embeddings in the prefill, prefix tuning as a per-row prefix in the KV cache). A weight-delta adapter (head,
+layerwise, discriminative, full) changes the base weights themselves, so its requests run in a lane of their own,
+on a copy of the model that shares every tensor the delta does not replace.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.core.storage import ObjectStorage
+from app.ml.device import Placement
+from app.ml.registry import ModelRecord, ModelStore
+from app.ml.serving.adapters import AdapterStore, HostAdapter, Servable, materialize
+from app.ml.serving.kv_cache import BatchKVCache
+from app.ml.serving.layers import BatchAdapters, plan_rows
+from app.ml.serving.requests import (
+    AdapterUnavailable,
+    Delta,
+    EngineClosed,
+    EngineOverloaded,
+    Generation,
+    GenerationRequest,
+    GenerationResult,
+    TokenLogprob,
+)
+from app.ml.serving.sampling import Sampler
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Base models kept loaded at once; a request for another unloads the least recently used idle one.
+MAX_BASE_MODELS = 2
+# Weight-delta adapters kept loaded per base model may take at most this many times the base model's bytes.
+MAX_DELTA_MODELS = 2
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch: int = 32  # rows decoding at once
+    max_waiting: int = 256  # requests waiting to join the batch; past it, submit raises EngineOverloaded
+    kv_cache_bytes: int = 2 << 30  # the running batch's KV cache, padded rows included (per base model)
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled between two decoding steps (at least one request)
+    max_adapters: int = 64  # adapters kept on the device per base model
+    adapter_bytes: int = 1 << 30  # ... and their bytes (weight deltas have their own bound: MAX_DELTA_MODELS)
+    host_adapter_bytes: int = 4 << 30  # adapters kept in host memory when the device is a GPU
+    disk_adapter_bytes: int = 20 << 30  # unpacked adapters kept on the local disk
+
+
+@dataclass
+class _Row:
+    """A request in the running batch."""
+
+    generation: Generation
+    servable: Servable | None
+    sampler: Sampler
+    position: int  # the position of the next token fed to the model
+    last: int = 0  # the token to feed next
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    sent: int = 0  # characters of text streamed so far
+    sent_tokens: int = 0  # tokens (and their log-probabilities) streamed so far
+    text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.generation.request
+
+
+@dataclass
+class _Lane:
+    """A model and the rows decoding through it, with their KV cache and attention mask."""
+
+    model: Any
+    hooks: BatchAdapters | None  # the base model's per-row adapter hooks; None for a weight delta's copy
+    rows: list[_Row] = field(default_factory=list)
+    cache: BatchKVCache | None = None
+    mask: Any = None  # [rows, columns] 1 where a row has a token, 0 for left padding
+    plan: dict[str, Any] | None = None  # the hooks' plan for these rows (rebuilt when rows change)
+
+
+@dataclass
+class _Base:
+    """A base model in memory, its adapters on the device and its lanes."""
+
+    record: ModelRecord
+    plain: Any
+    hooks: BatchAdapters
+    weights_sha256: str
+    model_bytes: int
+    kv_bytes_per_token: int
+    eos: set[int]
+    tokenizer: Any
+    takes_logits_to_keep: bool
+    adapters: OrderedDict[str, Servable] = field(default_factory=OrderedDict)  # least recently used first
+    lanes: dict[str | None, _Lane] = field(default_factory=dict)  # None: the base lane; else a delta's id
+
+    def running(self) -> int:
+        return sum(len(lane.rows) for lane in self.lanes.values())
+
+
+@dataclass
+class _Waiting:
+    generation: Generation
+    loading: Future[HostAdapter] | None = None
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        *,
+        models: ModelStore,
+        placement: Placement,
+        storage: ObjectStorage,
+        cache_dir: Path,
+        limits: EngineLimits | None = None,
+    ) -> None:
+        self.models = models
+        self.placement = placement
+        self.limits = limits or EngineLimits()
+        self.store = AdapterStore(
+            storage=storage,
+            cache_dir=cache_dir,
+            dtype=placement.dtype,
+            host_bytes=self.limits.host_adapter_bytes if placement.device.type != "cpu" else 0,
+            disk_bytes=self.limits.disk_adapter_bytes,
+        )
+        self._bases: OrderedDict[tuple[str, str], _Base] = OrderedDict()  # least recently used first
+        self._inbox: deque[Generation] = deque()
+        self._waiting: deque[_Waiting] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self.steps = 0  # decoding steps taken (all lanes)
+        self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
+        self._thread.start()
+
+    # --- callers ------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, on_delta: Callable[[Delta], None] | None = None) -> Generation:
+        generation = Generation(request, on_delta)
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the serving engine is shutting down")
+            waiting = len(self._inbox) + len(self._waiting)
+            if waiting >= self.limits.max_waiting:
+                raise EngineOverloaded(waiting)
+            self._inbox.append(generation)
+        self._wake.set()
+        return generation
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        return self.submit(request).result()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.store.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": sum(base.running() for base in list(self._bases.values())),
+            "waiting": len(self._waiting) + len(self._inbox),
+            "steps": self.steps,
+            "adapter_disk_hits": self.store.hits,
+            "adapter_disk_misses": self.store.misses,
+        }
+
+    # --- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                busy = any(base.running() for base in self._bases.values())
+                if not busy:
+                    self._wake.wait(timeout=None if not self._waiting else 0.05)
+                self._wake.clear()
+                with self._lock:
+                    closing = self._closing
+                    while self._inbox:
+                        self._waiting.append(_Waiting(self._inbox.popleft()))
+                if closing:
+                    self._fail_all(EngineClosed("the serving engine shut down"))
+                    return
+                try:
+                    self._admit()
+                    for base in list(self._bases.values()):
+                        for key, lane in list(base.lanes.items()):
+                            if lane.rows:
+                                self._step(base, key, lane)
+                except Exception:  # a bug: fail what is running rather than hang every caller
+                    log.exception("the serving engine failed a step")
+                    self._fail_running(RuntimeError("the serving engine failed"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for waiting in self._waiting:
+            _fail(waiting.generation, exc)
+        self._waiting.clear()
+        self._fail_running(exc)
+
+    def _fail_running(self, exc: Exception) -> None:
+        for base in self._bases.values():
+            for lane in base.lanes.values():
+                for row in lane.rows:
+                    _fail(row.generation, exc)
+            base.lanes = {}
+
+    # --- admission ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        budget = self.limits.max_prefill_tokens
+        admitted = False
+        for waiting in list(self._waiting):
+            generation = waiting.generation
+            request = generation.request
+            if generation.cancelled or generation.future.cancelled():
+                self._waiting.remove(waiting)
+                _finish_cancelled(generation)
+                continue
+            if admitted and budget <= 0:
+                break
+            try:
+                base = self._base(request.model)
+                if base is None:
+                    continue  # every loaded base model is busy: wait for one to drain
+                servable = self._adapter(base, waiting)
+                if servable is False:
+                    continue  # still loading
+            except AdapterUnavailable as exc:
+                self._waiting.remove(waiting)
+                _fail(generation, exc)
+                continue
+            except Exception as exc:  # the base model could not load: fail this request, keep serving
+                log.exception("serving: could not prepare %s", request.model.id)
+                self._waiting.remove(waiting)
+                _fail(generation, exc)
+                continue
+            assert servable is not True
+            lane_key = servable.ref.id if servable is not None and servable.delta_model is not None else None
+            if not self._room(base, lane_key, request, servable):
+                continue
+            self._waiting.remove(waiting)
+            if not generation.future.set_running_or_notify_cancel():
+                continue
+            try:
+                self._prefill(base, lane_key, generation, servable)
+            except Exception as exc:
+                log.exception("serving: the prefill failed")
+                _fail(generation, exc)
+            admitted = True
+            budget -= len(request.input_ids)
+
+    def _room(self, base: _Base, lane_key: str | None, request: GenerationRequest, servable: Servable | None) -> bool:
+        """Whether the request can join now: a row free, and the KV cache of every lane of its base model, each row
+        padded to its lane's longest and grown to its max_tokens, within `kv_cache_bytes`."""
+        running = base.running()
+        if running == 0:
+            return True  # alone, it always fits (the service bounds a request by the model's context)
+        if running >= self.limits.max_batch:
+            return False
+        tokens = 0
+        for key, lane in base.lanes.items():
+            rows = len(lane.rows)
+            longest = max((lane.mask.shape[1] + r.request.max_tokens - len(r.ids) for r in lane.rows), default=0)
+            if key == lane_key:
+                virtual = servable.virtual_tokens if servable is not None else 0
+                longest = max(longest, virtual + len(request.input_ids) + request.max_tokens)
+                rows += 1
+            tokens += rows * longest
+        if lane_key not in base.lanes:
+            tokens += len(request.input_ids) + request.max_tokens
+        return tokens * base.kv_bytes_per_token <= self.limits.kv_cache_bytes
+
+    def _base(self, record: ModelRecord) -> _Base | None:
+        key = (record.id, record.revision)
+        base = self._bases.get(key)
+        if base is None:
+            while len(self._bases) >= MAX_BASE_MODELS:  # make room first: device memory holds few base models
+                idle = [k for k, b in self._bases.items() if not b.running()]
+                if not idle:
+                    return None
+                del self._bases[idle[0]]
+                log.info("unloaded base model %s to make room", idle[0][0])
+            base = self._bases[key] = self._load_base(record)
+        self._bases.move_to_end(key)
+        return base
+
+    def _load_base(self, record: ModelRecord) -> _Base:
+        plain = self.models.load(record, self.placement)
+        plain.eval()
+        tokenizer = self.models.tokenizer(record)
+        config = plain.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        element = next(plain.parameters()).element_size()
+        return _Base(
+            record=record,
+            plain=plain,
+            hooks=BatchAdapters(plain),
+            weights_sha256=self.models.weights_sha256(record),
+            model_bytes=sum(p.numel() * p.element_size() for p in plain.parameters()),
+            kv_bytes_per_token=2 * config.num_hidden_layers * kv_heads * head_dim * element,
+            eos={tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set(),
+            tokenizer=tokenizer,
+            takes_logits_to_keep="logits_to_keep" in inspect.signature(plain.forward).parameters,
+        )
+
+    def _adapter(self, base: _Base, waiting: _Waiting) -> Servable | None | bool:
+        """The request's adapter on the device, None for the base model, or False while it loads."""
+        ref = waiting.generation.request.adapter
+        if ref is None:
+            return None
+        servable = base.adapters.get(ref.id)
+        if servable is not None:
+            base.adapters.move_to_end(ref.id)
+            return servable
+        if waiting.loading is None:
+            waiting.loading = self.store.fetch(ref, weights_sha256=base.weights_sha256)
+            waiting.loading.add_done_callback(lambda _: self._wake.set())
+        if not waiting.loading.done():
+            return False
+        host = waiting.loading.result()  # raises AdapterUnavailable for a missing or damaged adapter
+        servable = base.adapters.get(ref.id)  # another request for it may have put it there meanwhile
+        if servable is None:
+            from app.ml.methods.delta import DeltaMismatch
+
+            try:
+                servable = materialize(host, base.plain, base.hooks.hook_ids(), self.placement)
+            except DeltaMismatch as exc:
+                raise AdapterUnavailable(ref.id, f"it cannot be applied to {base.record.id}: {exc}") from None
+            base.hooks.hook(list(servable.layers))
+            self.store.keep_on_host(host)
+            base.adapters[ref.id] = servable
+            self._evict(base)
+        return servable
+
+    def _evict(self, base: _Base) -> None:
+        """Least recently used adapters out of the device until both bounds hold (those running stay)."""
+        pinned = {row.servable.ref.id for lane in base.lanes.values() for row in lane.rows if row.servable}
+        newest = next(reversed(base.adapters))
+
+        def over() -> bool:
+            light = [s for s in base.adapters.values() if s.delta_model is None]
+            deltas = [s for s in base.adapters.values() if s.delta_model is not None]
+            return (
+                len(base.adapters) > self.limits.max_adapters
+                or sum(s.n_bytes for s in light) > self.limits.adapter_bytes
+                or sum(s.n_bytes for s in deltas) > MAX_DELTA_MODELS * base.model_bytes
+            )
+
+        for adapter_id in list(base.adapters):
+            if not over():
+                break
+            if adapter_id in pinned or adapter_id == newest:
+                continue
+            del base.adapters[adapter_id]
+            base.lanes.pop(adapter_id, None)
+
+    # --- prefill and decoding ------------------------------------------------------------------
+    def _prefill(self, base: _Base, lane_key: str | None, generation: Generation, servable: Servable | None) -> None:
+        import torch
+
+        request = generation.request
+        device = self.placement.device
+        ids = torch.tensor([request.input_ids], dtype=torch.long, device=device)
+        lane = base.lanes.get(lane_key)
+        model: Any = servable.delta_model if lane_key is not None and servable is not None else base.plain
+        kwargs: dict[str, Any] = {"use_cache": True}
+        cache = BatchKVCache()
+        start = 0
+        if servable is not None and servable.soft_prompt is not None:  # virtual tokens at positions 0.., then text
+            text = model.get_input_embeddings()(ids)
+            kwargs["inputs_embeds"] = torch.cat([servable.soft_prompt[None].to(text.dtype), text], dim=1)
+        else:
+            kwargs["input_ids"] = ids
+            if servable is not None and servable.prefix is not None:  # the prefix fills the first positions
+                cache = BatchKVCache.holding(servable.prefix)
+                start = servable.virtual_tokens
+        length = start + (kwargs["inputs_embeds"].shape[1] if "inputs_embeds" in kwargs else ids.shape[1])
+        kwargs["position_ids"] = torch.arange(start, length, device=device)[None]
+        mask = torch.ones((1, length), dtype=torch.long, device=device)
+        if base.takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        if lane_key is None:
+            base.hooks.plan = plan_rows(
+                [servable.layers if servable else None], device=device, dtype=self.placement.dtype
+            )
+        try:
+            logits = model(**kwargs, attention_mask=mask, cache=cache).logits[:, -1, :]
+        finally:
+            base.hooks.plan = {}  # outside the engine's passes the base model is itself
+        row = _Row(
+            generation=generation,
+            servable=servable,
+            sampler=Sampler(request, device),
+            position=length,
+            logprobs=[] if request.logprobs is not None else None,
+        )
+        [token] = self._sample([row], logits, base)
+        self._emit(base, row, token)
+        if row.finish_reason is not None:
+            return
+        if lane is None:
+            lane = base.lanes[lane_key] = _Lane(model=model, hooks=base.hooks if lane_key is None else None)
+        if lane.cache is None or not lane.rows:
+            lane.cache, lane.mask = cache, mask
+        else:
+            width = max(lane.mask.shape[1], length)
+            lane.cache.append_rows(cache)
+            lane.mask = torch.cat(
+                [_left_pad(lane.mask, width), _left_pad(mask, width)],
+            )
+        lane.rows.append(row)
+        lane.plan = None
+
+    def _step(self, base: _Base, lane_key: str | None, lane: _Lane) -> None:
+        import torch
+
+        self._leave(lane, [row for row in lane.rows if row.generation.cancelled])
+        if not lane.rows:
+            return
+        device = self.placement.device
+        if lane.hooks is not None:
+            if lane.plan is None:
+                rows = [row.servable.layers if row.servable else None for row in lane.rows]
+                lane.plan = plan_rows(rows, device=device, dtype=self.placement.dtype)
+            lane.hooks.plan = lane.plan
+        ids = torch.tensor([[row.last] for row in lane.rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[row.position] for row in lane.rows], dtype=torch.long, device=device)
+        lane.mask = torch.cat([lane.mask, torch.ones((len(lane.rows), 1), dtype=lane.mask.dtype, device=device)], 1)
+        try:
+            logits = lane.model(
+                input_ids=ids, position_ids=positions, attention_mask=lane.mask, cache=lane.cache, use_cache=True
+            ).logits[:, -1, :]
+        finally:
+            base.hooks.plan = {}
+        self.steps += 1
+        tokens = self._sample(lane.rows, logits, base)
+        for row, token in zip(lane.rows, tokens, strict=True):
+            row.position += 1
+            self._emit(base, row, token)
+        self._leave(lane, [row for row in lane.rows if row.finish_reason is not None])
+
+    def _leave(self, lane: _Lane, rows: list[_Row]) -> None:
+        """Take finished or cancelled rows out of the batch (and the columns no remaining row uses)."""
+        import torch
+
+        if not rows:
+            return
+        for row in rows:
+            if row.finish_reason is None:
+                self._finish(row, "cancelled")
+        keep = [i for i, row in enumerate(lane.rows) if row not in rows]
+        lane.rows = [lane.rows[i] for i in keep]
+        lane.plan = None
+        if not keep:
+            lane.cache, lane.mask = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.placement.device)
+        mask = lane.mask[index]
+        used = mask.any(dim=0).nonzero()
+        drop = int(used[0]) if len(used) else 0
+        assert lane.cache is not None
+        lane.cache.keep_rows(index, drop_columns=drop)
+        lane.mask = mask[:, drop:]
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, base: _Base) -> list[int]:
+        import torch
+
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1).tolist()
+        logprobs = None
+        if any(row.logprobs is not None for row in rows):
+            logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = []
+        for i, row in enumerate(rows):
+            token = greedy[i] if row.request.greedy else row.sampler.sample(logits[i])
+            if row.logprobs is not None and logprobs is not None:
+                row.logprobs.append(_logprob(base.tokenizer, logprobs[i], token, row.request.logprobs or 0))
+            tokens.append(token)
+        return tokens
+
+    def _emit(self, base: _Base, row: _Row, token: int) -> None:
+        """Record a generated token; stream new text; finish the row at an end of sequence, a stop string or
+        max_tokens."""
+        request = row.request
+        row.ids.append(token)
+        row.last = token
+        finish = None
+        if token in base.eos:
+            finish = "stop"
+        elif len(row.ids) >= request.max_tokens:
+            finish = "length"
+        streaming = row.generation.on_delta is not None
+        if streaming or request.stop or finish:
+            row.text = base.tokenizer.decode(row.ids, skip_special_tokens=True)
+            for stop in request.stop:
+                cut = row.text.find(stop, max(0, row.sent - len(stop)))
+                if cut != -1:
+                    row.text = row.text[:cut]
+                    finish = "stop"
+        if finish is not None:
+            self._finish(row, finish)
+        elif streaming:
+            ready = len(row.text) - _held_back(row.text, request.stop)
+            if ready > row.sent and not row.text[:ready].endswith("\ufffd"):
+                self._send(row, self._delta(row, row.text[row.sent : ready]))
+                row.sent = ready
+
+    @staticmethod
+    def _delta(row: _Row, text: str, finish_reason: str | None = None) -> Delta:
+        """The next delta: `text`, with the tokens (and log-probabilities) generated since the last one."""
+        start, row.sent_tokens = row.sent_tokens, len(row.ids)
+        logprobs = row.logprobs[start:] if row.logprobs is not None else None
+        return Delta(text=text, token_ids=row.ids[start:], logprobs=logprobs, finish_reason=finish_reason)
+
+    def _send(self, row: _Row, delta: Delta) -> None:
+        if row.generation.on_delta is None:
+            return
+        try:
+            row.generation.on_delta(delta)
+        except Exception:  # a listener's failure (its client went away) cancels only its request
+            log.debug("a delta listener failed; cancelling its request", exc_info=True)
+            row.generation.cancel()
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        row.finish_reason = reason
+        if reason == "cancelled":
+            row.text = row.text[: row.sent]
+        self._send(row, self._delta(row, row.text[row.sent :], reason))
+        row.sent = len(row.text)
+        result = GenerationResult(
+            text=row.text,
+            token_ids=list(row.ids),
+            prompt_tokens=len(row.request.input_ids),
+            completion_tokens=len(row.ids),
+            finish_reason=reason,
+            logprobs=row.logprobs,
+        )
+        if not row.generation.future.done():
+            row.generation.future.set_result(result)
+
+
+def _fail(generation: Generation, exc: BaseException) -> None:
+    future = generation.future
+    if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+        future.set_exception(exc)
+
+
+def _finish_cancelled(generation: Generation) -> None:
+    if not generation.future.done() and generation.future.set_running_or_notify_cancel():
+        request = generation.request
+        generation.future.set_result(
+            GenerationResult(
+                text="",
+                token_ids=[],
+                prompt_tokens=len(request.input_ids),
+                completion_tokens=0,
+                finish_reason="cancelled",
+            )
+        )
+
+
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.pad(mask, (width - mask.shape[1], 0)) if mask.shape[1] < width else mask
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that could be the start of a stop string: not streamed until known."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+def _logprob(tokenizer: Any, logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    import torch
+
+    alternatives: list[tuple[str, int, float]] = []
+    if top:
+        values, indices = torch.topk(logprobs, top)
+        alternatives = [(tokenizer.decode([i]), i, v) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    return TokenLogprob(
+        token=tokenizer.decode([token]), token_id=token, logprob=float(logprobs[token]), top=alternatives
+    )

@@ -1,0 +1,114 @@
+"""What callers hand the serving engine and what they get back: requests, their results and streamed deltas."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from app.ml.registry import ModelRecord
+
+# Below this temperature sampling is numerically greedy (logits / T overflow): decode greedily, as vLLM does.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Alternatives a request may ask for at each position (`logprobs`): OpenAI's chat bound.
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    id: str
+    storage_key: str
+    sha256: str
+    method: str = "lora"  # its method (app/ml/methods/) says how the engine applies it
+
+
+@dataclass
+class GenerationRequest:
+    model: ModelRecord
+    input_ids: list[int]
+    adapter: AdapterRef | None = None
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None  # one generator per request: the same seed gives the same text in any batch
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, top-k and top-p), with the most
+    likely alternatives at its position."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: list[tuple[str, int, float]]  # (token, id, log-probability), most likely first
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence or a stop string), "length" (max_tokens) or "cancelled"
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Delta:
+    """New output of a streamed request since the last delta; `finish_reason` is set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+class Generation:
+    """A submitted request: its result (a future), its deltas (to `on_delta`, from the engine thread) and `cancel`,
+    which frees its place in the batch at the next step."""
+
+    def __init__(self, request: GenerationRequest, on_delta: Callable[[Delta], None] | None = None) -> None:
+        self.request = request
+        self.on_delta = on_delta
+        self.future: Future[GenerationResult] = Future()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        return self.future.result(timeout)
+
+
+class AdapterUnavailable(RuntimeError):
+    """An adapter's stored archive is missing, damaged or does not fit its base model; only its requests fail."""
+
+    def __init__(self, adapter_id: str, reason: str) -> None:
+        super().__init__(f"adapter {adapter_id}: {reason}")
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine's queue of waiting requests is full: the caller should try again later."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"the serving engine has {waiting} requests waiting; try again shortly")
+        self.waiting = waiting
+
+
+class EngineClosed(RuntimeError):
+    """The engine was shut down before the request finished."""
