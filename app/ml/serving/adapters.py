@@ -303,15 +303,24 @@ class AdapterStore:
         return folder
 
     def _trim_disk(self, keep: str) -> None:
-        folders = sorted((p for p in self.cache_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in folders}
-        total = sum(sizes.values())
+        """Least recently used unpacked adapters off the disk until the rest fit `disk_bytes`."""
+        sizes: dict[Path, tuple[float, int]] = {}
+        for folder in self.cache_dir.iterdir():
+            if not folder.is_dir() or folder.name.endswith(".tmp"):  # another loader is unpacking it
+                continue
+            try:
+                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                sizes[folder] = (folder.stat().st_mtime, size)
+            except FileNotFoundError:
+                continue
+        folders = sorted(sizes, key=lambda p: sizes[p][0])
+        total = sum(size for _, size in sizes.values())
         for folder in folders:
             if total <= self.disk_bytes:
                 break
             if folder.name != keep:
                 shutil.rmtree(folder, ignore_errors=True)
-                total -= sizes[folder]
+                total -= sizes[folder][1]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -513,7 +513,7 @@ class GenerationEngine:
         row.ids.append(token)
         row.last = token
         finish = None
-        if token in base.eos:
+        if token in base.eos and not request.ignore_eos:
             finish = "stop"
         elif len(row.ids) >= request.max_tokens:
             finish = "length"

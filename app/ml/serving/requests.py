@@ -35,6 +35,7 @@ class GenerationRequest:
     seed: int | None = None  # one generator per request: the same seed gives the same text in any batch
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
+    ignore_eos: bool = False  # go on past the end-of-sequence token to max_tokens (benchmarks, as vLLM's)
 
     @property
     def greedy(self) -> bool:
