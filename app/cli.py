@@ -333,6 +333,30 @@ def api(
 
 
 @cli.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: TUNEFORGE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: TUNEFORGE_PORT)")] = None,
+) -> None:
+    """Run a serving replica: the inference routes only (/generate, /v1/completions, /v1/chat/completions,
+    /v1/models) on the batching engine, with the same database, object store and settings as the API. Run as
+    many as the traffic needs behind a load balancer; `tuneforge api` serves the same routes too."""
+    import uvicorn
+
+    from app.main import create_app
+
+    _logging()
+    _check_placement()
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings, role="serve"),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
+
+
+@cli.command()
 def worker() -> None:
     """Run a Celery training worker on TUNEFORGE_QUEUE_NAME: one job at a time, on TUNEFORGE_DEVICE.
 

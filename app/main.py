@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import swagger_ui_bundle
 from fastapi import FastAPI
@@ -33,12 +35,16 @@ from app.ml.registry import ModelStore
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"] = "api") -> FastAPI:
+    """The application. `api`: every route (the serving engine starts with the first generation request);
+    `serve` (`tuneforge serve`, any number of replicas): the inference routes only (`/generate`, `/v1/completions`,
+    `/v1/chat/completions`, `/v1/models`) and health, from the same code."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with Reaper(settings):  # jobs whose worker died go back to the queue, whoever else also looks
+        # API processes re-queue jobs whose worker died, whoever else also looks; serving replicas leave jobs alone.
+        with Reaper(settings) if role == "api" else contextlib.nullcontext():
             yield
         if app.state.engine is not None:
             app.state.engine.close()
@@ -76,9 +82,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     _serve_docs_offline(app)
     app.include_router(health_router)
-    app.include_router(files_router)
-    app.include_router(jobs_router)
-    app.include_router(adapters_router)
+    if role == "api":
+        app.include_router(files_router)
+        app.include_router(jobs_router)
+        app.include_router(adapters_router)
     app.include_router(generation_router)
     app.include_router(models_router)
     return app

@@ -33,7 +33,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-TUNEFORGE_SERVICES = ("migrate", "api", "worker")
+TUNEFORGE_SERVICES = ("migrate", "api", "serve", "worker")
 ENV_PREFIX = "TUNEFORGE_"
 
 
@@ -288,7 +288,7 @@ def test_interpolation_helper() -> None:
 
 
 def test_compose_defines_the_services(services: dict) -> None:
-    assert {"postgres", "redis", "minio", "createbucket", "migrate", "api", "worker"} <= set(services)
+    assert {"postgres", "redis", "minio", "createbucket", "migrate", "api", "serve", "worker"} <= set(services)
     assert services["postgres"]["image"].split(":")[0] == "postgres"
     assert services["postgres"]["image"].split(":")[1].startswith("16")
     assert services["redis"]["image"].split(":")[0] == "redis"
@@ -303,12 +303,12 @@ def test_tuneforge_services_share_one_image_and_one_environment(services: dict) 
     for name in TUNEFORGE_SERVICES:
         assert services[name]["build"]["context"] == "."
     envs = [service_env(services[name]) for name in TUNEFORGE_SERVICES]
-    assert envs[0] == envs[1] == envs[2], "migrate, api and worker must get the same TUNEFORGE_* settings"
+    assert all(env == envs[0] for env in envs), "migrate, api, serve and worker must get the same TUNEFORGE_* settings"
 
 
 def test_cli_check_rejects_unknown_commands_and_options() -> None:
     # The check below must be able to fail: a renamed command or a misspelt option is refused.
-    assert not cli_accepts(["serve"])[0]
+    assert not cli_accepts(["serve-everything"])[0]
     assert not cli_accepts(["worker", "--no-such-option"])[0]
     assert cli_accepts(["api", "--port", "9000"])[0]
 
