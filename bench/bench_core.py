@@ -35,7 +35,7 @@ from app.ml.formatting import encode_chat_prompt, encode_record
 from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 from app.ml.registry import BUILTINS, ModelStore
-from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
+from app.ml.serving import AdapterRef, EngineLimits, GenerationEngine, GenerationRequest
 from worker.recipe import accumulate_gradients
 
 
@@ -143,7 +143,7 @@ def bench_generation(model_id: str, settings: Settings, tokenizer: object) -> No
         placement=resolve_placement(settings.device, settings.dtype),
         storage=storage,
         cache_dir=settings.data_dir / "cache",
-        max_adapters=4,
+        limits=EngineLimits(max_adapters=4),
     )
     ref = AdapterRef("adapter-bench", "adapters/bench/adapter-bench.tar.gz", sha)
     prompt = encode_chat_prompt(tokenizer, [{"role": "user", "content": "Write a short poem about the sea."}])

@@ -171,12 +171,16 @@ def behaviour_share(
 ) -> dict[str, Any]:
     """Greedy answers to the held-out prompts through the serving engine, and how many begin with the greeting."""
     from app.ml.formatting import encode_chat_prompt
-    from app.ml.serving import GenerationEngine, GenerationRequest
+    from app.ml.serving import EngineLimits, GenerationEngine, GenerationRequest
 
     models = ModelStore(settings.models_dir, storage)
     tokenizer = models.tokenizer(record)
     engine = GenerationEngine(
-        models=models, placement=placement, storage=storage, cache_dir=settings.data_dir / "cache", max_adapters=1
+        models=models,
+        placement=placement,
+        storage=storage,
+        cache_dir=settings.data_dir / "cache",
+        limits=EngineLimits(max_adapters=1),
     )
     answers = []
     started = time.perf_counter()
