@@ -52,8 +52,13 @@ class _Common(BaseModel):
         return [value] if isinstance(value, str) else value
 
 
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str] = Field(description="The text to continue (a list of one string is accepted too)")
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)] = Field(
+        description=f"The text to continue, at most {MAX_PROMPT_CHARS} characters (a list of one string too)"
+    )
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of the chosen and top tokens")
     echo: bool = Field(False, description="Not implemented: false only")
@@ -68,13 +73,7 @@ class CompletionRequest(_Common):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("give one prompt (a string, or a list of one string)")
-            value = value[0]
-        if len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt holds more than {MAX_PROMPT_CHARS} characters")
-        return value
+        return value[0] if isinstance(value, list) else value
 
 
 class TextPart(BaseModel):
@@ -84,21 +83,18 @@ class TextPart(BaseModel):
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"] = Field(description="Only plain text (no JSON mode or schema)")
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Prompt | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
     name: str | None = Field(None, max_length=64)
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _bounded(cls, value: object) -> object:
-        if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"content holds more than {MAX_PROMPT_CHARS} characters")
-        if isinstance(value, list) and len(value) > MAX_CONTENT_PARTS:
-            raise ValueError(f"at most {MAX_CONTENT_PARTS} content parts")
-        return value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -112,15 +108,13 @@ class ChatCompletionRequest(_Common):
     )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = Field(None, description='{"type": "text"} only')
-    tools: list[dict[str, Any]] | None = Field(None, max_length=0, description="Not implemented: none")
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = Field(None, max_length=0, description="Not implemented: none")
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if sum(len(m.text()) for m in self.messages) > MAX_PROMPT_CHARS:
             raise ValueError(f"messages hold more than {MAX_PROMPT_CHARS} characters of content in all")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError('response_format: only {"type": "text"} is supported')
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self

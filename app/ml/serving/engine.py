@@ -233,8 +233,10 @@ class GenerationEngine:
 
     # --- admission ----------------------------------------------------------------------------
     def _admit(self) -> None:
+        """Move waiting requests into the batch, oldest first, while they fit; prefill them in groups (plain
+        prompts for one lane together, a prompt-learning adapter's alone) within `max_prefill_tokens`."""
         budget = self.limits.max_prefill_tokens
-        admitted = False
+        chosen: list[tuple[_Base, str | None, Generation, Servable | None]] = []
         for waiting in list(self._waiting):
             generation = waiting.generation
             request = generation.request
@@ -242,7 +244,7 @@ class GenerationEngine:
                 self._waiting.remove(waiting)
                 _finish_cancelled(generation)
                 continue
-            if admitted and budget <= 0:
+            if chosen and budget < len(request.input_ids):
                 break
             try:
                 base = self._base(request.model)
@@ -262,38 +264,52 @@ class GenerationEngine:
                 continue
             assert servable is not True
             lane_key = servable.ref.id if servable is not None and servable.delta_model is not None else None
-            if not self._room(base, lane_key, request, servable):
+            joining = [(key, g.request, s) for b, key, g, s in chosen if b is base]
+            if not self._room(base, lane_key, request, servable, joining):
                 continue
             self._waiting.remove(waiting)
             if not generation.future.set_running_or_notify_cancel():
                 continue
+            chosen.append((base, lane_key, generation, servable))
+            budget -= len(request.input_ids)
+        groups: dict[tuple[int, str | None, int], list[tuple[Generation, Servable | None]]] = {}
+        for base, lane_key, generation, servable in chosen:
+            alone = servable is not None and servable.virtual_tokens > 0  # its own positions and cache prefix
+            key = (id(base), lane_key, id(generation) if alone else 0)
+            groups.setdefault(key, []).append((generation, servable))
+        bases = {id(base): base for base, *_ in chosen}
+        for (base_id, lane_key, _), items in groups.items():
             try:
-                self._prefill(base, lane_key, generation, servable)
+                self._prefill(bases[base_id], lane_key, items)
             except Exception as exc:
                 log.exception("serving: the prefill failed")
-                _fail(generation, exc)
-            admitted = True
-            budget -= len(request.input_ids)
+                for generation, _ in items:
+                    _fail(generation, exc)
 
-    def _room(self, base: _Base, lane_key: str | None, request: GenerationRequest, servable: Servable | None) -> bool:
-        """Whether the request can join now: a row free, and the KV cache of every lane of its base model, each row
-        padded to its lane's longest and grown to its max_tokens, within `kv_cache_bytes`."""
-        running = base.running()
+    def _room(
+        self,
+        base: _Base,
+        lane_key: str | None,
+        request: GenerationRequest,
+        servable: Servable | None,
+        joining: list[tuple[str | None, GenerationRequest, Servable | None]],
+    ) -> bool:
+        """Whether the request can join now, with those already `joining` at this step: a row free, and the KV
+        cache of every lane of its base model, each row padded to its lane's longest and grown to its max_tokens,
+        within `kv_cache_bytes`."""
+        running = base.running() + len(joining)
         if running == 0:
             return True  # alone, it always fits (the service bounds a request by the model's context)
         if running >= self.limits.max_batch:
             return False
-        tokens = 0
+        lanes: dict[str | None, list[int]] = {}  # final lengths per lane
         for key, lane in base.lanes.items():
-            rows = len(lane.rows)
-            longest = max((lane.mask.shape[1] + r.request.max_tokens - len(r.ids) for r in lane.rows), default=0)
-            if key == lane_key:
-                virtual = servable.virtual_tokens if servable is not None else 0
-                longest = max(longest, virtual + len(request.input_ids) + request.max_tokens)
-                rows += 1
-            tokens += rows * longest
-        if lane_key not in base.lanes:
-            tokens += len(request.input_ids) + request.max_tokens
+            width = lane.mask.shape[1] if lane.rows else 0
+            lanes[key] = [width + r.request.max_tokens - len(r.ids) for r in lane.rows]
+        for key, other, other_servable in [*joining, (lane_key, request, servable)]:
+            virtual = other_servable.virtual_tokens if other_servable is not None else 0
+            lanes.setdefault(key, []).append(virtual + len(other.input_ids) + other.max_tokens)
+        tokens = sum(len(finals) * max(finals, default=0) for finals in lanes.values())
         return tokens * base.kv_bytes_per_token <= self.limits.kv_cache_bytes
 
     def _base(self, record: ModelRecord) -> _Base | None:
@@ -383,60 +399,79 @@ class GenerationEngine:
             base.lanes.pop(adapter_id, None)
 
     # --- prefill and decoding ------------------------------------------------------------------
-    def _prefill(self, base: _Base, lane_key: str | None, generation: Generation, servable: Servable | None) -> None:
+    def _prefill(self, base: _Base, lane_key: str | None, items: list[tuple[Generation, Servable | None]]) -> None:
+        """Run the prompts through the model (one with virtual tokens alone; plain prompts together, left-padded),
+        take each row's first token, and add the rows that go on, with their KV cache, to the lane's batch."""
         import torch
 
-        request = generation.request
         device = self.placement.device
-        ids = torch.tensor([request.input_ids], dtype=torch.long, device=device)
-        lane = base.lanes.get(lane_key)
-        model: Any = servable.delta_model if lane_key is not None and servable is not None else base.plain
+        first = items[0][1]
+        model: Any = first.delta_model if lane_key is not None and first is not None else base.plain
         kwargs: dict[str, Any] = {"use_cache": True}
         cache = BatchKVCache()
-        start = 0
-        if servable is not None and servable.soft_prompt is not None:  # virtual tokens at positions 0.., then text
-            text = model.get_input_embeddings()(ids)
-            kwargs["inputs_embeds"] = torch.cat([servable.soft_prompt[None].to(text.dtype), text], dim=1)
+        prompts = [generation.request.input_ids for generation, _ in items]
+        if first is not None and first.virtual_tokens:
+            assert len(items) == 1
+            ids = torch.tensor(prompts, dtype=torch.long, device=device)
+            start = 0
+            if first.soft_prompt is not None:  # virtual tokens at positions 0.., then the text
+                text = model.get_input_embeddings()(ids)
+                kwargs["inputs_embeds"] = torch.cat([first.soft_prompt[None].to(text.dtype), text], dim=1)
+            else:  # the prefix fills the first positions of the cache; the text comes after it
+                assert first.prefix is not None
+                kwargs["input_ids"] = ids
+                cache = BatchKVCache.holding(first.prefix)
+                start = first.virtual_tokens
+            lengths = [first.virtual_tokens + len(prompts[0])]
+            kwargs["position_ids"] = torch.arange(start, lengths[0], device=device)[None]
+            mask = torch.ones((1, lengths[0]), dtype=torch.long, device=device)
         else:
-            kwargs["input_ids"] = ids
-            if servable is not None and servable.prefix is not None:  # the prefix fills the first positions
-                cache = BatchKVCache.holding(servable.prefix)
-                start = servable.virtual_tokens
-        length = start + (kwargs["inputs_embeds"].shape[1] if "inputs_embeds" in kwargs else ids.shape[1])
-        kwargs["position_ids"] = torch.arange(start, length, device=device)[None]
-        mask = torch.ones((1, length), dtype=torch.long, device=device)
+            lengths = [len(prompt) for prompt in prompts]
+            width = max(lengths)
+            pads = [width - n for n in lengths]
+            kwargs["input_ids"] = torch.tensor(
+                [[0] * pad + prompt for pad, prompt in zip(pads, prompts, strict=True)], dtype=torch.long, device=device
+            )
+            kwargs["position_ids"] = torch.tensor(
+                [[0] * pad + list(range(n)) for pad, n in zip(pads, lengths, strict=True)], device=device
+            )
+            mask = torch.tensor([[0] * pad + [1] * n for pad, n in zip(pads, lengths, strict=True)], device=device)
         if base.takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         if lane_key is None:
-            base.hooks.plan = plan_rows(
-                [servable.layers if servable else None], device=device, dtype=self.placement.dtype
-            )
+            layers = [servable.layers if servable else None for _, servable in items]
+            base.hooks.plan = plan_rows(layers, device=device, dtype=self.placement.dtype)
         try:
             logits = model(**kwargs, attention_mask=mask, cache=cache).logits[:, -1, :]
         finally:
             base.hooks.plan = {}  # outside the engine's passes the base model is itself
-        row = _Row(
-            generation=generation,
-            servable=servable,
-            sampler=Sampler(request, device),
-            position=length,
-            logprobs=[] if request.logprobs is not None else None,
-        )
-        [token] = self._sample([row], logits, base)
-        self._emit(base, row, token)
-        if row.finish_reason is not None:
+        rows = [
+            _Row(
+                generation=generation,
+                servable=servable,
+                sampler=Sampler(generation.request, device),
+                position=length,
+                logprobs=[] if generation.request.logprobs is not None else None,
+            )
+            for (generation, servable), length in zip(items, lengths, strict=True)
+        ]
+        for row, token in zip(rows, self._sample(rows, logits, base), strict=True):
+            self._emit(base, row, token)
+        keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
+        if not keep:
             return
+        if len(keep) < len(rows):
+            mask = _keep_rows(cache, mask, keep)
+        lane = base.lanes.get(lane_key)
         if lane is None:
             lane = base.lanes[lane_key] = _Lane(model=model, hooks=base.hooks if lane_key is None else None)
         if lane.cache is None or not lane.rows:
             lane.cache, lane.mask = cache, mask
         else:
-            width = max(lane.mask.shape[1], length)
+            width = max(lane.mask.shape[1], mask.shape[1])
             lane.cache.append_rows(cache)
-            lane.mask = torch.cat(
-                [_left_pad(lane.mask, width), _left_pad(mask, width)],
-            )
-        lane.rows.append(row)
+            lane.mask = torch.cat([_left_pad(lane.mask, width), _left_pad(mask, width)])
+        lane.rows.extend(rows[i] for i in keep)
         lane.plan = None
 
     def _step(self, base: _Base, lane_key: str | None, lane: _Lane) -> None:
@@ -469,8 +504,6 @@ class GenerationEngine:
 
     def _leave(self, lane: _Lane, rows: list[_Row]) -> None:
         """Take finished or cancelled rows out of the batch (and the columns no remaining row uses)."""
-        import torch
-
         if not rows:
             return
         for row in rows:
@@ -482,13 +515,8 @@ class GenerationEngine:
         if not keep:
             lane.cache, lane.mask = None, None
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.placement.device)
-        mask = lane.mask[index]
-        used = mask.any(dim=0).nonzero()
-        drop = int(used[0]) if len(used) else 0
         assert lane.cache is not None
-        lane.cache.keep_rows(index, drop_columns=drop)
-        lane.mask = mask[:, drop:]
+        lane.mask = _keep_rows(lane.cache, lane.mask, keep)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, base: _Base) -> list[int]:
         import torch
@@ -585,6 +613,19 @@ def _finish_cancelled(generation: Generation) -> None:
                 finish_reason="cancelled",
             )
         )
+
+
+def _keep_rows(cache: BatchKVCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Keep these rows of a batch's cache, without the columns left of the first that any of them uses; returns
+    their mask."""
+    import torch
+
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    mask = mask[index]
+    used = mask.any(dim=0).nonzero()
+    drop = int(used[0]) if len(used) else 0
+    cache.keep_rows(index, drop_columns=drop)
+    return mask[:, drop:]
 
 
 def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
