@@ -4,6 +4,7 @@ in one mixed batch against the reference is in test_methods.py; the HTTP side is
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from app.ml import adapter_format
 from app.ml.device import resolve_placement
 from app.ml.registry import BUILTINS, ModelStore
 from app.ml.serving import (
+    MAX_BASE_MODELS,
     AdapterRef,
     AdapterUnavailable,
     Delta,
@@ -295,3 +297,21 @@ def test_logprobs_are_the_models_distribution(engine: GenerationEngine, model_ca
             assert item.logprob == pytest.approx(float(expected[item.token_id]), abs=1e-4)
             assert [t for _, t, _ in item.top] == expected.topk(3).indices.tolist()
             ids.append(item.token_id)
+
+
+def test_requests_for_more_base_models_than_are_kept_loaded_all_finish(engine: GenerationEngine) -> None:
+    """Three base models (the tiny model under three revisions) while two are kept loaded, all requested at once:
+    every request finishes (the third model waits for one of the others to drain) and never more than two are
+    in memory."""
+    records = [dataclasses.replace(TINY, revision=f"revision-{i}") for i in range(3)]
+    generations = [
+        engine.submit(GenerationRequest(model=r, input_ids=PROMPTS[i], max_tokens=12, temperature=0, ignore_eos=True))
+        for r in records
+        for i in range(2)
+    ]
+    loaded = 0
+    while not all(g.future.done() for g in generations):
+        loaded = max(loaded, len(engine._bases))
+        time.sleep(0.005)
+    assert [g.result().completion_tokens for g in generations] == [12] * 6
+    assert loaded <= MAX_BASE_MODELS

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.core.deps import EngineDep, ModelStoreDep, SettingsDep, TenantDep
-from app.core.errors import AppError, error_responses
+from app.core.errors import AppError, ServiceUnavailable, error_responses
 from app.generation import service
 from app.generation.openai_schemas import (
     AssistantMessage,
@@ -31,6 +32,8 @@ from app.generation.openai_schemas import (
 )
 from app.generation.schemas import GenerateRequest, GenerateResponse, Usage
 from app.ml.serving import Delta, GenerationResult, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["generation"], responses=error_responses(401, 404, 410, 413, 422, 429, 503))
 
@@ -61,8 +64,11 @@ async def _events(stream: service.Stream, chunk: Any, last: Any = None) -> Async
                 yield _event(chunk(item))
             elif last is not None and (final := last(item)) is not None:
                 yield _event(final)
-    except AppError as exc:
-        yield _event({"error": exc.body()})
+    except AppError as exc:  # OpenAI's shape: the client raises it as an APIError
+        yield _event(exc.body())
+    except Exception:  # a failure inside the engine: said without internals (the server's log has them)
+        log.exception("a streamed generation failed")
+        yield _event(ServiceUnavailable("the text could not be finished; try again", code="server_error").body())
     yield _event("[DONE]")
 
 

@@ -27,7 +27,7 @@ from app.core.models import Adapter, Job
 from app.core.settings import Settings
 from app.ml.formatting import encode_chat_prompt, encode_prompt
 from app.ml.methods import METHODS
-from app.ml.registry import ModelStore, ModelUnavailable, find_model
+from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, find_model
 from app.ml.serving import (
     AdapterRef,
     AdapterUnavailable,
@@ -101,69 +101,18 @@ def prepare(
     model: str | None = None,  # OpenAI's `model`, resolved to an adapter or a base model
     param: str = "adapter_id",
 ) -> Prepared:
-    with session_scope(settings.db_url) as session:
+    with session_scope(settings.db_url) as session:  # the lookups only: no connection held while tokenizing
         if model is not None:
             adapter_id, base_model = resolve_model(session, tenant_id=tenant_id, model=model)
             param = "model"
-        return _prepare(
-            session,
-            settings,
-            models,
-            tenant_id=tenant_id,
-            adapter_id=adapter_id,
-            base_model=base_model,
-            prompt=prompt,
-            messages=messages,
-            sampling=sampling,
-            param=param,
+        record, adapter_ref, virtual_tokens = _resolve(
+            session, settings, tenant_id=tenant_id, adapter_id=adapter_id, base_model=base_model, param=param
         )
-
-
-def _prepare(
-    session: Session,
-    settings: Settings,
-    models: ModelStore,
-    *,
-    tenant_id: str,
-    adapter_id: str | None,
-    base_model: str | None,
-    prompt: str | None,
-    messages: list[dict[str, str]] | None,
-    sampling: Sampling,
-    param: str,
-) -> Prepared:
-    adapter_ref = None
-    virtual_tokens = 0  # positions a prompt-learning adapter takes before the prompt
-    if adapter_id is not None:
-        adapter = get_servable(session, tenant_id=tenant_id, adapter_id=adapter_id, param=param)
-        if base_model is not None and base_model != adapter.base_model:
-            raise InvalidInput(
-                f"adapter {adapter.id} was trained on {adapter.base_model}, not {base_model}", param="base_model"
-            )
-        base_model = adapter.base_model
-        found = find_model(session, base_model)
-        if found is None:
-            raise adapter_unavailable(adapter.id, f"its base model {base_model} is no longer registered", param)
-        if adapter.base_model_revision not in (None, found.revision):
-            raise adapter_unavailable(
-                adapter.id, f"its base model {base_model} was registered again with other files; train it again", param
-            )
-        record = found
-        job = session.get(Job, adapter.job_id)
-        if job is not None:  # what the trained method puts before the prompt (its hyperparameters, as it trained)
-            trained = METHODS[adapter.method].hyperparameters.model_validate(job.hyperparameters)
-            virtual_tokens = trained.reserved_positions()
-        adapter_ref = AdapterRef(
-            id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method
-        )
-    else:
-        base_model = base_model or settings.default_base_model
-        record = require_model(session, model_id=base_model, param="model" if param == "model" else "base_model")
     tokenizer = load_tokenizer(models, record)
     if messages is not None:
         if tokenizer.chat_template is None:
             raise InvalidInput(
-                f"{base_model} has no chat template: send `prompt` instead of `messages`",
+                f"{record.id} has no chat template: send `prompt` instead of `messages`",
                 param="messages",
                 code="no_chat_template",
             )
@@ -177,10 +126,9 @@ def _prepare(
     if len(input_ids) + max_tokens > limit:
         room = str(limit)
         if virtual_tokens:
-            room += f" ({base_model} takes {record.max_seq_length}, less the adapter's {virtual_tokens} virtual tokens)"
+            room += f" ({record.id} takes {record.max_seq_length}, less the adapter's {virtual_tokens} virtual tokens)"
         raise InvalidInput(
-            f"prompt ({len(input_ids)} tokens) plus max_tokens ({max_tokens}) exceeds {room}",
-            param="max_tokens",
+            f"prompt ({len(input_ids)} tokens) plus max_tokens ({max_tokens}) exceeds {room}", param="max_tokens"
         )
     request = GenerationRequest(
         model=record,
@@ -194,7 +142,44 @@ def _prepare(
         stop=sampling.stop,
         logprobs=sampling.logprobs,
     )
-    return Prepared(request=request, adapter_id=adapter_id, base_model=base_model)
+    return Prepared(request=request, adapter_id=adapter_id, base_model=record.id)
+
+
+def _resolve(
+    session: Session,
+    settings: Settings,
+    *,
+    tenant_id: str,
+    adapter_id: str | None,
+    base_model: str | None,
+    param: str,
+) -> tuple[ModelRecord, AdapterRef | None, int]:
+    """The base model, the adapter (tenant-scoped) and the positions its method puts before the prompt."""
+    if adapter_id is None:
+        model_id = base_model or settings.default_base_model
+        record = require_model(session, model_id=model_id, param="model" if param == "model" else "base_model")
+        return record, None, 0
+    adapter = get_servable(session, tenant_id=tenant_id, adapter_id=adapter_id, param=param)
+    if base_model is not None and base_model != adapter.base_model:
+        raise InvalidInput(
+            f"adapter {adapter.id} was trained on {adapter.base_model}, not {base_model}", param="base_model"
+        )
+    found = find_model(session, adapter.base_model)
+    if found is None:
+        raise adapter_unavailable(adapter.id, f"its base model {adapter.base_model} is no longer registered", param)
+    if adapter.base_model_revision not in (None, found.revision):
+        raise adapter_unavailable(
+            adapter.id,
+            f"its base model {adapter.base_model} was registered again with other files; train it again",
+            param,
+        )
+    virtual_tokens = 0
+    job = session.get(Job, adapter.job_id)
+    if job is not None:  # what the trained method puts before the prompt (its hyperparameters, as it trained)
+        trained = METHODS[adapter.method].hyperparameters.model_validate(job.hyperparameters)
+        virtual_tokens = trained.reserved_positions()
+    ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method)
+    return found, ref, virtual_tokens
 
 
 def submit(engine: GenerationEngine, prepared: Prepared, on_delta: Any = None) -> Generation:
@@ -222,18 +207,18 @@ def outcome(prepared: Prepared, future: Future[GenerationResult]) -> GenerationR
         raise ServiceUnavailable("the server shut down before the text was finished; try again") from None
 
 
+async def _watch(http: Request, generation: Generation) -> None:
+    """Cancel the generation (freeing its row of the batch) as soon as the client disconnects."""
+    while not generation.future.done():
+        if await http.is_disconnected():
+            generation.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+
 @contextlib.asynccontextmanager
 async def cancelled_on_disconnect(http: Request, generation: Generation) -> AsyncIterator[None]:
-    """Cancel the generation (freeing its row of the batch) as soon as the client disconnects."""
-
-    async def watch() -> None:
-        while not generation.future.done():
-            if await http.is_disconnected():
-                generation.cancel()
-                return
-            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(_watch(http, generation))
     try:
         yield
     except BaseException:
@@ -252,7 +237,8 @@ async def complete(engine: GenerationEngine, prepared: Prepared, http: Request) 
 
 class Stream:
     """A streamed generation: `first()` waits for the first text (so that an error before it is still an HTTP
-    error status), then iterate for the rest; the iteration ends with the `GenerationResult`."""
+    error status), then iterate for the rest; the iteration ends with the `GenerationResult`. From its start to
+    its end, a client that disconnects cancels it, whether or not the response has begun."""
 
     def __init__(self, engine: GenerationEngine, prepared: Prepared, http: Request) -> None:
         loop = asyncio.get_running_loop()
@@ -262,14 +248,17 @@ class Stream:
             loop.call_soon_threadsafe(self._items.put_nowait, item)
 
         self.prepared = prepared
-        self.http = http
         self.generation = submit(engine, prepared, on_delta=put)
         self.generation.future.add_done_callback(put)
+        self._watcher = asyncio.create_task(_watch(http, self.generation))
         self._first: Delta | GenerationResult | None = None
 
     async def first(self) -> None:
-        async with cancelled_on_disconnect(self.http, self.generation):
+        try:
             self._first = await self._next()
+        except BaseException:
+            self.generation.cancel()
+            raise
 
     async def _next(self) -> Delta | GenerationResult:
         item = await self._items.get()
@@ -278,10 +267,13 @@ class Stream:
         return item
 
     async def __aiter__(self) -> AsyncIterator[Delta | GenerationResult]:
-        async with cancelled_on_disconnect(self.http, self.generation):
+        try:
             item = self._first if self._first is not None else await self._next()
             while True:
                 yield item
                 if isinstance(item, GenerationResult):
                     return
                 item = await self._next()
+        finally:
+            self.generation.cancel()  # the client went away mid-stream (nothing to do when it finished)
+            self._watcher.cancel()

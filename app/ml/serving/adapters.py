@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,6 +161,8 @@ def _prompts(servable: Servable, folder: Path, plain: Any, device: str) -> None:
     import torch
     from peft import PeftModel
 
+    if not (folder / PEFT_CONFIG).is_file():  # never let PEFT take a missing folder for a Hub repository id
+        raise FileNotFoundError(folder / PEFT_CONFIG)
     wrapped = PeftModel.from_pretrained(plain, str(folder), adapter_name="serving", torch_device=device)
     with torch.no_grad():
         prompt = wrapped.get_prompt(batch_size=1)
@@ -286,7 +289,8 @@ class AdapterStore:
             return folder
         self.misses += 1
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        archive = self.cache_dir / f"{ref.id}.{threading.get_ident()}.tar.gz"
+        unique = uuid.uuid4().hex  # processes may share the folder (replicas on one volume)
+        archive = self.cache_dir / f".{ref.id}.{unique}.tar.gz"
         try:
             sha = self.storage.download(ref.storage_key, archive)
         except FileNotFoundError:
@@ -295,18 +299,30 @@ class AdapterStore:
             archive.unlink(missing_ok=True)
             log.error("adapter %s: checksum mismatch (%s != %s)", ref.id, sha, ref.sha256)
             raise AdapterUnavailable(ref.id, "its stored files are damaged (checksum mismatch)")
+        staging = self.cache_dir / f".{ref.id}.{unique}"
         try:
-            adapter_format.unpack(archive, folder)
+            adapter_format.unpack(archive, staging)
+            try:
+                staging.rename(folder)
+            except OSError:  # another process unpacked it first: the same checked files
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
             archive.unlink(missing_ok=True)
         self._trim_disk(keep=ref.id)
         return folder
 
+    def forget(self, adapter_id: str) -> None:
+        """Drop an adapter from host memory (its files went missing from the disk: the next fetch gets them)."""
+        with self._lock:
+            self._host.pop(adapter_id, None)
+
     def _trim_disk(self, keep: str) -> None:
         """Least recently used unpacked adapters off the disk until the rest fit `disk_bytes`."""
         sizes: dict[Path, tuple[float, int]] = {}
+        with self._lock:  # prompt-learning adapters in host memory are read from their folder when materialized
+            in_use = {keep, *self._host, *self._loading}
         for folder in self.cache_dir.iterdir():
-            if not folder.is_dir() or folder.name.endswith(".tmp"):  # another loader is unpacking it
+            if not folder.is_dir() or folder.name.startswith(".") or folder.name.endswith(".tmp"):  # being unpacked
                 continue
             try:
                 size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
@@ -318,7 +334,7 @@ class AdapterStore:
         for folder in folders:
             if total <= self.disk_bytes:
                 break
-            if folder.name != keep:
+            if folder.name not in in_use:
                 shutil.rmtree(folder, ignore_errors=True)
                 total -= sizes[folder][1]
 

@@ -33,7 +33,6 @@ from app.core.storage import ObjectStorage
 from app.ml.device import Placement
 from app.ml.registry import ModelRecord, ModelStore
 from app.ml.serving.adapters import AdapterStore, HostAdapter, Servable, materialize
-from app.ml.serving.kv_cache import BatchKVCache
 from app.ml.serving.layers import BatchAdapters, plan_rows
 from app.ml.serving.requests import (
     AdapterUnavailable,
@@ -49,6 +48,8 @@ from app.ml.serving.sampling import Sampler
 
 if TYPE_CHECKING:
     import torch
+
+    from app.ml.serving.kv_cache import BatchKVCache
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class _Row:
     logprobs: list[TokenLogprob] | None = None
     sent: int = 0  # characters of text streamed so far
     sent_tokens: int = 0  # tokens (and their log-probabilities) streamed so far
-    text: str = ""
+    text: str = ""  # decoded so far (up to `read_offset`)
+    prefix_offset: int = 0  # incremental decoding, as vLLM's: ids[prefix_offset:read_offset] were decoded last
+    read_offset: int = 0
     finish_reason: str | None = None
 
     @property
@@ -127,6 +130,7 @@ class _Base:
 class _Waiting:
     generation: Generation
     loading: Future[HostAdapter] | None = None
+    refetched: int = 0
 
 
 class GenerationEngine:
@@ -210,13 +214,22 @@ class GenerationEngine:
                     return
                 try:
                     self._admit()
-                    for base in list(self._bases.values()):
-                        for key, lane in list(base.lanes.items()):
-                            if lane.rows:
-                                self._step(base, key, lane)
                 except Exception:  # a bug: fail what is running rather than hang every caller
-                    log.exception("the serving engine failed a step")
+                    log.exception("the serving engine failed to admit requests")
                     self._fail_running(RuntimeError("the serving engine failed"))
+                for base in list(self._bases.values()):
+                    for key, lane in list(base.lanes.items()):
+                        if not lane.rows:
+                            if key is not None and key not in base.adapters:
+                                del base.lanes[key]  # an evicted weight delta's copy of the model goes
+                            continue
+                        try:
+                            self._step(base, key, lane)
+                        except Exception as exc:  # out of memory, say: only this lane's requests fail
+                            log.exception("the serving engine failed a decoding step")
+                            for row in lane.rows:
+                                _fail(row.generation, exc)
+                            base.lanes.pop(key, None)
 
     def _fail_all(self, exc: Exception) -> None:
         for waiting in self._waiting:
@@ -237,6 +250,11 @@ class GenerationEngine:
         prompts for one lane together, a prompt-learning adapter's alone) within `max_prefill_tokens`."""
         budget = self.limits.max_prefill_tokens
         chosen: list[tuple[_Base, str | None, Generation, Servable | None]] = []
+        # Oldest first, without starving anyone: a request that does not fit its base model's batch keeps the
+        # requests behind it for that base model waiting too, and one that needs a base model not loaded while
+        # every loaded one is busy keeps every later request waiting, so that one drains.
+        full: set[int] = set()
+        draining = False
         for waiting in list(self._waiting):
             generation = waiting.generation
             request = generation.request
@@ -244,13 +262,16 @@ class GenerationEngine:
                 self._waiting.remove(waiting)
                 _finish_cancelled(generation)
                 continue
-            if chosen and budget < len(request.input_ids):
+            if (chosen and budget < len(request.input_ids)) or draining:
                 break
             try:
-                base = self._base(request.model)
+                base = self._base(request.model, busy={id(b) for b, *_ in chosen})
                 if base is None:
-                    continue  # every loaded base model is busy: wait for one to drain
-                servable = self._adapter(base, waiting)
+                    draining = True  # every loaded base model is busy: let them drain
+                    continue
+                if id(base) in full:
+                    continue
+                servable = self._adapter(base, waiting, pinned={s.ref.id for _, _, _, s in chosen if s})
                 if servable is False:
                     continue  # still loading
             except AdapterUnavailable as exc:
@@ -266,6 +287,7 @@ class GenerationEngine:
             lane_key = servable.ref.id if servable is not None and servable.delta_model is not None else None
             joining = [(key, g.request, s) for b, key, g, s in chosen if b is base]
             if not self._room(base, lane_key, request, servable, joining):
+                full.add(id(base))
                 continue
             self._waiting.remove(waiting)
             if not generation.future.set_running_or_notify_cancel():
@@ -310,21 +332,40 @@ class GenerationEngine:
             virtual = other_servable.virtual_tokens if other_servable is not None else 0
             lanes.setdefault(key, []).append(virtual + len(other.input_ids) + other.max_tokens)
         tokens = sum(len(finals) * max(finals, default=0) for finals in lanes.values())
+        from app.ml.serving.kv_cache import GROW_COLUMNS
+
+        # Buffers keep room to grow (a quarter, at least GROW_COLUMNS) beyond the columns they hold.
+        tokens += tokens // 4 + GROW_COLUMNS * sum(len(finals) for finals in lanes.values())
         return tokens * base.kv_bytes_per_token <= self.limits.kv_cache_bytes
 
-    def _base(self, record: ModelRecord) -> _Base | None:
+    def _base(self, record: ModelRecord, busy: set[int]) -> _Base | None:
+        """The loaded base model, loading it if need be (in place of an idle one: not running rows, nor in `busy`,
+        those chosen at this step); None while every loaded one is busy."""
         key = (record.id, record.revision)
         base = self._bases.get(key)
         if base is None:
             while len(self._bases) >= MAX_BASE_MODELS:  # make room first: device memory holds few base models
-                idle = [k for k, b in self._bases.items() if not b.running()]
+                idle = [k for k, b in self._bases.items() if not b.running() and id(b) not in busy]
                 if not idle:
                     return None
-                del self._bases[idle[0]]
-                log.info("unloaded base model %s to make room", idle[0][0])
+                self._unload(self._bases.pop(idle[0]))
             base = self._bases[key] = self._load_base(record)
         self._bases.move_to_end(key)
         return base
+
+    def _unload(self, base: _Base) -> None:
+        import gc
+
+        import torch
+
+        base.hooks.remove()
+        base.adapters.clear()
+        base.lanes.clear()
+        log.info("unloaded base model %s to make room", base.record.id)
+        del base
+        gc.collect()  # the model's modules hold reference cycles: free its memory now, not at some later collection
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _load_base(self, record: ModelRecord) -> _Base:
         plain = self.models.load(record, self.placement)
@@ -347,8 +388,9 @@ class GenerationEngine:
             takes_logits_to_keep="logits_to_keep" in inspect.signature(plain.forward).parameters,
         )
 
-    def _adapter(self, base: _Base, waiting: _Waiting) -> Servable | None | bool:
-        """The request's adapter on the device, None for the base model, or False while it loads."""
+    def _adapter(self, base: _Base, waiting: _Waiting, pinned: set[str]) -> Servable | None | bool:
+        """The request's adapter on the device, None for the base model, or False while it loads. Loading one
+        may evict others, not those `pinned` (chosen at this step) nor those of running rows."""
         ref = waiting.generation.request.adapter
         if ref is None:
             return None
@@ -370,15 +412,22 @@ class GenerationEngine:
                 servable = materialize(host, base.plain, base.hooks.hook_ids(), self.placement)
             except DeltaMismatch as exc:
                 raise AdapterUnavailable(ref.id, f"it cannot be applied to {base.record.id}: {exc}") from None
+            except OSError:  # its unpacked files left the disk meanwhile (another process's cache trim): again
+                self.store.forget(ref.id)
+                waiting.refetched += 1
+                if waiting.refetched > 2:
+                    raise AdapterUnavailable(ref.id, "its files could not be read") from None
+                waiting.loading = None
+                return False
             base.hooks.hook(list(servable.layers))
             self.store.keep_on_host(host)
             base.adapters[ref.id] = servable
-            self._evict(base)
+            self._evict(base, pinned)
         return servable
 
-    def _evict(self, base: _Base) -> None:
+    def _evict(self, base: _Base, pinned: set[str]) -> None:
         """Least recently used adapters out of the device until both bounds hold (those running stay)."""
-        pinned = {row.servable.ref.id for lane in base.lanes.values() for row in lane.rows if row.servable}
+        pinned = pinned | {row.servable.ref.id for lane in base.lanes.values() for row in lane.rows if row.servable}
         newest = next(reversed(base.adapters))
 
         def over() -> bool:
@@ -403,6 +452,8 @@ class GenerationEngine:
         """Run the prompts through the model (one with virtual tokens alone; plain prompts together, left-padded),
         take each row's first token, and add the rows that go on, with their KV cache, to the lane's batch."""
         import torch
+
+        from app.ml.serving.kv_cache import BatchKVCache
 
         device = self.placement.device
         first = items[0][1]
@@ -547,9 +598,10 @@ class GenerationEngine:
             finish = "length"
         streaming = row.generation.on_delta is not None
         if streaming or request.stop or finish:
-            row.text = base.tokenizer.decode(row.ids, skip_special_tokens=True)
+            searched = len(row.text)
+            self._decode(base, row, final=finish is not None)
             for stop in request.stop:
-                cut = row.text.find(stop, max(0, row.sent - len(stop)))
+                cut = row.text.find(stop, max(0, searched - len(stop) + 1))
                 if cut != -1:
                     row.text = row.text[:cut]
                     finish = "stop"
@@ -557,9 +609,24 @@ class GenerationEngine:
             self._finish(row, finish)
         elif streaming:
             ready = len(row.text) - _held_back(row.text, request.stop)
-            if ready > row.sent and not row.text[:ready].endswith("\ufffd"):
+            if ready > row.sent:
                 self._send(row, self._delta(row, row.text[row.sent : ready]))
                 row.sent = ready
+
+    @staticmethod
+    def _decode(base: _Base, row: _Row, final: bool) -> None:
+        """Decode the tokens generated since the last call onto `row.text`, a few tokens at a time whatever the
+        length (the previous piece is decoded again, so that a piece starting inside a word, or a character
+        split over tokens, comes out as in decoding the whole); `final` flushes an unfinished character too."""
+
+        def decode(ids: list[int]) -> str:
+            return str(base.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+        before = decode(row.ids[row.prefix_offset : row.read_offset])
+        after = decode(row.ids[row.prefix_offset :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            row.text += after[len(before) :]
+            row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
 
     @staticmethod
     def _delta(row: _Row, text: str, finish_reason: str | None = None) -> Delta:
@@ -581,6 +648,7 @@ class GenerationEngine:
         row.finish_reason = reason
         if reason == "cancelled":
             row.text = row.text[: row.sent]
+
         self._send(row, self._delta(row, row.text[row.sent :], reason))
         row.sent = len(row.text)
         result = GenerationResult(

@@ -61,6 +61,13 @@ class BatchAdapters:
                 module.register_forward_hook(self._post_hook(name)),
             )
 
+    def remove(self) -> None:
+        for pre, post in self._handles.values():
+            pre.remove()
+            post.remove()
+        self._handles.clear()
+        self.plan = {}
+
     def hook_ids(self) -> dict[str, tuple[int, int]]:
         """Each hooked layer's hook ids (to take them off a copy of the model)."""
         return {name: (pre.id, post.id) for name, (pre, post) in self._handles.items()}
@@ -97,20 +104,20 @@ def _lora(module: nn.Module, x: torch.Tensor, output: torch.Tensor, plan: LayerP
         delta = F.linear(F.linear(x, plan.lora_a), plan.lora_b)
     else:
         delta = torch.bmm(torch.bmm(x, plan.lora_a), plan.lora_b)
+    # Scaled in float32 (as a bfloat16 tensor times a Python float is), then back to the layer's dtype.
     if plan.dora_scale is None:
-        return delta * plan.lora_scaling
+        return (delta * plan.lora_scaling).to(output.dtype)
     base = output
     bias = getattr(module, "bias", None)
     if bias is not None:
         base = base - bias
-    return (plan.dora_scale - 1) * base + plan.dora_scale * delta * plan.lora_scaling
+    return (plan.dora_scale - 1) * base + (plan.dora_scale * delta * plan.lora_scaling).to(output.dtype)
 
 
 def plan_rows(rows: list[dict[str, Any] | None], *, device: Any, dtype: Any) -> dict[str, LayerPlan]:
     """The plan for a batch whose row i uses the per-layer weights `rows[i]` (layer name -> `LoraWeights`, or an
     IA3 `(vector, feedforward)`), or no adapter (None)."""
     import torch
-    import torch.nn.functional as F
 
     present = [row for row in rows if row]
     if not present:
@@ -129,7 +136,7 @@ def plan_rows(rows: list[dict[str, Any] | None], *, device: Any, dtype: Any) -> 
             width_in, width_out = some.a.shape[1], some.b.shape[0]
             a = torch.zeros((n, width_in, rank), device=device, dtype=dtype)
             b = torch.zeros((n, rank, width_out), device=device, dtype=dtype)
-            scaling = torch.zeros((n, 1, 1), device=device, dtype=dtype)
+            scaling = torch.zeros((n, 1, 1), device=device, dtype=torch.float32)  # as a Python float: no rounding
             dora = None
             if any(isinstance(w, LoraWeights) and w.dora_scale is not None for w in loras):
                 dora = torch.ones((n, 1, width_out), device=device, dtype=dtype)
@@ -156,7 +163,6 @@ def plan_rows(rows: list[dict[str, Any] | None], *, device: Any, dtype: Any) -> 
                 else:
                     layer.scale_output = scale
         plan[name] = layer
-    del F
     return plan
 
 
