@@ -2,7 +2,8 @@
 
 Two families share it:
 - PEFT methods (`PeftMethod`: lora, qlora, prefix_tuning, prompt_tuning, p_tuning, ia3) wrap the base model with a
-  `peft` config, publish PEFT's own format, and are served from one PeftModel per method holding its adapters;
+  `peft` config and publish PEFT's own format; the serving engine applies their adapters per row of a batch
+  over the shared base model (`serving` says how: app/ml/serving/);
 - weight-delta methods (`app/ml/methods/delta.py`: head, layerwise, discriminative, full) unfreeze some of the base
   model's own weights, and publish only the tensors they trained, with the sha256 of the base weights they apply to.
 """
@@ -18,7 +19,6 @@ from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.registry import ModelRecord
 
 if TYPE_CHECKING:  # torch and peft load only where a model is trained or served, not in every API import
-    import torch
     from peft import PeftConfig
     from torch import nn
 
@@ -37,15 +37,6 @@ class MethodContext:
     record: ModelRecord
     models: ModelStore
     placement: Placement
-
-
-@dataclass
-class GenerationCall:
-    """Serving: what to call `generate` on, with which inputs, and where the new tokens start in its output."""
-
-    model: Any  # a transformers model (or PeftModel) with `generate`
-    inputs: dict[str, Any]
-    new_tokens_from: int
 
 
 @dataclass(frozen=True)
@@ -94,20 +85,15 @@ class FineTuningMethod:
         """Write the trained artifact into `folder` in the method's standard format."""
         raise NotImplementedError
 
-    def attach(self, model: nn.Module, folder: Path, name: str, device: str) -> nn.Module:
-        """Serving (PEFT methods): add the artifact in `folder` to `model` (a private copy of the base model, or
-        the PeftModel that already holds this method's adapters) under `name`, and return the model."""
-        raise NotImplementedError
-
 
 class PeftMethod(FineTuningMethod):
     """A method that `peft` implements: subclasses say how their hyperparameters become a `PeftConfig`."""
 
     artifact_format = "peft"
-    serving_group: ClassVar[str]  # adapters of one group are served from one PeftModel (qlora's are LoRA's)
-    # Whether the PeftModel leaves the base model it wraps as it was (prompt learning: the prompts live on the
-    # PeftModel), so that serving can wrap the shared base model instead of a copy of it.
-    leaves_base_unchanged: ClassVar[bool] = False
+    # How the serving engine applies an adapter to its row of a batch: "lora" (low-rank updates of linear layers,
+    # qlora's too), "ia3" (scales of their activations), "soft_prompt" (learned embeddings before the prompt's:
+    # prompt and p-tuning) or "prefix" (learned keys and values before the prompt's in every layer).
+    serving: ClassVar[str]
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         raise NotImplementedError
@@ -124,20 +110,3 @@ class PeftMethod(FineTuningMethod):
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base.record.base_model_name_or_path
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-
-    def attach(self, model: nn.Module, folder: Path, name: str, device: str) -> nn.Module:
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(folder), adapter_name=name, torch_device=device)
-            return model
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=name, torch_device=device)
-
-    def generation_call(self, model: Any, name: str, input_ids: torch.Tensor) -> GenerationCall:
-        """Serving: generate with adapter `name` of `model` (the group's PeftModel) from `input_ids` (one row)."""
-        import torch
-
-        model.set_adapter(name)
-        return GenerationCall(
-            model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, input_ids.shape[1]
-        )

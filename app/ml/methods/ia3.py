@@ -74,7 +74,7 @@ class Ia3Hyperparameters(TrainingHyperparameters):
 class Ia3Method(PeftMethod):
     name = "ia3"
     hyperparameters = Ia3Hyperparameters
-    serving_group = "ia3"
+    serving = "ia3"
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import IA3Config

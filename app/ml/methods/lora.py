@@ -56,7 +56,7 @@ class LoraHyperparameters(TrainingHyperparameters):
 class LoraMethod(PeftMethod):
     name = "lora"
     hyperparameters = LoraHyperparameters
-    serving_group = "lora"
+    serving = "lora"
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import LoraConfig

@@ -23,7 +23,6 @@ class PTuningHyperparameters(VirtualTokenHyperparameters):
 class PTuningMethod(SoftPromptMethod):
     name = "p_tuning"
     hyperparameters = PTuningHyperparameters
-    serving_group = "p_tuning"
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import PromptEncoderConfig

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import Field
 
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import register
-from app.ml.methods.base import GenerationCall, MethodContext, PeftMethod
+from app.ml.methods.base import MethodContext, PeftMethod
 from app.ml.methods.virtual_tokens import VirtualTokenHyperparameters
 from app.ml.registry import ModelRecord
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftConfig
 
 
@@ -44,8 +43,7 @@ class PrefixTuningHyperparameters(VirtualTokenHyperparameters):
 class PrefixTuningMethod(PeftMethod):
     name = "prefix_tuning"
     hyperparameters = PrefixTuningHyperparameters
-    serving_group = "prefix_tuning"
-    leaves_base_unchanged = True
+    serving = "prefix"
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import PrefixTuningConfig
@@ -57,21 +55,6 @@ class PrefixTuningMethod(PeftMethod):
         if hp.prefix_projection:  # PEFT's default width is the model's, which on a 7B model makes a 1B-weight MLP
             config.encoder_hidden_size = hp.encoder_hidden_size or DEFAULT_PROJECTION_WIDTH
         return config
-
-    def generation_call(self, model: Any, name: str, input_ids: torch.Tensor) -> GenerationCall:
-        """The prefixes go to the base model's `generate` as a KV cache already holding `num_virtual_tokens`
-        positions, behind as many placeholder ids (generate skips the ids its cache holds), so the text sits at the
-        positions after the prefix, as in training. (PEFT's own `generate` hands transformers 5 the prefixes under
-        a name it no longer reads, and the adapter is silently ignored.)"""
-        import torch
-
-        model.set_adapter(name)
-        prefix = model.get_prompt(batch_size=1)
-        n_virtual = model.active_peft_config.num_virtual_tokens
-        placeholders = torch.zeros((1, n_virtual), dtype=input_ids.dtype, device=input_ids.device)
-        ids = torch.cat([placeholders, input_ids], dim=1)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "past_key_values": prefix}
-        return GenerationCall(model.get_base_model(), inputs, ids.shape[1])
 
 
 register(PrefixTuningMethod())

@@ -43,7 +43,6 @@ class PromptTuningHyperparameters(VirtualTokenHyperparameters):
 class PromptTuningMethod(SoftPromptMethod):
     name = "prompt_tuning"
     hyperparameters = PromptTuningHyperparameters
-    serving_group = "prompt_tuning"
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import PromptTuningConfig, PromptTuningInit

@@ -3,16 +3,16 @@ front of every sequence, which take positions of the model's context like real o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import Field
 
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
-from app.ml.methods.base import GenerationCall, PeftMethod
+from app.ml.methods.base import PeftMethod
 from app.ml.registry import ModelRecord
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 class VirtualTokenHyperparameters(TrainingHyperparameters):
@@ -32,17 +32,4 @@ class VirtualTokenHyperparameters(TrainingHyperparameters):
 class SoftPromptMethod(PeftMethod):
     """Prompt and p-tuning: learned embeddings before the text's."""
 
-    leaves_base_unchanged = True
-
-    def generation_call(self, model: Any, name: str, input_ids: torch.Tensor) -> GenerationCall:
-        """The soft prompt and the text's embeddings go to the base model's `generate` as `inputs_embeds`, at
-        positions from 0 as in training. (PEFT's own `generate` numbers the positions after the first token
-        without the virtual tokens under transformers 5, so its output drifts from what the adapter learned.)"""
-        import torch
-
-        model.set_adapter(name)
-        base = model.get_base_model()
-        text = base.get_input_embeddings()(input_ids)
-        embeds = torch.cat([model.get_prompt(batch_size=1).to(text.dtype), text], dim=1)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=input_ids.device)
-        return GenerationCall(base, {"inputs_embeds": embeds, "attention_mask": mask}, 0)  # output: new tokens only
+    serving = "soft_prompt"

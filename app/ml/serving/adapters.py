@@ -94,11 +94,11 @@ def read_adapter(ref: AdapterRef, folder: Path, *, weights_sha256: str, dtype: A
     if not isinstance(method, PeftMethod):
         host.delta = load_delta(folder, weights_sha256=weights_sha256, device="cpu", dtype=dtype)
         return host
-    if method.serving_group not in ("lora", "ia3"):
+    if method.serving not in ("lora", "ia3"):
         return host  # prompt learning: PEFT computes the prompts from the folder, on the engine thread
     config = json.loads((folder / PEFT_CONFIG).read_text())
     tensors = load_file(str(folder / PEFT_WEIGHTS))
-    if method.serving_group == "ia3":
+    if method.serving == "ia3":
         for key, vector in tensors.items():
             name = key.removeprefix(PEFT_PREFIX).removesuffix(".ia3_l")
             host.ia3[name] = (vector.flatten(), vector.shape[0] == 1)  # feed-forward: [1, in]; else [out, 1]
@@ -128,8 +128,7 @@ def materialize(host: HostAdapter, plain: Any, hook_ids: dict[str, tuple[int, in
         servable.delta_model = delta_model(plain, host.delta, hook_ids, device=device, dtype=dtype)
         servable.n_bytes = host.delta.n_bytes
         return servable
-    group = METHODS[host.ref.method].serving_group  # type: ignore[attr-defined]
-    if group in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+    if METHODS[host.ref.method].serving in ("soft_prompt", "prefix"):  # type: ignore[attr-defined]
         _prompts(servable, host.folder, plain, str(device))
     for name, (vector, feedforward) in host.ia3.items():
         servable.layers[name] = (vector.to(device=device, dtype=dtype), feedforward)
