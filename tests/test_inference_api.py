@@ -196,7 +196,7 @@ def test_a_client_that_goes_away_frees_its_row_at_once(tenant: Tenant, server: t
 
     with httpx.stream("POST", f"{url}/generate", headers=tenant.headers, json={**long, "stream": True}) as r:
         next(r.iter_lines())
-        assert running(app) == 1
+        assert wait_until(lambda: running(app) == 1)  # it joins the batch just after its first token
     assert wait_until(lambda: running(app) == 0), "the streaming request kept decoding after its client left"
     steps = app.state.engine.steps
     time.sleep(0.3)

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -209,20 +209,13 @@ async def create_completion(
     head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
     sent = 0
 
-    def chunk(delta: Delta) -> dict[str, Any]:
+    def text_choice(delta: Delta) -> dict[str, Any]:
         nonlocal sent
         logprobs = _completion_logprobs(delta.logprobs, sent)
         sent += len(delta.text)
-        choice = {"index": 0, "text": delta.text, "logprobs": logprobs and logprobs.model_dump()}
-        return {**head, "choices": [{**choice, "finish_reason": delta.finish_reason}]}
+        return {"text": delta.text, "logprobs": logprobs and logprobs.model_dump()}
 
-    def last(result: GenerationResult) -> dict[str, Any] | None:
-        if body.stream_options is None or not body.stream_options.include_usage:
-            return None
-        return {**head, "choices": [], "usage": _usage(result).model_dump()}
-
-    stream = await _start(engine, prepared, http)
-    return StreamingResponse(_events(stream, chunk, last), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await _openai_stream(engine, prepared, http, body, head, text_choice)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_RESPONSE)
@@ -262,15 +255,31 @@ async def create_chat_completion(
     head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model}
     first = True
 
-    def chunk(delta: Delta) -> dict[str, Any]:
+    def chat_choice(delta: Delta) -> dict[str, Any]:
         nonlocal first
         content: dict[str, Any] = {"role": "assistant"} if first else {}
         first = False
         if delta.text or delta.finish_reason is None:
             content["content"] = delta.text
         logprobs = _chat_logprobs(delta.logprobs)
-        choice = {"index": 0, "delta": content, "logprobs": logprobs and logprobs.model_dump()}
-        return {**head, "choices": [{**choice, "finish_reason": delta.finish_reason}]}
+        return {"delta": content, "logprobs": logprobs and logprobs.model_dump()}
+
+    return await _openai_stream(engine, prepared, http, body, head, chat_choice)
+
+
+async def _openai_stream(
+    engine: Any,
+    prepared: service.Prepared,
+    http: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+    head: dict[str, Any],
+    choice: Callable[[Delta], dict[str, Any]],
+) -> StreamingResponse:
+    """OpenAI's chunks: `head` (id, object, created, model) with the one choice `choice(delta)` makes and its
+    `finish_reason`; with `stream_options.include_usage`, a last chunk with no choices and the usage."""
+
+    def chunk(delta: Delta) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, **choice(delta), "finish_reason": delta.finish_reason}]}
 
     def last(result: GenerationResult) -> dict[str, Any] | None:
         if body.stream_options is None or not body.stream_options.include_usage:
