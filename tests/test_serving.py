@@ -30,6 +30,7 @@ from app.ml.serving import (
     GenerationEngine,
     GenerationRequest,
 )
+from tests.test_methods import greedy
 
 TINY = BUILTINS["tiny-random-llama"]
 PROMPTS = [[1, 504, 3072, 1837], [1, 30, 12, 900, 77, 5, 61], [1, 4000], [1, 7, 7, 7, 7, 7, 7, 7, 7, 200]]
@@ -100,15 +101,6 @@ def engine(
     engine.close()
 
 
-def offline(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding by full forward passes (no cache): the reference."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
-
-
 def request(prompt: list[int], ref: AdapterRef | None = None, **options: Any) -> GenerationRequest:
     options = {"max_tokens": 8, "temperature": 0, "ignore_eos": True, **options}
     return GenerationRequest(model=TINY, input_ids=prompt, adapter=ref, **options)
@@ -132,7 +124,7 @@ def test_eight_lora_adapters_in_one_batch_equal_peft_alone(
     for (prompt, made, n), ids in zip(jobs, outputs, strict=True):
         base = ModelStore(model_cache_dir, None).load(TINY)
         model = PeftModel.from_pretrained(base, str(made.folder)).eval() if made else base
-        assert ids == offline(model, prompt, n), made and made.ref.id
+        assert ids == greedy(model, prompt, n), made and made.ref.id
     assert len({tuple(ids) for ids in outputs}) > 8  # the adapters do change the text
 
 

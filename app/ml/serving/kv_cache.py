@@ -91,14 +91,6 @@ class BatchKVCache(Cache):
     def length(self) -> int:
         return self.growing()[0].length if self.layers else 0
 
-    @property
-    def n_bytes(self) -> int:
-        return sum(
-            2 * layer.key_buffer.numel() * layer.key_buffer.element_size()
-            for layer in self.growing()
-            if layer.key_buffer is not None
-        )
-
     def keep_rows(self, rows: torch.Tensor, drop_columns: int = 0) -> None:
         """Keep only these rows (an index tensor), without the first `drop_columns` columns (padding for all)."""
         for layer in self.growing():
