@@ -30,6 +30,7 @@ from app.generation.endpoints import router as generation_router
 from app.jobs.endpoints import router as jobs_router
 from app.jobs.reaper import Reaper
 from app.ml.registry import ModelStore
+from app.openai_compat.endpoints import router as fine_tuning_router
 
 # Multipart framing around the file: a request larger than the limit plus this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
     if role == "api":
         app.include_router(files_router)
         app.include_router(jobs_router)
+        app.include_router(fine_tuning_router)
         app.include_router(adapters_router)
     app.include_router(generation_router)
     app.include_router(models_router)

@@ -87,7 +87,10 @@ def _unbounded(schema: dict[str, Any], components: dict[str, Any], where: str) -
             found.append(where)
         found += _unbounded(schema.get("items", {}), components, f"{where}[]")
     if kind == "object":
-        if schema.get("additionalProperties", True) is not False and "anyOf" not in schema:
+        extra = schema.get("additionalProperties", True)
+        if isinstance(extra, dict) and "maxProperties" in schema and "maxLength" in schema.get("propertyNames", {}):
+            found += _unbounded(extra, components, f"{where}{{}}")  # a bounded map: a few short keys
+        elif extra is not False and "anyOf" not in schema:
             found.append(where)
         for name, sub in schema.get("properties", {}).items():
             found += _unbounded(sub, components, f"{where}.{name}")

@@ -83,6 +83,8 @@ def chat_records(draw: st.DrawFn, texts: st.SearchStrategy[str], nonblank: st.Se
     for _ in range(draw(st.integers(1, 3))):
         messages.append(draw(message_strategy("user", texts, texts)))
         messages.append(draw(message_strategy("assistant", nonblank, texts)))
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        messages[-1]["weight"] = 1  # at least one assistant message to learn from, as OpenAI requires
     return {"messages": messages}
 
 

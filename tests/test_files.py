@@ -96,6 +96,42 @@ def test_every_bad_line_is_reported_and_nothing_is_kept(client: TestClient, tena
     assert client.get("/v1/files", headers=tenant.headers).json()["data"] == []
 
 
+def test_openai_features_tuneforge_does_not_train_on_are_refused_line_by_line(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    user = {"role": "user", "content": "What is the weather?"}
+    answer = {"role": "assistant", "content": "Sunny."}
+    call = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w"}}]}
+    lines = [
+        chat_lines(1)[0],
+        json.dumps({"messages": [user, call]}),
+        json.dumps({"messages": [user, {"role": "tool", "content": "{}", "tool_call_id": "c1"}, answer]}),
+        json.dumps({"messages": [user, answer], "tools": [{"type": "function", "function": {"name": "w"}}]}),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, answer]}),
+        json.dumps({"input": {"messages": [user]}, "preferred_output": [answer], "non_preferred_output": [answer]}),
+        json.dumps({"messages": [user, {**answer, "weight": 0}]}),
+    ]
+    r = upload(client, tenant, jsonl(lines))
+    assert r.status_code == 422
+    errors = r.json()["error"]["report"]["errors"]
+    assert [(e["line"], e["code"]) for e in errors] == [
+        (2, "unsupported_feature"),
+        (3, "unsupported_feature"),
+        (4, "unsupported_feature"),
+        (5, "unsupported_feature"),
+        (6, "unsupported_feature"),
+        (7, "no_assistant_message"),
+    ]
+    messages = [e["message"] for e in errors]
+    assert messages[0] == 'messages[1]: "tool_calls": tool calls are not supported yet; remove them from this line'
+    assert messages[1].startswith('messages[1]: role "tool": tool results are not supported yet')
+    assert messages[2].startswith('"tools": tool definitions are not supported yet')
+    assert "content parts" in messages[3] and "give content as a string" in messages[3]
+    assert "preference (DPO) examples" in messages[4]
+    assert '"weight": 0' in messages[5]
+    assert stored_datasets(settings) == []
+
+
 def test_non_utf8_line_is_named(client: TestClient, tenant: Tenant) -> None:
     content = jsonl(chat_lines(1)) + b'{"text": "caf\xe9"}\n'
     r = upload(client, tenant, content)

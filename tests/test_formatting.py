@@ -36,6 +36,19 @@ def test_chat_loss_covers_every_assistant_turn_and_nothing_else(tokenizer: Any) 
     assert all(label == IGNORE_INDEX for label in example.labels[: len(prefix)])
 
 
+def test_an_assistant_turn_with_weight_0_is_context_not_trained_on(tokenizer: Any) -> None:
+    """OpenAI's semantics: `"weight": 0` keeps the turn in the conversation the model sees, without loss on it."""
+    messages = [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Lyon.", "weight": 0},
+        {"role": "user", "content": "No, try again."},
+        {"role": "assistant", "content": "Paris.", "weight": 1},
+    ]
+    example = encode_chat(tokenizer, messages)
+    assert trained_text(tokenizer, example.input_ids, example.labels) == "Paris.<|im_end|>\n"
+    assert "Lyon." in tokenizer.decode(example.input_ids)  # still in the context
+
+
 def test_prompt_completion_loss_covers_the_completion_and_end_of_sequence(tokenizer: Any) -> None:
     example = encode_prompt_completion(tokenizer, "2 + 2 =", " 4")
     assert example.input_ids[: len(encode_prompt(tokenizer, "2 + 2 ="))] == encode_prompt(tokenizer, "2 + 2 =")

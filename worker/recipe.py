@@ -421,11 +421,13 @@ class TrainingRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         at.step += 1
         elapsed = time.perf_counter() - started
+        trained_tokens = int(at.metrics.get("trained_tokens", 0)) + stats.input_tokens  # kept across a resume
         at.metrics = {
             "train_loss": round(stats.loss, 6),
             "train_token_accuracy": round(stats.accuracy, 6),
             "learning_rate": lr,
             "tokens_per_second": round(stats.input_tokens / max(elapsed, 1e-9), 1),
+            "trained_tokens": trained_tokens,
         }
         self.reporter.progress(
             step=at.step,

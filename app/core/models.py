@@ -153,6 +153,8 @@ class Job(Base):
     dtype: Mapped[str | None] = mapped_column(String(16), default=None)
     # The base model's revision when the job was created: a model registered again under its id is another model.
     base_model_revision: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The user's own key-value pairs (OpenAI's `metadata`: at most 16, short strings), returned as given.
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
 
 
 class JobEvent(Base):

@@ -48,7 +48,23 @@ class ValidationReport:
         }
 
 
+# OpenAI fine-tuning features Tuneforge does not train on yet: refused line by line, never silently dropped.
+UNSUPPORTED_RECORD_FIELDS = {
+    "tools": "tool definitions",
+    "functions": "function definitions",
+    "parallel_tool_calls": "parallel tool calls",
+}
+UNSUPPORTED_MESSAGE_FIELDS = {"tool_calls": "tool calls", "function_call": "function calls"}
+UNSUPPORTED_ROLES = {"tool": "tool results", "function": "function results"}
+
+
+def _unsupported(what: str) -> LineIssue:
+    return LineIssue("unsupported_feature", f"{what} are not supported yet; remove them from this line")
+
+
 def detect_format(record: dict[str, Any]) -> str:
+    if "preferred_output" in record or "non_preferred_output" in record:
+        raise _unsupported('preference (DPO) examples ("input", "preferred_output", "non_preferred_output")')
     if "messages" in record:
         return "chat"
     if "prompt" in record or "completion" in record:
@@ -81,13 +97,26 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
                 "too_many_messages",
                 f"the conversation has {len(messages)} messages; at most {MAX_MESSAGES} are allowed",
             )
+        for name, what in UNSUPPORTED_RECORD_FIELDS.items():
+            if name in record:
+                raise _unsupported(f'"{name}": {what}')
         seen_user = False
         has_assistant = False
         for i, message in enumerate(messages):
             where = f"messages[{i}]: "
             if not isinstance(message, dict):
                 raise LineIssue("invalid_type", f"{where}must be an object with role and content")
+            for name, what in UNSUPPORTED_MESSAGE_FIELDS.items():
+                if name in message:
+                    raise _unsupported(f'{where}"{name}": {what}')
             role = _require_string(message, "role", where)
+            if role in UNSUPPORTED_ROLES:
+                raise _unsupported(f'{where}role "{role}": {UNSUPPORTED_ROLES[role]}')
+            if isinstance(message.get("content"), list):
+                raise LineIssue(
+                    "unsupported_feature",
+                    f"{where}content parts (images, audio, files) are not supported yet; give content as a string",
+                )
             if role not in ROLES:
                 raise LineIssue("invalid_role", f'{where}role "{role[:40]}" is not one of {", ".join(ROLES)}')
             content = _require_string(message, "content", where)
@@ -100,7 +129,7 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
                     raise LineIssue("invalid_order", f"{where}an assistant message must follow a user message")
                 if not content.strip():
                     raise LineIssue("empty_content", f"{where}assistant content is empty")
-                has_assistant = True
+                has_assistant = has_assistant or message.get("weight", 1) == 1
             extra = set(message) - {"role", "content", "name", "weight"}
             if extra:
                 names = ", ".join(sorted(name[:40] for name in extra)[:5])
@@ -110,7 +139,10 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
             if "weight" in message and (type(message["weight"]) is not int or message["weight"] not in (0, 1)):
                 raise LineIssue("invalid_type", f'{where}"weight" must be 0 or 1')
         if not has_assistant:
-            raise LineIssue("no_assistant_message", "the conversation has no assistant message to learn from")
+            raise LineIssue(
+                "no_assistant_message",
+                'the conversation has no assistant message to learn from (every one has "weight": 0)',
+            )
     elif fmt == "prompt_completion":
         _require_string(record, "prompt")
         completion = _require_string(record, "completion")

@@ -5,12 +5,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.core import idempotency
 from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
-from app.core.settings import Settings
 from app.jobs import service
 from app.jobs.schemas import (
     CheckpointList,
@@ -24,13 +22,6 @@ from app.jobs.schemas import (
     MetricsObject,
 )
 from app.jobs.streaming import event_stream
-from app.ml.methods.qlora import cuda_training_available
-
-
-def _cuda_training(settings: Settings) -> bool:
-    """Whether this service's workers train on CUDA: as configured, or as this process could."""
-    return settings.cuda_workers if settings.cuda_workers is not None else cuda_training_available(settings.device)
-
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 409, 413, 422, 429, 503))
 
@@ -52,46 +43,28 @@ def create_job(
     tenant: TenantDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobObject | JSONResponse:
-    request_sha256 = idempotency.digest(body.model_dump_json()) if idempotency_key else None
-    if idempotency_key and not body.dry_run:
-        seen = idempotency.find(session, tenant_id=tenant.id, endpoint="jobs", key=idempotency_key)
-        if seen is not None:  # a retry: what the first request created, never a second job
-            idempotency.check_same_request(seen, request_sha256)
-            return JobObject.of(service.get_job(session, tenant_id=tenant.id, job_id=seen.resource_id))
-    plan = service.plan_job(
+    spec = body.spec()
+    if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
+        plan = service.plan_job(
+            session,
+            storage=storage,
+            models=models,
+            tenant_id=tenant.id,
+            request=spec,
+            default_base_model=settings.default_base_model,
+            max_batch_tokens=settings.train_max_batch_tokens,
+            cuda_training=service.cuda_training(settings),
+        )
+        return JSONResponse(DryRunObject(**service.dry_run(session, plan)).model_dump(), status_code=200)
+    job = service.submit_job(
         session,
+        settings=settings,
         storage=storage,
         models=models,
         tenant_id=tenant.id,
-        request=body,
-        default_base_model=settings.default_base_model,
-        max_batch_tokens=settings.train_max_batch_tokens,
-        cuda_training=_cuda_training(settings),
+        spec=spec,
+        idempotency_key=idempotency_key,
     )
-    if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
-        return JSONResponse(DryRunObject(**service.dry_run(session, plan)).model_dump(), status_code=200)
-    job = service.create_job(
-        session,
-        tenant_id=tenant.id,
-        request=body,
-        plan=plan,
-        max_active_jobs=settings.max_active_jobs_per_tenant,
-        max_stored_bytes=settings.max_stored_bytes_per_tenant,
-    )
-    if idempotency_key:
-        idempotency.remember(
-            session,
-            tenant_id=tenant.id,
-            endpoint="jobs",
-            key=idempotency_key,
-            resource_id=job.id,
-            request_sha256=request_sha256,
-        )
-    # Committed before the task is sent (the worker re-reads the row), unless the same key won a race.
-    winner = idempotency.commit_or_winner(session, tenant_id=tenant.id, endpoint="jobs", key=idempotency_key)
-    if winner is not None:
-        return JobObject.of(service.get_job(session, tenant_id=tenant.id, job_id=winner))
-    service.dispatch_job(session, settings=settings, job=job)
     return JobObject.of(job)
 
 

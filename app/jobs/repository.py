@@ -36,6 +36,13 @@ def list_events(session: Session, *, job_id: str, after_seq: int, limit: int) ->
     )
 
 
+def list_events_newest_first(session: Session, *, job_id: str, before_seq: int | None, limit: int) -> list[JobEvent]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before_seq is not None:
+        query = query.where(JobEvent.seq < before_seq)
+    return list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit)))
+
+
 def list_checkpoints(session: Session, *, job_id: str) -> list[Checkpoint]:
     """The job's kept checkpoints, latest step first (a job keeps at most 20)."""
     query = select(Checkpoint).where(Checkpoint.job_id == job_id)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from app.core.models import Checkpoint, Job, JobEvent, JobStatus
+from app.jobs.service import JobSpec
 from app.ml.methods import METHODS, hyperparameter_classes
 
 MAX_ID_CHARS = 64
@@ -31,7 +32,7 @@ def _ts(value: datetime | None) -> int | None:
 ESTIMATE_AFTER_STEPS = 3  # steps a running job must have done before its finish is estimated
 
 
-def _estimated_finish(job: Job) -> int | None:
+def estimated_finish(job: Job) -> int | None:
     """Now plus the remaining steps at the average pace since this attempt started (which includes loading; a
     resumed attempt counts from the checkpoint's step)."""
     if job.status != JobStatus.running or not job.total_steps or job.started_at is None:
@@ -68,6 +69,16 @@ class JobCreate(BaseModel):
         description="Check everything and answer 200 with the plan (examples, steps, tokens, estimated duration) "
         "instead of creating and queueing the job",
     )
+
+    def spec(self) -> JobSpec:
+        return JobSpec(
+            base_model=self.base_model,
+            method=self.method,
+            training_file=self.training_file,
+            validation_file=self.validation_file,
+            suffix=self.suffix,
+            hyperparameters=self.hyperparameters,
+        )
 
 
 class DryRunObject(BaseModel):
@@ -142,7 +153,7 @@ class JobObject(BaseModel):
             dtype=job.dtype,
             attempt=job.attempt,
             heartbeat_at=_ts(job.heartbeat_at),
-            estimated_finish=_estimated_finish(job),
+            estimated_finish=estimated_finish(job),
             created_at=_ts(job.created_at) or 0,
             started_at=_ts(job.started_at),
             finished_at=_ts(job.finished_at),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,6 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.base_models.service import require_model
+from app.core import idempotency
 from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
 from app.core.job_events import append_event
@@ -34,9 +37,9 @@ from app.core.usage import check_storage
 from app.datasets import repository as files_repository
 from app.datasets.service import token_counts
 from app.jobs import repository
-from app.jobs.schemas import JobCreate
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import METHODS
+from app.ml.methods.qlora import cuda_training_available
 from app.ml.registry import ModelRecord, ModelStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,20 @@ def checked_hyperparameters(method: str, values: dict[str, Any], base_model: Mod
         raise InvalidInput(f"{param}: {message}", param=param) from exc
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asks to train, whichever API they ask through (native `/jobs` or OpenAI's
+    `/v1/fine_tuning/jobs`): the domain arguments of `plan_job`, `create_job` and `submit_job`."""
+
+    base_model: str | None  # None: the deployment's default
+    method: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] | None = None
+
+
 @dataclass
 class JobPlan:
     """A job request checked against its model, method and files: what `POST /jobs` creates, or a dry run shows."""
@@ -85,7 +102,7 @@ def plan_job(
     storage: ObjectStorage,
     models: ModelStore,
     tenant_id: str,
-    request: JobCreate,
+    request: JobSpec,
     default_base_model: str,
     max_batch_tokens: int,
     cuda_training: bool,
@@ -150,7 +167,7 @@ def create_job(
     session: Session,
     *,
     tenant_id: str,
-    request: JobCreate,
+    request: JobSpec,
     plan: JobPlan,
     max_active_jobs: int,
     max_stored_bytes: int,
@@ -170,6 +187,7 @@ def create_job(
         validation_file_id=request.validation_file,
         suffix=request.suffix,
         hyperparameters=plan.hyperparameters.model_dump(mode="json"),
+        user_metadata=request.metadata,
         status=JobStatus.validating_files,
     )
     session.add(job)
@@ -180,6 +198,71 @@ def create_job(
     session.flush()
     append_event(session, job.id, "status", "files validated; job queued", {"status": job.status.value})
     return job
+
+
+def submit_job(
+    session: Session,
+    *,
+    settings: Settings,
+    storage: ObjectStorage,
+    models: ModelStore,
+    tenant_id: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    endpoint: str = "jobs",
+) -> Job:
+    """Check, create, commit and queue a job: what `POST /jobs` and `POST /v1/fine_tuning/jobs` do.
+
+    With an idempotency key, a retry of the same request returns the job the first one created (never a
+    second job); the same key with another request is a conflict."""
+    request_sha256 = idempotency.digest(_spec_json(spec)) if idempotency_key else None
+    if idempotency_key:
+        seen = idempotency.find(session, tenant_id=tenant_id, endpoint=endpoint, key=idempotency_key)
+        if seen is not None:
+            idempotency.check_same_request(seen, request_sha256)
+            return get_job(session, tenant_id=tenant_id, job_id=seen.resource_id)
+    plan = plan_job(
+        session,
+        storage=storage,
+        models=models,
+        tenant_id=tenant_id,
+        request=spec,
+        default_base_model=settings.default_base_model,
+        max_batch_tokens=settings.train_max_batch_tokens,
+        cuda_training=cuda_training(settings),
+    )
+    job = create_job(
+        session,
+        tenant_id=tenant_id,
+        request=spec,
+        plan=plan,
+        max_active_jobs=settings.max_active_jobs_per_tenant,
+        max_stored_bytes=settings.max_stored_bytes_per_tenant,
+    )
+    if idempotency_key:
+        idempotency.remember(
+            session,
+            tenant_id=tenant_id,
+            endpoint=endpoint,
+            key=idempotency_key,
+            resource_id=job.id,
+            request_sha256=request_sha256,
+        )
+    # Committed before the task is sent (the worker re-reads the row), unless the same key won a race.
+    winner = idempotency.commit_or_winner(session, tenant_id=tenant_id, endpoint=endpoint, key=idempotency_key)
+    if winner is not None:
+        return get_job(session, tenant_id=tenant_id, job_id=winner)
+    dispatch_job(session, settings=settings, job=job)
+    return job
+
+
+def _spec_json(spec: JobSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True, separators=(",", ":"))
+
+
+def cuda_training(settings: Settings) -> bool:
+    """Whether this service's workers train on CUDA: as configured, or as this process could."""
+    return settings.cuda_workers if settings.cuda_workers is not None else cuda_training_available(settings.device)
 
 
 PACE_SAMPLE = 20  # recent finished jobs whose training pace estimates a dry run's duration
@@ -378,4 +461,13 @@ def list_events(
 ) -> tuple[list[JobEvent], bool]:
     job = get_job(session, tenant_id=tenant_id, job_id=job_id)
     rows = repository.list_events(session, job_id=job.id, after_seq=after_seq, limit=limit + 1)
+    return rows[:limit], len(rows) > limit
+
+
+def list_events_newest_first(
+    session: Session, *, tenant_id: str, job_id: str, after_seq: int | None, limit: int
+) -> tuple[list[JobEvent], bool]:
+    """OpenAI's order: the latest event first; a page continues with the events before `after_seq`."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    rows = repository.list_events_newest_first(session, job_id=job.id, before_seq=after_seq, limit=limit + 1)
     return rows[:limit], len(rows) > limit

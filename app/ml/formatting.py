@@ -27,12 +27,13 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, add_generatio
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> EncodedExample:
-    """Loss on every assistant turn (its content and end-of-turn token), nothing else."""
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> EncodedExample:
+    """Loss on every assistant turn (its content and end-of-turn token) but those with `"weight": 0` (OpenAI's
+    semantics: context the model sees, not text it learns to write), nothing else."""
     full = render_chat(tokenizer, messages, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)

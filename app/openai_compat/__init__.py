@@ -1,0 +1,1 @@
+"""OpenAI-compatible fine-tuning API: `/v1/fine_tuning/jobs` over the native job service."""
