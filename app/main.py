@@ -19,7 +19,14 @@ from app.base_models.endpoints import router as models_router
 from app.core.db import session_scope
 from app.core.errors import AppError, install_error_handlers
 from app.core.health import router as health_router
-from app.core.middleware import AuthenticationMiddleware, BodyLimitMiddleware, request_too_large
+from app.core.metrics import Metrics
+from app.core.metrics import router as metrics_router
+from app.core.middleware import (
+    AuthenticationMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+    request_too_large,
+)
 from app.core.models import Tenant
 from app.core.readiness import ReadinessProbe
 from app.core.settings import Settings, get_settings
@@ -31,6 +38,7 @@ from app.jobs.endpoints import router as jobs_router
 from app.jobs.reaper import Reaper
 from app.ml.registry import ModelStore
 from app.openai_compat.endpoints import router as fine_tuning_router
+from app.ui.endpoints import router as ui_router
 
 # Multipart framing around the file: a request larger than the limit plus this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -64,6 +72,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
     app.state.engine = None
     app.state.engine_lock = threading.Lock()
     app.state.readiness = ReadinessProbe()
+    app.state.metrics = Metrics(settings, role=role, engine=lambda: app.state.engine)
     install_error_handlers(app)
 
     def limit_for(method: str, path: str) -> tuple[int, AppError]:
@@ -77,17 +86,20 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         with session_scope(settings.db_url) as session:
             return authenticate(session, authorization=authorization)
 
-    # Added last = runs first: authentication, then the body limit, then the routes.
+    # Added last = runs first: the request id and access line, authentication, the body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
     app.add_middleware(AuthenticationMiddleware, authenticate=authenticate)
+    app.add_middleware(RequestContextMiddleware)
 
     _serve_docs_offline(app)
     app.include_router(health_router)
+    app.include_router(metrics_router)
     if role == "api":
         app.include_router(files_router)
         app.include_router(jobs_router)
         app.include_router(fine_tuning_router)
         app.include_router(adapters_router)
+        app.include_router(ui_router)
     app.include_router(generation_router)
     app.include_router(models_router)
     return app

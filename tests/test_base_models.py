@@ -457,13 +457,13 @@ def test_models_remove_is_refused_while_a_job_uses_the_model(
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_models_list_shows_builtins_and_registered(settings: Settings, tmp_path: Path) -> None:
     register(settings, "tiny-phi", "--path", build_tiny_model("phi", tmp_path / "phi"), "--max-seq-length", "256")
-    listed = tuneforge(settings, "models", "list", "--json")
+    listed = tuneforge(settings, "models", "list", "--local", "--json")
     assert listed.returncode == 0, listed.stderr
     models = {m["id"]: m for m in json.loads(listed.stdout)}
     assert list(models) == [*BUILTINS, "tiny-phi"]
     assert models["tiny-phi"]["max_seq_length"] == 256 and models["tiny-phi"]["architecture"] == "phi"
     assert models[settings.default_base_model]["default"] is True
-    table = tuneforge(settings, "models", "list")
+    table = tuneforge(settings, "models", "list", "--local")
     assert "tiny-phi" in table.stdout and "phi" in table.stdout
 
 
@@ -563,7 +563,7 @@ def test_bad_models_are_refused_and_nothing_is_registered(settings: Settings, tm
     for model_id, message in [("tiny-random-llama", "is a built-in model"), ("Bad Id", "must be 1-64 characters")]:
         result = tuneforge(settings, "models", "add", model_id, "--path", good)
         assert result.returncode == 1 and message in result.stderr, result.stderr
-    listed = json.loads(tuneforge(settings, "models", "list", "--json").stdout)
+    listed = json.loads(tuneforge(settings, "models", "list", "--local", "--json").stdout)
     assert [m["id"] for m in listed] == list(BUILTINS)
     assert ObjectStorage.from_settings(settings).list_keys(BLOB_PREFIX) == []
 

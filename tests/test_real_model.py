@@ -71,7 +71,8 @@ def test_a_gguf_file_registers_as_the_same_model_as_the_builtin(tmp_path: Path, 
     result = tuneforge(settings, "models", "add", "smol-gguf", "--gguf", _smollm2_gguf_dir() / SMOLLM2_GGUF)
     assert result.returncode == 0, result.stderr
     assert "converting SmolLM2-135M-Instruct.Q4_1.gguf (once)" in result.stderr
-    [model] = [m for m in json.loads(tuneforge(settings, "models", "list", "--json").stdout) if m["id"] == "smol-gguf"]
+    listed = json.loads(tuneforge(settings, "models", "list", "--local", "--json").stdout)
+    [model] = [m for m in listed if m["id"] == "smol-gguf"]
     builtin = BUILTINS["smollm2-135m-instruct"]
     assert (model["architecture"], model["parameters"], model["chat"], model["source"]) == (
         builtin.architecture,

@@ -19,7 +19,7 @@ from app.cli import Supervised
 from tests.conftest import free_port
 from tests.test_e2e import TUNEFORGE, wait_healthy
 
-STARTED = re.compile(r"tuneforge\.up: started (api|worker) \(pid (\d+)\)")
+STARTED = re.compile(r"started (api|worker) \(pid (\d+)\)")  # in a JSON log line's message (or a text one)
 CELERY_READY = re.compile(r"celery@\S+ ready\.")
 
 

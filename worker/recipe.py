@@ -436,6 +436,22 @@ class TrainingRecipe:
             metrics=at.metrics,
             message=f"step {at.step}/{self.total_steps}: train loss {stats.loss:.4f}",
         )
+        if at.step % self.settings.log_every_steps == 0 or at.step == self.total_steps:
+            speed = at.metrics["tokens_per_second"]
+            log.info(
+                "job %s: step %d/%d, train loss %.4f, %.1f tokens/s",
+                self.job.id,
+                at.step,
+                self.total_steps,
+                stats.loss,
+                speed,
+                extra={
+                    "step": at.step,
+                    "total_steps": self.total_steps,
+                    "loss": stats.loss,
+                    "tokens_per_second": speed,
+                },
+            )
 
     def _checkpoint_if_due(self) -> None:
         every = self.hp.checkpoint_every

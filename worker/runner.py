@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.db import session_scope
 from app.core.ids import new_id
+from app.core.logging import job_logging_context
 from app.core.models import Adapter
 from app.core.queue import enqueue_training
 from app.core.settings import Settings
@@ -53,8 +56,45 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class JobOutcome:
+    """How one run of a job ended: what the worker logs, and what the Celery task reports."""
+
+    status: Literal["succeeded", "failed", "cancelled", "handed_back", "left_to_reaper", "not_claimed"]
+    detail: str  # for the log: what happened, in words
+    adapter_id: str | None = None  # succeeded
+    error_code: str | None = None  # failed: the code the user sees
+    exception: BaseException | None = None  # what went wrong, with its traceback for the log
+
+    def log(self, job_id: str) -> None:
+        """The run's last line: INFO for an ordinary end, WARNING when the reaper takes over, ERROR for a failure."""
+        level = {"failed": logging.ERROR, "left_to_reaper": logging.WARNING}.get(self.status, logging.INFO)
+        fields = {"outcome": self.status, "adapter_id": self.adapter_id, "error_code": self.error_code}
+        extra = {name: value for name, value in fields.items() if value is not None}
+        label = {"left_to_reaper": "stopped without an outcome"}.get(self.status, self.status.replace("_", " "))
+        log.log(level, "job %s %s: %s", job_id, label, self.detail, exc_info=self.exception, extra=extra)
+
+
 def run_training_job(settings: Settings, job_id: str) -> str | None:
     """Returns the adapter id, or None if the job was not run to success."""
+    return run_job(settings, job_id).adapter_id
+
+
+def run_job(settings: Settings, job_id: str) -> JobOutcome:
+    """Claim and run the job, logging its start, its progress (from the recipe) and its outcome, each line with the
+    job's id."""
+    with job_logging_context(job_id):
+        try:
+            outcome = _claim_and_run(settings, job_id)
+            outcome.log(job_id)
+            # Kept no longer: the exception's traceback holds the frames that hold the model, freed just below.
+            outcome = replace(outcome, exception=None)
+            return outcome
+        finally:
+            release_device_memory()
+
+
+def _claim_and_run(settings: Settings, job_id: str) -> JobOutcome:
     job = lifecycle.claim(
         settings.db_url,
         job_id,
@@ -62,83 +102,85 @@ def run_training_job(settings: Settings, job_id: str) -> str | None:
         max_attempts=settings.max_job_attempts,
     )
     if job is None:
-        log.info("job %s cannot be claimed (running elsewhere, finished or cancelled); nothing to do", job_id)
-        return None
-    log.info("job %s: attempt %d started", job.id, job.attempt)
+        return JobOutcome("not_claimed", "running elsewhere, finished or cancelled; nothing to do")
+    log.info(
+        "job %s: attempt %d started (%s on %s)",
+        job.id,
+        job.attempt,
+        job.method,
+        job.base_model,
+        extra={"method": job.method, "base_model": job.base_model, "attempt": job.attempt},
+    )
     storage = ObjectStorage.from_settings(settings)
-    try:
-        with Heartbeat(settings.db_url, job, settings.heartbeat_seconds):
-            reporter = JobReporter(settings.db_url, job, retry_seconds=settings.db_retry_seconds)
-            return _run_claimed(settings, storage, job, reporter)
-    finally:
-        release_device_memory()
+    with Heartbeat(settings.db_url, job, settings.heartbeat_seconds):
+        reporter = JobReporter(settings.db_url, job, retry_seconds=settings.db_retry_seconds)
+        return _run_claimed(settings, storage, job, reporter)
 
 
-def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> str | None:
+def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> JobOutcome:
     """Run the job to its end (and then drop its checkpoints' training states), or leave it to be resumed."""
-    adapter_id = _run_to_an_outcome(settings, storage, job, reporter)
+    outcome = _run_to_an_outcome(settings, storage, job, reporter)
     if lifecycle.has_ended(settings.db_url, job):
         try:
             JobCheckpoints(settings, storage, job).drop_states()
         except Exception:  # left behind: storage, not correctness
             log.exception("job %s: its checkpoints' training states could not be deleted", job.id)
-    return adapter_id
+    return outcome
 
 
 def _run_to_an_outcome(
     settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter
-) -> str | None:
-    retry = settings.db_retry_seconds
+) -> JobOutcome:
     try:
-        return _train_and_publish(settings, storage, job, reporter)
+        adapter_id = _train_and_publish(settings, storage, job, reporter)
+        return JobOutcome("succeeded", f"adapter {adapter_id} published", adapter_id=adapter_id)
     except JobCancelled:
-        log.info("job %s was cancelled; stopped", job.id)
         reporter.event("log", "training stopped: the job was cancelled")
-        return None
+        return JobOutcome("cancelled", "stopped at the user's request")
     except JobLost as exc:
-        log.warning("job %s was taken over by another worker (%s); this run stops", job.id, exc)
-        return None
+        return JobOutcome("left_to_reaper", f"taken over by another worker ({exc}); this run stops")
     except WorkerStopping as exc:
-        _hand_back(settings, job, exc.step)
-        return None
-    except (OperationalError, InterfaceError):
+        return _hand_back(settings, job, exc.step)
+    except (OperationalError, InterfaceError) as exc:
         # Retried for db_retry_seconds already: the heartbeat stops with this run, and the reaper re-queues it.
-        log.exception("job %s: the database stayed unreachable; the reaper will re-queue the job", job.id)
-        return None
+        return JobOutcome(
+            "left_to_reaper", "the database stayed unreachable; the reaper will re-queue it", exception=exc
+        )
     # What the user sees is a stable code and a message written for them; the detail goes to the log.
     except TrainingError as exc:
-        log.info("job %s failed: %s", job.id, exc)
-        lifecycle.fail(settings.db_url, job, str(exc), code=exc.code, retry_seconds=retry)
-        return None
-    except torch.OutOfMemoryError:
-        log.exception("job %s ran out of device memory", job.id)
-        lifecycle.fail(settings.db_url, job, out_of_memory_message(job), code="out_of_memory", retry_seconds=retry)
-        return None
-    except FileNotFoundError:
-        log.exception("job %s failed: an object is missing from storage", job.id)
-        lifecycle.fail(settings.db_url, job, FILE_UNAVAILABLE_MESSAGE, code="file_unavailable", retry_seconds=retry)
-        return None
-    except Exception:
-        log.exception("job %s failed", job.id)
-        lifecycle.fail(settings.db_url, job, internal_error_message(job.id), code="internal_error", retry_seconds=retry)
-        return None
+        return _fail(settings, job, str(exc), exc.code)
+    except torch.OutOfMemoryError as exc:
+        return _fail(settings, job, out_of_memory_message(job), "out_of_memory", exc)
+    except FileNotFoundError as exc:
+        return _fail(settings, job, FILE_UNAVAILABLE_MESSAGE, "file_unavailable", exc)
+    except Exception as exc:
+        return _fail(settings, job, internal_error_message(job.id), "internal_error", exc)
     except BaseException:  # a cold shutdown (a second Ctrl-C): back to the queue, from the last checkpoint
         log.exception("job %s stopped", job.id)
-        _hand_back(settings, job, None)
+        _hand_back(settings, job, None).log(job.id)
         raise
 
 
-def _hand_back(settings: Settings, job: ClaimedJob, step: int | None) -> None:
+def _fail(
+    settings: Settings, job: ClaimedJob, message: str, code: str, exception: BaseException | None = None
+) -> JobOutcome:
+    lifecycle.fail(settings.db_url, job, message, code=code, retry_seconds=settings.db_retry_seconds)
+    return JobOutcome("failed", f"{code}: {message}", error_code=code, exception=exception)
+
+
+def _hand_back(settings: Settings, job: ClaimedJob, step: int | None) -> JobOutcome:
     """Queued again, for another worker (or this one after its restart) to resume from the latest checkpoint."""
     if not lifecycle.hand_back(settings.db_url, job, step=step, retry_seconds=min(settings.db_retry_seconds, 10)):
-        return
+        return JobOutcome("left_to_reaper", "the worker stopped, and the job is no longer this run's")
     try:
         enqueue_training(settings, job.id, needs_cuda=METHODS[job.method].needs_cuda)
-    except Exception:
-        log.exception("job %s: its task could not be sent; the reaper will send it", job.id)
+    except Exception as exc:
         lifecycle.unhand(settings.db_url, job)
-        return
-    log.info("job %s handed back to the queue at step %s", job.id, step)
+        return JobOutcome(
+            "left_to_reaper", "the worker stopped; its task could not be sent, the reaper will", exception=exc
+        )
+    where = f" at step {step}" if step is not None else ""
+    return JobOutcome("handed_back", f"the worker stopped; back in the queue{where}, to resume from its checkpoint")
 
 
 def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:

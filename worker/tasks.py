@@ -1,25 +1,54 @@
 """Celery tasks: thin wrappers that hand a job id to the training runner; and the worker's reaper thread."""
 
+from contextvars import Token
 from typing import Any
 
 from celery.exceptions import Reject
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown, worker_shutting_down
 
+from app.core.logging import job_id_var
 from app.core.queue import TRAINING_TASK
 from app.core.settings import get_settings
 from app.jobs.reaper import Reaper
 from worker.celery_app import celery_app
 from worker.lifecycle import request_stop, stop_requested
-from worker.runner import run_training_job
+from worker.runner import run_job
 
 _reaper: Reaper | None = None
 
 
-@celery_app.task(name=TRAINING_TASK)
-def training_run(job_id: str) -> None:
+class JobFailed(Exception):
+    """The job failed (its row says so, with the error the user sees): the task is reported as failed, not as
+    succeeded. Expected (`throws`): Celery logs it at INFO without a traceback (the worker logged the failure at
+    ERROR, with the details), and acknowledges the message (`task_acks_on_failure_or_timeout`): never run again."""
+
+
+@celery_app.task(name=TRAINING_TASK, throws=(JobFailed,))
+def training_run(job_id: str) -> str:
+    """Returns how the job's run ended, which Celery logs with the task's end."""
     if stop_requested():  # received while shutting down (a job just handed back, say): leave it for the next
         raise Reject("the worker is stopping", requeue=True)
-    run_training_job(get_settings(), job_id)
+    outcome = run_job(get_settings(), job_id)
+    if outcome.status == "failed":
+        raise JobFailed(f"job {job_id} failed: {outcome.error_code}")
+    return f"job {job_id} {outcome.status}"
+
+
+_job_context: dict[str, Token[str | None]] = {}  # task id -> job id context to restore after it
+
+
+@task_prerun.connect
+def _log_with_the_job_id(task_id: str, task: Any, kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+    # From before the task starts to after Celery logs its end, so that Celery's own lines carry the job id too.
+    if task.name == TRAINING_TASK and kwargs and isinstance(kwargs.get("job_id"), str):
+        _job_context[task_id] = job_id_var.set(kwargs["job_id"])
+
+
+@task_postrun.connect
+def _log_without_the_job_id(task_id: str, **_: Any) -> None:
+    token = _job_context.pop(task_id, None)
+    if token is not None:
+        job_id_var.reset(token)
 
 
 @worker_ready.connect

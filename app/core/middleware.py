@@ -2,15 +2,20 @@
 
 Both are pure ASGI (not `BaseHTTPMiddleware`) so that nothing buffers the body: a request without a valid
 key is answered 401 before one byte of its body is read, and a body is counted as it streams in (with or
-without a `Content-Length`) and refused with 413 the moment it passes its route's limit.
+without a `Content-Length`) and refused with 413 the moment it passes its route's limit. Around both, the
+request's id for the logs and its access line.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import anyio
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import (
@@ -21,10 +26,15 @@ from app.core.errors import (
     RequestTooLarge,
     Unauthorized,
 )
+from app.core.logging import request_id_var, sane_request_id
 
-# Paths that answer without an API key: liveness/readiness probes and the API documentation.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})
-PUBLIC_PREFIXES = ("/docs/assets/",)
+access_log = logging.getLogger("tuneforge.access")
+
+# Paths that answer without an API key: liveness/readiness probes, the API documentation and the dashboard's
+# page and assets (the page asks for the key and sends it with each API call), and the Prometheus metrics (which
+# check TUNEFORGE_METRICS_TOKEN themselves when it is set).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/ui", "/metrics"})
+PUBLIC_PREFIXES = ("/docs/assets/", "/ui/")
 
 
 def is_public(path: str) -> bool:
@@ -36,6 +46,53 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+# Polled every few seconds by probes and Prometheus: their access lines are DEBUG, not INFO.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestContextMiddleware:
+    """Give each request an id, the client's `X-Request-ID` when it is a sane one (else a new one), that every line
+    logged while it is handled carries and the response returns in `X-Request-ID`; then log its access line
+    (method, path, status, duration), in place of uvicorn's, which cannot know the id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = sane_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500  # if the app raises before it answers, the server answers 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            method, path = scope["method"], scope["path"]
+            duration_ms = round(1000 * (time.perf_counter() - started), 1)
+            access_log.log(
+                logging.DEBUG if path in PROBE_PATHS else logging.INFO,
+                "%s %s %d %.1f ms",
+                method,
+                path,
+                status,
+                duration_ms,
+                extra={"method": method, "path": path, "status": status, "duration_ms": duration_ms},
+            )
+        # Reset only after a normal end: the server logs an exception that escapes the app in this same task,
+        # and that line should carry the request's id too (every request runs in a task, a context, of its own).
+        request_id_var.reset(token)
 
 
 class AuthenticationMiddleware:

@@ -26,6 +26,8 @@ def make_celery(broker: str, queue: str) -> Celery:
         worker_prefetch_multiplier=1,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A task that raises (a failed job: its row says failed already) is acknowledged, never delivered again.
+        task_acks_on_failure_or_timeout=True,
         task_default_queue=queue,
         task_routes={TRAINING_TASK: {"queue": queue}},
         broker_connection_retry_on_startup=True,

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -180,7 +180,21 @@ class Settings(BaseSettings):
         default=None, description="torch intra-op threads in the worker and server (default: torch's own)"
     )
 
+    # --- observability ---------------------------------------------------------------------
     log_level: str = Field(default="INFO", description="Log level of the tuneforge commands")
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="Log lines of the API, the worker and `tuneforge up` on stderr: json (one object a line: time, "
+        "level, logger, message, request_id, job_id...) or text (the same, for a person at a terminal)",
+    )
+    log_every_steps: int = Field(
+        default=10, ge=1, le=1_000_000, description="The worker logs a running job's progress every this many steps"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="When set, GET /metrics answers only `Authorization: Bearer <this token>`; unset, it is public "
+        "like /healthz (aggregate counts across tenants: no ids, names or text)",
+    )
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

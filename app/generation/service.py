@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from app.adapters.service import adapter_unavailable, get_servable
 from app.base_models.service import load_tokenizer, model_unavailable, require_model
 from app.core.db import session_scope
 from app.core.errors import InvalidInput, NotFound, ServiceUnavailable, TooManyRequests
+from app.core.metrics import Metrics
 from app.core.models import Adapter, Job
 from app.core.settings import Settings
 from app.ml.formatting import encode_chat_prompt, encode_prompt
@@ -182,9 +184,10 @@ def _resolve(
     return found, ref, virtual_tokens
 
 
-def submit(engine: GenerationEngine, prepared: Prepared, on_delta: Any = None) -> Generation:
+def submit(engine: GenerationEngine, prepared: Prepared, http: Request, on_delta: Any = None) -> Generation:
+    started = time.perf_counter()
     try:
-        return engine.submit(prepared.request, on_delta)
+        generation = engine.submit(prepared.request, on_delta)
     except EngineOverloaded as exc:
         raise TooManyRequests(
             f"the server is generating at capacity ({exc.waiting} requests waiting); try again shortly",
@@ -193,6 +196,29 @@ def submit(engine: GenerationEngine, prepared: Prepared, on_delta: Any = None) -
         ) from None
     except EngineClosed:
         raise ServiceUnavailable("the server is shutting down; try again shortly") from None
+    metrics: Metrics = http.app.state.metrics
+    generation.future.add_done_callback(
+        lambda future: _observe(metrics, future, time.perf_counter() - started, stream=on_delta is not None)
+    )
+    return generation
+
+
+def _observe(metrics: Metrics, future: Future[GenerationResult], seconds: float, *, stream: bool) -> None:
+    """The request's latency and tokens, as it ends, however it ends (whether or not anyone reads the result)."""
+    if future.cancelled() or future.exception() is not None:
+        reason = "cancelled" if future.cancelled() else "error"
+        metrics.generation_ended(
+            seconds=seconds, finish_reason=reason, prompt_tokens=0, completion_tokens=0, stream=stream
+        )
+        return
+    result = future.result()
+    metrics.generation_ended(
+        seconds=seconds,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        stream=stream,
+    )
 
 
 def outcome(prepared: Prepared, future: Future[GenerationResult]) -> GenerationResult:
@@ -229,7 +255,7 @@ async def cancelled_on_disconnect(http: Request, generation: Generation) -> Asyn
 
 
 async def complete(engine: GenerationEngine, prepared: Prepared, http: Request) -> GenerationResult:
-    generation = submit(engine, prepared)
+    generation = submit(engine, prepared, http)
     async with cancelled_on_disconnect(http, generation):
         await asyncio.wait([asyncio.wrap_future(generation.future)])
     return outcome(prepared, generation.future)
@@ -248,7 +274,7 @@ class Stream:
             loop.call_soon_threadsafe(self._items.put_nowait, item)
 
         self.prepared = prepared
-        self.generation = submit(engine, prepared, on_delta=put)
+        self.generation = submit(engine, prepared, http, on_delta=put)
         self.generation.future.add_done_callback(put)
         self._watcher = asyncio.create_task(_watch(http, self.generation))
         self._first: Delta | GenerationResult | None = None

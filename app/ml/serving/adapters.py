@@ -238,17 +238,20 @@ class AdapterStore:
         self._loading: dict[str, Future[HostAdapter]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adapter-loader")
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # the local disk: unpacked already, or downloaded from the object store
+        self.host_hits = self.host_misses = 0  # host memory: read already, or read from the disk now
 
     def fetch(self, ref: AdapterRef, *, weights_sha256: str) -> Future[HostAdapter]:
         """The adapter read into host memory: at once if it is there, else one load however many ask."""
         with self._lock:
             host = self._host.get(ref.id)
             if host is not None:
+                self.host_hits += 1
                 self._host.move_to_end(ref.id)
                 done: Future[HostAdapter] = Future()
                 done.set_result(host)
                 return done
+            self.host_misses += 1
             loading = self._loading.get(ref.id)
             if loading is None:
                 loading = self._loading[ref.id] = self._pool.submit(self._load, ref, weights_sha256)
@@ -260,6 +263,10 @@ class AdapterStore:
             self._host.move_to_end(host.ref.id)
             while len(self._host) > 1 and sum(h.n_bytes for h in self._host.values()) > self.host_bytes:
                 self._host.popitem(last=False)
+
+    def host_bytes_used(self) -> int:
+        with self._lock:
+            return sum(h.n_bytes for h in self._host.values())
 
     def _load(self, ref: AdapterRef, weights_sha256: str) -> HostAdapter:
         try:

@@ -131,6 +131,7 @@ class _Waiting:
     generation: Generation
     loading: Future[HostAdapter] | None = None
     refetched: int = 0
+    looked_up: bool = False  # its adapter was looked up on the device once (a cache hit or miss, counted once)
 
 
 class GenerationEngine:
@@ -160,6 +161,7 @@ class GenerationEngine:
         self._wake = threading.Event()
         self._closing = False
         self.steps = 0  # decoding steps taken (all lanes)
+        self.adapter_hits = self.adapter_misses = 0  # requests whose adapter was (not) on the device already
         self._thread = threading.Thread(target=self._run, name="generation-engine", daemon=True)
         self._thread.start()
 
@@ -187,10 +189,18 @@ class GenerationEngine:
         self.store.close()
 
     def stats(self) -> dict[str, int]:
+        """Counters and sizes for monitoring; read from any thread (snapshots, no lock on the engine thread)."""
+        bases = list(self._bases.values())
         return {
-            "running": sum(base.running() for base in list(self._bases.values())),
+            "running": sum(base.running() for base in bases),
             "waiting": len(self._waiting) + len(self._inbox),
             "steps": self.steps,
+            "adapter_device_hits": self.adapter_hits,
+            "adapter_device_misses": self.adapter_misses,
+            "adapter_device_bytes": sum(s.n_bytes for base in bases for s in list(base.adapters.values())),
+            "adapter_host_hits": self.store.host_hits,
+            "adapter_host_misses": self.store.host_misses,
+            "adapter_host_bytes": self.store.host_bytes_used(),
             "adapter_disk_hits": self.store.hits,
             "adapter_disk_misses": self.store.misses,
         }
@@ -395,6 +405,12 @@ class GenerationEngine:
         if ref is None:
             return None
         servable = base.adapters.get(ref.id)
+        if not waiting.looked_up:
+            waiting.looked_up = True
+            if servable is not None:
+                self.adapter_hits += 1
+            else:
+                self.adapter_misses += 1
         if servable is not None:
             base.adapters.move_to_end(ref.id)
             return servable

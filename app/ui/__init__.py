@@ -1,0 +1,1 @@
+"""The web dashboard at /ui: jobs, live loss curves, adapters and a playground, from files in this package."""

@@ -1,0 +1,49 @@
+"""Serves the dashboard's page and assets at /ui (public: the page asks for the API key and sends it itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+
+from app.core.errors import NotFound
+
+STATIC_DIR = Path(__file__).parent / "static"
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",  # ES modules load only with a JavaScript type
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".txt": "text/plain; charset=utf-8",
+}
+# Only the files the package ships, listed once: a request names one of them or gets 404, never a path outside.
+ASSETS = {
+    path.relative_to(STATIC_DIR).as_posix(): path
+    for path in sorted(STATIC_DIR.rglob("*"))
+    if path.is_file() and path.suffix in MEDIA_TYPES
+}
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+def _file(name: str) -> FileResponse:
+    path = ASSETS.get(name)
+    if path is None:
+        raise NotFound(f"no dashboard asset named {name!r}", param="path")
+    # Revalidated on each load (ETag): a new version of the package shows at once, without stale modules.
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
+
+
+@router.get("")
+@router.get("/")
+def page() -> FileResponse:
+    return _file("index.html")
+
+
+@router.get("/static/{name:path}")
+def asset(name: Annotated[str, PathParam(max_length=200)]) -> FileResponse:
+    return _file(name)

@@ -1,0 +1,525 @@
+// The dashboard: a hash router over four views (jobs, one job, adapters, playground), built from the REST API.
+
+import {
+  ApiError,
+  clearKey,
+  downloadArtifact,
+  followJob,
+  getJSON,
+  getKey,
+  isTerminal,
+  listAll,
+  postJSON,
+  setKey,
+} from "./api.js";
+import { LineChart } from "./chart.js";
+
+const view = document.getElementById("view");
+const nav = document.getElementById("nav");
+const changeKey = document.getElementById("change-key");
+const toast = document.getElementById("toast");
+const LIST_REFRESH_MS = 5000;
+const MAX_EVENT_ROWS = 1000;
+
+// --- small helpers ---------------------------------------------------------------------------------------------
+
+/** An element with attributes and children (strings become text: nothing from the API is parsed as HTML). */
+function h(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  node.append(...children.flat().filter((c) => c !== undefined && c !== null && c !== false));
+  return node;
+}
+
+const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() : "—");
+const number = (value, digits = 4) => (typeof value === "number" ? String(Number(value.toPrecision(digits))) : "—");
+
+function bytes(n) {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) {
+    n /= 1000;
+    i += 1;
+  }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+/** A table head; the columns named in `numeric` are right-aligned. */
+const head = (columns, numeric = []) =>
+  h("thead", {}, h("tr", {}, columns.map((c) => h("th", { class: numeric.includes(c) ? "num" : undefined }, c))));
+
+const statusBadge = (status) => h("span", { class: `status status-${status}`, "data-field": "status" }, status);
+
+function progressText(job) {
+  const { step, total_steps: total } = job.progress;
+  return total ? `${step}/${total}` : `${step}`;
+}
+
+function showError(message) {
+  toast.textContent = message;
+  toast.hidden = false;
+  clearTimeout(showError.timer);
+  showError.timer = setTimeout(() => (toast.hidden = true), 8000);
+}
+
+/** A link that downloads an adapter or checkpoint archive with the key (see `downloadArtifact`). */
+function downloadLink(artifactId, text = "Download") {
+  return h(
+    "a",
+    {
+      href: `/adapters/${encodeURIComponent(artifactId)}/download`,
+      class: "download",
+      "data-download": artifactId,
+      onclick: async (event) => {
+        event.preventDefault();
+        try {
+          await downloadArtifact(artifactId);
+        } catch (error) {
+          showError(error.message);
+        }
+      },
+    },
+    text,
+  );
+}
+
+const playgroundLink = (artifactId, base) =>
+  h("a", { href: `#/playground?adapter=${encodeURIComponent(artifactId)}&base=${encodeURIComponent(base)}` }, "Try");
+
+// --- routing ---------------------------------------------------------------------------------------------------
+
+let current = null; // the view on screen: aborted (its requests, streams and timers) when another replaces it
+
+function route() {
+  current?.abort();
+  current = new AbortController();
+  const signal = current.signal;
+  toast.hidden = true;
+  if (!getKey()) {
+    nav.hidden = changeKey.hidden = true;
+    keyForm();
+    return;
+  }
+  nav.hidden = changeKey.hidden = false;
+  const [path, query = ""] = location.hash.replace(/^#/, "").split("?");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  const params = new URLSearchParams(query);
+  const section = parts[0] || "jobs";
+  for (const link of nav.querySelectorAll("a")) link.classList.toggle("active", link.dataset.nav === section);
+  let rendered;
+  if (parts[0] === "jobs" && parts[1]) rendered = jobView(parts[1], signal);
+  else if (parts[0] === "adapters") rendered = adaptersView(signal);
+  else if (parts[0] === "playground") rendered = playgroundView(params, signal);
+  else rendered = jobsView(signal);
+  rendered.catch((error) => {
+    if (signal.aborted || error.name === "AbortError") return;
+    if (error instanceof ApiError && error.status === 401) {
+      clearKey();
+      keyForm(error.message);
+      return;
+    }
+    view.replaceChildren(h("div", { class: "card" }, h("p", { class: "error", role: "alert" }, error.message)));
+  });
+}
+
+window.addEventListener("hashchange", route);
+changeKey.addEventListener("click", () => {
+  clearKey();
+  route();
+});
+
+// --- the API key -----------------------------------------------------------------------------------------------
+
+function keyForm(message) {
+  const input = h("input", { type: "password", id: "api-key", name: "key", autocomplete: "off", required: true });
+  const error = h("p", { class: "error", id: "key-error", role: "alert" }, message || "");
+  const form = h(
+    "form",
+    { class: "card login", id: "key-form" },
+    h("h1", {}, "Tuneforge"),
+    h("p", { class: "muted" }, "Enter an API key (", h("code", {}, "tuneforge keys create --tenant NAME"), ")."),
+    h("label", {}, "API key", input),
+    h("p", {}, h("button", { type: "submit" }, "Continue")),
+    error,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const key = input.value.trim();
+    try {
+      await getJSON("/jobs?limit=1", { key }); // proves the key before it is kept
+    } catch (failure) {
+      error.textContent = failure.message;
+      return;
+    }
+    setKey(key);
+    route();
+  });
+  view.replaceChildren(form);
+  input.focus();
+}
+
+// --- jobs ------------------------------------------------------------------------------------------------------
+
+async function jobsView(signal) {
+  const body = h("tbody");
+  const more = h("button", { type: "button", class: "quiet", hidden: true }, "Load more");
+  view.replaceChildren(
+    h("h1", {}, "Jobs"),
+    h(
+      "div",
+      { class: "card" },
+      h(
+        "table",
+        { id: "jobs" },
+        head(["Job", "Status", "Base model", "Method", "Step", "Created", "Adapter"], ["Step"]),
+        body,
+      ),
+      h("p", { class: "muted", id: "jobs-empty", hidden: true }, "No jobs yet: create one with POST /jobs."),
+      more,
+    ),
+  );
+  const row = (job) =>
+    h(
+      "tr",
+      { "data-job-id": job.id },
+      h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, class: "mono" }, job.id)),
+      h("td", {}, statusBadge(job.status)),
+      h("td", {}, job.base_model),
+      h("td", {}, job.method),
+      h("td", { class: "num" }, progressText(job)),
+      h("td", {}, when(job.created_at)),
+      h("td", {}, job.adapter_id ? downloadLink(job.adapter_id, job.adapter_id) : "—"),
+    );
+  let shown = 0;
+  let after = null;
+  const load = async (append) => {
+    const limit = append ? 50 : Math.min(100, Math.max(50, shown));
+    const page = await getJSON(`/jobs?limit=${limit}` + (append && after ? `&after=${after}` : ""), { signal });
+    const rows = page.data.map(row);
+    if (append) body.append(...rows);
+    else body.replaceChildren(...rows);
+    shown = body.children.length;
+    after = page.data.length ? page.data[page.data.length - 1].id : after;
+    more.hidden = !page.has_more;
+    document.getElementById("jobs-empty").hidden = shown > 0;
+  };
+  more.addEventListener("click", () => load(true).catch((error) => showError(error.message)));
+  await load(true);
+  const timer = setInterval(() => load(false).catch(() => {}), LIST_REFRESH_MS); // statuses change as jobs run
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+// --- one job ---------------------------------------------------------------------------------------------------
+
+function fact(name, ...value) {
+  return h("div", {}, h("dt", {}, name), h("dd", { "data-fact": name.toLowerCase() }, ...value));
+}
+
+function renderFacts(job, facts, title) {
+  title.replaceChildren("Job ", h("code", {}, job.id), statusBadge(job.status));
+  const { step, total_steps: total } = job.progress;
+  const share = total ? Math.min(100, (100 * step) / total) : 0;
+  const adapter = job.adapter_id
+    ? [
+        h("code", {}, job.adapter_id),
+        " ",
+        downloadLink(job.adapter_id),
+        " · ",
+        playgroundLink(job.adapter_id, job.base_model),
+      ]
+    : ["—"];
+  const items = [
+    fact("Base model", job.base_model),
+    fact("Method", job.method),
+    fact(
+      "Progress",
+      `step ${progressText(job)}, epoch ${job.progress.epoch}`,
+      h("div", { class: "progress" }, h("span", { style: `width:${share}%` })),
+    ),
+    fact("Device", job.device ? `${job.device} (${job.dtype})` : "—"),
+    fact("Created", when(job.created_at)),
+    fact("Started", when(job.started_at)),
+    fact("Finished", when(job.finished_at)),
+    fact("Adapter", ...adapter),
+  ];
+  if (job.error) items.push(fact("Error", h("span", { class: "error" }, `${job.error.code}: ${job.error.message}`)));
+  facts.replaceChildren(...items);
+}
+
+function eventRow(event) {
+  return h(
+    "tr",
+    { "data-seq": event.seq, class: `level-${event.level}` },
+    h("td", { class: "num" }, String(event.seq)),
+    h("td", { class: "nowrap" }, new Date(event.created_at * 1000).toLocaleTimeString()),
+    h("td", {}, event.type),
+    h("td", {}, event.message),
+  );
+}
+
+const CHECKPOINT_COLUMNS = ["Checkpoint", "Step", "Epoch", "Train loss", "Valid loss", "Size", ""];
+
+function checkpointRow(checkpoint, job) {
+  const m = checkpoint.metrics || {};
+  return h(
+    "tr",
+    { "data-checkpoint-id": checkpoint.id },
+    h("td", { class: "mono nowrap" }, checkpoint.id),
+    h("td", { class: "num" }, String(checkpoint.step_number)),
+    h("td", { class: "num" }, String(checkpoint.epoch)),
+    h("td", { class: "num" }, number(m.train_loss)),
+    h("td", { class: "num" }, number(m.valid_loss)),
+    h("td", { class: "num" }, bytes(checkpoint.size_bytes)),
+    h("td", {}, downloadLink(checkpoint.id), " · ", playgroundLink(checkpoint.id, job.base_model)),
+  );
+}
+
+async function jobView(jobId, signal) {
+  const id = encodeURIComponent(jobId);
+  const title = h("h1", {}, "Job ", h("code", {}, jobId));
+  const facts = h("dl", { class: "facts" });
+  const live = h("span", { class: "live", id: "live" }, "");
+  const chartBox = h("div", { id: "loss-chart" });
+  const checkpoints = h("tbody");
+  const events = h("tbody");
+  const eventsScroll = h(
+    "div",
+    { class: "scroll" },
+    h("table", { id: "events" }, head(["Seq", "Time", "Type", "Message"], ["Seq"]), events),
+  );
+  const cancel = h("button", { type: "button", class: "quiet", id: "cancel", hidden: true }, "Cancel job");
+  const settings = h("pre", { class: "output", id: "hyperparameters" });
+  view.replaceChildren(
+    h("p", {}, h("a", { href: "#/jobs" }, "← Jobs")),
+    title,
+    h(
+      "div",
+      { class: "card" },
+      facts,
+      h("details", {}, h("summary", { class: "muted" }, "Hyperparameters"), settings),
+      h("p", {}, cancel),
+    ),
+    h("div", { class: "card" }, h("h2", {}, "Loss ", live), chartBox),
+    h(
+      "div",
+      { class: "card" },
+      h("h2", {}, "Checkpoints"),
+      h("table", { id: "checkpoints" }, head(CHECKPOINT_COLUMNS, CHECKPOINT_COLUMNS.slice(1, 6)), checkpoints),
+      h("p", { class: "muted", id: "no-checkpoints" }, "None yet: one is saved at each epoch end."),
+    ),
+    h("div", { class: "card" }, h("h2", {}, "Events"), eventsScroll),
+  );
+
+  let job = await getJSON(`/jobs/${id}`, { signal });
+  const chart = new LineChart(chartBox, {
+    series: [
+      { name: "train_loss", label: "train loss", color: "var(--train)" },
+      { name: "valid_loss", label: "validation loss", color: "var(--valid)" },
+    ],
+    empty: "No points yet: the curves fill in as the job trains.",
+  });
+  const showJob = () => {
+    renderFacts(job, facts, title);
+    settings.textContent = JSON.stringify(job.hyperparameters, null, 2);
+    chart.setXMax(job.progress.total_steps || 0);
+    cancel.hidden = isTerminal(job.status);
+  };
+  const refreshJob = async () => {
+    job = await getJSON(`/jobs/${id}`, { signal });
+    showJob();
+  };
+  const refreshCheckpoints = async () => {
+    const list = await getJSON(`/jobs/${id}/checkpoints`, { signal });
+    checkpoints.replaceChildren(...list.data.map((c) => checkpointRow(c, job)));
+    document.getElementById("no-checkpoints").hidden = list.data.length > 0;
+  };
+  const addEvent = (event) => {
+    const atBottom = eventsScroll.scrollTop + eventsScroll.clientHeight >= eventsScroll.scrollHeight - 4;
+    events.append(eventRow(event));
+    while (events.children.length > MAX_EVENT_ROWS) events.firstElementChild.remove();
+    if (atBottom) eventsScroll.scrollTop = eventsScroll.scrollHeight;
+  };
+  cancel.addEventListener("click", async () => {
+    try {
+      job = await postJSON(`/jobs/${id}/cancel`, undefined, { signal });
+      showJob();
+    } catch (error) {
+      showError(error.message);
+    }
+  });
+  showJob();
+
+  // The log so far (its last seq is where the stream starts), the curves so far, then everything new as it comes.
+  const past = await listAll(`/jobs/${id}/events`, { cursor: (e) => e.seq, limit: 1000, signal });
+  past.slice(-MAX_EVENT_ROWS).forEach(addEvent);
+  const lastSeq = past.length ? past[past.length - 1].seq : 0;
+  const metrics = await getJSON(`/jobs/${id}/metrics`, { signal });
+  chart.set("train_loss", metrics.curves.train_loss || []);
+  chart.set("valid_loss", metrics.curves.valid_loss || []);
+  await refreshCheckpoints();
+  if (isTerminal(job.status)) return;
+
+  followJob(job.id, lastSeq, {
+    signal,
+    onState: (open) => {
+      live.textContent = open ? "live" : "";
+      live.classList.toggle("on", open);
+    },
+    onEvent: (event) => {
+      addEvent(event);
+      const data = event.data || {};
+      if (event.type === "metrics") {
+        chart.add("train_loss", data.step, data.train_loss);
+        if (Number.isInteger(data.step)) job.progress.step = data.step;
+        if (Number.isInteger(data.epoch)) job.progress.epoch = data.epoch;
+        showJob();
+      } else if (event.type === "eval") {
+        chart.add("valid_loss", data.step, data.valid_loss);
+      } else if (event.type === "checkpoint") {
+        refreshCheckpoints().catch(() => {});
+      } else if (event.type === "status") {
+        refreshJob().catch(() => {});
+      }
+    },
+  })
+    .then(async (ended) => {
+      if (!ended) return;
+      job = ended;
+      showJob();
+      await refreshCheckpoints();
+    })
+    .catch((error) => {
+      if (!signal.aborted) showError(error.message);
+    });
+}
+
+// --- adapters --------------------------------------------------------------------------------------------------
+
+async function adaptersView(signal) {
+  const adapters = await listAll("/adapters", { signal });
+  const body = h(
+    "tbody",
+    {},
+    adapters.map((a) =>
+      h(
+        "tr",
+        { "data-adapter-id": a.id },
+        h("td", { class: "mono" }, a.id),
+        h("td", {}, a.name || "—"),
+        h("td", {}, a.base_model),
+        h("td", {}, a.method),
+        h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(a.job_id)}`, class: "mono" }, a.job_id)),
+        h("td", { class: "num" }, bytes(a.size_bytes)),
+        h("td", {}, when(a.created_at)),
+        h("td", {}, downloadLink(a.id), " · ", playgroundLink(a.id, a.base_model)),
+      ),
+    ),
+  );
+  view.replaceChildren(
+    h("h1", {}, "Adapters"),
+    h(
+      "div",
+      { class: "card" },
+      h(
+        "table",
+        { id: "adapters" },
+        head(["Adapter", "Name", "Base model", "Method", "Job", "Size", "Created", ""], ["Size"]),
+        body,
+      ),
+      adapters.length ? null : h("p", { class: "muted" }, "No adapters yet: a job that succeeds publishes one."),
+    ),
+  );
+}
+
+// --- playground ------------------------------------------------------------------------------------------------
+
+function outputPanel(id, heading) {
+  const text = h("pre", { class: "output", "data-output": id });
+  const meta = h("p", { class: "muted", "data-meta": id });
+  const title = h("h2", {}, heading);
+  const panel = h("section", { class: "card", id: `output-${id}`, "data-state": "idle" }, title, text, meta);
+  return { panel, title, text, meta };
+}
+
+async function playgroundView(params, signal) {
+  const models = await getJSON("/v1/models", { signal });
+  const options = models.data.filter((m) => m.parent).map((m) => ({ id: m.id, base: m.parent, name: m.name }));
+  const wanted = params.get("adapter");
+  if (wanted && !options.some((o) => o.id === wanted)) {
+    options.unshift({ id: wanted, base: params.get("base"), name: null }); // a checkpoint, from a job page
+  }
+  const select = h(
+    "select",
+    { id: "pg-adapter", required: true },
+    options.map((o) =>
+      h("option", { value: o.id, selected: o.id === wanted }, `${o.id}${o.name ? ` (${o.name})` : ""} on ${o.base}`),
+    ),
+  );
+  const mode = h(
+    "select",
+    { id: "pg-mode" },
+    h("option", { value: "prompt" }, "Raw prompt"),
+    h("option", { value: "chat" }, "Chat message (chat template)"),
+  );
+  const prompt = h("textarea", { id: "pg-prompt", required: true, placeholder: "Type a prompt…" });
+  const maxTokens = h("input", { id: "pg-max-tokens", type: "number", min: 1, max: 4096, value: 64 });
+  const temperature = h("input", { id: "pg-temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0 });
+  const run = h("button", { type: "submit", id: "pg-run", disabled: options.length === 0 }, "Generate");
+  const adapterOut = outputPanel("adapter", "With the adapter");
+  const baseOut = outputPanel("base", "Base model");
+  const form = h(
+    "form",
+    { class: "card", id: "playground" },
+    h("div", { class: "row" }, h("label", { class: "grow" }, "Adapter", select), h("label", {}, "Input", mode)),
+    h("label", {}, "Prompt", prompt),
+    h(
+      "div",
+      { class: "row", style: "margin-top:12px" },
+      h("label", {}, "Max tokens", maxTokens),
+      h("label", {}, "Temperature", temperature),
+      run,
+    ),
+    options.length ? null : h("p", { class: "muted" }, "No adapters yet: a job that succeeds publishes one."),
+  );
+  view.replaceChildren(h("h1", {}, "Playground"), form, h("div", { class: "grid2" }, adapterOut.panel, baseOut.panel));
+
+  const generate = async (out, body) => {
+    out.panel.dataset.state = "running";
+    out.text.textContent = "…";
+    out.meta.textContent = "";
+    const started = performance.now();
+    try {
+      const result = await postJSON("/generate", body, { signal });
+      out.text.textContent = result.text;
+      const seconds = ((performance.now() - started) / 1000).toFixed(2);
+      out.meta.textContent = `${result.usage.completion_tokens} tokens, ${result.finish_reason}, ${seconds} s`;
+      out.panel.dataset.state = "done";
+    } catch (error) {
+      if (signal.aborted) return;
+      out.text.textContent = "";
+      out.meta.replaceChildren(h("span", { class: "error" }, error.message));
+      out.panel.dataset.state = "error";
+    }
+  };
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const choice = options.find((o) => o.id === select.value);
+    const input =
+      mode.value === "chat" ? { messages: [{ role: "user", content: prompt.value }] } : { prompt: prompt.value };
+    const common = { ...input, max_tokens: Number(maxTokens.value), temperature: Number(temperature.value) };
+    adapterOut.title.replaceChildren("With ", h("code", {}, choice.id));
+    baseOut.title.replaceChildren("Base model ", h("code", {}, choice.base || "(default)"));
+    run.disabled = true;
+    await Promise.all([
+      generate(adapterOut, { ...common, adapter_id: choice.id }),
+      generate(baseOut, choice.base ? { ...common, base_model: choice.base } : common),
+    ]);
+    run.disabled = false;
+  });
+}
+
+route();
