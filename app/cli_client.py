@@ -50,6 +50,7 @@ After = Annotated[
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 RECONNECT_DELAY_SECONDS = 1.0
+RETRIED_STATUSES = (502, 503, 504)  # a proxy or the API restarting: `jobs watch` tries again
 RECONNECT_GIVE_UP_SECONDS = 60.0  # of failed reconnections in a row
 MIN_WRAPPED_WIDTH = 16  # a free-text column of a table is not wrapped narrower than this
 UNBOUNDED = 100_000
@@ -106,6 +107,13 @@ def _api(api_url: str, api_key: str | None) -> Iterator[TuneforgeClient]:
         _fail(_describe(exc, api_url))
     except ClientError as exc:
         _fail(exc.message)
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, to anyone
+        sys.stderr.close()
+        raise typer.Exit(1) from None
+    except OSError as exc:  # a file to write or read: the path, the disk
+        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _fail(f"unreadable input or answer: {exc}")
 
 
 def _print_json(value: Any) -> None:
@@ -582,7 +590,10 @@ def _watch(api: TuneforgeClient, job_id: str, *, as_json: bool) -> None:
                     for event in _events_after(api, job_id, after):
                         show(event)
                     break
-            except ApiUnreachable as exc:
+            except (ApiUnreachable, ApiError) as exc:
+                # Unreachable, or a proxy or the API answering while restarting: the job goes on, so does the watch.
+                if isinstance(exc, ApiError) and exc.status_code not in RETRIED_STATUSES:
+                    raise
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > RECONNECT_GIVE_UP_SECONDS:
                     raise

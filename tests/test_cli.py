@@ -203,6 +203,9 @@ def test_the_whole_loop_upload_create_watch_download_generate(
     with tarfile.open(archive) as tar:
         names = {Path(name).name for name in tar.getnames()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tuneforge.json"} <= names
+    nowhere = tuneforge("adapters", "download", adapter_id, "--output", tmp_path / "missing" / "a.tar.gz")
+    assert nowhere.returncode == 1 and nowhere.stderr.startswith("error: No such file or directory"), nowhere
+    assert "Traceback" not in nowhere.stderr and len(nowhere.stderr.splitlines()) == 1
 
     models = {m["id"]: m for m in tuneforge.json("models", "list")["data"]}
     assert models[adapter_id]["parent"] == "tiny-random-llama" and models["tiny-random-llama"]["default"]

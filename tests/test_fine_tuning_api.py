@@ -84,8 +84,10 @@ def test_the_whole_loop_with_the_openai_package(
     assert created.hyperparameters.n_epochs == 8 and created.hyperparameters.batch_size == 4  # "auto": the default
     assert created.hyperparameters.learning_rate_multiplier == pytest.approx(250)
     assert created.seed == 7 and created.metadata == {"team": "orchard"}
-    assert created.method is not None and created.method.type == "lora"  # supervised is LoRA here
-    method_hp = (created.method.model_extra or {})["lora"]["hyperparameters"]
+    assert created.method is not None and created.method.type == "supervised"
+    assert created.method.supervised is not None and created.method.supervised.hyperparameters is not None
+    assert created.method.supervised.hyperparameters.n_epochs == 8
+    method_hp = (created.method.model_extra or {})["lora"]["hyperparameters"]  # supervised is LoRA here
     assert method_hp["learning_rate"] == pytest.approx(0.05) and method_hp["seed"] == 7
 
     # A worker trains it meanwhile; the client polls as it would against OpenAI.

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from app.core.db import migrate, session_scope
 from app.core.logging import job_logging_context, make_handler, request_id_var
@@ -233,6 +234,34 @@ def test_lines_logged_while_handling_a_request_carry_its_request_id(
 
 
 @embedded_only
+def test_an_unexpected_error_answers_500_with_the_request_id_and_logs_it_with_that_id(
+    settings: Settings,
+    tenant: Tenant,
+    monkeypatch: pytest.MonkeyPatch,
+    json_log: Callable[[], list[dict[str, Any]]],
+) -> None:
+    from app.jobs import service
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug, with /srv/secret/path in its message")
+
+    monkeypatch.setattr(service, "list_jobs", broken)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        r = client.get("/jobs", headers={**tenant.headers, "X-Request-ID": "req-bug-7"})
+    assert r.status_code == 500 and r.headers["X-Request-ID"] == "req-bug-7"
+    assert r.json()["error"] == {
+        "type": "server_error",
+        "message": "internal server error",
+        "param": None,
+        "code": "internal_error",
+    }
+    logged = [line for line in json_log() if line.get("request_id") == "req-bug-7"]
+    [unhandled] = [line for line in logged if line["message"] == "unhandled error"]
+    assert unhandled["level"] == "ERROR" and "/srv/secret/path" in unhandled["exception"]  # for the operator only
+    assert [line["status"] for line in logged if line["logger"] == "tuneforge.access"] == [500]
+
+
+@embedded_only
 def test_the_worker_logs_a_job_s_start_progress_and_outcome_with_its_id(
     client: TestClient, tenant: Tenant, settings: Settings, json_log: Callable[[], list[dict[str, Any]]]
 ) -> None:
@@ -287,6 +316,47 @@ def test_a_failed_job_is_logged_as_failed_by_the_worker_and_by_celery(
     assert len(celery) == 1, mine
     assert "raised expected: JobFailed" in celery[0]["message"] and "file_unavailable" in celery[0]["message"]
     assert not [line for line in mine if "succeeded" in line["message"]]
+
+
+@embedded_only
+def test_a_job_whose_claim_meets_an_unreachable_database_is_retried_not_dropped(
+    client: TestClient,
+    tenant: Tenant,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    json_log: Callable[[], list[dict[str, Any]]],
+) -> None:
+    """Before the claim nothing marks the job: a task that ended there would leave it queued for ever."""
+    monkeypatch.setenv("TUNEFORGE_DATA_DIR", str(settings.data_dir))
+    get_settings.cache_clear()
+    try:
+        from worker import lifecycle, tasks
+    finally:
+        get_settings.cache_clear()
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    job_id = start_job(client, tenant)
+    claim = lifecycle.claim
+    calls: list[str] = []
+
+    def claim_once_unreachable(*args: Any, **kwargs: Any) -> Any:
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "claim", claim_once_unreachable)
+
+    # Celery runs the retry at once here (`apply` is eager); a worker gets it as a new message, in 10 s.
+    result = tasks.training_run.apply(kwargs={"job_id": job_id})
+
+    assert result.state == "SUCCESS" and len(calls) == 2
+    assert client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["status"] == "succeeded"
+    mine = [line for line in json_log() if line.get("job_id") == job_id]
+    assert [(o["outcome"], o["level"]) for o in mine if o.get("outcome")] == [
+        ("claim_failed", "WARNING"),
+        ("succeeded", "INFO"),
+    ]
+    assert any("Retry in 10s" in line["message"] for line in mine if line["logger"] == "celery.app.trace"), mine
 
 
 def test_the_text_format_prints_the_same_line_for_a_person() -> None:

@@ -8,6 +8,7 @@ unreachable, for `db_retry_seconds`; after that the job is left to the reaper (a
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -269,7 +270,9 @@ class Heartbeat:
         self.job = job
         self.interval = interval
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
+        # In the job's logging context (its id on the thread's lines too): threads do not inherit context variables.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=f"heartbeat-{job.id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -18,6 +18,7 @@ import torch
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.db import session_scope
+from app.core.errors import DATABASE_ERRORS
 from app.core.ids import new_id
 from app.core.logging import job_logging_context
 from app.core.models import Adapter
@@ -60,7 +61,7 @@ def release_device_memory() -> None:
 class JobOutcome:
     """How one run of a job ended: what the worker logs, and what the Celery task reports."""
 
-    status: Literal["succeeded", "failed", "cancelled", "handed_back", "left_to_reaper", "not_claimed"]
+    status: Literal["succeeded", "failed", "cancelled", "handed_back", "left_to_reaper", "not_claimed", "claim_failed"]
     detail: str  # for the log: what happened, in words
     adapter_id: str | None = None  # succeeded
     error_code: str | None = None  # failed: the code the user sees
@@ -68,7 +69,9 @@ class JobOutcome:
 
     def log(self, job_id: str) -> None:
         """The run's last line: INFO for an ordinary end, WARNING when the reaper takes over, ERROR for a failure."""
-        level = {"failed": logging.ERROR, "left_to_reaper": logging.WARNING}.get(self.status, logging.INFO)
+        level = {"failed": logging.ERROR, "left_to_reaper": logging.WARNING, "claim_failed": logging.WARNING}.get(
+            self.status, logging.INFO
+        )
         fields = {"outcome": self.status, "adapter_id": self.adapter_id, "error_code": self.error_code}
         extra = {name: value for name, value in fields.items() if value is not None}
         label = {"left_to_reaper": "stopped without an outcome"}.get(self.status, self.status.replace("_", " "))
@@ -95,12 +98,15 @@ def run_job(settings: Settings, job_id: str) -> JobOutcome:
 
 
 def _claim_and_run(settings: Settings, job_id: str) -> JobOutcome:
-    job = lifecycle.claim(
-        settings.db_url,
-        job_id,
-        heartbeat_timeout=settings.heartbeat_timeout_seconds,
-        max_attempts=settings.max_job_attempts,
-    )
+    try:
+        job = lifecycle.claim(
+            settings.db_url,
+            job_id,
+            heartbeat_timeout=settings.heartbeat_timeout_seconds,
+            max_attempts=settings.max_job_attempts,
+        )
+    except DATABASE_ERRORS as exc:  # the job is still queued: its task must run again, not be dropped
+        return JobOutcome("claim_failed", "the database could not be reached to claim it; retrying", exception=exc)
     if job is None:
         return JobOutcome("not_claimed", "running elsewhere, finished or cancelled; nothing to do")
     log.info(

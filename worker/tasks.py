@@ -23,12 +23,17 @@ class JobFailed(Exception):
     ERROR, with the details), and acknowledges the message (`task_acks_on_failure_or_timeout`): never run again."""
 
 
-@celery_app.task(name=TRAINING_TASK, throws=(JobFailed,))
-def training_run(job_id: str) -> str:
+CLAIM_RETRY_SECONDS = 10  # a job whose claim met an unreachable database is tried again after this
+
+
+@celery_app.task(bind=True, name=TRAINING_TASK, throws=(JobFailed,), max_retries=None)
+def training_run(self: Any, job_id: str) -> str:
     """Returns how the job's run ended, which Celery logs with the task's end."""
     if stop_requested():  # received while shutting down (a job just handed back, say): leave it for the next
         raise Reject("the worker is stopping", requeue=True)
     outcome = run_job(get_settings(), job_id)
+    if outcome.status == "claim_failed":  # still queued: a new message (sent before this one is acknowledged)
+        raise self.retry(countdown=CLAIM_RETRY_SECONDS)
     if outcome.status == "failed":
         raise JobFailed(f"job {job_id} failed: {outcome.error_code}")
     return f"job {job_id} {outcome.status}"

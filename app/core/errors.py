@@ -251,4 +251,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return _error_response(500, "server_error", "internal server error", None, "internal_error")
+        return internal_error_response()
+
+
+def internal_error_response() -> JSONResponse:
+    """What a client sees of an unexpected error: that it happened, nothing of it."""
+    return _error_response(500, "server_error", "internal server error", None, "internal_error")

@@ -10,13 +10,14 @@ person at a terminal. Uvicorn and Celery log through the root handler installed 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -65,6 +66,10 @@ class JsonLineFormatter(JsonFormatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
         return _utc_time(record)
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        # A diverged step's NaN loss as null: bare NaN is not JSON, and strict readers would drop the line.
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in log_data.items()}
 
 
 class TextFormatter(logging.Formatter):

@@ -55,6 +55,9 @@ class JobsCollector(Collector):
         except DATABASE_ERRORS as exc:
             log.warning("metrics: the database did not answer (%s); job metrics left out", type(exc).__name__)
             return
+        except Exception:  # a pool timeout, say: the scrape goes on without them
+            log.exception("metrics: job metrics could not be read; left out")
+            return
         jobs = GaugeMetricFamily("tuneforge_jobs", "Jobs by state, all tenants", labels=["state"])
         for status in JobStatus:
             jobs.add_metric([status.value], counts.get(status, 0))
@@ -136,7 +139,11 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine()
-        stats = engine.stats() if engine is not None else {}
+        try:
+            stats = engine.stats() if engine is not None else {}
+        except Exception:  # the scrape goes on without them
+            log.exception("metrics: the serving engine's stats could not be read; left out")
+            return
         hits = CounterMetricFamily(
             "tuneforge_adapter_cache_hits",
             "Adapter lookups served by a cache tier: device (a request's adapter already on the serving device), "

@@ -25,6 +25,7 @@ from app.core.errors import (
     PayloadTooLarge,
     RequestTooLarge,
     Unauthorized,
+    internal_error_response,
 )
 from app.core.logging import request_id_var, sane_request_id
 
@@ -69,15 +70,22 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = 500  # if the app raises before it answers, the server answers 500
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # The 500 is sent from here, with the id (the server's error handler, outside, then only logs it).
+            if not started_response:
+                await internal_error_response()(scope, receive, send_with_id)
+            raise
         finally:
             method, path = scope["method"], scope["path"]
             duration_ms = round(1000 * (time.perf_counter() - started), 1)

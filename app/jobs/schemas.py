@@ -126,6 +126,7 @@ class JobObject(BaseModel):
     device: str | None = Field(description="Where it trains or trained, e.g. cuda:0 or cpu (null until it starts)")
     dtype: str | None = Field(description="The base model's precision in training, e.g. bfloat16 or float32")
     attempt: int
+    last_event_seq: int = Field(description="The seq of its latest event (`GET /jobs/{id}/events?after=` reads on)")
     heartbeat_at: int | None = Field(description="When the worker training it last said it was alive")
     estimated_finish: int | None = Field(
         description="When training should end, from the pace so far (running jobs, after a few steps)"
@@ -152,6 +153,7 @@ class JobObject(BaseModel):
             device=job.device,
             dtype=job.dtype,
             attempt=job.attempt,
+            last_event_seq=job.last_event_seq,
             heartbeat_at=_ts(job.heartbeat_at),
             estimated_finish=estimated_finish(job),
             created_at=_ts(job.created_at) or 0,

@@ -118,18 +118,22 @@ def _ts(value: Any) -> int | None:
 def job_object(job: Job) -> FineTuningJob:
     hp = dict(job.hyperparameters)
     multiplier = round(float(hp.get("learning_rate", 0.0)) / _default_learning_rate(job.method), 6)
+    openai_hp = {
+        "batch_size": hp.get("batch_size"),
+        "learning_rate_multiplier": multiplier,
+        "n_epochs": hp.get("n_epochs"),
+    }
+    method: dict[str, Any] = {"type": job.method, job.method: {"hyperparameters": {**hp, **openai_hp}}}
+    if job.method == DEFAULT_METHOD:  # OpenAI's type, as its clients expect; every hyperparameter beside it
+        method = {"type": "supervised", "supervised": {"hyperparameters": openai_hp}, job.method: method[job.method]}
     return FineTuningJob(
         id=job.id,
         created_at=_ts(job.created_at) or 0,
         error=FineTuningError(code=job.error_code or "training_failed", message=job.error) if job.error else None,
         fine_tuned_model=job.adapter_id,
         finished_at=_ts(job.finished_at),
-        hyperparameters={
-            "batch_size": hp.get("batch_size"),
-            "learning_rate_multiplier": multiplier,
-            "n_epochs": hp.get("n_epochs"),
-        },
-        method={"type": job.method, job.method: {"hyperparameters": {**hp, "learning_rate_multiplier": multiplier}}},
+        hyperparameters=openai_hp,
+        method=method,
         model=job.base_model,
         organization_id=job.tenant_id,
         result_files=[],

@@ -51,10 +51,9 @@ export const postJSON = async (path, body, options) =>
   (await request(path, { ...options, method: "POST", body })).json();
 
 /** Every item of a paginated list (`{data, has_more}`); `cursor(item)` is what `after` takes to go on. */
-export async function listAll(path, { cursor = (item) => item.id, limit = 100, signal } = {}) {
+export async function listAll(path, { cursor = (item) => item.id, limit = 100, signal, after = null } = {}) {
   const items = [];
   const join = path.includes("?") ? "&" : "?";
-  let after = null;
   for (;;) {
     const query = `${join}limit=${limit}` + (after === null ? "" : `&after=${encodeURIComponent(after)}`);
     const page = await getJSON(path + query, { signal });

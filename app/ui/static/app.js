@@ -354,9 +354,11 @@ async function jobView(jobId, signal) {
   showJob();
 
   // The log so far (its last seq is where the stream starts), the curves so far, then everything new as it comes.
-  const past = await listAll(`/jobs/${id}/events`, { cursor: (e) => e.seq, limit: 1000, signal });
+  // Only the latest events are shown: read from there, not the whole log of a long job.
+  const from = Math.max(0, (job.last_event_seq || 0) - MAX_EVENT_ROWS);
+  const past = await listAll(`/jobs/${id}/events`, { cursor: (e) => e.seq, limit: 1000, after: from, signal });
   past.slice(-MAX_EVENT_ROWS).forEach(addEvent);
-  const lastSeq = past.length ? past[past.length - 1].seq : 0;
+  const lastSeq = past.length ? past[past.length - 1].seq : from;
   const metrics = await getJSON(`/jobs/${id}/metrics`, { signal });
   chart.set("train_loss", metrics.curves.train_loss || []);
   chart.set("valid_loss", metrics.curves.valid_loss || []);

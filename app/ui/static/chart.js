@@ -106,8 +106,11 @@ export class LineChart {
     }
     const xs = all.map((p) => p[0]);
     const ys = all.map((p) => p[1]);
-    const xTicks = ticks(0, Math.max(this.xMax, ...xs, 1), 8, true);
-    const yTicks = ticks(Math.min(...ys), Math.max(...ys), 5);
+    // A loop, not Math.max(...xs): spreading a long curve into arguments overflows the stack.
+    const most = (values, start) => values.reduce((a, b) => Math.max(a, b), start);
+    const least = (values) => values.reduce((a, b) => Math.min(a, b), Infinity);
+    const xTicks = ticks(0, most(xs, Math.max(this.xMax, 1)), 8, true);
+    const yTicks = ticks(least(ys), most(ys, -Infinity), 5);
     const [x0, x1] = [xTicks[0], xTicks[xTicks.length - 1]];
     const [y0, y1] = [yTicks[0], yTicks[yTicks.length - 1]];
     const plotW = WIDTH - MARGIN.left - MARGIN.right;
