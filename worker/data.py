@@ -1,4 +1,5 @@
-"""Training data: JSONL from the object store -> token ids and labels -> steps -> padded micro-batches."""
+"""Training data: JSONL from the object store -> token ids and labels -> steps -> micro-batches: padded, or packed
+(several examples to a row, each attending only to itself) where the method allows."""
 
 from __future__ import annotations
 
@@ -90,3 +91,62 @@ def micro_batches(
     if current:
         groups.append(current)
     return groups
+
+
+# A packed row holds examples up to this many tokens (or the step's longest example, if longer): long enough that
+# rows are nearly full, short enough that attention over a row (computed densely, with a block mask) stays cheap.
+PACK_ROW_TOKENS = 512
+
+
+def packed_micro_batches(
+    examples: list[EncodedExample], max_batch_tokens: int, row_tokens: int = PACK_ROW_TOKENS
+) -> list[list[list[EncodedExample]]]:
+    """Examples packed into rows (first fit, longest first) of at most max(row_tokens, longest example) tokens,
+    and the rows grouped into micro-batches of at most max_batch_tokens (rows x widest row), or one row alone
+    if it is wider. Padding is left only at the ends of rows."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
+    if not ordered:
+        return []
+    capacity = max(len(ordered[0].input_ids), min(row_tokens, max_batch_tokens))
+    rows: list[list[EncodedExample]] = []
+    room: list[int] = []
+    for example in ordered:
+        n = len(example.input_ids)
+        fits = next((i for i, left in enumerate(room) if left >= n), None)
+        if fits is None:
+            rows.append([])
+            room.append(capacity)
+            fits = len(rows) - 1
+        rows[fits].append(example)
+        room[fits] -= n
+    rows.sort(key=lambda r: sum(len(e.input_ids) for e in r), reverse=True)
+    groups: list[list[list[EncodedExample]]] = []
+    for row in rows:  # widest first: a group's first row sets its width
+        if groups:
+            width = sum(len(e.input_ids) for e in groups[-1][0])
+            if (len(groups[-1]) + 1) * width <= max_batch_tokens:
+                groups[-1].append(row)
+                continue
+        groups.append([row])
+    return groups
+
+
+def collate_packed(rows: list[list[EncodedExample]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows of packed examples: `position_ids` start again at 0 with each example (which is how the model's
+    attention mask keeps examples apart: transformers' packed-sequence masks), `labels` ignore each example's
+    first token (the previous example's last position would predict it) and the padding at the row's end (its
+    own positions, so that it is a segment of its own)."""
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(example.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(example.labels[1:])
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

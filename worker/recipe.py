@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
@@ -34,7 +35,7 @@ from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.methods import METHODS
 from app.ml.methods.base import BaseWeights, MethodContext, MethodUnavailable
 from app.ml.registry import ModelRecord, ModelStore, ModelUnavailable, pad_token_id
-from worker.data import Dataset, batches, collate, load_examples, micro_batches
+from worker.data import Dataset, batches, collate, collate_packed, load_examples, micro_batches, packed_micro_batches
 from worker.errors import TrainingError
 from worker.lifecycle import ClaimedJob, Reporter, WorkerStopping, stop_requested
 
@@ -136,6 +137,7 @@ def accumulate_gradients(
     placement: Placement | None = None,
     scaler: torch.amp.GradScaler | None = None,
     extra_positions: int = 0,
+    pack: bool = False,
 ) -> StepStats:
     """Forward and backward passes of one optimizer step, one micro-batch under the token budget at a time.
 
@@ -145,6 +147,8 @@ def accumulate_gradients(
 
     With a half-precision `placement` the forward pass runs under autocast; `scaler` scales float16 losses.
     `extra_positions`: what the method adds to every row (virtual tokens), counted against max_batch_tokens.
+    `pack`: several examples to a row, no padding between them (see `worker.data.collate_packed`), and the output
+    layer applied only where a loss is taken — the same loss and gradients, for less work and memory.
     """
     return _micro_batch_passes(
         model,
@@ -155,6 +159,7 @@ def accumulate_gradients(
         scaler=scaler,
         backward=True,
         extra_positions=extra_positions,
+        pack=pack,
     )
 
 
@@ -167,6 +172,7 @@ def evaluation_stats(
     max_batch_tokens: int,
     placement: Placement | None = None,
     extra_positions: int = 0,
+    pack: bool = False,
 ) -> StepStats:
     """Loss and accuracy over examples, with the same micro-batches (and memory bound) as training."""
     return _micro_batch_passes(
@@ -177,6 +183,7 @@ def evaluation_stats(
         placement=placement,
         backward=False,
         extra_positions=extra_positions,
+        pack=pack,
     )
 
 
@@ -190,6 +197,7 @@ def _micro_batch_passes(
     backward: bool,
     scaler: torch.amp.GradScaler | None = None,
     extra_positions: int = 0,
+    pack: bool = False,
 ) -> StepStats:
     device = next(model.parameters()).device
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
@@ -197,31 +205,91 @@ def _micro_batch_passes(
     # Summed on the device, read once at the end: no host synchronization per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for group in micro_batches(examples, max_batch_tokens, extra_positions):
-        batch = {name: tensor.to(device) for name, tensor in collate(group, pad_token_id).items()}
-        with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        # Prompt and p-tuning put their virtual tokens' positions first: the text's logits are the last ones.
-        logits = logits[:, -batch["input_ids"].shape[1] :]
+    for batch in _collated_micro_batches(examples, pad_token_id, max_batch_tokens, extra_positions, pack):
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
         targets = batch["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
-        # Keep only the loss-bearing positions, in float32 whatever the model's dtype; the full logits go now.
-        scores = logits[:, :-1][mask].float()
-        del logits
         targets = targets[mask]
-        group_loss = F.cross_entropy(scores, targets, reduction="sum")
+        with autocast:
+            if pack:
+                # The transformer without its output layer; then the output layer only where a loss is taken
+                # (a fifth of the positions of a chat set, say), a chunk at a time: no logits for the others.
+                hidden = model.get_decoder()(  # type: ignore[operator]
+                    input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+                ).last_hidden_state
+                head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+                group_loss, group_correct = output_loss(head, hidden[:, :-1][mask], targets)
+                del hidden
+            else:
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+                # Prompt and p-tuning put their virtual tokens' positions first: the text's logits are the last.
+                logits = logits[:, -batch["input_ids"].shape[1] :]
+                # The loss-bearing positions, in float32 whatever the model's dtype; the full logits go now.
+                scores = logits[:, :-1][mask].float()
+                del logits
+                group_loss = F.cross_entropy(scores, targets, reduction="sum")
+                group_correct = (scores.detach().argmax(dim=-1) == targets).sum()
+                del scores
         if backward:
             share = group_loss / max(n_tokens, 1)
             (scaler.scale(share) if scaler is not None else share).backward()
         loss_sum += group_loss.detach()
-        correct += (scores.detach().argmax(dim=-1) == targets).sum()
-        del scores, group_loss  # before the next micro-batch's forward pass
+        correct += group_correct
+        del group_loss  # before the next micro-batch's forward pass
     return StepStats(
         loss_sum=float(loss_sum),
         correct=int(correct),
         tokens=n_tokens,
         input_tokens=sum(len(e.input_ids) for e in examples),
     )
+
+
+# Loss-bearing positions whose logits are alive at once: 1024 x a 49k vocabulary is 200 MB in float32.
+LOSS_CHUNK_POSITIONS = 1024
+
+
+def output_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of `head(hidden)` against `targets`, and how many argmaxes hit them, computed
+    LOSS_CHUNK_POSITIONS positions at a time. Under autograd each chunk is checkpointed: its logits are freed
+    after the forward pass and recomputed in the backward pass, so at most one chunk's logits (and their
+    gradient) exist at a time, whatever the micro-batch."""
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_POSITIONS):
+        chunk, chunk_targets = (
+            hidden[start : start + LOSS_CHUNK_POSITIONS],
+            targets[start : start + LOSS_CHUNK_POSITIONS],
+        )
+        if torch.is_grad_enabled():
+            chunk_loss, chunk_correct = checkpoint(_chunk_loss, head, chunk, chunk_targets, use_reentrant=False)
+        else:
+            chunk_loss, chunk_correct = _chunk_loss(head, chunk, chunk_targets)
+        loss = loss + chunk_loss
+        correct += chunk_correct
+    return loss, correct
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = head(hidden).float()
+    return F.cross_entropy(scores, targets, reduction="sum"), (scores.detach().argmax(dim=-1) == targets).sum()
+
+
+# Architectures whose attention builds transformers' packed-sequence mask from position ids (and whose model has
+# a decoder and an output layer to call apart): tested in tests/test_packing.py.
+PACKING_ARCHITECTURES = frozenset({"llama", "qwen2", "gpt2", "gpt_neox", "phi"})
+
+
+def _collated_micro_batches(
+    examples: list[EncodedExample], pad_token_id: int, max_batch_tokens: int, extra_positions: int, pack: bool
+) -> Iterator[dict[str, torch.Tensor]]:
+    if pack:
+        for rows in packed_micro_batches(examples, max_batch_tokens):
+            yield collate_packed(rows, pad_token_id)
+    else:
+        for group in micro_batches(examples, max_batch_tokens, extra_positions):
+            yield collate(group, pad_token_id)
 
 
 class TrainingRecipe:
@@ -283,6 +351,10 @@ class TrainingRecipe:
             raise TrainingError(str(exc), code="method_unavailable") from None
         self.reporter.placement(self.placement)
         self.model = self.method.prepare(model, self.hp, context)
+        # Packed rows need the architecture's attention to keep examples apart by their position ids.
+        self.pack = (
+            self.method.packs_examples and self.extra_positions == 0 and record.architecture in PACKING_ARCHITECTURES
+        )
         self.model.train()
         groups = self.method.param_groups(self.model, self.hp)
         # Everything the optimizer may update over the job (a method can unfreeze more as it goes), by name.
@@ -411,6 +483,7 @@ class TrainingRecipe:
             placement=self.placement,
             scaler=self.scaler,
             extra_positions=self.extra_positions,
+            pack=self.pack,
         )
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
@@ -589,6 +662,7 @@ class TrainingRecipe:
             max_batch_tokens=self.settings.train_max_batch_tokens,
             placement=self.placement,
             extra_positions=self.extra_positions,
+            pack=self.pack,
         )
         self.model.train()
         return {

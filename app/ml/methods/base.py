@@ -54,6 +54,9 @@ class FineTuningMethod:
     hyperparameters: ClassVar[type[TrainingHyperparameters]]
     artifact_format: ClassVar[str]  # "peft" (peft.PeftModel.from_pretrained loads it) or "delta" (safetensors)
     needs_cuda: ClassVar[bool] = False  # POST /jobs refuses the method where no CUDA device can train it
+    # Whether training may pack several examples into one row (padding-free, each example attending only to
+    # itself): not for methods that put virtual tokens or a prefix before every sequence.
+    packs_examples: ClassVar[bool] = True
 
     def load_base(self, ctx: MethodContext) -> nn.Module | None:
         """The base model to train, if the method loads its own (QLoRA: quantized); None takes the shared one."""

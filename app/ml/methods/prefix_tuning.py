@@ -44,6 +44,7 @@ class PrefixTuningMethod(PeftMethod):
     name = "prefix_tuning"
     hyperparameters = PrefixTuningHyperparameters
     serving = "prefix"
+    packs_examples = False  # the virtual tokens come before each example
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import PrefixTuningConfig

@@ -33,3 +33,4 @@ class SoftPromptMethod(PeftMethod):
     """Prompt and p-tuning: learned embeddings before the text's."""
 
     serving = "soft_prompt"
+    packs_examples = False  # the virtual tokens come before each example
