@@ -63,6 +63,8 @@ def test_no_input_gets_a_server_error(case: Any, app_under_test: None, tenant: T
         # Schema-valid is not always acceptable: ids that do not exist, both `prompt` and `messages`, a prompt
         # longer than the model's context are 4xx by design. Every other default check applies.
         excluded_checks=[positive_data_acceptance],
+        # A schema-valid /generate may ask for hundreds of tokens: seconds on a quiet machine, more on a busy one.
+        timeout=120,
     )
 
 
