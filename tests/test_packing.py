@@ -146,3 +146,21 @@ def test_the_output_layer_in_small_chunks_gives_the_same_loss_and_gradients(
     chunked_grads = gradients(model)
     torch.testing.assert_close(chunked_grads, whole_grads, atol=1e-6, rtol=1e-4)
     assert chunked.loss == pytest.approx(whole.loss, rel=1e-6) and chunked.correct == whole.correct
+
+
+def test_the_micro_batch_budget_shrinks_to_what_free_memory_holds(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from app.ml.device import resolve_placement
+
+    model = lora_model("llama", folders["llama"])
+    placement = resolve_placement("cpu", "float32")
+    per_token = recipe.ACTIVATION_BYTES_PER_LAYER_UNIT * model.config.num_hidden_layers * model.config.hidden_size * 4
+    monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
+    assert recipe.micro_batch_budget(model, placement, 2048) == 2048  # plenty: the configured limit
+    monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=600 * per_token))
+    assert recipe.micro_batch_budget(model, placement, 2048) == 300  # half of what is free
+    monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
+    assert recipe.micro_batch_budget(model, placement, 2048) == recipe.MIN_BATCH_TOKENS
