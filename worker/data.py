@@ -101,25 +101,26 @@ PACK_ROW_TOKENS = 512
 def packed_micro_batches(
     examples: list[EncodedExample], max_batch_tokens: int, row_tokens: int = PACK_ROW_TOKENS
 ) -> list[list[list[EncodedExample]]]:
-    """Examples packed into rows (first fit, longest first) of at most max(row_tokens, longest example) tokens,
+    """Examples packed into rows of about max(row_tokens, longest example) tokens — as few rows as that takes,
+    balanced (each example, longest first, joins the shortest row) so that rows pad little to the widest —
     and the rows grouped into micro-batches of at most max_batch_tokens (rows x widest row), or one row alone
     if it is wider. Padding is left only at the ends of rows."""
     ordered = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)
     if not ordered:
         return []
     capacity = max(len(ordered[0].input_ids), min(row_tokens, max_batch_tokens))
-    rows: list[list[EncodedExample]] = []
-    room: list[int] = []
+    total = sum(len(e.input_ids) for e in ordered)
+    rows: list[list[EncodedExample]] = [[] for _ in range(-(-total // capacity))]
+    lengths = [0] * len(rows)
     for example in ordered:
-        n = len(example.input_ids)
-        fits = next((i for i, left in enumerate(room) if left >= n), None)
-        if fits is None:
+        shortest = min(range(len(rows)), key=lengths.__getitem__)
+        if lengths[shortest] + len(example.input_ids) > capacity:  # never past the capacity: a row more
             rows.append([])
-            room.append(capacity)
-            fits = len(rows) - 1
-        rows[fits].append(example)
-        room[fits] -= n
-    rows.sort(key=lambda r: sum(len(e.input_ids) for e in r), reverse=True)
+            lengths.append(0)
+            shortest = len(rows) - 1
+        rows[shortest].append(example)
+        lengths[shortest] += len(example.input_ids)
+    rows = [row for _, row in sorted(zip(lengths, rows, strict=True), key=lambda pair: pair[0], reverse=True)]
     groups: list[list[list[EncodedExample]]] = []
     for row in rows:  # widest first: a group's first row sets its width
         if groups:

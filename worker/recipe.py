@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import logging
 import math
@@ -239,6 +240,8 @@ def _micro_batch_passes(
         loss_sum += group_loss.detach()
         correct += group_correct
         del group_loss  # before the next micro-batch's forward pass
+        if device.type == "cpu":
+            return_freed_memory()
     return StepStats(
         loss_sum=float(loss_sum),
         correct=int(correct),
@@ -270,6 +273,23 @@ def micro_batch_budget(model: nn.Module, placement: Placement, limit: int) -> in
     element = torch.empty((), dtype=placement.dtype).element_size()
     per_token = ACTIVATION_BYTES_PER_LAYER_UNIT * layers * hidden * element
     return max(MIN_BATCH_TOKENS, min(limit, int(free * MEMORY_SHARE / per_token)))
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Give the host memory a micro-batch freed back to the system (glibc keeps it otherwise, and a step of many
+    micro-batches grows the worker by gigabytes it does not use)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # Loss-bearing positions whose logits are alive at once: 1024 x a 49k vocabulary is 200 MB in float32.

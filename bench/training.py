@@ -1,0 +1,863 @@
+"""Training speed and memory on the real base model: the obvious PyTorch loop against Tuneforge's recipe, same run.
+
+    .venv/bin/python bench/training.py [--quick] [--examples N] [--repeat N] [--threads N] [--device auto]
+                                       [--dtype auto]
+    .venv/bin/python bench/training.py --memory-job
+
+The job: LoRA (r=16, alpha=32, dropout 0, on q/k/v/o/gate/up/down_proj) on smollm2-135m-instruct, one epoch of
+bench/data/chat.jsonl (48 conversations of 45-383 tokens, loss on the assistant turns only; made by
+bench/data/make_chat.py), batch size 4, learning rate 2e-4 with the recipe's linear schedule (3% warmup), AdamW
+(weight decay 0), gradient clipping at 1.0, seed 42. Each of these runs in a fresh process of this script:
+
+1. reference: the obvious loop. The examples encoded as the worker encodes them (`app.ml.formatting.encode_chat`),
+   in the recipe's order (a shuffle seeded with seed + epoch); each batch right-padded to its longest example,
+   `model(**batch, labels=labels).loss` (full logits at every position, transformers' mean token loss),
+   `.backward()`, clipping, `optimizer.step()`, `scheduler.step()`. The PEFT model is made with the same
+   LoraConfig as app/ml/methods/lora.py, torch seeded as the recipe seeds it, the trainable weights in float32
+   and the forward pass under the placement's autocast, as the recipe does.
+2. recipe: `worker.recipe.TrainingRecipe` as the worker runs it (setup, then train; the job's file in a folder
+   object store, an in-memory reporter, no checkpoint store), under the settings' `train_max_batch_tokens`.
+3. matmul: the machine's matmul throughput in the dtype training computes in: the best of 5 timings of a square
+   `torch.matmul` (2048 on a CPU, 8192 on a GPU), on the same threads, before and after 1 and 2 (the better one).
+
+For 1 and 2: useful (loss-bearing) tokens/s, all (non-pad) tokens/s (and for 1, tokens/s with its padding),
+seconds for the epoch (setup excluded, shown apart), peak memory (a CPU: the process's peak RSS, `ru_maxrss`;
+CUDA: `torch.cuda.max_memory_allocated`) in total and above the loaded model, model FLOPs utilisation (MFU,
+formula below) against 3, and `ratio 2/1: X.XX` (useful tokens/s of 2 over 1) on a line of its own. The per-step
+losses of 1 and 2 must agree (relative difference at most 1e-3 in float32, 2e-2 in bfloat16 or float16: speed may
+not change the math) and both must have seen the same tokens; the script exits with status 1 when they do not.
+
+MFU = model FLOPs of the epoch / its seconds / the matmul FLOP/s of 3. Model FLOPs count what the job needs, the
+same for both: for an example of T real tokens, L of them loss-bearing, (4 N_base + 6 N_lora) T + 6 n_layers d T^2
++ 4 N_out L, with N_base the frozen weights of the blocks' linear layers (forward 2 N, gradient of the input 2 N; no
+weight gradient, they are frozen), N_lora the LoRA weights (forward, input and weight gradients: 6 N), the causal
+attention's two T x T x d products (d = heads x head dim; half the square, forward and backward), and the output
+layer N_out (vocabulary x hidden) only where there is a loss. Padding, logits at positions without a loss, and
+recomputation are not model FLOPs, so they lower MFU.
+
+4. time to first step: in one process, the embedded default (SQLite database and broker, folder object store), the
+   API (FastAPI's TestClient, on a second thread) and a Celery worker (solo pool, on the main thread, as
+   `tuneforge worker` runs its jobs) that has already run a short LoRA job (the base model cached: a warm worker);
+   then the time from `POST /jobs` (this job, same data) to its first `metrics` event (the first optimizer step
+   done), with when it was claimed and set up, from the rows' timestamps (target: under 5 s). The job is then
+   cancelled.
+
+--memory-job: instead, the peak memory of the recipe (setup and train, in a fresh process) running a LoRA job with
+`{"batch_size": 48, "n_epochs": 1}` and the method's defaults otherwise, on bench/data/chat_512.jsonl (48
+conversations of 508-512 tokens): one optimizer step over all 48 (target: under 4 GB).
+
+--quick keeps the first 12 examples (3 steps), for a run of a few minutes while developing. On shared cores torch's
+OpenMP threads spin while they wait for each other and a step can take several times longer (the script says so when
+the load is high): OMP_WAIT_POLICY=PASSIVE in the environment, or --threads 1, steadies the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.core.settings import Settings
+from app.ml.methods.lora import LoraHyperparameters
+from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelRecord, ModelStore
+
+MODEL = "smollm2-135m-instruct"
+HERE = Path(__file__).resolve().parent
+CHAT_FILE = HERE / "data" / "chat.jsonl"
+MEMORY_FILE = HERE / "data" / "chat_512.jsonl"
+TRAIN_KEY = "datasets/bench/train.jsonl"
+# The benchmark's job, as a user would send it in POST /jobs; the reference reads the same validated values.
+HYPERPARAMETERS: dict[str, Any] = {
+    "n_epochs": 1,
+    "batch_size": 4,
+    "learning_rate": 2e-4,
+    "seed": 42,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,
+    "target_modules": list(LLAMA_LINEAR_MODULES),
+}
+MEMORY_JOB_HYPERPARAMETERS: dict[str, Any] = {"batch_size": 48, "n_epochs": 1}
+QUICK_EXAMPLES = 12
+LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 2e-2}  # relative, per step
+FIRST_STEP_TARGET_S = 5.0
+MEMORY_JOB_TARGET_GB = 4.0
+RESULT_PREFIX = "RESULT "
+MEMORY_LIMIT_STATUS = 3
+
+
+# --- in a child process: one measurement ----------------------------------------------------------------------
+def _rss_peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _guard_memory(limit_mib: float) -> None:
+    """End this process as soon as its resident memory passes the limit (polled every 10 ms)."""
+    import threading
+
+    page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def watch() -> None:
+        with open("/proc/self/statm") as statm:
+            while True:
+                statm.seek(0)
+                if int(statm.read().split()[1]) * page_mib > limit_mib:
+                    print(f"over the memory limit of {limit_mib:.0f} MiB: measurement stopped", file=sys.stderr)
+                    os._exit(MEMORY_LIMIT_STATUS)
+                time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def training_lines(args: argparse.Namespace) -> list[str]:
+    lines = args.data.read_text().splitlines()
+    return lines[: args.examples] if args.examples else lines
+
+
+def job_hyperparameters(hyperparameters: dict[str, Any], record: ModelRecord) -> LoraHyperparameters:
+    return LoraHyperparameters.model_validate(hyperparameters).for_model(record)
+
+
+def _synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory(device: Any, loaded_mib: float) -> dict[str, float]:
+    """Peak memory of this process: on CUDA the device's allocations, elsewhere the resident set."""
+    import torch
+
+    if device.type == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20, "loaded_mib": loaded_mib}
+    return {"peak_mib": _rss_peak_mib(), "loaded_mib": loaded_mib}
+
+
+def _loaded_mib(device: Any) -> float:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _rss_peak_mib()
+
+
+def _fingerprint(model: Any) -> list[float]:
+    """The trainable weights, summarized (sum and a position-weighted sum, in float64): equal inits, equal prints."""
+    import torch
+
+    total, weighted = 0.0, 0.0
+    for i, (_, param) in enumerate(sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)):
+        values = param.detach().double().flatten().cpu()
+        total += float(values.sum())
+        weighted += float((values * torch.arange(1, values.numel() + 1, dtype=torch.float64)).sum()) * (i + 1)
+    return [total, weighted]
+
+
+def _touch_weights(model: Any) -> None:
+    """Read every weight: a checkpoint loaded lazily (memory-mapped) counts as loaded memory, not as training's."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.sum()
+
+
+def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
+    """The obvious loop: pad to the longest of the batch, `model(**batch, labels=...)`, backward, step."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from app.ml.device import resolve_placement
+    from app.ml.formatting import IGNORE_INDEX, encode_chat
+    from app.ml.registry import pad_token_id
+    from worker.recipe import learning_rate_factor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    placement = resolve_placement(args.device, args.dtype)
+    device = placement.device
+    record = BUILTINS[MODEL]
+    models = ModelStore(args.models_dir, None)
+    tokenizer = models.tokenizer(record)
+    pad_id = pad_token_id(tokenizer)
+    hp = job_hyperparameters(HYPERPARAMETERS, record)
+    examples = [encode_chat(tokenizer, json.loads(line)["messages"]) for line in training_lines(args)]
+    assert all(len(e.input_ids) <= hp.max_seq_length for e in examples), "an example would be cut: not comparable"
+
+    torch.manual_seed(hp.seed)  # as TrainingRecipe.setup, before the model is loaded and wrapped
+    base = models.load(record, placement)
+    facts = {
+        "n_base": sum(
+            m.weight.numel() for name, m in base.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"
+        ),
+        "n_out": base.lm_head.weight.numel(),
+        "n_layers": base.config.num_hidden_layers,
+        "attention_dim": base.config.num_attention_heads
+        * (getattr(base.config, "head_dim", None) or base.config.hidden_size // base.config.num_attention_heads),
+    }
+    config = LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=hp.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model: Any = get_peft_model(base, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:  # as the recipe: what the optimizer updates stays float32 under mixed precision
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
+    facts["n_lora"] = sum(p.numel() for p in trainable)
+    fingerprint = _fingerprint(model)
+    _touch_weights(model)
+    loaded = _loaded_mib(device)
+
+    n_steps = math.ceil(len(examples) / hp.batch_size)
+    optimizer = torch.optim.AdamW([{"params": trainable, "lr": hp.learning_rate}], weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, learning_rate_factor(n_steps * hp.n_epochs, hp.warmup_ratio, hp.lr_scheduler)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == torch.float16)
+    order = list(range(len(examples)))
+    random.Random(hp.seed + 1).shuffle(order)  # the recipe's order in epoch 1 (worker/data.py `batches`)
+
+    model.train()
+    losses, step_tokens, padded = [], [], 0
+    _synchronize(device)
+    started = time.perf_counter()
+    for start in range(0, len(order), hp.batch_size):
+        group = [examples[i] for i in order[start : start + hp.batch_size]]
+        width = max(len(e.input_ids) for e in group)
+        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, example in enumerate(group):
+            n = len(example.input_ids)
+            input_ids[row, :n] = torch.tensor(example.input_ids)
+            labels[row, :n] = torch.tensor(example.labels)
+            attention_mask[row, :n] = 1
+        with placement.autocast():
+            loss = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device)
+            ).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, max_norm=1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        step_tokens.append(sum(len(e.input_ids) for e in group))
+        padded += len(group) * width
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "losses": losses,
+        "step_tokens": step_tokens,
+        "padded_tokens": padded,
+        "lengths": [[len(e.input_ids), e.n_loss_tokens] for e in examples],
+        "fingerprint": fingerprint,
+        "facts": facts,
+        **_memory(device, loaded),
+        **_environment(placement),
+    }
+
+
+@dataclass
+class BenchReporter:
+    """The recipe's Reporter (worker.lifecycle): keeps what the recipe reports."""
+
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
+        self.events.append((type_, data or {}))
+        if level != "info":
+            print(f"  [recipe] {message}", file=sys.stderr, flush=True)
+
+    def placement(self, placement: Any) -> None:
+        pass
+
+    def progress(
+        self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
+    ) -> None:
+        self.events.append((type_, {"step": step, "epoch": epoch, **metrics}))
+
+    def check_cancelled(self) -> None:
+        pass
+
+    def of_type(self, type_: str) -> list[dict[str, Any]]:
+        return [data for kind, data in self.events if kind == type_]
+
+
+def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """Tuneforge's recipe as the worker runs it: TrainingRecipe(...).setup(), then .train(), timed apart."""
+    from app.core.storage import ObjectStorage
+    from worker.lifecycle import ClaimedJob
+    from worker.recipe import TrainingRecipe
+
+    record = BUILTINS[MODEL]
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
+        settings = Settings(
+            data_dir=Path(tmp),
+            model_cache_dir=args.models_dir,
+            device=args.device,
+            dtype=args.dtype,
+            torch_threads=args.threads,
+        )
+        storage = ObjectStorage.from_settings(settings)
+        storage.put_bytes(TRAIN_KEY, "".join(line + "\n" for line in training_lines(args)).encode())
+        job = ClaimedJob(
+            id="ftjob-bench-training",
+            tenant_id="bench",
+            base_model=record.id,
+            base_model_revision=record.revision,
+            method="lora",
+            training_file_key=TRAIN_KEY,
+            validation_file_key=None,
+            suffix=None,
+            hyperparameters=job_hyperparameters(hyperparameters, record).model_dump(mode="json"),
+            attempt=1,
+        )
+        reporter = BenchReporter()
+        recipe = TrainingRecipe(settings, storage, job, record, reporter)
+        started = time.perf_counter()
+        recipe.setup()
+        setup_seconds = time.perf_counter() - started
+        device = recipe.placement.device
+        fingerprint = _fingerprint(recipe.model)
+        loaded = _loaded_mib(device)
+        _synchronize(device)
+        started = time.perf_counter()
+        recipe.train()
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+        steps = reporter.of_type("metrics")
+        start = next((d for d in reporter.of_type("log") if "trainable_parameters" in d), {})
+        trained = [0] + [int(d["trained_tokens"]) for d in steps]
+        examples = recipe.train_data.examples
+        return {
+            "seconds": seconds,
+            "setup_seconds": setup_seconds,
+            "losses": [float(d["train_loss"]) for d in steps],
+            "step_tokens": [b - a for a, b in zip(trained, trained[1:], strict=False)],
+            "lengths": [[len(e.input_ids), e.n_loss_tokens] for e in examples],
+            "truncated": recipe.train_data.n_truncated,
+            "fingerprint": fingerprint,
+            "hyperparameters": {k: v for k, v in job.hyperparameters.items() if v is not None},
+            "train_max_batch_tokens": settings.train_max_batch_tokens,
+            # What the recipe says it did, where it says so (its first event).
+            "micro_batch_tokens": start.get("micro_batch_tokens"),
+            "packed": start.get("packed"),
+            "host_peak_mib": _rss_peak_mib(),
+            **_memory(device, loaded),
+            **_environment(recipe.placement),
+        }
+
+
+def measure_matmul(args: argparse.Namespace) -> dict[str, Any]:
+    """FLOP/s of a large square matmul in the placement's dtype, best of 5, on the same threads."""
+    import torch
+
+    from app.ml.device import resolve_placement
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    placement = resolve_placement(args.device, args.dtype)
+    device = placement.device
+    n, repeat = (8192, 20) if device.type == "cuda" else (2048, 1)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device, placement.dtype)
+    b = torch.randn(n, n, generator=generator).to(device, placement.dtype)
+    torch.matmul(a, b)  # warm-up: kernels chosen, memory allocated
+    times = []
+    for _ in range(5):
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeat):
+            torch.matmul(a, b)
+        _synchronize(device)
+        times.append((time.perf_counter() - started) / repeat)
+    return {"n": n, "flops": 2 * n**3 / min(times), **_environment(placement)}
+
+
+def measure_first_step(args: argparse.Namespace) -> dict[str, Any]:
+    """POST /jobs to the job's first optimizer step on a warm in-process worker, embedded default.
+
+    The parent set TUNEFORGE_DATA_DIR (and the model cache, device, dtype, threads) in this process's
+    environment: the worker's Celery app reads its settings when it is imported, as `tuneforge worker` does. The
+    worker runs on this process's main thread, as `tuneforge worker` (solo pool) runs its jobs, and the client on
+    another: torch's thread pools (OpenMP) behave differently on other threads."""
+    import threading
+    from datetime import UTC, datetime
+
+    from celery.contrib.testing.worker import TestWorkController, setup_app_for_worker
+    from celery.worker import state
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    import worker.tasks  # noqa: F401  (registers training.run with the worker's app)
+    from app.auth.service import create_api_key
+    from app.core.db import migrate, session_scope
+    from app.core.models import Job, JobEvent
+    from app.core.settings import get_settings
+    from app.main import create_app
+    from worker.celery_app import celery_app
+
+    settings = get_settings()
+    migrate(settings.db_url)
+    with session_scope(settings.db_url) as session:
+        headers = {"Authorization": f"Bearer {create_api_key(session, tenant_name='bench')}"}
+    lines = training_lines(args)
+
+    def upload(client: TestClient, records: list[str]) -> str:
+        content = "".join(line + "\n" for line in records).encode()
+        r = client.post(
+            "/v1/files", headers=headers, files={"file": ("train.jsonl", content)}, data={"purpose": "fine-tune"}
+        )
+        assert r.status_code in (200, 201), r.text
+        return str(r.json()["id"])
+
+    def create(client: TestClient, file_id: str) -> str:
+        body = {"base_model": MODEL, "training_file": file_id, "hyperparameters": HYPERPARAMETERS}
+        r = client.post("/jobs", headers=headers, json=body)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def wait_for(what: str, done: Any, timeout: float = 900.0, every: float = 0.05) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (result := done()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
+            time.sleep(every)
+        return result
+
+    def status(client: TestClient, job_id: str) -> str:
+        return str(client.get(f"/jobs/{job_id}", headers=headers).json()["status"])
+
+    def events(job_id: str) -> list[tuple[str, dict[str, Any], datetime]]:
+        with session_scope(settings.db_url) as session:
+            rows = session.execute(
+                select(JobEvent.type, JobEvent.data, JobEvent.created_at)
+                .where(JobEvent.job_id == job_id)
+                .order_by(JobEvent.seq)
+            ).all()
+        return [(str(kind), dict(data), created) for kind, data, created in rows]
+
+    timeline: dict[str, Any] = {}
+
+    def drive() -> None:
+        """The user's side: a warm-up job to its end, then the measured job to its first step, then a cancel."""
+        try:
+            celery_worker.ensure_started()
+            with TestClient(create_app(settings)) as client:
+                warm_file, file_id = upload(client, lines[:4]), upload(client, lines)
+                warm_job = create(client, warm_file)  # the worker loads and caches the base model
+                ended = ("succeeded", "failed", "cancelled")
+                warm = wait_for("the warm-up job", lambda: (s := status(client, warm_job)) in ended and s, every=0.2)
+                assert warm == "succeeded", f"the warm-up job {warm}"
+                timeline["posted_at"] = datetime.now(UTC)
+                started = time.perf_counter()
+                timeline["job_id"] = job_id = create(client, file_id)
+                timeline["answered"] = time.perf_counter() - started
+                wait_for("the first step", lambda: any(kind == "metrics" for kind, _, _ in events(job_id)))
+                client.post(f"/jobs/{job_id}/cancel", headers=headers)  # the worker stops it at its next report
+                wait_for("the job's end", lambda: not state.active_requests, every=0.2)
+        except BaseException as exc:
+            timeline["error"] = exc
+        finally:
+            state.should_terminate = 0  # the worker leaves its loop once no task is running
+
+    setup_app_for_worker(celery_app, "WARNING", None)
+    celery_worker = TestWorkController(
+        app=celery_app,
+        concurrency=1,
+        pool="solo",
+        hostname="bench@localhost",
+        loglevel="WARNING",
+        logfile=None,
+        ready_callback=None,
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+    )
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    celery_worker.start()  # returns when `drive` is done
+    driver.join()
+    if "error" in timeline:
+        raise timeline["error"]
+
+    job_id, posted_at = timeline["job_id"], timeline["posted_at"]
+    with session_scope(settings.db_url) as session:
+        claimed_at = session.scalar(select(Job.started_at).where(Job.id == job_id))
+    assert claimed_at is not None
+    log = events(job_id)
+    set_up = next(created for kind, data, created in log if "trainable_parameters" in data)
+    first, step = next((created, data) for kind, data, created in log if kind == "metrics")
+
+    def since_post(moment: datetime) -> float:
+        return (moment - posted_at).total_seconds()
+
+    return {
+        "answered": timeline["answered"],
+        "claimed": since_post(claimed_at),
+        "set_up": since_post(set_up),
+        "first_step": since_post(first),
+        "step_compute": step["trained_tokens"] / step["tokens_per_second"],  # as the recipe timed its step
+        "step_tokens": step["trained_tokens"],
+        "examples": len(lines),
+    }
+
+
+def _environment(placement: Any) -> dict[str, Any]:
+    import torch
+
+    return {
+        "placement": placement.describe(),
+        "device": placement.device_str,
+        "dtype": placement.dtype_str,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not ours
+    if args.memory_limit_gib:
+        _guard_memory(args.memory_limit_gib * 1024)
+    if args.measure == "reference":
+        return measure_reference(args)
+    if args.measure == "recipe":
+        return measure_recipe(args, HYPERPARAMETERS)
+    if args.measure == "memory-job":
+        return measure_recipe(args, MEMORY_JOB_HYPERPARAMETERS)
+    if args.measure == "matmul":
+        return measure_matmul(args)
+    return measure_first_step(args)
+
+
+# --- in the parent process: one child per measurement, then the figures ----------------------------------------
+def run_child(args: argparse.Namespace, mode: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--measure={mode}",
+        f"--models-dir={args.models_dir}",
+        f"--data={args.data}",
+        f"--examples={args.examples}",
+        f"--device={args.device}",
+        f"--dtype={args.dtype}",
+        f"--memory-limit-gib={args.memory_limit_gib}",
+    ]
+    if args.threads:
+        command.append(f"--threads={args.threads}")
+    environment = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})}
+    started = time.perf_counter()
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
+    if done.returncode == MEMORY_LIMIT_STATUS:
+        raise SystemExit(f"{mode}: over --memory-limit-gib={args.memory_limit_gib:g}, stopped")
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{mode}: failed (exit status {done.returncode}); its traceback is above")
+    print(f"  ({mode}: {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    return dict(json.loads(lines[-1].removeprefix(RESULT_PREFIX)))
+
+
+def model_flops(lengths: list[list[int]], facts: dict[str, int]) -> float:
+    """The epoch's model FLOPs (see the module's docstring): the same count for the reference and the recipe."""
+    per_token = 4 * facts["n_base"] + 6 * facts["n_lora"]
+    attention = 6 * facts["n_layers"] * facts["attention_dim"]
+    return sum(per_token * t + attention * t * t + 4 * facts["n_out"] * loss for t, loss in lengths)
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return f"{platform.machine()} ({line.split(':', 1)[1].strip()}), {os.cpu_count()} CPUs"
+    return f"{platform.machine() or 'unknown CPU'}, {os.cpu_count()} CPUs"
+
+
+def load_average() -> str:
+    with contextlib.suppress(OSError):
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    return "?"
+
+
+def command_line() -> str:
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(Path.cwd())
+    return shlex.join([str(python), *sys.argv])
+
+
+def memory_text(result: dict[str, Any]) -> str:
+    return f"{result['peak_mib']:,.0f} MiB ({result['peak_mib'] - result['loaded_mib']:,.0f} above the loaded model)"
+
+
+def recipe_budget(result: dict[str, Any]) -> str:
+    """The recipe's micro-batching as it reported it: the budget in effect and whether examples were packed."""
+    text = f"train_max_batch_tokens={result['train_max_batch_tokens']}"
+    if result.get("micro_batch_tokens") is not None:
+        text += f", micro-batches of up to {result['micro_batch_tokens']} tokens"
+    if result.get("packed") is not None:
+        text += ", examples packed" if result["packed"] else ", examples padded"
+    return text
+
+
+def run_memory_job(args: argparse.Namespace) -> None:
+    result = run_child(args, "memory-job")
+    lengths = [t for t, _ in result["lengths"]]
+    hp = result["hyperparameters"]
+    gb = result["peak_mib"] * 2**20 / 1e9
+    cuda = result["device"].startswith("cuda")
+    print(
+        f"memory job: LoRA {json.dumps(MEMORY_JOB_HYPERPARAMETERS)}, defaults otherwise (r={hp['lora_r']}, "
+        f"alpha={hp['lora_alpha']}, dropout {hp['lora_dropout']:g} on {','.join(hp['target_modules'])}; "
+        f"max_seq_length {hp['max_seq_length']}), on {os.path.relpath(args.data)}: {len(lengths)} examples of "
+        f"{min(lengths)}-{max(lengths)} tokens ({sum(lengths):,} in all, {result['truncated']} cut), one step; "
+        f"recipe's {recipe_budget(result)}; on {result['placement']}"
+    )
+    where = "device memory (torch.cuda.max_memory_allocated)" if cuda else "peak RSS of the process (ru_maxrss)"
+    print(
+        f"memory job: {where} {result['peak_mib']:,.0f} MiB, {result['peak_mib'] - result['loaded_mib']:,.0f} MiB "
+        f"above the set-up job's {result['loaded_mib']:,.0f} MiB (the model; on a CPU also the worker's cached copy); "
+        f"setup {result['setup_seconds']:.1f} s, the step {result['seconds']:.1f} s"
+        + (f"; host peak RSS {result['host_peak_mib']:,.0f} MiB" if cuda else "")
+    )
+    met = "met" if gb < MEMORY_JOB_TARGET_GB else "NOT met"
+    print(f"memory job peak: {gb:.2f} GB (target < {MEMORY_JOB_TARGET_GB:g} GB: {met})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"only the first {QUICK_EXAMPLES} examples")
+    parser.add_argument(
+        "--examples", type=int, default=0, help="only the first N examples of the dataset (default: all)"
+    )
+    parser.add_argument(
+        "--memory-job",
+        action="store_true",
+        help="measure the peak memory of the batch-48 job on bench/data/chat_512.jsonl instead",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the reference and the recipe this many times, alternated, and keep the fastest of each (default: 1)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (as TUNEFORGE_DEVICE)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (as TUNEFORGE_DTYPE)")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="converted-model cache (default: Settings().models_dir, where the registry converts the model once)",
+    )
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=16.0,
+        help="stop a measurement whose process goes over this resident memory, in GiB; 0: no limit (default: 16)",
+    )
+    # Internal: one measurement, run by the script itself in a fresh process.
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.examples < 0 or args.repeat < 1:
+        parser.error("--examples and --repeat must be positive")
+    if args.quick and not args.examples:
+        args.examples = QUICK_EXAMPLES
+    if args.models_dir is None:
+        args.models_dir = Settings().models_dir
+    if args.data is None:
+        args.data = MEMORY_FILE if args.memory_job else CHAT_FILE
+
+    if args.measure:
+        print(RESULT_PREFIX + json.dumps(measure(args)), flush=True)
+        return
+
+    ModelStore(args.models_dir, None).model_dir(BUILTINS[MODEL])  # convert once, here, not in a measured process
+    begun = time.perf_counter()
+    print(f"{command_line()}\nmachine: {cpu_name()}; load average {load_average()} (1/5/15 min) at start", flush=True)
+    if os.getloadavg()[0] > (os.cpu_count() or 1) and "OMP_WAIT_POLICY" not in os.environ:
+        print(
+            "note: the machine is busy. torch's OpenMP threads spin while they wait for each other, so on shared cores "
+            "multi-threaded steps slow down several times and vary; OMP_WAIT_POLICY=PASSIVE (in the environment) or "
+            "--threads 1 steadies them",
+            flush=True,
+        )
+    elif "OMP_WAIT_POLICY" in os.environ:
+        print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
+    if args.memory_job:
+        run_memory_job(args)
+        print(f"total {time.perf_counter() - begun:.0f} s")
+        return
+
+    # The machine's throughput drifts when it is shared: matmul before and after (the better one is its peak), the
+    # two variants alternated --repeat times (the fastest of each is the least disturbed).
+    matmuls = [run_child(args, "matmul")]
+    references, recipes = [], []
+    for _ in range(args.repeat):
+        references.append(run_child(args, "reference"))
+        recipes.append(run_child(args, "recipe"))
+    matmuls.append(run_child(args, "matmul"))
+    with tempfile.TemporaryDirectory(prefix="bench-first-step-") as tmp:
+        env = {
+            "TUNEFORGE_DATA_DIR": tmp,
+            "TUNEFORGE_MODEL_CACHE_DIR": str(args.models_dir),
+            "TUNEFORGE_DEVICE": args.device,
+            "TUNEFORGE_DTYPE": args.dtype,
+            "TUNEFORGE_LOG_LEVEL": "WARNING",
+            "TUNEFORGE_LOG_FORMAT": "text",
+            **({"TUNEFORGE_TORCH_THREADS": str(args.threads)} if args.threads else {}),
+        }
+        first = run_child(args, "first-step", env)
+
+    report(args, matmuls, references, recipes, first)
+    print(f"total {time.perf_counter() - begun:.0f} s")
+    failures = sorted({failure for ref, rec in zip(references, recipes, strict=True) for failure in check(ref, rec)})
+    if failures:
+        raise SystemExit("FAIL: " + "; ".join(failures))
+
+
+def check(reference: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    failures = []
+    if reference["lengths"] != recipe["lengths"] or reference["step_tokens"] != recipe["step_tokens"]:
+        failures.append("the reference and the recipe did not train on the same tokens in the same steps")
+    if reference["fingerprint"] != recipe["fingerprint"]:
+        failures.append("the LoRA weights did not start equal")
+    return failures + loss_failures(reference, recipe)
+
+
+def loss_failures(reference: dict[str, Any], recipe: dict[str, Any]) -> list[str]:
+    tolerance = LOSS_TOLERANCE[recipe["dtype"]]
+    if len(reference["losses"]) != len(recipe["losses"]):
+        return [f"{len(reference['losses'])} reference steps against {len(recipe['losses'])} recipe steps"]
+    worst = max(abs(a - b) / abs(a) for a, b in zip(reference["losses"], recipe["losses"], strict=True))
+    return [f"the losses differ by up to {worst:.2e} relative (tolerance {tolerance:g})"] if worst > tolerance else []
+
+
+def report(
+    args: argparse.Namespace,
+    matmuls: list[dict[str, Any]],
+    references: list[dict[str, Any]],
+    recipes: list[dict[str, Any]],
+    first: dict[str, Any],
+) -> None:
+    matmul = max(matmuls, key=lambda r: float(r["flops"]))
+    reference = min(references, key=lambda r: float(r["seconds"]))
+    recipe = min(recipes, key=lambda r: float(r["seconds"]))
+    lengths = reference["lengths"]
+    real = sum(t for t, _ in lengths)
+    useful = sum(loss for _, loss in lengths)
+    flops = model_flops(lengths, reference["facts"])
+    facts = reference["facts"]
+    hp = recipe["hyperparameters"]
+    print(
+        f"model {MODEL} on {recipe['placement']}, torch {recipe['torch']}, {recipe['threads']} threads; "
+        f"LoRA r={hp['lora_r']} alpha={hp['lora_alpha']} dropout {hp['lora_dropout']:g} on "
+        f"{','.join(hp['target_modules'])}; batch {hp['batch_size']}, lr {hp['learning_rate']:g} "
+        f"({hp['lr_scheduler']}, warmup {hp['warmup_ratio']:g}), seed {hp['seed']}; "
+        f"recipe's {recipe_budget(recipe)}"
+    )
+    print(
+        f"data: {os.path.relpath(args.data)}, "
+        f"{len(lengths)} examples of {min(t for t, _ in lengths)}-{max(t for t, _ in lengths)} tokens, "
+        f"{len(reference['losses'])} steps, one epoch: {real:,} tokens, {useful:,} loss-bearing "
+        f"({100 * useful / real:.0f}%); the reference's batches padded to {reference['padded_tokens']:,}"
+    )
+    print(
+        f"matmul: {matmul['flops'] / 1e9:,.1f} GFLOP/s ({matmul['n']}x{matmul['n']} {matmul['dtype']}, best of 5; "
+        f"before the training runs {matmuls[0]['flops'] / 1e9:,.1f}, after {matmuls[-1]['flops'] / 1e9:,.1f})"
+    )
+    if len(references) > 1:
+        print(
+            f"each variant run {len(references)} times, alternated; the fastest counts. Epoch seconds: reference "
+            + ", ".join(f"{r['seconds']:.1f}" for r in references)
+            + "; recipe "
+            + ", ".join(f"{r['seconds']:.1f}" for r in recipes)
+        )
+    print(
+        "MFU = model FLOPs / epoch seconds / matmul FLOP/s; model FLOPs per example of T tokens, L loss-bearing = "
+        "(4 N_base + 6 N_lora) T + 6 n_layers d T^2 + 4 N_out L"
+    )
+    print(
+        f"  with N_base {facts['n_base']:,} (frozen linear weights of the blocks), N_lora {facts['n_lora']:,}, "
+        f"N_out {facts['n_out']:,} (output layer), n_layers {facts['n_layers']}, d {facts['attention_dim']}: "
+        f"{flops / 1e12:.2f} TFLOP for the epoch"
+    )
+    print()
+    rows = [("1 reference", reference), ("2 recipe", recipe)]
+    print(
+        f"{'':<14}{'useful tok/s':>14}{'all tok/s':>11}{'with pad':>10}{'s/epoch':>9}{'setup s':>9}{'MFU':>8}"
+        f"   {'peak memory':<40}{'loss: first':>12}{'last':>10}{'mean':>10}"
+    )
+    for label, r in rows:
+        seconds = r["seconds"]
+        padded = f"{r['padded_tokens'] / seconds:10.1f}" if "padded_tokens" in r else f"{'-':>10}"
+        setup = f"{r['setup_seconds']:9.1f}" if "setup_seconds" in r else f"{'-':>9}"
+        mfu = flops / seconds / matmul["flops"]
+        losses = r["losses"]
+        print(
+            f"{label:<14}{useful / seconds:14.1f}{real / seconds:11.1f}{padded}{seconds:9.1f}{setup}{100 * mfu:7.1f}%"
+            f"   {memory_text(r):<40}{losses[0]:12.6f}{losses[-1]:10.6f}{sum(losses) / len(losses):10.6f}"
+        )
+    print()
+    print(f"ratio 2/1: {reference['seconds'] / recipe['seconds']:.2f}")
+    print()
+    worst = max(abs(a - b) / abs(a) for a, b in zip(reference["losses"], recipe["losses"], strict=True))
+    same_tokens = reference["lengths"] == recipe["lengths"] and reference["step_tokens"] == recipe["step_tokens"]
+    print(
+        f"losses, recipe - reference: last step {recipe['losses'][-1] - reference['losses'][-1]:+.2e}, "
+        f"epoch mean {(sum(recipe['losses']) - sum(reference['losses'])) / len(recipe['losses']):+.2e}; "
+        f"largest relative difference over the {len(recipe['losses'])} steps {worst:.2e} "
+        f"(tolerance {LOSS_TOLERANCE[recipe['dtype']]:g}); "
+        f"same tokens in every step: {'yes' if same_tokens else 'NO'}; "
+        f"same initial LoRA weights: {'yes' if reference['fingerprint'] == recipe['fingerprint'] else 'NO'}"
+    )
+    cuda = recipe["device"].startswith("cuda")
+    print(
+        "peak memory: "
+        + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of each process (ru_maxrss)")
+        + "; the recipe's loaded model includes the worker's cached pristine copy"
+        + (" (host memory)" if cuda else "")
+    )
+    met = "met" if first["first_step"] < FIRST_STEP_TARGET_S else "NOT met"
+    print(
+        f"time to first step (warm worker, embedded default, {first['examples']} examples): POST /jobs answered in "
+        f"{first['answered']:.2f} s, claimed at {first['claimed']:.2f} s, set up at {first['set_up']:.2f} s, "
+        f"first optimizer step done at {first['first_step']:.2f} s (target < {FIRST_STEP_TARGET_S:g} s: {met}); "
+        f"the step itself ({first['step_tokens']} tokens) {first['first_step'] - first['set_up']:.2f} s "
+        f"({first['step_compute']:.2f} s by the recipe's own clock); the embedded broker (SQLite) is polled every "
+        "second"
+    )
+
+
+if __name__ == "__main__":
+    main()
