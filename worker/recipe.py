@@ -250,9 +250,9 @@ def _micro_batch_passes(
     )
 
 
-# Bytes a token in flight holds per layer and hidden unit, in the model's dtype (saved activations of the
-# attention and MLP blocks; measured ~0.5 MiB a token for LoRA on SmolLM2-135M in float32 with packing, 30
-# layers x 576: taken 4x over, for the allocator's slack and larger intermediate sizes).
+# Bytes a token in flight holds per layer and hidden unit, in the model's dtype element size (saved activations
+# of the attention and MLP blocks, and the allocator's slack): LoRA on SmolLM2-135M in float32 (30 layers x 576)
+# measured about 1.9 MiB a token (bench/training.py --memory-job), which 32 x 30 x 576 x 4 bytes = 2.1 MiB covers.
 ACTIVATION_BYTES_PER_LAYER_UNIT = 32
 MEMORY_SHARE = 0.5  # of the device's free memory, for one micro-batch's activations
 MIN_BATCH_TOKENS = 64
