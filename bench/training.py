@@ -69,6 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from process_memory import MEMORY_LIMIT_STATUS, RESULT_PREFIX, guard_memory, rss_peak_mib  # bench/, beside this
+
 from app.core.settings import Settings
 from app.ml.methods.lora import LoraHyperparameters
 from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelRecord, ModelStore
@@ -94,33 +96,9 @@ QUICK_EXAMPLES = 12
 LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 2e-2}  # relative, per step
 FIRST_STEP_TARGET_S = 5.0
 MEMORY_JOB_TARGET_GB = 4.0
-RESULT_PREFIX = "RESULT "
-MEMORY_LIMIT_STATUS = 3
 
 
 # --- in a child process: one measurement ----------------------------------------------------------------------
-def _rss_peak_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _guard_memory(limit_mib: float) -> None:
-    """End this process as soon as its resident memory passes the limit (polled every 10 ms)."""
-    import threading
-
-    page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def watch() -> None:
-        with open("/proc/self/statm") as statm:
-            while True:
-                statm.seek(0)
-                if int(statm.read().split()[1]) * page_mib > limit_mib:
-                    print(f"over the memory limit of {limit_mib:.0f} MiB: measurement stopped", file=sys.stderr)
-                    os._exit(MEMORY_LIMIT_STATUS)
-                time.sleep(0.01)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def training_lines(args: argparse.Namespace) -> list[str]:
@@ -145,7 +123,7 @@ def _memory(device: Any, loaded_mib: float) -> dict[str, float]:
 
     if device.type == "cuda":
         return {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20, "loaded_mib": loaded_mib}
-    return {"peak_mib": _rss_peak_mib(), "loaded_mib": loaded_mib}
+    return {"peak_mib": rss_peak_mib(), "loaded_mib": loaded_mib}
 
 
 def _loaded_mib(device: Any) -> float:
@@ -156,7 +134,7 @@ def _loaded_mib(device: Any) -> float:
     gc.collect()
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    return _rss_peak_mib()
+    return rss_peak_mib()
 
 
 def _fingerprint(model: Any) -> list[float]:
@@ -187,8 +165,9 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     from torch import nn
 
     from app.ml.device import resolve_placement
-    from app.ml.formatting import IGNORE_INDEX, encode_chat
+    from app.ml.formatting import encode_chat
     from app.ml.registry import pad_token_id
+    from worker.data import collate
     from worker.recipe import learning_rate_factor
 
     if args.threads:
@@ -247,15 +226,8 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     for start in range(0, len(order), hp.batch_size):
         group = [examples[i] for i in order[start : start + hp.batch_size]]
-        width = max(len(e.input_ids) for e in group)
-        input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, example in enumerate(group):
-            n = len(example.input_ids)
-            input_ids[row, :n] = torch.tensor(example.input_ids)
-            labels[row, :n] = torch.tensor(example.labels)
-            attention_mask[row, :n] = 1
+        batch = collate(group, pad_id)  # right-padded to the longest, as the obvious loop does
+        input_ids, labels, attention_mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         with placement.autocast():
             loss = model(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device)
@@ -269,7 +241,7 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         step_tokens.append(sum(len(e.input_ids) for e in group))
-        padded += len(group) * width
+        padded += input_ids.numel()
     _synchronize(device)
     seconds = time.perf_counter() - started
     return {
@@ -370,7 +342,7 @@ def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) ->
             # What the recipe says it did, where it says so (its first event).
             "micro_batch_tokens": start.get("micro_batch_tokens"),
             "packed": start.get("packed"),
-            "host_peak_mib": _rss_peak_mib(),
+            "host_peak_mib": rss_peak_mib(),
             **_memory(device, loaded),
             **_environment(recipe.placement),
         }
@@ -548,7 +520,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not ours
     if args.memory_limit_gib:
-        _guard_memory(args.memory_limit_gib * 1024)
+        guard_memory(args.memory_limit_gib * 1024)
     if args.measure == "reference":
         return measure_reference(args)
     if args.measure == "recipe":

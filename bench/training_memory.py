@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from process_memory import MEMORY_LIMIT_STATUS, RESULT_PREFIX, guard_memory, rss_peak_mib  # bench/, beside this
+
 from app.core.settings import Settings
 from app.ml.device import resolve_placement
 from app.ml.methods.base import MethodContext
@@ -42,33 +44,6 @@ from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelStore
 
 LOSS_TOLERANCE = 1e-4
-RESULT_PREFIX = "RESULT "
-MEMORY_LIMIT_STATUS = 3
-
-
-def _rss_peak_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _guard_memory(limit_mib: float) -> None:
-    """End this process as soon as its resident memory passes the limit (polled every 10 ms)."""
-    import threading
-    import time
-
-    page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def watch() -> None:
-        with open("/proc/self/statm") as statm:
-            while True:
-                statm.seek(0)
-                if int(statm.read().split()[1]) * page_mib > limit_mib:
-                    print(f"over the memory limit of {limit_mib:.0f} MiB: measurement stopped", file=sys.stderr)
-                    os._exit(MEMORY_LIMIT_STATUS)
-                time.sleep(0.01)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +59,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from worker.recipe import accumulate_gradients
 
     if args.memory_limit_gib:
-        _guard_memory(args.memory_limit_gib * 1024)
+        guard_memory(args.memory_limit_gib * 1024)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -133,14 +108,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for param in model.parameters():
             param.sum()
     gc.collect()
-    loaded = _rss_peak_mib()
+    loaded = rss_peak_mib()
     times, loss = [], float("nan")
     for _ in range(args.steps):  # the same step again (no optimizer update): the fastest is the least disturbed
         model.zero_grad(set_to_none=True)
         started = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - started)
-    peak = _rss_peak_mib()
+    peak = rss_peak_mib()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads = torch.cat([p.grad.detach().flatten() for p in trainable if p.grad is not None]).cpu()
