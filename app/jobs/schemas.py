@@ -25,7 +25,8 @@ def _hyperparameters_schema() -> dict[str, Any]:
     }
 
 
-def _ts(value: datetime | None) -> int | None:
+def unix_time(value: datetime | None) -> int | None:
+    """A stored time as the API shows it: Unix seconds, or None."""
     return int(value.timestamp()) if value is not None else None
 
 
@@ -154,11 +155,11 @@ class JobObject(BaseModel):
             dtype=job.dtype,
             attempt=job.attempt,
             last_event_seq=job.last_event_seq,
-            heartbeat_at=_ts(job.heartbeat_at),
+            heartbeat_at=unix_time(job.heartbeat_at),
             estimated_finish=estimated_finish(job),
-            created_at=_ts(job.created_at) or 0,
-            started_at=_ts(job.started_at),
-            finished_at=_ts(job.finished_at),
+            created_at=unix_time(job.created_at) or 0,
+            started_at=unix_time(job.started_at),
+            finished_at=unix_time(job.finished_at),
         )
 
 
@@ -185,7 +186,7 @@ class EventObject(BaseModel):
             level=event.level,
             message=event.message,
             data=event.data,
-            created_at=_ts(event.created_at) or 0,
+            created_at=unix_time(event.created_at) or 0,
         )
 
 
@@ -233,7 +234,7 @@ class CheckpointObject(BaseModel):
             size_bytes=row.size_bytes,
             sha256=row.sha256,
             download_url=f"/adapters/{row.id}/download",
-            created_at=_ts(row.created_at) or 0,
+            created_at=unix_time(row.created_at) or 0,
         )
 
 

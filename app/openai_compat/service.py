@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from app.core.errors import AppError, InvalidInput, clip
 from app.core.models import Checkpoint, Job, JobEvent
-from app.jobs.schemas import estimated_finish
+from app.jobs.schemas import estimated_finish, unix_time
 from app.jobs.service import JobSpec
 from app.ml.methods import METHODS
 from app.openai_compat.schemas import (
@@ -111,10 +111,6 @@ def in_openai_terms(exc: AppError, body: FineTuningJobCreate) -> AppError:
     return exc
 
 
-def _ts(value: Any) -> int | None:
-    return int(value.timestamp()) if value is not None else None
-
-
 def job_object(job: Job) -> FineTuningJob:
     hp = dict(job.hyperparameters)
     multiplier = round(float(hp.get("learning_rate", 0.0)) / _default_learning_rate(job.method), 6)
@@ -128,10 +124,10 @@ def job_object(job: Job) -> FineTuningJob:
         method = {"type": "supervised", "supervised": {"hyperparameters": openai_hp}, job.method: method[job.method]}
     return FineTuningJob(
         id=job.id,
-        created_at=_ts(job.created_at) or 0,
+        created_at=unix_time(job.created_at) or 0,
         error=FineTuningError(code=job.error_code or "training_failed", message=job.error) if job.error else None,
         fine_tuned_model=job.adapter_id,
-        finished_at=_ts(job.finished_at),
+        finished_at=unix_time(job.finished_at),
         hyperparameters=openai_hp,
         method=method,
         model=job.base_model,
@@ -184,7 +180,7 @@ def event_object(job: Job, event: JobEvent) -> FineTuningEvent:
         data = {**_with_openai_metric_names(data), "total_steps": job.total_steps}
     return FineTuningEvent(
         id=event_id(job.id, event.seq),
-        created_at=_ts(event.created_at) or 0,
+        created_at=unix_time(event.created_at) or 0,
         level="warn" if event.level == "warning" else "error" if event.level == "error" else "info",
         message=event.message,
         type="metrics" if metrics else "message",
@@ -195,7 +191,7 @@ def event_object(job: Job, event: JobEvent) -> FineTuningEvent:
 def checkpoint_object(row: Checkpoint) -> FineTuningCheckpoint:
     return FineTuningCheckpoint(
         id=row.id,
-        created_at=_ts(row.created_at) or 0,
+        created_at=unix_time(row.created_at) or 0,
         fine_tuned_model_checkpoint=row.id,
         fine_tuning_job_id=row.job_id,
         metrics={"step": row.step, **_with_openai_metric_names(row.metrics)},
