@@ -71,6 +71,7 @@ from typing import Any
 
 from process_memory import MEMORY_LIMIT_STATUS, RESULT_PREFIX, guard_memory, rss_peak_mib  # bench/, beside this
 
+from app.core.queue import SQL_BROKER_POLLING_SECONDS
 from app.core.settings import Settings
 from app.ml.methods.lora import LoraHyperparameters
 from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelRecord, ModelStore
@@ -617,7 +618,8 @@ def run_memory_job(args: argparse.Namespace) -> None:
     where = "device memory (torch.cuda.max_memory_allocated)" if cuda else "peak RSS of the process (ru_maxrss)"
     print(
         f"memory job: {where} {result['peak_mib']:,.0f} MiB, {result['peak_mib'] - result['loaded_mib']:,.0f} MiB "
-        f"above the set-up job's {result['loaded_mib']:,.0f} MiB (the model; on a CPU also the worker's cached copy); "
+        f"above the set-up job's {result['loaded_mib']:,.0f} MiB (the model, whose frozen weights the worker's cached "
+        "copy shares on a CPU); "
         f"setup {result['setup_seconds']:.1f} s, the step {result['seconds']:.1f} s"
         + (f"; host peak RSS {result['host_peak_mib']:,.0f} MiB" if cuda else "")
     )
@@ -817,7 +819,7 @@ def report(
     print(
         "peak memory: "
         + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of each process (ru_maxrss)")
-        + "; the recipe's loaded model includes the worker's cached pristine copy"
+        + "; on a CPU the recipe's model shares its frozen weights with the worker's cached copy"
         + (" (host memory)" if cuda else "")
     )
     met = "met" if first["first_step"] < FIRST_STEP_TARGET_S else "NOT met"
@@ -827,7 +829,7 @@ def report(
         f"first optimizer step done at {first['first_step']:.2f} s (target < {FIRST_STEP_TARGET_S:g} s: {met}); "
         f"the step itself ({first['step_tokens']} tokens) {first['first_step'] - first['set_up']:.2f} s "
         f"({first['step_compute']:.2f} s by the recipe's own clock); the embedded broker (SQLite) is polled every "
-        "second"
+        f"{SQL_BROKER_POLLING_SECONDS:g} s"
     )
 
 

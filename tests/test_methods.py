@@ -47,6 +47,7 @@ from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.model_factories import ARCHITECTURES, build_tiny_model
 from tests.test_jobs import queued_messages
 from tests.test_recipe import TINY, MemoryReporter, recipe_for
+from worker import recipe as worker_recipe
 from worker.data import collate
 from worker.lifecycle import JobCancelled
 from worker.recipe import TrainingRecipe, accumulate_gradients, evaluation_stats
@@ -135,6 +136,15 @@ def test_each_method_trains_exactly_its_tensors_and_learns(tmp_path: Path, model
         assert torch.equal(recipe.model.model.embed_tokens.weight, pristine.model.embed_tokens.weight)
     if method == "full":  # tied stays tied: one matrix trains for both
         assert recipe.model.lm_head.weight is recipe.model.model.embed_tokens.weight
+    # The worker's cached base model is as loaded: what the job trained had tensors of its own, while what it
+    # did not train shared the cached weights' memory rather than holding a second copy of them.
+    [cached] = worker_recipe._base_models.values()
+    loaded = ModelStore(model_cache_dir, None).load(TINY).state_dict()
+    assert all(torch.equal(tensor, loaded[name]) for name, tensor in cached.state_dict().items())
+    cached_memory = {p.data_ptr() for p in cached.parameters()}
+    shared = {name for name, p in recipe.model.named_parameters() if p.data_ptr() in cached_memory}
+    assert not shared & recipe.trained_names
+    assert shared if method != "full" else not shared
 
 
 def test_layerwise_unfreezes_one_block_at_a_time_on_schedule(tmp_path: Path, model_cache_dir: Path) -> None:

@@ -49,14 +49,30 @@ _base_lock = threading.Lock()
 
 def cached_base_model(models: ModelStore, record: ModelRecord, placement: Placement) -> nn.Module:
     """A private copy of the base model on the placement's device and in its dtype; the pristine one stays
-    cached in host memory between jobs (one copy per worker, whatever the device)."""
+    cached in host memory between jobs (one copy per worker, whatever the device).
+
+    The copy's modules and parameters are its own, but on the cache's device (a CPU) its weights share the
+    cached tensors: the base model is held once, not twice. Whatever a job trains gets its own tensors first
+    (`own_trained_tensors`), so the cached weights are never changed."""
     with _base_lock:
         key = (record.id, record.revision, models.models_dir, placement.dtype)
         if key not in _base_models:
             _base_models.clear()  # one base model at a time: a worker that switches models does not hoard them
             cpu = Placement(device=torch.device("cpu"), dtype=placement.dtype, device_name="cpu")
             _base_models[key] = models.load(record, cpu)
-        return copy.deepcopy(_base_models[key]).to(placement.device)
+        cached = _base_models[key]
+        memo: dict[int, Any] = {id(p): nn.Parameter(p.data, requires_grad=p.requires_grad) for p in cached.parameters()}
+        memo.update({id(b): b for b in cached.buffers()})  # never written (rotary frequencies)
+        return copy.deepcopy(cached, memo).to(placement.device)
+
+
+def own_trained_tensors(params: list[nn.Parameter]) -> None:
+    """Give each parameter a job will update that still shares a cached base model's memory a copy of its own."""
+    with _base_lock:
+        cached = {p.untyped_storage().data_ptr() for model in _base_models.values() for p in model.parameters()}
+    for param in params:
+        if param.untyped_storage().data_ptr() in cached:
+            param.data = param.data.clone()
 
 
 def learning_rate_factor(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
@@ -240,8 +256,6 @@ def _micro_batch_passes(
         loss_sum += group_loss.detach()
         correct += group_correct
         del group_loss  # before the next micro-batch's forward pass
-        if device.type == "cpu":
-            return_freed_memory()
     return StepStats(
         loss_sum=float(loss_sum),
         correct=int(correct),
@@ -256,12 +270,20 @@ def _micro_batch_passes(
 ACTIVATION_BYTES_PER_LAYER_UNIT = 32
 MEMORY_SHARE = 0.5  # of the device's free memory, for one micro-batch's activations
 MIN_BATCH_TOKENS = 64
+# On a CPU a micro-batch of 1024 tokens trains as many tokens a second as one of 2048 (bench/training.py: 63.7
+# and 63.3 useful tokens/s for LoRA on SmolLM2-135M, 2 cores) for 1 GB less memory: the matrices are already
+# big enough to keep the cores busy. A GPU gains from more, and takes the whole budget.
+CPU_MICRO_BATCH_TOKENS = 1024
 
 
 def micro_batch_budget(model: nn.Module, placement: Placement, limit: int) -> int:
     """The micro-batch token budget: the configured limit, or less where the device's free memory would not
-    hold that many tokens' activations (a smaller machine, a bigger model)."""
+    hold that many tokens' activations (a smaller machine, a bigger model), and at most CPU_MICRO_BATCH_TOKENS
+    on a CPU. An example longer than the budget (up to the limit, which the API checks) still trains, in a
+    micro-batch of its own."""
     config = model.config  # type: ignore[union-attr]
+    if placement.device.type == "cpu":
+        limit = min(limit, CPU_MICRO_BATCH_TOKENS)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     if not (layers and hidden):
@@ -286,14 +308,16 @@ _MALLOC_TRIM = _malloc_trim()
 
 
 def return_freed_memory() -> None:
-    """Give the host memory a micro-batch freed back to the system (glibc keeps it otherwise, and a step of many
-    micro-batches grows the worker by gigabytes it does not use)."""
+    """Give the host memory freed by a finished job back to the system (glibc keeps it otherwise, and an idle
+    worker would hold its last job's peak). Not after every micro-batch: the next one would fault the pages
+    back in, which made a step 30% slower on a CPU (measured with bench/training.py)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
 
-# Loss-bearing positions whose logits are alive at once: 1024 x a 49k vocabulary is 200 MB in float32.
-LOSS_CHUNK_POSITIONS = 1024
+# Loss-bearing positions whose logits are alive at once: 256 x a 49k vocabulary is 50 MB in float32 (with its
+# log-softmax and gradients, a few times that); the output layer's matrix product is still big enough to be fast.
+LOSS_CHUNK_POSITIONS = 256
 
 
 def output_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,6 +437,7 @@ class TrainingRecipe:
         for param in self.trainable_params:
             if param.dtype != torch.float32:
                 param.data = param.data.float()
+        own_trained_tensors(self.trainable_params)
         # float16's narrow range underflows small gradients: scale the loss (bfloat16 has float32's range).
         self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
         trainable = sum(p.numel() for p in self.trainable_params)

@@ -31,7 +31,7 @@ from worker import lifecycle
 from worker.checkpoints import JobCheckpoints, store_artifact
 from worker.errors import TrainingError
 from worker.lifecycle import ClaimedJob, Heartbeat, JobCancelled, JobLost, JobReporter, WorkerStopping
-from worker.recipe import TrainingRecipe
+from worker.recipe import TrainingRecipe, return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def out_of_memory_message(job: ClaimedJob) -> str:
 def release_device_memory() -> None:
     """Give the memory of a finished job (above all a failed one) back, so that the next job has all of it."""
     gc.collect()
+    return_freed_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -158,12 +158,14 @@ class Settings(BaseSettings):
         "request joins the batch when it fits",
     )
     train_max_batch_tokens: int = Field(
-        # About 3.4 MiB a token for LoRA on the 135M model in float32 (bench/training_memory.py): 2048 tokens
-        # stay under 8 GiB; raise it on bigger machines, lower it for bigger models.
+        # About 1.9 MiB a token in flight for LoRA on the 135M model in float32 (bench/training.py --memory-job);
+        # raise it on bigger machines, lower it for bigger models.
         default=2048,
         ge=64,
-        description="Token budget of one training micro-batch (examples x padded length). A step of batch_size "
-        "examples is split into micro-batches under it, with gradient accumulation; it bounds the worker's memory",
+        description="Token budget of one training micro-batch (examples x padded length), and the longest example a "
+        "job may train. A step of batch_size examples is split into micro-batches under it, with gradient "
+        "accumulation; it bounds the worker's memory. A CPU worker fills micro-batches to at most 1024 tokens "
+        "(faster it is not) but still trains a longer example, alone",
     )
     device: str = Field(
         default="auto",
