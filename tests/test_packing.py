@@ -160,8 +160,9 @@ def test_the_micro_batch_budget_shrinks_to_what_free_memory_holds(
     per_token = recipe.ACTIVATION_BYTES_PER_LAYER_UNIT * model.config.num_hidden_layers * model.config.hidden_size * 4
     monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
     # Plenty: the configured limit, but on a CPU no more than the tokens that keep its cores busy.
-    assert recipe.micro_batch_budget(model, placement, 2048) == recipe.CPU_MICRO_BATCH_TOKENS == 1024
-    assert recipe.micro_batch_budget(model, placement, 512) == 512
+    assert recipe.micro_batch_budget(model, placement, 2048, packed=True) == recipe.CPU_MICRO_BATCH_TOKENS == 1024
+    assert recipe.micro_batch_budget(model, placement, 512, packed=True) == 512
+    assert recipe.micro_batch_budget(model, placement, 2048) == 2048  # padded micro-batches: the whole limit
     monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=600 * per_token))
     assert recipe.micro_batch_budget(model, placement, 2048) == 300  # half of what is free
     monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=0))

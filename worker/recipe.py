@@ -276,13 +276,13 @@ MIN_BATCH_TOKENS = 64
 CPU_MICRO_BATCH_TOKENS = 1024
 
 
-def micro_batch_budget(model: nn.Module, placement: Placement, limit: int) -> int:
+def micro_batch_budget(model: nn.Module, placement: Placement, limit: int, *, packed: bool = False) -> int:
     """The micro-batch token budget: the configured limit, or less where the device's free memory would not
-    hold that many tokens' activations (a smaller machine, a bigger model), and at most CPU_MICRO_BATCH_TOKENS
-    on a CPU. An example longer than the budget (up to the limit, which the API checks) still trains, in a
-    micro-batch of its own."""
+    hold that many tokens' activations (a smaller machine, a bigger model), and for packed rows at most
+    CPU_MICRO_BATCH_TOKENS on a CPU (padded micro-batches keep the limit: cut smaller, they pad more). An example
+    longer than the budget (up to the limit, which the API checks) still trains, in a micro-batch of its own."""
     config = model.config  # type: ignore[union-attr]
-    if placement.device.type == "cpu":
+    if packed and placement.device.type == "cpu":
         limit = min(limit, CPU_MICRO_BATCH_TOKENS)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
@@ -322,9 +322,11 @@ LOSS_CHUNK_POSITIONS = 256
 
 def output_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of `head(hidden)` against `targets`, and how many argmaxes hit them, computed
-    LOSS_CHUNK_POSITIONS positions at a time. Under autograd each chunk is checkpointed: its logits are freed
-    after the forward pass and recomputed in the backward pass, so at most one chunk's logits (and their
-    gradient) exist at a time, whatever the micro-batch."""
+    LOSS_CHUNK_POSITIONS positions at a time. Under autograd each chunk of several is checkpointed: its logits
+    are freed after the forward pass and recomputed in the backward pass, so at most one chunk's logits (and
+    their gradient) exist at a time, whatever the micro-batch; a single chunk is kept, not recomputed."""
+    if hidden.shape[0] <= LOSS_CHUNK_POSITIONS:  # one chunk: nothing to free between chunks, nothing to recompute
+        return _chunk_loss(head, hidden, targets)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], LOSS_CHUNK_POSITIONS):
@@ -421,10 +423,12 @@ class TrainingRecipe:
             raise TrainingError(str(exc), code="method_unavailable") from None
         self.reporter.placement(self.placement)
         self.model = self.method.prepare(model, self.hp, context)
-        self.max_batch_tokens = micro_batch_budget(self.model, self.placement, self.settings.train_max_batch_tokens)
         # Packed rows need the architecture's attention to keep examples apart by their position ids.
         self.pack = (
             self.method.packs_examples and self.extra_positions == 0 and record.architecture in PACKING_ARCHITECTURES
+        )
+        self.max_batch_tokens = micro_batch_budget(
+            self.model, self.placement, self.settings.train_max_batch_tokens, packed=self.pack
         )
         self.model.train()
         groups = self.method.param_groups(self.model, self.hp)

@@ -164,8 +164,8 @@ class Settings(BaseSettings):
         ge=64,
         description="Token budget of one training micro-batch (examples x padded length), and the longest example a "
         "job may train. A step of batch_size examples is split into micro-batches under it, with gradient "
-        "accumulation; it bounds the worker's memory. A CPU worker fills micro-batches to at most 1024 tokens "
-        "(faster it is not) but still trains a longer example, alone",
+        "accumulation; it bounds the worker's memory. A CPU worker fills micro-batches of packed examples to "
+        "at most 1024 tokens (faster it is not) but still trains a longer example, alone",
     )
     device: str = Field(
         default="auto",
