@@ -229,6 +229,7 @@ def test_ctrl_c_during_training_hands_the_job_back_and_the_next_start_finishes_i
 ) -> None:
     """`tuneforge up` stopped mid-job: both processes exit at once, the job is checkpointed at the step it was
     on and back in the queue (never left `running`, never failed); started again, `up` resumes and finishes it."""
+    STEPS = 480  # noqa: N806
     port = free_port()
     env = {
         **os.environ,
@@ -247,12 +248,13 @@ def test_ctrl_c_during_training_hands_the_job_back_and_the_next_start_finishes_i
         wait_healthy(url, [up])
         lines = [json.dumps({"prompt": PROMPT, "completion": " plum"})] * 24
         file_id = http.post("/v1/files", files={"file": ("t.jsonl", "\n".join(lines))}).json()["id"]
-        job_id = http.post(  # 48 steps, stopped after the third
+        # 480 steps (a few seconds: the tiny model trains 48 in half a second), stopped after the third
+        job_id = http.post(
             "/jobs",
             json={
                 "base_model": "tiny-random-llama",
                 "training_file": file_id,
-                "hyperparameters": {"n_epochs": 2, "batch_size": 1},
+                "hyperparameters": {"n_epochs": STEPS // len(lines), "batch_size": 1},
             },
         ).json()["id"]
         deadline = time.monotonic() + 120
@@ -272,14 +274,14 @@ def test_ctrl_c_during_training_hands_the_job_back_and_the_next_start_finishes_i
         handed_back = [e for e in events if e["message"].startswith("the worker was stopped at step")]
         assert len(handed_back) == 1 and handed_back[0]["data"]["status"] == "queued", events
         stopped_at = handed_back[0]["data"]["step"]
-        assert 3 <= stopped_at < 48
+        assert 3 <= stopped_at < STEPS
         deadline = time.monotonic() + 120
         while (job := http.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
             assert time.monotonic() < deadline, log.read_text()[-5000:]
             time.sleep(0.2)
         assert job["status"] == "succeeded" and job["attempt"] == 2, job
         events = http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-        assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, 49))
+        assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, STEPS + 1))
         assert "attempt 2: resumed from checkpoint" in " ".join(e["message"] for e in events)
     finally:
         assert stop(up, signal.SIGINT, timeout=60) == 0, log.read_text()[-5000:]
