@@ -12,9 +12,9 @@ bench/data/make_chat.py), batch size 4, learning rate 2e-4 with the recipe's lin
 1. reference: the obvious loop. The examples encoded as the worker encodes them (`app.ml.formatting.encode_chat`),
    in the recipe's order (a shuffle seeded with seed + epoch); each batch right-padded to its longest example,
    `model(**batch, labels=labels).loss` (full logits at every position, transformers' mean token loss),
-   `.backward()`, clipping, `optimizer.step()`, `scheduler.step()`. The PEFT model is made with the same
-   LoraConfig as app/ml/methods/lora.py, torch seeded as the recipe seeds it, the trainable weights in float32
-   and the forward pass under the placement's autocast, as the recipe does.
+   `.backward()`, clipping, `optimizer.step()`, `scheduler.step()`. The PEFT model is made with the LoRA
+   method's own LoraConfig (`peft_config` in app/ml/methods/lora.py), torch seeded as the recipe seeds it, the
+   trainable weights in float32 and the forward pass under the placement's autocast, as the recipe does.
 2. recipe: `worker.recipe.TrainingRecipe` as the worker runs it (setup, then train; the job's file in a folder
    object store, an in-memory reporter, no checkpoint store), under the settings' `train_max_batch_tokens`.
 3. matmul: the machine's matmul throughput in the dtype training computes in: the best of 5 timings of a square
@@ -162,11 +162,13 @@ def _touch_weights(model: Any) -> None:
 def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     """The obvious loop: pad to the longest of the batch, `model(**batch, labels=...)`, backward, step."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from torch import nn
 
     from app.ml.device import resolve_placement
     from app.ml.formatting import encode_chat
+    from app.ml.methods import METHODS
+    from app.ml.methods.base import MethodContext, PeftMethod
     from app.ml.registry import pad_token_id
     from worker.data import collate
     from worker.recipe import learning_rate_factor
@@ -194,14 +196,9 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
         "attention_dim": base.config.num_attention_heads
         * (getattr(base.config, "head_dim", None) or base.config.hidden_size // base.config.num_attention_heads),
     }
-    config = LoraConfig(
-        r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
-        lora_dropout=hp.lora_dropout,
-        target_modules=hp.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    lora = METHODS["lora"]
+    assert isinstance(lora, PeftMethod)
+    config = lora.peft_config(hp, MethodContext(record=record, models=models, placement=placement))
     model: Any = get_peft_model(base, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for param in trainable:  # as the recipe: what the optimizer updates stays float32 under mixed precision
