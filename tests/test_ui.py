@@ -157,6 +157,7 @@ def wait_for_points(page: Any, series: str, expected: int) -> None:
     )
 
 
+@pytest.mark.browser
 def test_a_trained_job_in_the_dashboard(
     client: TestClient, tenant: Tenant, settings: Settings, server: str, page: Any, tmp_path: Path
 ) -> None:
@@ -234,6 +235,7 @@ def test_a_trained_job_in_the_dashboard(
     assert "3 tokens" in page.locator("[data-meta=adapter]").inner_text()
 
 
+@pytest.mark.browser
 def test_the_curve_follows_a_running_job_from_the_event_stream(
     client: TestClient, tenant: Tenant, settings: Settings, server: str, page: Any
 ) -> None:
