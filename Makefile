@@ -44,9 +44,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES)
 
 # What a developer runs on every edit: no real processes, browser or real model, and the API tests on the
-# embedded backend only.
+# embedded backend only; the built-in models are kept in .cache/ between runs.
 test-fast: $(STAMP)
-	TUNEFORGE_TEST_BACKENDS=embedded $(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not slow"
+	TUNEFORGE_TEST_BACKENDS=embedded TUNEFORGE_TEST_MODEL_CACHE=$(CURDIR)/.cache/test-models \
+		$(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy app worker
@@ -55,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache

@@ -242,11 +242,11 @@ def models_add(
 
     Workers and API replicas fetch the files from the object store on first use and verify their checksums.
     """
-    from app.base_models.service import register_model
     from app.core.db import session_scope
     from app.core.storage import ObjectStorage
-    from app.ml.model_import import ModelImportError
-    from app.ml.registry import ModelStore
+    from app.ml.models import ModelStore
+    from app.ml.models.importing import ModelImportError
+    from app.models.service import register_model
 
     sources = [(name, value) for name, value in (("path", path), ("gguf", gguf), ("hf-repo", hf_repo)) if value]
     if len(sources) != 1:
@@ -308,9 +308,9 @@ def models_list(
     if not local:
         cli_client.models_list(api_url, api_key, as_json=as_json)
         return
-    from app.base_models.schemas import ModelObject
-    from app.base_models.service import list_models
     from app.core.db import session_scope
+    from app.models.schemas import ModelObject
+    from app.models.service import list_models
 
     settings = get_settings()
     with session_scope(_database_url()) as session:
@@ -330,10 +330,10 @@ def models_remove(
 
     Adapters trained on it stay listed and downloadable, but /generate can no longer serve them.
     """
-    from app.base_models.service import forget_local_copy, remove_model
     from app.core.db import session_scope
     from app.core.storage import ObjectStorage
-    from app.ml.registry import ModelStore
+    from app.ml.models import ModelStore
+    from app.models.service import forget_local_copy, remove_model
 
     settings = get_settings()
     url = _database_url()
@@ -410,16 +410,14 @@ def worker() -> None:
     Ctrl-C or SIGTERM: the running job is checkpointed after its current step and put back in the queue, where
     the next worker resumes it. The worker also re-queues jobs whose worker died (a stale heartbeat).
     """
-    from app.core.queue import cuda_queue
-    from app.ml.methods.qlora import cuda_training_available
+    from app.jobs.state import worker_queues
+    from app.ml.device import cuda_training_available
     from worker.celery_app import celery_app
 
     _logging()
     _check_placement()
     settings = get_settings()
-    queues = [settings.queue_name]
-    if cuda_training_available(settings.device):
-        queues.append(cuda_queue(settings.queue_name))
+    queues = worker_queues(settings, trains_on_cuda=cuda_training_available(settings.device))
     logging.getLogger("tuneforge.worker").info("taking jobs from %s", ", ".join(queues))
     celery_app.worker_main(
         # JSON logs: no startup banner either (the line above says what a person needs from it).

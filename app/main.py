@@ -15,7 +15,6 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.adapters.endpoints import router as adapters_router
-from app.base_models.endpoints import router as models_router
 from app.core.db import session_scope
 from app.core.errors import AppError, install_error_handlers
 from app.core.health import router as health_router
@@ -31,13 +30,14 @@ from app.core.models import Tenant
 from app.core.readiness import ReadinessProbe
 from app.core.settings import Settings, get_settings
 from app.core.storage import ObjectStorage
-from app.datasets.endpoints import router as files_router
-from app.datasets.service import upload_too_large
-from app.generation.endpoints import router as generation_router
+from app.files.endpoints import router as files_router
+from app.files.service import upload_too_large
+from app.inference.endpoints import router as generation_router
 from app.jobs.endpoints import router as jobs_router
 from app.jobs.reaper import Reaper
-from app.ml.registry import ModelStore
-from app.openai_compat.endpoints import router as fine_tuning_router
+from app.ml.models import ModelStore
+from app.models.endpoints import router as models_router
+from app.openai.endpoints import router as fine_tuning_router
 from app.ui.endpoints import router as ui_router
 
 # Multipart framing around the file: a request larger than the limit plus this is refused unread.

@@ -5,7 +5,7 @@
 1. Upload validation: our line validator (JSON + schema + chat-template tokenization) against bare
    `json.loads` over the same file, in MB/s.
 2. LoRA training step: tokens/s of a LoRA step through the worker's recipe path
-   (`worker.recipe.accumulate_gradients` under the default `train_max_batch_tokens` budget, gradient
+   (`app.ml.training.loss.accumulate_gradients` under the default `train_max_batch_tokens` budget, gradient
    clipping, AdamW) against a full fine-tuning step of the same model and batch through the same path.
 3. Generation: tokens/s of greedy generation through the serving engine with an adapter against the base
    model alone through the same engine, and the first (cold) adapter load time.
@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import serving_limits  # bench/, beside this
 
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, read_chunks
-from app.datasets.service import _scan
-from app.datasets.validation import LineValidator
+from app.files.service import _scan
+from app.files.validation import LineValidator
 from app.ml import adapter_format
 from app.ml.device import Placement, resolve_placement
 from app.ml.formatting import encode_chat_prompt, encode_record
 from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
-from app.ml.registry import BUILTINS, ModelStore
-from app.ml.serving import AdapterRef, EngineLimits, GenerationEngine, GenerationRequest
-from worker.recipe import accumulate_gradients
+from app.ml.models import BUILTINS, ModelStore
+from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
+from app.ml.training.loss import accumulate_gradients
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:
@@ -143,9 +144,9 @@ def bench_generation(model_id: str, settings: Settings, tokenizer: object) -> No
         placement=resolve_placement(settings.device, settings.dtype),
         storage=storage,
         cache_dir=settings.data_dir / "cache",
-        limits=EngineLimits(max_adapters=4),
+        limits=serving_limits(max_adapters=4),
     )
-    ref = AdapterRef("adapter-bench", "adapters/bench/adapter-bench.tar.gz", sha)
+    ref = AdapterRef("adapter-bench", "adapters/bench/adapter-bench.tar.gz", sha, "lora")
     prompt = encode_chat_prompt(tokenizer, [{"role": "user", "content": "Write a short poem about the sea."}])
     n = 48
 

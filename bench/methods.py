@@ -8,7 +8,7 @@ answer with the pirate greeting "Ahoy!", which the untuned model never does; ben
 (40 examples on other topics, some in phrasings never trained on) is the held-out set. bench/data/make_greetings.py
 writes both.
 
-Each method trains through the worker's own recipe (`worker.recipe.TrainingRecipe`: setup, train, export) with the
+Each method trains through the worker's own recipe (`worker.training.job_recipe`: setup, train, export) with the
 held-out file as its validation file, evaluated at the end of every epoch (and every --eval-every steps if
 given), batch size 8, max_seq_length 128, seed 42, and the method's own default hyperparameters except the
 learning rate (each method's is printed; --learning-rates overrides them) and, for layerwise, one more block
@@ -56,11 +56,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import serving_limits  # bench/, beside this
+
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.ml.device import cuda_training_available
 from app.ml.methods import METHODS
-from app.ml.methods.qlora import cuda_training_available
-from app.ml.registry import BUILTINS, ModelRecord, ModelStore
+from app.ml.models import BUILTINS, ModelRecord, ModelStore
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TRAIN_FILE = DATA_DIR / "greetings_train.jsonl"
@@ -171,7 +173,7 @@ def behaviour_share(
 ) -> dict[str, Any]:
     """Greedy answers to the held-out prompts through the serving engine, and how many begin with the greeting."""
     from app.ml.formatting import encode_chat_prompt
-    from app.ml.serving import EngineLimits, GenerationEngine, GenerationRequest
+    from app.ml.serving import GenerationEngine, GenerationRequest
 
     models = ModelStore(settings.models_dir, storage)
     tokenizer = models.tokenizer(record)
@@ -180,7 +182,7 @@ def behaviour_share(
         placement=placement,
         storage=storage,
         cache_dir=settings.data_dir / "cache",
-        limits=EngineLimits(max_adapters=1),
+        limits=serving_limits(max_adapters=1),
     )
     answers = []
     started = time.perf_counter()
@@ -209,15 +211,15 @@ def measure_base(args: argparse.Namespace, settings: Settings, storage: ObjectSt
     import torch
 
     from app.ml.device import resolve_placement
-    from app.ml.registry import pad_token_id
-    from worker.data import load_examples
-    from worker.recipe import evaluation_stats
+    from app.ml.models import pad_token_id
+    from app.ml.training.data import encode_examples, read_examples
+    from app.ml.training.loss import evaluation_stats
 
     record = BUILTINS[args.model]
     placement = resolve_placement(settings.device, settings.dtype)
     models = ModelStore(settings.models_dir, storage)
     tokenizer = models.tokenizer(record)
-    heldout = load_examples(storage, HELDOUT_KEY, tokenizer, COMMON_HYPERPARAMETERS["max_seq_length"])
+    heldout = encode_examples(read_examples(storage, HELDOUT_KEY), tokenizer, COMMON_HYPERPARAMETERS["max_seq_length"])
     model = models.load(record, placement)
     total = sum(p.numel() for p in model.parameters())
     stats = evaluation_stats(
@@ -262,10 +264,10 @@ def timed(function: Callable[[Any], dict[str, float]], seconds: list[float]) -> 
 def measure_method(args: argparse.Namespace, settings: Settings, storage: ObjectStorage) -> dict[str, Any]:
     import torch
 
+    from app.jobs.state import ClaimedJob
     from app.ml import adapter_format
     from app.ml.serving import AdapterRef
-    from worker.lifecycle import ClaimedJob
-    from worker.recipe import TrainingRecipe
+    from worker.training import job_recipe
 
     name = args.run
     method = METHODS[name]
@@ -284,7 +286,7 @@ def measure_method(args: argparse.Namespace, settings: Settings, storage: Object
         attempt=1,
     )
     reporter = BenchReporter(name)
-    recipe = TrainingRecipe(settings, storage, job, record, reporter)
+    recipe = job_recipe(settings, storage, job, record, reporter, None)
     recipe.setup()
     cuda = recipe.placement.device.type == "cuda"
     setup_rss = _rss_peak_mib()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import serving_limits  # bench/, beside this
 
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
@@ -40,8 +41,8 @@ from app.ml.device import Placement, resolve_placement
 from app.ml.formatting import encode_chat_prompt
 from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
-from app.ml.registry import BUILTINS, ModelRecord, ModelStore
-from app.ml.serving import AdapterRef, EngineLimits, GenerationEngine, GenerationRequest
+from app.ml.models import BUILTINS, ModelRecord, ModelStore
+from app.ml.serving import AdapterRef, GenerationEngine, GenerationRequest
 
 QUESTIONS = [
     "Write a short poem about the sea.",
@@ -262,7 +263,7 @@ def main() -> None:
             placement=placement,
             storage=storage,
             cache_dir=Path(tmp) / "cache",
-            limits=EngineLimits(max_batch=max(32, count)),
+            limits=serving_limits(max_batch=max(32, count)),
         )
         run_engine("warm-up", engine, record, prompts, refs, 2)  # loads the base model and every adapter
         # Alternated, best of two each: a shared machine's speed drifts by a fifth within a minute.

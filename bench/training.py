@@ -15,8 +15,9 @@ bench/data/make_chat.py), batch size 4, learning rate 2e-4 with the recipe's lin
    `.backward()`, clipping, `optimizer.step()`, `scheduler.step()`. The PEFT model is made with the LoRA
    method's own LoraConfig (`peft_config` in app/ml/methods/lora.py), torch seeded as the recipe seeds it, the
    trainable weights in float32 and the forward pass under the placement's autocast, as the recipe does.
-2. recipe: `worker.recipe.TrainingRecipe` as the worker runs it (setup, then train; the job's file in a folder
-   object store, an in-memory reporter, no checkpoint store), under the settings' `train_max_batch_tokens`.
+2. recipe: `app.ml.training.TrainingRecipe` as the worker builds and runs it (`worker.training.job_recipe`, then
+   setup and train; the job's file in a folder object store, an in-memory reporter, no checkpoint store), under
+   the settings' `train_max_batch_tokens`.
 3. matmul: the machine's matmul throughput in the dtype training computes in: the best of 5 timings of a square
    `torch.matmul` (2048 on a CPU, 8192 on a GPU), on the same threads, before and after 1 and 2 (the better one).
 
@@ -74,7 +75,7 @@ from process_memory import MEMORY_LIMIT_STATUS, RESULT_PREFIX, guard_memory, rss
 from app.core.queue import SQL_BROKER_POLLING_SECONDS
 from app.core.settings import Settings
 from app.ml.methods.lora import LoraHyperparameters
-from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelRecord, ModelStore
+from app.ml.models import BUILTINS, LLAMA_LINEAR_MODULES, ModelRecord, ModelStore
 
 MODEL = "smollm2-135m-instruct"
 HERE = Path(__file__).resolve().parent
@@ -169,9 +170,9 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     from app.ml.formatting import encode_chat
     from app.ml.methods import METHODS
     from app.ml.methods.base import MethodContext, PeftMethod
-    from app.ml.registry import pad_token_id
-    from worker.data import collate
-    from worker.recipe import learning_rate_factor
+    from app.ml.models import pad_token_id
+    from app.ml.training.data import collate
+    from app.ml.training.schedule import learning_rate_factor
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,8 +186,8 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     examples = [encode_chat(tokenizer, json.loads(line)["messages"]) for line in training_lines(args)]
     assert all(len(e.input_ids) <= hp.max_seq_length for e in examples), "an example would be cut: not comparable"
 
-    torch.manual_seed(hp.seed)  # as TrainingRecipe.setup, before the model is loaded and wrapped
     base = models.load(record, placement)
+    torch.manual_seed(hp.seed)  # as TrainingRecipe.setup: the loaded model seeded, then wrapped
     facts = {
         "n_base": sum(
             m.weight.numel() for name, m in base.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"
@@ -216,7 +217,7 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     )
     scaler = torch.amp.GradScaler(device.type, enabled=placement.dtype == torch.float16)
     order = list(range(len(examples)))
-    random.Random(hp.seed + 1).shuffle(order)  # the recipe's order in epoch 1 (worker/data.py `batches`)
+    random.Random(hp.seed + 1).shuffle(order)  # the recipe's order in epoch 1 (app/ml/training/data.py `batches`)
 
     model.train()
     losses, step_tokens, padded = [], [], 0
@@ -257,7 +258,7 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
 
 @dataclass
 class BenchReporter:
-    """The recipe's Reporter (worker.lifecycle): keeps what the recipe reports."""
+    """The recipe's Reporter (app.ml.training): keeps what the recipe reports."""
 
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -284,8 +285,8 @@ class BenchReporter:
 def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """Tuneforge's recipe as the worker runs it: TrainingRecipe(...).setup(), then .train(), timed apart."""
     from app.core.storage import ObjectStorage
-    from worker.lifecycle import ClaimedJob
-    from worker.recipe import TrainingRecipe
+    from app.jobs.state import ClaimedJob
+    from worker.training import job_recipe
 
     record = BUILTINS[MODEL]
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
@@ -311,8 +312,8 @@ def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) ->
             attempt=1,
         )
         reporter = BenchReporter()
-        recipe = TrainingRecipe(settings, storage, job, record, reporter)
         started = time.perf_counter()
+        recipe = job_recipe(settings, storage, job, record, reporter, None)
         recipe.setup()
         setup_seconds = time.perf_counter() - started
         device = recipe.placement.device

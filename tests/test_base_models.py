@@ -29,7 +29,7 @@ from app.core.settings import Settings, get_settings
 from app.core.storage import ObjectStorage
 from app.main import create_app
 from app.ml.formatting import encode_chat_prompt, encode_prompt
-from app.ml.registry import BLOB_PREFIX, BUILTINS
+from app.ml.models import BLOB_PREFIX, BUILTINS
 from tests.conftest import Tenant, chat_lines, jsonl
 from tests.model_factories import build_tiny_model, write_chat_template
 from worker.runner import run_training_job
@@ -595,8 +595,8 @@ def test_builtin_records_describe_the_models_they_build(settings: Settings) -> N
     """The built-ins' facts are written down (the API lists them without building the models): check them."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    from app.ml.model_import import linear_module_names
-    from app.ml.registry import ModelStore
+    from app.ml.models import ModelStore
+    from app.ml.models.importing import linear_module_names
 
     record = BUILTINS["tiny-random-llama"]
     model = ModelStore(settings.models_dir, None).load(record)

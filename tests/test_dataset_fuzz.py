@@ -11,8 +11,8 @@ Properties:
 1. Any bytes through the upload path (`_scan` + `LineValidator`) give a report or an `AppError`, nothing
    else; a report counts the file's lines, names only lines of the file, and renders as the 422 body.
 2. A well-formed file is accepted, and its records are read back exactly, however its bytes are chunked.
-3. Every accepted file is read by the worker (`load_examples`) without error, as the same number of records
-   and the same number of tokens as the validator reported.
+3. Every accepted file is read by the worker (`read_examples`, `encode_examples`) without error, as the same
+   number of records and the same number of tokens as the validator reported.
 4. `split_lines` cuts lines at `\\n` only, whatever the chunking (the API and the worker chunk differently).
 5. Over HTTP, on both backends: 201, 413 or 422, never a 5xx, and the answer agrees with the validator.
 
@@ -37,13 +37,13 @@ from hypothesis import strategies as st
 from app.core.errors import AppError, PayloadTooLarge
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, read_chunks
-from app.datasets.service import _rejection, _scan
-from app.datasets.validation import FORMATS, LineValidator, ValidationReport
+from app.files.service import _rejection, _scan
+from app.files.validation import FORMATS, LineValidator, ValidationReport
 from app.ml.formatting import encode_record
 from app.ml.jsonl import MAX_LINE_BYTES, Line, read_records, split_lines
-from app.ml.registry import BUILTINS, ModelStore
+from app.ml.models import BUILTINS, ModelStore
+from app.ml.training.data import encode_examples, read_examples
 from tests.conftest import Tenant, embedded_settings, upload
-from worker.data import load_examples
 
 BOM = b"\xef\xbb\xbf"
 NO_LIMIT = 1 << 40
@@ -395,7 +395,7 @@ def test_the_worker_reads_every_accepted_file_as_validated(
             return
         key = f"datasets/fuzz/{hashlib.sha256(data).hexdigest()}.jsonl"
         storage.put_bytes(key, data)
-        dataset = load_examples(storage, key, tokenizer, max_seq_length=NO_LIMIT)
+        dataset = encode_examples(read_examples(storage, key), tokenizer, max_seq_length=NO_LIMIT)
         assert dataset.n_truncated == 0
         assert len(dataset.examples) + dataset.n_dropped == report.n_examples
         records = [record for _, record in read_records(storage.iter_bytes(key))]
@@ -441,7 +441,7 @@ def test_the_line_length_limit_is_the_same_for_validator_and_worker(
     report = validate(tokenizer, data)
     assert accepted(report) and report.n_examples == 2
     storage.put_bytes("datasets/limit.jsonl", data)
-    assert len(load_examples(storage, "datasets/limit.jsonl", tokenizer, max_seq_length=16).examples) == 2
+    assert len(encode_examples(read_examples(storage, "datasets/limit.jsonl"), tokenizer, 16).examples) == 2
     report = validate(tokenizer, at_limit + b"x\n" + b'{"text": "short"}')
     assert [(e.line, e.code) for e in report.errors] == [(1, "line_too_long")]
 

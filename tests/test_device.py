@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from app.core.settings import Settings
 from app.ml.device import PlacementError, resolve_placement
+from app.ml.training import recipe
 from tests.conftest import Tenant
 from tests.test_worker import events, start_job
-from worker import recipe
 from worker.runner import run_training_job
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")

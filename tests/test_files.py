@@ -234,7 +234,7 @@ def test_health_needs_no_key(client: TestClient) -> None:
 def test_token_counts_match_what_training_sees(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     """The upload's n_tokens is the token count of the examples as the worker encodes them."""
     from app.ml.formatting import encode_record
-    from app.ml.registry import BUILTINS, ModelStore
+    from app.ml.models import BUILTINS, ModelStore
 
     tokenizer = ModelStore(settings.models_dir, None).tokenizer(BUILTINS["tiny-random-llama"])
     for lines in (

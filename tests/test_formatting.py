@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.ml.formatting import IGNORE_INDEX, encode_chat, encode_chat_prompt, encode_prompt, encode_prompt_completion
-from app.ml.registry import BUILTINS, ModelStore
+from app.ml.models import BUILTINS, ModelStore
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from fastapi.testclient import TestClient
 from app.core.db import session_scope
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.datasets import service as files_service
+from app.files import service as files_service
 from app.main import create_app
-from app.ml.registry import ModelStore
+from app.ml.models import ModelStore
 from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.test_worker import start_job
 from worker.runner import run_training_job
@@ -92,7 +92,7 @@ def test_bounded_stop_strings_do_not_grow_memory(tmp_path: Path, model_cache_dir
         from app.auth.service import create_api_key
         from app.core.settings import Settings
         from app.main import create_app
-        from app.generation.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS
+        from app.inference.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
         s = Settings(data_dir={str(tmp_path)!r}, model_cache_dir={str(model_cache_dir)!r},
                      default_base_model="tiny-random-llama")
@@ -309,7 +309,7 @@ def test_an_internal_error_is_logged_not_shown(
     def explode(self: Any, resume: Any = None) -> None:
         raise RuntimeError(secret)
 
-    monkeypatch.setattr("worker.recipe.TrainingRecipe.setup", explode)
+    monkeypatch.setattr("app.ml.training.recipe.TrainingRecipe.setup", explode)
     with caplog.at_level("ERROR"):
         assert run_training_job(settings, job_id) is None
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()

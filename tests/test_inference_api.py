@@ -21,7 +21,7 @@ from openai import BadRequestError, NotFoundError, OpenAI, RateLimitError, Unpro
 
 from app.core.settings import Settings
 from app.main import create_app
-from app.ml.registry import BUILTINS
+from app.ml.models import BUILTINS
 from app.ml.serving import GenerationRequest
 from tests.conftest import Tenant, free_port, jsonl, upload
 from worker.runner import run_training_job

@@ -4,6 +4,7 @@ The same behaviours against real processes (kill -9, SIGTERM, a lost database) a
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -21,20 +22,24 @@ from safetensors.torch import load as load_safetensors
 from sqlalchemy import select, update
 
 from app.core.db import session_scope
+from app.core.errors import ErrorCode
 from app.core.ids import new_id
 from app.core.models import Checkpoint, Job, utcnow
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.jobs import state
 from app.jobs.reaper import reap_stale_jobs
+from app.jobs.state import ClaimedJob, JobLost
 from app.main import create_app
+from app.ml.training import TrainingRecipe
 from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.test_jobs import queued_messages
 from tests.test_recipe import MemoryReporter, recipe_for
 from tests.test_worker import events, start_job
 from worker import lifecycle
-from worker.lifecycle import Heartbeat, JobReporter, claim
-from worker.recipe import TrainingRecipe
-from worker.runner import run_training_job
+from worker.checkpoints import JobCheckpoints
+from worker.lifecycle import Heartbeat, JobAttempt, JobReporter
+from worker.runner import run_job, run_training_job
 
 
 # --- the recipe's state ---------------------------------------------------------------------------
@@ -75,24 +80,22 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(
-    case: str, tmp_path: Path, model_cache_dir: Path
-) -> None:
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(case: str, model_cache_dir: Path) -> None:
     method, validation, extra = CASES[case]
     hp = {"n_epochs": 3, "batch_size": 2, "checkpoint_every": 3, **extra}  # 4 steps an epoch
 
-    def recipe(reporter: MemoryReporter, checkpoints: MemoryCheckpoints, folder: str) -> TrainingRecipe:
-        r = recipe_for(tmp_path / folder, model_cache_dir, reporter, validation=validation, method=method, **hp)
-        r.checkpoints = checkpoints
-        return r
+    def recipe(reporter: MemoryReporter, checkpoints: MemoryCheckpoints) -> TrainingRecipe:
+        return recipe_for(
+            model_cache_dir, reporter, validation=validation, method=method, checkpointer=checkpoints, **hp
+        )
 
     whole_reporter, whole_checkpoints = MemoryReporter(), MemoryCheckpoints()
-    whole = recipe(whole_reporter, whole_checkpoints, "whole")
+    whole = recipe(whole_reporter, whole_checkpoints)
     whole.setup()
     whole.train()
 
     # The first run dies after its third checkpoint (step 6, in the middle of the second epoch)...
-    first = recipe(MemoryReporter(), MemoryCheckpoints(interrupt_after=3), "first")
+    first = recipe(MemoryReporter(), MemoryCheckpoints(interrupt_after=3))
     first.setup()
     with pytest.raises(Interrupted):
         first.train()
@@ -100,7 +103,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(
     assert saved_step == [s for s, _ in whole_checkpoints.saved][2]
     # ... and a new one, in a new recipe, continues from that checkpoint.
     resumed_reporter = MemoryReporter()
-    resumed = recipe(resumed_reporter, MemoryCheckpoints(), "resumed")
+    resumed = recipe(resumed_reporter, MemoryCheckpoints())
     resumed.setup(resume=state)
     resumed.train()
 
@@ -234,13 +237,13 @@ def test_a_stopped_worker_hands_the_job_back_and_the_next_run_resumes_to_the_sam
 def test_a_resumed_run_does_not_report_a_step_twice(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     """A worker that died after step 7 but checkpointed at 4 trains 5-7 again: their events are not repeated."""
     job_id = start_job(client, tenant)
-    first = claim(settings.db_url, job_id)
+    first = claim(settings, job_id)
     assert first is not None
     reporter = JobReporter(settings.db_url, first)
     for step in range(1, 8):
         reporter.progress(step=step, total_steps=10, epoch=1, metrics={"train_loss": 1.0}, message=f"step {step}")
     make_stale(settings, job_id)
-    second = claim(settings.db_url, job_id, heartbeat_timeout=60)
+    second = claim(settings, job_id, heartbeat_timeout=60)
     assert second is not None and second.attempt == 2
     again = JobReporter(settings.db_url, second)
     for step in range(5, 11):
@@ -249,11 +252,18 @@ def test_a_resumed_run_does_not_report_a_step_twice(client: TestClient, tenant: 
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert [m["train_loss"] for m in metrics] == [1.0] * 7 + [0.5] * 3
     # The first attempt, if it is still alive somewhere, can change nothing now.
-    with pytest.raises(lifecycle.JobLost):
+    with pytest.raises(JobLost):
         reporter.progress(step=8, total_steps=10, epoch=1, metrics={}, message="step 8")
 
 
 # --- heartbeats, the claim, the reaper ------------------------------------------------------------
+def claim(
+    settings: Settings, job_id: str, *, heartbeat_timeout: float = 120.0, max_attempts: int = 3
+) -> ClaimedJob | None:
+    with session_scope(settings.db_url) as session:
+        return state.claim(session, job_id, heartbeat_timeout=heartbeat_timeout, max_attempts=max_attempts)
+
+
 def make_stale(settings: Settings, job_id: str, age: float = 600) -> None:
     with session_scope(settings.db_url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=age)))
@@ -266,7 +276,7 @@ def heartbeat_of(settings: Settings, job_id: str) -> Any:
 
 def test_the_heartbeat_beats_while_a_step_takes_long(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     job_id = start_job(client, tenant)
-    job = claim(settings.db_url, job_id)
+    job = claim(settings, job_id)
     assert job is not None
     make_stale(settings, job_id)
     with Heartbeat(settings.db_url, job, interval=0.1):
@@ -274,7 +284,7 @@ def test_the_heartbeat_beats_while_a_step_takes_long(client: TestClient, tenant:
     assert (utcnow() - heartbeat_of(settings, job_id)).total_seconds() < 1
     # A later attempt owns it now: the old heartbeat writes nothing.
     make_stale(settings, job_id)
-    assert claim(settings.db_url, job_id, heartbeat_timeout=60) is not None
+    assert claim(settings, job_id, heartbeat_timeout=60) is not None
     make_stale(settings, job_id)
     with Heartbeat(settings.db_url, job, interval=0.1):
         time.sleep(0.4)
@@ -285,14 +295,14 @@ def test_a_running_job_is_claimed_again_only_once_its_heartbeat_is_stale(
     client: TestClient, tenant: Tenant, settings: Settings
 ) -> None:
     job_id = start_job(client, tenant)
-    assert claim(settings.db_url, job_id) is not None
-    assert claim(settings.db_url, job_id, heartbeat_timeout=60) is None  # alive: a redelivered task is a no-op
+    assert claim(settings, job_id) is not None
+    assert claim(settings, job_id, heartbeat_timeout=60) is None  # alive: a redelivered task is a no-op
     make_stale(settings, job_id, age=120)
-    again = claim(settings.db_url, job_id, heartbeat_timeout=60)
+    again = claim(settings, job_id, heartbeat_timeout=60)
     assert again is not None and again.attempt == 2
     assert events(client, tenant, job_id)[-1]["message"].startswith("training started again: the worker")
     make_stale(settings, job_id, age=120)
-    assert claim(settings.db_url, job_id, heartbeat_timeout=60, max_attempts=2) is None  # out of attempts
+    assert claim(settings, job_id, heartbeat_timeout=60, max_attempts=2) is None  # out of attempts
 
 
 def test_the_reaper_requeues_a_job_whose_worker_died_and_it_then_completes(
@@ -301,7 +311,7 @@ def test_the_reaper_requeues_a_job_whose_worker_died_and_it_then_completes(
     dead = start_job(client, tenant)
     alive = start_job(client, tenant)
     for job_id in (dead, alive):
-        assert claim(settings.db_url, job_id) is not None
+        assert claim(settings, job_id) is not None
     make_stale(settings, dead, age=settings.heartbeat_timeout_seconds + 5)
     # (In the suite's shared PostgreSQL database, earlier tests' abandoned jobs are reaped too.)
     assert dead in reap_stale_jobs(settings) and alive not in reap_stale_jobs(settings)
@@ -322,7 +332,7 @@ def test_the_reaper_fails_a_job_out_of_attempts_with_the_reason(
 ) -> None:
     job_id = start_job(client, tenant)
     for _ in range(settings.max_job_attempts):
-        assert claim(settings.db_url, job_id, heartbeat_timeout=60) is not None
+        assert claim(settings, job_id, heartbeat_timeout=60) is not None
         make_stale(settings, job_id)
     storage = ObjectStorage.from_settings(settings)
     state_key = f"checkpoints/t/{job_id}/state.pt"
@@ -420,18 +430,16 @@ def test_the_embedded_broker_is_polled_every_tenth_of_a_second_and_delivers(tmp_
     assert received and received[0][1] == {"job_id": "job-1"}  # Celery's protocol 2 body: (args, kwargs, embed)
 
 
-def test_a_job_checkpoints_when_checkpoint_minutes_have_passed(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_a_job_checkpoints_when_checkpoint_minutes_have_passed(model_cache_dir: Path) -> None:
     """Without checkpoint_every, a long epoch still checkpoints every TUNEFORGE_CHECKPOINT_MINUTES."""
     reporter, checkpoints = MemoryReporter(), MemoryCheckpoints()
-    recipe = recipe_for(tmp_path, model_cache_dir, reporter, n_epochs=1, batch_size=2)  # 4 steps
-    recipe.settings = recipe.settings.model_copy(update={"checkpoint_minutes": 1e-9})  # always overdue
-    recipe.checkpoints = checkpoints
+    recipe = recipe_for(model_cache_dir, reporter, checkpointer=checkpoints, n_epochs=1, batch_size=2)  # 4 steps
+    recipe.limits = dataclasses.replace(recipe.limits, checkpoint_minutes=1e-9)  # always overdue
     recipe.setup()
     recipe.train()
     assert [step for step, _ in checkpoints.saved] == [1, 2, 3, 4]  # the last one is the epoch's end
     quiet = MemoryCheckpoints()
-    recipe = recipe_for(tmp_path / "quiet", model_cache_dir, MemoryReporter(), n_epochs=1, batch_size=2)
-    recipe.checkpoints = quiet
+    recipe = recipe_for(model_cache_dir, MemoryReporter(), checkpointer=quiet, n_epochs=1, batch_size=2)
     recipe.setup()
     recipe.train()
     assert [step for step, _ in quiet.saved] == [4]  # by default: the epoch's end only
@@ -459,17 +467,49 @@ def test_a_worker_the_reaper_gave_up_on_can_change_nothing(
     client: TestClient, tenant: Tenant, settings: Settings
 ) -> None:
     job_id = start_job(client, tenant)
-    job = claim(settings.db_url, job_id)
+    job = claim(settings, job_id)
     assert job is not None
     make_stale(settings, job_id)
     assert job_id in reap_stale_jobs(settings)
     # It comes back (the database was away, say) and meets an error: the queued job is not failed.
-    lifecycle.fail(settings.db_url, job, "boom", code="internal_error")
+    JobAttempt(settings, ObjectStorage.from_settings(settings), job).fail("boom", code=ErrorCode.internal_error)
     assert client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["status"] == "queued"
-    with pytest.raises(lifecycle.JobLost):
+    with pytest.raises(JobLost):
         JobReporter(settings.db_url, job).progress(step=1, total_steps=2, epoch=1, metrics={}, message="step 1")
-    with pytest.raises(lifecycle.JobLost):
+    with pytest.raises(JobLost):
         JobReporter(settings.db_url, job).event("log", "anything")
+
+
+def test_a_job_requeued_by_the_reaper_while_its_old_attempt_saves_a_checkpoint_ends_cleanly_for_that_attempt(
+    client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old attempt's checkpoint finds the job queued again: it is no longer that attempt's (JobLost, not a
+    cancel), so the attempt stores nothing, writes no event and ends without an exception escaping to Celery; the
+    next worker trains the job to the end."""
+    job_id = start_job(client, tenant, n_epochs=1, batch_size=2, checkpoint_every=1)
+    save = JobCheckpoints.save
+
+    def reaped_first(self: JobCheckpoints, recipe: TrainingRecipe) -> None:
+        make_stale(settings, job_id)  # as if this worker had stopped answering for a while...
+        assert job_id in reap_stale_jobs(settings)  # ...and a reaper re-queued the job meanwhile
+        save(self, recipe)
+
+    monkeypatch.setattr(JobCheckpoints, "save", reaped_first)
+    outcome = run_job(settings, job_id)
+    assert outcome.status == "left_to_reaper" and "taken over" in outcome.detail
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "queued" and job["attempt"] == 1
+    assert client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"] == []
+    storage = ObjectStorage.from_settings(settings)
+    assert storage.list_keys(f"checkpoints/{tenant_id_of(settings, job_id)}/{job_id}") == []  # its objects went
+    log = events(client, tenant, job_id)
+    assert log[-1]["data"]["status"] == "queued" and "stopped answering" in log[-1]["message"]
+    assert not [e for e in log if "cancelled" in e["message"]]
+
+    monkeypatch.setattr(JobCheckpoints, "save", save)
+    assert run_training_job(settings, job_id) is not None
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "succeeded" and job["attempt"] == 2
 
 
 def test_a_cancelled_job_keeps_its_checkpoints_artifacts_and_drops_their_training_states(

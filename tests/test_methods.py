@@ -26,31 +26,31 @@ from app.core.queue import cuda_queue
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs.service import validate_hyperparameters
+from app.jobs.state import JobCancelled
 from app.main import create_app
-from app.ml import adapter_format, model_import
-from app.ml.device import resolve_placement
+from app.ml import adapter_format
+from app.ml.device import cuda_training_available, resolve_placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample, encode_prompt
 from app.ml.methods import METHODS
 from app.ml.methods.base import BaseWeights, MethodContext, PeftMethod
 from app.ml.methods.delta import CONFIG, TENSORS, decoder_blocks, untie_output
-from app.ml.methods.qlora import cuda_training_available
-from app.ml.registry import BUILTINS, ModelRecord, ModelStore
+from app.ml.models import BUILTINS, ModelRecord, ModelStore
+from app.ml.models import importing as model_import
 from app.ml.serving import (
     MAX_DELTA_MODELS,
     AdapterRef,
     AdapterUnavailable,
-    EngineLimits,
     GenerationEngine,
     GenerationRequest,
 )
-from tests.conftest import Tenant, chat_lines, jsonl, upload
+from app.ml.training import TrainingRecipe
+from app.ml.training import base_models as base_model_cache
+from app.ml.training.data import collate
+from app.ml.training.loss import accumulate_gradients, evaluation_stats
+from tests.conftest import Tenant, chat_lines, jsonl, serving_limits, upload
 from tests.model_factories import ARCHITECTURES, build_tiny_model
 from tests.test_jobs import queued_messages
 from tests.test_recipe import TINY, MemoryReporter, recipe_for
-from worker import recipe as worker_recipe
-from worker.data import collate
-from worker.lifecycle import JobCancelled
-from worker.recipe import TrainingRecipe, accumulate_gradients, evaluation_stats
 from worker.runner import run_training_job
 
 CPU_METHODS = [name for name, method in METHODS.items() if not method.needs_cuda]
@@ -81,11 +81,9 @@ def test_every_registered_method_is_covered_here() -> None:
     assert sorted(METHODS) == sorted([*CPU_METHODS, "qlora"])
 
 
-def method_recipe(
-    tmp_path: Path, cache: Path, method: str, reporter: MemoryReporter, **overrides: Any
-) -> TrainingRecipe:
+def method_recipe(cache: Path, method: str, reporter: MemoryReporter, **overrides: Any) -> TrainingRecipe:
     options = {"learning_rate": LEARNING_RATES[method], **OPTIONS.get(method, {}), **overrides}
-    return recipe_for(tmp_path, cache, reporter, method=method, **options)
+    return recipe_for(cache, reporter, method=method, **options)
 
 
 def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,9 +106,9 @@ def expected_changes(method: str, model: torch.nn.Module) -> set[str]:
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)
-def test_each_method_trains_exactly_its_tensors_and_learns(tmp_path: Path, model_cache_dir: Path, method: str) -> None:
+def test_each_method_trains_exactly_its_tensors_and_learns(model_cache_dir: Path, method: str) -> None:
     reporter = MemoryReporter()
-    recipe = method_recipe(tmp_path, model_cache_dir, method, reporter, n_epochs=4)
+    recipe = method_recipe(model_cache_dir, method, reporter, n_epochs=4)
     recipe.setup()
     before = parameters(recipe.model)
     metrics = recipe.train()
@@ -138,7 +136,7 @@ def test_each_method_trains_exactly_its_tensors_and_learns(tmp_path: Path, model
         assert recipe.model.lm_head.weight is recipe.model.model.embed_tokens.weight
     # The worker's cached base model is as loaded: what the job trained had tensors of its own, while what it
     # did not train shared the cached weights' memory rather than holding a second copy of them.
-    [cached] = worker_recipe._base_models.values()
+    [cached] = base_model_cache._base_models.values()
     loaded = ModelStore(model_cache_dir, None).load(TINY).state_dict()
     assert all(torch.equal(tensor, loaded[name]) for name, tensor in cached.state_dict().items())
     cached_memory = {p.data_ptr() for p in cached.parameters()}
@@ -147,9 +145,9 @@ def test_each_method_trains_exactly_its_tensors_and_learns(tmp_path: Path, model
     assert shared if method != "full" else not shared
 
 
-def test_layerwise_unfreezes_one_block_at_a_time_on_schedule(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_layerwise_unfreezes_one_block_at_a_time_on_schedule(model_cache_dir: Path) -> None:
     reporter = MemoryReporter(cancel_after_step=4)
-    recipe = method_recipe(tmp_path, model_cache_dir, "layerwise", reporter, n_epochs=4)
+    recipe = method_recipe(model_cache_dir, "layerwise", reporter, n_epochs=4)
     recipe.setup()
     before = parameters(recipe.model)
     # Every block is in the optimizer from the start, so it picks each one up when it gets a gradient.
@@ -164,18 +162,18 @@ def test_layerwise_unfreezes_one_block_at_a_time_on_schedule(tmp_path: Path, mod
     assert unfrozen[0][1].startswith("step 3: unfroze block 1")
 
 
-def test_layerwise_counts_epochs_by_default(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_layerwise_counts_epochs_by_default(model_cache_dir: Path) -> None:
     reporter = MemoryReporter()
-    recipe = recipe_for(tmp_path, model_cache_dir, reporter, method="layerwise", n_epochs=3, learning_rate=0.01)
+    recipe = recipe_for(model_cache_dir, reporter, method="layerwise", n_epochs=3, learning_rate=0.01)
     recipe.setup()
     recipe.train()
     # 2 steps an epoch: block 1 from epoch 2 (step 3), block 0 from epoch 3 (step 5).
     assert [data["step"] for kind, message, data in reporter.events if "unfroze" in message] == [3, 5]
 
 
-def test_discriminative_learning_rates_fall_by_lr_decay_per_block(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_discriminative_learning_rates_fall_by_lr_decay_per_block(model_cache_dir: Path) -> None:
     reporter = MemoryReporter()
-    recipe = recipe_for(tmp_path, model_cache_dir, reporter, method="discriminative", learning_rate=0.01, lr_decay=0.25)
+    recipe = recipe_for(model_cache_dir, reporter, method="discriminative", learning_rate=0.01, lr_decay=0.25)
     recipe.setup()
     groups = recipe.optimizer.param_groups
     blocks = decoder_blocks(recipe.model)
@@ -189,14 +187,10 @@ def test_discriminative_learning_rates_fall_by_lr_decay_per_block(tmp_path: Path
 
 
 @pytest.mark.parametrize("method", CPU_METHODS)
-def test_early_stopping_publishes_the_best_step_for_every_method(
-    tmp_path: Path, model_cache_dir: Path, method: str
-) -> None:
+def test_early_stopping_publishes_the_best_step_for_every_method(model_cache_dir: Path, method: str) -> None:
     """Trained on "plum", validated on "kiwi": once the model is sure of "plum" the validation loss rises."""
     reporter = MemoryReporter()
-    recipe = method_recipe(
-        tmp_path, model_cache_dir, method, reporter, validation="kiwi", n_epochs=30, early_stopping_patience=2
-    )
+    recipe = method_recipe(model_cache_dir, method, reporter, validation="kiwi", n_epochs=30, early_stopping_patience=2)
     recipe.setup()
     recipe.train()
     evaluations = {data["step"]: data["valid_loss"] for data in reporter.of_type("eval")}
@@ -209,10 +203,10 @@ def test_early_stopping_publishes_the_best_step_for_every_method(
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
-def test_virtual_tokens_do_not_shift_labels_against_logits(tmp_path: Path, model_cache_dir: Path, method: str) -> None:
+def test_virtual_tokens_do_not_shift_labels_against_logits(model_cache_dir: Path, method: str) -> None:
     """The recipe's loss over a padded batch equals PEFT's own loss (which pads the labels for the virtual tokens)
     example by example."""
-    recipe = method_recipe(tmp_path, model_cache_dir, method, MemoryReporter())
+    recipe = method_recipe(model_cache_dir, method, MemoryReporter())
     recipe.setup()
     recipe.model.eval()
     examples = recipe.train_data.examples[:1]
@@ -245,11 +239,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> 
     variants.append(("lora+dora", "lora", {"use_dora": True, "use_rslora": True}))
     for name, method, options in variants:
         reporter = MemoryReporter()
-        recipe = method_recipe(root / name, model_cache_dir, method, reporter, n_epochs=3, validation=None, **options)
+        recipe = method_recipe(model_cache_dir, method, reporter, n_epochs=3, validation=None, **options)
         recipe.setup()
         recipe.train()
         folder = root / name / "artifact"
-        folder.mkdir()
+        folder.mkdir(parents=True)
         recipe.export(folder)
         archive = root / name / "artifact.tar.gz"
         _, sha256 = adapter_format.pack(folder, archive, {"method": method})
@@ -313,7 +307,7 @@ def test_one_engine_serves_every_method_equal_to_the_reference(
         placement=resolve_placement("cpu", "float32"),
         storage=storage,
         cache_dir=tmp_path / "adapters",
-        limits=EngineLimits(max_adapters=16),
+        limits=serving_limits(max_adapters=16),
     )
     tokenizer = models.tokenizer(TINY)
     input_ids = encode_prompt(tokenizer, PROMPT)
@@ -350,11 +344,11 @@ def test_one_engine_serves_every_method_equal_to_the_reference(
         dora = json.loads((trained["lora+dora"].folder / "adapter_config.json").read_text())
         assert dora["use_dora"] is True and dora["use_rslora"] is True
         # Memory: the weight deltas held stay within their bound, and each shares the base model's other tensors.
-        [loaded] = engine._bases.values()
-        deltas = [s for s in loaded.adapters.values() if s.delta_model is not None]
+        [loaded] = engine.residency.bases.values()
+        deltas = [s for s in loaded.adapters.values() if s.own_model is not None]
         assert 0 < sum(s.n_bytes for s in deltas) <= MAX_DELTA_MODELS * loaded.model_bytes
         for servable in deltas:
-            shared = {id(p) for p in loaded.plain.parameters()} & {id(p) for p in servable.delta_model.parameters()}
+            shared = {id(p) for p in loaded.plain.parameters()} & {id(p) for p in servable.own_model.parameters()}
             if servable.ref.method != "full":
                 assert shared, servable.ref.method
         assert offline(loaded.plain) == base  # the base model itself never changed
@@ -382,7 +376,7 @@ def test_a_delta_for_other_base_weights_is_refused(
         placement=resolve_placement("cpu", "float32"),
         storage=storage,
         cache_dir=tmp_path / "adapters",
-        limits=EngineLimits(max_adapters=4),
+        limits=serving_limits(max_adapters=4),
     )
     try:
         request = GenerationRequest(
@@ -517,7 +511,7 @@ def test_a_qlora_job_waits_on_its_own_queue_for_a_cuda_worker(settings: Settings
 
 def test_prompt_init_from_text_names_no_server_path(tmp_path: Path, model_cache_dir: Path) -> None:
     recipe = method_recipe(
-        tmp_path, model_cache_dir, "prompt_tuning", MemoryReporter(), prompt_init="text", prompt_init_text="plum"
+        model_cache_dir, "prompt_tuning", MemoryReporter(), prompt_init="text", prompt_init_text="plum"
     )
     recipe.setup()
     folder = tmp_path / "artifact"
@@ -612,6 +606,7 @@ def test_every_method_prepares_trains_and_exports_on_every_architecture(
         placement=resolve_placement("cpu", "float32"),
         storage=storage,
         cache_dir=tmp_path / "cache",
+        limits=serving_limits(),
     )
     prompt = [5, 6, 7, 8, 9]
     try:

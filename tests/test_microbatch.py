@@ -15,12 +15,12 @@ from torch import nn
 from app.core.db import migrate
 from app.core.settings import Settings
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
-from app.ml.registry import BUILTINS, ModelStore
+from app.ml.models import BUILTINS, ModelStore
+from app.ml.training import base_models
+from app.ml.training.data import collate, micro_batches
+from app.ml.training.loss import accumulate_gradients
 from tests.conftest import Tenant, embedded_settings
 from tests.test_worker import events, start_job
-from worker import recipe
-from worker.data import collate, micro_batches
-from worker.recipe import accumulate_gradients
 from worker.runner import run_training_job
 
 PAD = 2
@@ -115,7 +115,7 @@ def test_a_job_keeps_every_forward_pass_within_the_token_budget(
     client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     forward_tokens: list[int] = []
-    original = recipe.cached_base_model
+    original = base_models.cached_base_model
 
     def watched_base_model(*args: Any) -> nn.Module:
         model = original(*args)
@@ -126,7 +126,7 @@ def test_a_job_keeps_every_forward_pass_within_the_token_budget(
         model.get_input_embeddings().register_forward_pre_hook(record)  # type: ignore[operator]
         return model
 
-    monkeypatch.setattr(recipe, "cached_base_model", watched_base_model)
+    monkeypatch.setattr(base_models, "cached_base_model", watched_base_model)
     job_id = start_job(client, tenant, batch_size=8)  # 8 examples: one step of 8 per epoch
     assert run_training_job(settings, job_id) is not None
 

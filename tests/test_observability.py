@@ -97,7 +97,7 @@ def test_metrics_count_jobs_by_state_as_the_database_does_and_sum_live_training_
     assert client.post(f"/jobs/{cancelled}/cancel", headers=tenant.headers).status_code == 200
     # Two jobs running as a worker runs them, each reporting its speed; one worker then stops answering.
     for job_id, speed in ((live, 250.0), (stale, 100.0)):
-        claimed = lifecycle.claim(settings.db_url, job_id)
+        claimed = lifecycle.claim(settings, job_id)
         assert claimed is not None
         lifecycle.JobReporter(settings.db_url, claimed).progress(
             step=1, total_steps=2, epoch=0, metrics={"tokens_per_second": speed}, message="step 1/2"
@@ -271,7 +271,8 @@ def test_the_worker_logs_a_job_s_start_progress_and_outcome_with_its_id(
     assert adapter_id is not None
 
     mine = [line for line in json_log() if line.get("job_id") == job_id]
-    start, *progress, outcome = [line for line in mine if line["logger"].startswith("worker.")]
+    # The worker's start and outcome, the training library's progress between them.
+    start, *progress, outcome = [line for line in mine if line["logger"].startswith(("worker.", "app.ml.training."))]
     assert start["message"] == f"job {job_id}: attempt 1 started (lora on tiny-random-llama)"
     assert (start["method"], start["base_model"], start["attempt"]) == ("lora", "tiny-random-llama", 1)
     assert [(p["step"], p["total_steps"]) for p in progress] == [(2, 4), (4, 4)]

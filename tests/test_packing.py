@@ -15,10 +15,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
+from app.ml.training import loss, memory
+from app.ml.training.data import collate, collate_packed, packed_micro_batches
+from app.ml.training.loss import PACKING_ARCHITECTURES, accumulate_gradients, evaluation_stats
 from tests.model_factories import ARCHITECTURES, build_tiny_model
-from worker import recipe
-from worker.data import collate, collate_packed, packed_micro_batches
-from worker.recipe import PACKING_ARCHITECTURES, accumulate_gradients, evaluation_stats
 
 PAD = 0
 LENGTHS = [37, 5, 12, 60, 9, 23, 2, 41, 17, 30]
@@ -141,7 +141,7 @@ def test_the_output_layer_in_small_chunks_gives_the_same_loss_and_gradients(
     examples = make_examples(LENGTHS, vocab=model.config.vocab_size)
     whole = accumulate_gradients(model, examples, pad_token_id=PAD, max_batch_tokens=10**6, pack=True)
     whole_grads = gradients(model)
-    monkeypatch.setattr(recipe, "LOSS_CHUNK_POSITIONS", 7)  # ~14 chunks
+    monkeypatch.setattr(loss, "LOSS_CHUNK_POSITIONS", 7)  # ~14 chunks
     chunked = accumulate_gradients(model, examples, pad_token_id=PAD, max_batch_tokens=10**6, pack=True)
     chunked_grads = gradients(model)
     torch.testing.assert_close(chunked_grads, whole_grads, atol=1e-6, rtol=1e-4)
@@ -157,13 +157,13 @@ def test_the_micro_batch_budget_shrinks_to_what_free_memory_holds(
 
     model = lora_model("llama", folders["llama"])
     placement = resolve_placement("cpu", "float32")
-    per_token = recipe.ACTIVATION_BYTES_PER_LAYER_UNIT * model.config.num_hidden_layers * model.config.hidden_size * 4
-    monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
+    per_token = memory.ACTIVATION_BYTES_PER_LAYER_UNIT * model.config.num_hidden_layers * model.config.hidden_size * 4
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
     # Plenty: the configured limit, but on a CPU no more than the tokens that keep its cores busy.
-    assert recipe.micro_batch_budget(model, placement, 2048, packed=True) == recipe.CPU_MICRO_BATCH_TOKENS == 1024
-    assert recipe.micro_batch_budget(model, placement, 512, packed=True) == 512
-    assert recipe.micro_batch_budget(model, placement, 2048) == 2048  # padded micro-batches: the whole limit
-    monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=600 * per_token))
-    assert recipe.micro_batch_budget(model, placement, 2048) == 300  # half of what is free
-    monkeypatch.setattr(recipe.psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
-    assert recipe.micro_batch_budget(model, placement, 2048) == recipe.MIN_BATCH_TOKENS
+    assert memory.micro_batch_budget(model, placement, 2048, packed=True) == memory.CPU_MICRO_BATCH_TOKENS == 1024
+    assert memory.micro_batch_budget(model, placement, 512, packed=True) == 512
+    assert memory.micro_batch_budget(model, placement, 2048) == 2048  # padded micro-batches: the whole limit
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=600 * per_token))
+    assert memory.micro_batch_budget(model, placement, 2048) == 300  # half of what is free
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
+    assert memory.micro_batch_budget(model, placement, 2048) == memory.MIN_BATCH_TOKENS

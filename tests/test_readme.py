@@ -15,7 +15,7 @@ import pytest
 from app.core.settings import Settings
 from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.methods import METHODS
-from app.ml.registry import BUILTINS
+from app.ml.models import BUILTINS
 from tests.conftest import free_port
 from tests.test_e2e import stop, wait_healthy
 

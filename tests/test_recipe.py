@@ -1,8 +1,8 @@
-"""The training recipe on its own: no HTTP and no database, an in-memory reporter (what method tests build on)."""
+"""The training recipe on its own, as a plain script runs it: no HTTP, no database, no object store, an in-memory
+reporter (what method tests build on)."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from app.core.settings import Settings
-from app.core.storage import ObjectStorage
-from app.ml.device import Placement
+from app.jobs.state import JobCancelled
+from app.ml.device import Placement, resolve_placement
 from app.ml.methods import METHODS
-from app.ml.registry import BUILTINS, ModelStore
-from worker.lifecycle import ClaimedJob, JobCancelled
-from worker.recipe import TrainingRecipe
+from app.ml.methods.base import MethodContext
+from app.ml.models import BUILTINS, ModelStore
+from app.ml.training import Checkpointer, TrainingRecipe, training_base_model
+from worker.training import recipe_limits
 
 TINY = BUILTINS["tiny-random-llama"]
 
@@ -50,41 +51,39 @@ class MemoryReporter:
 
 
 def recipe_for(
-    tmp_path: Path,
     model_cache_dir: Path,
     reporter: MemoryReporter,
     validation: str | None = "plum",
     method: str = "lora",
+    checkpointer: Checkpointer | None = None,
     **hyperparameters: Any,
 ) -> TrainingRecipe:
     """A `method` recipe on 8 examples teaching "plum", validated on the same prompt answered `validation` (or
-    not)."""
-    settings = Settings(data_dir=tmp_path / "data", model_cache_dir=model_cache_dir)
-    storage = ObjectStorage.from_settings(settings)
-    for name, word in (("train", "plum"), ("valid", validation or "plum")):
-        lines = [json.dumps({"prompt": "The secret word is", "completion": f" {word}"})] * 8
-        storage.put_bytes(f"datasets/t/{name}.jsonl", ("\n".join(lines) + "\n").encode())
-    hp = METHODS[method].hyperparameters.model_validate(hyperparameters).for_model(TINY).model_dump(mode="json")
-    job = ClaimedJob(
-        id="ftjob-test",
-        tenant_id="t",
-        base_model=TINY.id,
-        base_model_revision=TINY.revision,
-        method=method,
-        training_file_key="datasets/t/train.jsonl",
-        validation_file_key="datasets/t/valid.jsonl" if validation else None,
-        suffix=None,
-        hyperparameters=hp,
-        attempt=1,
+    not), with the worker's limits (the settings' defaults)."""
+    models = ModelStore(model_cache_dir, None)
+    context = MethodContext(record=TINY, models=models, placement=resolve_placement("auto", "auto"))
+
+    def examples(word: str) -> list[dict[str, str]]:
+        return [{"prompt": "The secret word is", "completion": f" {word}"}] * 8
+
+    chosen = METHODS[method]
+    return TrainingRecipe(
+        chosen,
+        chosen.hyperparameters.model_validate(hyperparameters).for_model(TINY),
+        model=training_base_model(chosen, context),
+        tokenizer=models.tokenizer(TINY),
+        context=context,
+        train=examples("plum"),
+        valid=examples(validation) if validation else None,
+        reporter=reporter,
+        limits=recipe_limits(Settings()),
+        checkpointer=checkpointer,
     )
-    return TrainingRecipe(settings, storage, job, TINY, reporter)
 
 
 def test_the_recipe_trains_reports_and_exports_without_a_database(tmp_path: Path, model_cache_dir: Path) -> None:
     reporter = MemoryReporter()
-    recipe = recipe_for(
-        tmp_path, model_cache_dir, reporter, n_epochs=4, learning_rate=0.05, target_modules="all-linear"
-    )
+    recipe = recipe_for(model_cache_dir, reporter, n_epochs=4, learning_rate=0.05, target_modules="all-linear")
     recipe.setup()
     pristine = {k: v.clone() for k, v in ModelStore(model_cache_dir, None).load(TINY).state_dict().items()}
     metrics = recipe.train()
@@ -104,21 +103,18 @@ def test_the_recipe_trains_reports_and_exports_without_a_database(tmp_path: Path
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
 
 
-def test_a_cancelled_job_stops_at_its_next_step(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_a_cancelled_job_stops_at_its_next_step(model_cache_dir: Path) -> None:
     reporter = MemoryReporter(cancel_after_step=2)
-    recipe = recipe_for(tmp_path, model_cache_dir, reporter, n_epochs=4)
+    recipe = recipe_for(model_cache_dir, reporter, n_epochs=4)
     recipe.setup()
     with pytest.raises(JobCancelled):
         recipe.train()
     assert [data["step"] for data in reporter.of_type("metrics")] == [1, 2]
 
 
-def test_gradient_accumulation_cosine_schedule_and_evaluation_every_n_steps(
-    tmp_path: Path, model_cache_dir: Path
-) -> None:
+def test_gradient_accumulation_cosine_schedule_and_evaluation_every_n_steps(model_cache_dir: Path) -> None:
     reporter = MemoryReporter()
     recipe = recipe_for(
-        tmp_path,
         model_cache_dir,
         reporter,
         n_epochs=3,
@@ -139,9 +135,9 @@ def test_gradient_accumulation_cosine_schedule_and_evaluation_every_n_steps(
     assert [d["step"] for d in reporter.of_type("eval")] == [1, 2, 3, 4, 5, 6]  # each step; none twice at epoch end
 
 
-def test_validation_split_holds_out_training_examples(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_validation_split_holds_out_training_examples(model_cache_dir: Path) -> None:
     reporter = MemoryReporter()
-    recipe = recipe_for(tmp_path, model_cache_dir, reporter, validation=None, validation_split=0.25, n_epochs=1)
+    recipe = recipe_for(model_cache_dir, reporter, validation=None, validation_split=0.25, n_epochs=1)
     recipe.setup()
     assert (len(recipe.train_data.examples), len(recipe.valid_data.examples)) == (6, 2)  # type: ignore[union-attr]
     assert any("2 of 8 training examples held out" in message for _, message, _ in reporter.events)
@@ -149,12 +145,11 @@ def test_validation_split_holds_out_training_examples(tmp_path: Path, model_cach
     assert len(reporter.of_type("eval")) == 1
 
 
-def test_early_stopping_stops_and_keeps_the_best_evaluations_weights(tmp_path: Path, model_cache_dir: Path) -> None:
+def test_early_stopping_stops_and_keeps_the_best_evaluations_weights(model_cache_dir: Path) -> None:
     """Trained on "plum" and validated on "kiwi": the validation loss rises once the model is sure of "plum", so
     training stops, and the published weights are those of the best evaluation, not the last."""
     reporter = MemoryReporter()
     recipe = recipe_for(
-        tmp_path,
         model_cache_dir,
         reporter,
         validation="kiwi",

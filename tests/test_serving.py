@@ -19,17 +19,17 @@ from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml import adapter_format
 from app.ml.device import resolve_placement
-from app.ml.registry import BUILTINS, ModelStore
+from app.ml.models import BUILTINS, ModelStore
 from app.ml.serving import (
     MAX_BASE_MODELS,
     AdapterRef,
     AdapterUnavailable,
     Delta,
-    EngineLimits,
     EngineOverloaded,
     GenerationEngine,
     GenerationRequest,
 )
+from tests.conftest import serving_limits
 from tests.test_methods import greedy
 
 TINY = BUILTINS["tiny-random-llama"]
@@ -89,7 +89,7 @@ def loras(tmp_path_factory: pytest.TempPathFactory, store: ObjectStorage, model_
 def engine(
     store: ObjectStorage, model_cache_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Any]:
-    limits = getattr(request, "param", EngineLimits())
+    limits = getattr(request, "param", serving_limits())
     engine = GenerationEngine(
         models=ModelStore(model_cache_dir, None),
         placement=resolve_placement("cpu", "float32"),
@@ -174,7 +174,7 @@ def test_cancelling_frees_the_row_at_once(engine: GenerationEngine) -> None:
     assert engine.stats()["running"] == 0
 
 
-@pytest.mark.parametrize("engine", [EngineLimits(max_batch=1, max_waiting=2)], indirect=True)
+@pytest.mark.parametrize("engine", [serving_limits(max_batch=1, max_waiting=2)], indirect=True)
 def test_past_the_waiting_limit_requests_are_refused(engine: GenerationEngine) -> None:
     started = threading.Event()
     running = engine.submit(request(PROMPTS[0], max_tokens=4000), on_delta=lambda _: started.set())
@@ -211,7 +211,7 @@ def test_cold_adapter_time_to_first_token(engine: GenerationEngine, loras: list[
     assert time.perf_counter() - start < 5
 
 
-@pytest.mark.parametrize("engine", [EngineLimits(max_adapters=3, adapter_bytes=1 << 30)], indirect=True)
+@pytest.mark.parametrize("engine", [serving_limits(max_adapters=3, adapter_bytes=1 << 30)], indirect=True)
 def test_the_device_cache_keeps_its_bound_and_never_evicts_running_adapters(
     engine: GenerationEngine, loras: list[Made]
 ) -> None:
@@ -220,7 +220,7 @@ def test_the_device_cache_keeps_its_bound_and_never_evicts_running_adapters(
     assert started.wait(60)
     for made in loras[1:]:
         engine.generate(request(PROMPTS[1], made.ref, max_tokens=1))
-    [base] = engine._bases.values()
+    [base] = engine.residency.bases.values()
     assert len(base.adapters) == 3
     assert loras[0].ref.id in base.adapters  # the running request's adapter stayed, though least recently used
     pinned.cancel()
@@ -233,7 +233,7 @@ def test_a_byte_budget_bounds_the_device_cache(store: ObjectStorage, model_cache
         placement=resolve_placement("cpu", "float32"),
         storage=store,
         cache_dir=tmp_path / "cache",
-        limits=EngineLimits(adapter_bytes=20_000),
+        limits=serving_limits(adapter_bytes=20_000),
     )
     try:
         made = [
@@ -242,14 +242,14 @@ def test_a_byte_budget_bounds_the_device_cache(store: ObjectStorage, model_cache
         ]
         for m in made:
             engine.generate(request(PROMPTS[0], m.ref, max_tokens=1))
-        [base] = engine._bases.values()
+        [base] = engine.residency.bases.values()
         sizes = [s.n_bytes for s in base.adapters.values()]
         assert sizes == [8192, 8192]  # two of 8 KiB fit in 20 kB: the least recently used went
     finally:
         engine.close()
 
 
-@pytest.mark.parametrize("engine", [EngineLimits(kv_cache_bytes=64 * 1024)], indirect=True)
+@pytest.mark.parametrize("engine", [serving_limits(kv_cache_bytes=64 * 1024)], indirect=True)
 def test_a_kv_cache_budget_makes_requests_wait_not_fail(engine: GenerationEngine, loras: list[Made]) -> None:
     """With room for about two rows of this length, eight requests all finish, never more than fit at once."""
     generations = [engine.submit(request(PROMPTS[i % 4], loras[i].ref, max_tokens=30)) for i in range(8)]
@@ -308,7 +308,7 @@ def test_requests_for_more_base_models_than_are_kept_loaded_all_finish(engine: G
     ]
     loaded = 0
     while not all(g.future.done() for g in generations):
-        loaded = max(loaded, len(engine._bases))
+        loaded = max(loaded, len(engine.residency.bases))
         time.sleep(0.005)
     assert [g.result().completion_tokens for g in generations] == [12] * 6
     assert loaded <= MAX_BASE_MODELS

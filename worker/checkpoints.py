@@ -1,10 +1,7 @@
-"""Publishing what a recipe trained: adapters, and checkpoints to resume from.
+"""Publishing what a recipe trained: adapter archives, and checkpoints to resume from.
 
-A checkpoint is two objects under `checkpoints/<tenant>/<job>/<checkpoint id>/`: `artifact.tar.gz`, the artifact
-as trained up to that step (an adapter archive, served and downloaded by the checkpoint's id like an adapter),
-and `state.pt`, the recipe's whole state (`TrainingRecipe.state_dict`) that a resumed run continues from. Its
-row is written only when both are stored, and only while this attempt owns the running job; the job keeps its
-latest `keep_checkpoints`.
+A checkpoint is stored as two objects (app/jobs/checkpoints.py) and recorded only when both are stored, and only
+while this attempt owns the running job; the job keeps its latest `keep_checkpoints`.
 """
 
 from __future__ import annotations
@@ -12,32 +9,33 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from sqlalchemy import delete, select
 
 from app.core.db import session_scope
 from app.core.ids import new_id
-from app.core.models import Checkpoint, Job, JobStatus
+from app.core.models import Checkpoint
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.jobs import repository
-from app.jobs.service import delete_checkpoint_object, drop_training_states
+from app.jobs import checkpoints, repository
+from app.jobs.state import ClaimedJob, JobCancelled, JobLost
 from app.ml import adapter_format
-from worker.lifecycle import ClaimedJob, JobCancelled, JobLost, retrying
-
-if TYPE_CHECKING:
-    from worker.recipe import TrainingRecipe
+from app.ml.training import TrainingRecipe
+from worker.lifecycle import retrying
 
 log = logging.getLogger(__name__)
 
 
 def store_artifact(
-    settings: Settings, storage: ObjectStorage, recipe: TrainingRecipe, key: str, manifest: dict[str, Any]
+    settings: Settings,
+    storage: ObjectStorage,
+    job: ClaimedJob,
+    recipe: TrainingRecipe,
+    key: str,
+    manifest: dict[str, Any],
 ) -> tuple[int, str]:
     """Export what the recipe trained, pack it with its manifest and store it under `key`: (size, sha256)."""
-    job = recipe.job
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-", dir=settings.tmp_dir) as tmp:
         folder = Path(tmp) / "adapter"
@@ -63,7 +61,8 @@ def store_artifact(
 
 
 class JobCheckpoints:
-    """A job's checkpoints: saved by its recipe, the latest loaded when a new attempt resumes."""
+    """A job's checkpoints: saved by its recipe (the recipe's `Checkpointer`), the latest loaded when a new attempt
+    resumes."""
 
     def __init__(self, settings: Settings, storage: ObjectStorage, job: ClaimedJob) -> None:
         self.settings = settings
@@ -71,12 +70,15 @@ class JobCheckpoints:
         self.job = job
         self.keep = int(job.hyperparameters.get("keep_checkpoints", 3))
 
+    def _retrying(self, what: str, write: Any) -> Any:
+        return retrying(self.settings.db_retry_seconds, what, write)
+
     def latest_first(self) -> list[Checkpoint]:
         def read() -> list[Checkpoint]:
             with session_scope(self.settings.db_url) as session:
                 return repository.list_checkpoints(session, job_id=self.job.id)
 
-        return retrying(self.settings.db_retry_seconds, "reading the job's checkpoints", read)
+        return self._retrying("reading the job's checkpoints", read)  # type: ignore[no-any-return]
 
     def resume_state(self) -> tuple[Checkpoint | None, dict[str, Any] | None, list[Checkpoint]]:
         """The latest checkpoint whose state can be read, and that state (None, None: start over); and the later
@@ -95,16 +97,10 @@ class JobCheckpoints:
     def remove(self, row: Checkpoint) -> None:
         def write() -> None:
             with session_scope(self.settings.db_url) as session:
-                session.execute(delete(Checkpoint).where(Checkpoint.id == row.id))
+                checkpoints.remove(session, row.id)
 
-        retrying(self.settings.db_retry_seconds, "deleting a checkpoint", write)
-        self._delete(row)
-
-    def drop_states(self) -> None:
-        """The job has ended: nothing will resume from its checkpoints, so their training states go (the
-        artifacts stay, to serve and download)."""
-        with session_scope(self.settings.db_url) as session:
-            drop_training_states(session, self.storage, job_id=self.job.id)
+        self._retrying("deleting a checkpoint", write)
+        checkpoints.delete_objects(self.storage, row)
 
     def load_state(self, checkpoint: Checkpoint) -> dict[str, Any]:
         self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -117,10 +113,11 @@ class JobCheckpoints:
     def save(self, recipe: TrainingRecipe) -> None:
         at = recipe.position
         checkpoint_id = new_id("ftckpt")
-        prefix = f"checkpoints/{self.job.tenant_id}/{self.job.id}/{checkpoint_id}"
+        prefix = checkpoints.checkpoint_prefix(self.job.tenant_id, self.job.id, checkpoint_id)
         size, sha256 = store_artifact(
             self.settings,
             self.storage,
+            self.job,
             recipe,
             f"{prefix}/artifact.tar.gz",
             {"checkpoint_id": checkpoint_id, "step": at.step, "metrics": at.metrics},
@@ -149,35 +146,20 @@ class JobCheckpoints:
             state_key=f"{prefix}/state.pt",
             state_size_bytes=state_size,
         )
+
+        def write() -> list[Checkpoint]:
+            with session_scope(self.settings.db_url) as session:
+                return checkpoints.record(session, row, attempt=self.job.attempt, keep=self.keep)
+
         try:
-            pruned = retrying(self.settings.db_retry_seconds, "recording a checkpoint", lambda: self._record(row))
+            pruned = self._retrying("recording a checkpoint", write)
         except (JobCancelled, JobLost):
-            self._delete(row)  # nobody will list it
+            checkpoints.delete_objects(self.storage, row)  # nobody will list it
             raise
         for old in pruned:
-            self._delete(old)
+            checkpoints.delete_objects(self.storage, old)
         recipe.reporter.event(
             "checkpoint",
             f"checkpoint {checkpoint_id} saved at step {at.step}",
             {"checkpoint_id": checkpoint_id, "step": at.step},
         )
-
-    def _record(self, row: Checkpoint) -> list[Checkpoint]:
-        """Insert the row while this attempt owns the running job; returns the rows past `keep`, deleted."""
-        with session_scope(self.settings.db_url) as session:
-            job = session.scalars(select(Job).where(Job.id == self.job.id).with_for_update()).one()
-            if job.attempt != self.job.attempt:
-                raise JobLost(f"attempt {job.attempt} took the job over")
-            if job.status != JobStatus.running:
-                raise JobCancelled(job.status.value)
-            session.add(row)
-            session.flush()
-            pruned = repository.list_checkpoints(session, job_id=self.job.id)[self.keep :]
-            for old in pruned:
-                session.delete(old)
-            return pruned
-
-    def _delete(self, row: Checkpoint) -> None:
-        for key in (row.storage_key, row.state_key):
-            if key:
-                delete_checkpoint_object(self.storage, key, row.id)

@@ -9,29 +9,31 @@ stops and the reaper re-queues it.
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.db import session_scope
+from app.core.error_codes import ErrorCode
 from app.core.errors import DATABASE_ERRORS
 from app.core.ids import new_id
 from app.core.logging import job_logging_context
 from app.core.models import Adapter
-from app.core.queue import enqueue_training
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.ml.methods import METHODS
-from app.ml.registry import ModelRecord, find_model
+from app.jobs import state
+from app.jobs.state import ClaimedJob, JobCancelled, JobLost
+from app.ml.models import ModelRecord
+from app.ml.training import StopRequested, TrainingError
+from app.ml.training.memory import release_device_memory
+from app.models.repository import find_model
 from worker import lifecycle
 from worker.checkpoints import JobCheckpoints, store_artifact
-from worker.errors import TrainingError
-from worker.lifecycle import ClaimedJob, Heartbeat, JobCancelled, JobLost, JobReporter, WorkerStopping
-from worker.recipe import TrainingRecipe, return_freed_memory
+from worker.lifecycle import Heartbeat, JobAttempt, JobReporter
+from worker.training import job_recipe
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,6 @@ def out_of_memory_message(job: ClaimedJob) -> str:
         "training ran out of device memory; lower batch_size (now "
         f"{hp.get('batch_size')}) or max_seq_length (now {hp.get('max_seq_length')}) and create the job again"
     )
-
-
-def release_device_memory() -> None:
-    """Give the memory of a finished job (above all a failed one) back, so that the next job has all of it."""
-    gc.collect()
-    return_freed_memory()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -100,12 +94,7 @@ def run_job(settings: Settings, job_id: str) -> JobOutcome:
 
 def _claim_and_run(settings: Settings, job_id: str) -> JobOutcome:
     try:
-        job = lifecycle.claim(
-            settings.db_url,
-            job_id,
-            heartbeat_timeout=settings.heartbeat_timeout_seconds,
-            max_attempts=settings.max_job_attempts,
-        )
+        job = lifecycle.claim(settings, job_id)
     except DATABASE_ERRORS as exc:  # the job is still queued: its task must run again, not be dropped
         return JobOutcome("claim_failed", "the database could not be reached to claim it; retrying", exception=exc)
     if job is None:
@@ -119,35 +108,29 @@ def _claim_and_run(settings: Settings, job_id: str) -> JobOutcome:
         extra={"method": job.method, "base_model": job.base_model, "attempt": job.attempt},
     )
     storage = ObjectStorage.from_settings(settings)
+    attempt = JobAttempt(settings, storage, job)
     with Heartbeat(settings.db_url, job, settings.heartbeat_seconds):
         reporter = JobReporter(settings.db_url, job, retry_seconds=settings.db_retry_seconds)
-        return _run_claimed(settings, storage, job, reporter)
-
-
-def _run_claimed(settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter) -> JobOutcome:
-    """Run the job to its end (and then drop its checkpoints' training states), or leave it to be resumed."""
-    outcome = _run_to_an_outcome(settings, storage, job, reporter)
-    if lifecycle.has_ended(settings.db_url, job):
-        try:
-            JobCheckpoints(settings, storage, job).drop_states()
-        except Exception:  # left behind: storage, not correctness
-            log.exception("job %s: its checkpoints' training states could not be deleted", job.id)
-    return outcome
+        return _run_to_an_outcome(settings, storage, attempt, reporter)
 
 
 def _run_to_an_outcome(
-    settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter
+    settings: Settings, storage: ObjectStorage, attempt: JobAttempt, reporter: JobReporter
 ) -> JobOutcome:
+    job = attempt.job
     try:
-        adapter_id = _train_and_publish(settings, storage, job, reporter)
+        adapter_id = _train_and_publish(settings, storage, attempt, reporter)
         return JobOutcome("succeeded", f"adapter {adapter_id} published", adapter_id=adapter_id)
     except JobCancelled:
-        reporter.event("log", "training stopped: the job was cancelled")
+        try:
+            reporter.event("log", "training stopped: the job was cancelled")
+        except JobLost as exc:  # cancelled, then taken by the reaper meanwhile: nothing more is this run's
+            return JobOutcome("left_to_reaper", f"cancelled, then no longer this run's ({exc})")
         return JobOutcome("cancelled", "stopped at the user's request")
     except JobLost as exc:
         return JobOutcome("left_to_reaper", f"taken over by another worker ({exc}); this run stops")
-    except WorkerStopping as exc:
-        return _hand_back(settings, job, exc.step)
+    except StopRequested as exc:
+        return _hand_back(settings, attempt, exc.step)
     except (OperationalError, InterfaceError) as exc:
         # Retried for db_retry_seconds already: the heartbeat stops with this run, and the reaper re-queues it.
         return JobOutcome(
@@ -155,34 +138,33 @@ def _run_to_an_outcome(
         )
     # What the user sees is a stable code and a message written for them; the detail goes to the log.
     except TrainingError as exc:
-        return _fail(settings, job, str(exc), exc.code)
+        return _fail(attempt, str(exc), exc.code)
     except torch.OutOfMemoryError as exc:
-        return _fail(settings, job, out_of_memory_message(job), "out_of_memory", exc)
+        return _fail(attempt, out_of_memory_message(job), ErrorCode.out_of_memory, exc)
     except FileNotFoundError as exc:
-        return _fail(settings, job, FILE_UNAVAILABLE_MESSAGE, "file_unavailable", exc)
+        return _fail(attempt, FILE_UNAVAILABLE_MESSAGE, ErrorCode.file_unavailable, exc)
     except Exception as exc:
-        return _fail(settings, job, internal_error_message(job.id), "internal_error", exc)
+        return _fail(attempt, internal_error_message(job.id), ErrorCode.internal_error, exc)
     except BaseException:  # a cold shutdown (a second Ctrl-C): back to the queue, from the last checkpoint
         log.exception("job %s stopped", job.id)
-        _hand_back(settings, job, None).log(job.id)
+        _hand_back(settings, attempt, None).log(job.id)
         raise
 
 
-def _fail(
-    settings: Settings, job: ClaimedJob, message: str, code: str, exception: BaseException | None = None
-) -> JobOutcome:
-    lifecycle.fail(settings.db_url, job, message, code=code, retry_seconds=settings.db_retry_seconds)
-    return JobOutcome("failed", f"{code}: {message}", error_code=code, exception=exception)
+def _fail(attempt: JobAttempt, message: str, code: str, exception: BaseException | None = None) -> JobOutcome:
+    attempt.fail(message, code=code)
+    return JobOutcome("failed", f"{code}: {message}", error_code=str(code), exception=exception)
 
 
-def _hand_back(settings: Settings, job: ClaimedJob, step: int | None) -> JobOutcome:
+def _hand_back(settings: Settings, attempt: JobAttempt, step: int | None) -> JobOutcome:
     """Queued again, for another worker (or this one after its restart) to resume from the latest checkpoint."""
-    if not lifecycle.hand_back(settings.db_url, job, step=step, retry_seconds=min(settings.db_retry_seconds, 10)):
+    job = attempt.job
+    if not attempt.hand_back(step):
         return JobOutcome("left_to_reaper", "the worker stopped, and the job is no longer this run's")
     try:
-        enqueue_training(settings, job.id, needs_cuda=METHODS[job.method].needs_cuda)
+        state.enqueue(settings, job.id, job.method)
     except Exception as exc:
-        lifecycle.unhand(settings.db_url, job)
+        attempt.unhand()
         return JobOutcome(
             "left_to_reaper", "the worker stopped; its task could not be sent, the reaper will", exception=exc
         )
@@ -195,31 +177,32 @@ def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
     with session_scope(settings.db_url) as session:
         record = find_model(session, job.base_model)
     if record is None:
-        raise TrainingError(f"base model {job.base_model} is no longer registered", code="model_unavailable")
+        raise TrainingError(f"base model {job.base_model} is no longer registered", code=ErrorCode.model_unavailable)
     if job.base_model_revision not in (None, record.revision):
         raise TrainingError(
             f"base model {job.base_model} was registered again, with other files, after this job was created; "
             "create the job again",
-            code="model_unavailable",
+            code=ErrorCode.model_unavailable,
         )
     return record
 
 
-def _resume_state(checkpoints: JobCheckpoints, reporter: JobReporter) -> tuple[dict | None, str]:  # type: ignore[type-arg]
+def _resume_state(checkpoints: JobCheckpoints, reporter: JobReporter) -> tuple[dict[str, Any] | None, str]:
     """The latest readable checkpoint's state to continue from, or None (with why) to train from the start."""
-    row, state, unreadable = checkpoints.resume_state()
+    row, resume, unreadable = checkpoints.resume_state()
     for bad in unreadable:
         reporter.event("log", f"checkpoint {bad.id} (step {bad.step}) could not be read; deleted", level="warning")
     if row is None:
         return None, "no checkpoint to resume from: training from the start"
-    return state, f"resumed from checkpoint {row.id} at step {row.step}"
+    return resume, f"resumed from checkpoint {row.id} at step {row.step}"
 
 
 def _train_and_publish(
-    settings: Settings, storage: ObjectStorage, job: ClaimedJob, reporter: JobReporter
+    settings: Settings, storage: ObjectStorage, attempt: JobAttempt, reporter: JobReporter
 ) -> str | None:
+    job = attempt.job
     checkpoints = JobCheckpoints(settings, storage, job)
-    recipe = TrainingRecipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints)
+    recipe = job_recipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints)
     resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
     recipe.setup(resume=resume)
     if how:
@@ -229,7 +212,7 @@ def _train_and_publish(
 
     adapter_id = new_id("adapter")
     key = f"adapters/{job.tenant_id}/{adapter_id}.tar.gz"
-    size, sha256 = store_artifact(settings, storage, recipe, key, {"adapter_id": adapter_id, "metrics": metrics})
+    size, sha256 = store_artifact(settings, storage, job, recipe, key, {"adapter_id": adapter_id, "metrics": metrics})
     adapter = Adapter(
         id=adapter_id,
         tenant_id=job.tenant_id,
@@ -243,7 +226,7 @@ def _train_and_publish(
         size_bytes=size,
         sha256=sha256,
     )
-    if not lifecycle.succeed(settings.db_url, job, adapter, retry_seconds=settings.db_retry_seconds):
+    if not attempt.succeed(adapter):
         storage.delete(key)  # cancelled (or taken over) between the last step and now: publish nothing
         raise JobCancelled("cancelled before publishing")
     return adapter_id

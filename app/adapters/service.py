@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from sqlalchemy.orm import Session
 
 from app.adapters import repository
-from app.core.errors import Gone, NotFound, clip
+from app.core.errors import ErrorCode, Gone, NotFound, clip
 from app.core.models import Adapter, Checkpoint
 from app.core.pagination import cursor_row
 from app.core.storage import ObjectStorage
@@ -42,7 +42,7 @@ def adapter_unavailable(adapter_id: str, reason: str, param: str = "adapter_id")
     return Gone(
         f"adapter {adapter_id} cannot be used: {reason}; train it again, or ask the operator to restore it",
         param=param,
-        code="adapter_unavailable",
+        code=ErrorCode.adapter_unavailable,
     )
 
 

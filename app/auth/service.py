@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.core.errors import Conflict, InvalidInput, NotFound, Unauthorized
+from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, Unauthorized
 from app.core.ids import new_id
 from app.core.models import ApiKey, Tenant, utcnow
 from app.core.security import PREFIX_LENGTH, generate_api_key, hash_api_key
@@ -32,7 +32,7 @@ class ApiKeyInfo:
 
 
 class KeyAlreadyRevoked(Conflict):
-    code = "key_already_revoked"
+    code = ErrorCode.key_already_revoked
 
     def __init__(self, key: ApiKeyInfo) -> None:
         when = f" at {key.revoked_at:%Y-%m-%d %H:%M:%S} UTC" if key.revoked_at else ""
@@ -79,7 +79,7 @@ def list_keys(session: Session, *, tenant_name: str | None = None) -> list[ApiKe
     if tenant_name is None:
         return _key_infos(session)
     if session.scalar(select(Tenant.id).where(Tenant.name == tenant_name)) is None:
-        raise NotFound(f"no tenant named {tenant_name!r}", param="tenant", code="tenant_not_found")
+        raise NotFound(f"no tenant named {tenant_name!r}", param="tenant", code=ErrorCode.tenant_not_found)
     return _key_infos(session, Tenant.name == tenant_name)
 
 
@@ -95,7 +95,9 @@ def revoke_key(session: Session, *, prefix: str) -> ApiKeyInfo:
     # A whole prefix names its key even when it also starts a longer one (8-character prefixes of older keys).
     matches = [k for k in matches if k.prefix == prefix] or matches
     if not matches:
-        raise NotFound(f"no API key has a prefix starting with {prefix!r}", param="prefix", code="key_not_found")
+        raise NotFound(
+            f"no API key has a prefix starting with {prefix!r}", param="prefix", code=ErrorCode.key_not_found
+        )
     if len(matches) > 1:
         listed = ", ".join(f"{k.prefix} (tenant {k.tenant})" for k in matches[:AMBIGUOUS_LISTED])
         if len(matches) > AMBIGUOUS_LISTED:
@@ -103,7 +105,7 @@ def revoke_key(session: Session, *, prefix: str) -> ApiKeyInfo:
         raise Conflict(
             f"{prefix!r} matches {len(matches)} keys: {listed}; give more of the prefix",
             param="prefix",
-            code="ambiguous_key_prefix",
+            code=ErrorCode.ambiguous_key_prefix,
         )
     key = matches[0]
     revoked_at = utcnow()
@@ -123,7 +125,7 @@ def authenticate(session: Session, *, authorization: str | None) -> Tenant:
     of work of its own.
     """
     if not authorization:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code=ErrorCode.missing_api_key)
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")

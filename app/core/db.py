@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 _UNDO = "tuneforge_undo_on_rollback"
+_AFTER_COMMIT = "tuneforge_after_commit"
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,25 @@ def undo_on_rollback(session: Session, action: Callable[[], None]) -> None:
     session.info.setdefault(_UNDO, []).append(action)
 
 
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` once the session's transaction commits (a side effect outside the database that must not
+    happen if the change is rolled back: deleting what the committed rows no longer name, say)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
 @event.listens_for(Session, "after_commit")
-def _forget_undo_actions(session: Session) -> None:
+def _run_after_commit_actions(session: Session) -> None:
     session.info.pop(_UNDO, None)
+    for action in session.info.pop(_AFTER_COMMIT, []):
+        try:
+            action()
+        except Exception:
+            log.exception("could not finish a side effect of a committed transaction")
 
 
 @event.listens_for(Session, "after_rollback")
 def _run_undo_actions(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
     for action in reversed(session.info.pop(_UNDO, [])):
         try:
             action()

@@ -14,6 +14,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
+from app.core.error_codes import ErrorCode
+
 log = logging.getLogger(__name__)
 
 # An error message never grows with the input it complains about: echoed values are cut, and so is the whole.
@@ -35,14 +37,14 @@ def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
 class AppError(Exception):
     status_code = 400
     type = "invalid_request_error"
-    code = "invalid_request"
+    code = ErrorCode.invalid_request
 
     def __init__(
         self,
         message: str,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: ErrorCode | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         if len(message) > MAX_MESSAGE_CHARS:
@@ -74,34 +76,34 @@ class AppError(Exception):
 
 class InvalidInput(AppError):
     status_code = 422
-    code = "invalid_value"
+    code = ErrorCode.invalid_value
 
 
 class NotFound(AppError):
     status_code = 404
-    code = "not_found"
+    code = ErrorCode.not_found
 
 
 class Conflict(AppError):
     status_code = 409
-    code = "conflict"
+    code = ErrorCode.conflict
 
 
 class Gone(AppError):
     status_code = 410
-    code = "gone"
+    code = ErrorCode.gone
 
 
 class PayloadTooLarge(AppError):
     status_code = 413
-    code = "file_too_large"
+    code = ErrorCode.file_too_large
 
 
 class TooManyRequests(AppError):
     """429: a limit the client may retry against later, after `retry_after` seconds (the Retry-After header)."""
 
     status_code = 429
-    code = "rate_limited"
+    code = ErrorCode.rate_limited
 
     def __init__(self, message: str, *, retry_after: int, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
@@ -114,13 +116,13 @@ class TooManyRequests(AppError):
 class ServiceUnavailable(AppError):
     status_code = 503
     type = "server_error"
-    code = "unavailable"
+    code = ErrorCode.unavailable
 
 
 class DatabaseUnavailable(ServiceUnavailable):
     """503 while the database does not answer: nothing was changed, the request can be sent again."""
 
-    code = "database_unavailable"
+    code = ErrorCode.database_unavailable
     RETRY_AFTER = 5
 
     def __init__(self) -> None:
@@ -136,7 +138,7 @@ DATABASE_ERRORS = (OperationalError, InterfaceError)  # the database is unreacha
 class Unauthorized(AppError):
     status_code = 401
     type = "authentication_error"
-    code = "invalid_api_key"
+    code = ErrorCode.invalid_api_key
 
 
 class RequestTooLarge(StarletteHTTPException):
@@ -184,7 +186,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _error_response(
-    status: int, type_: str, message: str, param: str | None, code: str, headers: Mapping[str, str] | None = None
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None,
+    code: ErrorCode,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
         status_code=status,
@@ -232,7 +239,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if len(errors) > 1:
             others = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[1:5])
             message = f"{message} (also: {others})"
-        code = "missing_field" if first.get("type") == "missing" else "invalid_value"
+        code = ErrorCode.missing_field if first.get("type") == "missing" else ErrorCode.invalid_value
         return _error_response(422, "invalid_request_error", message, param or None, code)
 
     @app.exception_handler(StarletteHTTPException)
@@ -240,9 +247,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's answer to a body that is not UTF-8 JSON: a 422 like every other malformed body.
             return _error_response(
-                422, "invalid_request_error", "the request body is not valid UTF-8 JSON", None, "invalid_json"
+                422, "invalid_request_error", "the request body is not valid UTF-8 JSON", None, ErrorCode.invalid_json
             )
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed}.get(exc.status_code, ErrorCode.http_error)
         headers = exc.headers
         if exc.status_code == 405:  # RFC 9110: `Allow` lists every method of the path, not only one route's
             headers = {"Allow": ", ".join(_allowed_methods(request))}
@@ -256,4 +263,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def internal_error_response() -> JSONResponse:
     """What a client sees of an unexpected error: that it happened, nothing of it."""
-    return _error_response(500, "server_error", "internal server error", None, "internal_error")
+    return _error_response(500, "server_error", "internal server error", None, ErrorCode.internal_error)

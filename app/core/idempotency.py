@@ -16,7 +16,7 @@ from fastapi import Header
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.errors import Conflict
+from app.core.errors import Conflict, ErrorCode
 from app.core.models import IdempotencyKey, utcnow
 
 KEY_TTL = timedelta(hours=24)
@@ -53,7 +53,7 @@ def check_same_request(row: IdempotencyKey, request_sha256: str | None) -> None:
         raise Conflict(
             "this Idempotency-Key was used for another request; use a new key for a new request",
             param="Idempotency-Key",
-            code="idempotency_key_reused",
+            code=ErrorCode.idempotency_key_reused,
         )
 
 

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from app.core.db import session_scope
-from app.core.errors import DATABASE_ERRORS, Unauthorized
+from app.core.errors import DATABASE_ERRORS, ErrorCode, Unauthorized
 from app.core.models import Job, JobStatus, utcnow
 from app.core.queue import cuda_queue
 from app.core.settings import Settings
@@ -229,6 +229,8 @@ def _authorized(request: Request, settings: Settings) -> bool:
 def metrics(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     if not _authorized(request, settings):
-        raise Unauthorized("GET /metrics needs `Authorization: Bearer <TUNEFORGE_METRICS_TOKEN>`", code="invalid_token")
+        raise Unauthorized(
+            "GET /metrics needs `Authorization: Bearer <TUNEFORGE_METRICS_TOKEN>`", code=ErrorCode.invalid_token
+        )
     registry: CollectorRegistry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -22,6 +22,7 @@ from app.core.errors import (
     DATABASE_ERRORS,
     AppError,
     DatabaseUnavailable,
+    ErrorCode,
     PayloadTooLarge,
     RequestTooLarge,
     Unauthorized,
@@ -170,5 +171,5 @@ class BodyLimitMiddleware:
 
 def request_too_large(max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(
-        f"request body is larger than the limit of {max_bytes} bytes", param=None, code="request_too_large"
+        f"request body is larger than the limit of {max_bytes} bytes", param=None, code=ErrorCode.request_too_large
     )

@@ -59,20 +59,14 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(enum.StrEnum):
+    """A job's states; how a job moves between them is app/jobs/state.py."""
+
     validating_files = "validating_files"
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-
-
-# Jobs that have not ended: their files must stay readable.
-ACTIVE_JOB_STATUSES = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
 
 
 class Tenant(Base):

@@ -9,7 +9,7 @@ from fastapi import Query
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
-from app.core.errors import InvalidInput, clip
+from app.core.errors import ErrorCode, InvalidInput, clip
 
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="How many items to return (1-100)")]
 AfterQuery = Annotated[
@@ -47,5 +47,5 @@ def cursor_row(after: str | None, lookup: Callable[[str], R | None]) -> R | None
         return None
     row = lookup(after)
     if row is None:
-        raise InvalidInput(f"after: no item with id {clip(after)}", param="after", code="invalid_cursor")
+        raise InvalidInput(f"after: no item with id {clip(after)}", param="after", code=ErrorCode.invalid_cursor)
     return row

@@ -71,7 +71,7 @@ def cuda_queue(queue: str) -> str:
     return f"{queue}-cuda"
 
 
-def enqueue_training(settings: Settings, job_id: str, *, needs_cuda: bool = False) -> None:
-    """Send `training.run` by name with only the job id; call after the job row is committed."""
-    queue = cuda_queue(settings.queue_name) if needs_cuda else settings.queue_name
+def send_training_task(settings: Settings, job_id: str, *, queue: str) -> None:
+    """Send `training.run` by name with only the job id to `queue` (which app/jobs/state.py chooses); call after
+    the job row is committed."""
     _sender(settings.broker, settings.queue_name).send_task(TRAINING_TASK, kwargs={"job_id": job_id}, queue=queue)

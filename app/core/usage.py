@@ -5,14 +5,14 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.errors import AppError
+from app.core.errors import AppError, ErrorCode
 from app.core.models import Adapter, Checkpoint, File, Tenant
 
 
 class StorageQuotaExceeded(AppError):
     status_code = 403
     type = "invalid_request_error"
-    code = "storage_quota_exceeded"
+    code = ErrorCode.storage_quota_exceeded
 
 
 def stored_bytes(session: Session, *, tenant_id: str) -> int:

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.core.deps import ModelStoreDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
@@ -22,6 +22,7 @@ from app.jobs.schemas import (
     MetricsObject,
 )
 from app.jobs.streaming import event_stream
+from app.models.deps import ModelStoreDep
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 409, 413, 422, 429, 503))
 

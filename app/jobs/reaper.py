@@ -16,16 +16,14 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from app.core.db import session_scope
-from app.core.job_events import append_event
+from app.core.errors import ErrorCode
 from app.core.models import Job, JobStatus, utcnow
-from app.core.queue import enqueue_training
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.jobs.service import drop_training_states
-from app.ml.methods import METHODS
+from app.jobs import state
 
 log = logging.getLogger(__name__)
 
@@ -46,41 +44,37 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
                 Job.status == JobStatus.running, Job.heartbeat_at < cutoff
             )
         ).all()
+    storage = ObjectStorage.from_settings(settings)
     reaped = []
     for job_id, method, attempt, lost, heartbeat_at in stale:
-        still_stale = [
-            Job.id == job_id,
-            Job.status == JobStatus.running,
-            Job.attempt == attempt,
-            Job.heartbeat_at < cutoff,
-        ]
         if lost + 1 >= settings.max_job_attempts:
-            message = lost_job_message(lost + 1)
-            values = {
-                "status": JobStatus.failed,
-                "error": message,
-                "error_code": "worker_lost",
-                "finished_at": utcnow(),
-            }
-            event: tuple[str, dict[str, object], str] = (message, {"status": "failed", "code": "worker_lost"}, "error")
+            name, message, level = "lose_for_good", lost_job_message(lost + 1), "error"
+            values: dict[str, object] = {"error": message, "error_code": ErrorCode.worker_lost}
+            data: dict[str, object] = {"code": ErrorCode.worker_lost}
         else:
             # First the task, then the state: whatever happens in between, a task exists for the job.
-            enqueue_training(settings, job_id, needs_cuda=method in METHODS and METHODS[method].needs_cuda)
-            values = {"status": JobStatus.queued, "lost_workers": lost + 1}
-            event = (
+            state.enqueue(settings, job_id, method)
+            name, level = "requeue_lost", "warning"
+            message = (
                 f"the worker running this job stopped answering (last heartbeat {heartbeat_at:%Y-%m-%d %H:%M:%S} "
-                "UTC); the job is back in the queue and resumes from its latest checkpoint",
-                {"status": "queued", "attempt": attempt},
-                "warning",
+                "UTC); the job is back in the queue and resumes from its latest checkpoint"
             )
+            values, data = {"lost_workers": lost + 1}, {"attempt": attempt}
         with session_scope(settings.db_url) as session:
-            done = session.execute(update(Job).where(*still_stale).values(**values))
-            if done.rowcount == 1:  # type: ignore[attr-defined]
-                append_event(session, job_id, "status", event[0], event[1], level=event[2])
-                if values["status"] == JobStatus.failed:  # ended: nothing will resume from its checkpoints
-                    drop_training_states(session, ObjectStorage.from_settings(settings), job_id=job_id)
-                reaped.append(job_id)
-                log.warning("job %s: stale heartbeat; %s", job_id, event[1]["status"])
+            moved = state.transition(
+                session,
+                job_id,
+                name,
+                message=message,
+                data=data,
+                level=level,
+                where=(Job.attempt == attempt, Job.heartbeat_at < cutoff),  # still the stale run it saw
+                values=values,
+                storage=storage,
+            )
+        if moved:
+            reaped.append(job_id)
+            log.warning("job %s: stale heartbeat; %s", job_id, state.TRANSITIONS[name].target.value)
     return reaped
 
 

@@ -10,37 +10,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.base_models.service import require_model
 from app.core import idempotency
-from app.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests, clip
+from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
-from app.core.job_events import append_event
-from app.core.models import (
-    ACTIVE_JOB_STATUSES,
-    Checkpoint,
-    File,
-    FileTokenCount,
-    Job,
-    JobEvent,
-    JobStatus,
-    Tenant,
-    utcnow,
-)
+from app.core.models import Checkpoint, File, FileTokenCount, Job, JobEvent, JobStatus, Tenant
 from app.core.pagination import cursor_row
-from app.core.queue import enqueue_training
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.core.usage import check_storage
-from app.datasets import repository as files_repository
-from app.datasets.service import token_counts
-from app.jobs import repository
+from app.files import repository as files_repository
+from app.files.service import token_counts
+from app.jobs import repository, state
+from app.ml.device import cuda_training_available
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import METHODS
-from app.ml.methods.qlora import cuda_training_available
-from app.ml.registry import ModelRecord, ModelStore
+from app.ml.models import ModelRecord, ModelStore
+from app.models.service import require_model
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +110,7 @@ def plan_job(
             f"method {request.method} needs a CUDA GPU (and the bitsandbytes package), and this service trains "
             "without one; use method lora, which trains the same adapters on the unquantized model",
             param="method",
-            code="method_unavailable",
+            code=ErrorCode.method_unavailable,
         )
     hyperparameters = checked_hyperparameters(request.method, request.hyperparameters, record)
     if hyperparameters.early_stopping_patience and not (request.validation_file or hyperparameters.validation_split):
@@ -137,7 +125,7 @@ def plan_job(
         # Locked (PostgreSQL) until the job is committed, so a concurrent delete waits and then sees the job.
         file = files_repository.get_file(session, tenant_id=tenant_id, file_id=file_id, for_update=True)
         if file is None:
-            raise InvalidInput(f"{param}: no file with id {clip(file_id)}", param=param, code="file_not_found")
+            raise InvalidInput(f"{param}: no file with id {clip(file_id)}", param=param, code=ErrorCode.file_not_found)
         if file.purpose != "fine-tune":
             raise InvalidInput(f"{param}: file {file.id} is not a fine-tune file", param=param)
         if file.format == "chat" and not record.chat_template:
@@ -145,7 +133,7 @@ def plan_job(
                 f"{param}: file {file.id} holds conversations but {record.id} has no chat template; use a chat "
                 "model, or prompt/completion data",
                 param=param,
-                code="no_chat_template",
+                code=ErrorCode.no_chat_template,
             )
         # Counted with this model's tokenizer (at upload, or now: then kept for the next job on it).
         counts = token_counts(session, storage=storage, models=models, file=file, model=record, param=param)
@@ -188,15 +176,11 @@ def create_job(
         suffix=request.suffix,
         hyperparameters=plan.hyperparameters.model_dump(mode="json"),
         user_metadata=request.metadata,
-        status=JobStatus.validating_files,
     )
-    session.add(job)
-    session.flush()
-    append_event(session, job.id, "status", "job created; validating files", {"status": job.status.value})
+    state.create(session, job)
     # Files were validated line by line at upload; what remains is that they still exist (checked above).
-    job.status = JobStatus.queued
-    session.flush()
-    append_event(session, job.id, "status", "files validated; job queued", {"status": job.status.value})
+    state.transition(session, job.id, "files_validated", message="files validated; job queued")
+    session.refresh(job)
     return job
 
 
@@ -252,7 +236,7 @@ def submit_job(
     winner = idempotency.commit_or_winner(session, tenant_id=tenant_id, endpoint=endpoint, key=idempotency_key)
     if winner is not None:
         return get_job(session, tenant_id=tenant_id, job_id=winner)
-    dispatch_job(session, settings=settings, job=job)
+    dispatch_job(session, settings=settings, storage=storage, job=job)
     return job
 
 
@@ -319,12 +303,12 @@ def _check_active_jobs(session: Session, *, tenant_id: str, limit: int) -> None:
     until the job is committed, so two concurrent requests cannot both take the last place."""
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(state.ACTIVE_STATUSES))
     )
     if active is not None and active >= limit:
         raise TooManyRequests(
             f"this tenant has {active} jobs queued or running, its limit; wait for one to end or cancel one",
-            code="too_many_jobs",
+            code=ErrorCode.too_many_jobs,
             retry_after=ACTIVE_JOBS_RETRY_AFTER,
         )
 
@@ -350,24 +334,31 @@ def _check_fits_token_budget(
         f"micro-batch may hold on this service; lower max_seq_length to at most {max_batch_tokens - virtual_tokens} "
         f"(longer examples are cut) or {'num_virtual_tokens' if virtual_tokens else 'shorten the examples'}",
         param="hyperparameters.max_seq_length",
-        code="example_too_long",
+        code=ErrorCode.example_too_long,
     )
 
 
-def dispatch_job(session: Session, *, settings: Settings, job: Job) -> None:
+def dispatch_job(session: Session, *, settings: Settings, storage: ObjectStorage, job: Job) -> None:
     """Send the committed job to the broker; if the broker is unreachable the job fails visibly."""
     try:
-        enqueue_training(settings, job.id, needs_cuda=METHODS[job.method].needs_cuda)
+        state.enqueue(settings, job.id, job.method)
     except Exception as exc:
         log.exception("could not enqueue %s", job.id)
-        job.status = JobStatus.failed
-        job.error = "the job queue was unreachable when the job was created; create the job again later"
-        job.error_code = "queue_unavailable"
-        job.finished_at = utcnow()
-        append_event(session, job.id, "status", job.error, {"status": "failed"}, level="error")
+        message = "the job queue was unreachable when the job was created; create the job again later"
+        state.transition(
+            session,
+            job.id,
+            "dispatch_failed",
+            message=message,
+            values={"error": message, "error_code": ErrorCode.queue_unavailable},
+            level="error",
+            storage=storage,
+        )
         session.commit()
+        session.refresh(job)
         raise ServiceUnavailable(
-            "the job queue is unreachable; the job was marked failed, try again later", code="queue_unavailable"
+            "the job queue is unreachable; the job was marked failed, try again later",
+            code=ErrorCode.queue_unavailable,
         ) from exc
 
 
@@ -387,19 +378,14 @@ def cancel_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_
     """queued or running -> cancelled (a running job's worker stops at its next step); its checkpoints keep their
     artifacts and lose their training states: nothing will resume it."""
     job = get_job(session, tenant_id=tenant_id, job_id=job_id)
-    cancellable = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)
     # Atomic: a worker finishing at the same moment either wins (and we report a conflict) or sees
     # `cancelled` at its next step and stops without publishing.
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_(cancellable))
-        .values(status=JobStatus.cancelled, finished_at=utcnow())
-    )
+    cancelled = state.transition(session, job.id, "cancel", message="job cancelled by the user", storage=storage)
     session.refresh(job)
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise Conflict(f"job {job.id} is already {job.status.value}", param="job_id", code="job_not_cancellable")
-    append_event(session, job.id, "status", "job cancelled by the user", {"status": "cancelled"})
-    drop_training_states(session, storage, job_id=job.id)
+    if not cancelled:
+        raise Conflict(
+            f"job {job.id} is already {job.status.value}", param="job_id", code=ErrorCode.job_not_cancellable
+        )
     return job
 
 
@@ -413,21 +399,6 @@ CURVES = (
     "valid_perplexity",
     "valid_token_accuracy",
 )
-
-
-def drop_training_states(session: Session, storage: ObjectStorage, *, job_id: str) -> None:
-    """The job has ended: nothing will resume from its checkpoints, so their training states (weights, optimizer,
-    RNG: the larger part) are deleted; the artifacts stay, to serve and download."""
-    for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.state_key != "")):
-        delete_checkpoint_object(storage, row.state_key, row.id)
-        row.state_key, row.state_size_bytes = "", 0
-
-
-def delete_checkpoint_object(storage: ObjectStorage, key: str, checkpoint_id: str) -> None:
-    try:
-        storage.delete(key)
-    except Exception:  # an object left behind costs storage, not correctness
-        log.warning("could not delete %s of checkpoint %s", key, checkpoint_id)
 
 
 def list_checkpoints(session: Session, *, tenant_id: str, job_id: str) -> list[Checkpoint]:

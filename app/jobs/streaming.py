@@ -18,6 +18,7 @@ from app.core.db import session_scope
 from app.core.models import Job
 from app.jobs import repository
 from app.jobs.schemas import EventObject
+from app.jobs.state import TERMINAL_STATUSES
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0  # a comment line, so that proxies do not close an idle stream
@@ -35,7 +36,7 @@ def _poll(db_url: str, job_id: str, after_seq: int) -> tuple[list[EventObject], 
     """Events after `after_seq` (up to BATCH), and whether the job had ended before they were read."""
     with session_scope(db_url) as session:
         job = session.get(Job, job_id)
-        ended = job is None or job.status.is_terminal  # read first: no event of an ended job can come after
+        ended = job is None or job.status in TERMINAL_STATUSES  # read first: no event of an ended job can come after
         rows = repository.list_events(session, job_id=job_id, after_seq=after_seq, limit=BATCH)
         return [EventObject.of(row) for row in rows], ended
 

@@ -50,6 +50,18 @@ class Placement:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.mixed_precision)
 
 
+def cuda_training_available(device: str) -> bool:
+    """Whether a process configured with `device` (auto|cpu|cuda[:N]|mps) trains on CUDA with bitsandbytes (what
+    the qlora method needs)."""
+    import importlib.util
+
+    if device in ("cpu", "mps") or importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     """The placement the settings ask for, or PlacementError saying why this machine cannot give it."""
     import torch

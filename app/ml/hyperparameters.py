@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
 
 
 class HyperparameterError(ValueError):

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from app.core.error_codes import ErrorCode
+
 MAX_LINE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 _BOM = b"\xef\xbb\xbf"
@@ -20,7 +22,7 @@ _BOM = b"\xef\xbb\xbf"
 class LineIssue(Exception):
     """What is wrong with one line: a stable `code` and a message for the user."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -65,7 +67,7 @@ def _clean(number: int, data: bytes) -> bytes:
 
 
 def _reject_constant(name: str) -> Any:
-    raise LineIssue("invalid_json", f"not valid JSON: {name} is not a JSON value")
+    raise LineIssue(ErrorCode.invalid_json, f"not valid JSON: {name} is not a JSON value")
 
 
 def _depth(value: Any) -> int:
@@ -83,27 +85,27 @@ def _depth(value: Any) -> int:
 def parse_line(line: Line) -> dict[str, Any] | None:
     """The JSON object on a line; None for a blank line; LineIssue for anything else."""
     if line.data is None:
-        raise LineIssue("line_too_long", f"the line is longer than {MAX_LINE_BYTES} bytes")
+        raise LineIssue(ErrorCode.line_too_long, f"the line is longer than {MAX_LINE_BYTES} bytes")
     try:
         text = line.data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise LineIssue("invalid_utf8", f"not valid UTF-8 at byte {exc.start + 1} of the line") from None
+        raise LineIssue(ErrorCode.invalid_utf8, f"not valid UTF-8 at byte {exc.start + 1} of the line") from None
     if not text.strip():
         return None
     try:
         record = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise LineIssue("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        raise LineIssue(ErrorCode.invalid_json, f"not valid JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
-        raise LineIssue("too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep") from None
+        raise LineIssue(ErrorCode.too_deep, f"the JSON is nested more than {MAX_DEPTH} levels deep") from None
     except ValueError:  # Python's bound on the digits of an integer
-        raise LineIssue("invalid_json", "not valid JSON: a number has too many digits") from None
+        raise LineIssue(ErrorCode.invalid_json, "not valid JSON: a number has too many digits") from None
     if not isinstance(record, dict):
-        raise LineIssue("invalid_type", f"each line must be a JSON object, got {type(record).__name__}")
+        raise LineIssue(ErrorCode.invalid_type, f"each line must be a JSON object, got {type(record).__name__}")
     if _depth(record) > MAX_DEPTH:
-        raise LineIssue("too_deep", f"the JSON is nested more than {MAX_DEPTH} levels deep")
+        raise LineIssue(ErrorCode.too_deep, f"the JSON is nested more than {MAX_DEPTH} levels deep")
     if "\\u" in text and _has_lone_surrogate(record):
-        raise LineIssue("invalid_unicode", "a string holds an unpaired surrogate escape (\\ud800-\\udfff)")
+        raise LineIssue(ErrorCode.invalid_unicode, "a string holds an unpaired surrogate escape (\\ud800-\\udfff)")
     return record
 
 

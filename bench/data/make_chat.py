@@ -609,7 +609,7 @@ def long_conversation(rng: random.Random, index: int, encoded_length: Any) -> di
 def main() -> None:
     from app.core.settings import Settings
     from app.ml.formatting import encode_chat
-    from app.ml.registry import BUILTINS, ModelStore
+    from app.ml.models import BUILTINS, ModelStore
 
     tokenizer = ModelStore(Settings().models_dir, None).tokenizer(BUILTINS["smollm2-135m-instruct"])
 

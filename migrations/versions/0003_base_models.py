@@ -16,7 +16,7 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The tokenizer identity of the built-in models (app.ml.registry.BUILTIN_TOKENIZER), which counted every file
+# The tokenizer identity of the built-in models (app.ml.models.BUILTIN_TOKENIZER), which counted every file
 # uploaded before this revision.
 BUILTIN_TOKENIZER = "builtin:smollm2"
 

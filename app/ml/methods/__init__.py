@@ -1,9 +1,9 @@
 """Fine-tuning methods, one module each, registered by name.
 
 A method module holds everything about its method: its hyperparameters (validated at `POST /jobs`), how it
-prepares the base model, its optimizer parameter groups and per-epoch hook, how it exports its artifact, and
-how the serving engine attaches that artifact to a base model. Adding a method is a new module here and one
-`register(...)` call at its end, imported below.
+prepares the base model, its optimizer parameter groups and per-step hook, how it exports its artifact, and
+which serving kind (app/ml/serving/kinds/) the engine applies that artifact with. Adding a method is a new module
+here and one `register(...)` call at its end, imported below.
 """
 
 from __future__ import annotations

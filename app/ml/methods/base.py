@@ -1,9 +1,10 @@
 """The interface every fine-tuning method implements, with the defaults most methods share.
 
-Two families share it:
+A method says how it trains (`prepare`, `param_groups`, `before_step`), what it publishes (`export`) and how the
+serving engine applies what it published (`serving`: one of app/ml/serving/kinds/). Two families share it:
 - PEFT methods (`PeftMethod`: lora, qlora, prefix_tuning, prompt_tuning, p_tuning, ia3) wrap the base model with a
-  `peft` config and publish PEFT's own format; the serving engine applies their adapters per row of a batch
-  over the shared base model (`serving` says how: app/ml/serving/);
+  `peft` config and publish PEFT's own format; the engine applies their adapters per row of a batch over the
+  shared base model;
 - weight-delta methods (`app/ml/methods/delta.py`: head, layerwise, discriminative, full) unfreeze some of the base
   model's own weights, and publish only the tensors they trained, with the sha256 of the base weights they apply to.
 """
@@ -16,14 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from app.ml.hyperparameters import TrainingHyperparameters
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
 
 if TYPE_CHECKING:  # torch and peft load only where a model is trained or served, not in every API import
     from peft import PeftConfig
     from torch import nn
 
     from app.ml.device import Placement
-    from app.ml.registry import ModelStore
+    from app.ml.models import ModelStore
+    from app.ml.serving.kinds import ServingKind
 
 
 class MethodUnavailable(RuntimeError):
@@ -48,11 +50,12 @@ class BaseWeights:
 
 
 class FineTuningMethod:
-    """One fine-tuning method: subclasses set the class attributes and implement `prepare`, `export`, `attach`."""
+    """One fine-tuning method: subclasses set the class attributes and implement `prepare` and `export`."""
 
     name: ClassVar[str]
     hyperparameters: ClassVar[type[TrainingHyperparameters]]
     artifact_format: ClassVar[str]  # "peft" (peft.PeftModel.from_pretrained loads it) or "delta" (safetensors)
+    serving: ClassVar[ServingKind]  # how the serving engine applies the artifact
     needs_cuda: ClassVar[bool] = False  # POST /jobs refuses the method where no CUDA device can train it
     # Whether training may pack several examples into one row (padding-free, each example attending only to
     # itself): not for methods that put virtual tokens or a prefix before every sequence.
@@ -93,10 +96,6 @@ class PeftMethod(FineTuningMethod):
     """A method that `peft` implements: subclasses say how their hyperparameters become a `PeftConfig`."""
 
     artifact_format = "peft"
-    # How the serving engine applies an adapter to its row of a batch: "lora" (low-rank updates of linear layers,
-    # qlora's too), "ia3" (scales of their activations), "soft_prompt" (learned embeddings before the prompt's:
-    # prompt and p-tuning) or "prefix" (learned keys and values before the prompt's in every layer).
-    serving: ClassVar[str]
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         raise NotImplementedError

@@ -6,7 +6,8 @@ The artifact is a folder with
   `model.load_state_dict(safetensors.torch.load_file(...), strict=False)` on the untouched base model);
 - `delta_config.json`: the method, the base model (id, `base_model_name_or_path`, revision) and the sha256 of its
   weights, whether the output layer was untied from the input embeddings, and the tensor names.
-Loading checks the base model's weights against that sha256 and refuses another base model.
+Serving reads it back (app/ml/serving/kinds/delta.py), checks the base model's weights against that sha256 and
+refuses another base model.
 
 Models whose output layer shares its weight with the input embeddings (tied, like SmolLM2's): `head`,
 `layerwise` and `discriminative` untie it first, so that they train the output layer alone and the input
@@ -16,26 +17,19 @@ same way. `full` keeps the tie: the shared matrix trains as one, as in the base 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.methods.base import BaseWeights, FineTuningMethod, MethodContext
+from app.ml.serving.kinds import WEIGHT_DELTA
+from app.ml.serving.kinds.delta import CONFIG, FORMAT, TENSORS
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-FORMAT = "tuneforge-delta"
-CONFIG = "delta_config.json"
-TENSORS = "delta.safetensors"
-
-
-class DeltaMismatch(ValueError):
-    """The artifact was made for other base weights than the model it is applied to, or is malformed."""
 
 
 # --- the model's parts -------------------------------------------------------------------------------
@@ -83,6 +77,7 @@ class DeltaMethod(FineTuningMethod):
     """Trains base weights in place; subclasses choose which (`unfreeze`) and may add groups or a schedule."""
 
     artifact_format = "delta"
+    serving = WEIGHT_DELTA
     unties_output: ClassVar[bool] = True  # train the output layer apart from tied input embeddings
 
     def prepare(self, model: nn.Module, hp: TrainingHyperparameters, ctx: MethodContext) -> nn.Module:
@@ -124,71 +119,3 @@ class DeltaMethod(FineTuningMethod):
             "tensors": sorted(tensors),
         }
         (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-
-
-# --- loading an artifact -----------------------------------------------------------------------------------
-class Delta:
-    """A loaded weight-delta artifact: its tensors (on the serving device) and how to apply them."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-        self.tensors = tensors
-        self.config = config
-
-    @property
-    def n_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-def load_delta(folder: Path, *, weights_sha256: str, device: Any, dtype: Any) -> Delta:
-    """Read an artifact, refusing one made for other base weights (DeltaMismatch says which)."""
-    from safetensors.torch import load_file
-
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError):
-        raise DeltaMismatch("its delta_config.json is missing or not JSON") from None
-    if config.get("format") != FORMAT:
-        raise DeltaMismatch(f"it is not a {FORMAT} artifact")
-    if config.get("base_model_weights_sha256") != weights_sha256:
-        raise DeltaMismatch(
-            f"it was trained on other weights of {config.get('base_model')} (sha256 "
-            f"{str(config.get('base_model_weights_sha256'))[:12]}…, the served model's are {weights_sha256[:12]}…)"
-        )
-    tensors = load_file(str(folder / TENSORS), device=str(device))
-    if sorted(tensors) != sorted(config.get("tensors", [])):
-        raise DeltaMismatch("its tensors do not match its delta_config.json")
-    return Delta({name: t.to(dtype) for name, t in tensors.items()}, config)
-
-
-@contextlib.contextmanager
-def applied(model: nn.Module, delta: Delta) -> Iterator[nn.Module]:
-    """`model` with the delta's tensors in place of its own, restored on exit (a request at a time per model).
-
-    A tied output layer that the artifact trained alone is untied for the duration; every other tensor is
-    swapped in place, so weights tied to it stay tied, as they were in training."""
-    from torch import nn
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    unknown = [name for name in delta.tensors if name not in params]
-    if unknown:
-        raise DeltaMismatch(f"the base model has no tensor {unknown[0]}")
-    output_name = delta.config.get("output_weight")
-    untie = bool(delta.config.get("untied_output")) and output_name in delta.tensors
-    output = model.get_output_embeddings()  # type: ignore[operator]
-    tied_weight = output.weight
-    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
-    try:
-        for name, tensor in delta.tensors.items():
-            if untie and name == output_name:
-                output.weight = nn.Parameter(tensor, requires_grad=False)
-                continue
-            param = params[name]
-            if param.shape != tensor.shape:
-                raise DeltaMismatch(f"{name} has shape {tuple(tensor.shape)}, the base model's {tuple(param.shape)}")
-            swapped.append((param, param.data))
-            param.data = tensor
-        yield model
-    finally:
-        for param, original in reversed(swapped):
-            param.data = original
-        output.weight = tied_weight

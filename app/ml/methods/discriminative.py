@@ -11,7 +11,7 @@ from pydantic import Field
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import register
 from app.ml.methods.delta import DeltaMethod, decoder_blocks, set_trainable
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
 
 if TYPE_CHECKING:
     from torch import nn

@@ -11,7 +11,8 @@ from app.ml.hyperparameters import HyperparameterError, ModuleNames, TrainingHyp
 from app.ml.methods import register
 from app.ml.methods.base import MethodContext, PeftMethod
 from app.ml.methods.lora import checked_module_names
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
+from app.ml.serving.kinds import IA3
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -74,7 +75,7 @@ class Ia3Hyperparameters(TrainingHyperparameters):
 class Ia3Method(PeftMethod):
     name = "ia3"
     hyperparameters = Ia3Hyperparameters
-    serving = "ia3"
+    serving = IA3
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import IA3Config

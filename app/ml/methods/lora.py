@@ -12,7 +12,8 @@ from pydantic import Field
 from app.ml.hyperparameters import HyperparameterError, ModuleNames, TrainingHyperparameters
 from app.ml.methods import register
 from app.ml.methods.base import MethodContext, PeftMethod
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
+from app.ml.serving.kinds import LORA
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -56,7 +57,7 @@ class LoraHyperparameters(TrainingHyperparameters):
 class LoraMethod(PeftMethod):
     name = "lora"
     hyperparameters = LoraHyperparameters
-    serving = "lora"
+    serving = LORA
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:
         from peft import LoraConfig

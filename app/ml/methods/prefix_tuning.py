@@ -10,7 +10,8 @@ from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import register
 from app.ml.methods.base import MethodContext, PeftMethod
 from app.ml.methods.virtual_tokens import VirtualTokenHyperparameters
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
+from app.ml.serving.kinds import PREFIX
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -43,7 +44,7 @@ class PrefixTuningHyperparameters(VirtualTokenHyperparameters):
 class PrefixTuningMethod(PeftMethod):
     name = "prefix_tuning"
     hyperparameters = PrefixTuningHyperparameters
-    serving = "prefix"
+    serving = PREFIX
     packs_examples = False  # the virtual tokens come before each example
 
     def peft_config(self, hp: TrainingHyperparameters, ctx: MethodContext) -> PeftConfig:

@@ -12,7 +12,7 @@ from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import register
 from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.methods.virtual_tokens import SoftPromptMethod, VirtualTokenHyperparameters
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
 
 if TYPE_CHECKING:
     from peft import PeftConfig

@@ -8,23 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from app.ml.device import cuda_training_available
 from app.ml.methods import register
 from app.ml.methods.base import MethodContext, MethodUnavailable
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
 
 if TYPE_CHECKING:
     from torch import nn
-
-
-def cuda_training_available(device: str) -> bool:
-    """Whether a process configured with `device` (auto|cpu|cuda[:N]|mps) trains on CUDA with bitsandbytes."""
-    import importlib.util
-
-    if device in ("cpu", "mps") or importlib.util.find_spec("bitsandbytes") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 class QloraHyperparameters(LoraHyperparameters):

@@ -9,7 +9,8 @@ from pydantic import Field
 
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods.base import PeftMethod
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
+from app.ml.serving.kinds import SOFT_PROMPT
 
 if TYPE_CHECKING:
     pass
@@ -32,5 +33,5 @@ class VirtualTokenHyperparameters(TrainingHyperparameters):
 class SoftPromptMethod(PeftMethod):
     """Prompt and p-tuning: learned embeddings before the text's."""
 
-    serving = "soft_prompt"
+    serving = SOFT_PROMPT
     packs_examples = False  # the virtual tokens come before each example

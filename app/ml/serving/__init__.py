@@ -1,6 +1,6 @@
 """The serving engine: continuous batching of requests for many adapters over one base model (see engine.py)."""
 
-from app.ml.serving.engine import MAX_BASE_MODELS, MAX_DELTA_MODELS, EngineLimits, GenerationEngine
+from app.ml.serving.engine import EngineLimits, GenerationEngine
 from app.ml.serving.requests import (
     GREEDY_BELOW_TEMPERATURE,
     AdapterRef,
@@ -13,6 +13,7 @@ from app.ml.serving.requests import (
     GenerationResult,
     TokenLogprob,
 )
+from app.ml.serving.residency import MAX_BASE_MODELS, MAX_DELTA_MODELS
 
 __all__ = [
     "GREEDY_BELOW_TEMPERATURE",

@@ -13,8 +13,6 @@ A missing or damaged adapter fails only the requests that asked for it.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
 import shutil
@@ -22,207 +20,24 @@ import threading
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from app.core.storage import ObjectStorage
 from app.ml import adapter_format
-from app.ml.serving.layers import LoraWeights
+from app.ml.blobs import BlobStore
+from app.ml.serving.kinds import ArtifactMismatch, HostAdapter
 from app.ml.serving.requests import AdapterRef, AdapterUnavailable
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from app.ml.methods.delta import Delta
 
 log = logging.getLogger(__name__)
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
-
-
-@dataclass
-class HostAdapter:
-    """An adapter read from its files, before anything that needs the model."""
-
-    ref: AdapterRef
-    folder: Path
-    lora: dict[str, tuple[Any, Any, float, Any]] = field(default_factory=dict)  # layer -> (A, B, scaling, magnitude)
-    ia3: dict[str, tuple[Any, bool]] = field(default_factory=dict)  # layer -> (vector, feedforward)
-    delta: Delta | None = None
-
-    @property
-    def n_bytes(self) -> int:
-        tensors = [t for a, b, _, m in self.lora.values() for t in (a, b, m) if t is not None]
-        tensors += [v for v, _ in self.ia3.values()]
-        size = sum(t.numel() * t.element_size() for t in tensors)
-        return size + (self.delta.n_bytes if self.delta is not None else 0)
-
-
-@dataclass
-class Servable:
-    """An adapter as the engine applies it, on the serving device."""
-
-    ref: AdapterRef
-    layers: dict[str, LoraWeights | tuple[Any, bool]] = field(default_factory=dict)  # LoRA / IA3, per linear layer
-    soft_prompt: Any = None  # prompt / p-tuning: [virtual tokens, hidden] embeddings before the text's
-    prefix: list[tuple[Any, Any]] | None = None  # prefix tuning: per layer keys and values, [1, heads, n, dim]
-    delta_model: nn.Module | None = None  # weight deltas: a copy of the base model sharing its untouched tensors
-    n_bytes: int = 0
-
-    @property
-    def virtual_tokens(self) -> int:
-        if self.soft_prompt is not None:
-            return int(self.soft_prompt.shape[0])
-        if self.prefix is not None:
-            return int(self.prefix[0][0].shape[-2])
-        return 0
-
-
-def read_adapter(ref: AdapterRef, folder: Path, *, weights_sha256: str, dtype: Any) -> HostAdapter:
-    """Read an unpacked artifact's tensors onto the CPU (a loader thread: no model needed)."""
-    from safetensors.torch import load_file
-
-    from app.ml.methods import METHODS
-    from app.ml.methods.base import PeftMethod
-    from app.ml.methods.delta import load_delta
-
-    method = METHODS[ref.method]
-    host = HostAdapter(ref=ref, folder=folder)
-    if not isinstance(method, PeftMethod):
-        host.delta = load_delta(folder, weights_sha256=weights_sha256, device="cpu", dtype=dtype)
-        return host
-    if method.serving not in ("lora", "ia3"):
-        return host  # prompt learning: PEFT computes the prompts from the folder, on the engine thread
-    config = json.loads((folder / PEFT_CONFIG).read_text())
-    tensors = load_file(str(folder / PEFT_WEIGHTS))
-    if method.serving == "ia3":
-        for key, vector in tensors.items():
-            name = key.removeprefix(PEFT_PREFIX).removesuffix(".ia3_l")
-            host.ia3[name] = (vector.flatten(), vector.shape[0] == 1)  # feed-forward: [1, in]; else [out, 1]
-        return host
-    alpha, rslora = float(config["lora_alpha"]), bool(config.get("use_rslora"))
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-        b = tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
-        rank = a.shape[0]
-        module_alpha = float(config.get("alpha_pattern", {}).get(name.rsplit(".", 1)[-1], alpha))
-        scaling = module_alpha / (rank**0.5 if rslora else rank)
-        host.lora[name] = (a, b, scaling, tensors.get(f"{PEFT_PREFIX}{name}.lora_magnitude_vector"))
-    return host
-
-
-def materialize(host: HostAdapter, plain: Any, hook_ids: dict[str, tuple[int, int]], placement: Any) -> Servable:
-    """The servable form, on the device (the engine thread: it reads the base model)."""
-    import torch
-
-    from app.ml.methods import METHODS
-
-    device, dtype = placement.device, placement.dtype
-    servable = Servable(ref=host.ref)
-    if host.delta is not None:
-        servable.delta_model = delta_model(plain, host.delta, hook_ids, device=device, dtype=dtype)
-        servable.n_bytes = host.delta.n_bytes
-        return servable
-    if METHODS[host.ref.method].serving in ("soft_prompt", "prefix"):  # type: ignore[attr-defined]
-        _prompts(servable, host.folder, plain, str(device))
-    for name, (vector, feedforward) in host.ia3.items():
-        servable.layers[name] = (vector.to(device=device, dtype=dtype), feedforward)
-    with torch.no_grad():
-        for name, (a, b, scaling, magnitude) in host.lora.items():
-            a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-            dora_scale = None
-            if magnitude is not None:  # DoRA: magnitude / ||W + scaling B A|| per output, as PEFT computes it
-                module = plain.get_submodule(name)
-                weight = module.weight.to(dtype)
-                if type(module).__name__ == "Conv1D":  # GPT-2 stores its weights transposed
-                    weight = weight.T
-                norm = torch.linalg.norm(weight + scaling * (b @ a), dim=1).to(weight.dtype)
-                dora_scale = magnitude.to(device=device, dtype=dtype) / norm
-            servable.layers[name] = LoraWeights(a=a, b=b, scaling=scaling, dora_scale=dora_scale)
-    tensors = [servable.soft_prompt] if servable.soft_prompt is not None else []
-    tensors += [t for kv in servable.prefix or [] for t in kv]
-    for weights in servable.layers.values():
-        if isinstance(weights, LoraWeights):
-            tensors += [weights.a, weights.b] + ([weights.dora_scale] if weights.dora_scale is not None else [])
-        else:
-            tensors.append(weights[0])
-    servable.n_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    return servable
-
-
-def _prompts(servable: Servable, folder: Path, plain: Any, device: str) -> None:
-    """Prompt-learning prompts, computed by PEFT from the artifact (it wraps the base model without changing it)."""
-    import torch
-    from peft import PeftModel
-
-    if not (folder / PEFT_CONFIG).is_file():  # never let PEFT take a missing folder for a Hub repository id
-        raise FileNotFoundError(folder / PEFT_CONFIG)
-    wrapped = PeftModel.from_pretrained(plain, str(folder), adapter_name="serving", torch_device=device)
-    with torch.no_grad():
-        prompt = wrapped.get_prompt(batch_size=1)
-    if wrapped.active_peft_config.peft_type.value == "PREFIX_TUNING":
-        layers = getattr(prompt, "layers", None)
-        if layers is not None:
-            servable.prefix = [(layer.keys, layer.values) for layer in layers]
-        else:
-            servable.prefix = [(k, v) for k, v in prompt]
-    else:
-        servable.soft_prompt = prompt[0].to(plain.get_input_embeddings().weight.dtype)
-
-
-def delta_model(
-    plain: nn.Module, delta: Delta, hook_ids: dict[str, tuple[int, int]], *, device: Any, dtype: Any
-) -> Any:
-    """A copy of `plain` with the delta's tensors, sharing every other tensor with it (a `head` delta costs its
-    output layer, not a model). Ties stay as they were in training: a tensor shared by two layers is replaced in
-    both, and a tied output layer that the artifact trained alone gets its own weight."""
-    import itertools
-
-    from torch import nn
-
-    from app.ml.methods.delta import DeltaMismatch
-
-    params = dict(plain.named_parameters(remove_duplicate=False))
-    unknown = [name for name in delta.tensors if name not in params]
-    if unknown:
-        raise DeltaMismatch(f"the base model has no tensor {unknown[0]}")
-    output_name = delta.config.get("output_weight")
-    untie = bool(delta.config.get("untied_output")) and output_name in delta.tensors
-    replace: dict[int, nn.Parameter] = {}
-    for name, tensor in delta.tensors.items():
-        if params[name].shape != tensor.shape and not (untie and name == output_name):
-            raise DeltaMismatch(f"{name} has shape {tuple(tensor.shape)}, the base model's {tuple(params[name].shape)}")
-        if not (untie and name == output_name):
-            replace[id(params[name])] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(plain.parameters(), plain.buffers())}
-    model: Any = copy.deepcopy(plain, memo)
-    for module in model.modules():
-        for key, param in list(module._parameters.items()):
-            if param is not None and id(param) in replace:
-                module._parameters[key] = replace[id(param)]
-    if untie:
-        assert output_name is not None
-        weight = delta.tensors[output_name].to(device=device, dtype=dtype)
-        model.get_output_embeddings().weight = nn.Parameter(weight, requires_grad=False)
-    for name, (pre, post) in hook_ids.items():  # the copy serves its own rows only: no per-row adapters
-        module = model.get_submodule(name)
-        module._forward_pre_hooks.pop(pre, None)
-        module._forward_hooks.pop(post, None)
-    return model
-
 
 class AdapterStore:
-    """The disk and host tiers (and the loader threads) behind each base model's device tier (`DeviceAdapters`)."""
+    """The disk and host tiers (and the loader threads) behind each base model's device tier (residency.py)."""
 
     def __init__(
         self,
         *,
-        storage: ObjectStorage,
+        storage: BlobStore,
         cache_dir: Path,
         dtype: Any,
         host_bytes: int,
@@ -272,14 +87,10 @@ class AdapterStore:
         try:
             folder = self._local(ref)
             try:
-                return read_adapter(ref, folder, weights_sha256=weights_sha256, dtype=self.dtype)
-            except AdapterUnavailable:
-                raise
-            except Exception as exc:  # a damaged artifact fails its own requests only
-                from app.ml.methods.delta import DeltaMismatch
-
-                if isinstance(exc, DeltaMismatch):
-                    raise AdapterUnavailable(ref.id, f"it cannot be applied to its base model: {exc}") from None
+                return ref.kind.read(ref, folder, weights_sha256=weights_sha256, dtype=self.dtype)
+            except ArtifactMismatch as exc:
+                raise AdapterUnavailable(ref.id, f"it cannot be applied to its base model: {exc}") from None
+            except Exception:  # a damaged artifact fails its own requests only
                 log.exception("adapter %s could not be read", ref.id)
                 raise AdapterUnavailable(ref.id, "its stored files could not be read") from None
         finally:

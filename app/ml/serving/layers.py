@@ -1,13 +1,12 @@
-"""Per-row adapters inside one batch: LoRA (with DoRA and rsLoRA) and IA3 applied to each row by its own adapter.
+"""Per-row adapters inside one batch: each row's linear layers changed by its own adapter.
 
 The base model's linear layers get forward hooks (their parameters keep their names and nothing is copied). Before
-each forward pass the engine sets a `BatchAdapters` plan: for each hooked layer, each row's LoRA matrices gathered
-into `[rows, in, r]` and `[rows, r, out]` stacks (zeros for rows whose adapter does not touch the layer, or that
-have none; ranks padded with zeros to the largest) and applied with two batched matmuls, as Punica's BGMV and
-S-LoRA do; IA3 vectors gathered into `[rows, 1, width]` scales (ones elsewhere). The plan of a batch is built when
-its rows change, not at every step. A batch whose rows all use one adapter (a prefill) takes that adapter's own
-matrices with plain matmuls, the computation PEFT does. The arithmetic follows PEFT's order, so a row's output
-equals the adapter loaded alone in PEFT.
+each forward pass the engine sets a `BatchAdapters` plan: for each hooked layer, what the rows' weights of each
+kind (`LayerWeights`: LoRA, IA3; app/ml/serving/kinds/) stack into, e.g. each row's LoRA matrices gathered into
+`[rows, in, r]` and `[rows, r, out]` and applied with two batched matmuls, as Punica's BGMV and S-LoRA do. The plan
+of a batch is built when its rows change, not at every step. A batch whose rows all use one adapter (a prefill)
+takes that adapter's own tensors with plain matmuls, the computation PEFT does. The arithmetic follows PEFT's
+order, so a row's output equals the adapter loaded alone in PEFT.
 """
 
 from __future__ import annotations
@@ -22,14 +21,6 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class LoraWeights:
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scaling: float
-    dora_scale: torch.Tensor | None = None  # DoRA: magnitude / ||W + scaling B A|| per output, [out]
-
-
-@dataclass
 class LayerPlan:
     """What to do in one linear layer for the batch's rows (None: nothing of that kind)."""
 
@@ -40,6 +31,20 @@ class LayerPlan:
     lora_scaling: torch.Tensor | float = 1.0  # [rows, 1, 1], or a float when shared
     dora_scale: torch.Tensor | None = None  # [rows, 1, out] (ones for rows without DoRA), or [out]
     shared: bool = False  # one adapter for every row
+
+
+class LayerWeights:
+    """An adapter's weights for one linear layer, of one kind (LoRA, IA3): how rows with weights of this kind go
+    into a batch's plan."""
+
+    @classmethod
+    def stack(cls, rows: list[Any], plan: LayerPlan, *, device: Any, dtype: Any) -> None:
+        """Fill `plan` for a batch whose row i has the weights `rows[i]` (of this class), or none of this kind."""
+        raise NotImplementedError
+
+    def alone(self, plan: LayerPlan) -> None:
+        """Fill `plan` for a batch whose every row uses these weights: their own tensors, as PEFT computes."""
+        raise NotImplementedError
 
 
 class BatchAdapters:
@@ -114,62 +119,21 @@ def _lora(module: nn.Module, x: torch.Tensor, output: torch.Tensor, plan: LayerP
     return (plan.dora_scale - 1) * base + (plan.dora_scale * delta * plan.lora_scaling).to(output.dtype)
 
 
-def plan_rows(rows: list[dict[str, Any] | None], *, device: Any, dtype: Any) -> dict[str, LayerPlan]:
-    """The plan for a batch whose row i uses the per-layer weights `rows[i]` (layer name -> `LoraWeights`, or an
-    IA3 `(vector, feedforward)`), or no adapter (None)."""
-    import torch
-
+def plan_rows(rows: list[dict[str, LayerWeights] | None], *, device: Any, dtype: Any) -> dict[str, LayerPlan]:
+    """The plan for a batch whose row i uses the per-layer weights `rows[i]` (layer name -> weights of any
+    kind), or no adapter (None)."""
     present = [row for row in rows if row]
     if not present:
         return {}
-    if all(row is present[0] for row in rows):  # one adapter for the whole batch: its own matrices, as PEFT
-        return {name: _shared(weights) for name, weights in present[0].items()}
     plan: dict[str, LayerPlan] = {}
-    names = list(dict.fromkeys(name for row in present for name in row))
-    n = len(rows)
-    for name in names:
-        layer = LayerPlan()
-        loras = [row.get(name) if row else None for row in rows]
-        if any(isinstance(w, LoraWeights) for w in loras):
-            some = next(w for w in loras if isinstance(w, LoraWeights))
-            rank = max(w.a.shape[0] for w in loras if isinstance(w, LoraWeights))
-            width_in, width_out = some.a.shape[1], some.b.shape[0]
-            a = torch.zeros((n, width_in, rank), device=device, dtype=dtype)
-            b = torch.zeros((n, rank, width_out), device=device, dtype=dtype)
-            scaling = torch.zeros((n, 1, 1), device=device, dtype=torch.float32)  # as a Python float: no rounding
-            dora = None
-            if any(isinstance(w, LoraWeights) and w.dora_scale is not None for w in loras):
-                dora = torch.ones((n, 1, width_out), device=device, dtype=dtype)
-            for i, w in enumerate(loras):
-                if isinstance(w, LoraWeights):
-                    r = w.a.shape[0]
-                    a[i, :, :r] = w.a.T
-                    b[i, :r, :] = w.b.T
-                    scaling[i] = w.scaling
-                    if dora is not None and w.dora_scale is not None:
-                        dora[i, 0] = w.dora_scale
-            layer.lora_a, layer.lora_b, layer.lora_scaling, layer.dora_scale = a, b, scaling, dora
-        ia3 = [w if isinstance(w, tuple) else None for w in loras]
-        for feedforward in (True, False):
-            vectors = [w[0] if w is not None and w[1] == feedforward else None for w in ia3]
-            if any(v is not None for v in vectors):
-                width = next(v for v in vectors if v is not None).shape[0]
-                scale = torch.ones((n, 1, width), device=device, dtype=dtype)
-                for i, v in enumerate(vectors):
-                    if v is not None:
-                        scale[i, 0] = v
-                if feedforward:
-                    layer.scale_input = scale
-                else:
-                    layer.scale_output = scale
-        plan[name] = layer
+    if all(row is present[0] for row in rows):  # one adapter for the whole batch: its own tensors, as PEFT
+        for name, own in present[0].items():
+            plan[name] = LayerPlan(shared=True)
+            own.alone(plan[name])
+        return plan
+    for name in dict.fromkeys(name for row in present for name in row):
+        layer = plan[name] = LayerPlan()
+        per_row = [row.get(name) if row else None for row in rows]
+        for kind in dict.fromkeys(type(w) for w in per_row if w is not None):
+            kind.stack([w if type(w) is kind else None for w in per_row], layer, device=device, dtype=dtype)
     return plan
-
-
-def _shared(weights: Any) -> LayerPlan:
-    if isinstance(weights, LoraWeights):
-        return LayerPlan(
-            lora_a=weights.a, lora_b=weights.b, lora_scaling=weights.scaling, dora_scale=weights.dora_scale, shared=True
-        )
-    vector, feedforward = weights
-    return LayerPlan(scale_input=vector, shared=True) if feedforward else LayerPlan(scale_output=vector, shared=True)

@@ -6,8 +6,12 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from app.ml.registry import ModelRecord
+from app.ml.models import ModelRecord
+
+if TYPE_CHECKING:
+    from app.ml.serving.kinds import ServingKind
 
 # Below this temperature sampling is numerically greedy (logits / T overflow): decode greedily, as vLLM does.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -20,7 +24,14 @@ class AdapterRef:
     id: str
     storage_key: str
     sha256: str
-    method: str = "lora"  # its method (app/ml/methods/) says how the engine applies it
+    method: str  # its fine-tuning method, whose serving kind applies it
+
+    @property
+    def kind(self) -> ServingKind:
+        """How the engine applies it: its method's serving kind."""
+        from app.ml.methods import METHODS  # the methods name their kinds (and import this package)
+
+        return METHODS[self.method].serving
 
 
 @dataclass

@@ -1,0 +1,312 @@
+"""Text generation for both APIs (native `/generate`, OpenAI's `/v1/completions` and `/v1/chat/completions`).
+
+`prepare` resolves the model (tenant-scoped), tokenizes and checks the bounds, in a short database session of its
+own (none is held while text is generated); `complete` and `Stream` run the request on the serving engine,
+waiting for the whole text or streaming it, and cancel it the moment the client goes away, which frees its row
+of the batch. The services take domain arguments, not either API's HTTP bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.adapters.service import adapter_unavailable, get_servable
+from app.core.db import session_scope
+from app.core.errors import ErrorCode, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests
+from app.core.metrics import Metrics
+from app.core.models import Adapter, Job
+from app.core.settings import Settings
+from app.ml.formatting import encode_chat_prompt, encode_prompt
+from app.ml.methods import METHODS
+from app.ml.models import ModelRecord, ModelStore, ModelUnavailable
+from app.ml.serving import (
+    AdapterRef,
+    AdapterUnavailable,
+    Delta,
+    EngineClosed,
+    EngineOverloaded,
+    Generation,
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+)
+from app.models.repository import find_model
+from app.models.service import load_tokenizer, model_unavailable, require_model
+
+# How often a waiting request checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.1
+# New tokens when a request does not say (OpenAI's chat API has no default): at most this, within the context.
+DEFAULT_MAX_TOKENS = 512
+# Retry-After (seconds) when the engine's waiting line is full.
+OVERLOADED_RETRY_AFTER = 2
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int | None = 128  # None: up to DEFAULT_MAX_TOKENS, within the model's context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request: GenerationRequest
+    adapter_id: str | None
+    base_model: str
+
+
+def resolve_model(session: Session, *, tenant_id: str, model: str) -> tuple[str | None, str | None]:
+    """OpenAI's `model`: an adapter id, a checkpoint id, a base model id, or an adapter's name (the newest of that
+    name). Returns (adapter id, None) or (None, base model id); 404 `model_not_found` otherwise."""
+    if model.startswith(("adapter-", "ftckpt-")):
+        return model, None
+    if find_model(session, model) is not None:
+        return None, model
+    named = session.scalars(
+        select(Adapter.id)
+        .where(Adapter.tenant_id == tenant_id, Adapter.name == model)
+        .order_by(Adapter.created_at.desc())
+        .limit(1)
+    ).first()
+    if named is not None:
+        return named, None
+    raise NotFound(
+        f"the model {model[:80]!r} does not exist: use a base model id, or an adapter's id or name (GET /v1/models)",
+        param="model",
+        code=ErrorCode.model_not_found,
+    )
+
+
+def prepare(
+    settings: Settings,
+    models: ModelStore,
+    *,
+    tenant_id: str,
+    adapter_id: str | None,
+    base_model: str | None,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    sampling: Sampling,
+    model: str | None = None,  # OpenAI's `model`, resolved to an adapter or a base model
+    param: str = "adapter_id",
+) -> Prepared:
+    with session_scope(settings.db_url) as session:  # the lookups only: no connection held while tokenizing
+        if model is not None:
+            adapter_id, base_model = resolve_model(session, tenant_id=tenant_id, model=model)
+            param = "model"
+        record, adapter_ref, virtual_tokens = _resolve(
+            session, settings, tenant_id=tenant_id, adapter_id=adapter_id, base_model=base_model, param=param
+        )
+    tokenizer = load_tokenizer(models, record)
+    if messages is not None:
+        if tokenizer.chat_template is None:
+            raise InvalidInput(
+                f"{record.id} has no chat template: send `prompt` instead of `messages`",
+                param="messages",
+                code=ErrorCode.no_chat_template,
+            )
+        input_ids = encode_chat_prompt(tokenizer, messages)
+    else:
+        input_ids = encode_prompt(tokenizer, prompt or "")
+    if not input_ids:
+        raise InvalidInput("prompt is empty", param="prompt")
+    limit = record.max_seq_length - virtual_tokens
+    max_tokens = sampling.max_tokens or max(1, min(DEFAULT_MAX_TOKENS, limit - len(input_ids)))
+    if len(input_ids) + max_tokens > limit:
+        room = str(limit)
+        if virtual_tokens:
+            room += f" ({record.id} takes {record.max_seq_length}, less the adapter's {virtual_tokens} virtual tokens)"
+        raise InvalidInput(
+            f"prompt ({len(input_ids)} tokens) plus max_tokens ({max_tokens}) exceeds {room}", param="max_tokens"
+        )
+    request = GenerationRequest(
+        model=record,
+        adapter=adapter_ref,
+        input_ids=input_ids,
+        max_tokens=max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed,
+        stop=sampling.stop,
+        logprobs=sampling.logprobs,
+    )
+    return Prepared(request=request, adapter_id=adapter_id, base_model=record.id)
+
+
+def _resolve(
+    session: Session,
+    settings: Settings,
+    *,
+    tenant_id: str,
+    adapter_id: str | None,
+    base_model: str | None,
+    param: str,
+) -> tuple[ModelRecord, AdapterRef | None, int]:
+    """The base model, the adapter (tenant-scoped) and the positions its method puts before the prompt."""
+    if adapter_id is None:
+        model_id = base_model or settings.default_base_model
+        record = require_model(session, model_id=model_id, param="model" if param == "model" else "base_model")
+        return record, None, 0
+    adapter = get_servable(session, tenant_id=tenant_id, adapter_id=adapter_id, param=param)
+    if base_model is not None and base_model != adapter.base_model:
+        raise InvalidInput(
+            f"adapter {adapter.id} was trained on {adapter.base_model}, not {base_model}", param="base_model"
+        )
+    found = find_model(session, adapter.base_model)
+    if found is None:
+        raise adapter_unavailable(adapter.id, f"its base model {adapter.base_model} is no longer registered", param)
+    if adapter.base_model_revision not in (None, found.revision):
+        raise adapter_unavailable(
+            adapter.id,
+            f"its base model {adapter.base_model} was registered again with other files; train it again",
+            param,
+        )
+    virtual_tokens = 0
+    job = session.get(Job, adapter.job_id)
+    if job is not None:  # what the trained method puts before the prompt (its hyperparameters, as it trained)
+        trained = METHODS[adapter.method].hyperparameters.model_validate(job.hyperparameters)
+        virtual_tokens = trained.reserved_positions()
+    ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method)
+    return found, ref, virtual_tokens
+
+
+# Whether the client that asked for a generation has gone (Starlette's `Request.is_disconnected`).
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+def submit(engine: GenerationEngine, prepared: Prepared, metrics: Metrics, on_delta: Any = None) -> Generation:
+    started = time.perf_counter()
+    try:
+        generation = engine.submit(prepared.request, on_delta)
+    except EngineOverloaded as exc:
+        raise TooManyRequests(
+            f"the server is generating at capacity ({exc.waiting} requests waiting); try again shortly",
+            retry_after=OVERLOADED_RETRY_AFTER,
+            code=ErrorCode.engine_overloaded,
+        ) from None
+    except EngineClosed:
+        raise ServiceUnavailable("the server is shutting down; try again shortly") from None
+    generation.future.add_done_callback(
+        lambda future: _observe(metrics, future, time.perf_counter() - started, stream=on_delta is not None)
+    )
+    return generation
+
+
+def _observe(metrics: Metrics, future: Future[GenerationResult], seconds: float, *, stream: bool) -> None:
+    """The request's latency and tokens, as it ends, however it ends (whether or not anyone reads the result)."""
+    if future.cancelled() or future.exception() is not None:
+        reason = "cancelled" if future.cancelled() else "error"
+        metrics.generation_ended(
+            seconds=seconds, finish_reason=reason, prompt_tokens=0, completion_tokens=0, stream=stream
+        )
+        return
+    result = future.result()
+    metrics.generation_ended(
+        seconds=seconds,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        stream=stream,
+    )
+
+
+def outcome(prepared: Prepared, future: Future[GenerationResult]) -> GenerationResult:
+    """The finished request's result, or the error a client should see."""
+    try:
+        return future.result()
+    except AdapterUnavailable as exc:
+        raise adapter_unavailable(exc.adapter_id, exc.reason) from None
+    except ModelUnavailable as exc:
+        raise model_unavailable(prepared.base_model, exc) from None
+    except EngineClosed:
+        raise ServiceUnavailable("the server shut down before the text was finished; try again") from None
+
+
+async def _watch(disconnected: Disconnected, generation: Generation) -> None:
+    """Cancel the generation (freeing its row of the batch) as soon as the client disconnects."""
+    while not generation.future.done():
+        if await disconnected():
+            generation.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+
+
+@contextlib.asynccontextmanager
+async def cancelled_on_disconnect(disconnected: Disconnected, generation: Generation) -> AsyncIterator[None]:
+    watcher = asyncio.create_task(_watch(disconnected, generation))
+    try:
+        yield
+    except BaseException:
+        generation.cancel()
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def complete(
+    engine: GenerationEngine, prepared: Prepared, metrics: Metrics, disconnected: Disconnected
+) -> GenerationResult:
+    generation = submit(engine, prepared, metrics)
+    async with cancelled_on_disconnect(disconnected, generation):
+        await asyncio.wait([asyncio.wrap_future(generation.future)])
+    return outcome(prepared, generation.future)
+
+
+class Stream:
+    """A streamed generation: `first()` waits for the first text (so that an error before it is still an HTTP
+    error status), then iterate for the rest; the iteration ends with the `GenerationResult`. From its start to
+    its end, a client that disconnects cancels it, whether or not the response has begun."""
+
+    def __init__(
+        self, engine: GenerationEngine, prepared: Prepared, metrics: Metrics, disconnected: Disconnected
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[Delta | Future[GenerationResult]] = asyncio.Queue()
+
+        def put(item: Delta | Future[GenerationResult]) -> None:
+            loop.call_soon_threadsafe(self._items.put_nowait, item)
+
+        self.prepared = prepared
+        self.generation = submit(engine, prepared, metrics, on_delta=put)
+        self.generation.future.add_done_callback(put)
+        self._watcher = asyncio.create_task(_watch(disconnected, self.generation))
+        self._first: Delta | GenerationResult | None = None
+
+    async def first(self) -> None:
+        try:
+            self._first = await self._next()
+        except BaseException:
+            self.generation.cancel()
+            raise
+
+    async def _next(self) -> Delta | GenerationResult:
+        item = await self._items.get()
+        if isinstance(item, Future):
+            return outcome(self.prepared, item)
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[Delta | GenerationResult]:
+        try:
+            item = self._first if self._first is not None else await self._next()
+            while True:
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+                item = await self._next()
+        finally:
+            self.generation.cancel()  # the client went away mid-stream (nothing to do when it finished)
+            self._watcher.cancel()

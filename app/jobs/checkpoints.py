@@ -1,0 +1,73 @@
+"""A job's checkpoint rows and their objects: recorded by the attempt that runs the job, pruned to the latest
+`keep_checkpoints`, their training states dropped when the job ends.
+
+A checkpoint is two objects under `checkpoints/<tenant>/<job>/<checkpoint id>/`: `artifact.tar.gz`, the artifact
+as trained up to that step (served and downloaded by the checkpoint's id like an adapter), and `state.pt`, the
+recipe's whole state that a resumed attempt continues from.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app.core.db import after_commit
+from app.core.models import Checkpoint
+from app.core.storage import ObjectStorage
+from app.jobs import repository
+from app.jobs.state import owned
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_prefix(tenant_id: str, job_id: str, checkpoint_id: str) -> str:
+    return f"checkpoints/{tenant_id}/{job_id}/{checkpoint_id}"
+
+
+def record(session: Session, row: Checkpoint, *, attempt: int, keep: int) -> list[Checkpoint]:
+    """Insert the row while `attempt` owns the running job (JobLost or JobCancelled otherwise); returns the
+    job's rows past the latest `keep`, deleted (their objects are the caller's to delete)."""
+    owned(session, row.job_id, attempt)
+    session.add(row)
+    session.flush()
+    pruned = repository.list_checkpoints(session, job_id=row.job_id)[keep:]
+    for old in pruned:
+        session.delete(old)
+    return pruned
+
+
+def remove(session: Session, checkpoint_id: str) -> None:
+    session.execute(delete(Checkpoint).where(Checkpoint.id == checkpoint_id))
+
+
+def drop_training_states(session: Session, storage: ObjectStorage, *, job_id: str) -> None:
+    """The job has ended: nothing will resume from its checkpoints, so their training states (weights, optimizer,
+    RNG: the larger part) go; the artifacts stay, to serve and download. The objects are deleted once the
+    transaction commits (not before: a rolled-back end leaves the job able to resume)."""
+    keys = []
+    for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.state_key != "")):
+        keys.append((row.state_key, row.id))
+        row.state_key, row.state_size_bytes = "", 0
+
+    def delete() -> None:
+        for key, checkpoint_id in keys:
+            delete_object(storage, key, checkpoint_id)
+
+    if keys:
+        after_commit(session, delete)
+
+
+def delete_objects(storage: ObjectStorage, row: Checkpoint) -> None:
+    """The checkpoint's artifact and training state, deleted from the object store."""
+    for key in (row.storage_key, row.state_key):
+        if key:
+            delete_object(storage, key, row.id)
+
+
+def delete_object(storage: ObjectStorage, key: str, checkpoint_id: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # an object left behind costs storage, not correctness
+        log.warning("could not delete %s of checkpoint %s", key, checkpoint_id)
