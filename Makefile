@@ -41,13 +41,13 @@ up: $(STAMP)
 # Every test, in parallel processes (most tests wait on servers and subprocesses, so more processes than cores).
 TEST_PROCESSES ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup
 
 # What a developer runs on every edit: no real processes, browser or real model, and the API tests on the
 # embedded backend only; the built-in models are kept in .cache/ between runs.
 test-fast: $(STAMP)
 	TUNEFORGE_TEST_BACKENDS=embedded TUNEFORGE_TEST_MODEL_CACHE=$(CURDIR)/.cache/test-models \
-		$(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not slow"
+		$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy app worker

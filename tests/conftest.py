@@ -70,10 +70,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test that starts real processes, a browser or the real model is `slow`: `make test-fast` leaves it out."""
+    """A test that starts real processes, a browser or the real model is `slow`: `make test-fast` leaves it out.
+
+    Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture (models trained once for
+    a whole module, a browser) run in one process, which builds it once; every other test goes where there is
+    room."""
     for item in items:
         if any(item.get_closest_marker(name) for name in ("e2e", "real_model", "browser")):
             item.add_marker(pytest.mark.slow)
+        info = getattr(item, "_fixtureinfo", None)
+        shared = sorted(
+            name
+            for name, definitions in (info.name2fixturedefs.items() if info is not None else [])
+            if definitions[-1].scope == "module"
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{'+'.join(shared)}"))  # type: ignore[attr-defined]
 
 
 # What TUNEFORGE_TEST_MODEL_CACHE keeps between runs: the built-in models, which every machine builds the same.

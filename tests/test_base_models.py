@@ -198,6 +198,7 @@ def run_the_loop(
     assert "plum" in reference  # it learned: the loop is not trivially equal on an untrained adapter
 
 
+@pytest.mark.e2e  # `tuneforge models add`, in a process of its own
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "phi"])
 def test_each_architecture_registers_trains_and_serves(
@@ -420,6 +421,7 @@ def test_bad_target_modules_list_the_models_linear_layers(
     assert ok.status_code == 201 and ok.json()["hyperparameters"]["target_modules"] == ["query_key_value", "dense"]
 
 
+@pytest.mark.e2e  # `tuneforge models remove`, in a process of its own
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_models_remove_is_refused_while_a_job_uses_the_model(
     client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
@@ -484,6 +486,7 @@ def make_hf_cache(
     return root
 
 
+@pytest.mark.e2e  # `tuneforge models add --hf-repo`, in processes of their own
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_a_model_in_the_local_hugging_face_cache_registers_offline(
     client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path

@@ -25,6 +25,7 @@ from tests.test_inference_api import live
 from worker.runner import run_training_job
 
 TUNEFORGE = Path(sys.prefix) / "bin" / "tuneforge"  # the console script, as installed
+pytestmark = pytest.mark.e2e  # every test runs the installed `tuneforge` command in processes of its own
 embedded = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 
 PROMPT = "The secret word is"

@@ -50,6 +50,7 @@ def test_settings_refuse_unknown_devices_and_dtypes(field: str, value: str, tmp_
 
 
 @no_cuda
+@pytest.mark.e2e  # `tuneforge worker` and `tuneforge api`, in processes of their own
 @pytest.mark.parametrize("command", ["worker", "api"])
 def test_a_worker_or_api_asked_for_a_missing_gpu_exits_saying_why(command: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}

@@ -78,6 +78,7 @@ def test_unknown_ids_are_echoed_cut(client: TestClient, tenant: Tenant) -> None:
     assert len(error_of(r)["message"]) < 120
 
 
+@pytest.mark.slow  # measured in a process of its own
 def test_bounded_stop_strings_do_not_grow_memory(tmp_path: Path, model_cache_dir: Path) -> None:
     """The largest allowed stop strings cost no more memory than a short one (measured in a fresh process).
 

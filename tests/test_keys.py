@@ -124,6 +124,7 @@ def test_an_ambiguous_or_unknown_prefix_revokes_nothing(
     assert_unauthorized(client.get("/v1/files", headers=tenants[1].headers))
 
 
+@pytest.mark.e2e  # the `tuneforge keys` command, in processes of its own
 def test_keys_cli_creates_lists_and_revokes(client: TestClient, settings: Settings) -> None:
     name = f"tenant-{uuid.uuid4().hex[:8]}"
     created = cli(settings, "keys", "create", "--tenant", name)

@@ -25,7 +25,7 @@ from app.core.errors import InvalidInput
 from app.core.queue import cuda_queue
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.jobs.service import validate_hyperparameters
+from app.jobs.planning import checked_hyperparameters
 from app.jobs.state import JobCancelled
 from app.main import create_app
 from app.ml import adapter_format
@@ -408,19 +408,21 @@ def test_a_delta_for_other_base_weights_is_refused(
 )
 def test_each_methods_hyperparameters_are_checked(method: str, values: dict[str, Any], field: str, says: str) -> None:
     with pytest.raises(InvalidInput) as caught:
-        validate_hyperparameters(method, values, TINY)
+        checked_hyperparameters(method, values, TINY)
     assert caught.value.param == f"hyperparameters.{field}"
     assert says in str(caught.value)
 
 
 def test_method_defaults_fill_in_for_the_model() -> None:
-    ia3 = validate_hyperparameters("ia3", {}, TINY)
+    ia3 = checked_hyperparameters("ia3", {}, TINY).model_dump(mode="json")
     assert ia3["target_modules"] == ["k_proj", "v_proj", "down_proj"] and ia3["feedforward_modules"] == ["down_proj"]
-    prompt = validate_hyperparameters("prompt_tuning", {"num_virtual_tokens": 48}, TINY)
+    prompt = checked_hyperparameters("prompt_tuning", {"num_virtual_tokens": 48}, TINY).model_dump(mode="json")
     assert prompt["max_seq_length"] == 512  # the default fits: 512 + 48 <= 2048
     smollm2 = BUILTINS["smollm2-135m-instruct"]
-    assert validate_hyperparameters("discriminative", {"n_layers": 30}, smollm2)["n_layers"] == 30
-    lora = validate_hyperparameters("lora", {"use_dora": True, "use_rslora": True}, TINY)
+    assert (
+        checked_hyperparameters("discriminative", {"n_layers": 30}, smollm2).model_dump(mode="json")["n_layers"] == 30
+    )
+    lora = checked_hyperparameters("lora", {"use_dora": True, "use_rslora": True}, TINY).model_dump(mode="json")
     assert lora["use_dora"] and lora["use_rslora"] and lora["target_modules"] == ["q_proj", "v_proj"]
 
 

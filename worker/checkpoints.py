@@ -21,6 +21,7 @@ from app.core.storage import ObjectStorage
 from app.jobs import checkpoints, repository
 from app.jobs.state import ClaimedJob, JobCancelled, JobLost
 from app.ml import adapter_format
+from app.ml.methods import METHODS
 from app.ml.training import TrainingRecipe
 from worker.lifecycle import retrying
 
@@ -68,7 +69,7 @@ class JobCheckpoints:
         self.settings = settings
         self.storage = storage
         self.job = job
-        self.keep = int(job.hyperparameters.get("keep_checkpoints", 3))
+        self.keep = METHODS[job.method].hyperparameters.model_validate(job.hyperparameters).keep_checkpoints
 
     def _retrying(self, what: str, write: Any) -> Any:
         return retrying(self.settings.db_retry_seconds, what, write)

@@ -9,7 +9,7 @@ from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
-from app.jobs import service
+from app.jobs import planning, service
 from app.jobs.schemas import (
     CheckpointList,
     CheckpointObject,
@@ -46,7 +46,7 @@ def create_job(
 ) -> JobObject | JSONResponse:
     spec = body.spec()
     if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
-        plan = service.plan_job(
+        plan = planning.plan_job(
             session,
             storage=storage,
             models=models,
@@ -54,9 +54,9 @@ def create_job(
             request=spec,
             default_base_model=settings.default_base_model,
             max_batch_tokens=settings.train_max_batch_tokens,
-            cuda_training=service.cuda_training(settings),
+            cuda_training=planning.cuda_training(settings),
         )
-        return JSONResponse(DryRunObject(**service.dry_run(session, plan)).model_dump(), status_code=200)
+        return JSONResponse(DryRunObject(**planning.dry_run(session, plan)).model_dump(), status_code=200)
     job = service.submit_job(
         session,
         settings=settings,

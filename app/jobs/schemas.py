@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from app.core.models import Checkpoint, Job, JobEvent, JobStatus
-from app.jobs.service import JobSpec
+from app.jobs.planning import JobSpec
 from app.ml.methods import METHODS, hyperparameter_classes
 
 MAX_ID_CHARS = 64

@@ -1,0 +1,213 @@
+"""Planning a job: a request checked against its base model, method, hyperparameters and files, before anything is
+created; and what a dry run shows of the plan."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.errors import ErrorCode, InvalidInput, clip
+from app.core.models import File, FileTokenCount, Job, JobStatus
+from app.core.settings import Settings
+from app.core.storage import ObjectStorage
+from app.files import repository as files_repository
+from app.files.service import token_counts
+from app.ml.device import cuda_training_available
+from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
+from app.ml.methods import METHODS
+from app.ml.models import ModelRecord, ModelStore
+from app.models.service import require_model
+
+
+def checked_hyperparameters(method: str, values: dict[str, Any], base_model: ModelRecord) -> TrainingHyperparameters:
+    """The method's hyperparameters, checked (also against the base model) and with every default filled in; a
+    422 naming the field otherwise."""
+    model = METHODS[method].hyperparameters
+    try:
+        return model.model_validate(values).for_model(base_model)
+    except HyperparameterError as exc:
+        param = f"hyperparameters.{exc.field}"
+        raise InvalidInput(f"{param}: {exc}", param=param) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # The field and list index, without pydantic's union-branch tags such as "list[constrained-str]".
+        field = ".".join(str(p)[:64] for p in first["loc"] if isinstance(p, int) or p in model.model_fields)
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            field = str(first["loc"][0])[:64]
+            allowed = ", ".join(model.model_fields)
+            message = f"unknown hyperparameter for method {method!r}; allowed: {allowed}"
+        param = f"hyperparameters.{field}" if field else "hyperparameters"
+        raise InvalidInput(f"{param}: {message}", param=param) from exc
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asks to train, whichever API they ask through (native `/jobs` or OpenAI's
+    `/v1/fine_tuning/jobs`): the domain arguments of `plan_job`, `create_job` and `submit_job`."""
+
+    base_model: str | None  # None: the deployment's default
+    method: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] | None = None
+
+
+@dataclass
+class JobPlan:
+    """A job request checked against its model, method and files: what `POST /jobs` creates, or a dry run shows."""
+
+    base_model: str
+    method: str
+    record: ModelRecord
+    hyperparameters: TrainingHyperparameters
+    files: dict[str, tuple[File, FileTokenCount]]  # training_file / validation_file -> the row and its counts
+
+
+def plan_job(
+    session: Session,
+    *,
+    storage: ObjectStorage,
+    models: ModelStore,
+    tenant_id: str,
+    request: JobSpec,
+    default_base_model: str,
+    max_batch_tokens: int,
+    cuda_training: bool,
+) -> JobPlan:
+    """Every check of a job request, short of creating it. `cuda_training`: whether this service's workers train
+    on CUDA (methods that need it are refused without)."""
+    base_model = request.base_model or default_base_model
+    # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
+    record = require_model(session, model_id=base_model, lock=True)
+    if request.method not in METHODS:
+        raise InvalidInput(
+            f"unknown method {clip(request.method)}; available: {', '.join(METHODS)}",
+            param="method",
+        )
+    if METHODS[request.method].needs_cuda and not cuda_training:
+        raise InvalidInput(
+            f"method {request.method} needs a CUDA GPU (and the bitsandbytes package), and this service trains "
+            "without one; use method lora, which trains the same adapters on the unquantized model",
+            param="method",
+            code=ErrorCode.method_unavailable,
+        )
+    hyperparameters = checked_hyperparameters(request.method, request.hyperparameters, record)
+    if hyperparameters.early_stopping_patience and not (request.validation_file or hyperparameters.validation_split):
+        raise InvalidInput(
+            "hyperparameters.early_stopping_patience: early stopping needs a validation_file or a validation_split",
+            param="hyperparameters.early_stopping_patience",
+        )
+    files: dict[str, tuple[File, FileTokenCount]] = {}
+    for param, file_id in (("training_file", request.training_file), ("validation_file", request.validation_file)):
+        if file_id is None:
+            continue
+        # Locked (PostgreSQL) until the job is committed, so a concurrent delete waits and then sees the job.
+        file = files_repository.get_file(session, tenant_id=tenant_id, file_id=file_id, for_update=True)
+        if file is None:
+            raise InvalidInput(f"{param}: no file with id {clip(file_id)}", param=param, code=ErrorCode.file_not_found)
+        if file.purpose != "fine-tune":
+            raise InvalidInput(f"{param}: file {file.id} is not a fine-tune file", param=param)
+        if file.format == "chat" and not record.chat_template:
+            raise InvalidInput(
+                f"{param}: file {file.id} holds conversations but {record.id} has no chat template; use a chat "
+                "model, or prompt/completion data",
+                param=param,
+                code=ErrorCode.no_chat_template,
+            )
+        # Counted with this model's tokenizer (at upload, or now: then kept for the next job on it).
+        counts = token_counts(session, storage=storage, models=models, file=file, model=record, param=param)
+        _check_fits_token_budget(
+            file.id,
+            counts.max_example_tokens,
+            param,
+            hyperparameters.max_seq_length,
+            max_batch_tokens,
+            virtual_tokens=hyperparameters.reserved_positions(),
+        )
+        files[param] = (file, counts)
+    return JobPlan(
+        base_model=base_model, method=request.method, record=record, hyperparameters=hyperparameters, files=files
+    )
+
+
+def _check_fits_token_budget(
+    file_id: str,
+    max_example_tokens: int,
+    param: str,
+    max_seq_length: int,
+    max_batch_tokens: int,
+    *,
+    virtual_tokens: int = 0,
+) -> None:
+    """Refuse a job whose longest example (cut to max_seq_length), with the method's virtual tokens, cannot fit
+    one training micro-batch."""
+    longest = min(max_seq_length, max_example_tokens or max_seq_length)
+    if longest + virtual_tokens <= max_batch_tokens:
+        return
+    with_virtual = f", which with the {virtual_tokens} virtual tokens is" if virtual_tokens else ","
+    raise InvalidInput(
+        f"hyperparameters.max_seq_length: {param} {file_id} has an example of {longest} tokens (after "
+        f"max_seq_length={max_seq_length}){with_virtual} more than the {max_batch_tokens} tokens a training "
+        f"micro-batch may hold on this service; lower max_seq_length to at most {max_batch_tokens - virtual_tokens} "
+        f"(longer examples are cut) or {'num_virtual_tokens' if virtual_tokens else 'shorten the examples'}",
+        param="hyperparameters.max_seq_length",
+        code=ErrorCode.example_too_long,
+    )
+
+
+def cuda_training(settings: Settings) -> bool:
+    """Whether this service's workers train on CUDA: as configured, or as this process could."""
+    return settings.cuda_workers if settings.cuda_workers is not None else cuda_training_available(settings.device)
+
+
+PACE_SAMPLE = 20  # recent finished jobs whose training pace estimates a dry run's duration
+
+
+def dry_run(session: Session, plan: JobPlan) -> dict[str, Any]:
+    """What the job would do: examples, steps and tokens, and how long it would train at the pace of this
+    deployment's recent jobs of the same method on the same model (None before there is one)."""
+    hp = plan.hyperparameters
+    train_file, train_counts = plan.files["training_file"]
+    n_examples = train_file.n_examples
+    held_out = hp.held_out(n_examples) if "validation_file" not in plan.files else 0
+    n_train = max(0, n_examples - held_out)
+    steps_per_epoch = hp.steps_per_epoch(n_train)
+    # At most max_seq_length tokens an example; a file's count is of whole examples, so this is an upper bound.
+    train_tokens = min(train_counts.n_tokens * n_train // max(n_examples, 1), n_train * hp.max_seq_length)
+    tokens = train_tokens * hp.n_epochs
+    paces = [
+        float(metrics["tokens_per_second"])
+        for metrics in session.scalars(
+            select(Job.metrics)
+            .where(Job.base_model == plan.base_model, Job.status == JobStatus.succeeded)
+            .where(Job.method == plan.method)
+            .order_by(Job.finished_at.desc())
+            .limit(PACE_SAMPLE)
+        )
+        if isinstance(metrics.get("tokens_per_second"), int | float) and metrics["tokens_per_second"] > 0
+    ]
+    pace = statistics.median(paces) if paces else None
+    return {
+        "object": "fine_tuning.job.dry_run",
+        "base_model": plan.base_model,
+        "hyperparameters": hp.model_dump(mode="json"),
+        "train_examples": n_train,
+        "held_out_examples": held_out,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": steps_per_epoch * hp.n_epochs,
+        "train_tokens_per_epoch": train_tokens,
+        "estimated_tokens_per_second": round(pace, 1) if pace else None,
+        "estimated_duration_seconds": round(tokens / pace) if pace else None,
+        "estimate_basis": f"the median pace of the last {len(paces)} finished {plan.method} job(s) on "
+        f"{plan.base_model} here"
+        if paces
+        else f"none yet: no {plan.method} job on {plan.base_model} has finished here",
+    }
