@@ -50,7 +50,7 @@ test-fast: $(STAMP)
 		$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy app worker
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy app worker && $(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.errors import ErrorCode
 from app.core.settings import Settings
 from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.methods import METHODS
@@ -104,6 +105,13 @@ def test_methods_table_lists_every_method_with_its_own_defaults() -> None:
 
 def test_base_model_table_matches_the_registry() -> None:
     assert set(re.findall(r"^\| `([a-z0-9-]+)`(?: \(default\))? \| ", README, re.M)) & set(BUILTINS) == set(BUILTINS)
+
+
+def test_error_code_table_lists_every_error_code() -> None:
+    section = README.split("### Error codes", 1)[1].split("\n### ", 1)[0]
+    listed = re.findall(r"^\| `([a-z0-9_]+)` \|", section, re.M)
+    assert len(listed) == len(set(listed)), "a code is listed twice"
+    assert set(listed) == {code.value for code in ErrorCode}
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.core.settings import Settings
+from app.jobs.state import TERMINAL_STATUSES
 from app.main import create_app
 from app.ui.endpoints import ASSETS
 from tests.conftest import Tenant, jsonl, upload
@@ -93,6 +94,12 @@ def test_the_page_and_every_asset_are_served_without_a_key(client: TestClient) -
         if name.endswith(".js"):
             assert r.headers["content-type"].startswith("text/javascript"), name  # else no ES module loads
     assert set(ASSETS) >= {name.removeprefix("/ui/static/") for name in linked} | imported
+    # The states that end a job come from the server's state machine, not a copy in the page.
+    assert re.findall(r'from "\./([\w.]+)"', client.get("/ui/static/api.js").text) == ["job_states.js"]
+    states = client.get("/ui/static/job_states.js")
+    assert states.status_code == 200 and states.headers["content-type"].startswith("text/javascript")
+    assert states.text == f"export const TERMINAL_STATUSES = {json.dumps(sorted(TERMINAL_STATUSES))};\n"
+    assert sorted(TERMINAL_STATUSES) == ["cancelled", "failed", "succeeded"]
     missing = client.get("/ui/static/missing.js")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert client.get("/ui/static/../endpoints.py").status_code == 404

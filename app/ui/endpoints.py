@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from app.core.errors import NotFound
+from app.jobs.state import TERMINAL_STATUSES
 
 STATIC_DIR = Path(__file__).parent / "static"
 MEDIA_TYPES = {
@@ -26,6 +28,11 @@ ASSETS = {
     for path in sorted(STATIC_DIR.rglob("*"))
     if path.is_file() and path.suffix in MEDIA_TYPES
 }
+
+# A module made from the job state machine (app/jobs/state.py), so that the page knows which states end a job
+# without a copy of them.
+JOB_STATES_MODULE = "job_states.js"
+JOB_STATES_JS = f"export const TERMINAL_STATUSES = {json.dumps(sorted(TERMINAL_STATUSES))};\n"
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -45,5 +52,7 @@ def page() -> FileResponse:
 
 
 @router.get("/static/{name:path}")
-def asset(name: Annotated[str, PathParam(max_length=200)]) -> FileResponse:
+def asset(name: Annotated[str, PathParam(max_length=200)]) -> Response:
+    if name == JOB_STATES_MODULE:
+        return Response(JOB_STATES_JS, media_type=MEDIA_TYPES[".js"], headers={"Cache-Control": "no-cache"})
     return _file(name)

@@ -1,7 +1,9 @@
 // Calls to the Tuneforge API with the key kept in localStorage; a failed call throws the API's own message.
 
+import { TERMINAL_STATUSES } from "./job_states.js"; // made by the server from its job state machine
+
 const KEY = "tuneforge.apiKey";
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const TERMINAL = new Set(TERMINAL_STATUSES);
 
 export const getKey = () => localStorage.getItem(KEY);
 export const setKey = (key) => localStorage.setItem(KEY, key);
