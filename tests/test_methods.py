@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file
 
 from app.core.errors import InvalidInput
 from app.core.queue import cuda_queue
@@ -31,9 +32,10 @@ from app.main import create_app
 from app.ml import adapter_format
 from app.ml.device import cuda_training_available, resolve_placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample, encode_prompt
+from app.ml.hyperparameters import TrainingHyperparameters
 from app.ml.methods import METHODS
 from app.ml.methods.base import BaseWeights, MethodContext, PeftMethod
-from app.ml.methods.delta import CONFIG, TENSORS, decoder_blocks, untie_output
+from app.ml.methods.delta import CONFIG, TENSORS, DeltaMethod, decoder_blocks, untie_output
 from app.ml.models import BUILTINS, ModelRecord, ModelStore
 from app.ml.models import importing as model_import
 from app.ml.serving import (
@@ -660,3 +662,60 @@ def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+# --- a method added without touching anything else ------------------------------------------------------------
+class NormsHyperparameters(TrainingHyperparameters):
+    learning_rate: float = 0.05
+
+
+class NormsMethod(DeltaMethod):
+    """A toy eleventh method, defined here as a new module would define it: only the RMSNorm scales train."""
+
+    name = "toy_norms"
+    hyperparameters = NormsHyperparameters
+    unties_output = False
+
+    def unfreeze(self, model: torch.nn.Module, hp: TrainingHyperparameters) -> None:
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.requires_grad_(True)
+
+
+def test_a_new_method_trains_publishes_and_serves_with_no_change_elsewhere(
+    model_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A method is its module: registered, it trains through the recipe, exports, and the serving engine applies
+    its artifact through the serving kind it names (a weight delta here), equal to the artifact loaded with
+    load_state_dict. Nothing in the recipe, the engine or the adapter cache names a method."""
+    method = NormsMethod()
+    monkeypatch.setitem(METHODS, method.name, method)
+    recipe = recipe_for(model_cache_dir, MemoryReporter(), method=method.name, n_epochs=3)
+    recipe.setup()
+    recipe.train()
+    assert recipe.trained_names == {n for n, _ in recipe.model.named_parameters() if n.endswith("norm.weight")}
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    recipe.export(folder)
+    archive = tmp_path / "artifact.tar.gz"
+    _, sha256 = adapter_format.pack(folder, archive, {"method": method.name})
+    storage = ObjectStorage.from_settings(Settings(data_dir=tmp_path / "store"))
+    storage.put_path("adapters/t/norms.tar.gz", archive)
+    models = ModelStore(model_cache_dir, None)
+    reference = models.load(TINY)
+    reference.load_state_dict(load_file(str(folder / TENSORS)), strict=False)
+    prompt = encode_prompt(models.tokenizer(TINY), PROMPT)
+    engine = GenerationEngine(
+        models=models,
+        placement=resolve_placement("cpu", "float32"),
+        storage=storage,
+        cache_dir=tmp_path / "cache",
+        limits=serving_limits(),
+    )
+    try:
+        ref = AdapterRef("adapter-norms", "adapters/t/norms.tar.gz", sha256, method.name)
+        served = engine.generate(GenerationRequest(TINY, prompt, adapter=ref, max_tokens=6, temperature=0))
+        assert served.token_ids == greedy(reference, prompt, 6)
+        assert served.token_ids != greedy(models.load(TINY), prompt, 6)  # it learned something
+    finally:
+        engine.close()
