@@ -19,11 +19,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.db import session_scope
-from app.core.job_events import append_event
 from app.core.models import Adapter, JobEvent, utcnow
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import state
+from app.jobs.events import append_event
 from app.jobs.state import ClaimedJob
 from app.ml.training import StopRequested
 

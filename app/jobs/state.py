@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.core.job_events import append_event
 from app.core.models import File, Job, JobStatus, utcnow
 from app.core.queue import cuda_queue, send_training_task
+from app.jobs.events import append_event
 from app.ml.methods import METHODS
 
 if TYPE_CHECKING:

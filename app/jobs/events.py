@@ -1,4 +1,4 @@
-"""The per-job event log: every status change and metric, numbered by a per-job sequence."""
+"""A job's event log: every status change and metric, numbered by a per-job sequence."""
 
 from __future__ import annotations
 
