@@ -19,7 +19,7 @@ from app.core.models import Checkpoint
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import checkpoints, repository
-from app.jobs.state import ClaimedJob, JobCancelled, JobLost
+from app.jobs.state import ClaimedJob, JobCancelled, JobLost, owned
 from app.ml import adapter_format
 from app.ml.methods import METHODS
 from app.ml.training import TrainingRecipe
@@ -150,7 +150,8 @@ class JobCheckpoints:
 
         def write() -> list[Checkpoint]:
             with session_scope(self.settings.db_url) as session:
-                return checkpoints.record(session, row, attempt=self.job.attempt, keep=self.keep)
+                owned(session, self.job.id, self.job.attempt)  # this attempt still runs the job, locked
+                return checkpoints.record(session, row, keep=self.keep)
 
         try:
             pruned = self._retrying("recording a checkpoint", write)

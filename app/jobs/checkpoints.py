@@ -17,7 +17,6 @@ from app.core.db import after_commit
 from app.core.models import Checkpoint
 from app.core.storage import ObjectStorage
 from app.jobs import repository
-from app.jobs.state import owned
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +25,9 @@ def checkpoint_prefix(tenant_id: str, job_id: str, checkpoint_id: str) -> str:
     return f"checkpoints/{tenant_id}/{job_id}/{checkpoint_id}"
 
 
-def record(session: Session, row: Checkpoint, *, attempt: int, keep: int) -> list[Checkpoint]:
-    """Insert the row while `attempt` owns the running job (JobLost or JobCancelled otherwise); returns the
-    job's rows past the latest `keep`, deleted (their objects are the caller's to delete)."""
-    owned(session, row.job_id, attempt)
+def record(session: Session, row: Checkpoint, *, keep: int) -> list[Checkpoint]:
+    """Insert the row (the caller holds the job, `state.owned`); returns the job's rows past the latest `keep`,
+    deleted (their objects are the caller's to delete)."""
     session.add(row)
     session.flush()
     pruned = repository.list_checkpoints(session, job_id=row.job_id)[keep:]

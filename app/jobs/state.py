@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.core.models import File, Job, JobStatus, utcnow
 from app.core.queue import cuda_queue, send_training_task
+from app.jobs.checkpoints import drop_training_states
 from app.jobs.events import append_event
 from app.ml.methods import METHODS
 
@@ -122,8 +123,6 @@ def transition(
         append_event(session, job_id, "status", message, {"status": move.target.value, **(data or {})}, level=level)
     if ends:
         assert storage is not None
-        from app.jobs.checkpoints import drop_training_states
-
         drop_training_states(session, storage, job_id=job_id)
     return True
 
