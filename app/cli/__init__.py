@@ -1,5 +1,5 @@
 """The `tuneforge` command: run the service (embedded or one role at a time), migrate, manage keys and models;
-and, in `app.cli_client`, use the service over its API."""
+and, in `app.cli.commands`, use the service over its API."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Annotated
 
 import typer
 
-from app import cli_client
-from app.cli_client import ApiKey, ApiUrl
-from app.client import DEFAULT_API_URL
+from app.cli import commands
+from app.cli.client import DEFAULT_API_URL
+from app.cli.commands import ApiKey, ApiUrl
 from app.core.settings import get_settings
 
 log = logging.getLogger("tuneforge.up")  # not __name__: that is "__main__" under `python -m app.cli`
@@ -38,7 +38,7 @@ models_cli = typer.Typer(
     no_args_is_help=True,
 )
 cli.add_typer(models_cli, name="models")
-cli_client.register(cli)
+commands.register(cli)
 
 
 def _print_version(value: bool) -> None:
@@ -306,7 +306,7 @@ def models_list(
     With --local: the base models (built-in and registered) in this machine's database, as an operator sees them.
     """
     if not local:
-        cli_client.models_list(api_url, api_key, as_json=as_json)
+        commands.models_list(api_url, api_key, as_json=as_json)
         return
     from app.core.db import session_scope
     from app.models.schemas import ModelObject
@@ -319,7 +319,7 @@ def models_list(
     if as_json:
         typer.echo(json.dumps([o.model_dump() for o in objects], indent=2))
         return
-    cli_client.print_models([o.model_dump() for o in objects])
+    commands.print_models([o.model_dump() for o in objects])
 
 
 @models_cli.command("remove")
@@ -556,7 +556,3 @@ def up(
 
 def main() -> None:
     cli()
-
-
-if __name__ == "__main__":
-    main()

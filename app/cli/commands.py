@@ -24,7 +24,7 @@ from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from app.client import DEFAULT_API_URL, ApiError, ApiUnreachable, ClientError, TuneforgeClient
+from app.cli.client import DEFAULT_API_URL, ApiError, ApiUnreachable, ClientError, TuneforgeClient
 
 PANEL = "Client: use the service over its API"
 CONNECTION = "Connection"
