@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import Supervised
+from app.cli.supervisor import Supervised
 from tests.conftest import free_port
 from tests.test_e2e import TUNEFORGE, wait_healthy
 

@@ -95,13 +95,14 @@ def iter_sse(lines: Iterable[str]) -> Iterator[ServerSentEvent]:
         yield ServerSentEvent(event or "message", "\n".join(data), ident)
 
 
-def _version() -> str:
+def installed_version() -> str | None:
+    """The installed `tuneforge` package's version; None in a source tree that was never installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("tuneforge")
     except PackageNotFoundError:
-        return "unknown"
+        return None
 
 
 class TuneforgeClient:
@@ -119,7 +120,10 @@ class TuneforgeClient:
         self.timeout = timeout
         self._http = httpx.Client(
             base_url=self.base_url,
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": f"tuneforge-cli/{_version()}"},
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "User-Agent": f"tuneforge-cli/{installed_version() or 'unknown'}",
+            },
             timeout=timeout,
             transport=transport,
         )

@@ -2,7 +2,8 @@
 
 Output: rich tables for people, `--json` for scripts; a command that creates something prints its id alone on
 stdout (its report goes to stderr), so that `ID=$(tuneforge …)` works. Errors: one line on stderr, exit code 1
-(2 for a usage error). Kept free of the server's imports, so that a command starts in a fraction of a second.
+(2 for a usage error). Kept free of the server's imports, so that a command starts in a fraction of a second
+(`jobs watch` alone reads the job states from app.jobs.state, as it starts following a job for minutes).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich import box
@@ -24,7 +25,8 @@ from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from app.client import DEFAULT_API_URL, ApiError, ApiUnreachable, ClientError, TuneforgeClient
+from app.cli.client import DEFAULT_API_URL, ApiError, ApiUnreachable, ClientError, TuneforgeClient
+from app.cli.output import fail, format_time, print_json
 
 PANEL = "Client: use the service over its API"
 CONNECTION = "Connection"
@@ -48,7 +50,6 @@ After = Annotated[
     str | None, typer.Option(metavar="ID", help="List those after this id (the last one of the previous page)")
 ]
 
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 RECONNECT_DELAY_SECONDS = 1.0
 RETRIED_STATUSES = (502, 503, 504)  # a proxy or the API restarting: `jobs watch` tries again
 RECONNECT_GIVE_UP_SECONDS = 60.0  # of failed reconnections in a row
@@ -60,20 +61,7 @@ jobs_cli = typer.Typer(help="Fine-tuning jobs: create, list, get, watch, events,
 adapters_cli = typer.Typer(help="Trained adapters: list, download.", no_args_is_help=True)
 
 
-def register(cli: typer.Typer) -> None:
-    """Add the client commands to the `tuneforge` command (`models list` is with the admin `models` commands)."""
-    cli.add_typer(files_cli, name="files", rich_help_panel=PANEL)
-    cli.add_typer(jobs_cli, name="jobs", rich_help_panel=PANEL)
-    cli.add_typer(adapters_cli, name="adapters", rich_help_panel=PANEL)
-    cli.command("generate", rich_help_panel=PANEL)(generate)
-
-
 # --- plumbing ---------------------------------------------------------------------------------------------------
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _describe(exc: ApiError, api_url: str) -> str:
@@ -95,7 +83,7 @@ def _describe(exc: ApiError, api_url: str) -> str:
 def _api(api_url: str, api_key: str | None) -> Iterator[TuneforgeClient]:
     """A client of the API; an error of the API or of the connection ends the command with its message."""
     if not api_key:
-        _fail(
+        fail(
             "no API key: pass --api-key or set TUNEFORGE_API_KEY (an operator creates one with "
             "`tuneforge keys create --tenant NAME`)",
             code=2,
@@ -104,24 +92,16 @@ def _api(api_url: str, api_key: str | None) -> Iterator[TuneforgeClient]:
         with TuneforgeClient(api_url, api_key) as client:
             yield client
     except ApiError as exc:
-        _fail(_describe(exc, api_url))
+        fail(_describe(exc, api_url))
     except ClientError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, to anyone
         sys.stderr.close()
         raise typer.Exit(1) from None
     except OSError as exc:  # a file to write or read: the path, the disk
-        _fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
+        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        _fail(f"unreadable input or answer: {exc}")
-
-
-def _print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2))
-
-
-def _when(timestamp: int | None) -> str:
-    return f"{datetime.fromtimestamp(timestamp, UTC):%Y-%m-%d %H:%M}" if timestamp else ""
+        fail(f"unreadable input or answer: {exc}")
 
 
 def _human(n: int) -> str:
@@ -195,7 +175,7 @@ def files_upload(
                 _print_rejection(exc.report)
             raise
     if as_json:
-        _print_json(uploaded)
+        print_json(uploaded)
         return
     report = _table("file", "", wrap=("",), caption=None, title="validation report")
     rows = [
@@ -241,7 +221,7 @@ def files_list(
     with _api(api_url, api_key) as api:
         page = api.get("/v1/files", {"limit": limit, "after": after})
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     columns = ("id", "file name", "format", "examples", "tokens", "bytes", "created")
     table = _table(*columns, wrap=("file name",), caption=_more(page, "id"))
@@ -253,7 +233,7 @@ def files_list(
             f"{f['n_examples']:,}",
             f"{f['n_tokens']:,}",
             f"{f['bytes']:,}",
-            _when(f["created_at"]),
+            format_time(f["created_at"]),
         )
     _show(table)
 
@@ -352,7 +332,7 @@ def jobs_create(
 
 def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(plan)
+        print_json(plan)
         return
     duration = plan["estimated_duration_seconds"]
     rows = [
@@ -387,7 +367,7 @@ def jobs_list(
     with _api(api_url, api_key) as api:
         page = api.get("/jobs", {"limit": limit, "after": after})
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     columns = ("id", "status", "model", "method", "step", "adapter", "created")
     table = _table(*columns, wrap=("model",), caption=_more(page, "id"))
@@ -399,7 +379,7 @@ def jobs_list(
             job["method"],
             _progress_text(job),
             job["adapter_id"] or "",
-            _when(job["created_at"]),
+            format_time(job["created_at"]),
         )
     _show(table)
 
@@ -413,7 +393,7 @@ def jobs_get(job_id: JobId, as_json: AsJson = False, api_url: ApiUrl = DEFAULT_A
     with _api(api_url, api_key) as api:
         job = api.get(f"/jobs/{job_id}")
     if as_json:
-        _print_json(job)
+        print_json(job)
         return
     metrics = job["metrics"]
     rows = [
@@ -429,10 +409,10 @@ def jobs_get(job_id: JobId, as_json: AsJson = False, api_url: ApiUrl = DEFAULT_A
         ("training file", job["training_file"]),
         ("validation file", job["validation_file"] or ""),
         ("hyperparameters", json.dumps(job["hyperparameters"])),
-        ("created", _when(job["created_at"])),
-        ("started", _when(job["started_at"])),
-        ("finished", _when(job["finished_at"])),
-        ("estimated finish", _when(job["estimated_finish"])),
+        ("created", format_time(job["created_at"])),
+        ("started", format_time(job["started_at"])),
+        ("finished", format_time(job["finished_at"])),
+        ("estimated finish", format_time(job["estimated_finish"])),
         ("adapter", job["adapter_id"] or ""),
         ("error", f"{job['error']['message']} ({job['error']['code']})" if job["error"] else ""),
     ]
@@ -456,12 +436,12 @@ def jobs_events(
     with _api(api_url, api_key) as api:
         page = api.get(f"/jobs/{job_id}/events", {"after": after, "limit": limit})
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     table = _table("seq", "time", "type", "message", wrap=("message",), caption=_more(page, "seq"))
     for event in page["data"]:
         style = "red" if event["level"] == "error" else None
-        table.add_row(str(event["seq"]), _when(event["created_at"]), event["type"], event["message"], style=style)
+        table.add_row(str(event["seq"]), format_time(event["created_at"]), event["type"], event["message"], style=style)
     _show(table)
 
 
@@ -479,7 +459,7 @@ def jobs_cancel(
     with _api(api_url, api_key) as api:
         job = api.post(f"/jobs/{job_id}/cancel")
     if as_json:
-        _print_json(job)
+        print_json(job)
         return
     typer.echo(f"job {job['id']}: {job['status']}")
 
@@ -567,6 +547,8 @@ class _WatchView:
 def _watch(api: TuneforgeClient, job_id: str, *, as_json: bool) -> None:
     """Follow the job's event stream (from its first event) until the job has ended, reconnecting after the last
     seq seen when the stream drops; then exit as `jobs watch` says."""
+    from app.jobs.state import TERMINAL_STATUSES  # here: the other client commands start without SQLAlchemy
+
     job = api.get(f"/jobs/{job_id}")  # a wrong id is a 404 before anything is drawn
     view = None if as_json else _WatchView(api, job)
     after, failing_since = 0, None
@@ -606,9 +588,9 @@ def _watch(api: TuneforgeClient, job_id: str, *, as_json: bool) -> None:
             typer.echo(job["adapter_id"])
         return
     if job["status"] == "cancelled":
-        _fail(f"job {job_id} was cancelled")
+        fail(f"job {job_id} was cancelled")
     error = job["error"] or {"message": "no reason recorded", "code": "unknown"}
-    _fail(f"job {job_id} failed: {error['message']} ({error['code']})")
+    fail(f"job {job_id} failed: {error['message']} ({error['code']})")
 
 
 def _events_after(api: TuneforgeClient, job_id: str, after: int) -> Iterator[dict[str, Any]]:
@@ -634,7 +616,7 @@ def adapters_list(
     with _api(api_url, api_key) as api:
         page = api.get("/adapters", {"limit": limit, "after": after})
     if as_json:
-        _print_json(page)
+        print_json(page)
         return
     columns = ("id", "name", "model", "method", "format", "bytes", "created")
     table = _table(*columns, wrap=("name", "model"), caption=_more(page, "id"))
@@ -646,7 +628,7 @@ def adapters_list(
             a["method"],
             a["format"],
             f"{a['size_bytes']:,}",
-            _when(a["created_at"]),
+            format_time(a["created_at"]),
         )
     _show(table)
 
@@ -697,7 +679,7 @@ def print_models(models: list[dict[str, Any]]) -> None:
     if adapters:
         table = _table("id", "name", "base model", "method", "created", wrap=("name", "base model"), title="adapters")
         for m in adapters:
-            table.add_row(m["id"], m["name"] or "", m["parent"], m["method"], _when(m["created"]))
+            table.add_row(m["id"], m["name"] or "", m["parent"], m["method"], format_time(m["created"]))
         _show(table)
 
 
@@ -706,7 +688,7 @@ def models_list(api_url: str, api_key: str | None, *, as_json: bool) -> None:
     with _api(api_url, api_key) as api:
         listed = api.get("/v1/models")
     if as_json:
-        _print_json(listed)
+        print_json(listed)
         return
     print_models(listed["data"])
 
@@ -750,7 +732,7 @@ def generate(
     body.update({k: v for k, v in optional.items() if v is not None})
     with _api(api_url, api_key) as api:
         if as_json:
-            _print_json(api.post("/generate", body))
+            print_json(api.post("/generate", body))
             return
         finish, usage = None, None
         for chunk in api.generate(body):
