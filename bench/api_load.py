@@ -1,6 +1,6 @@
 """Load on the real API over loopback: latency and throughput of the job endpoints, and a burst that loses nothing.
 
-    .venv/bin/python -m bench.api_load [--clients 50] [--seconds 8] [--interval 0.5] [--jobs 500]
+    .venv/bin/python bench/api_load.py [--clients 50] [--seconds 8] [--interval 0.5] [--jobs 500]
                                        [--pg-admin postgresql://postgres@127.0.0.1:5432/postgres]
                                        [--redis redis://127.0.0.1:6379/12] [--model-cache-dir DIR]
 
@@ -59,8 +59,7 @@ import httpx
 import psutil
 import psycopg
 import redis
-
-from app.core.settings import Settings
+from common import default_models_dir, load_average  # bench/, beside this
 
 TUNEFORGE = [sys.executable, "-m", "app.cli"]
 BASE_MODEL = "tiny-random-llama"
@@ -443,10 +442,6 @@ async def load_phases(
     return results
 
 
-def load_average() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def run(args: argparse.Namespace) -> bool:
     deployment = Deployment(args.pg_admin, args.redis, args.model_cache_dir)
     ok = True
@@ -557,7 +552,7 @@ def main() -> None:
         help="converted base models (default: TUNEFORGE_MODEL_CACHE_DIR, else the default data dir's cache)",
     )
     args = parser.parse_args()
-    args.model_cache_dir = (args.model_cache_dir or Settings().models_dir).resolve()
+    args.model_cache_dir = (args.model_cache_dir or default_models_dir()).resolve()
     started = time.perf_counter()
     ok = run(args)
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import serving_limits  # bench/, beside this
+from common import (  # bench/, beside this
+    add_options,
+    bench_settings,
+    environment,
+    parse_options,
+    serving_limits,
+    torch_placement,
+)
 
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, read_chunks
@@ -171,22 +178,14 @@ def bench_generation(model_id: str, settings: Settings, tokenizer: object) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered base model id")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (as TUNEFORGE_DEVICE)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (as TUNEFORGE_DTYPE)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_options(parser, "--model", "--threads", "--device", "--dtype")
+    args = parse_options(parser)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp), device=args.device, dtype=args.dtype)
-        placement = resolve_placement(settings.device, settings.dtype)
-        settings.model_cache_dir = Settings().models_dir  # reuse the converted models of the default data dir
+        settings = bench_settings(Path(tmp), args)  # the converted models of the default data dir
+        placement = torch_placement(args)
         tokenizer = ModelStore(settings.models_dir, None).tokenizer(BUILTINS[args.model])
-        print(
-            f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"on {placement.describe()}"
-        )
+        env = environment(placement)
+        print(f"model {args.model}, torch {env['torch']}, {env['threads']} threads, on {env['placement']}")
         bench_validation(tokenizer)
         bench_training(args.model, settings.models_dir, tokenizer, settings.train_max_batch_tokens, placement)
         bench_generation(args.model, settings, tokenizer)

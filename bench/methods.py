@@ -40,24 +40,34 @@ made it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
 import os
-import platform
-import shlex
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import serving_limits  # bench/, beside this
+from common import (  # bench/, beside this
+    BenchReporter,
+    add_options,
+    bench_settings,
+    command_line,
+    convert_once,
+    cpu_name,
+    environment,
+    library_versions,
+    parse_options,
+    serving_limits,
+    set_threads,
+    shared_options,
+)
+from process_memory import hand_back, rss_peak_mib, run_child  # bench/, beside this
 
+# Loaded from the start, as when common.py imported it eagerly: each method's peak RSS has always counted it.
+import app.inference.engine  # noqa: F401
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml.device import cuda_training_available
@@ -71,7 +81,6 @@ TRAIN_KEY = "datasets/bench/greetings_train.jsonl"
 HELDOUT_KEY = "datasets/bench/greetings_heldout.jsonl"
 GREETING = "Ahoy!"  # the behaviour: a reply that begins with it
 BASE = "base"  # the untuned base model's run
-RESULT_PREFIX = "RESULT "
 
 # What every method trains with here (fast on 2 CPU cores).
 COMMON_HYPERPARAMETERS: dict[str, Any] = {"batch_size": 8, "max_seq_length": 128, "seed": 42}
@@ -108,12 +117,6 @@ METHOD_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 }
 
 
-def _rss_peak_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def hyperparameters_for(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """The method's hyperparameters in this benchmark, before the method's own validation."""
     return {
@@ -136,38 +139,6 @@ def held_out_prompts() -> list[list[dict[str, str]]]:
 
 
 # --- in a child process: one measurement -----------------------------------------------------------------
-@dataclass
-class BenchReporter:
-    """The recipe's Reporter (worker.lifecycle): keeps what the recipe reports and prints its evaluations."""
-
-    label: str
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
-        self.events.append((type_, data or {}))
-        if type_ == "log" or level != "info":
-            self._print(message)
-
-    def placement(self, placement: Any) -> None:
-        self._print(f"training on {placement.describe()}")
-
-    def progress(
-        self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
-    ) -> None:
-        self.events.append((type_, {"step": step, "epoch": epoch, **metrics}))
-        if type_ != "metrics" or step % 10 == 0 or step == total_steps:
-            self._print(message)
-
-    def check_cancelled(self) -> None:
-        pass
-
-    def of_type(self, type_: str) -> list[dict[str, Any]]:
-        return [data for kind, data in self.events if kind == type_]
-
-    def _print(self, message: str) -> None:
-        print(f"  [{self.label}] {message}", file=sys.stderr, flush=True)
-
-
 def behaviour_share(
     settings: Settings, storage: ObjectStorage, record: ModelRecord, placement: Any, adapter: Any, max_new_tokens: int
 ) -> dict[str, Any]:
@@ -208,8 +179,6 @@ def behaviour_share(
 
 
 def measure_base(args: argparse.Namespace, settings: Settings, storage: ObjectStorage) -> dict[str, Any]:
-    import torch
-
     from app.ml.device import resolve_placement
     from app.ml.models import pad_token_id
     from app.ml.training.data import encode_examples, read_examples
@@ -230,11 +199,8 @@ def measure_base(args: argparse.Namespace, settings: Settings, storage: ObjectSt
         placement=placement,
     )
     del model
-    rss = _rss_peak_mib()
+    rss = rss_peak_mib()
     behaviour = behaviour_share(settings, storage, record, placement, None, args.max_new_tokens)
-    import peft
-    import transformers
-
     return {
         "trainable": 0,
         "total": total,
@@ -242,9 +208,8 @@ def measure_base(args: argparse.Namespace, settings: Settings, storage: ObjectSt
         "heldout_examples": len(heldout.examples),
         "peak_rss_mib": rss,
         **behaviour,
-        "placement": placement.describe(),
-        "threads": torch.get_num_threads(),
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
+        **environment(placement),
+        "versions": library_versions(),
     }
 
 
@@ -285,11 +250,11 @@ def measure_method(args: argparse.Namespace, settings: Settings, storage: Object
         hyperparameters=hp.model_dump(mode="json"),
         attempt=1,
     )
-    reporter = BenchReporter(name)
+    reporter = BenchReporter(name, verbose=True)
     recipe = job_recipe(settings, storage, job, record, reporter, None)
     recipe.setup()
     cuda = recipe.placement.device.type == "cuda"
-    setup_rss = _rss_peak_mib()
+    setup_rss = rss_peak_mib()
 
     evaluation_seconds: list[float] = []  # the validation passes inside train(), timed apart
     recipe.evaluate = timed(recipe.evaluate, evaluation_seconds)  # type: ignore[method-assign,assignment]
@@ -300,7 +265,7 @@ def measure_method(args: argparse.Namespace, settings: Settings, storage: Object
     wall = time.perf_counter() - started
     del recipe.evaluate  # the class's own again
     trainable_at_end = sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)
-    peak_rss = _rss_peak_mib()
+    peak_rss = rss_peak_mib()
     peak_cuda = torch.cuda.max_memory_allocated(recipe.placement.device) / 2**20 if cuda else None
 
     [start] = [d for d in reporter.of_type("log") if "trainable_parameters" in d]
@@ -371,18 +336,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not ours
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            model_cache_dir=args.models_dir,
-            device=args.device,
-            dtype=args.dtype,
-            torch_threads=args.threads,
-        )
+        settings = bench_settings(Path(tmp), args)
         storage = ObjectStorage.from_settings(settings)
         storage.put_bytes(TRAIN_KEY, TRAIN_FILE.read_bytes())
         storage.put_bytes(HELDOUT_KEY, HELDOUT_FILE.read_bytes())
@@ -392,33 +348,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- in the parent process: one child per measurement, then the table ---------------------------------------
-def run_child(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | None, float]:
+def run_measurement(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | None, float]:
     """Runs one measurement in a fresh process; its progress goes to stderr. Returns (result or None, seconds)."""
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
+    options = [
         f"--run={name}",
-        f"--model={args.model}",
-        f"--models-dir={args.models_dir}",
         f"--epochs={args.epochs}",
-        f"--device={args.device}",
-        f"--dtype={args.dtype}",
         f"--max-new-tokens={args.max_new_tokens}",
         f"--learning-rates={','.join(f'{k}={v}' for k, v in args.learning_rates.items())}",
+        *shared_options(args),
     ]
-    if args.threads:
-        command.append(f"--threads={args.threads}")
     if args.eval_every:
-        command.append(f"--eval-every={args.eval_every}")
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        options.append(f"--eval-every={args.eval_every}")
     started = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+    status, result = run_child(__file__, options)
     seconds = time.perf_counter() - started
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        print(f"{name}: FAILED (exit status {done.returncode}); its traceback is above", flush=True)
+    if status != 0 or result is None:
+        print(f"{name}: FAILED (exit status {status}); its traceback is above", flush=True)
         return None, seconds
-    return dict(json.loads(lines[-1].removeprefix(RESULT_PREFIX))), seconds
+    return result, seconds
 
 
 def perplexity(loss: float) -> float:
@@ -477,24 +424,6 @@ def table(results: dict[str, dict[str, Any] | None], skipped: dict[str, str], cu
     return ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def command_line() -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(Path.cwd())
-    return shlex.join([str(python), *sys.argv])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return f"{platform.machine()} ({line.split(':', 1)[1].strip()})"
-    except OSError:
-        pass
-    return platform.machine() or platform.processor() or "unknown CPU"
-
-
 def skip_reason(name: str, device: str) -> str | None:
     if not METHODS[name].needs_cuda or cuda_training_available(device):
         return None
@@ -523,9 +452,7 @@ def parse_learning_rates(text: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", default="smollm2-135m-instruct", choices=sorted(BUILTINS), help="built-in base model id"
-    )
+    add_options(parser, "--model")
     parser.add_argument(
         "--methods",
         default=None,
@@ -552,25 +479,15 @@ def main() -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=16, help="tokens generated per held-out prompt, greedily (default: 16)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (as TUNEFORGE_DEVICE)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (as TUNEFORGE_DTYPE)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument(
-        "--models-dir",
-        type=Path,
-        default=None,
-        help="converted-model cache (default: Settings().models_dir, where the registry converts the model once)",
-    )
+    add_options(parser, "--device", "--dtype", "--threads", "--models-dir")
     # Internal: one measurement, run by the script itself in a fresh process.
     parser.add_argument("--run", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_options(parser)
     if args.epochs < 1 or args.max_new_tokens < 1 or (args.eval_every is not None and args.eval_every < 1):
         parser.error("--epochs, --max-new-tokens and --eval-every must be positive")
-    if args.models_dir is None:
-        args.models_dir = Settings().models_dir
 
     if args.run:
-        print(RESULT_PREFIX + json.dumps(measure(args)), flush=True)
+        hand_back(measure(args))
         return
 
     every = sorted(METHODS, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
@@ -584,11 +501,11 @@ def main() -> None:
     names = [name for name in names if name not in skipped]
 
     started = time.perf_counter()
-    ModelStore(args.models_dir, None).model_dir(BUILTINS[args.model])  # convert once, here, not in a measured run
+    convert_once(args.models_dir, args.model)
     results: dict[str, dict[str, Any] | None] = {}
     for name in [BASE, *names]:
         print(f"{name}: running ...", flush=True)
-        result, seconds = run_child(args, name)
+        result, seconds = run_measurement(args, name)
         results[name] = result
         if result is not None:
             what = (

@@ -23,7 +23,6 @@ default data dir.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import tempfile
 import time
@@ -32,12 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import serving_limits  # bench/, beside this
+from common import (  # bench/, beside this
+    add_options,
+    bench_settings,
+    environment,
+    parse_options,
+    serving_limits,
+    torch_placement,
+)
+from process_memory import rss_peak_mib  # bench/, beside this
 
-from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.ml import adapter_format
-from app.ml.device import Placement, resolve_placement
+from app.ml.device import Placement
 from app.ml.formatting import encode_chat_prompt
 from app.ml.methods.base import BaseWeights, MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
@@ -87,10 +93,6 @@ class Run:
             f"p99 {pct(self.latencies, 0.99):6.2f} s   first token p50 {pct(self.first_tokens, 0.5):6.2f} s "
             f"p99 {pct(self.first_tokens, 0.99):6.2f} s"
         )
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def make_adapters(
@@ -226,27 +228,21 @@ def cold_start(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="registered base model id")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_options(parser, "--model", "--threads")
     parser.add_argument("--requests", type=int, default=16, help="concurrent requests, one adapter each")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (as TUNEFORGE_DEVICE)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (as TUNEFORGE_DTYPE)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_options(parser, "--device", "--dtype")
+    args = parse_options(parser)
     n, count = args.tokens, args.requests
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(data_dir=Path(tmp), device=args.device, dtype=args.dtype)
-        settings.model_cache_dir = Settings().models_dir  # reuse the converted models of the default data dir
-        placement = resolve_placement(settings.device, settings.dtype)
+        settings = bench_settings(Path(tmp), args)  # the converted models of the default data dir
+        placement = torch_placement(args)
         storage = ObjectStorage.from_settings(settings)
         record = BUILTINS[args.model]
         models = ModelStore(settings.models_dir, None)
         tokenizer = models.tokenizer(record)
-        print(
-            f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, {placement.describe()}"
-        )
+        env = environment(placement)
+        print(f"model {args.model}, torch {env['torch']}, {env['threads']} threads, {env['placement']}")
         questions = (QUESTIONS * (count // len(QUESTIONS) + 1))[:count]
         prompts = [encode_chat_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
         print(
@@ -274,7 +270,7 @@ def main() -> None:
         base = min(bases, key=lambda run: run.seconds)
         mixed = min(mixes, key=lambda run: run.seconds)
         cold, warm = cold_start(engine, record, prompts[0], spare)
-        engine_peak = peak_rss_gib()
+        engine_peak = rss_peak_mib() / 1024
         engine.close()
 
         from peft import PeftModel
@@ -304,7 +300,10 @@ def main() -> None:
             f"first token, rank-8 adapter: cold {cold * 1000:.0f} ms, cached {warm * 1000:.0f} ms; "
             f"cold adds {(cold - warm) * 1000:.0f} ms   (target < 150 ms)"
         )
-        print(f"peak RSS: {engine_peak:.2f} GiB after the engine runs, {peak_rss_gib():.2f} GiB after the baselines")
+        print(
+            f"peak RSS: {engine_peak:.2f} GiB after the engine runs, "
+            f"{rss_peak_mib() / 1024:.2f} GiB after the baselines"
+        )
 
 
 if __name__ == "__main__":

@@ -55,25 +55,40 @@ the load is high): OMP_WAIT_POLICY=PASSIVE in the environment, or --threads 1, s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import platform
 import random
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from process_memory import MEMORY_LIMIT_STATUS, RESULT_PREFIX, guard_memory, rss_peak_mib  # bench/, beside this
+from common import (  # bench/, beside this
+    BenchReporter,
+    add_memory_limit_option,
+    add_options,
+    bench_settings,
+    command_line,
+    convert_once,
+    cpu_name,
+    environment,
+    load_average,
+    parse_options,
+    shared_options,
+    torch_placement,
+)
+from process_memory import (  # bench/, beside this
+    MEMORY_LIMIT_STATUS,
+    guard_memory,
+    hand_back,
+    rss_peak_mib,
+    run_child,
+    touch_weights,
+)
 
 from app.core.queue import SQL_BROKER_POLLING_SECONDS
-from app.core.settings import Settings
 from app.ml.methods.lora import LoraHyperparameters
 from app.ml.models import BUILTINS, LLAMA_LINEAR_MODULES, ModelRecord, ModelStore
 
@@ -151,22 +166,12 @@ def _fingerprint(model: Any) -> list[float]:
     return [total, weighted]
 
 
-def _touch_weights(model: Any) -> None:
-    """Read every weight: a checkpoint loaded lazily (memory-mapped) counts as loaded memory, not as training's."""
-    import torch
-
-    with torch.no_grad():
-        for param in model.parameters():
-            param.sum()
-
-
 def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     """The obvious loop: pad to the longest of the batch, `model(**batch, labels=...)`, backward, step."""
     import torch
     from peft import get_peft_model
     from torch import nn
 
-    from app.ml.device import resolve_placement
     from app.ml.formatting import encode_chat
     from app.ml.methods import METHODS
     from app.ml.methods.base import MethodContext, PeftMethod
@@ -174,9 +179,7 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
     from app.ml.training.data import collate
     from app.ml.training.schedule import learning_rate_factor
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    placement = resolve_placement(args.device, args.dtype)
+    placement = torch_placement(args)
     device = placement.device
     record = BUILTINS[MODEL]
     models = ModelStore(args.models_dir, None)
@@ -207,7 +210,7 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
             param.data = param.data.float()
     facts["n_lora"] = sum(p.numel() for p in trainable)
     fingerprint = _fingerprint(model)
-    _touch_weights(model)
+    touch_weights(model)
     loaded = _loaded_mib(device)
 
     n_steps = math.ceil(len(examples) / hp.batch_size)
@@ -252,34 +255,8 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
         "fingerprint": fingerprint,
         "facts": facts,
         **_memory(device, loaded),
-        **_environment(placement),
+        **environment(placement),
     }
-
-
-@dataclass
-class BenchReporter:
-    """The recipe's Reporter (app.ml.training): keeps what the recipe reports."""
-
-    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
-        self.events.append((type_, data or {}))
-        if level != "info":
-            print(f"  [recipe] {message}", file=sys.stderr, flush=True)
-
-    def placement(self, placement: Any) -> None:
-        pass
-
-    def progress(
-        self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
-    ) -> None:
-        self.events.append((type_, {"step": step, "epoch": epoch, **metrics}))
-
-    def check_cancelled(self) -> None:
-        pass
-
-    def of_type(self, type_: str) -> list[dict[str, Any]]:
-        return [data for kind, data in self.events if kind == type_]
 
 
 def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) -> dict[str, Any]:
@@ -290,13 +267,7 @@ def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) ->
 
     record = BUILTINS[MODEL]
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
-        settings = Settings(
-            data_dir=Path(tmp),
-            model_cache_dir=args.models_dir,
-            device=args.device,
-            dtype=args.dtype,
-            torch_threads=args.threads,
-        )
+        settings = bench_settings(Path(tmp), args)
         storage = ObjectStorage.from_settings(settings)
         storage.put_bytes(TRAIN_KEY, "".join(line + "\n" for line in training_lines(args)).encode())
         job = ClaimedJob(
@@ -311,7 +282,7 @@ def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) ->
             hyperparameters=job_hyperparameters(hyperparameters, record).model_dump(mode="json"),
             attempt=1,
         )
-        reporter = BenchReporter()
+        reporter = BenchReporter("recipe")
         started = time.perf_counter()
         recipe = job_recipe(settings, storage, job, record, reporter, None)
         recipe.setup()
@@ -343,7 +314,7 @@ def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) ->
             "packed": start.get("packed"),
             "host_peak_mib": rss_peak_mib(),
             **_memory(device, loaded),
-            **_environment(recipe.placement),
+            **environment(recipe.placement),
         }
 
 
@@ -351,11 +322,7 @@ def measure_matmul(args: argparse.Namespace) -> dict[str, Any]:
     """FLOP/s of a large square matmul in the placement's dtype, best of 5, on the same threads."""
     import torch
 
-    from app.ml.device import resolve_placement
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    placement = resolve_placement(args.device, args.dtype)
+    placement = torch_placement(args)
     device = placement.device
     n, repeat = (8192, 20) if device.type == "cuda" else (2048, 1)
     generator = torch.Generator().manual_seed(0)
@@ -370,7 +337,7 @@ def measure_matmul(args: argparse.Namespace) -> dict[str, Any]:
             torch.matmul(a, b)
         _synchronize(device)
         times.append((time.perf_counter() - started) / repeat)
-    return {"n": n, "flops": 2 * n**3 / min(times), **_environment(placement)}
+    return {"n": n, "flops": 2 * n**3 / min(times), **environment(placement)}
 
 
 def measure_first_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -502,24 +469,11 @@ def measure_first_step(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _environment(placement: Any) -> dict[str, Any]:
-    import torch
-
-    return {
-        "placement": placement.describe(),
-        "device": placement.device_str,
-        "dtype": placement.dtype_str,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not ours
-    if args.memory_limit_gib:
-        guard_memory(args.memory_limit_gib * 1024)
+    guard_memory(args.memory_limit_gib)
     if args.measure == "reference":
         return measure_reference(args)
     if args.measure == "recipe":
@@ -532,30 +486,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- in the parent process: one child per measurement, then the figures ----------------------------------------
-def run_child(args: argparse.Namespace, mode: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        f"--measure={mode}",
-        f"--models-dir={args.models_dir}",
-        f"--data={args.data}",
-        f"--examples={args.examples}",
-        f"--device={args.device}",
-        f"--dtype={args.dtype}",
-        f"--memory-limit-gib={args.memory_limit_gib}",
-    ]
-    if args.threads:
-        command.append(f"--threads={args.threads}")
-    environment = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})}
+def run_measurement(args: argparse.Namespace, mode: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    options = [f"--measure={mode}", f"--data={args.data}", f"--examples={args.examples}", *shared_options(args)]
     started = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
-    if done.returncode == MEMORY_LIMIT_STATUS:
+    status, result = run_child(__file__, options, env)
+    if status == MEMORY_LIMIT_STATUS:
         raise SystemExit(f"{mode}: over --memory-limit-gib={args.memory_limit_gib:g}, stopped")
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{mode}: failed (exit status {done.returncode}); its traceback is above")
+    if status != 0 or result is None:
+        raise SystemExit(f"{mode}: failed (exit status {status}); its traceback is above")
     print(f"  ({mode}: {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-    return dict(json.loads(lines[-1].removeprefix(RESULT_PREFIX)))
+    return result
 
 
 def model_flops(lengths: list[list[int]], facts: dict[str, int]) -> float:
@@ -563,27 +503,6 @@ def model_flops(lengths: list[list[int]], facts: dict[str, int]) -> float:
     per_token = 4 * facts["n_base"] + 6 * facts["n_lora"]
     attention = 6 * facts["n_layers"] * facts["attention_dim"]
     return sum(per_token * t + attention * t * t + 4 * facts["n_out"] * loss for t, loss in lengths)
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return f"{platform.machine()} ({line.split(':', 1)[1].strip()}), {os.cpu_count()} CPUs"
-    return f"{platform.machine() or 'unknown CPU'}, {os.cpu_count()} CPUs"
-
-
-def load_average() -> str:
-    with contextlib.suppress(OSError):
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    return "?"
-
-
-def command_line() -> str:
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(Path.cwd())
-    return shlex.join([str(python), *sys.argv])
 
 
 def memory_text(result: dict[str, Any]) -> str:
@@ -601,7 +520,7 @@ def recipe_budget(result: dict[str, Any]) -> str:
 
 
 def run_memory_job(args: argparse.Namespace) -> None:
-    result = run_child(args, "memory-job")
+    result = run_measurement(args, "memory-job")
     lengths = [t for t, _ in result["lengths"]]
     hp = result["hyperparameters"]
     gb = result["peak_mib"] * 2**20 / 1e9
@@ -642,41 +561,30 @@ def main() -> None:
         default=1,
         help="run the reference and the recipe this many times, alternated, and keep the fastest of each (default: 1)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (as TUNEFORGE_DEVICE)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (as TUNEFORGE_DTYPE)")
-    parser.add_argument(
-        "--models-dir",
-        type=Path,
-        default=None,
-        help="converted-model cache (default: Settings().models_dir, where the registry converts the model once)",
-    )
-    parser.add_argument(
-        "--memory-limit-gib",
-        type=float,
-        default=16.0,
-        help="stop a measurement whose process goes over this resident memory, in GiB; 0: no limit (default: 16)",
-    )
+    add_options(parser, "--threads", "--device", "--dtype", "--models-dir")
+    add_memory_limit_option(parser, default_gib=16.0)
     # Internal: one measurement, run by the script itself in a fresh process.
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_options(parser)
     if args.examples < 0 or args.repeat < 1:
         parser.error("--examples and --repeat must be positive")
     if args.quick and not args.examples:
         args.examples = QUICK_EXAMPLES
-    if args.models_dir is None:
-        args.models_dir = Settings().models_dir
     if args.data is None:
         args.data = MEMORY_FILE if args.memory_job else CHAT_FILE
 
     if args.measure:
-        print(RESULT_PREFIX + json.dumps(measure(args)), flush=True)
+        hand_back(measure(args))
         return
 
-    ModelStore(args.models_dir, None).model_dir(BUILTINS[MODEL])  # convert once, here, not in a measured process
+    convert_once(args.models_dir, MODEL)
     begun = time.perf_counter()
-    print(f"{command_line()}\nmachine: {cpu_name()}; load average {load_average()} (1/5/15 min) at start", flush=True)
+    print(
+        f"{command_line()}\nmachine: {cpu_name()}, {os.cpu_count()} CPUs; load average {load_average()} (1/5/15 min) "
+        "at start",
+        flush=True,
+    )
     if os.getloadavg()[0] > (os.cpu_count() or 1) and "OMP_WAIT_POLICY" not in os.environ:
         print(
             "note: the machine is busy. torch's OpenMP threads spin while they wait for each other, so on shared cores "
@@ -693,12 +601,12 @@ def main() -> None:
 
     # The machine's throughput drifts when it is shared: matmul before and after (the better one is its peak), the
     # two variants alternated --repeat times (the fastest of each is the least disturbed).
-    matmuls = [run_child(args, "matmul")]
+    matmuls = [run_measurement(args, "matmul")]
     references, recipes = [], []
     for _ in range(args.repeat):
-        references.append(run_child(args, "reference"))
-        recipes.append(run_child(args, "recipe"))
-    matmuls.append(run_child(args, "matmul"))
+        references.append(run_measurement(args, "reference"))
+        recipes.append(run_measurement(args, "recipe"))
+    matmuls.append(run_measurement(args, "matmul"))
     with tempfile.TemporaryDirectory(prefix="bench-first-step-") as tmp:
         env = {
             "TUNEFORGE_DATA_DIR": tmp,
@@ -709,7 +617,7 @@ def main() -> None:
             "TUNEFORGE_LOG_FORMAT": "text",
             **({"TUNEFORGE_TORCH_THREADS": str(args.threads)} if args.threads else {}),
         }
-        first = run_child(args, "first-step", env)
+        first = run_measurement(args, "first-step", env)
 
     report(args, matmuls, references, recipes, first)
     print(f"total {time.perf_counter() - begun:.0f} s")

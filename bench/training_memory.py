@@ -27,17 +27,28 @@ only with --lora-dropout 0.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from process_memory import MEMORY_LIMIT_STATUS, RESULT_PREFIX, guard_memory, rss_peak_mib  # bench/, beside this
+from common import (  # bench/, beside this
+    add_memory_limit_option,
+    add_options,
+    convert_once,
+    environment,
+    parse_options,
+    set_threads,
+    shared_options,
+)
+from process_memory import (  # bench/, beside this
+    MEMORY_LIMIT_STATUS,
+    guard_memory,
+    hand_back,
+    rss_peak_mib,
+    run_child,
+    touch_weights,
+)
 
-from app.core.settings import Settings
 from app.ml.device import resolve_placement
 from app.ml.methods.base import MethodContext
 from app.ml.methods.lora import LoraHyperparameters, LoraMethod
@@ -58,10 +69,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from app.ml.training.data import collate, micro_batches
     from app.ml.training.loss import accumulate_gradients
 
-    if args.memory_limit_gib:
-        guard_memory(args.memory_limit_gib * 1024)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    guard_memory(args.memory_limit_gib)
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     models = ModelStore(args.models_dir, None)
     tokenizer = models.tokenizer(BUILTINS[args.model])
@@ -73,7 +82,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "target_modules": list(LLAMA_LINEAR_MODULES),
         }
     )
-    context = MethodContext(record=BUILTINS[args.model], models=models, placement=resolve_placement("cpu", "float32"))
+    placement = resolve_placement("cpu", "float32")
+    context = MethodContext(record=BUILTINS[args.model], models=models, placement=placement)
     model: Any = LoraMethod().prepare(models.load(BUILTINS[args.model]), hp, context)
     model.train()
     device = next(model.parameters()).device
@@ -102,11 +112,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             stats = accumulate_gradients(model, examples, pad_token_id=tokenizer.pad_token_id, max_batch_tokens=budget)
             return stats.loss
 
-    # The weights are memory-mapped from the checkpoint: read them all now, so that the first forward pass
-    # does not count them as the step's memory.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.sum()
+    touch_weights(model)  # memory-mapped from the checkpoint: the first forward pass would count them as the step's
     gc.collect()
     loaded = rss_peak_mib()
     times, loss = [], float("nan")
@@ -126,53 +132,35 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "loaded_mib": loaded,
         "loss": loss,
         "micro_batches": n_micro,
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **environment(placement),
     }
 
 
-def run_child(args: argparse.Namespace, mode: str, grads_file: Path) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
+def run_measurement(args: argparse.Namespace, mode: str, grads_file: Path) -> dict[str, Any]:
+    options = [
         f"--measure={mode}",
         f"--grads-file={grads_file}",
-        f"--model={args.model}",
-        f"--models-dir={args.models_dir}",
         f"--batch-size={args.batch_size}",
         f"--seq-len={args.seq_len}",
         f"--steps={args.steps}",
         f"--seed={args.seed}",
         f"--lora-dropout={args.lora_dropout}",
-        f"--memory-limit-gib={args.memory_limit_gib}",
+        *shared_options(args),
     ]
-    if args.threads:
-        command.append(f"--threads={args.threads}")
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    if done.returncode == MEMORY_LIMIT_STATUS:
+    status, result = run_child(__file__, options)
+    if status == MEMORY_LIMIT_STATUS:
         raise SystemExit(
             f"the {mode} measurement went over --memory-limit-gib={args.memory_limit_gib:g} and was stopped: "
             "lower --batch-size or --seq-len (or raise the limit where the machine allows)"
         )
-    if done.returncode != 0:
-        raise SystemExit(f"the {mode} measurement failed (exit status {done.returncode})")
-    line = next(line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX))
-    return dict(json.loads(line.removeprefix(RESULT_PREFIX)))
+    if status != 0 or result is None:
+        raise SystemExit(f"the {mode} measurement failed (exit status {status})")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", default="smollm2-135m-instruct", choices=sorted(BUILTINS), help="built-in base model id"
-    )
-    parser.add_argument(
-        "--models-dir",
-        type=Path,
-        default=None,
-        help="converted-model cache (default: Settings().models_dir, where the registry converts the model once)",
-    )
+    add_options(parser, "--model", "--models-dir")
     parser.add_argument("--batch-size", "-B", type=int, default=10, help="examples in the step (default: 10)")
     parser.add_argument("--seq-len", "-L", type=int, default=256, help="tokens per example (default: 256)")
     parser.add_argument(
@@ -187,7 +175,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=3, help="steps per measurement; the fastest gives the time (default: 3)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_options(parser, "--threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the examples and of torch (default: 0)")
     parser.add_argument(
         "--lora-dropout",
@@ -195,35 +183,28 @@ def main() -> None:
         default=float(LoraHyperparameters.model_fields["lora_dropout"].default),
         help="LoRA dropout (default: %(default)s, the worker's default; 0 makes the gradients comparable too)",
     )
-    parser.add_argument(
-        "--memory-limit-gib",
-        type=float,
-        default=12.0,
-        help="stop a measurement whose process goes over this resident memory, in GiB; 0: no limit (default: 12)",
-    )
+    add_memory_limit_option(parser, default_gib=12.0)
     # Internal: one measurement, run by the script itself in a fresh process.
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--grads-file", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_options(parser)
     if args.batch_size < 1 or args.seq_len < 4 or args.steps < 1 or min(args.budgets) < 1:
         parser.error("--batch-size, --steps and --budgets must be positive and --seq-len at least 4")
-    if args.models_dir is None:
-        args.models_dir = Settings().models_dir
 
     if args.measure:
-        print(RESULT_PREFIX + json.dumps(measure(args)), flush=True)
+        hand_back(measure(args))
         return
 
     import torch
 
-    ModelStore(args.models_dir, None).model_dir(BUILTINS[args.model])  # convert once, here, not in a measured process
+    convert_once(args.models_dir, args.model)
     modes = ["baseline"] + [f"budget={n}" for n in args.budgets]
     results: dict[str, dict[str, Any]] = {}
     grads: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in modes:
             grads_file = Path(tmp) / f"{mode}.pt"
-            results[mode] = run_child(args, mode, grads_file)
+            results[mode] = run_measurement(args, mode, grads_file)
             grads[mode] = torch.load(grads_file)
 
     first = results["baseline"]
