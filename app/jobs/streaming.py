@@ -38,7 +38,7 @@ def _poll(db_url: str, job_id: str, after_seq: int) -> tuple[list[EventObject], 
         job = session.get(Job, job_id)
         ended = job is None or job.status in TERMINAL_STATUSES  # read first: no event of an ended job can come after
         rows = repository.list_events(session, job_id=job_id, after_seq=after_seq, limit=BATCH)
-        return [EventObject.of(row) for row in rows], ended
+        return [EventObject.model_validate(row) for row in rows], ended
 
 
 async def event_stream(

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, create_model
 
+from app.core.pagination import ListPage
 from app.ml.methods import METHODS
 
 MAX_ID_CHARS = 64
@@ -143,12 +144,6 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None
 
 
-class FineTuningJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningJob]
-    has_more: bool
-
-
 class FineTuningEvent(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
@@ -157,12 +152,6 @@ class FineTuningEvent(BaseModel):
     message: str
     type: Literal["message", "metrics"]
     data: dict[str, Any]
-
-
-class FineTuningEventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningEvent]
-    has_more: bool
 
 
 class FineTuningCheckpoint(BaseModel):
@@ -175,9 +164,6 @@ class FineTuningCheckpoint(BaseModel):
     step_number: int
 
 
-class FineTuningCheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningCheckpoint]
-    has_more: bool
+class FineTuningCheckpointList(ListPage[FineTuningCheckpoint]):
     first_id: str | None
     last_id: str | None

@@ -9,7 +9,8 @@ from pydantic import BaseModel
 
 from app.core.errors import AppError, ErrorCode, InvalidInput, clip
 from app.core.models import Checkpoint, Job, JobEvent
-from app.jobs.schemas import estimated_finish, unix_time
+from app.core.schemas import unix_time
+from app.jobs.schemas import estimated_finish
 from app.jobs.service import JobSpec
 from app.ml.methods import METHODS
 from app.openai.schemas import (
