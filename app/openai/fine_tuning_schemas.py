@@ -1,6 +1,8 @@
-"""Request and response bodies of OpenAI's fine-tuning API (`/v1/fine_tuning/jobs…`), as the official clients send
-and read them. Tuneforge's methods other than OpenAI's `supervised` go through the same `method` object: `{"type":
-"ia3", "ia3": {"hyperparameters": {…}}}`."""
+"""Request and response bodies of OpenAI's fine-tuning API (`/v1/fine_tuning/jobs…`), as its clients use them.
+
+Tuneforge's methods other than OpenAI's `supervised` go through the same `method` object: `{"type": "ia3", "ia3":
+{"hyperparameters": {…}}}`.
+"""
 
 from __future__ import annotations
 

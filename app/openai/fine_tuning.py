@@ -10,8 +10,8 @@ from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import AfterQuery, ListPage
 from app.jobs import service
 from app.models.deps import ModelStoreDep
-from app.openai import service as openai
-from app.openai.schemas import (
+from app.openai import fine_tuning_service as openai
+from app.openai.fine_tuning_schemas import (
     FineTuningCheckpointList,
     FineTuningEvent,
     FineTuningJob,
