@@ -8,17 +8,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 
 from app.core.errors import AppError, ErrorCode, ServiceUnavailable, error_responses
 from app.core.metrics import Metrics
+from app.core.sse import event_source_response
 from app.inference import service
 from app.ml.serving import Delta, GenerationEngine, GenerationResult
 
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = error_responses(401, 404, 410, 413, 422, 429, 503)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `stream: true` server-sent events"}
 }
@@ -28,11 +28,11 @@ Chunk = Callable[[Delta], dict[str, Any]]
 Last = Callable[[GenerationResult], dict[str, Any] | None]
 
 
-def _event(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+def _event(data: dict[str, Any] | str) -> bytes:
+    return format_sse_event(data_str=data if isinstance(data, str) else json.dumps(data))
 
 
-async def _events(stream: service.Stream, chunk: Chunk, last: Last) -> AsyncIterator[str]:
+async def _events(stream: service.Stream, chunk: Chunk, last: Last) -> AsyncIterator[bytes]:
     """Server-sent events: `chunk(delta)` for each delta, `last(result)` (unless None) at the end, then `[DONE]`;
     an error after the stream began is sent as an event in OpenAI's error shape."""
     try:
@@ -58,8 +58,8 @@ async def stream_response(
     http: Request,
     chunk: Chunk,
     last: Last,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     """The generation streamed, once its first text is there: an error before it is still an HTTP error status."""
     stream = service.Stream(engine, prepared, metrics, http.is_disconnected)
     await stream.first()
-    return StreamingResponse(_events(stream, chunk, last), media_type="text/event-stream", headers=SSE_HEADERS)
+    return event_source_response(_events(stream, chunk, last))

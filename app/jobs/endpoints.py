@@ -3,12 +3,13 @@
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, status
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
+from app.core.sse import event_source_response
 from app.jobs import service
 from app.jobs.schemas import (
     CheckpointList,
@@ -118,11 +119,7 @@ def list_events(
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 before the stream starts
         start = last_event_id if last_event_id is not None else after
-        return StreamingResponse(
-            event_stream(settings.db_url, job.id, start, request.is_disconnected),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_source_response(event_stream(settings.db_url, job.id, start, request.is_disconnected))
     rows, has_more = service.list_events(session, tenant_id=tenant.id, job_id=job_id, after_seq=after, limit=limit)
     return ListPage(data=[EventObject.model_validate(e) for e in rows], has_more=has_more)
 

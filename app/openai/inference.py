@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.core.deps import MetricsDep, SettingsDep, TenantDep
@@ -180,7 +180,7 @@ async def _openai_stream(
     body: CompletionRequest | ChatCompletionRequest,
     head: dict[str, Any],
     choice: Chunk,
-) -> StreamingResponse:
+) -> EventSourceResponse:
     """OpenAI's chunks: `head` (id, object, created, model) with the one choice `choice(delta)` makes and its
     `finish_reason`; with `stream_options.include_usage`, a last chunk with no choices and the usage."""
 
