@@ -37,7 +37,8 @@ from app.jobs.endpoints import router as jobs_router
 from app.jobs.reaper import Reaper
 from app.ml.models import ModelStore
 from app.models.endpoints import router as models_router
-from app.openai.endpoints import router as fine_tuning_router
+from app.openai.fine_tuning import router as fine_tuning_router
+from app.openai.inference import router as openai_inference_router
 from app.ui.endpoints import router as ui_router
 
 # Multipart framing around the file: a request larger than the limit plus this is refused unread.
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         app.include_router(adapters_router)
         app.include_router(ui_router)
     app.include_router(generation_router)
+    app.include_router(openai_inference_router)
     app.include_router(models_router)
     return app
 

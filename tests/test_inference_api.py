@@ -159,6 +159,7 @@ def test_native_generate_streams_server_sent_events(tenant: Tenant, server: tupl
         "POST", f"{url}/generate", headers=tenant.headers, json={**body, "stream": True}, timeout=60
     ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
         events = list(sse(r.iter_lines()))
     assert events[-1] == "[DONE]"
     chunks = events[:-1]

@@ -8,12 +8,14 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from app.core.db import session_scope
 from app.core.models import Job, JobStatus, utcnow
 from app.core.settings import Settings
+from app.jobs import streaming
 from tests.conftest import Tenant
 from tests.test_worker import events, start_job
 from worker.runner import run_training_job
@@ -87,6 +89,19 @@ def test_streams_are_scoped_and_checked(client: TestClient, tenant: Tenant, make
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "last-event-id"
     client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers)
     _, streamed = stream(client, tenant, job_id)  # an ended job's stream ends at once
+    assert streamed[-1]["data"]["data"]["status"] == "cancelled"
+
+
+def test_a_stream_says_how_to_reconnect_keeps_quiet_connections_open_and_is_not_buffered(
+    client: TestClient, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streaming, "KEEPALIVE_SECONDS", 0.0)  # a keep-alive comment at every quiet poll
+    job_id = start_job(client, tenant)
+    client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers)
+    r, streamed = stream(client, tenant, job_id)
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+    assert r.text.startswith("retry: 1000\n\n")  # an EventSource waits a second before it reconnects
+    assert "\n\n: keep-alive\n\n" in r.text
     assert streamed[-1]["data"]["data"]["status"] == "cancelled"
 
 

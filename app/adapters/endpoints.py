@@ -6,10 +6,10 @@ from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
 from app.adapters import service
-from app.adapters.schemas import AdapterList, AdapterObject
+from app.adapters.schemas import AdapterObject
 from app.core.deps import SessionDep, StorageDep, TenantDep
 from app.core.errors import error_responses
-from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
+from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
 
 router = APIRouter(prefix="/adapters", tags=["adapters"], responses=error_responses(401, 404, 410, 422))
 
@@ -22,14 +22,14 @@ ArtifactId = Annotated[
 @router.get("")
 def list_adapters(
     session: SessionDep, tenant: TenantDep, limit: LimitQuery = DEFAULT_LIMIT, after: AfterQuery = None
-) -> AdapterList:
+) -> ListPage[AdapterObject]:
     rows, has_more = service.list_adapters(session, tenant_id=tenant.id, limit=limit, after=after)
-    return AdapterList(data=[AdapterObject.of(a) for a in rows], has_more=has_more)
+    return ListPage(data=[AdapterObject.model_validate(a) for a in rows], has_more=has_more)
 
 
 @router.get("/{adapter_id}")
 def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: TenantDep) -> AdapterObject:
-    return AdapterObject.of(service.get_adapter(session, tenant_id=tenant.id, adapter_id=adapter_id))
+    return AdapterObject.model_validate(service.get_adapter(session, tenant_id=tenant.id, adapter_id=adapter_id))
 
 
 @router.get(

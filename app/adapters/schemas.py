@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
-
-from app.core.models import Adapter
+from app.core.schemas import Schema, UnixTime
 
 
-class AdapterObject(BaseModel):
+class AdapterObject(Schema):
     id: str
     object: Literal["adapter"] = "adapter"
     name: str | None
@@ -19,24 +17,4 @@ class AdapterObject(BaseModel):
     format: str
     size_bytes: int
     sha256: str
-    created_at: int
-
-    @classmethod
-    def of(cls, row: Adapter) -> AdapterObject:
-        return cls(
-            id=row.id,
-            name=row.name,
-            base_model=row.base_model,
-            method=row.method,
-            job_id=row.job_id,
-            format=row.format,
-            size_bytes=row.size_bytes,
-            sha256=row.sha256,
-            created_at=int(row.created_at.timestamp()),
-        )
-
-
-class AdapterList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[AdapterObject]
-    has_more: bool
+    created_at: UnixTime

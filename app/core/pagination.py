@@ -1,11 +1,15 @@
-"""Cursor pagination in OpenAI's shape, one way for every list: newest first, `after` = the last id seen."""
+"""Cursor pagination in OpenAI's shape, one way for every list: newest first, `after` = the last id seen.
+
+Every list answers the one generic body, `ListPage[T]`: `{"object": "list", "data": [...], "has_more": ...}`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
 from fastapi import Query
+from pydantic import BaseModel
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
@@ -19,6 +23,20 @@ DEFAULT_LIMIT = 20
 
 T = TypeVar("T")
 R = TypeVar("R")
+Item = TypeVar("Item")
+
+
+class ListObject(BaseModel, Generic[Item]):
+    """OpenAI's list object; alone, a list that is never paged (`/v1/models`)."""
+
+    object: Literal["list"] = "list"
+    data: list[Item]
+
+
+class ListPage(ListObject[Item], Generic[Item]):
+    """One page of a list: `has_more` says whether another follows (`after` = the last id of this one)."""
+
+    has_more: bool
 
 
 class Listed(Protocol):

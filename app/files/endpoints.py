@@ -9,10 +9,10 @@ from app.core import idempotency
 from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
-from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
+from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
 from app.core.usage import check_storage
 from app.files import service
-from app.files.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileList, FileObject
+from app.files.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileObject
 from app.files.upload import receive_upload
 from app.models.deps import ModelStoreDep
 
@@ -85,9 +85,9 @@ async def upload_file(
 @router.get("")
 def list_files(
     session: SessionDep, tenant: TenantDep, limit: LimitQuery = DEFAULT_LIMIT, after: AfterQuery = None
-) -> FileList:
+) -> ListPage[FileObject]:
     rows, has_more = service.list_files(session, tenant_id=tenant.id, limit=limit, after=after)
-    return FileList(data=[FileObject.of(f) for f in rows], has_more=has_more)
+    return ListPage(data=[FileObject.of(f) for f in rows], has_more=has_more)
 
 
 @router.get("/{file_id}")

@@ -42,12 +42,6 @@ class FileObject(BaseModel):
         )
 
 
-class FileList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    has_more: bool
-
-
 # The upload is read as a stream (after authentication), so FastAPI cannot infer its schema: declared here.
 UPLOAD_REQUEST_BODY = {
     "required": True,

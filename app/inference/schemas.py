@@ -1,10 +1,12 @@
-"""Request and response bodies for /generate."""
+"""Request and response bodies for /generate, and the usage OpenAI's inference API reports too."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from app.ml.serving import GenerationResult
 
 # Bounds on every field, checked before any work: a prompt is tokenized only once it is known to be small.
 MAX_PROMPT_CHARS = 65_536  # about 16k tokens, twice the longest context of the built-in models
@@ -80,6 +82,14 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, result: GenerationResult) -> Usage:
+        return cls(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        )
 
 
 class GenerateResponse(BaseModel):

@@ -3,21 +3,20 @@
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, status
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
-from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery
+from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
+from app.core.sse import event_source_response
 from app.jobs import planning, service
 from app.jobs.schemas import (
     CheckpointList,
     CheckpointObject,
     DryRunObject,
-    EventList,
     EventObject,
     JobCreate,
-    JobList,
     JobObject,
     MetricsObject,
 )
@@ -75,9 +74,9 @@ def list_jobs(
     tenant: TenantDep,
     limit: LimitQuery = DEFAULT_LIMIT,
     after: AfterQuery = None,
-) -> JobList:
+) -> ListPage[JobObject]:
     rows, has_more = service.list_jobs(session, tenant_id=tenant.id, limit=limit, after=after)
-    return JobList(data=[JobObject.of(j) for j in rows], has_more=has_more)
+    return ListPage(data=[JobObject.of(j) for j in rows], has_more=has_more)
 
 
 @router.get("/{job_id}")
@@ -92,7 +91,7 @@ def cancel_job(job_id: JobId, session: SessionDep, storage: StorageDep, tenant: 
 
 @router.get(
     "/{job_id}/events",
-    response_model=EventList,
+    response_model=ListPage[EventObject],
     responses={
         200: {
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -120,13 +119,9 @@ def list_events(
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 before the stream starts
         start = last_event_id if last_event_id is not None else after
-        return StreamingResponse(
-            event_stream(settings.db_url, job.id, start, request.is_disconnected),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_source_response(event_stream(settings.db_url, job.id, start, request.is_disconnected))
     rows, has_more = service.list_events(session, tenant_id=tenant.id, job_id=job_id, after_seq=after, limit=limit)
-    return EventList(data=[EventObject.of(e) for e in rows], has_more=has_more)
+    return ListPage(data=[EventObject.model_validate(e) for e in rows], has_more=has_more)
 
 
 @router.get("/{job_id}/metrics")

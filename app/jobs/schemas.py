@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.core.models import Checkpoint, Job, JobEvent, JobStatus
+from app.core.models import Checkpoint, Job, JobStatus
+from app.core.pagination import ListPage
+from app.core.schemas import Schema, UnixTime, unix_time
 from app.jobs.planning import JobSpec
 from app.ml.methods import METHODS, hyperparameter_classes
 
@@ -23,11 +25,6 @@ def _hyperparameters_schema() -> dict[str, Any]:
             for method, model in hyperparameter_classes().items()
         ],
     }
-
-
-def unix_time(value: datetime | None) -> int | None:
-    """A stored time as the API shows it: Unix seconds, or None."""
-    return int(value.timestamp()) if value is not None else None
 
 
 ESTIMATE_AFTER_STEPS = 3  # steps a running job must have done before its finish is estimated
@@ -163,31 +160,14 @@ class JobObject(BaseModel):
         )
 
 
-class JobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobObject]
-    has_more: bool
-
-
-class EventObject(BaseModel):
+class EventObject(Schema):
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     seq: int
     type: str
     level: str
     message: str
     data: dict[str, Any]
-    created_at: int
-
-    @classmethod
-    def of(cls, event: JobEvent) -> EventObject:
-        return cls(
-            seq=event.seq,
-            type=event.type,
-            level=event.level,
-            message=event.message,
-            data=event.data,
-            created_at=unix_time(event.created_at) or 0,
-        )
+    created_at: UnixTime
 
 
 class MetricsObject(BaseModel):
@@ -197,12 +177,6 @@ class MetricsObject(BaseModel):
         description="Per metric, (step, value) in step order: train_loss, train_token_accuracy, learning_rate, "
         "tokens_per_second every step; valid_loss, valid_perplexity, valid_token_accuracy at each evaluation"
     )
-
-
-class EventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EventObject]
-    has_more: bool
 
 
 class CheckpointObject(BaseModel):
@@ -238,7 +212,7 @@ class CheckpointObject(BaseModel):
         )
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[CheckpointObject]
+# Every kept checkpoint of a job, in one page: nothing ever follows (a comment, not a docstring: the OpenAPI
+# description of the list stays as it was).
+class CheckpointList(ListPage[CheckpointObject]):
     has_more: bool = False

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from anyio import to_thread
+from fastapi.sse import format_sse_event
 
 from app.core.db import session_scope
 from app.core.models import Job
@@ -27,9 +28,10 @@ BATCH = 500  # events read per poll
 ENDED_GRACE_SECONDS = 1.0  # the stream stays this long after the job ended, for its last writes
 
 
-def sse(event: EventObject) -> str:
+def sse(event: EventObject) -> bytes:
     """One event in the text/event-stream format: its seq as the id, its type as the event name."""
-    return f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(event.model_dump(), separators=(',', ':'))}\n\n"
+    data = json.dumps(event.model_dump(), separators=(",", ":"))
+    return format_sse_event(id=str(event.seq), event=event.type, data_str=data)
 
 
 def _poll(db_url: str, job_id: str, after_seq: int) -> tuple[list[EventObject], bool]:
@@ -38,7 +40,7 @@ def _poll(db_url: str, job_id: str, after_seq: int) -> tuple[list[EventObject], 
         job = session.get(Job, job_id)
         ended = job is None or job.status in TERMINAL_STATUSES  # read first: no event of an ended job can come after
         rows = repository.list_events(session, job_id=job_id, after_seq=after_seq, limit=BATCH)
-        return [EventObject.of(row) for row in rows], ended
+        return [EventObject.model_validate(row) for row in rows], ended
 
 
 async def event_stream(
@@ -49,12 +51,12 @@ async def event_stream(
     *,
     poll_seconds: float = POLL_SECONDS,
     max_seconds: float = MAX_STREAM_SECONDS,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """The stream's text: every event after `after_seq`, then new ones as they come; it ends once the job has
     ended and its last event was sent, when the client goes away, or after `max_seconds`."""
     started = last_sent = time.monotonic()
     ended_at: float | None = None
-    yield f"retry: {int(poll_seconds * 2000)}\n\n"  # how long a client waits before it reconnects
+    yield format_sse_event(retry=int(poll_seconds * 2000))  # how long a client waits before it reconnects
     while time.monotonic() - started < max_seconds:
         events, ended = await to_thread.run_sync(_poll, db_url, job_id, after_seq)
         for event in events:
@@ -72,6 +74,6 @@ async def event_stream(
         if await is_disconnected():  # type: ignore[misc]
             return
         if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"
+            yield format_sse_event(comment="keep-alive")
             last_sent = time.monotonic()
         await asyncio.sleep(poll_seconds)

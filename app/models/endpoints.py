@@ -8,8 +8,9 @@ from app.adapters.service import get_adapter
 from app.core.deps import SessionDep, SettingsDep, TenantDep
 from app.core.errors import error_responses
 from app.core.models import Adapter
+from app.core.pagination import ListObject
 from app.models import service
-from app.models.schemas import AdapterModelObject, ModelList, ModelObject
+from app.models.schemas import AdapterModelObject, ModelObject
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401, 404))
 
@@ -19,7 +20,9 @@ ModelId = Annotated[
 
 
 @router.get("")
-def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelList:
+def list_models(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> ListObject[ModelObject | AdapterModelObject]:
     """Every base model jobs can fine-tune (the built-ins, then those the operator registered), then the tenant's
     adapters, newest first (at most 1000; GET /adapters pages through all of them)."""
     records = service.list_models(session)
@@ -27,7 +30,7 @@ def list_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -
         ModelObject.of(r, default_model=settings.default_base_model) for r in records
     ]
     data += [_adapter(a) for a in service.list_adapter_models(session, tenant_id=tenant.id)]
-    return ModelList(data=data)
+    return ListObject(data=data)
 
 
 @router.get("/{model_id}")

@@ -58,8 +58,3 @@ class AdapterModelObject(BaseModel):
     parent: str = Field(description="The base model it applies to")
     method: str = Field(description="The fine-tuning method that made it")
     name: str | None = Field(description="Its name (the job's suffix), which `model` takes too")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelObject | AdapterModelObject]

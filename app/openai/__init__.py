@@ -1,1 +1,1 @@
-"""OpenAI-compatible fine-tuning API: `/v1/fine_tuning/jobs` over the native job service."""
+"""OpenAI's API over Tuneforge's services: fine-tuning over the jobs, inference over text generation."""

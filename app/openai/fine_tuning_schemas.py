@@ -1,6 +1,8 @@
-"""Request and response bodies of OpenAI's fine-tuning API (`/v1/fine_tuning/jobs…`), as the official clients send
-and read them. Tuneforge's methods other than OpenAI's `supervised` go through the same `method` object: `{"type":
-"ia3", "ia3": {"hyperparameters": {…}}}`."""
+"""Request and response bodies of OpenAI's fine-tuning API (`/v1/fine_tuning/jobs…`), as its clients use them.
+
+Tuneforge's methods other than OpenAI's `supervised` go through the same `method` object: `{"type": "ia3", "ia3":
+{"hyperparameters": {…}}}`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, create_model
 
+from app.core.pagination import ListPage
 from app.ml.methods import METHODS
 
 MAX_ID_CHARS = 64
@@ -143,12 +146,6 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None
 
 
-class FineTuningJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningJob]
-    has_more: bool
-
-
 class FineTuningEvent(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
@@ -157,12 +154,6 @@ class FineTuningEvent(BaseModel):
     message: str
     type: Literal["message", "metrics"]
     data: dict[str, Any]
-
-
-class FineTuningEventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningEvent]
-    has_more: bool
 
 
 class FineTuningCheckpoint(BaseModel):
@@ -175,9 +166,6 @@ class FineTuningCheckpoint(BaseModel):
     step_number: int
 
 
-class FineTuningCheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuningCheckpoint]
-    has_more: bool
+class FineTuningCheckpointList(ListPage[FineTuningCheckpoint]):
     first_id: str | None
     last_id: str | None

@@ -7,16 +7,15 @@ from fastapi import APIRouter, Path, Query, Request, status
 from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.core.errors import AppError, ErrorCode, InvalidInput, error_responses
 from app.core.idempotency import IdempotencyKeyHeader
-from app.core.pagination import AfterQuery
+from app.core.pagination import AfterQuery, ListPage
 from app.jobs import service
 from app.models.deps import ModelStoreDep
-from app.openai import service as openai
-from app.openai.schemas import (
+from app.openai import fine_tuning_service as openai
+from app.openai.fine_tuning_schemas import (
     FineTuningCheckpointList,
-    FineTuningEventList,
+    FineTuningEvent,
     FineTuningJob,
     FineTuningJobCreate,
-    FineTuningJobList,
 )
 
 router = APIRouter(
@@ -60,11 +59,11 @@ def create_fine_tuning_job(
 @router.get("")
 def list_fine_tuning_jobs(
     request: Request, session: SessionDep, tenant: TenantDep, limit: Limit = 20, after: AfterQuery = None
-) -> FineTuningJobList:
+) -> ListPage[FineTuningJob]:
     if any(name.startswith("metadata") for name in request.query_params):
         raise InvalidInput("metadata: filtering jobs by metadata is not supported yet", param="metadata")
     rows, has_more = service.list_jobs(session, tenant_id=tenant.id, limit=limit, after=after)
-    return FineTuningJobList(data=[openai.job_object(job) for job in rows], has_more=has_more)
+    return ListPage(data=[openai.job_object(job) for job in rows], has_more=has_more)
 
 
 @router.get("/{job_id}")
@@ -80,14 +79,14 @@ def cancel_fine_tuning_job(job_id: JobId, session: SessionDep, storage: StorageD
 @router.get("/{job_id}/events")
 def list_fine_tuning_events(
     job_id: JobId, session: SessionDep, tenant: TenantDep, limit: Limit = 20, after: AfterQuery = None
-) -> FineTuningEventList:
+) -> ListPage[FineTuningEvent]:
     """The job's events, latest first (OpenAI's order); `after` an event id continues with the older ones. Metric
     events carry OpenAI's metric names beside Tuneforge's."""
     job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)
     rows, has_more = service.list_events_newest_first(
         session, tenant_id=tenant.id, job_id=job.id, after_seq=openai.event_seq(job.id, after), limit=limit
     )
-    return FineTuningEventList(data=[openai.event_object(job, e) for e in rows], has_more=has_more)
+    return ListPage(data=[openai.event_object(job, e) for e in rows], has_more=has_more)
 
 
 @router.get("/{job_id}/checkpoints")

@@ -1,5 +1,7 @@
-"""OpenAI's fine-tuning API over Tuneforge's jobs: requests become a domain `JobSpec`, jobs, events and checkpoints
-become OpenAI's objects. Nothing here decides anything a native `/jobs` request would not."""
+"""OpenAI's fine-tuning over Tuneforge's jobs: its requests as a `JobSpec`; jobs, events, checkpoints as its objects.
+
+Nothing here decides anything a native `/jobs` request would not.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from pydantic import BaseModel
 
 from app.core.errors import AppError, ErrorCode, InvalidInput, clip
 from app.core.models import Checkpoint, Job, JobEvent
+from app.core.schemas import unix_time
 from app.jobs.planning import JobSpec
-from app.jobs.schemas import estimated_finish, unix_time
+from app.jobs.schemas import estimated_finish
 from app.ml.methods import METHODS
-from app.openai.schemas import (
+from app.openai.fine_tuning_schemas import (
     DEFAULT_METHOD,
     OPENAI_METHOD_TYPES,
     FineTuningCheckpoint,

@@ -1,6 +1,8 @@
-"""Request and response bodies of OpenAI's inference API (`/v1/completions`, `/v1/chat/completions`), as the
-official clients send and read them. Parameters Tuneforge does not implement are accepted only at their neutral
-value (`n` 1, penalties 0, `echo` false), so a client that relies on them gets a clear 422 instead of other text."""
+"""Request and response bodies of OpenAI's inference API (`/v1/completions`, `/v1/chat/completions`).
+
+As the official clients send and read them. Parameters Tuneforge does not implement are accepted only at their
+neutral value (`n` 1, penalties 0, `echo` false): a client that relies on them gets a clear 422, not other text.
+"""
 
 from __future__ import annotations
 

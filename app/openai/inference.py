@@ -1,0 +1,195 @@
+"""HTTP routes of OpenAI's inference API (`/v1/completions`, `/v1/chat/completions`), over `/generate`'s service."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.core.deps import MetricsDep, SettingsDep, TenantDep
+from app.core.metrics import Metrics
+from app.inference import service
+from app.inference.engine import EngineDep
+from app.inference.routing import ERROR_RESPONSES, STREAM_RESPONSE, Chunk, stream_response
+from app.inference.schemas import Usage
+from app.ml.serving import Delta, GenerationEngine, GenerationResult, TokenLogprob
+from app.models.deps import ModelStoreDep
+from app.openai.inference_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ContentLogprob,
+    TopLogprob,
+)
+
+router = APIRouter(tags=["generation"], responses=ERROR_RESPONSES)
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None) -> Any:
+    return service.Sampling(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop or [],
+        logprobs=logprobs,
+    )
+
+
+def _completion_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> CompletionLogprobs | None:
+    if items is None:
+        return None
+    offsets, at = [], offset
+    for item in items:
+        offsets.append(at)
+        at += len(item.token)
+    return CompletionLogprobs(
+        tokens=[i.token for i in items],
+        token_logprobs=[i.logprob for i in items],
+        top_logprobs=[{token: lp for token, _, lp in i.top} for i in items],
+        text_offset=offsets,
+    )
+
+
+def _chat_logprobs(items: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    if items is None:
+        return None
+    return ChoiceLogprobs(
+        content=[
+            ContentLogprob(
+                token=i.token,
+                logprob=i.logprob,
+                bytes=list(i.token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, _, lp in i.top],
+            )
+            for i in items
+        ]
+    )
+
+
+@router.post("/v1/completions", response_model=Completion, responses=STREAM_RESPONSE)
+async def create_completion(
+    body: CompletionRequest,
+    http: Request,
+    settings: SettingsDep,
+    models: ModelStoreDep,
+    engine: EngineDep,
+    metrics: MetricsDep,
+    tenant: TenantDep,
+) -> Any:
+    """OpenAI's completions: `model` is a base model id, or an adapter's id or name."""
+    assert isinstance(body.prompt, str)
+    prepared = await run_in_threadpool(
+        service.prepare,
+        settings,
+        models,
+        tenant_id=tenant.id,
+        adapter_id=None,
+        base_model=None,
+        prompt=body.prompt,
+        messages=None,
+        sampling=_sampling(body, body.max_tokens, body.logprobs),
+        model=body.model,
+    )
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.stream:
+        result = await service.complete(engine, prepared, metrics, http.is_disconnected)
+        choice = CompletionChoice(
+            text=result.text, logprobs=_completion_logprobs(result.logprobs), finish_reason=result.finish_reason
+        )
+        return Completion(id=ident, created=created, model=body.model, choices=[choice], usage=Usage.of(result))
+
+    head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
+    sent = 0
+
+    def text_choice(delta: Delta) -> dict[str, Any]:
+        nonlocal sent
+        logprobs = _completion_logprobs(delta.logprobs, sent)
+        sent += len(delta.text)
+        return {"text": delta.text, "logprobs": logprobs and logprobs.model_dump()}
+
+    return await _openai_stream(engine, prepared, metrics, http, body, head, text_choice)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_RESPONSE)
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    http: Request,
+    settings: SettingsDep,
+    models: ModelStoreDep,
+    engine: EngineDep,
+    metrics: MetricsDep,
+    tenant: TenantDep,
+) -> Any:
+    """OpenAI's chat completions: `model` is a base model id, or an adapter's id or name; the messages go through
+    the base model's chat template, as in training."""
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    prepared = await run_in_threadpool(
+        service.prepare,
+        settings,
+        models,
+        tenant_id=tenant.id,
+        adapter_id=None,
+        base_model=None,
+        prompt=None,
+        messages=body.chat(),
+        sampling=_sampling(body, body.max_completion_tokens or body.max_tokens, top),
+        model=body.model,
+    )
+    ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not body.stream:
+        result = await service.complete(engine, prepared, metrics, http.is_disconnected)
+        choice = ChatChoice(
+            message=AssistantMessage(content=result.text),
+            logprobs=_chat_logprobs(result.logprobs),
+            finish_reason=result.finish_reason,
+        )
+        return ChatCompletion(id=ident, created=created, model=body.model, choices=[choice], usage=Usage.of(result))
+
+    head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    first = True
+
+    def chat_choice(delta: Delta) -> dict[str, Any]:
+        nonlocal first
+        content: dict[str, Any] = {"role": "assistant"} if first else {}
+        first = False
+        if delta.text or delta.finish_reason is None:
+            content["content"] = delta.text
+        logprobs = _chat_logprobs(delta.logprobs)
+        return {"delta": content, "logprobs": logprobs and logprobs.model_dump()}
+
+    return await _openai_stream(engine, prepared, metrics, http, body, head, chat_choice)
+
+
+async def _openai_stream(
+    engine: GenerationEngine,
+    prepared: service.Prepared,
+    metrics: Metrics,
+    http: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+    head: dict[str, Any],
+    choice: Chunk,
+) -> EventSourceResponse:
+    """OpenAI's chunks: `head` (id, object, created, model) with the one choice `choice(delta)` makes and its
+    `finish_reason`; with `stream_options.include_usage`, a last chunk with no choices and the usage."""
+
+    def chunk(delta: Delta) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, **choice(delta), "finish_reason": delta.finish_reason}]}
+
+    def last(result: GenerationResult) -> dict[str, Any] | None:
+        if body.stream_options is None or not body.stream_options.include_usage:
+            return None
+        return {**head, "choices": [], "usage": Usage.of(result).model_dump()}
+
+    return await stream_response(engine, prepared, metrics, http, chunk, last)
