@@ -1,244 +1,33 @@
-"""The `tuneforge` commands that use the service over its HTTP API: files, jobs, adapters, models list, generate.
+"""`tuneforge jobs`: create a fine-tuning job, list, get, its events, cancel, and `watch` with its live view.
 
-Output: rich tables for people, `--json` for scripts; a command that creates something prints its id alone on
-stdout (its report goes to stderr), so that `ID=$(tuneforge …)` works. Errors: one line on stderr, exit code 1
-(2 for a usage error). Kept free of the server's imports, so that a command starts in a fraction of a second
-(`jobs watch` alone reads the job states from app.jobs.state, as it starts following a job for minutes).
+`jobs watch` alone reads the job states from app.jobs.state (when it starts following a job, for minutes): the
+other commands start without the server's imports.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
-from rich.cells import cell_len
 from rich.console import Console
-from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
-from app.cli.client import DEFAULT_API_URL, ApiError, ApiUnreachable, ClientError, TuneforgeClient
+from app.cli.api import After, ApiKey, ApiUrl, AsJson, Limit, connect, new_table, page_caption, show_table
+from app.cli.client import DEFAULT_API_URL, ApiError, ApiUnreachable, TuneforgeClient
 from app.cli.output import fail, format_time, print_json
-
-PANEL = "Client: use the service over its API"
-CONNECTION = "Connection"
-ApiUrl = Annotated[
-    str,
-    typer.Option("--api-url", envvar="TUNEFORGE_API_URL", help="The API's root URL", rich_help_panel=CONNECTION),
-]
-ApiKey = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key",
-        envvar="TUNEFORGE_API_KEY",
-        show_default=False,
-        help="Your API key (an operator creates one with `tuneforge keys create`)",
-        rich_help_panel=CONNECTION,
-    ),
-]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table")]
-Limit = Annotated[int, typer.Option(min=1, max=100, help="How many to list, newest first")]
-After = Annotated[
-    str | None, typer.Option(metavar="ID", help="List those after this id (the last one of the previous page)")
-]
 
 RECONNECT_DELAY_SECONDS = 1.0
 RETRIED_STATUSES = (502, 503, 504)  # a proxy or the API restarting: `jobs watch` tries again
 RECONNECT_GIVE_UP_SECONDS = 60.0  # of failed reconnections in a row
-MIN_WRAPPED_WIDTH = 16  # a free-text column of a table is not wrapped narrower than this
-UNBOUNDED = 100_000
 
-files_cli = typer.Typer(help="Training files: upload (every line checked), list.", no_args_is_help=True)
 jobs_cli = typer.Typer(help="Fine-tuning jobs: create, list, get, watch, events, cancel.", no_args_is_help=True)
-adapters_cli = typer.Typer(help="Trained adapters: list, download.", no_args_is_help=True)
 
 
-# --- plumbing ---------------------------------------------------------------------------------------------------
-
-
-def _describe(exc: ApiError, api_url: str) -> str:
-    if exc.status_code == 404 and exc.code == "not_found" and exc.param is None:  # no such route, not no such id
-        return f"{exc.message}: {api_url} has no such route (is --api-url the API's root URL, as {DEFAULT_API_URL}?)"
-    if exc.status_code == 401:
-        return (
-            f"the API key was refused ({exc.message}); check --api-key or TUNEFORGE_API_KEY: a key works only with "
-            "the server whose database `tuneforge keys create` wrote it to (it says which)"
-        )
-    if exc.status_code >= 500:
-        return f"the API failed: {exc.message} (HTTP {exc.status_code})"
-    if exc.param and exc.param not in exc.message:
-        return f"{exc.message} (param: {exc.param})"
-    return exc.message
-
-
-@contextmanager
-def _api(api_url: str, api_key: str | None) -> Iterator[TuneforgeClient]:
-    """A client of the API; an error of the API or of the connection ends the command with its message."""
-    if not api_key:
-        fail(
-            "no API key: pass --api-key or set TUNEFORGE_API_KEY (an operator creates one with "
-            "`tuneforge keys create --tenant NAME`)",
-            code=2,
-        )
-    try:
-        with TuneforgeClient(api_url, api_key) as client:
-            yield client
-    except ApiError as exc:
-        fail(_describe(exc, api_url))
-    except ClientError as exc:
-        fail(exc.message)
-    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, to anyone
-        sys.stderr.close()
-        raise typer.Exit(1) from None
-    except OSError as exc:  # a file to write or read: the path, the disk
-        fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        fail(f"unreadable input or answer: {exc}")
-
-
-def _human(n: int) -> str:
-    """134515008 -> 134.5M: short enough for a table in 80 columns."""
-    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= limit:
-            return f"{n / limit:.1f}{suffix}"
-    return str(n)
-
-
-def _table(
-    *columns: str, wrap: tuple[str, ...] = (), caption: str | None = "times in UTC", title: str | None = None
-) -> Table:
-    """A table whose `wrap` columns (free text) wrap to fit the terminal; the others stay on one line (`_show`)."""
-    table = Table(box=box.SIMPLE_HEAD, caption=caption, title=title)
-    for column in columns:
-        table.add_column(column, no_wrap=column not in wrap, overflow="fold")
-    return table
-
-
-def _show(table: Table, *, stderr: bool = False) -> None:
-    """Print a table whose one-line columns (ids, which are copied, and short values) are never cut: where the
-    terminal is too narrow even once the free-text columns have wrapped, the table is drawn wider than the
-    terminal, which wraps its lines."""
-    for column in table.columns:
-        longest = max(cell_len(str(cell)) for cell in [column.header, *column.cells])
-        column.min_width = longest if column.no_wrap else min(longest, MIN_WRAPPED_WIDTH)
-    console = Console(stderr=stderr)
-    needed = Measurement.get(console, console.options.update_width(UNBOUNDED), table).minimum
-    if needed > console.width:
-        console = Console(stderr=stderr, width=needed)
-    console.print(table, crop=False)
-
-
-def _more(page: dict[str, Any], after: str) -> str:
-    """The caption of a page: how to get the next one, if there is one."""
-    if not page["has_more"] or not page["data"]:
-        return "times in UTC"
-    return f"times in UTC; more with --after {page['data'][-1][after]}"
-
-
-# --- files ------------------------------------------------------------------------------------------------------
-@files_cli.command("upload")
-def files_upload(
-    path: Annotated[
-        Path,
-        typer.Argument(
-            metavar="FILE", exists=True, dir_okay=False, readable=True, help="A .jsonl file, one example a line"
-        ),
-    ],
-    base_model: Annotated[
-        str | None,
-        typer.Option("--base-model", help="Whose tokenizer counts the tokens (default: the service's default model)"),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the API's JSON (the file) instead of its id and the report")
-    ] = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-) -> None:
-    """Upload a JSONL training file and print its id; its validation report goes to stderr as a table.
-
-    Every line is checked first: a file with bad lines is refused, with a table of them (line, code, message),
-    exit code 1, and nothing is stored.
-    """
-    with _api(api_url, api_key) as api:
-        try:
-            uploaded = api.upload_file(path, base_model=base_model)
-        except ApiError as exc:
-            if exc.report is not None:
-                _print_rejection(exc.report)
-            raise
-    if as_json:
-        print_json(uploaded)
-        return
-    report = _table("file", "", wrap=("",), caption=None, title="validation report")
-    rows = [
-        ("id", uploaded["id"]),
-        ("file name", uploaded["filename"]),
-        ("format", uploaded["format"]),
-        ("examples", f"{uploaded['n_examples']:,}"),
-        ("tokens", f"{uploaded['n_tokens']:,} (longest example {uploaded['max_example_tokens']:,})"),
-        ("counted with", f"{uploaded['tokenizer_model']}'s tokenizer"),
-        ("bytes", f"{uploaded['bytes']:,}"),
-    ]
-    for row in rows:
-        report.add_row(*row)
-    _show(report, stderr=True)
-    typer.echo(uploaded["id"])
-
-
-def _print_rejection(report: dict[str, Any]) -> None:
-    errors = report.get("errors", [])
-    shown = f"; the first {len(errors)} are listed" if len(errors) < report.get("n_errors", 0) else ""
-    table = _table(
-        "line",
-        "code",
-        "message",
-        wrap=("message",),
-        caption=f"{report.get('n_errors')} bad line(s) of {report.get('n_lines')}{shown}",
-        title="rejected lines",
-    )
-    for error in errors:
-        table.add_row(str(error["line"]), error["code"], error["message"])
-    _show(table, stderr=True)
-
-
-@files_cli.command("list")
-def files_list(
-    limit: Limit = 20,
-    after: After = None,
-    as_json: AsJson = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-) -> None:
-    """List your training files, newest first."""
-    with _api(api_url, api_key) as api:
-        page = api.get("/v1/files", {"limit": limit, "after": after})
-    if as_json:
-        print_json(page)
-        return
-    columns = ("id", "file name", "format", "examples", "tokens", "bytes", "created")
-    table = _table(*columns, wrap=("file name",), caption=_more(page, "id"))
-    for f in page["data"]:
-        table.add_row(
-            f["id"],
-            f["filename"],
-            f["format"],
-            f"{f['n_examples']:,}",
-            f"{f['n_tokens']:,}",
-            f"{f['bytes']:,}",
-            format_time(f["created_at"]),
-        )
-    _show(table)
-
-
-# --- jobs -------------------------------------------------------------------------------------------------------
 def _hyperparameters(as_object: str | None, pairs: list[str]) -> dict[str, Any]:
     """--hyperparameters JSON, then each -H KEY=VALUE over it (VALUE as JSON when it parses, else a string)."""
     merged: dict[str, Any] = {}
@@ -315,7 +104,7 @@ def jobs_create(
     body.update({k: v for k, v in optional.items() if v is not None})
     if dry_run:
         body["dry_run"] = True
-    with _api(api_url, api_key) as api:
+    with connect(api_url, api_key) as api:
         job = api.post("/jobs", body)
         if dry_run:
             _print_plan(job, as_json)
@@ -344,10 +133,10 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
         ("estimated from", plan["estimate_basis"]),
         ("hyperparameters", json.dumps(plan["hyperparameters"])),
     ]
-    table = _table("dry run", "", wrap=("",), caption="nothing was created")
+    table = new_table("dry run", "", wrap=("",), caption="nothing was created")
     for row in rows:
         table.add_row(*row)
-    _show(table)
+    show_table(table)
 
 
 def _progress_text(job: dict[str, Any]) -> str:
@@ -364,13 +153,13 @@ def jobs_list(
     api_key: ApiKey = None,
 ) -> None:
     """List your jobs, newest first."""
-    with _api(api_url, api_key) as api:
+    with connect(api_url, api_key) as api:
         page = api.get("/jobs", {"limit": limit, "after": after})
     if as_json:
         print_json(page)
         return
     columns = ("id", "status", "model", "method", "step", "adapter", "created")
-    table = _table(*columns, wrap=("model",), caption=_more(page, "id"))
+    table = new_table(*columns, wrap=("model",), caption=page_caption(page, "id"))
     for job in page["data"]:
         table.add_row(
             job["id"],
@@ -381,7 +170,7 @@ def jobs_list(
             job["adapter_id"] or "",
             format_time(job["created_at"]),
         )
-    _show(table)
+    show_table(table)
 
 
 JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="A job's id (ftjob-…)")]
@@ -390,7 +179,7 @@ JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="A job's id (ftjob-
 @jobs_cli.command("get")
 def jobs_get(job_id: JobId, as_json: AsJson = False, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None) -> None:
     """Show a job: status, progress, latest metrics, adapter or error."""
-    with _api(api_url, api_key) as api:
+    with connect(api_url, api_key) as api:
         job = api.get(f"/jobs/{job_id}")
     if as_json:
         print_json(job)
@@ -416,11 +205,11 @@ def jobs_get(job_id: JobId, as_json: AsJson = False, api_url: ApiUrl = DEFAULT_A
         ("adapter", job["adapter_id"] or ""),
         ("error", f"{job['error']['message']} ({job['error']['code']})" if job["error"] else ""),
     ]
-    table = _table("job", "", wrap=("",))
+    table = new_table("job", "", wrap=("",))
     for row in rows:
         if row[1]:
             table.add_row(*row)
-    _show(table)
+    show_table(table)
 
 
 @jobs_cli.command("events")
@@ -433,16 +222,16 @@ def jobs_events(
     api_key: ApiKey = None,
 ) -> None:
     """List a job's events in order: status changes, per-step metrics, evaluations (`jobs watch` follows them)."""
-    with _api(api_url, api_key) as api:
+    with connect(api_url, api_key) as api:
         page = api.get(f"/jobs/{job_id}/events", {"after": after, "limit": limit})
     if as_json:
         print_json(page)
         return
-    table = _table("seq", "time", "type", "message", wrap=("message",), caption=_more(page, "seq"))
+    table = new_table("seq", "time", "type", "message", wrap=("message",), caption=page_caption(page, "seq"))
     for event in page["data"]:
         style = "red" if event["level"] == "error" else None
         table.add_row(str(event["seq"]), format_time(event["created_at"]), event["type"], event["message"], style=style)
-    _show(table)
+    show_table(table)
 
 
 @jobs_cli.command("cancel")
@@ -456,7 +245,7 @@ def jobs_cancel(
 
     Exit code 1 if it has already ended.
     """
-    with _api(api_url, api_key) as api:
+    with connect(api_url, api_key) as api:
         job = api.post(f"/jobs/{job_id}/cancel")
     if as_json:
         print_json(job)
@@ -480,7 +269,7 @@ def jobs_watch(
     on stderr, exit code 1.
     A dropped connection is resumed where it stopped.
     """
-    with _api(api_url, api_key) as api:
+    with connect(api_url, api_key) as api:
         _watch(api, job_id, as_json=as_json)
 
 
@@ -601,147 +390,3 @@ def _events_after(api: TuneforgeClient, job_id: str, after: int) -> Iterator[dic
         if not page["has_more"] or not page["data"]:
             return
         after = page["data"][-1]["seq"]
-
-
-# --- adapters ---------------------------------------------------------------------------------------------------
-@adapters_cli.command("list")
-def adapters_list(
-    limit: Limit = 20,
-    after: After = None,
-    as_json: AsJson = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-) -> None:
-    """List your adapters, newest first."""
-    with _api(api_url, api_key) as api:
-        page = api.get("/adapters", {"limit": limit, "after": after})
-    if as_json:
-        print_json(page)
-        return
-    columns = ("id", "name", "model", "method", "format", "bytes", "created")
-    table = _table(*columns, wrap=("name", "model"), caption=_more(page, "id"))
-    for a in page["data"]:
-        table.add_row(
-            a["id"],
-            a["name"] or "",
-            a["base_model"],
-            a["method"],
-            a["format"],
-            f"{a['size_bytes']:,}",
-            format_time(a["created_at"]),
-        )
-    _show(table)
-
-
-@adapters_cli.command("download")
-def adapters_download(
-    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="An adapter's id, or a job checkpoint's (ftckpt-…)")],
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output", "-o", help="The file to write, or a folder to write ID.tar.gz in (default: ./ID.tar.gz)"
-        ),
-    ] = None,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-) -> None:
-    """Download an adapter as a .tar.gz (the artifact and its tuneforge.json manifest) and print the file's path.
-
-    The file appears once complete and its sha256 checked (an existing file is replaced).
-    """
-    destination = output or Path(f"{adapter_id}.tar.gz")
-    if destination.is_dir():
-        destination = destination / f"{adapter_id}.tar.gz"
-    with _api(api_url, api_key) as api:
-        size, sha256 = api.download(f"/adapters/{adapter_id}/download", destination)
-    typer.echo(f"downloaded {size:,} bytes, sha256 {sha256} (checked)", err=True)
-    typer.echo(str(destination))
-
-
-# --- models and generation --------------------------------------------------------------------------------------
-def print_models(models: list[dict[str, Any]]) -> None:
-    """The base models as a table, then the adapters (`GET /v1/models` lists both) as another."""
-    base = [m for m in models if "parent" not in m]
-    adapters = [m for m in models if "parent" in m]
-    caption = "params: parameters; max len: longest sequence in tokens"
-    columns = ("id", "arch", "params", "max len", "chat", "source")
-    table = _table(*columns, caption=caption, title="base models")
-    for m in base:
-        table.add_row(
-            m["id"] + (" (default)" if m["default"] else ""),
-            m["architecture"],
-            _human(m["parameters"]),
-            str(m["max_seq_length"]),
-            "yes" if m["chat"] else "no",
-            m["source"],
-        )
-    _show(table)
-    if adapters:
-        table = _table("id", "name", "base model", "method", "created", wrap=("name", "base model"), title="adapters")
-        for m in adapters:
-            table.add_row(m["id"], m["name"] or "", m["parent"], m["method"], format_time(m["created"]))
-        _show(table)
-
-
-def models_list(api_url: str, api_key: str | None, *, as_json: bool) -> None:
-    """`models list` over the API: GET /v1/models."""
-    with _api(api_url, api_key) as api:
-        listed = api.get("/v1/models")
-    if as_json:
-        print_json(listed)
-        return
-    print_models(listed["data"])
-
-
-def generate(
-    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The prompt; - reads it from stdin")],
-    adapter: Annotated[
-        str | None,
-        typer.Option("--adapter", metavar="ID", help="An adapter (or job checkpoint) to apply; default: none"),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", help="The base model, without --adapter (default: the service's default)"),
-    ] = None,
-    chat: Annotated[
-        bool,
-        typer.Option("--chat", help="Send PROMPT as a user message through the model's chat template, not as raw text"),
-    ] = False,
-    max_tokens: Annotated[int, typer.Option(min=1, help="The most tokens to generate")] = 128,
-    temperature: Annotated[
-        float | None, typer.Option(min=0, max=2, help="0: greedy; higher is more random (default 1)")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="The same seed gives the same text")] = None,
-    stop: Annotated[
-        list[str] | None, typer.Option("--stop", help="A string that ends the text (repeat it, up to 4)")
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the API's JSON answer once the text is complete (no streaming)")
-    ] = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
-) -> None:
-    """Generate text from a base model, or a base model plus one of your adapters, printed as it comes.
-
-    The finish reason and the token counts go to stderr.
-    """
-    text = sys.stdin.read() if prompt == "-" else prompt
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
-    body["max_tokens"] = max_tokens
-    optional = {"adapter_id": adapter, "base_model": model, "temperature": temperature, "seed": seed, "stop": stop}
-    body.update({k: v for k, v in optional.items() if v is not None})
-    with _api(api_url, api_key) as api:
-        if as_json:
-            print_json(api.post("/generate", body))
-            return
-        finish, usage = None, None
-        for chunk in api.generate(body):
-            sys.stdout.write(chunk["text"])
-            sys.stdout.flush()
-            finish = chunk.get("finish_reason") or finish
-            usage = chunk.get("usage") or usage
-    sys.stdout.write("\n")
-    if usage is not None:
-        typer.echo(
-            f"[{finish}: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens]", err=True
-        )
