@@ -1,7 +1,8 @@
 """The `tuneforge` command: its root, `--version`, and the commands of each module, registered in one place.
 
 `admin` writes this machine's database (migrate, keys, models); `servers` runs one role (api, serve, worker);
-`supervisor` runs them all (up); `commands` uses the service over its API, through `client`.
+`supervisor` runs them all (up); `generate`, `files`, `jobs` and `adapters` use the service over its API, through
+`client` and the shared plumbing of `api`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from app.cli import admin, commands, servers, supervisor
+from app.cli import adapters, admin, files, generate, jobs, servers, supervisor
+from app.cli.api import PANEL
 from app.cli.client import installed_version
 
 cli = typer.Typer(
@@ -44,10 +46,10 @@ cli.command()(servers.api)
 cli.command()(servers.serve)
 cli.command()(servers.worker)
 cli.command()(supervisor.up)
-cli.command("generate", rich_help_panel=commands.PANEL)(commands.generate)
-cli.add_typer(commands.files_cli, name="files", rich_help_panel=commands.PANEL)
-cli.add_typer(commands.jobs_cli, name="jobs", rich_help_panel=commands.PANEL)
-cli.add_typer(commands.adapters_cli, name="adapters", rich_help_panel=commands.PANEL)
+cli.command("generate", rich_help_panel=PANEL)(generate.generate)
+cli.add_typer(files.files_cli, name="files", rich_help_panel=PANEL)
+cli.add_typer(jobs.jobs_cli, name="jobs", rich_help_panel=PANEL)
+cli.add_typer(adapters.adapters_cli, name="adapters", rich_help_panel=PANEL)
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from typing import Annotated
 
 import typer
 
-from app.cli import commands
+from app.cli import generate
+from app.cli.api import ApiKey, ApiUrl
 from app.cli.client import DEFAULT_API_URL
-from app.cli.commands import ApiKey, ApiUrl
 from app.cli.output import fail, format_time, log_to_stderr, print_json
 from app.core.settings import get_settings
 
@@ -247,7 +247,7 @@ def models_list(
     With --local: the base models (built-in and registered) in this machine's database, as an operator sees them.
     """
     if not local:
-        commands.models_list(api_url, api_key, as_json=as_json)
+        generate.models_list(api_url, api_key, as_json=as_json)
         return
     from app.core.db import session_scope
     from app.models.schemas import ModelObject
@@ -260,7 +260,7 @@ def models_list(
     if as_json:
         print_json([o.model_dump() for o in objects])
         return
-    commands.print_models([o.model_dump() for o in objects])
+    generate.print_models([o.model_dump() for o in objects])
 
 
 @models_cli.command("remove")

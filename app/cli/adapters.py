@@ -1,0 +1,68 @@
+"""`tuneforge adapters`: list your trained adapters, download one as a .tar.gz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli.api import After, ApiKey, ApiUrl, AsJson, Limit, connect, new_table, page_caption, show_table
+from app.cli.client import DEFAULT_API_URL
+from app.cli.output import format_time, print_json
+
+adapters_cli = typer.Typer(help="Trained adapters: list, download.", no_args_is_help=True)
+
+
+@adapters_cli.command("list")
+def adapters_list(
+    limit: Limit = 20,
+    after: After = None,
+    as_json: AsJson = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """List your adapters, newest first."""
+    with connect(api_url, api_key) as api:
+        page = api.get("/adapters", {"limit": limit, "after": after})
+    if as_json:
+        print_json(page)
+        return
+    columns = ("id", "name", "model", "method", "format", "bytes", "created")
+    table = new_table(*columns, wrap=("name", "model"), caption=page_caption(page, "id"))
+    for a in page["data"]:
+        table.add_row(
+            a["id"],
+            a["name"] or "",
+            a["base_model"],
+            a["method"],
+            a["format"],
+            f"{a['size_bytes']:,}",
+            format_time(a["created_at"]),
+        )
+    show_table(table)
+
+
+@adapters_cli.command("download")
+def adapters_download(
+    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="An adapter's id, or a job checkpoint's (ftckpt-…)")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="The file to write, or a folder to write ID.tar.gz in (default: ./ID.tar.gz)"
+        ),
+    ] = None,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download an adapter as a .tar.gz (the artifact and its tuneforge.json manifest) and print the file's path.
+
+    The file appears once complete and its sha256 checked (an existing file is replaced).
+    """
+    destination = output or Path(f"{adapter_id}.tar.gz")
+    if destination.is_dir():
+        destination = destination / f"{adapter_id}.tar.gz"
+    with connect(api_url, api_key) as api:
+        size, sha256 = api.download(f"/adapters/{adapter_id}/download", destination)
+    typer.echo(f"downloaded {size:,} bytes, sha256 {sha256} (checked)", err=True)
+    typer.echo(str(destination))
