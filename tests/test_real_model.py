@@ -63,12 +63,12 @@ def test_lora_on_smollm2_learns_and_changes_generation(tmp_path: Path, model_cac
 def test_a_gguf_file_registers_as_the_same_model_as_the_builtin(tmp_path: Path, model_cache_dir: Path) -> None:
     """`tuneforge models add --gguf` on SmolLM2's GGUF file: converted once, checked, stored; its facts are the
     built-in's (which are written down, not measured, when the API lists them)."""
-    from app.ml.models import BUILTINS, SMOLLM2_GGUF, _smollm2_gguf_dir
+    from app.ml.models import BUILTINS, SMOLLM2_GGUF, smollm2_gguf_dir
     from tests.test_base_models import tuneforge
 
     settings = embedded_settings(tmp_path / "data", model_cache_dir)
     migrate(settings.db_url)
-    result = tuneforge(settings, "models", "add", "smol-gguf", "--gguf", _smollm2_gguf_dir() / SMOLLM2_GGUF)
+    result = tuneforge(settings, "models", "add", "smol-gguf", "--gguf", smollm2_gguf_dir() / SMOLLM2_GGUF)
     assert result.returncode == 0, result.stderr
     assert "converting SmolLM2-135M-Instruct.Q4_1.gguf (once)" in result.stderr
     listed = json.loads(tuneforge(settings, "models", "list", "--local", "--json").stdout)
