@@ -186,7 +186,9 @@ def wait_until(condition: Any, seconds: float = 5.0) -> bool:
     return False
 
 
-def test_a_client_that_goes_away_frees_its_row_at_once(tenant: Tenant, server: tuple[str, FastAPI]) -> None:
+def test_a_client_that_goes_away_frees_its_row_at_once(
+    tenant: Tenant, server: tuple[str, FastAPI], monkeypatch: pytest.MonkeyPatch
+) -> None:
     url, app = server
     # Greedy decoding of this prompt never reaches the end-of-sequence token (checked first: it is deterministic),
     # so only a disconnection ends the requests below early.
@@ -194,6 +196,16 @@ def test_a_client_that_goes_away_frees_its_row_at_once(tenant: Tenant, server: t
     probe = httpx.post(f"{url}/generate", headers=tenant.headers, json={**body, "max_tokens": 200}, timeout=120)
     assert probe.json()["finish_reason"] == "length"
     long = {**body, "max_tokens": 1900}
+    # The tiny model decodes 1900 tokens in about 3 s, under which a busy machine may not even show the client the
+    # first one: each step is slowed to 10 ms, so a request left alone would run for 19 s.
+    runner = app.state.engine.runner
+    step = runner.step
+
+    def slow_step(*args: Any) -> None:
+        time.sleep(0.01)
+        step(*args)
+
+    monkeypatch.setattr(runner, "step", slow_step)
 
     with httpx.stream("POST", f"{url}/generate", headers=tenant.headers, json={**long, "stream": True}) as r:
         next(r.iter_lines())
