@@ -1,5 +1,7 @@
 # Tuneforge: one image for every role. The command picks the role:
-#   tuneforge up        everything in one container (SQLite + local folder in /data; the default)
+#   tuneforge up        everything in one container (SQLite + local folder in /data; the default). The first API
+#                       key goes to /data/first-api-key (mode 0600), never to the container's log:
+#                       docker exec <container> cat /data/first-api-key
 #   tuneforge migrate   create/upgrade the database schema, then exit
 #   tuneforge api       the HTTP API on TUNEFORGE_HOST:TUNEFORGE_PORT
 #   tuneforge worker    a Celery training worker
@@ -55,4 +57,5 @@ EXPOSE 8000
 
 # No HEALTHCHECK here: the same image runs the worker, which serves no HTTP. docker-compose.yml checks
 # the API with GET /healthz.
-CMD ["tuneforge", "up"]
+# --no-show-key: even with a terminal (docker run -t), whatever `up` prints is kept in the container's log.
+CMD ["tuneforge", "up", "--no-show-key"]

@@ -571,6 +571,73 @@ def test_bad_models_are_refused_and_nothing_is_registered(settings: Settings, tm
     assert ObjectStorage.from_settings(settings).list_keys(BLOB_PREFIX) == []
 
 
+def sharded(folder: Path, shard_name: str) -> Path:
+    """`folder` with its weights listed in a model.safetensors.index.json whose weight_map names `shard_name`."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, shard_name)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_links_and_weight_map_entries_that_leave_the_folder_are_refused(settings: Settings, tmp_path: Path) -> None:
+    """A model folder may hold only its own files: otherwise `models add` would copy whatever this user can read
+    (a key, a credentials file) into the object store. Each case would register today, or read outside the folder;
+    each is refused naming the file, and nothing is stored."""
+    outside = build_tiny_model("llama", tmp_path / "outside")  # valid files, outside the folders added below
+
+    linked_tokenizer = build_tiny_model("llama", tmp_path / "linked-tokenizer")
+    (linked_tokenizer / "tokenizer.json").unlink()
+    (linked_tokenizer / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    linked_deeper = build_tiny_model("llama", tmp_path / "linked-deeper")
+    (linked_deeper / "original").mkdir()
+    (linked_deeper / "original" / "params.json").symlink_to(outside / "config.json")
+    linked_folder = build_tiny_model("llama", tmp_path / "linked-folder")
+    (linked_folder / "extra").symlink_to(outside, target_is_directory=True)
+
+    up_and_out = sharded(build_tiny_model("llama", tmp_path / "up-and-out" / "model"), "../outside.safetensors")
+    (up_and_out / "model.safetensors").rename(up_and_out.parent / "outside.safetensors")
+    absolute = sharded(build_tiny_model("llama", tmp_path / "absolute"), str(outside / "model.safetensors"))
+    (absolute / "model.safetensors").unlink()
+
+    cases = [
+        (linked_tokenizer, f"{linked_tokenizer / 'tokenizer.json'} is a symbolic link (to {outside}/tokenizer.json)"),
+        (linked_deeper, f"{linked_deeper / 'original' / 'params.json'} is a symbolic link"),
+        (linked_folder, f"{linked_folder / 'extra'} is a symbolic link"),
+        (up_and_out, "model.safetensors.index.json names '../outside.safetensors' in its weight_map, which is not"),
+        (absolute, f"model.safetensors.index.json names '{outside / 'model.safetensors'}' in its weight_map"),
+    ]
+    for folder, message in cases:
+        result = tuneforge(settings, "models", "add", "tiny-leaky", "--path", folder)
+        assert result.returncode == 1, (folder, result.stdout)
+        assert message in result.stderr and "nothing was registered" in result.stderr, (folder, result.stderr)
+    listed = json.loads(tuneforge(settings, "models", "list", "--local", "--json").stdout)
+    assert [m["id"] for m in listed] == list(BUILTINS)
+    assert ObjectStorage.from_settings(settings).list_keys(BLOB_PREFIX) == []
+    # The same folder, its own files only, registers.
+    register(settings, "tiny-own-files", "--path", sharded(outside, "model.safetensors"))
+
+
+@pytest.mark.e2e  # `tuneforge models add --hf-repo`, in a process of its own
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_hugging_face_cache_link_that_leaves_its_repo_is_refused(settings: Settings, tmp_path: Path) -> None:
+    """The hub cache's snapshots are links into the repo's own blobs/ (followed); one that points elsewhere is not."""
+    folder = build_tiny_model("qwen2", tmp_path / "model")
+    cache = make_hf_cache(tmp_path / "hub", "acme/tiny-qwen", folder)
+    snapshot = next((cache / "models--acme--tiny-qwen" / "snapshots").iterdir())
+    (snapshot / "tokenizer.json").unlink()
+    (snapshot / "tokenizer.json").symlink_to(folder / "tokenizer.json")  # a file outside the cache
+    hub: dict[str, Any] = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "in_process": False}
+    result = tuneforge(settings, "models", "add", "acme-qwen", "--hf-repo", "acme/tiny-qwen", **hub)
+    assert result.returncode == 1, result.stdout
+    assert f"{snapshot / 'tokenizer.json'} is a symbolic link (to {folder}/tokenizer.json)" in result.stderr
+    assert "nothing was registered" in result.stderr
+    assert ObjectStorage.from_settings(settings).list_keys(BLOB_PREFIX) == []
+
+
 def test_v1_models_lists_the_builtins_in_openais_shape(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     r = client.get("/v1/models", headers=tenant.headers)
     assert r.status_code == 200

@@ -1,9 +1,9 @@
 """The container deployment (Dockerfile, .dockerignore, docker-compose.yml) agrees with the code.
 
 Docker is not needed: the Dockerfile is linted with hadolint and read as text, the compose file is parsed
-with PyYAML (with Compose's `${VAR:-default}` interpolation done here, on an empty environment, so the
-defaults are what is checked), commands are checked against the real `tuneforge` CLI, and the compose
-environment is fed to the real `Settings`.
+with PyYAML (with Compose's `${VAR:-default}` interpolation done here, on an environment holding only the
+variables that have no default, so the defaults are what is checked), commands are checked against the real
+`tuneforge` CLI, and the compose environment is fed to the real `Settings`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 TUNEFORGE_SERVICES = ("migrate", "api", "serve", "worker")
 ENV_PREFIX = "TUNEFORGE_"
+# What an operator must set before Compose starts anything (no default: a default token would be everyone's).
+REQUIRED_ENV = {"TUNEFORGE_METRICS_TOKEN": "scrape-token-from-dotenv"}
 
 
 # --- helpers: Compose ---------------------------------------------------------------------------------------
@@ -83,9 +85,10 @@ def _interpolate_tree(node: Any, env: dict[str, str]) -> Any:
 
 
 def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    """docker-compose.yml as Compose sees it: anchors and merge keys resolved, variables interpolated."""
+    """docker-compose.yml as Compose sees it: anchors and merge keys resolved, variables interpolated (in `env`,
+    by default the variables that must be set and nothing else)."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
-    return _interpolate_tree(raw, env or {})
+    return _interpolate_tree(raw, REQUIRED_ENV if env is None else env)
 
 
 def service_env(service: dict[str, Any]) -> dict[str, str]:
@@ -261,6 +264,15 @@ def test_image_serves_the_api_on_all_interfaces_port_8000_with_data_in_a_volume(
     assert env["TUNEFORGE_DATA_DIR"] == "/data"
     volumes = [args for keyword, args in instructions if keyword == "VOLUME"]
     assert any("/data" in volume for volume in volumes)
+
+
+def test_the_image_never_prints_the_first_api_key_into_the_container_log(instructions: list) -> None:
+    """`tuneforge up` in the image writes the first key to a file in the data volume (mode 0600) and prints only
+    the file's path, even under `docker run -t`, where a terminal would otherwise make it print the key."""
+    cmds = [args for keyword, args in instructions if keyword == "CMD"]
+    argv = json.loads(cmds[-1])
+    assert argv[:2] == ["tuneforge", "up"] and "--no-show-key" in argv, argv
+    assert "--show-key" not in argv
 
 
 def test_image_default_command_is_a_real_cli_command(instructions: list) -> None:
@@ -454,7 +466,7 @@ def test_createbucket_creates_the_storage_bucket_with_the_minio_credentials(
     ids=["defaults", "overridden"],
 )
 def test_credentials_agree_between_services(env: dict[str, str]) -> None:
-    services = load_compose(env)["services"]
+    services = load_compose({**REQUIRED_ENV, **env})["services"]
     tuneforge, minio = service_env(services["api"]), service_env(services["minio"])
     assert tuneforge["TUNEFORGE_S3_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
     assert tuneforge["TUNEFORGE_S3_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
@@ -463,6 +475,40 @@ def test_credentials_agree_between_services(env: dict[str, str]) -> None:
     assert db.password == service_env(services["postgres"])["POSTGRES_PASSWORD"]
     if env:
         assert minio["MINIO_ROOT_USER"] == "admin" and db.password == "pw"
+
+
+def test_compose_refuses_to_start_without_a_metrics_token() -> None:
+    with pytest.raises(ValueError, match="required variable TUNEFORGE_METRICS_TOKEN is not set"):
+        load_compose({})
+    with pytest.raises(ValueError, match="TUNEFORGE_METRICS_TOKEN"):
+        load_compose({"TUNEFORGE_METRICS_TOKEN": ""})  # `:?`: an empty token is refused too
+
+
+def test_metrics_on_every_published_port_need_the_token(services: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Tuneforge service that publishes a port (the API, the serving replicas) serves /metrics there, and
+    each is given the operator's token: GET /metrics answers only `Authorization: Bearer <token>`."""
+    published = [name for name in TUNEFORGE_SERVICES if services[name].get("ports")]
+    assert {"api", "serve"} <= set(published)
+    for name in published:
+        for key in list(os.environ):
+            if key.startswith(ENV_PREFIX):
+                monkeypatch.delenv(key)
+        for key, value in service_env(services[name]).items():
+            monkeypatch.setenv(key, value)
+        token = Settings().metrics_token
+        assert token is not None, f"{name}: /metrics is open to whoever reaches port {services[name]['ports']}"
+        assert token.get_secret_value() == REQUIRED_ENV["TUNEFORGE_METRICS_TOKEN"]
+
+
+def test_no_compose_service_prints_an_api_key(services: dict) -> None:
+    """`docker compose logs` keeps whatever a service prints: no service creates a key (`tuneforge up` would, for
+    the first tenant); keys come from `docker compose run --rm api tuneforge keys create`, on the operator's
+    terminal."""
+    for name in TUNEFORGE_SERVICES:
+        argv = as_argv(services[name]["command"])
+        assert argv[1] not in ("up", "keys"), f"{name} runs `{' '.join(argv)}`"
+    header = COMPOSE_FILE.read_text().split("\nname:", 1)[0]
+    assert "docker compose run --rm api tuneforge keys create --tenant" in header
 
 
 def test_named_volumes_for_state(compose: dict, services: dict) -> None:

@@ -41,6 +41,18 @@ class Service:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-6000:]}" for p in self.logs if p.exists())
 
 
+def first_key(up_stdout_line: str, data_dir: Path) -> str:
+    """The first tenant's key from `tuneforge up` whose stdout is not a terminal (a pipe, as in a container): the
+    line names the file it is in (mode 0600), never the key itself."""
+    assert "tf_" not in up_stdout_line, up_stdout_line
+    key_file = data_dir.resolve() / "first-api-key"
+    assert f"Its API key is in {key_file} " in up_stdout_line, up_stdout_line
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip()
+    assert re.fullmatch(r"tf_\S+", key), key
+    return key
+
+
 def wait_healthy(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,10 +93,8 @@ def service(request: pytest.FixtureRequest, tmp_path: Path, model_cache_dir: Pat
         with log.open("wb") as out:
             up = subprocess.Popen([*TUNEFORGE, "up"], env=env, stdout=subprocess.PIPE, stderr=out)
         assert up.stdout is not None
-        first_line = up.stdout.readline().decode()
-        match = re.search(r"API key \(shown once\): (tf_\S+)", first_line)
-        assert match, first_line
-        svc = Service(url, match.group(1), [log], env)
+        key = first_key(up.stdout.readline().decode(), tmp_path / "data")
+        svc = Service(url, key, [log], env)
         try:
             wait_healthy(url, [up])
             yield svc
@@ -242,7 +252,7 @@ def test_ctrl_c_during_training_hands_the_job_back_and_the_next_start_finishes_i
     with log.open("wb") as out:
         up = subprocess.Popen([*TUNEFORGE, "up"], env=env, stdout=subprocess.PIPE, stderr=out)
     assert up.stdout is not None
-    key = up.stdout.readline().decode().rsplit(" ", 1)[-1].strip()
+    key = first_key(up.stdout.readline().decode(), tmp_path / "data")
     http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
     try:
         wait_healthy(url, [up])

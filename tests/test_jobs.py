@@ -299,4 +299,21 @@ def test_a_dry_run_checks_everything_and_creates_nothing(
     pace = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["metrics"]["tokens_per_second"]
     assert plan["estimated_tokens_per_second"] == round(pace, 1)
     assert plan["estimated_duration_seconds"] == round(2 * plan["train_tokens_per_epoch"] / pace)
-    assert plan["estimate_basis"].startswith("the median pace of the last 1 finished lora job(s)")
+    assert plan["estimate_basis"].startswith("the median pace of your last 1 finished lora job(s)")
+
+
+def test_a_dry_run_estimates_only_from_the_tenants_own_jobs(
+    client: TestClient, tenant: Tenant, make_tenant: Any, training_file: str, settings: Settings
+) -> None:
+    """Another tenant's finished jobs neither change my estimate nor tell me they exist (on PostgreSQL the database
+    also holds every other test's jobs: none of them counts either)."""
+    body = {"base_model": "tiny-random-llama", "hyperparameters": {"n_epochs": 1}, "dry_run": True}
+    other = make_tenant()
+    other_file = upload(client, other, jsonl(chat_lines(8))).json()["id"]
+    other_job = create(client, other, **{**body, "dry_run": False}, training_file=other_file).json()["id"]
+    assert run_training_job(settings, other_job) is not None
+    assert create(client, other, **body, training_file=other_file).json()["estimated_duration_seconds"] is not None
+
+    plan = create(client, tenant, **body, training_file=training_file).json()
+    assert plan["estimated_tokens_per_second"] is None and plan["estimated_duration_seconds"] is None
+    assert plan["estimate_basis"] == "none yet: none of your lora jobs on tiny-random-llama has finished"

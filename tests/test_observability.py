@@ -387,6 +387,34 @@ def test_the_text_format_prints_the_same_line_for_a_person() -> None:
     assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "ValueError: boom"
 
 
+@embedded_only
+def test_a_newline_in_a_request_path_cannot_forge_a_text_log_line(settings: Settings, tenant: Tenant) -> None:
+    """The server percent-decodes the path before it is logged: `%0A` is a newline, `%1B` a terminal escape. In the
+    text format each request is still one line, the characters written as escapes."""
+    buffer = io.StringIO()
+    handler = make_handler("text", buffer)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    forged = "2026-01-01T00:00:00.000+00:00 INFO tuneforge.access: GET /admin 200 0.1 ms"
+    try:
+        with TestClient(create_app(settings)) as client:
+            for path in (f"/jobs/x%0A{forged}", f"/jobs/x%0D%0A{forged}", f"/jobs/x%E2%80%A8{forged}%1B[2K%00"):
+                r = client.get(path, headers={**tenant.headers, "X-Request-ID": "req-forge"})
+                assert r.status_code == 404
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = buffer.getvalue().splitlines()
+    assert not [line for line in lines if line.startswith(forged[:20])], lines
+    access = [line for line in lines if " tuneforge.access: " in line and line.endswith("[request_id=req-forge]")]
+    assert len(access) == 3, lines
+    assert f"GET /jobs/x\\n{forged} 404 " in access[0]
+    assert f"GET /jobs/x\\r\\n{forged} 404 " in access[1]
+    assert f"GET /jobs/x\\u2028{forged}\\x1b[2K\\x00 404 " in access[2]
+
+
 # --- the real processes -----------------------------------------------------------------------------------------
 def json_lines(log: Path) -> list[dict[str, Any]]:
     """Every line of a process's log (its stderr), each of which must be one JSON object."""

@@ -5,6 +5,7 @@ in one mixed batch against the reference is in test_methods.py; the HTTP side is
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from app.ml.serving import (
     GenerationEngine,
     GenerationRequest,
 )
+from app.ml.serving.adapters import AdapterStore
 from tests.conftest import serving_limits
 from tests.test_methods import greedy
 
@@ -200,6 +202,87 @@ def test_a_cold_adapter_loads_once_and_a_damaged_one_fails_only_its_requests(
     with pytest.raises(AdapterUnavailable, match="missing"):
         bad[1].result(timeout=60)
     assert engine.store.misses - misses == 3  # six requests for one cold adapter: one download
+
+
+def disk_tier(storage: ObjectStorage, cache_dir: Path, disk_bytes: int = 1 << 30) -> AdapterStore:
+    """The disk tier of one serving process (its host memory is its own; `cache_dir` may be shared)."""
+    return AdapterStore(
+        storage=storage, cache_dir=cache_dir, dtype=torch.float32, host_bytes=1 << 30, disk_bytes=disk_bytes
+    )
+
+
+def load(tier: AdapterStore, ref: AdapterRef) -> Any:
+    return tier.fetch(ref, weights_sha256="unused-by-lora").result(timeout=60)
+
+
+def test_a_cached_adapter_that_cannot_be_read_is_fetched_again_once(
+    loras: list[Made], store: ObjectStorage, tmp_path: Path
+) -> None:
+    """A replica finds the adapter's folder on the shared disk but cannot read it (a file gone or cut short): it
+    drops that copy and fetches the archive once more, and the request is served. An archive that is itself
+    unreadable fails its requests after that one fetch, never in a loop."""
+    ref = loras[0].ref
+    first = disk_tier(store, tmp_path / "cache")
+    try:
+        expected = load(first, ref).n_bytes
+    finally:
+        first.close()
+    weights = next((tmp_path / "cache" / ref.id).rglob("adapter_model.safetensors"))
+    whole = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged on disk, its manifest and config intact
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(loras[0].folder, damaged)
+    (damaged / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    unreadable = publish(store, damaged, "unreadable", "lora")
+    replica = disk_tier(store, tmp_path / "cache")
+    try:
+        assert load(replica, ref).n_bytes == expected
+        assert (replica.hits, replica.misses) == (1, 1)  # found on the disk, unreadable: downloaded again
+        assert weights.stat().st_size == whole  # a whole copy in its place
+        with pytest.raises(AdapterUnavailable, match="could not be read"):
+            load(replica, unreadable)
+        with pytest.raises(AdapterUnavailable, match="could not be read"):
+            load(replica, unreadable)  # on the disk now: fetched once more, then refused
+        assert (replica.hits, replica.misses) == (2, 3)
+    finally:
+        replica.close()
+
+
+def test_a_replica_never_reads_an_adapter_folder_another_is_deleting(
+    loras: list[Made], store: ObjectStorage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas share the disk cache. While one deletes an adapter's folder (its disk budget is full), the other
+    asks for that adapter: it must never find the folder half-deleted, and it serves the adapter."""
+    import app.ml.serving.adapters as adapters
+
+    cache = tmp_path / "cache"
+    trimming = disk_tier(store, cache, disk_bytes=1)  # keeps only the adapter it loaded last
+    other = disk_tier(store, cache)
+    live = cache / loras[0].ref.id
+    seen: dict[str, Any] = {}
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        name = Path(path).name  # the live folder, or a tombstone of it (not an archive being unpacked)
+        if "during" not in seen and (
+            name == live.name or name.startswith(f".{live.name}.") and name.endswith(".deleted")
+        ):
+            next(Path(path).rglob("adapter_model.safetensors")).unlink()  # the deletion is under way
+            seen["during"] = live.exists()
+            seen["loaded"] = load(other, loras[0].ref)  # the other replica asks for it now
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(adapters.shutil, "rmtree", slow_rmtree)
+    try:
+        load(trimming, loras[0].ref)
+        load(trimming, loras[1].ref)  # over the budget: loras[0]'s folder goes
+        assert seen["during"] is False, "the live folder was visible while it was being deleted"
+        assert seen["loaded"].n_bytes > 0 and (other.hits, other.misses) == (0, 1)
+        assert live.is_dir() and not [p for p in cache.iterdir() if p.name.endswith(".deleted")]
+    finally:
+        trimming.close()
+        other.close()
 
 
 def test_cold_adapter_time_to_first_token(engine: GenerationEngine, loras: list[Made]) -> None:

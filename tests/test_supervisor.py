@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from app.auth.service import authenticate
 from app.cli.supervisor import Supervised
+from app.core.db import session_scope
 from tests.conftest import free_port
-from tests.test_e2e import TUNEFORGE, wait_healthy
+from tests.test_e2e import TUNEFORGE, first_key, wait_healthy
 
 STARTED = re.compile(r"started (api|worker) \(pid (\d+)\)")  # in a JSON log line's message (or a text one)
 CELERY_READY = re.compile(r"celery@\S+ ready\.")
@@ -133,3 +135,45 @@ def test_the_restart_delay_doubles_up_to_30_s_and_starts_over_after_a_minute_up(
     assert crasher.process is not None
     assert caplog.messages == [f"started crasher (pid {crasher.process.pid})"]
     crasher.process.wait(timeout=10)
+
+
+def first_line_of_up(env: dict[str, str], log: Path, *, terminal: bool) -> str:
+    """The first line `tuneforge up` prints on stdout (a pipe, or a terminal), then Ctrl-C; stderr goes to `log`."""
+    import pty
+
+    reader, writer = pty.openpty() if terminal else os.pipe()
+    with log.open("ab") as err:
+        up = subprocess.Popen([*TUNEFORGE, "up"], env=env, stdout=writer, stderr=err, start_new_session=True)
+    os.close(writer)
+    try:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = os.read(reader, 1)
+            assert chunk, f"`up` printed nothing:\n{log.read_text()[-3000:]}"
+            line += chunk
+        return line.decode()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGKILL)
+        up.wait(timeout=30)
+        os.close(reader)
+
+
+@pytest.mark.e2e
+def test_the_first_key_is_kept_out_of_logs_and_shown_only_on_a_terminal(tmp_path: Path) -> None:
+    """Where stdout is not a terminal (a container, a service manager, a file), whatever `up` prints ends in a
+    log: the key goes to a file only its user reads, and the log holds no credential. A developer running `up` in
+    a terminal still sees the key there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_")}
+    env.update(TUNEFORGE_DATA_DIR=str(tmp_path / "logged"), TUNEFORGE_PORT=str(free_port()))
+    log = tmp_path / "up.log"
+    line = first_line_of_up(env, log, terminal=False)
+    key = first_key(line, tmp_path / "logged")  # the line names the file, mode 0600, holding a key
+    assert key not in log.read_text() and "tf_" not in log.read_text()
+    with session_scope(f"sqlite:///{(tmp_path / 'logged').resolve() / 'tuneforge.db'}") as session:
+        assert authenticate(session, authorization=f"Bearer {key}").name == "default"
+
+    env["TUNEFORGE_DATA_DIR"] = str(tmp_path / "terminal")
+    shown = first_line_of_up(env, log, terminal=True)
+    assert re.fullmatch(r"Created tenant 'default'\. API key \(shown once\): tf_\S+\r?\n", shown), shown
+    assert not (tmp_path / "terminal" / "first-api-key").exists()

@@ -109,6 +109,18 @@ def test_the_page_and_every_asset_are_served_without_a_key(client: TestClient) -
     assert client.get("/uix").status_code == 401
 
 
+def test_the_dashboard_runs_only_its_own_files_and_no_site_may_frame_it(client: TestClient) -> None:
+    for path in ("/ui", "/ui/", "/ui/static/app.js", "/ui/static/job_states.js"):
+        r = client.get(path)
+        policy = dict(directive.strip().split(" ", 1) for directive in r.headers["content-security-policy"].split(";"))
+        assert policy["frame-ancestors"] == "'none'" and r.headers["x-frame-options"] == "DENY", path
+        assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'", path
+        assert policy["default-src"] == "'self'" and policy["object-src"] == "'none'", path
+    # What the policy allows is all the page needs: no inline script or style, every asset from the server itself.
+    page = client.get("/ui").text
+    assert not re.search(r"<script(?![^>]*\bsrc=)|<style|\sstyle=|\son\w+=", page)
+
+
 def test_the_dashboard_stays_out_of_the_api_schema(client: TestClient) -> None:
     assert not [path for path in client.get("/openapi.json").json()["paths"] if path.startswith("/ui")]
 
@@ -142,12 +154,43 @@ def page(browser: Any, server: str) -> Iterator[Any]:
     errors: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # Whatever the Content-Security-Policy refuses (an inline style, a script, a request elsewhere) is a bug.
+    page.on(
+        "console", lambda message: errors.extend([message.text] if "Content Security Policy" in message.text else [])
+    )
     page.requested = requested
     yield page
     context.close()
     # Air-gapped: nothing but the server itself (and the page's own blob: download URLs).
     assert [url for url in requested if not url.startswith((server + "/", "blob:", "data:"))] == []
     assert errors == []
+
+
+@pytest.mark.browser
+def test_another_site_cannot_frame_the_dashboard(browser: Any, server: str) -> None:
+    """Clickjacking: a page elsewhere that frames /ui gets an empty frame, never the dashboard (and its key form)."""
+    context = browser.new_context()
+    page = context.new_page()
+    refusals: list[str] = []
+
+    def on_console(message: Any) -> None:
+        if "frame-ancestors" in message.text:
+            refusals.append(message.text)
+
+    page.on("console", on_console)
+    try:
+        with page.expect_response(f"{server}/ui") as framed:
+            page.set_content(f'<iframe src="{server}/ui"></iframe>')
+        assert framed.value.status == 200  # served; the browser refuses to show it
+        for _ in range(50):
+            if refusals:
+                break
+            page.wait_for_timeout(100)
+        assert refusals, "the browser showed the dashboard inside another page"
+        [child] = [frame for frame in page.frames if frame != page.main_frame]
+        assert child.query_selector("#view") is None and child.query_selector("#api-key") is None
+    finally:
+        context.close()
 
 
 def points(page: Any, series: str) -> int:

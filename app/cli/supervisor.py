@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -88,9 +90,52 @@ def _stop_all(children: list[Supervised]) -> None:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
 
 
+FIRST_KEY_FILE = "first-api-key"  # in the data dir, when the first key is not shown on a terminal
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write `text` to a new file that only this user may read (mode 0600 from its creation, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a file left by an earlier database: O_EXCL creates ours afresh with our mode
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def create_first_key(data_dir: Path, db_url: str, *, show: bool) -> None:
+    """On a database without tenants, create the tenant `default` and its API key: printed when `show`, else
+    written to a file only this user reads (its path is printed, not the key), so that no log collects it."""
+    from app.auth.service import count_tenants, create_api_key
+    from app.core.db import session_scope
+
+    with session_scope(db_url) as session:
+        if count_tenants(session) != 0:
+            return
+        key = create_api_key(session, tenant_name="default")
+        if not show:
+            # Before the commit: a key that could not be written is not created either.
+            write_secret(data_dir / FIRST_KEY_FILE, key + "\n")
+    if show:
+        typer.echo(f"Created tenant 'default'. API key (shown once): {key}")
+    else:
+        typer.echo(
+            f"Created tenant 'default'. Its API key is in {data_dir / FIRST_KEY_FILE} (readable by this user only; "
+            "delete the file once the key is kept elsewhere)"
+        )
+
+
 def up(
     host: Annotated[str | None, typer.Option(help="Bind address (default: TUNEFORGE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: TUNEFORGE_PORT)")] = None,
+    show_key: Annotated[
+        bool | None,
+        typer.Option(
+            "--show-key/--no-show-key",
+            help="Print the first API key (default: only when stdout is a terminal, which no log keeps); otherwise "
+            f"it is written to <TUNEFORGE_DATA_DIR>/{FIRST_KEY_FILE} (mode 0600) and only that path is printed",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run everything on this machine: migrate, then the API and one worker. Ctrl-C (or SIGTERM) stops both; a
     running job is checkpointed and queued again, and the next `tuneforge up` resumes it.
@@ -99,20 +144,15 @@ def up(
 
     The restart waits 1 s, doubling while the child keeps crashing (at most 30 s), back to 1 s after a minute up.
 
-    On first start (no tenant yet) it creates the tenant `default` and prints its API key.
+    On first start (no tenant yet) it creates the tenant `default` and its API key (where it goes: see --show-key).
     """
-    from app.auth.service import count_tenants, create_api_key
     from app.core.db import migrate as run_migrations
-    from app.core.db import session_scope
 
     log_to_stderr()
     check_placement()
     settings = get_settings()
     run_migrations(settings.db_url)
-    with session_scope(settings.db_url) as session:
-        if count_tenants(session) == 0:
-            key = create_api_key(session, tenant_name="default")
-            typer.echo(f"Created tenant 'default'. API key (shown once): {key}")
+    create_first_key(settings.data_dir, settings.db_url, show=sys.stdout.isatty() if show_key is None else show_key)
     log.info("Tuneforge on http://%s:%s  data: %s", host or settings.host, port or settings.port, settings.data_dir)
     me = [sys.executable, "-m", "app.cli"]
     api_args = [*me, "api"] + (["--host", host] if host else []) + (["--port", str(port)] if port else [])

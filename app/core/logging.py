@@ -32,6 +32,17 @@ NOT_LOGGED = ("color_message",)
 
 LogFormat = Literal["json", "text"]
 
+# What would end a line, or move a terminal's cursor, in the text format: C0 and C1 controls, DEL, and Unicode's line
+# and paragraph separators. A request path is percent-decoded before it is logged: `/jobs/x%0Afake` holds a newline.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line: each control character written as its escape (`\\n`, `\\x1b`, `\\u2028`)."""
+    return CONTROL_CHARACTERS.sub(lambda m: _ESCAPES.get(m[0]) or m[0].encode("unicode_escape").decode(), text)
+
+
 # An incoming X-Request-ID is kept only if it looks like an id: bounded, no spaces, quotes or control characters.
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -73,13 +84,23 @@ class JsonLineFormatter(JsonFormatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`time level logger: message [request_id=… job_id=…]`."""
+    """`time level logger: message [request_id=… job_id=…]`: one line a record (and its traceback after it), whatever
+    the message holds, so that no one can add a line of their own (a request path, a file name, a model's text)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return _utc_time(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        # record.message is set by format() for this call; the record itself is left as it came (other handlers).
+        message = record.message
+        record.message = escape_controls(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

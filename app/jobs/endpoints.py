@@ -55,7 +55,9 @@ def create_job(
             max_batch_tokens=settings.train_max_batch_tokens,
             cuda_training=planning.cuda_training(settings),
         )
-        return JSONResponse(DryRunObject(**planning.dry_run(session, plan)).model_dump(), status_code=200)
+        return JSONResponse(
+            DryRunObject(**planning.dry_run(session, plan, tenant_id=tenant.id)).model_dump(), status_code=200
+        )
     job = service.submit_job(
         session,
         settings=settings,

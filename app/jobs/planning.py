@@ -171,9 +171,12 @@ def cuda_training(settings: Settings) -> bool:
 PACE_SAMPLE = 20  # recent finished jobs whose training pace estimates a dry run's duration
 
 
-def dry_run(session: Session, plan: JobPlan) -> dict[str, Any]:
-    """What the job would do: examples, steps and tokens, and how long it would train at the pace of this
-    deployment's recent jobs of the same method on the same model (None before there is one)."""
+def dry_run(session: Session, plan: JobPlan, *, tenant_id: str) -> dict[str, Any]:
+    """What the job would do: examples, steps and tokens, and how long it would train at the pace of the tenant's
+    own recent jobs of the same method on the same model (None before there is one).
+
+    Only the tenant's own jobs: a deployment-wide pace would tell one tenant when another's jobs of a method and
+    model finished, and how fast they trained."""
     hp = plan.hyperparameters
     train_file, train_counts = plan.files["training_file"]
     n_examples = train_file.n_examples
@@ -187,8 +190,8 @@ def dry_run(session: Session, plan: JobPlan) -> dict[str, Any]:
         float(metrics["tokens_per_second"])
         for metrics in session.scalars(
             select(Job.metrics)
-            .where(Job.base_model == plan.base_model, Job.status == JobStatus.succeeded)
-            .where(Job.method == plan.method)
+            .where(Job.tenant_id == tenant_id, Job.base_model == plan.base_model, Job.method == plan.method)
+            .where(Job.status == JobStatus.succeeded)
             .order_by(Job.finished_at.desc())
             .limit(PACE_SAMPLE)
         )
@@ -206,8 +209,8 @@ def dry_run(session: Session, plan: JobPlan) -> dict[str, Any]:
         "train_tokens_per_epoch": train_tokens,
         "estimated_tokens_per_second": round(pace, 1) if pace else None,
         "estimated_duration_seconds": round(tokens / pace) if pace else None,
-        "estimate_basis": f"the median pace of the last {len(paces)} finished {plan.method} job(s) on "
-        f"{plan.base_model} here"
+        "estimate_basis": f"the median pace of your last {len(paces)} finished {plan.method} job(s) on "
+        f"{plan.base_model}"
         if paces
-        else f"none yet: no {plan.method} job on {plan.base_model} has finished here",
+        else f"none yet: none of your {plan.method} jobs on {plan.base_model} has finished",
     }

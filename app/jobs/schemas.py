@@ -90,8 +90,8 @@ class DryRunObject(BaseModel):
     train_tokens_per_epoch: int = Field(description="An upper bound: each example counted up to max_seq_length")
     estimated_tokens_per_second: float | None
     estimated_duration_seconds: int | None = Field(
-        description="At the median pace of this deployment's last finished jobs of this method on this model; "
-        "null until one has finished"
+        description="At the median pace of your own last finished jobs of this method on this model (other "
+        "tenants' jobs are not looked at); null until one has finished"
     )
     estimate_basis: str
 

@@ -130,7 +130,7 @@ def register_model(
         if source == "hf-repo":
             folder = model_import.resolve_hf_repo(location, hf_revision)
             progress(f"found {location} in the local Hugging Face cache")
-            model_import.stage_folder(folder, stage)
+            model_import.stage_hf_snapshot(folder, stage)
             origin = location
         elif source == "path":
             model_import.stage_folder(Path(location).expanduser(), stage)

@@ -7,8 +7,10 @@ raised before anything is stored or registered.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +74,16 @@ def resolve_hf_repo(repo: str, revision: str | None) -> Path:
         ) from None
 
 
-def stage_folder(src: Path, dest: Path) -> None:
-    """Copy the model's config, safetensors weights and tokenizer files from `src` into the empty folder `dest`."""
+def stage_folder(src: Path, dest: Path, *, links_within: Path | None = None) -> None:
+    """Copy the model's config, safetensors weights and tokenizer files from `src` into the empty folder `dest`.
+
+    Only the folder's own files: a symbolic link anywhere in it is refused (it could make the import copy any file
+    this user may read into the object store), unless `links_within` is given and the link points inside it (the
+    Hugging Face cache's own links, see `stage_hf_snapshot`).
+    """
     if not src.is_dir():
         raise ModelImportError(f"{src} is not a folder")
+    _refuse_links(src, links_within)
     if not (src / "config.json").is_file():
         raise ModelImportError(f"{src} has no config.json: it is not a Hugging Face model folder")
     weights = _weight_files(src)
@@ -94,7 +102,41 @@ def stage_folder(src: Path, dest: Path) -> None:
         )
     for path in [*(src / name for name in MODEL_FILES), *weights, *(src / name for name in tokenizer)]:
         if path.is_file():
-            shutil.copyfile(path, dest / path.name)  # follows the HF cache's symlinks: the bytes, not the link
+            _copy_file(path, dest / path.name, follow_links=links_within is not None)
+
+
+def stage_hf_snapshot(snapshot: Path, dest: Path) -> None:
+    """`stage_folder` for a snapshot of the Hugging Face cache (`models--ORG--NAME/snapshots/COMMIT`), whose files
+    are links into the repo's own `blobs/`: those links are followed (the bytes are copied, not the link); a link
+    that leaves the repo's cache folder is refused as in any other folder."""
+    stage_folder(snapshot, dest, links_within=snapshot.resolve().parents[1])
+
+
+def _refuse_links(src: Path, links_within: Path | None) -> None:
+    allowed = links_within.resolve() if links_within is not None else None
+    for root, dirs, files in os.walk(src):  # links to folders are listed, not entered
+        for name in sorted([*dirs, *files]):
+            path = Path(root) / name
+            if not path.is_symlink():
+                continue
+            if allowed is not None and path.resolve().is_relative_to(allowed):
+                continue
+            raise ModelImportError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): a model folder must hold its own files, not "
+                "links to others; copy the files in (cp -L) and add the folder again"
+            )
+
+
+def _copy_file(src: Path, dest: Path, *, follow_links: bool) -> None:
+    """Copy the bytes of `src`; without `follow_links`, refused when it has become a link since it was checked."""
+    try:
+        fd = os.open(src, os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelImportError(f"{src} is a symbolic link: a model folder must hold its own files") from None
+        raise
+    with os.fdopen(fd, "rb") as source, dest.open("wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
 
 
 def _weight_files(src: Path) -> list[Path]:
@@ -106,6 +148,13 @@ def _weight_files(src: Path) -> list[Path]:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ModelImportError(f"{WEIGHT_INDEX} cannot be read: it has no weight_map") from None
+        for name in sorted(map(str, shards)):
+            # A plain file name of this folder: never ../x, /x or a/x (the weights are staged next to the index).
+            if name in ("", ".", "..") or Path(name).name != name:
+                raise ModelImportError(
+                    f"{WEIGHT_INDEX} names {name[:200]!r} in its weight_map, which is not a file of this folder: "
+                    "every weight file must sit next to the index"
+                )
         missing = sorted(name for name in shards if not (src / str(name)).is_file())
         if missing:
             raise ModelImportError(f"{WEIGHT_INDEX} lists weight files that are not there: {', '.join(missing[:3])}")

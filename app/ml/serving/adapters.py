@@ -6,6 +6,9 @@ Where an adapter is, from nearest to farthest:
 2. host memory (only when the device is not the CPU): the same tensors on the CPU, within `host_bytes`;
 3. the local disk: the unpacked artifact under `cache_dir`, within `disk_bytes` (least recently used go);
 4. the object store: the published archive, checked against its sha256.
+Replicas may share `cache_dir`: a folder appears whole (unpacked aside, then renamed into place) and leaves whole
+(renamed to a tombstone, then deleted), so no process ever reads a half-deleted one; a cached folder that still
+cannot be read (damaged on disk) is dropped and fetched again from the object store, once.
 Fetching and reading files (3-4 to 2) runs on loader threads, once per adapter however many requests wait for it;
 what needs the model (DoRA's weight norms, prompt-learning prompts, weight-delta copies) runs on the engine thread.
 A missing or damaged adapter fails only the requests that asked for it.
@@ -29,6 +32,8 @@ from app.ml.serving.kinds import ArtifactMismatch, HostAdapter
 from app.ml.serving.requests import AdapterRef, AdapterUnavailable
 
 log = logging.getLogger(__name__)
+
+TOMBSTONE_SUFFIX = ".deleted"  # `.<adapter id>.<unique>.deleted`: an unpacked adapter on its way off the disk
 
 
 class AdapterStore:
@@ -85,25 +90,36 @@ class AdapterStore:
 
     def _load(self, ref: AdapterRef, weights_sha256: str) -> HostAdapter:
         try:
-            folder = self._local(ref)
-            try:
-                return ref.kind.read(ref, folder, weights_sha256=weights_sha256, dtype=self.dtype)
-            except ArtifactMismatch as exc:
-                raise AdapterUnavailable(ref.id, f"it cannot be applied to its base model: {exc}") from None
-            except Exception:  # a damaged artifact fails its own requests only
-                log.exception("adapter %s could not be read", ref.id)
-                raise AdapterUnavailable(ref.id, "its stored files could not be read") from None
+            for cached_ok in (True, False):
+                folder, cached = self._local(ref, cached_ok=cached_ok)
+                try:
+                    return ref.kind.read(ref, folder, weights_sha256=weights_sha256, dtype=self.dtype)
+                except ArtifactMismatch as exc:
+                    raise AdapterUnavailable(ref.id, f"it cannot be applied to its base model: {exc}") from None
+                except Exception:
+                    if not cached:  # just fetched: the artifact is damaged, which fails its own requests only
+                        log.exception("adapter %s could not be read", ref.id)
+                        raise AdapterUnavailable(ref.id, "its stored files could not be read") from None
+                    # The disk's copy, not the artifact, may be what is damaged: drop it and fetch it again, once.
+                    log.warning("adapter %s: its cached files could not be read; fetching them again", ref.id)
+                    self._remove(folder)
+            raise AssertionError("unreachable: the second pass fetches from the object store")
         finally:
             with self._lock:
                 self._loading.pop(ref.id, None)
 
-    def _local(self, ref: AdapterRef) -> Path:
-        """The unpacked artifact on the local disk, fetched from the object store if it is not there."""
+    def _local(self, ref: AdapterRef, *, cached_ok: bool = True) -> tuple[Path, bool]:
+        """The unpacked artifact on the local disk, fetched from the object store if it is not there (or, without
+        `cached_ok`, in any case); and whether it was there already."""
         folder = self.cache_dir / ref.id
-        if (folder / adapter_format.MANIFEST).exists():
-            self.hits += 1
-            os.utime(folder)  # most recently used
-            return folder
+        if cached_ok and (folder / adapter_format.MANIFEST).exists():
+            try:
+                os.utime(folder)  # most recently used
+            except FileNotFoundError:  # removed by another process meanwhile: fetched below
+                pass
+            else:
+                self.hits += 1
+                return folder, True
         self.misses += 1
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         unique = uuid.uuid4().hex  # processes may share the folder (replicas on one volume)
@@ -126,7 +142,17 @@ class AdapterStore:
         finally:
             archive.unlink(missing_ok=True)
         self._trim_disk(keep=ref.id)
-        return folder
+        return folder, False
+
+    def _remove(self, folder: Path) -> None:
+        """Take an unpacked adapter off the disk as one step for every process that shares it: renamed to a
+        tombstone (a dot name: never read, never counted), then deleted."""
+        tombstone = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}{TOMBSTONE_SUFFIX}")
+        try:
+            folder.rename(tombstone)
+        except FileNotFoundError:  # another process removed it first
+            return
+        shutil.rmtree(tombstone, ignore_errors=True)
 
     def forget(self, adapter_id: str) -> None:
         """Drop an adapter from host memory (its files went missing from the disk: the next fetch gets them)."""
@@ -139,6 +165,9 @@ class AdapterStore:
         with self._lock:  # prompt-learning adapters in host memory are read from their folder when materialized
             in_use = {keep, *self._host, *self._loading}
         for folder in self.cache_dir.iterdir():
+            if folder.name.endswith(TOMBSTONE_SUFFIX):  # left by a process that died while deleting it
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
             if not folder.is_dir() or folder.name.startswith(".") or folder.name.endswith(".tmp"):  # being unpacked
                 continue
             try:
@@ -152,7 +181,7 @@ class AdapterStore:
             if total <= self.disk_bytes:
                 break
             if folder.name not in in_use:
-                shutil.rmtree(folder, ignore_errors=True)
+                self._remove(folder)
                 total -= sizes[folder][1]
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ function h(tag, attributes = {}, ...children) {
   for (const [name, value] of Object.entries(attributes)) {
     if (value === undefined || value === null || value === false) continue;
     if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    // Through the CSSOM: the page's Content-Security-Policy (style-src 'self') refuses style attributes.
+    else if (name === "style") node.style.cssText = value;
     else node.setAttribute(name, value === true ? "" : value);
   }
   node.append(...children.flat().filter((c) => c !== undefined && c !== null && c !== false));
