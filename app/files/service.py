@@ -12,7 +12,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app.core import idempotency
-from app.core.db import undo_on_rollback
+from app.core.db import session_scope
 from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, PayloadTooLarge, clip
 from app.core.ids import new_id
 from app.core.models import File, FileTokenCount, utcnow
@@ -86,23 +86,8 @@ def clean_filename(filename: str | None) -> str:
     return name
 
 
-def create_file(
-    session: Session,
-    *,
-    settings: Settings,
-    storage: ObjectStorage,
-    models: ModelStore,
-    tenant_id: str,
-    filename: str | None,
-    purpose: str,
-    fileobj: IO[bytes],
-    base_model: str | None = None,
-) -> File:
-    """Validate every line, store the file and its row; if the row is not committed the object is removed.
-
-    Tokens are counted with `base_model`'s tokenizer (default: the service's default model); a job on a model
-    with another tokenizer counts them again when it is created.
-    """
+def check_upload(*, filename: str | None, purpose: str, base_model: str | None) -> str:
+    """The upload's form checked before any work: the name to keep."""
     if purpose not in PURPOSES:
         raise InvalidInput(f"purpose must be one of: {', '.join(PURPOSES)} (got {clip(purpose)})", param="purpose")
     name = clean_filename(filename)
@@ -112,7 +97,32 @@ def create_file(
         )
     if base_model is not None and len(base_model) > 64:
         raise InvalidInput("base_model is longer than 64 characters", param="base_model")
-    record = require_model(session, model_id=base_model or settings.default_base_model)
+    return name
+
+
+def create_file(
+    *,
+    settings: Settings,
+    storage: ObjectStorage,
+    models: ModelStore,
+    tenant_id: str,
+    filename: str | None,
+    purpose: str,
+    fileobj: IO[bytes],
+    base_model: str | None = None,
+    idempotency_key: str | None = None,
+) -> File:
+    """Validate every line, store the file and its row; if the row is not committed the object is removed.
+
+    No database connection is held while the file is read and validated or while it is stored: the model is
+    looked up in a short transaction of its own, and the quota check and the row in another, after the object is
+    stored. Tokens are counted with `base_model`'s tokenizer (default: the service's default model); a job on a
+    model with another tokenizer counts them again when it is created. With an `idempotency_key` that a
+    concurrent request committed first, that request's file is returned (and this one's object removed).
+    """
+    name = check_upload(filename=filename, purpose=purpose, base_model=base_model)
+    with session_scope(settings.db_url) as session:
+        record = require_model(session, model_id=base_model or settings.default_base_model)
     validator = LineValidator(load_tokenizer(models, record), settings.max_reported_line_errors, model_id=record.id)
     size, sha256 = _scan(read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
@@ -121,44 +131,57 @@ def create_file(
     if report.n_errors:
         raise _rejection(report)
 
-    check_storage(
-        session,
-        tenant_id=tenant_id,
-        adding=size,
-        limit=settings.max_stored_bytes_per_tenant,
-        what=f"this file ({size:,} bytes)",
-    )
     file_id = new_id("file")
     key = f"datasets/{tenant_id}/{file_id}.jsonl"
     fileobj.seek(0, os.SEEK_SET)
     storage.put_file(key, fileobj)
-    undo_on_rollback(session, lambda: storage.delete(key))
-    row = File(
-        id=file_id,
-        tenant_id=tenant_id,
-        filename=name,
-        purpose=purpose,
-        bytes=size,
-        sha256=sha256,
-        format=report.format or "unknown",
-        n_examples=report.n_examples,
-        n_tokens=report.n_tokens,
-        max_example_tokens=report.max_example_tokens,
-        tokenizer_model=record.id,
-        storage_key=key,
-    )
-    session.add(row)
-    session.flush()
-    session.add(
-        FileTokenCount(
-            file_id=row.id,
-            tokenizer_sha256=record.tokenizer_sha256,
-            n_tokens=report.n_tokens,
-            max_example_tokens=report.max_example_tokens,
-        )
-    )
-    session.flush()
-    return row
+    try:
+        with session_scope(settings.db_url) as session:
+            check_storage(
+                session,
+                tenant_id=tenant_id,
+                adding=size,
+                limit=settings.max_stored_bytes_per_tenant,
+                what=f"this file ({size:,} bytes)",
+            )
+            row = File(
+                id=file_id,
+                tenant_id=tenant_id,
+                filename=name,
+                purpose=purpose,
+                bytes=size,
+                sha256=sha256,
+                format=report.format or "unknown",
+                n_examples=report.n_examples,
+                n_tokens=report.n_tokens,
+                max_example_tokens=report.max_example_tokens,
+                tokenizer_model=record.id,
+                storage_key=key,
+            )
+            session.add(row)
+            session.flush()
+            session.add(
+                FileTokenCount(
+                    file_id=row.id,
+                    tokenizer_sha256=record.tokenizer_sha256,
+                    n_tokens=report.n_tokens,
+                    max_example_tokens=report.max_example_tokens,
+                )
+            )
+            if idempotency_key is None:
+                return row
+            idempotency.remember(
+                session, tenant_id=tenant_id, endpoint="files", key=idempotency_key, resource_id=row.id,
+                request_sha256=None,
+            )
+            winner = idempotency.commit_or_winner(session, tenant_id=tenant_id, endpoint="files", key=idempotency_key)
+            if winner is None:
+                return row
+            storage.delete(key)  # the same key's first request won: this upload's row was rolled back
+            return get_file(session, tenant_id=tenant_id, file_id=winner)
+    except BaseException:
+        storage.delete(key)  # no committed row names it
+        raise
 
 
 def token_counts(
