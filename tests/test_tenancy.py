@@ -36,9 +36,13 @@ class SlowUpload:
     def __init__(self, url: str, key: str, *, byte_every: float = 0.2) -> None:
         content = jsonl(chat_lines(4))
         self.body = (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="slow.jsonl"\r\n'
-            "Content-Type: application/jsonl\r\n\r\n"
-        ).encode() + content + f"\r\n--{BOUNDARY}--\r\n".encode()
+            (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="slow.jsonl"\r\n'
+                "Content-Type: application/jsonl\r\n\r\n"
+            ).encode()
+            + content
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        )
         host, port = httpx.URL(url).host, httpx.URL(url).port
         self.sock = socket.create_connection((host, port), timeout=30)
         head = (
@@ -114,9 +118,7 @@ def test_a_tenant_past_its_uploads_in_progress_gets_429(settings: Settings, tena
             while app.state.uploads.held(tenant_id(settings, tenant)) < 2:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            r = httpx.post(
-                f"{url}/v1/files", headers=tenant.headers, files={"file": ("t.jsonl", jsonl(chat_lines(2)))}
-            )
+            r = httpx.post(f"{url}/v1/files", headers=tenant.headers, files={"file": ("t.jsonl", jsonl(chat_lines(2)))})
             assert r.status_code == 429, r.text
             assert r.json()["error"]["code"] == "too_many_uploads" and r.headers["Retry-After"] == "5"
             assert "TUNEFORGE_MAX_UPLOADS_PER_TENANT" in r.json()["error"]["message"]
@@ -286,6 +288,30 @@ def test_one_tenants_many_requests_do_not_hold_back_anothers_first(engine: Any) 
         g.cancel()
 
 
+def test_the_waiting_line_takes_each_tenants_oldest_request_first(engine: Any) -> None:
+    e = engine(max_batch=2, max_waiting=256)  # too small a batch to keep rows for others: the order alone decides
+    e.generate(request("warm-up", 1))
+    started: list[str] = []  # whose request gave its first token, in order
+
+    def first_token(name: str) -> Any:
+        def on_delta(_: Any) -> None:
+            if name not in started:
+                started.append(name)
+
+        return on_delta
+
+    a = [e.submit(request("a", 20), on_delta=first_token(f"a{i}")) for i in range(10)]
+    deadline = time.monotonic() + 30
+    while len(started) < 2:  # a's first two fill the batch; the other eight wait
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    b = e.submit(request("b", 3), on_delta=first_token("b"))
+    assert b.result(timeout=60).completion_tokens == 3
+    assert started.index("b") <= 3, f"b started after {started.index('b')} of a's requests: {started}"
+    for g in a:
+        g.cancel()
+
+
 def test_each_tenant_is_bounded_and_a_full_line_still_takes_a_new_tenants_first(engine: Any) -> None:
     e = engine(max_batch=1, max_waiting=3, max_per_owner=3)
     e.generate(request("warm-up", 1))
@@ -329,3 +355,36 @@ def test_a_tenant_past_its_generation_requests_gets_429(
             assert r.json()["error"]["code"] == "too_many_generations" and r.headers["Retry-After"]
             r = httpx.post(f"{url}/generate", headers=other.headers, json={**body, "max_tokens": 1}, timeout=60)
             assert r.status_code == 200, r.text
+
+
+def test_counting_a_files_tokens_for_a_job_holds_no_database_connection(
+    settings: Settings, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job on a file whose tokens were not counted with its model's tokenizer reads the whole file again: no
+    connection is checked out of the pool meanwhile."""
+    from fastapi.testclient import TestClient
+
+    from app.core.models import FileTokenCount
+    from app.files import service as files_service
+
+    pool = get_engine(settings.db_url).pool
+    scan = files_service._scan
+    checked_out: list[int] = []
+
+    def watched_scan(*args: Any, **kwargs: Any) -> Any:
+        checked_out.append(pool.checkedout())
+        return scan(*args, **kwargs)
+
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/files", headers=tenant.headers, files={"file": ("t.jsonl", jsonl(chat_lines(4)))})
+        file_id = r.json()["id"]
+        with session_scope(settings.db_url) as session:  # as if it had been counted with another tokenizer
+            session.query(FileTokenCount).filter_by(file_id=file_id).delete()
+        monkeypatch.setattr(files_service, "_scan", watched_scan)
+        for dry_run in (True, False):
+            body = {"training_file": file_id, "method": "lora", "base_model": "tiny-random-llama", "dry_run": dry_run}
+            assert client.post("/jobs", headers=tenant.headers, json=body).status_code in (200, 201)
+            if dry_run:
+                with session_scope(settings.db_url) as session:
+                    session.query(FileTokenCount).filter_by(file_id=file_id).delete()
+    assert checked_out == [0, 0]

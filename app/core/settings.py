@@ -65,8 +65,7 @@ class Settings(BaseSettings):
         default=4,
         gt=0,
         le=10_000,
-        description="Uploads one tenant may have in progress at once (per API process); past it, 429 with "
-        "Retry-After",
+        description="Uploads one tenant may have in progress at once (per API process); past it, 429 with Retry-After",
     )
     upload_grace_seconds: float = Field(
         default=30.0,

@@ -10,12 +10,12 @@ from app.core.db import session_scope
 from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep, UploadSlotsDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
+from app.core.models import File
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
+from app.core.settings import Settings
 from app.core.usage import check_storage
 from app.files import service
 from app.files.schemas import UPLOAD_REQUEST_BODY, FileDeleted, FileObject
-from app.core.models import File
-from app.core.settings import Settings
 from app.files.upload import paced, receive_upload
 from app.models.deps import ModelStoreDep
 

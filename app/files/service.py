@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -24,6 +24,7 @@ from app.files import repository
 from app.files.validation import LineValidator, ValidationReport
 from app.ml.jsonl import split_lines
 from app.ml.models import ModelRecord, ModelStore
+from app.models.repository import find_model
 from app.models.service import load_tokenizer, require_model
 
 PURPOSES = ("fine-tune",)
@@ -171,7 +172,11 @@ def create_file(
             if idempotency_key is None:
                 return row
             idempotency.remember(
-                session, tenant_id=tenant_id, endpoint="files", key=idempotency_key, resource_id=row.id,
+                session,
+                tenant_id=tenant_id,
+                endpoint="files",
+                key=idempotency_key,
+                resource_id=row.id,
                 request_sha256=None,
             )
             winner = idempotency.commit_or_winner(session, tenant_id=tenant_id, endpoint="files", key=idempotency_key)
@@ -187,7 +192,8 @@ def create_file(
 def token_counts(
     session: Session, *, storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str
 ) -> FileTokenCount:
-    """The file's tokens as `model`'s tokenizer counts them: stored at upload, or counted now and kept.
+    """The file's tokens as `model`'s tokenizer counts them: stored at upload (or by `count_tokens_ahead`), or
+    counted now and kept.
 
     Counting reads the whole file again and renders it with the model's chat template, so a line that template
     cannot render is a 422 naming the line, as at upload. The count is kept in a transaction of its own: a job
@@ -196,6 +202,36 @@ def token_counts(
     found = session.get(FileTokenCount, (file.id, model.tokenizer_sha256))
     if found is not None:
         return found
+    counted = _count(storage, models, file, model, param)
+    _keep(session.get_bind(), counted)
+    return counted
+
+
+def count_tokens_ahead(
+    db_url: str, *, storage: ObjectStorage, models: ModelStore, tenant_id: str, file_ids: list[str], model_id: str
+) -> None:
+    """Count and keep the tokens of the tenant's files with `model_id`'s tokenizer where they are not counted yet,
+    holding no database connection while a file is read (a job's checks, which lock rows, then find the counts).
+    What cannot be counted here (an unknown file or model, a line the template cannot render) is left for those
+    checks to report."""
+    with session_scope(db_url) as session:
+        model = find_model(session, model_id)
+        if model is None:
+            return
+        files = [repository.get_file(session, tenant_id=tenant_id, file_id=file_id) for file_id in file_ids]
+        todo = [
+            f for f in files if f is not None and session.get(FileTokenCount, (f.id, model.tokenizer_sha256)) is None
+        ]
+        bind = session.get_bind()
+    for file in todo:
+        try:
+            counted = _count(storage, models, file, model, "file")
+        except InvalidInput:
+            continue
+        _keep(bind, counted)
+
+
+def _count(storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str) -> FileTokenCount:
     validator = LineValidator(load_tokenizer(models, model), 1, model_id=model.id)
     try:
         _size, _sha = _scan(storage.open(file.storage_key)[1], validator, max_bytes=file.bytes)
@@ -213,18 +249,27 @@ def token_counts(
             param=param,
             code=ErrorCode.invalid_file_for_model,
         )
+    return FileTokenCount(
+        file_id=file.id,
+        tokenizer_sha256=model.tokenizer_sha256,
+        n_tokens=report.n_tokens,
+        max_example_tokens=report.max_example_tokens,
+        created_at=utcnow(),
+    )
+
+
+def _keep(bind: Any, counted: FileTokenCount) -> None:
+    """Store a count in a transaction of its own (a concurrent job on the same model may have stored it first)."""
     values = {
-        "file_id": file.id,
-        "tokenizer_sha256": model.tokenizer_sha256,
-        "n_tokens": report.n_tokens,
-        "max_example_tokens": report.max_example_tokens,
-        "created_at": utcnow(),
+        "file_id": counted.file_id,
+        "tokenizer_sha256": counted.tokenizer_sha256,
+        "n_tokens": counted.n_tokens,
+        "max_example_tokens": counted.max_example_tokens,
+        "created_at": counted.created_at,
     }
-    bind = session.get_bind()
     insert = postgresql_insert if bind.dialect.name == "postgresql" else sqlite_insert
-    with Session(bind) as own, own.begin():  # a concurrent job on the same model may have stored them first
+    with Session(bind) as own, own.begin():
         own.execute(insert(FileTokenCount).values(**values).on_conflict_do_nothing())
-    return FileTokenCount(**values)
 
 
 def _rejection(report: ValidationReport) -> InvalidInput:

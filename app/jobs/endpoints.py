@@ -46,6 +46,7 @@ def create_job(
 ) -> JobObject | JSONResponse:
     spec = body.spec()
     if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
+        service.count_ahead(settings, storage=storage, models=models, tenant_id=tenant.id, spec=spec)
         plan = planning.plan_job(
             session,
             storage=storage,

@@ -41,9 +41,7 @@ def sse(event: EventObject) -> bytes:
     return format_sse_event(id=str(event.seq), event=event.type, data_str=data)
 
 
-def _poll(
-    db_url: str, job_id: str, after_seq: int, key_hash: str | None
-) -> tuple[list[EventObject], bool] | None:
+def _poll(db_url: str, job_id: str, after_seq: int, key_hash: str | None) -> tuple[list[EventObject], bool] | None:
     """Events after `after_seq` (up to BATCH), and whether the job had ended before they were read; None when
     `key_hash` is given and no longer names an unrevoked key."""
     with session_scope(db_url) as session:

@@ -4,9 +4,9 @@ Callers `submit` a request and get a `Generation` (a future for the result, delt
 engine thread owns the models and loops:
 1. take new requests into the waiting line (scheduler.py; bounded: past `max_waiting`, `submit` raises
    EngineOverloaded, and past `max_per_owner` requests of one owner, OwnerOverloaded);
-2. admit waiting requests, fairly across owners (each one's oldest first), whose adapter is ready (residency.py: base models and adapters on the
-   device), while the batch has room (rows, KV-cache bytes); they are prefilled and their KV caches join the
-   running batch (runner.py);
+2. admit waiting requests, fairly across owners (each one's oldest first), whose adapter is ready (residency.py:
+   base models and adapters on the device), while the batch has room (rows, KV-cache bytes, an eighth of the rows
+   kept for owners with none running); they are prefilled and their KV caches join the running batch (runner.py);
 3. one decoding step for every running row at once, each row with its own adapter, sampling and stop rules
    (output.py); finished and cancelled rows leave the batch at once.
 So a short request that arrives while a long one decodes starts at the next step, not after it.

@@ -178,7 +178,10 @@ class Scheduler:
                     fail(generation, exc)
 
     def _reserved(
-        self, base: Base, request: GenerationRequest, joining: list[tuple[str | None, GenerationRequest, Servable | None]]
+        self,
+        base: Base,
+        request: GenerationRequest,
+        joining: list[tuple[str | None, GenerationRequest, Servable | None]],
     ) -> bool:
         """Whether the request's owner, which has rows running (or joining) on this base model, would take one of
         the rows kept for owners that have none."""
