@@ -15,8 +15,9 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.adapters.endpoints import router as adapters_router
+from app.core.concurrency import TenantSlots
 from app.core.db import session_scope
-from app.core.errors import AppError, install_error_handlers
+from app.core.errors import AppError, ErrorCode, install_error_handlers
 from app.core.health import router as health_router
 from app.core.metrics import Metrics
 from app.core.metrics import router as metrics_router
@@ -74,6 +75,18 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
     app.state.engine_lock = threading.Lock()
     app.state.readiness = ReadinessProbe()
     app.state.metrics = Metrics(settings, role=role, engine=lambda: app.state.engine)
+    app.state.uploads = TenantSlots(
+        limit=settings.max_uploads_per_tenant,
+        what="uploads in progress",
+        setting="TUNEFORGE_MAX_UPLOADS_PER_TENANT",
+        code=ErrorCode.too_many_uploads,
+    )
+    app.state.streams = TenantSlots(
+        limit=settings.max_event_streams_per_tenant,
+        what="event streams open",
+        setting="TUNEFORGE_MAX_EVENT_STREAMS_PER_TENANT",
+        code=ErrorCode.too_many_streams,
+    )
     install_error_handlers(app)
 
     def limit_for(method: str, path: str) -> tuple[int, AppError]:

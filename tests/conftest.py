@@ -20,10 +20,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,14 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 import redis
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from app.auth.service import create_api_key
 from app.core.db import migrate, session_scope
+from app.core.models import Tenant as TenantRow
 from app.core.settings import Settings
 from app.inference.engine import engine_limits
 from app.main import create_app
@@ -397,6 +403,24 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
+@contextmanager
+def live(app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn on a free loopback port, in a thread of this process (its state stays reachable)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @dataclass
 class Tenant:
     name: str
@@ -405,6 +429,12 @@ class Tenant:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}"}
+
+
+def tenant_id(settings: Settings, tenant: Tenant) -> str:
+    """The tenant's id in the database (what the service keys its per-tenant bounds by)."""
+    with session_scope(settings.db_url) as session:
+        return str(session.scalar(select(TenantRow.id).where(TenantRow.name == tenant.name)))
 
 
 @pytest.fixture

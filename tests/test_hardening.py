@@ -17,12 +17,9 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
-from app.core.db import session_scope
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.files import service as files_service
 from app.main import create_app
-from app.ml.models import ModelStore
 from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.test_worker import start_job
 from worker.runner import run_training_job
@@ -351,29 +348,18 @@ def test_long_filenames_are_refused_and_nothing_is_stored(
     assert client.get("/v1/files", headers=tenant.headers).json()["data"] == []
 
 
-def test_an_upload_rolled_back_removes_its_object(settings: Settings, tenant: Tenant) -> None:
-    import io
-
+def test_an_upload_whose_row_is_refused_after_its_object_was_stored_removes_the_object(
+    settings: Settings, tenant: Tenant
+) -> None:
+    """The quota is checked again, with the file's size, once the file is stored (the check before the body only
+    knows the tenant is not already full): refused there, the stored object goes too."""
     storage = ObjectStorage.from_settings(settings)
     before = set(storage.list_keys())
-    with session_scope(settings.db_url) as session:
-        from app.auth.service import authenticate
-
-        tenant_id = authenticate(session, authorization=f"Bearer {tenant.key}").id
-    with pytest.raises(RuntimeError, match="commit failed"), session_scope(settings.db_url) as session:
-        files_service.create_file(
-            session,
-            settings=settings,
-            storage=storage,
-            models=ModelStore(settings.models_dir, storage),
-            tenant_id=tenant_id,
-            filename="t.jsonl",
-            purpose="fine-tune",
-            fileobj=io.BytesIO(jsonl(chat_lines(2))),
-        )
-        assert set(storage.list_keys()) != before  # stored...
-        raise RuntimeError("commit failed")
-    assert set(storage.list_keys()) == before  # ...and removed with the rollback
+    content = jsonl(chat_lines(2))
+    with TestClient(create_app(settings.model_copy(update={"max_stored_bytes_per_tenant": len(content) - 1}))) as c:
+        r = upload(c, tenant, content)
+    assert r.status_code == 403 and error_of(r)["code"] == "storage_quota_exceeded", r.text
+    assert set(storage.list_keys()) == before
 
 
 # --- 7. inputs that used to be 500s ---------------------------------------------------------------

@@ -6,15 +6,12 @@ role."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from openai import BadRequestError, NotFoundError, OpenAI, RateLimitError, UnprocessableEntityError
@@ -23,29 +20,12 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.ml.models import BUILTINS
 from app.ml.serving import GenerationRequest
-from tests.conftest import Tenant, free_port, jsonl, upload
+from tests.conftest import Tenant, jsonl, live, tenant_id, upload
 from worker.runner import run_training_job
 
 pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 
 PROMPT = "The secret word is"
-
-
-@contextmanager
-def live(app: FastAPI) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -186,9 +166,7 @@ def wait_until(condition: Any, seconds: float = 5.0) -> bool:
     return False
 
 
-def test_a_client_that_goes_away_frees_its_row_at_once(
-    tenant: Tenant, server: tuple[str, FastAPI], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_client_that_goes_away_frees_its_row_at_once(tenant: Tenant, server: tuple[str, FastAPI]) -> None:
     url, app = server
     # Greedy decoding of this prompt never reaches the end-of-sequence token (checked first: it is deterministic),
     # so only a disconnection ends the requests below early.
@@ -196,20 +174,13 @@ def test_a_client_that_goes_away_frees_its_row_at_once(
     probe = httpx.post(f"{url}/generate", headers=tenant.headers, json={**body, "max_tokens": 200}, timeout=120)
     assert probe.json()["finish_reason"] == "length"
     long = {**body, "max_tokens": 1900}
-    # The tiny model decodes 1900 tokens in about 3 s, under which a busy machine may not even show the client the
-    # first one: each step is slowed to 10 ms, so a request left alone would run for 19 s.
-    runner = app.state.engine.runner
-    step = runner.step
-
-    def slow_step(*args: Any) -> None:
-        time.sleep(0.01)
-        step(*args)
-
-    monkeypatch.setattr(runner, "step", slow_step)
 
     with httpx.stream("POST", f"{url}/generate", headers=tenant.headers, json={**long, "stream": True}) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()  # kept: dropping the iterator would close the response here, not at the block's end
+        next(lines)
         assert wait_until(lambda: running(app) == 1)  # it joins the batch just after its first token
+        time.sleep(0.3)
+        assert running(app) == 1  # and goes on while its client is there
     assert wait_until(lambda: running(app) == 0), "the streaming request kept decoding after its client left"
     steps = app.state.engine.steps
     time.sleep(0.3)
@@ -227,9 +198,13 @@ def test_a_full_engine_answers_429_with_retry_after(tenant: Tenant, settings: Se
         assert httpx.post(f"{url}/v1/completions", headers=tenant.headers, json=body, timeout=60).status_code == 200
         engine = app.state.engine
         record = BUILTINS["tiny-random-llama"]
-        busy = engine.submit(GenerationRequest(model=record, input_ids=[1, 5], max_tokens=4000, ignore_eos=True))
+        # The tenant's own requests fill the batch and the line (a tenant with none in the engine would get in).
+        owner = tenant_id(settings, tenant)
+        busy = engine.submit(
+            GenerationRequest(model=record, input_ids=[1, 5], max_tokens=4000, ignore_eos=True, owner=owner)
+        )
         assert wait_until(lambda: engine.stats()["running"] == 1)
-        queued = engine.submit(GenerationRequest(model=record, input_ids=[1, 5], max_tokens=1))
+        queued = engine.submit(GenerationRequest(model=record, input_ids=[1, 5], max_tokens=1, owner=owner))
         r = httpx.post(f"{url}/v1/completions", headers=tenant.headers, json=body, timeout=60)
         assert r.status_code == 429 and r.headers["Retry-After"] == "2"
         assert r.json()["error"]["code"] == "engine_overloaded"

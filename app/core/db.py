@@ -17,6 +17,9 @@ _AFTER_COMMIT = "tuneforge_after_commit"
 
 log = logging.getLogger(__name__)
 
+# A request waits this long for a pooled connection (all busy) before it is answered 503 database_unavailable.
+POOL_TIMEOUT_SECONDS = 10
+
 
 def undo_on_rollback(session: Session, action: Callable[[], None]) -> None:
     """Run `action` if the session's transaction is rolled back, to undo a side effect outside the database
@@ -55,7 +58,9 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, pool_timeout=POOL_TIMEOUT_SECONDS, connect_args={"check_same_thread": False, "timeout": 30}
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -69,7 +74,7 @@ def make_engine(url: str) -> Engine:
         return engine
     # A database host that never answers fails a connection after 10 s instead of the OS's minutes.
     connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT_SECONDS, connect_args=connect_args)
 
 
 @lru_cache(maxsize=8)

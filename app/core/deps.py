@@ -1,5 +1,6 @@
-"""FastAPI dependencies of the core (settings, storage, the session, the tenant, metrics), declared once as
-`Annotated` aliases; a domain declares its own next to it (app/models/deps.py, app/inference/engine.py)."""
+"""FastAPI dependencies of the core (settings, storage, the session, the tenant, metrics, per-tenant slots),
+declared once as `Annotated` aliases; a domain declares its own next to it (app/models/deps.py,
+app/inference/engine.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.core.concurrency import TenantSlots
 from app.core.db import session_scope
 from app.core.errors import ErrorCode, Unauthorized
 from app.core.metrics import Metrics
@@ -30,9 +32,19 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
+def get_upload_slots(request: Request) -> TenantSlots:
+    return request.app.state.uploads  # type: ignore[no-any-return]
+
+
+def get_stream_slots(request: Request) -> TenantSlots:
+    return request.app.state.streams  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StorageDep = Annotated[ObjectStorage, Depends(get_storage)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+UploadSlotsDep = Annotated[TenantSlots, Depends(get_upload_slots)]  # each tenant's uploads in progress
+StreamSlotsDep = Annotated[TenantSlots, Depends(get_stream_slots)]  # each tenant's open event streams
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:

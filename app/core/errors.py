@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
@@ -99,6 +100,12 @@ class PayloadTooLarge(AppError):
     code = ErrorCode.file_too_large
 
 
+class RequestTimeout(AppError):
+    """408: the client sent its request too slowly; the request did nothing and may be sent again."""
+
+    status_code = 408
+
+
 class TooManyRequests(AppError):
     """429: a limit the client may retry against later, after `retry_after` seconds (the Retry-After header)."""
 
@@ -132,7 +139,8 @@ class DatabaseUnavailable(ServiceUnavailable):
         return {"Retry-After": str(self.RETRY_AFTER)}
 
 
-DATABASE_ERRORS = (OperationalError, InterfaceError)  # the database is unreachable (not a bad query)
+# The database is unreachable, or every pooled connection stayed busy for the pool's timeout (not a bad query).
+DATABASE_ERRORS = (OperationalError, InterfaceError, PoolTimeout)
 
 
 class Unauthorized(AppError):
@@ -171,6 +179,7 @@ _ERROR_DESCRIPTIONS = {
     401: "Missing, malformed, unknown or revoked API key",
     403: "A limit of the tenant that waiting does not lift (stored bytes)",
     404: "No such resource for this tenant",
+    408: "The request body came in slower than the service's minimum rate",
     409: "The resource's state does not allow this",
     410: "The resource's stored files are missing or damaged",
     413: "The request body is larger than its limit",
@@ -221,6 +230,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
     async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database unreachable: %s", type(exc).__name__)
         return DatabaseUnavailable().response()

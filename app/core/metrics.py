@@ -172,6 +172,9 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "tuneforge_generation_waiting", "Requests waiting to join the batch", value=stats.get("waiting", 0)
         )
+        yield CounterMetricFamily(
+            "tuneforge_generation_steps", "Decoding steps the serving engine has taken", value=stats.get("steps", 0)
+        )
 
 
 class Metrics:

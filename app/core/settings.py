@@ -61,6 +61,31 @@ class Settings(BaseSettings):
     max_reported_line_errors: int = Field(
         default=100, gt=0, le=10_000, description="How many bad lines a rejected upload lists at most"
     )
+    max_uploads_per_tenant: int = Field(
+        default=4,
+        gt=0,
+        le=10_000,
+        description="Uploads one tenant may have in progress at once (per API process); past it, 429 with Retry-After",
+    )
+    upload_grace_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="How long an upload may take to start sending its body; from then on it must keep up "
+        "upload_min_bytes_per_second on average, or it is cut off with 408",
+    )
+    upload_min_bytes_per_second: int = Field(
+        default=16 * 1024,
+        gt=0,
+        description="Slowest average rate at which an upload's body may arrive (after upload_grace_seconds)",
+    )
+    max_event_streams_per_tenant: int = Field(
+        default=16,
+        gt=0,
+        le=10_000,
+        description="Event streams (GET /jobs/{id}/events?stream=true) one tenant may have open at once (per API "
+        "process); past it, 429 with Retry-After",
+    )
     max_request_bytes: int = Field(
         default=1024 * 1024,
         gt=0,
@@ -150,6 +175,13 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         description="Requests waiting to join the batch; past it, generation requests get 429 with Retry-After",
+    )
+    serving_max_requests_per_tenant: int = Field(
+        default=128,
+        ge=1,
+        description="Generation requests one tenant may have waiting or running in a serving process; past it, "
+        "that tenant's requests get 429 with Retry-After. The waiting line is fair across tenants: each tenant's "
+        "oldest request goes first, and a tenant with none waiting is never refused for the line being full",
     )
     serving_kv_cache_bytes: int = Field(
         default=2 << 30,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app.core import idempotency
-from app.core.db import undo_on_rollback
+from app.core.db import session_scope
 from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, PayloadTooLarge, clip
 from app.core.ids import new_id
 from app.core.models import File, FileTokenCount, utcnow
@@ -24,6 +24,7 @@ from app.files import repository
 from app.files.validation import LineValidator, ValidationReport
 from app.ml.jsonl import split_lines
 from app.ml.models import ModelRecord, ModelStore
+from app.models.repository import find_model
 from app.models.service import load_tokenizer, require_model
 
 PURPOSES = ("fine-tune",)
@@ -86,23 +87,8 @@ def clean_filename(filename: str | None) -> str:
     return name
 
 
-def create_file(
-    session: Session,
-    *,
-    settings: Settings,
-    storage: ObjectStorage,
-    models: ModelStore,
-    tenant_id: str,
-    filename: str | None,
-    purpose: str,
-    fileobj: IO[bytes],
-    base_model: str | None = None,
-) -> File:
-    """Validate every line, store the file and its row; if the row is not committed the object is removed.
-
-    Tokens are counted with `base_model`'s tokenizer (default: the service's default model); a job on a model
-    with another tokenizer counts them again when it is created.
-    """
+def check_upload(*, filename: str | None, purpose: str, base_model: str | None) -> str:
+    """The upload's form checked before any work: the name to keep."""
     if purpose not in PURPOSES:
         raise InvalidInput(f"purpose must be one of: {', '.join(PURPOSES)} (got {clip(purpose)})", param="purpose")
     name = clean_filename(filename)
@@ -112,7 +98,32 @@ def create_file(
         )
     if base_model is not None and len(base_model) > 64:
         raise InvalidInput("base_model is longer than 64 characters", param="base_model")
-    record = require_model(session, model_id=base_model or settings.default_base_model)
+    return name
+
+
+def create_file(
+    *,
+    settings: Settings,
+    storage: ObjectStorage,
+    models: ModelStore,
+    tenant_id: str,
+    filename: str | None,
+    purpose: str,
+    fileobj: IO[bytes],
+    base_model: str | None = None,
+    idempotency_key: str | None = None,
+) -> File:
+    """Validate every line, store the file and its row; if the row is not committed the object is removed.
+
+    No database connection is held while the file is read and validated or while it is stored: the model is
+    looked up in a short transaction of its own, and the quota check and the row in another, after the object is
+    stored. Tokens are counted with `base_model`'s tokenizer (default: the service's default model); a job on a
+    model with another tokenizer counts them again when it is created. With an `idempotency_key` that a
+    concurrent request committed first, that request's file is returned (and this one's object removed).
+    """
+    name = check_upload(filename=filename, purpose=purpose, base_model=base_model)
+    with session_scope(settings.db_url) as session:
+        record = require_model(session, model_id=base_model or settings.default_base_model)
     validator = LineValidator(load_tokenizer(models, record), settings.max_reported_line_errors, model_id=record.id)
     size, sha256 = _scan(read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
@@ -121,50 +132,68 @@ def create_file(
     if report.n_errors:
         raise _rejection(report)
 
-    check_storage(
-        session,
-        tenant_id=tenant_id,
-        adding=size,
-        limit=settings.max_stored_bytes_per_tenant,
-        what=f"this file ({size:,} bytes)",
-    )
     file_id = new_id("file")
     key = f"datasets/{tenant_id}/{file_id}.jsonl"
     fileobj.seek(0, os.SEEK_SET)
     storage.put_file(key, fileobj)
-    undo_on_rollback(session, lambda: storage.delete(key))
-    row = File(
-        id=file_id,
-        tenant_id=tenant_id,
-        filename=name,
-        purpose=purpose,
-        bytes=size,
-        sha256=sha256,
-        format=report.format or "unknown",
-        n_examples=report.n_examples,
-        n_tokens=report.n_tokens,
-        max_example_tokens=report.max_example_tokens,
-        tokenizer_model=record.id,
-        storage_key=key,
-    )
-    session.add(row)
-    session.flush()
-    session.add(
-        FileTokenCount(
-            file_id=row.id,
-            tokenizer_sha256=record.tokenizer_sha256,
-            n_tokens=report.n_tokens,
-            max_example_tokens=report.max_example_tokens,
-        )
-    )
-    session.flush()
-    return row
+    try:
+        with session_scope(settings.db_url) as session:
+            check_storage(
+                session,
+                tenant_id=tenant_id,
+                adding=size,
+                limit=settings.max_stored_bytes_per_tenant,
+                what=f"this file ({size:,} bytes)",
+            )
+            row = File(
+                id=file_id,
+                tenant_id=tenant_id,
+                filename=name,
+                purpose=purpose,
+                bytes=size,
+                sha256=sha256,
+                format=report.format or "unknown",
+                n_examples=report.n_examples,
+                n_tokens=report.n_tokens,
+                max_example_tokens=report.max_example_tokens,
+                tokenizer_model=record.id,
+                storage_key=key,
+            )
+            session.add(row)
+            session.flush()
+            session.add(
+                FileTokenCount(
+                    file_id=row.id,
+                    tokenizer_sha256=record.tokenizer_sha256,
+                    n_tokens=report.n_tokens,
+                    max_example_tokens=report.max_example_tokens,
+                )
+            )
+            if idempotency_key is None:
+                return row
+            idempotency.remember(
+                session,
+                tenant_id=tenant_id,
+                endpoint="files",
+                key=idempotency_key,
+                resource_id=row.id,
+                request_sha256=None,
+            )
+            winner = idempotency.commit_or_winner(session, tenant_id=tenant_id, endpoint="files", key=idempotency_key)
+            if winner is None:
+                return row
+            storage.delete(key)  # the same key's first request won: this upload's row was rolled back
+            return get_file(session, tenant_id=tenant_id, file_id=winner)
+    except BaseException:
+        storage.delete(key)  # no committed row names it
+        raise
 
 
 def token_counts(
     session: Session, *, storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str
 ) -> FileTokenCount:
-    """The file's tokens as `model`'s tokenizer counts them: stored at upload, or counted now and kept.
+    """The file's tokens as `model`'s tokenizer counts them: stored at upload (or by `count_tokens_ahead`), or
+    counted now and kept.
 
     Counting reads the whole file again and renders it with the model's chat template, so a line that template
     cannot render is a 422 naming the line, as at upload. The count is kept in a transaction of its own: a job
@@ -173,6 +202,36 @@ def token_counts(
     found = session.get(FileTokenCount, (file.id, model.tokenizer_sha256))
     if found is not None:
         return found
+    counted = _count(storage, models, file, model, param)
+    _keep(session.get_bind(), counted)
+    return counted
+
+
+def count_tokens_ahead(
+    db_url: str, *, storage: ObjectStorage, models: ModelStore, tenant_id: str, file_ids: list[str], model_id: str
+) -> None:
+    """Count and keep the tokens of the tenant's files with `model_id`'s tokenizer where they are not counted yet,
+    holding no database connection while a file is read (a job's checks, which lock rows, then find the counts).
+    What cannot be counted here (an unknown file or model, a line the template cannot render) is left for those
+    checks to report."""
+    with session_scope(db_url) as session:
+        model = find_model(session, model_id)
+        if model is None:
+            return
+        files = [repository.get_file(session, tenant_id=tenant_id, file_id=file_id) for file_id in file_ids]
+        todo = [
+            f for f in files if f is not None and session.get(FileTokenCount, (f.id, model.tokenizer_sha256)) is None
+        ]
+        bind = session.get_bind()
+    for file in todo:
+        try:
+            counted = _count(storage, models, file, model, "file")
+        except InvalidInput:
+            continue
+        _keep(bind, counted)
+
+
+def _count(storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str) -> FileTokenCount:
     validator = LineValidator(load_tokenizer(models, model), 1, model_id=model.id)
     try:
         _size, _sha = _scan(storage.open(file.storage_key)[1], validator, max_bytes=file.bytes)
@@ -190,18 +249,27 @@ def token_counts(
             param=param,
             code=ErrorCode.invalid_file_for_model,
         )
+    return FileTokenCount(
+        file_id=file.id,
+        tokenizer_sha256=model.tokenizer_sha256,
+        n_tokens=report.n_tokens,
+        max_example_tokens=report.max_example_tokens,
+        created_at=utcnow(),
+    )
+
+
+def _keep(bind: Any, counted: FileTokenCount) -> None:
+    """Store a count in a transaction of its own (a concurrent job on the same model may have stored it first)."""
     values = {
-        "file_id": file.id,
-        "tokenizer_sha256": model.tokenizer_sha256,
-        "n_tokens": report.n_tokens,
-        "max_example_tokens": report.max_example_tokens,
-        "created_at": utcnow(),
+        "file_id": counted.file_id,
+        "tokenizer_sha256": counted.tokenizer_sha256,
+        "n_tokens": counted.n_tokens,
+        "max_example_tokens": counted.max_example_tokens,
+        "created_at": counted.created_at,
     }
-    bind = session.get_bind()
     insert = postgresql_insert if bind.dialect.name == "postgresql" else sqlite_insert
-    with Session(bind) as own, own.begin():  # a concurrent job on the same model may have stored them first
+    with Session(bind) as own, own.begin():
         own.execute(insert(FileTokenCount).values(**values).on_conflict_do_nothing())
-    return FileTokenCount(**values)
 
 
 def _rejection(report: ValidationReport) -> InvalidInput:

@@ -8,6 +8,7 @@ dir in an anonymous temporary file, which the kernel removes however the request
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import anyio
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.core.errors import ErrorCode, InvalidInput
+from app.core.errors import ErrorCode, InvalidInput, RequestTimeout
 
 FILE_FIELD = "file"
 MAX_FIELDS = 8
@@ -144,3 +145,30 @@ async def receive_upload(
     if receiver.upload.file is not None:
         receiver.upload.file.seek(0)
     return receiver.upload
+
+
+async def paced(
+    stream: AsyncIterator[bytes], *, grace_seconds: float, min_bytes_per_second: int
+) -> AsyncIterator[bytes]:
+    """The body's chunks, cut off with a 408 once the client falls behind: it may take `grace_seconds` to send
+    anything, and from then on must have sent `min_bytes_per_second` for every second past them. So a client that
+    sends a byte a second holds its request (and its tenant's upload slot) for `grace_seconds` at most."""
+    started = time.monotonic()
+    received = 0
+    chunks = aiter(stream)
+    while True:
+        deadline = started + grace_seconds + received / min_bytes_per_second
+        try:
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the upload was cut off after {received:,} bytes in {time.monotonic() - started:.0f} s: send the "
+                f"file faster than {min_bytes_per_second:,} bytes a second",
+                param="file",
+                code=ErrorCode.upload_too_slow,
+            ) from None
+        received += len(chunk)
+        yield chunk

@@ -21,6 +21,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         adapter_bytes=settings.serving_adapter_cache_bytes,
         host_adapter_bytes=settings.serving_host_cache_bytes,
         disk_adapter_bytes=settings.serving_disk_cache_bytes,
+        max_per_owner=settings.serving_max_requests_per_tenant,
     )
 
 

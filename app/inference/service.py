@@ -38,6 +38,7 @@ from app.ml.serving import (
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
+    OwnerOverloaded,
 )
 from app.models.repository import find_model
 from app.models.service import load_tokenizer, model_unavailable, require_model
@@ -143,6 +144,7 @@ def prepare(
         seed=sampling.seed,
         stop=sampling.stop,
         logprobs=sampling.logprobs,
+        owner=tenant_id,
     )
     return Prepared(request=request, adapter_id=adapter_id, base_model=record.id)
 
@@ -197,6 +199,13 @@ def submit(engine: GenerationEngine, prepared: Prepared, metrics: Metrics, on_de
             f"the server is generating at capacity ({exc.waiting} requests waiting); try again shortly",
             retry_after=OVERLOADED_RETRY_AFTER,
             code=ErrorCode.engine_overloaded,
+        ) from None
+    except OwnerOverloaded as exc:
+        raise TooManyRequests(
+            f"this tenant already has {exc.held} generation requests waiting or running, its limit "
+            "(TUNEFORGE_SERVING_MAX_REQUESTS_PER_TENANT); wait for one to end",
+            retry_after=OVERLOADED_RETRY_AFTER,
+            code=ErrorCode.too_many_generations,
         ) from None
     except EngineClosed:
         raise ServiceUnavailable("the server is shutting down; try again shortly") from None

@@ -5,10 +5,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
-from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.core.deps import SessionDep, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
+from app.core.security import hash_api_key
 from app.core.sse import event_source_response
 from app.jobs import planning, service
 from app.jobs.schemas import (
@@ -20,7 +21,7 @@ from app.jobs.schemas import (
     JobObject,
     MetricsObject,
 )
-from app.jobs.streaming import event_stream
+from app.jobs.streaming import event_stream, released_after
 from app.models.deps import ModelStoreDep
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 409, 413, 422, 429, 503))
@@ -45,6 +46,7 @@ def create_job(
 ) -> JobObject | JSONResponse:
     spec = body.spec()
     if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
+        service.count_ahead(settings, storage=storage, models=models, tenant_id=tenant.id, spec=spec)
         plan = planning.plan_job(
             session,
             storage=storage,
@@ -108,6 +110,7 @@ def list_events(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
+    streams: StreamSlotsDep,
     after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Return events with seq greater than this")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     stream: Annotated[
@@ -120,8 +123,11 @@ def list_events(
 ) -> Any:
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         job = service.get_job(session, tenant_id=tenant.id, job_id=job_id)  # 404 before the stream starts
+        slot = streams.acquire(tenant.id)  # 429 past the tenant's open streams
         start = last_event_id if last_event_id is not None else after
-        return event_source_response(event_stream(settings.db_url, job.id, start, request.is_disconnected))
+        token = request.headers.get("authorization", "").partition(" ")[2].strip()  # checked by the middleware
+        events = event_stream(settings.db_url, job.id, start, request.is_disconnected, key_hash=hash_api_key(token))
+        return event_source_response(released_after(events, slot))
     rows, has_more = service.list_events(session, tenant_id=tenant.id, job_id=job_id, after_seq=after, limit=limit)
     return ListPage(data=[EventObject.model_validate(e) for e in rows], has_more=has_more)
 

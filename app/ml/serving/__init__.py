@@ -11,6 +11,7 @@ from app.ml.serving.requests import (
     Generation,
     GenerationRequest,
     GenerationResult,
+    OwnerOverloaded,
     TokenLogprob,
 )
 from app.ml.serving.residency import MAX_BASE_MODELS, MAX_DELTA_MODELS
@@ -29,5 +30,6 @@ __all__ = [
     "GenerationEngine",
     "GenerationRequest",
     "GenerationResult",
+    "OwnerOverloaded",
     "TokenLogprob",
 ]

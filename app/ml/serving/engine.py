@@ -3,10 +3,10 @@
 Callers `submit` a request and get a `Generation` (a future for the result, deltas for streaming, `cancel`). The
 engine thread owns the models and loops:
 1. take new requests into the waiting line (scheduler.py; bounded: past `max_waiting`, `submit` raises
-   EngineOverloaded);
-2. admit waiting requests, oldest first, whose adapter is ready (residency.py: base models and adapters on the
-   device), while the batch has room (rows, KV-cache bytes); they are prefilled and their KV caches join the
-   running batch (runner.py);
+   EngineOverloaded, and past `max_per_owner` requests of one owner, OwnerOverloaded);
+2. admit waiting requests, fairly across owners (each one's oldest first), whose adapter is ready (residency.py:
+   base models and adapters on the device), while the batch has room (rows, KV-cache bytes, an eighth of the rows
+   kept for owners with none running); they are prefilled and their KV caches join the running batch (runner.py);
 3. one decoding step for every running row at once, each row with its own adapter, sampling and stop rules
    (output.py); finished and cancelled rows leave the batch at once.
 So a short request that arrives while a long one decodes starts at the next step, not after it.
@@ -49,6 +49,7 @@ class EngineLimits:
     host_adapter_bytes: int  # adapters kept in host memory when the device is a GPU
     disk_adapter_bytes: int  # unpacked adapters kept on the local disk
     max_prefill_tokens: int = 4096  # prompt tokens prefilled between two decoding steps (at least one request)
+    max_per_owner: int | None = None  # requests one owner (a tenant) may have waiting or running; None: no bound
 
 
 class GenerationEngine:
@@ -76,6 +77,7 @@ class GenerationEngine:
             max_batch=limits.max_batch,
             kv_cache_bytes=limits.kv_cache_bytes,
             max_prefill_tokens=limits.max_prefill_tokens,
+            max_per_owner=limits.max_per_owner,
         )
         self.residency = Residency(models=models, placement=placement, store=self.store, limits=limits, wake=self._wake)
         self.runner = BatchRunner(placement)

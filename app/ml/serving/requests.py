@@ -47,6 +47,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
     ignore_eos: bool = False  # go on past the end-of-sequence token to max_tokens (benchmarks, as vLLM's)
+    owner: str | None = None  # whose request (a tenant): the waiting line is fair across owners, each one bounded
 
     @property
     def greedy(self) -> bool:
@@ -120,6 +121,14 @@ class EngineOverloaded(RuntimeError):
     def __init__(self, waiting: int) -> None:
         super().__init__(f"the serving engine has {waiting} requests waiting; try again shortly")
         self.waiting = waiting
+
+
+class OwnerOverloaded(RuntimeError):
+    """The request's owner already has as many requests in the engine (waiting or running) as it may."""
+
+    def __init__(self, owner: str, held: int) -> None:
+        super().__init__(f"{owner} has {held} requests in the serving engine, its limit; try again shortly")
+        self.held = held
 
 
 class EngineClosed(RuntimeError):

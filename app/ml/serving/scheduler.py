@@ -1,20 +1,31 @@
 """The waiting line and admission: which requests join the running batch at this step.
 
-Callers put requests in the line (bounded: past `max_waiting`, `put` raises EngineOverloaded). At each step the
-waiting requests are admitted oldest first, those whose adapter is ready, while the batch has room (rows,
-KV-cache bytes) and the step's prefill budget lasts; the admitted ones are prefilled together where they can be
-(plain prompts for one lane together, a request with virtual tokens alone).
+Callers put requests in the line, bounded: an owner (a tenant) with `max_per_owner` requests in the engine
+(waiting or running) gets OwnerOverloaded, and past `max_waiting` requests in the line, EngineOverloaded, except an
+owner with none in the engine, whose first request always gets in. At each step the waiting requests are admitted
+fairly across owners (each owner's oldest first, then each one's second, ...), those whose adapter is ready, while
+the batch has room (rows, KV-cache bytes) and the step's prefill budget lasts. An eighth of a batch's rows is kept
+for owners with no row running, so one owner's many requests cannot make another's first one wait for a row to
+free. The admitted ones are prefilled together where they can be (plain prompts for one lane together, a request
+with virtual tokens alone).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 
 from app.ml.serving.kinds import Servable
 from app.ml.serving.output import fail, finish_cancelled
-from app.ml.serving.requests import AdapterUnavailable, EngineClosed, EngineOverloaded, Generation, GenerationRequest
+from app.ml.serving.requests import (
+    AdapterUnavailable,
+    EngineClosed,
+    EngineOverloaded,
+    Generation,
+    GenerationRequest,
+    OwnerOverloaded,
+)
 from app.ml.serving.residency import Base, Residency, Waiting
 from app.ml.serving.runner import BatchRunner, lane_key
 
@@ -22,9 +33,20 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, *, max_waiting: int, max_batch: int, kv_cache_bytes: int, max_prefill_tokens: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_waiting: int,
+        max_batch: int,
+        kv_cache_bytes: int,
+        max_prefill_tokens: int,
+        max_per_owner: int | None = None,
+    ) -> None:
         self.max_waiting = max_waiting
+        self.max_per_owner = max_per_owner
         self.max_batch = max_batch
+        self.reserved_rows = max_batch // 8  # rows only an owner with no row running may take
+        self._owned: Counter[str | None] = Counter()  # requests in the engine (waiting or running) per owner
         self.kv_cache_bytes = kv_cache_bytes
         self.max_prefill_tokens = max_prefill_tokens
         self._inbox: deque[Generation] = deque()  # put by callers' threads
@@ -34,13 +56,30 @@ class Scheduler:
 
     # --- callers' threads ---------------------------------------------------------------------
     def put(self, generation: Generation) -> None:
+        owner = generation.request.owner
         with self._lock:
             if self.closed:
                 raise EngineClosed("the serving engine is shutting down")
+            held = self._owned[owner]
+            if owner is not None and self.max_per_owner is not None and held >= self.max_per_owner:
+                raise OwnerOverloaded(owner, held)
             waiting = len(self._inbox) + len(self.waiting)
-            if waiting >= self.max_waiting:
+            if waiting >= self.max_waiting and (held or owner is None):
                 raise EngineOverloaded(waiting)
+            self._owned[owner] += 1
             self._inbox.append(generation)
+        generation.future.add_done_callback(lambda _: self._release(owner))
+
+    def _release(self, owner: str | None) -> None:
+        with self._lock:
+            self._owned[owner] -= 1
+            if self._owned[owner] <= 0:
+                del self._owned[owner]
+
+    def owned(self, owner: str | None) -> int:
+        """The owner's requests in the engine, waiting or running."""
+        with self._lock:
+            return self._owned[owner]
 
     def close(self) -> None:
         with self._lock:
@@ -62,17 +101,29 @@ class Scheduler:
             fail(waiting.generation, exc)
         self.waiting.clear()
 
+    def fair_order(self) -> list[Waiting]:
+        """The waiting line in the order admission considers it: each owner's oldest request, then each owner's
+        second, and so on (by arrival within a round), so that one owner's many requests do not hold back
+        another's first."""
+        rank: Counter[str | None] = Counter()
+        ranked = []
+        for arrival, waiting in enumerate(self.waiting):
+            owner = waiting.generation.request.owner
+            ranked.append((rank[owner], arrival, waiting))
+            rank[owner] += 1
+        return [waiting for *_, waiting in sorted(ranked, key=lambda r: (r[0], r[1]))]
+
     def admit(self, residency: Residency, runner: BatchRunner) -> None:
-        """Move waiting requests into the batch, oldest first, while they fit; prefill them in groups (plain
-        prompts for one lane together, a request with virtual tokens alone) within `max_prefill_tokens`."""
+        """Move waiting requests into the batch, fairly across owners, while they fit; prefill them in groups
+        (plain prompts for one lane together, a request with virtual tokens alone) within `max_prefill_tokens`."""
         budget = self.max_prefill_tokens
         chosen: list[tuple[Base, str | None, Generation, Servable | None]] = []
-        # Oldest first, without starving anyone: a request that does not fit its base model's batch keeps the
+        # In fair order, without starving anyone: a request that does not fit its base model's batch keeps the
         # requests behind it for that base model waiting too, and one that needs a base model not loaded while
         # every loaded one is busy keeps every later request waiting, so that one drains.
         full: set[int] = set()
         draining = False
-        for waiting in list(self.waiting):
+        for waiting in self.fair_order():
             generation = waiting.generation
             request = generation.request
             if generation.cancelled or generation.future.cancelled():
@@ -103,6 +154,8 @@ class Scheduler:
             assert servable is not True
             key = lane_key(servable)
             joining = [(k, g.request, s) for b, k, g, s in chosen if b is base]
+            if self._reserved(base, request, joining):
+                continue  # the rows left are kept for owners with none running
             if not self._room(base, key, request, servable, joining):
                 full.add(id(base))
                 continue
@@ -123,6 +176,22 @@ class Scheduler:
                 log.exception("serving: the prefill failed")
                 for generation, _ in items:
                     fail(generation, exc)
+
+    def _reserved(
+        self,
+        base: Base,
+        request: GenerationRequest,
+        joining: list[tuple[str | None, GenerationRequest, Servable | None]],
+    ) -> bool:
+        """Whether the request's owner, which has rows running (or joining) on this base model, would take one of
+        the rows kept for owners that have none."""
+        if not self.reserved_rows:
+            return False
+        rows = [row.generation.request for lane in base.lanes.values() for row in lane.rows]
+        rows += [other for _, other, _ in joining]
+        if not any(other.owner == request.owner for other in rows):
+            return False
+        return len(rows) >= self.max_batch - self.reserved_rows
 
     def _room(
         self,
