@@ -485,15 +485,15 @@ def test_a_checkpoint_whose_state_is_damaged_is_kept_and_the_run_resumes_from_th
     storage = ObjectStorage.from_settings(settings)
     storage.put_bytes(state_key_of(settings, latest["id"]), b"not a checkpoint")  # damaged in storage
     assert run_training_job(settings, job_id) is not None
+    # The damaged checkpoint's artifact is intact: still listed, downloaded and served.
+    assert_kept_and_downloadable(client, tenant, job_id, [latest])
+    prompt = {"prompt": "Name fruit number 1.", "max_tokens": 4, "temperature": 0, "adapter_id": latest["id"]}
+    assert client.post("/generate", headers=tenant.headers, json=prompt).status_code == 200
     log = events(client, tenant, job_id)
     messages = [e["message"] for e in log]
     assert set_aside_message(latest["id"], latest["step_number"]) in messages
     assert f"attempt 2: resumed from checkpoint {before['id']} at step {before['step_number']}" in messages
     assert [e["data"]["step"] for e in log if e["type"] == "metrics"] == list(range(1, 13))
-    # The damaged checkpoint's artifact is intact: still listed, downloaded and served.
-    assert_kept_and_downloadable(client, tenant, job_id, [latest])
-    prompt = {"prompt": "Name fruit number 1.", "max_tokens": 4, "temperature": 0, "adapter_id": latest["id"]}
-    assert client.post("/generate", headers=tenant.headers, json=prompt).status_code == 200
 
 
 def fail_state_downloads(monkeypatch: pytest.MonkeyPatch, error: Callable[[], BaseException]) -> list[str]:
