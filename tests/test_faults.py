@@ -1,6 +1,7 @@
 """Fault tests against the real processes (`tuneforge api`, `tuneforge worker`) on PostgreSQL, Redis and S3:
 a worker killed with kill -9, a worker stopped gracefully, the API killed and restarted, the database cut off
-behind a loopback proxy, two workers sharing twenty jobs, and a cancel that frees the worker.
+behind a loopback proxy, two workers sharing twenty jobs, a cancel that frees the worker, the object store cut
+off from a worker that resumes a job, a cancel racing a resume, and a worker whose clock is two minutes behind.
 
 Each test has a database of its own and short heartbeats (0.5 s, stale after 3 s) and reaper rounds (1 s).
 """
@@ -8,6 +9,8 @@ Each test has a database of its own and short heartbeats (0.5 s, stale after 3 s
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -18,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ import pytest
 
 from app.core.db import migrate
 from tests.conftest import S3_BUCKET, S3_KEY, S3Endpoint, address, chat_lines, free_port
+from worker.runner import CHECKPOINT_UNREADABLE_MESSAGE
 
 pytestmark = pytest.mark.e2e
 TUNEFORGE = [sys.executable, "-m", "app.cli"]
@@ -87,6 +92,50 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
+class ObjectStoreProxy(TcpProxy):
+    """A loopback TCP proxy to the S3 endpoint with a tripwire on the first request for a checkpoint's training
+    state (what a worker resuming a job fetches first): `outage` cuts the store off from that request on (every
+    connection closed, new ones refused) until `restore`; `hold` keeps such requests waiting until `release`."""
+
+    def __init__(self, target_port: int, on_state_request: str) -> None:
+        self.on_state_request = on_state_request
+        self.tripped = threading.Event()
+        self._released = threading.Event()
+        self._armed = False
+        super().__init__(target_port)
+        self._armed = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        self._armed = False
+        super().restore()
+
+    def release(self) -> None:
+        self._armed = False
+        self._released.set()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                request_line = data.split(b"\r\n", 1)[0]
+                if self._armed and request_line.startswith(b"GET ") and b"/state.pt " in request_line:
+                    self.tripped.set()
+                    if self.on_state_request == "outage":
+                        self.cut()
+                        return
+                    self._released.wait(timeout=60)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass
 class Cluster:
     """One deployment: a database of its own (through a proxy), a queue, a storage prefix; API and workers
@@ -105,11 +154,11 @@ class Cluster:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
-        """`api` or `worker…` (any number of workers)."""
+    def start(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        """`api` or `worker…` (any number of workers), with `env` over the cluster's environment."""
         role = "api" if name == "api" else "worker"
         with (self.tmp / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen([*TUNEFORGE, role], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([*TUNEFORGE, role], env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
         self.procs[name] = proc
         if role == "api":
             wait_for(lambda: healthy(self.url), 60, "the API did not come up", self)
@@ -369,3 +418,121 @@ def test_a_cancelled_running_job_frees_the_worker_for_the_job_behind_it(cluster:
         kept = http.get(f"/jobs/{long_id}/checkpoints").json()["data"]
     assert kept and kept[0]["step_number"] >= checkpoints_then[0]["step_number"]
     assert cluster.events(long_id)[-1]["message"] == "training stopped: the job was cancelled"
+
+
+# --- resuming deletes no checkpoint; the database's clock ---------------------------------------------------
+def stopped_after_checkpoints(cluster: Cluster) -> tuple[str, list[dict[str, Any]]]:
+    """A long job that worker-a trained past two checkpoints, then handed back when stopped (SIGTERM); and its
+    checkpoints then."""
+    cluster.start("api")
+    cluster.start("worker-a")
+    job_id = long_job(cluster)
+    cluster.wait_step(job_id, 17, checkpoints=2)
+    assert cluster.kill("worker-a", signal.SIGTERM) == 0
+    assert cluster.job(job_id)["status"] == "queued"
+    with cluster.http() as http:
+        kept = http.get(f"/jobs/{job_id}/checkpoints").json()["data"]
+    assert len(kept) >= 2
+    return job_id, kept
+
+
+def assert_every_checkpoint_downloadable(cluster: Cluster, job_id: str, kept: list[dict[str, Any]]) -> None:
+    with cluster.http() as http:
+        listed = {c["id"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["data"]}
+        for checkpoint in kept:
+            assert checkpoint["id"] in listed, (checkpoint["id"], sorted(listed))
+            download = http.get(checkpoint["download_url"])
+            assert download.status_code == 200, download.text
+            assert hashlib.sha256(download.content).hexdigest() == checkpoint["sha256"]
+
+
+def test_an_object_store_outage_while_a_job_resumes_hands_it_back_and_keeps_every_checkpoint(
+    cluster: Cluster, s3: S3Endpoint
+) -> None:
+    job_id, kept = stopped_after_checkpoints(cluster)
+    # worker-b reaches the store through a proxy that cuts it off when the worker asks for the checkpoint's state.
+    store = ObjectStoreProxy(address(s3.url, 80)[1], on_state_request="outage")
+    cluster.start("worker-b", TUNEFORGE_S3_ENDPOINT_URL=store.url, TUNEFORGE_STORAGE_RETRY_SECONDS="2")
+
+    def handed_back() -> bool:
+        return any(e["message"].startswith(CHECKPOINT_UNREADABLE_MESSAGE) for e in cluster.events(job_id))
+
+    wait_for(handed_back, 120, "the job was not handed back", cluster)
+    assert store.tripped.is_set()
+    job = cluster.job(job_id)
+    assert job["status"] in {"queued", "running"} and job["error"] is None, job  # back in the queue, retried
+    assert_every_checkpoint_downloadable(cluster, job_id, kept)
+    store.restore()  # the store answers again: the next attempt resumes from the latest checkpoint
+    job = cluster.wait_status(job_id, {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job["error"]
+    messages = [e["message"] for e in assert_each_step_once(cluster, job)]
+    latest = kept[0]
+    assert any(m.endswith(f"resumed from checkpoint {latest['id']} at step {latest['step_number']}") for m in messages)
+
+
+def test_a_cancel_racing_a_resume_ends_the_job_cancelled_and_deletes_no_checkpoint(
+    cluster: Cluster, s3: S3Endpoint
+) -> None:
+    job_id, kept = stopped_after_checkpoints(cluster)
+    store = ObjectStoreProxy(address(s3.url, 80)[1], on_state_request="hold")
+    cluster.start("worker-b", TUNEFORGE_S3_ENDPOINT_URL=store.url)
+    wait_for(store.tripped.is_set, 120, "the worker never fetched the checkpoint's state", cluster)
+    with cluster.http() as http:  # while the worker fetches the state, the user cancels (and its states go)
+        cancelled = http.post(f"/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    store.release()  # the fetch goes on, and finds no state any more
+    ended = "training stopped: the job was cancelled"
+    wait_for(lambda: cluster.events(job_id)[-1]["message"] == ended, 120, "the worker did not stop", cluster)
+    assert cluster.job(job_id)["status"] == "cancelled"
+    assert_every_checkpoint_downloadable(cluster, job_id, kept)
+
+
+# Loaded at start-up by the worker's Python (a `sitecustomize` module on its PYTHONPATH): its wall clock runs
+# TUNEFORGE_TEST_CLOCK_SKEW seconds off, as on a host whose clock drifted (the database's is right).
+SKEWED_CLOCK = """
+import datetime as _datetime
+import os
+import time as _time
+
+_skew = float(os.environ["TUNEFORGE_TEST_CLOCK_SKEW"])
+_real_datetime = _datetime.datetime
+_real_time, _real_time_ns = _time.time, _time.time_ns
+
+
+class _SkewedDatetime(_real_datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return _real_datetime.now(tz) + _datetime.timedelta(seconds=_skew)
+
+    @classmethod
+    def utcnow(cls):
+        return cls.now(_datetime.timezone.utc).replace(tzinfo=None)
+
+
+_datetime.datetime = _SkewedDatetime
+_time.time = lambda: _real_time() + _skew
+_time.time_ns = lambda: _real_time_ns() + int(_skew * 1e9)
+"""
+
+
+def test_a_worker_whose_clock_is_two_minutes_behind_keeps_its_job(cluster: Cluster, tmp_path: Path) -> None:
+    skewed = tmp_path / "skewed-clock"
+    skewed.mkdir()
+    (skewed / "sitecustomize.py").write_text(SKEWED_CLOCK)
+    path = os.pathsep.join(p for p in (str(skewed), os.environ.get("PYTHONPATH", "")) if p)
+    cluster.start("api")
+    cluster.start("worker", PYTHONPATH=path, TUNEFORGE_TEST_CLOCK_SKEW="-120")
+    job_id = long_job(cluster)
+    cluster.wait_step(job_id, 5)
+    # The worker's clock is behind (its log lines are stamped with it)...
+    stamped = [
+        json.loads(line)["time"] for line in (cluster.tmp / "worker.log").read_text().splitlines() if '"time"' in line
+    ]
+    behind = time.time() - datetime.fromisoformat(stamped[-1]).timestamp()
+    assert 110 < behind < 130, behind
+    # ...and its job's heartbeat is on time, the database's clock.
+    assert abs(cluster.job(job_id)["heartbeat_at"] - time.time()) < 30
+    job = cluster.wait_status(job_id, {"succeeded", "failed"})
+    assert job["status"] == "succeeded" and job["attempt"] == 1, job["error"]
+    messages = [e["message"] for e in assert_each_step_once(cluster, job)]
+    assert not any("stopped answering" in m or m.startswith("training started again") for m in messages)

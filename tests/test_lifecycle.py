@@ -5,22 +5,27 @@ The same behaviours against real processes (kill -9, SIGTERM, a lost database) a
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import io
 import json
 import tarfile
 import tempfile
 import threading
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import obstore.exceptions
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 from sqlalchemy import select, update
 
+from app.core import models
 from app.core.db import session_scope
 from app.core.errors import ErrorCode
 from app.core.ids import new_id
@@ -28,7 +33,7 @@ from app.core.models import Checkpoint, Job, utcnow
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import state
-from app.jobs.reaper import reap_stale_jobs
+from app.jobs.reaper import Reaper, reap_stale_jobs, resend_queued_jobs
 from app.jobs.state import ClaimedJob, JobLost
 from app.main import create_app
 from app.ml.training import TrainingRecipe
@@ -39,7 +44,7 @@ from tests.test_worker import events, start_job
 from worker import lifecycle
 from worker.checkpoints import JobCheckpoints
 from worker.lifecycle import Heartbeat, JobAttempt, JobReporter
-from worker.runner import run_job, run_training_job
+from worker.runner import CHECKPOINT_UNREADABLE_MESSAGE, run_job, run_training_job, set_aside_message
 
 
 # --- the recipe's state ---------------------------------------------------------------------------
@@ -445,22 +450,190 @@ def test_a_job_checkpoints_when_checkpoint_minutes_have_passed(model_cache_dir: 
     assert [step for step, _ in quiet.saved] == [4]  # by default: the epoch's end only
 
 
-def test_a_checkpoint_that_cannot_be_read_is_skipped_for_the_one_before(
+# --- resuming deletes no checkpoint --------------------------------------------------------------
+def stopped_with_checkpoints(
     client: TestClient, tenant: Tenant, settings: Settings
-) -> None:
+) -> tuple[str, list[dict[str, Any]]]:
+    """A 12-step job stopped (handed back) after step 5, with its checkpoints (every 2 steps and where it stopped)."""
     job_id = start_job(client, tenant, lines=chat_lines(12), n_epochs=1, batch_size=1, checkpoint_every=2)
     stop_worker_at(client, tenant, settings, job_id, 5)
     kept = client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
-    latest, before = kept[0], kept[1]
+    assert len(kept) >= 2
+    return job_id, kept
+
+
+def assert_kept_and_downloadable(client: TestClient, tenant: Tenant, job_id: str, kept: list[dict[str, Any]]) -> None:
+    """Every checkpoint in `kept` is still listed, and downloads with its sha256."""
+    listed = {c["id"]: c for c in client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]}
+    for checkpoint in kept:
+        assert checkpoint["id"] in listed, (checkpoint["id"], sorted(listed))
+        download = client.get(checkpoint["download_url"], headers=tenant.headers)
+        assert download.status_code == 200, download.text
+        assert hashlib.sha256(download.content).hexdigest() == checkpoint["sha256"]
+
+
+def state_key_of(settings: Settings, checkpoint_id: str) -> str:
     with session_scope(settings.db_url) as session:
-        state_key = session.scalars(select(Checkpoint.state_key).where(Checkpoint.id == latest["id"])).one()
-    ObjectStorage.from_settings(settings).put_bytes(state_key, b"not a checkpoint")  # damaged in storage
+        return str(session.scalars(select(Checkpoint.state_key).where(Checkpoint.id == checkpoint_id)).one())
+
+
+def test_a_checkpoint_whose_state_is_damaged_is_kept_and_the_run_resumes_from_the_one_before(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    job_id, kept = stopped_with_checkpoints(client, tenant, settings)
+    latest, before = kept[0], kept[1]
+    storage = ObjectStorage.from_settings(settings)
+    storage.put_bytes(state_key_of(settings, latest["id"]), b"not a checkpoint")  # damaged in storage
     assert run_training_job(settings, job_id) is not None
+    # The damaged checkpoint's artifact is intact: still listed, downloaded and served.
+    assert_kept_and_downloadable(client, tenant, job_id, [latest])
+    prompt = {"prompt": "Name fruit number 1.", "max_tokens": 4, "temperature": 0, "adapter_id": latest["id"]}
+    assert client.post("/generate", headers=tenant.headers, json=prompt).status_code == 200
     log = events(client, tenant, job_id)
     messages = [e["message"] for e in log]
-    assert f"checkpoint {latest['id']} (step {latest['step_number']}) could not be read; deleted" in messages
+    assert set_aside_message(latest["id"], latest["step_number"]) in messages
     assert f"attempt 2: resumed from checkpoint {before['id']} at step {before['step_number']}" in messages
     assert [e["data"]["step"] for e in log if e["type"] == "metrics"] == list(range(1, 13))
+
+
+def fail_state_downloads(monkeypatch: pytest.MonkeyPatch, error: Callable[[], BaseException]) -> list[str]:
+    """Every download of a checkpoint's training state raises `error()`; returns the keys asked for."""
+    download = ObjectStorage.download
+    asked: list[str] = []
+
+    def failing(self: ObjectStorage, key: str, dest: Path) -> str:
+        if key.endswith("/state.pt"):
+            asked.append(key)
+            raise error()
+        return download(self, key, dest)
+
+    monkeypatch.setattr(ObjectStorage, "download", failing)
+    return asked
+
+
+TRANSIENT_FAILURES: dict[str, Callable[[], BaseException]] = {
+    "object store outage": lambda: obstore.exceptions.GenericError("connection refused, after retries"),
+    "full temp dir": lambda: OSError(errno.ENOSPC, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("failure", TRANSIENT_FAILURES)
+def test_a_checkpoint_that_cannot_be_read_for_now_hands_the_job_back_and_deletes_nothing(
+    failure: str, client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, kept = stopped_with_checkpoints(client, tenant, settings)
+    storage = ObjectStorage.from_settings(settings)
+    prefix = f"checkpoints/{tenant_id_of(settings, job_id)}/{job_id}"
+    objects = sorted(storage.list_keys(prefix))
+    sent = sum(job_id in m["kwargsrepr"] for m in queued_messages(settings))
+    asked = fail_state_downloads(monkeypatch, TRANSIENT_FAILURES[failure])
+    outcome = run_job(settings, job_id)
+    assert asked and outcome.status == "handed_back", outcome
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "queued" and job["error"] is None
+    assert events(client, tenant, job_id)[-1]["message"].startswith(CHECKPOINT_UNREADABLE_MESSAGE)
+    assert sum(job_id in m["kwargsrepr"] for m in queued_messages(settings)) == sent + 1  # sent again
+    assert sorted(storage.list_keys(prefix)) == objects  # every artifact and every training state
+    assert_kept_and_downloadable(client, tenant, job_id, kept)
+
+    monkeypatch.undo()  # the store (or the disk) is back: the next attempt resumes from the latest checkpoint
+    assert run_training_job(settings, job_id) is not None
+    messages = [e["message"] for e in events(client, tenant, job_id)]
+    assert f"attempt 3: resumed from checkpoint {kept[0]['id']} at step {kept[0]['step_number']}" in messages
+
+
+def test_a_cancel_racing_a_resume_deletes_no_checkpoint_and_the_job_ends_cancelled(
+    client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, kept = stopped_with_checkpoints(client, tenant, settings)
+    download = ObjectStorage.download
+
+    def cancelled_meanwhile(self: ObjectStorage, key: str, dest: Path) -> str:
+        if key.endswith("/state.pt") and client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["status"] == (
+            "running"
+        ):
+            # The user cancels while the worker fetches the state: the cancel deletes the training states.
+            assert client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers).status_code == 200
+            assert not self.exists(key)
+        return download(self, key, dest)
+
+    monkeypatch.setattr(ObjectStorage, "download", cancelled_meanwhile)
+    outcome = run_job(settings, job_id)
+    assert outcome.status == "cancelled", outcome
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "cancelled" and job["adapter_id"] is None
+    assert events(client, tenant, job_id)[-1]["message"] == "training stopped: the job was cancelled"
+    assert_kept_and_downloadable(client, tenant, job_id, kept)
+
+
+# --- the database's clock, and queued jobs whose task was lost ---------------------------------------
+class SkewedClock:
+    """This process's wall clock, `seconds` off (what `datetime.now` answers in app code): a host whose clock drifts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+
+    def set(self, seconds: float) -> None:
+        real = datetime
+
+        class Skewed(datetime):
+            @classmethod
+            def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+                return real.now(tz) + timedelta(seconds=seconds)
+
+        self.monkeypatch.setattr(models, "datetime", Skewed)
+
+    def reset(self) -> None:
+        self.monkeypatch.setattr(models, "datetime", datetime)
+
+
+def test_a_worker_whose_clock_is_two_minutes_off_keeps_its_job_and_takes_no_live_one(
+    client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats are written and compared with the database's clock: the hosts' clocks play no part."""
+    settings = settings.model_copy(update={"heartbeat_timeout_seconds": 60})
+    job_id = start_job(client, tenant)
+    clock = SkewedClock(monkeypatch)
+    clock.set(-120)  # the worker's host
+    job = lifecycle.claim(settings, job_id)
+    assert job is not None
+    JobReporter(settings.db_url, job).progress(step=1, total_steps=4, epoch=1, metrics={}, message="step 1")
+    with Heartbeat(settings.db_url, job, interval=0.1):
+        time.sleep(0.3)
+    clock.reset()  # the API's host: its reaper finds the job alive
+    assert job_id not in reap_stale_jobs(settings)
+    shown = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert shown["status"] == "running" and shown["attempt"] == 1
+    assert abs(shown["heartbeat_at"] - time.time()) < 30  # when its worker last reported, not two minutes before
+    clock.set(+120)  # another worker's host, ahead: a delivery of the same task claims nothing
+    assert lifecycle.claim(settings, job_id) is None
+    clock.reset()
+    assert client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["attempt"] == 1
+
+
+def test_a_queued_job_whose_task_was_lost_is_sent_again_and_runs_once(
+    client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state, "enqueue", lambda *_, **__: None)  # the API died between the commit and the send
+    job_id = start_job(client, tenant)
+    monkeypatch.undo()
+    assert client.get(f"/jobs/{job_id}", headers=tenant.headers).json()["status"] == "queued"
+    assert not [m for m in queued_messages(settings) if job_id in m["kwargsrepr"]]
+    assert job_id not in resend_queued_jobs(settings)  # not before `queued_resend_seconds` (300 by default)
+
+    waiting = settings.model_copy(update={"reaper_seconds": 0.2, "queued_resend_seconds": 1.0})
+    with Reaper(waiting):  # the reaper of every API and worker process
+        deadline = time.monotonic() + 30
+        while not [m for m in queued_messages(settings) if job_id in m["kwargsrepr"]]:
+            assert time.monotonic() < deadline, "the lost task was never sent again"
+            time.sleep(0.1)
+    # Sent again (and, waiting longer, again): every delivery after the first claims nothing.
+    first, second = run_job(settings, job_id), run_job(settings, job_id)
+    assert (first.status, second.status) == ("succeeded", "not_claimed")
+    job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    started = [e for e in events(client, tenant, job_id) if e["data"].get("status") == "running"]
+    assert len(started) == 1
 
 
 def test_a_worker_the_reaper_gave_up_on_can_change_nothing(

@@ -2,6 +2,10 @@
 
 A checkpoint is stored as two objects (app/jobs/checkpoints.py) and recorded only when both are stored, and only
 while this attempt owns the running job; the job keeps its latest `keep_checkpoints`.
+
+Resuming deletes no checkpoint: a training state proven unusable (missing from the object store, or not a state)
+is set aside, its checkpoint kept to serve and download; a state that cannot be fetched for a reason that may
+pass (the object store or the local disk failing) raises `CheckpointUnreadable`, and the job goes back to the queue.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.models import Checkpoint
 from app.core.settings import Settings
-from app.core.storage import ObjectStorage
+from app.core.storage import ObjectStorage, StoreError
 from app.jobs import checkpoints, repository
 from app.jobs.state import ClaimedJob, JobCancelled, JobLost, owned
 from app.ml import adapter_format
@@ -26,6 +30,16 @@ from app.ml.training import TrainingRecipe
 from worker.lifecycle import retrying
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointUnreadable(Exception):
+    """A checkpoint's training state could not be fetched for a reason that may pass (the object store did not
+    answer, the local disk is full): the attempt hands the job back to the queue, and nothing is deleted."""
+
+
+class UnusableState(Exception):
+    """A checkpoint's training state is proven unusable: the object store says it does not exist, or what it
+    holds is not a training state."""
 
 
 def store_artifact(
@@ -82,33 +96,54 @@ class JobCheckpoints:
         return self._retrying("reading the job's checkpoints", read)  # type: ignore[no-any-return]
 
     def resume_state(self) -> tuple[Checkpoint | None, dict[str, Any] | None, list[Checkpoint]]:
-        """The latest checkpoint whose state can be read, and that state (None, None: start over); and the later
-        ones that could not be read, now deleted (else they would outrank, and prune, what this run saves)."""
-        unreadable: list[Checkpoint] = []
+        """The latest checkpoint whose training state can be read, and that state (None, None: start over); and the
+        later ones whose state proved unusable, now set aside (so that no attempt tries them again); they stay
+        listed, served and downloadable. CheckpointUnreadable when a state could not be fetched for now;
+        JobCancelled or JobLost when the job stopped being this attempt's."""
+        set_aside: list[Checkpoint] = []
         for row in self.latest_first():
-            if row.state_key:
-                try:
-                    return row, self.load_state(row), unreadable
-                except Exception:
-                    log.exception("job %s: the state of checkpoint %s could not be read", self.job.id, row.id)
-            unreadable.append(row)
-            self.remove(row)
-        return None, None, unreadable
+            if not row.state_key:
+                continue  # set aside by an earlier attempt
+            try:
+                return row, self.load_state(row), set_aside
+            except UnusableState as exc:
+                log.warning("job %s: the training state of checkpoint %s is unusable (%s)", self.job.id, row.id, exc)
+            self.set_aside(row)
+            set_aside.append(row)
+        return None, None, set_aside
 
-    def remove(self, row: Checkpoint) -> None:
+    def set_aside(self, row: Checkpoint) -> None:
+        """Nothing resumes from the checkpoint's state again (its object goes); the checkpoint stays."""
+
         def write() -> None:
             with session_scope(self.settings.db_url) as session:
-                checkpoints.remove(session, row.id)
+                owned(session, self.job.id, self.job.attempt)  # not once the user cancelled (their cancel decides)
+                checkpoints.set_aside_state(session, self.storage, checkpoint_id=row.id)
 
-        self._retrying("deleting a checkpoint", write)
-        checkpoints.delete_objects(self.storage, row)
+        self._retrying("setting a checkpoint's training state aside", write)
 
     def load_state(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="resume-", dir=self.settings.tmp_dir) as tmp:
-            path = Path(tmp) / "state.pt"
-            self.storage.download(checkpoint.state_key, path)
-            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        """The checkpoint's training state; UnusableState if it is missing or damaged, CheckpointUnreadable if the
+        object store or the local disk failed."""
+        try:
+            self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="resume-", dir=self.settings.tmp_dir) as tmp:
+                path = Path(tmp) / "state.pt"
+                try:
+                    self.storage.download(checkpoint.state_key, path)
+                except FileNotFoundError:
+                    raise UnusableState("not in the object store") from None
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except OSError:
+                    raise  # the disk, not the state
+                except Exception as exc:
+                    raise UnusableState(f"not a training state: {type(exc).__name__}") from exc
+        except (StoreError, OSError) as exc:
+            log.warning("job %s: checkpoint %s could not be read (%s)", self.job.id, checkpoint.id, type(exc).__name__)
+            raise CheckpointUnreadable(f"checkpoint {checkpoint.id} could not be read") from exc
+        if not isinstance(state, dict):
+            raise UnusableState(f"not a training state: a {type(state).__name__}")
         return state
 
     def save(self, recipe: TrainingRecipe) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.db import session_scope
-from app.core.models import Adapter, JobEvent, utcnow
+from app.core.models import Adapter, JobEvent
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import state
@@ -115,17 +115,17 @@ class JobAttempt:
             level="error",
         )
 
-    def hand_back(self, step: int | None) -> bool:
-        """running -> queued, when the worker stops gracefully: another worker resumes it from its checkpoint.
-        False if this attempt no longer owns the running job."""
+    def hand_back(self, step: int | None, *, reason: str | None = None) -> bool:
+        """running -> queued, when the worker stops gracefully (or, `reason`, this attempt could not start): another
+        worker resumes it from its checkpoint. False if this attempt no longer owns the running job."""
         where = f" at step {step}" if step is not None else ""
+        why = reason or f"the worker was stopped{where}"
         return self._move(
             "hand_back",
             "handing the job back",
             retry_seconds=min(self.settings.db_retry_seconds, 10),
             values={"heartbeat_at": None},
-            message=f"the worker was stopped{where}; the job is back in the queue and resumes from its latest "
-            "checkpoint",
+            message=f"{why}; the job is back in the queue and resumes from its latest checkpoint",
             data={"step": step},
         )
 
@@ -241,7 +241,7 @@ class JobReporter:
                 job.step = step
                 job.total_steps = total_steps
                 job.epoch = epoch
-                job.heartbeat_at = utcnow()
+                state.beat(session, self.job_id, self.attempt)
                 if step > self.reported.get(type_, -1):
                     append_event(session, self.job_id, type_, message, {"step": step, "epoch": epoch, **metrics})
 

@@ -31,7 +31,7 @@ from app.ml.training import StopRequested, TrainingError
 from app.ml.training.memory import release_device_memory
 from app.models.repository import find_model
 from worker import lifecycle
-from worker.checkpoints import JobCheckpoints, store_artifact
+from worker.checkpoints import CheckpointUnreadable, JobCheckpoints, store_artifact
 from worker.lifecycle import Heartbeat, JobAttempt, JobReporter
 from worker.training import job_recipe
 
@@ -42,6 +42,19 @@ FILE_UNAVAILABLE_MESSAGE = "a file of this job could not be read from storage; u
 
 def internal_error_message(job_id: str) -> str:
     return f"training failed because of an internal error; the operator's worker log has the details under {job_id}"
+
+
+CHECKPOINT_UNREADABLE_MESSAGE = (
+    "the job's latest checkpoint could not be read (the object store or the worker's disk failed); nothing was "
+    "deleted, its checkpoints are kept"
+)
+
+
+def set_aside_message(checkpoint_id: str, step: int) -> str:
+    return (
+        f"checkpoint {checkpoint_id} (step {step}) cannot be resumed from: its training state is missing or damaged; "
+        "the checkpoint is kept, to serve and download, and training continues from an earlier one"
+    )
 
 
 def out_of_memory_message(job: ClaimedJob) -> str:
@@ -131,6 +144,8 @@ def _run_to_an_outcome(
         return JobOutcome("left_to_reaper", f"taken over by another worker ({exc}); this run stops")
     except StopRequested as exc:
         return _hand_back(settings, attempt, exc.step)
+    except CheckpointUnreadable as exc:  # the object store or the disk failed for now: nothing is deleted
+        return _hand_back(settings, attempt, None, reason=CHECKPOINT_UNREADABLE_MESSAGE, exception=exc)
     except (OperationalError, InterfaceError) as exc:
         # Retried for db_retry_seconds already: the heartbeat stops with this run, and the reaper re-queues it.
         return JobOutcome(
@@ -156,20 +171,29 @@ def _fail(attempt: JobAttempt, message: str, code: str, exception: BaseException
     return JobOutcome("failed", f"{code}: {message}", error_code=str(code), exception=exception)
 
 
-def _hand_back(settings: Settings, attempt: JobAttempt, step: int | None) -> JobOutcome:
-    """Queued again, for another worker (or this one after its restart) to resume from the latest checkpoint."""
+def _hand_back(
+    settings: Settings,
+    attempt: JobAttempt,
+    step: int | None,
+    *,
+    reason: str | None = None,
+    exception: BaseException | None = None,
+) -> JobOutcome:
+    """Queued again, for another worker (or this one after its restart) to resume from the latest checkpoint:
+    the worker is stopping, or (`reason`) this attempt could not start."""
     job = attempt.job
-    if not attempt.hand_back(step):
-        return JobOutcome("left_to_reaper", "the worker stopped, and the job is no longer this run's")
+    why = reason or "the worker stopped"
+    if not attempt.hand_back(step, reason=reason):
+        return JobOutcome("left_to_reaper", f"{why}, and the job is no longer this run's", exception=exception)
     try:
         state.enqueue(settings, job.id, job.method)
     except Exception as exc:
         attempt.unhand()
-        return JobOutcome(
-            "left_to_reaper", "the worker stopped; its task could not be sent, the reaper will", exception=exc
-        )
+        return JobOutcome("left_to_reaper", f"{why}; its task could not be sent, the reaper will", exception=exc)
     where = f" at step {step}" if step is not None else ""
-    return JobOutcome("handed_back", f"the worker stopped; back in the queue{where}, to resume from its checkpoint")
+    return JobOutcome(
+        "handed_back", f"{why}; back in the queue{where}, to resume from its checkpoint", exception=exception
+    )
 
 
 def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
@@ -189,9 +213,9 @@ def base_model_of(settings: Settings, job: ClaimedJob) -> ModelRecord:
 
 def _resume_state(checkpoints: JobCheckpoints, reporter: JobReporter) -> tuple[dict[str, Any] | None, str]:
     """The latest readable checkpoint's state to continue from, or None (with why) to train from the start."""
-    row, resume, unreadable = checkpoints.resume_state()
-    for bad in unreadable:
-        reporter.event("log", f"checkpoint {bad.id} (step {bad.step}) could not be read; deleted", level="warning")
+    row, resume, set_aside = checkpoints.resume_state()
+    for bad in set_aside:
+        reporter.event("log", set_aside_message(bad.id, bad.step), level="warning")
     if row is None:
         return None, "no checkpoint to resume from: training from the start"
     return resume, f"resumed from checkpoint {row.id} at step {row.step}"
@@ -202,8 +226,9 @@ def _train_and_publish(
 ) -> str | None:
     job = attempt.job
     checkpoints = JobCheckpoints(settings, storage, job)
-    recipe = job_recipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints)
+    # Where to start from first: an attempt that cannot read its checkpoint now goes back before loading anything.
     resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
+    recipe = job_recipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints)
     recipe.setup(resume=resume)
     if how:
         reporter.event("log", f"attempt {job.attempt}: {how}", {"step": recipe.position.step})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from datetime import timedelta
 from typing import Any, Protocol
 
 import kombu
@@ -25,7 +24,7 @@ from sqlalchemy import func, select
 
 from app.core.db import session_scope
 from app.core.errors import DATABASE_ERRORS, ErrorCode, Unauthorized
-from app.core.models import Job, JobStatus, utcnow
+from app.core.models import Job, JobStatus, db_now
 from app.core.queue import cuda_queue
 from app.core.settings import Settings
 
@@ -70,7 +69,7 @@ class JobsCollector(Collector):
         )
 
     def _read(self) -> tuple[dict[JobStatus, int], list[dict[str, Any]]]:
-        live_since = utcnow() - timedelta(seconds=self.settings.heartbeat_timeout_seconds)
+        live_since = db_now(-self.settings.heartbeat_timeout_seconds)  # heartbeats are the database's clock
         with session_scope(self.settings.db_url) as session:
             counts = {status: n for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status))}
             running = session.scalars(

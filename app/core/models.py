@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -20,8 +21,12 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    literal,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -51,6 +56,35 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+
+class DatabaseNow(FunctionElement[datetime]):
+    """The database server's clock, offset by a number of seconds (see `db_now`)."""
+
+    type = UTCDateTime()
+    name = "db_now"
+    inherit_cache = True
+
+
+@compiles(DatabaseNow)
+def _database_now(element: DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:  # PostgreSQL
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(CURRENT_TIMESTAMP + make_interval(secs => CAST({seconds} AS DOUBLE PRECISION)))"
+
+
+@compiles(DatabaseNow, "sqlite")
+def _database_now_sqlite(element: DatabaseNow, compiler: SQLCompiler, **kw: Any) -> str:
+    # The text SQLAlchemy stores a timestamp as on SQLite (UTC, microseconds), so that comparisons with stored
+    # values hold; SQLite's clock has milliseconds.
+    seconds = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%.6f seconds', {seconds}))"
+
+
+def db_now(seconds: float = 0.0) -> DatabaseNow:
+    """The database server's current time plus `seconds` (negative: ago), as SQL: what heartbeats are written
+    with and compared to, so that a host whose clock drifts neither loses its jobs to the reaper nor keeps a dead
+    worker's."""
+    return DatabaseNow(literal(float(seconds), Float()))
 
 
 class Base(DeclarativeBase):
@@ -142,6 +176,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When it last entered the queue or the reaper last sent its task again (the database's clock): a job queued
+    # for longer than `queued_resend_seconds` may have lost its task, and is sent again.
+    queued_at: Mapped[datetime | None] = mapped_column(default=None)
     # Where it trained, written when training starts: "cuda:0", "cpu", ...; "bfloat16", "float32", ...
     device: Mapped[str | None] = mapped_column(String(64), default=None)
     dtype: Mapped[str | None] = mapped_column(String(16), default=None)

@@ -130,6 +130,14 @@ class Settings(BaseSettings):
         description="How often each API and worker process looks for running jobs with a stale heartbeat "
         "(0: never; safe to run on every replica)",
     )
+    queued_resend_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="A job queued for longer than this without a worker taking it has its task sent again by the "
+        "reaper (its task may have been lost between the database and the broker; a task delivered twice is "
+        "claimed once), and again after each such interval",
+    )
     max_job_attempts: int = Field(
         default=3,
         ge=1,
@@ -141,6 +149,13 @@ class Settings(BaseSettings):
         default=30.0,
         gt=0,
         description="A running job also saves a checkpoint when this long has passed since its last one",
+    )
+    storage_retry_seconds: float = Field(
+        default=180.0,
+        gt=0,
+        le=3600,
+        description="How long a request to the object store is retried, with back-off, before it fails (a worker "
+        "that cannot read a checkpoint to resume from then hands the job back to the queue)",
     )
     db_retry_seconds: float = Field(
         default=120.0,

@@ -11,11 +11,15 @@ from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 import obstore
+import obstore.exceptions
 from obstore.store import LocalStore, from_url
 
 from app.core.settings import Settings
 
 CHUNK_SIZE = 1024 * 1024
+# What a request to the object store raises when the store fails or refuses it (a missing object raises
+# FileNotFoundError instead).
+StoreError = obstore.exceptions.BaseError
 # Listed by `ping`; nothing is ever stored under it.
 PROBE_PREFIX = ".readiness-probe"
 # A probe gives up after this, without retries (a transfer retries with back-off for up to three minutes).
@@ -50,7 +54,10 @@ class ObjectStorage:
             if settings.s3_secret_access_key:
                 config["secret_access_key"] = settings.s3_secret_access_key
             config["region"] = settings.s3_region
-        store = from_url(url, config=config or None, client_options=client_options or None)  # type: ignore[arg-type]
+        retry = {"retry_timeout": timedelta(seconds=settings.storage_retry_seconds)}
+        store = from_url(  # type: ignore[call-overload]
+            url, config=config or None, client_options=client_options or None, retry_config=retry
+        )
         probe = from_url(  # type: ignore[call-overload]
             url,
             config=config or None,

@@ -1,5 +1,6 @@
 """A job's checkpoint rows and their objects: recorded by the attempt that runs the job, pruned to the latest
-`keep_checkpoints`, their training states dropped when the job ends.
+`keep_checkpoints`, their training states dropped when the job ends (or set aside when one proves unusable: the
+checkpoint stays).
 
 A checkpoint is two objects under `checkpoints/<tenant>/<job>/<checkpoint id>/`: `artifact.tar.gz`, the artifact
 as trained up to that step (served and downloaded by the checkpoint's id like an adapter), and `state.pt`, the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.db import after_commit
@@ -27,17 +28,26 @@ def checkpoint_prefix(tenant_id: str, job_id: str, checkpoint_id: str) -> str:
 
 def record(session: Session, row: Checkpoint, *, keep: int) -> list[Checkpoint]:
     """Insert the row (the caller holds the job, `state.owned`); returns the job's rows past the latest `keep`,
-    deleted (their objects are the caller's to delete)."""
+    deleted (their objects are the caller's to delete). A checkpoint whose training state was set aside is neither
+    counted nor pruned: its artifact stays, and it does not crowd out the checkpoints a resumed run saves."""
     session.add(row)
     session.flush()
-    pruned = repository.list_checkpoints(session, job_id=row.job_id)[keep:]
+    pruned = [kept for kept in repository.list_checkpoints(session, job_id=row.job_id) if kept.state_key][keep:]
     for old in pruned:
         session.delete(old)
     return pruned
 
 
-def remove(session: Session, checkpoint_id: str) -> None:
-    session.execute(delete(Checkpoint).where(Checkpoint.id == checkpoint_id))
+def set_aside_state(session: Session, storage: ObjectStorage, *, checkpoint_id: str) -> None:
+    """The checkpoint's training state proved unusable (missing, or not a state): nothing will resume from it, and
+    its object is deleted once the transaction commits. The checkpoint itself, its artifact, stays: listed, served
+    and downloadable."""
+    row = session.get(Checkpoint, checkpoint_id, with_for_update=True)
+    if row is None or not row.state_key:
+        return
+    key = row.state_key
+    row.state_key, row.state_size_bytes = "", 0
+    after_commit(session, lambda: delete_object(storage, key, checkpoint_id))
 
 
 def drop_training_states(session: Session, storage: ObjectStorage, *, job_id: str) -> None:

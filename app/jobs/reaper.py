@@ -1,9 +1,15 @@
-"""The reaper: running jobs whose worker stopped answering go back to the queue (or fail after max attempts).
+"""The reaper: running jobs whose worker stopped answering go back to the queue (or fail after max attempts), and
+queued jobs that no worker took for long have their task sent again.
 
 A worker marks its job alive every `heartbeat_seconds` from a thread of its own. A `running` job whose heartbeat
 is older than `heartbeat_timeout_seconds` is on a worker that died (kill -9, a lost machine): the reaper sends
 its task again and marks it `queued`; the worker that takes it resumes from the job's latest checkpoint. After
-`max_job_attempts` lost workers it is failed with the reason instead (graceful hand-backs do not count).
+`max_job_attempts` lost workers it is failed with the reason instead (graceful hand-backs do not count). Ages are
+measured with the database's clock, which also wrote the heartbeats: no host's clock takes part.
+
+A `queued` job whose task was lost (a crash between the commit and the send, a message the broker dropped) would
+wait forever: one queued for `queued_resend_seconds` has its task sent again (and again after each interval while
+it waits behind others; each extra delivery claims nothing).
 
 Safe to run in every API and worker process at once: the task is sent before the job is marked queued (a
 reaper that dies in between leaves a task whose claim takes the stale job anyway), every change is
@@ -14,13 +20,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 
 from app.core.db import session_scope
 from app.core.errors import ErrorCode
-from app.core.models import Job, JobStatus, utcnow
+from app.core.models import Job, JobStatus, db_now
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import state
@@ -37,7 +42,7 @@ def lost_job_message(attempts: int) -> str:
 
 def reap_stale_jobs(settings: Settings) -> list[str]:
     """Re-queue (or fail) every running job with a stale heartbeat; returns their ids."""
-    cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_seconds)
+    cutoff = db_now(-settings.heartbeat_timeout_seconds)
     with session_scope(settings.db_url) as session:
         stale = session.execute(
             select(Job.id, Job.method, Job.attempt, Job.lost_workers, Job.heartbeat_at).where(
@@ -78,8 +83,31 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
     return reaped
 
 
+def resend_queued_jobs(settings: Settings) -> list[str]:
+    """Send the task of every job queued for longer than `queued_resend_seconds` again; returns their ids."""
+    cutoff = db_now(-settings.queued_resend_seconds)
+    waiting = or_(Job.queued_at.is_(None), Job.queued_at < cutoff)  # None: queued before the column existed
+    with session_scope(settings.db_url) as session:
+        due = session.execute(select(Job.id, Job.method).where(Job.status == JobStatus.queued, waiting)).all()
+    resent = []
+    for job_id, method in due:
+        with session_scope(settings.db_url) as session:
+            # The row stays locked until the task is sent: another reaper finds it fresh and sends nothing; a send
+            # that fails rolls the mark back, for the next round.
+            marked = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.queued, waiting).values(queued_at=db_now())
+            ).rowcount  # type: ignore[attr-defined]
+            if marked != 1:
+                continue
+            state.enqueue(settings, job_id, method)
+        resent.append(job_id)
+        log.warning("job %s: queued for over %.0f s; its task was sent again", job_id, settings.queued_resend_seconds)
+    return resent
+
+
 class Reaper:
-    """Runs `reap_stale_jobs` every `reaper_seconds` in a daemon thread, for as long as the context is open."""
+    """Runs `reap_stale_jobs` and `resend_queued_jobs` every `reaper_seconds` in a daemon thread, for as long as
+    the context is open."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -98,7 +126,8 @@ class Reaper:
 
     def _run(self) -> None:
         while not self._done.wait(self.settings.reaper_seconds):
-            try:
-                reap_stale_jobs(self.settings)
-            except Exception as exc:  # the database or broker is away: the next round tries again
-                log.warning("reaper: %s", type(exc).__name__)
+            for round_ in (reap_stale_jobs, resend_queued_jobs):
+                try:
+                    round_(self.settings)
+                except Exception as exc:  # the database or broker is away: the next round tries again
+                    log.warning("reaper: %s", type(exc).__name__)

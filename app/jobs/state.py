@@ -14,19 +14,22 @@ build on it, and `job_queue` is the one place that decides which queue a job's t
 
 (`claim` also takes a `running` job whose worker's heartbeat went stale; `unhand` puts a job handed back by a
 worker whose task could not be sent back to `running`, stale, for the reaper to send.)
+
+Heartbeats, claims and `queued_at` are written with the database's clock (`db_now`) and compared with it, never
+with a host's: a worker whose clock runs behind or ahead neither loses its job nor keeps a dead one.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.core.models import File, Job, JobStatus, utcnow
+from app.core.models import File, Job, JobStatus, db_now, utcnow
 from app.core.queue import cuda_queue, send_training_task
 from app.jobs.checkpoints import drop_training_states
 from app.jobs.events import append_event
@@ -108,6 +111,8 @@ def transition(
     already there and returns True, without a second event."""
     move = TRANSITIONS[name]
     changes = {"status": move.target, **(values or {})}
+    if move.target == JobStatus.queued:  # when it entered the queue: the reaper sends its task again if it stays
+        changes.setdefault("queued_at", db_now())
     ends = move.target in TERMINAL_STATUSES
     if ends:
         if storage is None:
@@ -175,11 +180,10 @@ def claim(session: Session, job_id: str, *, heartbeat_timeout: float, max_attemp
     """queued -> running with attempt + 1, for exactly one worker; also a running job whose heartbeat is older
     than `heartbeat_timeout` (its worker died) if it may lose one more worker (`max_attempts`). None if the job
     cannot be taken (finished, cancelled, or running on a live worker), so a task delivered twice is harmless."""
-    now = utcnow()
     before = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
     if before is None:
         return None
-    stale = and_(Job.heartbeat_at < now - timedelta(seconds=heartbeat_timeout), Job.lost_workers + 1 < max_attempts)
+    stale = and_(Job.heartbeat_at < db_now(-heartbeat_timeout), Job.lost_workers + 1 < max_attempts)
     message = "training started"
     if before.status == JobStatus.running:
         message = "training started again: the worker that ran the job stopped answering"
@@ -195,8 +199,8 @@ def claim(session: Session, job_id: str, *, heartbeat_timeout: float, max_attemp
         values={
             "attempt": Job.attempt + 1,
             "lost_workers": Job.lost_workers + case((Job.status == JobStatus.running, 1), else_=0),
-            "started_at": now,
-            "heartbeat_at": now,
+            "started_at": db_now(),
+            "heartbeat_at": db_now(),
         },
     )
     if not claimed:
@@ -221,11 +225,11 @@ def claim(session: Session, job_id: str, *, heartbeat_timeout: float, max_attemp
 
 
 def beat(session: Session, job_id: str, attempt: int) -> None:
-    """The running job's heartbeat, written only while this attempt runs it."""
+    """The running job's heartbeat (the database's clock), written only while this attempt runs it."""
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running)
-        .values(heartbeat_at=utcnow())
+        .values(heartbeat_at=db_now())
     )
 
 
