@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.core.errors import ErrorCode
+from app.core.idempotency import sweep_expired_keys
 from app.core.models import Job, JobStatus, utcnow
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
@@ -79,7 +80,8 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
 
 
 class Reaper:
-    """Runs `reap_stale_jobs` every `reaper_seconds` in a daemon thread, for as long as the context is open."""
+    """Runs `reap_stale_jobs` every `reaper_seconds` in a daemon thread, for as long as the context is open (and
+    sweeps expired idempotency keys: app/core/idempotency.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -102,3 +104,4 @@ class Reaper:
                 reap_stale_jobs(self.settings)
             except Exception as exc:  # the database or broker is away: the next round tries again
                 log.warning("reaper: %s", type(exc).__name__)
+            sweep_expired_keys(self.settings.db_url)
