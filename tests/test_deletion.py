@@ -28,7 +28,7 @@ from app.core.storage import ObjectStorage
 from app.jobs import state
 from app.main import create_app
 from app.ml.models import BLOB_PREFIX, ModelStore
-from app.models.service import register_model
+from app.models.service import delete_unused_blobs, get_model, register_model, remove_model
 from tests.conftest import Tenant, chat_lines, jsonl, upload
 from tests.model_factories import build_tiny_model
 from tests.test_base_models import register, tuneforge, upload_for
@@ -336,8 +336,6 @@ def test_models_remove_never_deletes_a_blob_that_a_model_being_added_uses(
     assert len(stored(settings, BLOB_PREFIX)) == n_files
     fresh = ModelStore(tmp_path / "another-machine", ObjectStorage.from_settings(settings))
     with session_scope(settings.db_url) as session:
-        from app.models.service import get_model
-
         record = get_model(session, model_id=second)
     assert (fresh.model_dir(record) / "config.json").exists()  # every file fetched and checked
     file_id = upload_for(client, tenant, jsonl(chat_lines(4)), base_model=second)
@@ -346,6 +344,66 @@ def test_models_remove_never_deletes_a_blob_that_a_model_being_added_uses(
         tuneforge(settings, "models", "remove", second).stdout == f"removed {second} ({n_files} stored files deleted)\n"
     )
     assert stored(settings, BLOB_PREFIX) == []
+
+
+@pytest.mark.parametrize("backend", ["embedded", "production"], indirect=True)
+def test_a_models_remove_waits_for_a_model_being_added_and_keeps_the_blobs_it_uses(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: the add has checked its blobs and is about to commit when the removal of the other model
+    that uses them comes to delete them; the removal waits for the add, and then keeps them."""
+    folder = build_tiny_model("llama", tmp_path / "model", seed=random.randrange(1 << 30))
+    first, second = (f"tiny-{name}-{uuid.uuid4().hex[:6]}" for name in ("first", "second"))
+    register(settings, first, "--path", folder)
+    n_files = len(list(folder.iterdir()))
+    storage = ObjectStorage.from_settings(settings)
+    committing, resume = threading.Event(), threading.Event()
+    adopt = ModelStore.adopt
+
+    def slow_adopt(self: ModelStore, record: Any, stage: Path) -> None:  # its row is flushed, not yet committed
+        committing.set()
+        resume.wait(60)
+        adopt(self, record, stage)
+
+    monkeypatch.setattr(ModelStore, "adopt", slow_adopt)
+
+    def add() -> None:
+        with session_scope(settings.db_url) as session:
+            register_model(
+                session,
+                store=ModelStore(tmp_path / "adding-cache", storage),
+                storage=storage,
+                scratch_dir=tmp_path / "scratch",
+                model_id=second,
+                source="path",
+                location=str(folder),
+            )
+
+    deleted: list[int] = []
+
+    def remove() -> None:  # what `tuneforge models remove` does
+        with session_scope(settings.db_url) as session:
+            record = remove_model(session, model_id=first)
+        with session_scope(settings.db_url) as session:
+            deleted.append(delete_unused_blobs(session, storage=storage, files=record.files))
+
+    adding, removing = threading.Thread(target=add), threading.Thread(target=remove)
+    adding.start()
+    try:
+        assert committing.wait(60)
+        removing.start()
+        removing.join(3)
+        assert removing.is_alive(), "the removal decided which blobs to delete while a model using them was added"
+    finally:
+        resume.set()
+        adding.join(60)
+        removing.join(60)
+    assert deleted == [0]
+    assert len(stored(settings, BLOB_PREFIX)) == n_files
+    with session_scope(settings.db_url) as session:
+        record = get_model(session, model_id=second)
+    assert (ModelStore(tmp_path / "another-machine", storage).model_dir(record) / "config.json").exists()
+    assert tuneforge(settings, "models", "remove", second).returncode == 0
 
 
 @pytest.mark.parametrize("backend", ["embedded", "production"], indirect=True)
