@@ -1,10 +1,10 @@
 """`Idempotency-Key` on creating requests (`POST /v1/files`, `POST /jobs`), as Stripe and OpenAI clients send it:
 a retried request with the same key returns what the first one created, never a duplicate.
 
-A key is remembered per tenant and endpoint for KEY_TTL, in the same transaction as what it created; expired keys
-are swept (`sweep_expired`, run by every process's reaper thread). Two requests
+A key is remembered per tenant and endpoint for KEY_TTL, in the same transaction as what it created. Two requests
 with one key at the same moment: the primary key lets one commit; the other rolls back (its stored file is removed
-with it) and returns the winner's resource. A job request reusing a key with another body is a 409.
+with it) and returns the winner's resource. A job request reusing a key with another body is a 409. Expired keys
+are swept (`sweep_expired_keys`, which every process's reaper thread runs).
 """
 
 from __future__ import annotations

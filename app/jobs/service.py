@@ -191,8 +191,10 @@ def cancel_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_
 
 def delete_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_id: str) -> Job:
     """Delete a job that has ended, with everything it produced: its events, its checkpoints and its adapter
-    (rows now, objects once that is committed), as Together's DELETE /fine-tunes/{id} does. Its files stay (they
-    are deleted on their own). 409 `job_not_ended` while it is validating, queued or running: cancel it first."""
+    (rows now, objects once that is committed). The adapter goes with it: it is served with its job's
+    hyperparameters, and the job is what a user deletes to free all of it (to keep the adapter, delete the
+    checkpoints instead). Its files stay (deleted on their own). 409 `job_not_ended` while it is validating,
+    queued or running: cancel it first."""
     job = get_job(session, tenant_id=tenant_id, job_id=job_id, for_update=True)
     if job.status not in state.TERMINAL_STATUSES:
         raise Conflict(
