@@ -320,3 +320,23 @@ def test_models_list_local_reads_the_database_without_a_key(settings: Settings) 
     assert local.returncode == 0, local.stderr
     assert "tiny-random-llama" in {m["id"] for m in json.loads(local.stdout)}
     assert "tiny-random-llama (default)" in run("models", "list", "--local", env=env).stdout
+
+
+@embedded
+def test_delete_commands_free_an_adapter_and_an_ended_job(tuneforge: Cli, settings: Settings, tmp_path: Path) -> None:
+    job_id = create_job(tuneforge, tmp_path, GOOD_LINES, *FAST)
+    refused = tuneforge("jobs", "delete", job_id)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.startswith(f"error: job {job_id} is queued: only a job that has ended can be deleted")
+    adapter_id = run_training_job(settings, job_id)
+    assert adapter_id is not None
+
+    assert tuneforge.ok("adapters", "delete", adapter_id) == f"adapter {adapter_id}: deleted\n"
+    assert tuneforge.json("adapters", "list")["data"] == []
+    again = tuneforge("adapters", "delete", adapter_id)
+    assert again.returncode == 1 and again.stderr.startswith(f"error: no adapter with id '{adapter_id}'")
+
+    assert tuneforge.json("jobs", "delete", job_id) == {"id": job_id, "object": "fine_tuning.job", "deleted": True}
+    assert tuneforge.json("jobs", "list")["data"] == []
+    gone = tuneforge("jobs", "get", job_id)
+    assert gone.returncode == 1 and gone.stderr.startswith(f"error: no job with id '{job_id}'")

@@ -23,7 +23,7 @@ from app.core.models import Adapter, JobEvent
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import state
-from app.jobs.events import append_event
+from app.jobs.events import append_event, keeps_metrics_event
 from app.jobs.state import ClaimedJob
 from app.ml.training import StopRequested
 
@@ -242,7 +242,9 @@ class JobReporter:
                 job.total_steps = total_steps
                 job.epoch = epoch
                 state.beat(session, self.job_id, self.attempt)
-                if step > self.reported.get(type_, -1):
+                if step > self.reported.get(type_, -1) and (
+                    type_ != "metrics" or keeps_metrics_event(step, total_steps)
+                ):
                     append_event(session, self.job_id, type_, message, {"step": step, "epoch": epoch, **metrics})
 
         self._write("recording progress", write)

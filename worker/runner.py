@@ -251,7 +251,26 @@ def _train_and_publish(
         size_bytes=size,
         sha256=sha256,
     )
-    if not attempt.succeed(adapter):
+    try:
+        published = attempt.succeed(adapter)
+    except BaseException:
+        _discard_unless_recorded(settings, storage, adapter)
+        raise
+    if not published:
         storage.delete(key)  # cancelled (or taken over) between the last step and now: publish nothing
         raise JobCancelled("cancelled before publishing")
     return adapter_id
+
+
+def _discard_unless_recorded(settings: Settings, storage: ObjectStorage, adapter: Adapter) -> None:
+    """Recording the adapter failed: its archive goes unless its row was committed after all (a commit whose
+    answer was lost). Kept when the database cannot say: an object left over costs storage, a row without its
+    object loses the user's adapter."""
+    try:
+        with session_scope(settings.db_url) as session:
+            recorded = session.get(Adapter, adapter.id) is not None
+    except Exception:
+        log.warning("adapter %s: could not tell whether it was recorded; its archive stays", adapter.id)
+        return
+    if not recorded:
+        storage.delete(adapter.storage_key)

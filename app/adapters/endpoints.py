@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
 from app.adapters import service
-from app.adapters.schemas import AdapterObject
+from app.adapters.schemas import AdapterDeleted, AdapterObject
 from app.core.deps import SessionDep, StorageDep, TenantDep
 from app.core.errors import error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
@@ -30,6 +30,16 @@ def list_adapters(
 @router.get("/{adapter_id}")
 def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: TenantDep) -> AdapterObject:
     return AdapterObject.model_validate(service.get_adapter(session, tenant_id=tenant.id, adapter_id=adapter_id))
+
+
+@router.delete("/{adapter_id}")
+def delete_adapter(
+    adapter_id: AdapterId, session: SessionDep, storage: StorageDep, tenant: TenantDep
+) -> AdapterDeleted:
+    """Delete an adapter and its stored archive: it leaves the lists and stops counting against the tenant's
+    stored bytes, and new requests for it are 404; a generation already running with it finishes first."""
+    row = service.delete_adapter(session, storage=storage, tenant_id=tenant.id, adapter_id=adapter_id)
+    return AdapterDeleted(id=row.id)
 
 
 @router.get(

@@ -18,3 +18,9 @@ class AdapterObject(Schema):
     size_bytes: int
     sha256: str
     created_at: UnixTime
+
+
+class AdapterDeleted(Schema):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True

@@ -1,4 +1,4 @@
-"""Adapter lookups for the API, and access to their stored artifacts."""
+"""Adapter lookups for the API, access to their stored artifacts, and their deletion."""
 
 from collections.abc import Iterator
 
@@ -8,7 +8,7 @@ from app.adapters import repository
 from app.core.errors import ErrorCode, Gone, NotFound, clip
 from app.core.models import Adapter, Checkpoint
 from app.core.pagination import cursor_row
-from app.core.storage import ObjectStorage
+from app.core.storage import ObjectStorage, delete_after_commit
 
 
 def get_adapter(session: Session, *, tenant_id: str, adapter_id: str, param: str = "adapter_id") -> Adapter:
@@ -55,3 +55,16 @@ def open_artifact(storage: ObjectStorage, adapter: Adapter | Checkpoint) -> Iter
     if size != adapter.size_bytes:
         raise adapter_unavailable(adapter.id, "its stored files are damaged (wrong size)")
     return chunks
+
+
+def delete_adapter(
+    session: Session, *, storage: ObjectStorage, tenant_id: str, adapter_id: str, param: str = "adapter_id"
+) -> Adapter:
+    """Delete the adapter: its row now (it leaves the lists and the tenant's stored bytes, and new requests for it
+    are 404), its archive once that is committed. Its job keeps its record of it (`adapter_id`). A generation
+    already running with it finishes: the serving engine holds what it applies in memory."""
+    row = repository.delete_adapter(session, tenant_id=tenant_id, adapter_id=adapter_id)
+    if row is None:
+        raise NotFound(f"no adapter with id {clip(adapter_id)}", param=param)
+    delete_after_commit(session, storage, [row.storage_key], what=f"adapter {row.id}")
+    return row

@@ -1,4 +1,4 @@
-"""`tuneforge adapters`: list your trained adapters, download one as a .tar.gz."""
+"""`tuneforge adapters`: list your trained adapters, download one as a .tar.gz, delete one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from app.cli.api import After, ApiKey, ApiUrl, AsJson, Limit, connect, new_table
 from app.cli.client import DEFAULT_API_URL
 from app.cli.output import format_time, print_json
 
-adapters_cli = typer.Typer(help="Trained adapters: list, download.", no_args_is_help=True)
+adapters_cli = typer.Typer(help="Trained adapters: list, download, delete.", no_args_is_help=True)
 
 
 @adapters_cli.command("list")
@@ -66,3 +66,22 @@ def adapters_download(
         size, sha256 = api.download(f"/adapters/{adapter_id}/download", destination)
     typer.echo(f"downloaded {size:,} bytes, sha256 {sha256} (checked)", err=True)
     typer.echo(str(destination))
+
+
+@adapters_cli.command("delete")
+def adapters_delete(
+    adapter_id: Annotated[str, typer.Argument(metavar="ID", help="An adapter's id")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON")] = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete an adapter and its stored archive (it no longer counts against your stored bytes).
+
+    A generation already running with it finishes; new ones are refused. Its job keeps its record.
+    """
+    with connect(api_url, api_key) as api:
+        deleted = api.delete(f"/adapters/{adapter_id}")
+    if as_json:
+        print_json(deleted)
+        return
+    typer.echo(f"adapter {deleted['id']}: deleted")

@@ -274,14 +274,14 @@ def models_remove(
     from app.core.db import session_scope
     from app.core.storage import ObjectStorage
     from app.ml.models import ModelStore
-    from app.models.service import forget_local_copy, remove_model
+    from app.models.service import delete_unused_blobs, forget_local_copy, remove_model
 
     settings = get_settings()
     url = _database_url()
     with _exit_on_app_error(), session_scope(url) as session:
-        record, orphans = remove_model(session, model_id=model_id)
+        record = remove_model(session, model_id=model_id)
     storage = ObjectStorage.from_settings(settings)
-    for key in orphans:
-        storage.delete(key)
+    with session_scope(url) as session:  # once the removal is committed: the files no model uses any more
+        deleted = delete_unused_blobs(session, storage=storage, files=record.files)
     forget_local_copy(ModelStore(settings.models_dir, storage), record)
-    typer.echo(f"removed {record.id} ({len(orphans)} stored files deleted)")
+    typer.echo(f"removed {record.id} ({deleted} stored files deleted)")

@@ -208,6 +208,9 @@ class TuneforgeClient:
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self._json(self._request("POST", path, json=body))
 
+    def delete(self, path: str) -> Any:
+        return self._json(self._request("DELETE", path))
+
     # --- the API -----------------------------------------------------------------------------------------------
     def upload_file(self, path: Path, *, purpose: str = "fine-tune", base_model: str | None = None) -> dict[str, Any]:
         """POST /v1/files: the file object; a file with bad lines raises ApiError (422) with its `report`."""

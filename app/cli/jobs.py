@@ -1,4 +1,4 @@
-"""`tuneforge jobs`: create a fine-tuning job, list, get, its events, cancel, and `watch` with its live view.
+"""`tuneforge jobs`: create a fine-tuning job, list, get, its events, cancel, delete, and `watch` with its live view.
 
 `jobs watch` alone reads the job states from app.jobs.state (when it starts following a job, for minutes): the
 other commands start without the server's imports.
@@ -25,7 +25,7 @@ RECONNECT_DELAY_SECONDS = 1.0
 RETRIED_STATUSES = (502, 503, 504)  # a proxy or the API restarting: `jobs watch` tries again
 RECONNECT_GIVE_UP_SECONDS = 60.0  # of failed reconnections in a row
 
-jobs_cli = typer.Typer(help="Fine-tuning jobs: create, list, get, watch, events, cancel.", no_args_is_help=True)
+jobs_cli = typer.Typer(help="Fine-tuning jobs: create, list, get, watch, events, cancel, delete.", no_args_is_help=True)
 
 
 def _hyperparameters(as_object: str | None, pairs: list[str]) -> dict[str, Any]:
@@ -251,6 +251,26 @@ def jobs_cancel(
         print_json(job)
         return
     typer.echo(f"job {job['id']}: {job['status']}")
+
+
+@jobs_cli.command("delete")
+def jobs_delete(
+    job_id: JobId,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON")] = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete a job that has ended, with its events, checkpoints and adapter (their stored files too); its
+    training files stay.
+
+    Exit code 1 if it has not ended (cancel it first).
+    """
+    with connect(api_url, api_key) as api:
+        deleted = api.delete(f"/jobs/{job_id}")
+    if as_json:
+        print_json(deleted)
+        return
+    typer.echo(f"job {deleted['id']}: deleted")
 
 
 @jobs_cli.command("watch")

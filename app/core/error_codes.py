@@ -66,11 +66,13 @@ class ErrorCode(StrEnum):
     model_exists = "model_exists"
     model_in_use = "model_in_use"
     model_builtin = "model_builtin"
+    model_not_deletable = "model_not_deletable"
     no_chat_template = "no_chat_template"  # also a line of an upload
     unsupported_method = "unsupported_method"
     method_unavailable = "method_unavailable"  # also a failed job's
     example_too_long = "example_too_long"
     job_not_cancellable = "job_not_cancellable"
+    job_not_ended = "job_not_ended"
     # --- a failed job's error ----------------------------------------------------------------------------------
     invalid_training_data = "invalid_training_data"
     device_unavailable = "device_unavailable"

@@ -80,6 +80,10 @@ class InvalidInput(AppError):
     code = ErrorCode.invalid_value
 
 
+class Forbidden(AppError):
+    status_code = 403
+
+
 class NotFound(AppError):
     status_code = 404
     code = ErrorCode.not_found

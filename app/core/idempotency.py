@@ -3,21 +3,27 @@ a retried request with the same key returns what the first one created, never a 
 
 A key is remembered per tenant and endpoint for KEY_TTL, in the same transaction as what it created. Two requests
 with one key at the same moment: the primary key lets one commit; the other rolls back (its stored file is removed
-with it) and returns the winner's resource. A job request reusing a key with another body is a 409.
+with it) and returns the winner's resource. A job request reusing a key with another body is a 409. Expired keys
+are swept (`sweep_expired_keys`, which every process's reaper thread runs).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Header
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.db import session_scope
 from app.core.errors import Conflict, ErrorCode
 from app.core.models import IdempotencyKey, utcnow
+
+log = logging.getLogger(__name__)
 
 KEY_TTL = timedelta(hours=24)
 
@@ -79,3 +85,36 @@ def commit_or_winner(session: Session, *, tenant_id: str, endpoint: str, key: st
         if row is None:
             raise
         return row.resource_id
+
+
+# Expired keys deleted per statement by `sweep_expired` (short transactions, whatever the backlog).
+SWEEP_BATCH = 1000
+
+
+def sweep_expired(session: Session, *, batch: int = SWEEP_BATCH) -> int:
+    """Delete the oldest expired keys (older than KEY_TTL: `find` forgets them anyway), about `batch` of them
+    (keys created at the same instant go together); returns how many. Call again while it returns `batch` or more."""
+    cutoff = utcnow() - KEY_TTL
+    expired = IdempotencyKey.created_at < cutoff
+    newest = session.scalar(
+        select(IdempotencyKey.created_at).where(expired).order_by(IdempotencyKey.created_at).offset(batch - 1).limit(1)
+    )
+    bound = IdempotencyKey.created_at <= newest if newest is not None else expired
+    result = session.execute(delete(IdempotencyKey).where(expired, bound))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def sweep_expired_keys(db_url: str) -> int:
+    """Every expired key deleted, a batch per transaction; how many. Never raises (the reaper thread calls it each
+    round: a database that is away is swept next time)."""
+    swept = 0
+    try:
+        while True:
+            with session_scope(db_url) as session:
+                deleted = sweep_expired(session)
+            swept += deleted
+            if deleted < SWEEP_BATCH:
+                return swept
+    except Exception as exc:
+        log.warning("expired idempotency keys not swept (%s); the next round tries again", type(exc).__name__)
+        return swept

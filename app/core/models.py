@@ -294,4 +294,4 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     request_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # jobs: of the request body
     resource_id: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # expired keys are swept

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import obstore
 import obstore.exceptions
 from obstore.store import LocalStore, from_url
 
+from app.core.db import after_commit
 from app.core.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 # What a request to the object store raises when the store fails or refuses it (a missing object raises
@@ -126,3 +133,19 @@ def read_chunks(fileobj: IO[bytes]) -> Iterator[bytes]:
     """A binary file as chunks of CHUNK_SIZE bytes."""
     while chunk := fileobj.read(CHUNK_SIZE):
         yield chunk
+
+
+def delete_after_commit(session: Session, storage: ObjectStorage, keys: list[str], *, what: str) -> None:
+    """Delete these objects once the transaction that removed the rows naming them commits (never before: a
+    deletion rolled back leaves rows whose objects are still there)."""
+    keys = [key for key in keys if key]
+
+    def delete() -> None:
+        for key in keys:
+            try:
+                storage.delete(key)
+            except Exception:  # an object left behind costs storage, not correctness
+                log.warning("could not delete %s of %s", key, what)
+
+    if keys:
+        after_commit(session, delete)

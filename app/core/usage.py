@@ -34,6 +34,6 @@ def check_storage(session: Session, *, tenant_id: str, adding: int, limit: int, 
     if used + adding > limit:
         raise StorageQuotaExceeded(
             f"{what} would bring this tenant's stored bytes to {used + adding:,}, past its limit of {limit:,} "
-            f"(now {used:,} in files, adapters and checkpoints); delete files to make room, or ask the operator to "
-            "raise the limit"
+            f"(now {used:,} in files, adapters and checkpoints); delete files, adapters, checkpoints or ended jobs "
+            "to make room, or ask the operator to raise the limit"
         )

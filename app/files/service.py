@@ -18,7 +18,7 @@ from app.core.ids import new_id
 from app.core.models import File, FileTokenCount, utcnow
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
-from app.core.storage import ObjectStorage, read_chunks
+from app.core.storage import ObjectStorage, delete_after_commit, read_chunks
 from app.core.usage import check_storage
 from app.files import repository
 from app.files.validation import LineValidator, ValidationReport
@@ -309,7 +309,8 @@ def list_files(session: Session, *, tenant_id: str, limit: int, after: str | Non
 
 
 def delete_file(session: Session, *, storage: ObjectStorage, tenant_id: str, file_id: str) -> File:
-    """Soft-delete the row (finished jobs keep their reference) and remove the stored object.
+    """Soft-delete the row (finished jobs keep their reference) and remove the stored object once that is
+    committed (a deletion rolled back keeps a file whose object is still there).
 
     Refused (409) while a job that has not ended uses the file: its worker still has to read it.
     """
@@ -323,5 +324,5 @@ def delete_file(session: Session, *, storage: ObjectStorage, tenant_id: str, fil
         )
     row.deleted_at = utcnow()
     session.flush()
-    storage.delete(row.storage_key)
+    delete_after_commit(session, storage, [row.storage_key], what=f"file {row.id}")
     return row

@@ -13,11 +13,13 @@ from app.core.security import hash_api_key
 from app.core.sse import event_source_response
 from app.jobs import planning, service
 from app.jobs.schemas import (
+    CheckpointDeleted,
     CheckpointList,
     CheckpointObject,
     DryRunObject,
     EventObject,
     JobCreate,
+    JobDeleted,
     JobObject,
     MetricsObject,
 )
@@ -27,6 +29,7 @@ from app.models.deps import ModelStoreDep
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(401, 403, 404, 409, 413, 422, 429, 503))
 
 JobId = Annotated[str, Path(max_length=64, description="A job id (`ftjob-…`)")]
+CheckpointId = Annotated[str, Path(max_length=64, description="A checkpoint id (`ftckpt-…`)")]
 
 
 @router.post(
@@ -86,6 +89,15 @@ def list_jobs(
 @router.get("/{job_id}")
 def get_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobObject:
     return JobObject.of(service.get_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.delete("/{job_id}")
+def delete_job(job_id: JobId, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> JobDeleted:
+    """Delete a job that has ended (409 `job_not_ended` otherwise: cancel it first) with its events, checkpoints
+    and adapter, their stored files too; its training files stay. It stops counting against the tenant's stored
+    bytes; a generation already running with its adapter finishes first."""
+    job = service.delete_job(session, storage=storage, tenant_id=tenant.id, job_id=job_id)
+    return JobDeleted(id=job.id)
 
 
 @router.post("/{job_id}/cancel")
@@ -154,3 +166,15 @@ def list_checkpoints(job_id: JobId, session: SessionDep, tenant: TenantDep) -> C
     the latest."""
     rows = service.list_checkpoints(session, tenant_id=tenant.id, job_id=job_id)
     return CheckpointList(data=[CheckpointObject.of(row) for row in rows])
+
+
+@router.delete("/{job_id}/checkpoints/{checkpoint_id}")
+def delete_checkpoint(
+    job_id: JobId, checkpoint_id: CheckpointId, session: SessionDep, storage: StorageDep, tenant: TenantDep
+) -> CheckpointDeleted:
+    """Delete one of the job's checkpoints and its stored files (at any time: a running job that is interrupted
+    then resumes from an earlier one)."""
+    row = service.delete_checkpoint(
+        session, storage=storage, tenant_id=tenant.id, job_id=job_id, checkpoint_id=checkpoint_id
+    )
+    return CheckpointDeleted(id=row.id)

@@ -25,6 +25,7 @@ from sqlalchemy import or_, select, update
 
 from app.core.db import session_scope
 from app.core.errors import ErrorCode
+from app.core.idempotency import sweep_expired_keys
 from app.core.models import Job, JobStatus, db_now
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
@@ -107,7 +108,7 @@ def resend_queued_jobs(settings: Settings) -> list[str]:
 
 class Reaper:
     """Runs `reap_stale_jobs` and `resend_queued_jobs` every `reaper_seconds` in a daemon thread, for as long as
-    the context is open."""
+    the context is open (and sweeps expired idempotency keys: app/core/idempotency.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -131,3 +132,4 @@ class Reaper:
                     round_(self.settings)
                 except Exception as exc:  # the database or broker is away: the next round tries again
                     log.warning("reaper: %s", type(exc).__name__)
+            sweep_expired_keys(self.settings.db_url)

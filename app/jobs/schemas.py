@@ -212,6 +212,18 @@ class CheckpointObject(BaseModel):
         )
 
 
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    deleted: bool = True
+
+
+class CheckpointDeleted(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    deleted: bool = True
+
+
 # Every kept checkpoint of a job, in one page: nothing ever follows (a comment, not a docstring: the OpenAPI
 # description of the list stays as it was).
 class CheckpointList(ListPage[CheckpointObject]):

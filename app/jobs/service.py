@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -16,7 +17,7 @@ from app.core.ids import new_id
 from app.core.models import Checkpoint, Job, JobEvent, Tenant
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
-from app.core.storage import ObjectStorage
+from app.core.storage import ObjectStorage, delete_after_commit
 from app.core.usage import check_storage
 from app.files.service import count_tokens_ahead
 from app.jobs import repository, state
@@ -178,8 +179,8 @@ def dispatch_job(session: Session, *, settings: Settings, storage: ObjectStorage
         ) from exc
 
 
-def get_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
-    job = repository.get_job(session, tenant_id=tenant_id, job_id=job_id)
+def get_job(session: Session, *, tenant_id: str, job_id: str, for_update: bool = False) -> Job:
+    job = repository.get_job(session, tenant_id=tenant_id, job_id=job_id, for_update=for_update)
     if job is None:
         raise NotFound(f"no job with id {clip(job_id)}", param="job_id")
     return job
@@ -205,6 +206,40 @@ def cancel_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_
     return job
 
 
+def delete_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_id: str) -> Job:
+    """Delete a job that has ended, with everything it produced: its events, its checkpoints and its adapter
+    (rows now, objects once that is committed). The adapter goes with it: it is served with its job's
+    hyperparameters, and the job is what a user deletes to free all of it (to keep the adapter, delete the
+    checkpoints instead). Its files stay (deleted on their own). 409 `job_not_ended` while it is validating,
+    queued or running: cancel it first."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id, for_update=True)
+    if job.status not in state.TERMINAL_STATUSES:
+        raise Conflict(
+            f"job {job.id} is {job.status.value}: only a job that has ended can be deleted; cancel it first",
+            param="job_id",
+            code=ErrorCode.job_not_ended,
+        )
+    checkpoints, adapters = repository.delete_job(session, job_id=job.id)
+    keys = [key for row in checkpoints for key in (row.storage_key, row.state_key)]
+    keys += [row.storage_key for row in adapters]
+    delete_after_commit(session, storage, keys, what=f"job {job.id}")
+    return job
+
+
+def delete_checkpoint(
+    session: Session, *, storage: ObjectStorage, tenant_id: str, job_id: str, checkpoint_id: str
+) -> Checkpoint:
+    """Delete one of the job's checkpoints (rows now, its artifact and training state once that is committed),
+    whatever the job's state: a running job that is interrupted resumes from an earlier one, or starts over."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id, for_update=True)  # as a worker recording one
+    deleted = repository.delete_checkpoints(session, job_id=job.id, checkpoint_id=checkpoint_id)
+    if not deleted:
+        raise NotFound(f"job {job.id} has no checkpoint with id {clip(checkpoint_id)}", param="checkpoint_id")
+    row = deleted[0]
+    delete_after_commit(session, storage, [row.storage_key, row.state_key], what=f"checkpoint {row.id}")
+    return row
+
+
 METRIC_EVENT_TYPES = ("metrics", "eval")
 CURVES = (
     "train_loss",
@@ -223,9 +258,16 @@ def list_checkpoints(session: Session, *, tenant_id: str, job_id: str) -> list[C
 
 
 def metric_curves(session: Session, *, job_id: str, max_points: int) -> dict[str, list[tuple[int, float]]]:
-    """Each metric's (step, value) pairs from the job's events, thinned evenly to `max_points` (the last kept)."""
+    """Each metric's (step, value) pairs from the job's events, thinned evenly to `max_points` (the first and last
+    kept) by the database: however long the job, at most `max_points` events of each type are read."""
     curves: dict[str, list[tuple[int, float]]] = {}
-    for data in repository.event_data(session, job_id=job_id, types=METRIC_EVENT_TYPES):
+    for type_ in METRIC_EVENT_TYPES:  # each curve comes from one type of event (step metrics, evaluations)
+        _add_points(curves, repository.event_data(session, job_id=job_id, type_=type_, max_rows=max_points))
+    return {name: _thin(points, max_points) for name, points in curves.items()}
+
+
+def _add_points(curves: dict[str, list[tuple[int, float]]], rows: list[dict[str, Any]]) -> None:
+    for data in rows:
         step = data.get("step")
         if not isinstance(step, int):
             continue
@@ -233,7 +275,6 @@ def metric_curves(session: Session, *, job_id: str, max_points: int) -> dict[str
             value = data.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 curves.setdefault(name, []).append((step, float(value)))
-    return {name: _thin(points, max_points) for name, points in curves.items()}
 
 
 def _thin(points: list[tuple[int, float]], max_points: int) -> list[tuple[int, float]]:

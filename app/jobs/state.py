@@ -133,7 +133,9 @@ def transition(
 
 
 def _already(session: Session, job_id: str, attempt: int, status: JobStatus, values: dict[str, Any]) -> bool:
-    row = session.scalars(select(Job).where(Job.id == job_id)).one()
+    row = session.scalars(select(Job).where(Job.id == job_id)).one_or_none()
+    if row is None:  # deleted by its user once it had ended
+        return False
     plain = {k: v for k, v in values.items() if isinstance(v, str | int | None)}  # not SQL expressions or times
     return row.attempt == attempt and row.status == status and all(getattr(row, k) == v for k, v in plain.items())
 
@@ -151,7 +153,9 @@ def owned(session: Session, job_id: str, attempt: int, *, running: bool = True) 
     """The job row, locked, for a write by the attempt that runs it: JobLost if it is no longer that attempt's,
     JobCancelled if the user cancelled it (with `running=False`, a cancelled job is still returned: the attempt
     may say that it stopped)."""
-    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one()
+    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+    if job is None:  # cancelled, then deleted by its user
+        raise JobLost("the job was deleted")
     if job.attempt != attempt or job.status not in (JobStatus.running, JobStatus.cancelled):
         raise JobLost(f"attempt {job.attempt} is {job.status.value}")
     if running and job.status == JobStatus.cancelled:
@@ -235,7 +239,9 @@ def beat(session: Session, job_id: str, attempt: int) -> None:
 
 def has_ended(session: Session, job_id: str, attempt: int) -> bool:
     """Whether the job reached a final state on this attempt (so nothing will resume it)."""
-    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one()
+    row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    if row is None:  # deleted by its user once it had ended
+        return True
     return bool(row.attempt == attempt and row.status in TERMINAL_STATUSES)
 
 

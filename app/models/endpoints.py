@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from app.adapters.service import get_adapter
-from app.core.deps import SessionDep, SettingsDep, TenantDep
-from app.core.errors import error_responses
+from app.adapters.service import delete_adapter, get_adapter
+from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.core.errors import ErrorBody, ErrorCode, Forbidden, error_responses
 from app.core.models import Adapter
 from app.core.pagination import ListObject
 from app.models import service
-from app.models.schemas import AdapterModelObject, ModelObject
+from app.models.schemas import AdapterModelObject, ModelDeleted, ModelObject
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401, 404))
 
@@ -42,6 +42,25 @@ def get_model(
         return _adapter(get_adapter(session, tenant_id=tenant.id, adapter_id=model_id, param="model_id"))
     record = service.get_model(session, model_id=model_id)
     return ModelObject.of(record, default_model=settings.default_base_model)
+
+
+@router.delete(
+    "/{model_id}",
+    responses={403: {"model": ErrorBody, "description": "A base model: the operator's (`tuneforge models remove`)"}},
+)
+def delete_model(model_id: ModelId, session: SessionDep, storage: StorageDep, tenant: TenantDep) -> ModelDeleted:
+    """OpenAI's "delete a fine-tuned model": deletes one of the tenant's adapters (by id) and its stored archive,
+    as `DELETE /adapters/{id}` does; a generation already running with it finishes first. A base model is 403."""
+    if model_id.startswith("adapter-"):
+        row = delete_adapter(session, storage=storage, tenant_id=tenant.id, adapter_id=model_id, param="model")
+        return ModelDeleted(id=row.id)
+    service.get_model(session, model_id=model_id)  # 404 model_not_found for no model at all
+    raise Forbidden(
+        f"{model_id} is a base model: only the operator can remove it (`tuneforge models remove`); a fine-tuned "
+        "model (an adapter id) can be deleted",
+        param="model",
+        code=ErrorCode.model_not_deletable,
+    )
 
 
 def _adapter(adapter: Adapter) -> AdapterModelObject:

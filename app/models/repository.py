@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.models import RegisteredModel
@@ -46,3 +46,23 @@ def all_models(session: Session) -> list[ModelRecord]:
     """Built-ins first, then registered models by id."""
     rows = session.scalars(select(RegisteredModel).order_by(RegisteredModel.id)).all()
     return [*BUILTINS.values(), *(record_of(row) for row in rows)]
+
+
+# The PostgreSQL advisory lock that `lock_blobs` takes (any number, the same in every process).
+BLOBS_LOCK = 7_246_183_501
+
+
+def lock_blobs(session: Session) -> None:
+    """Hold the model blobs' lock until the transaction ends: whoever adds a model checks its blobs are stored
+    and commits its row under it, and whoever deletes blobs no model uses decides and deletes under it, so a blob
+    a model being added uses is never deleted. PostgreSQL: an advisory lock; SQLite: a write that changes nothing
+    takes the database's write lock, which a transaction holds until it ends."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(BLOBS_LOCK)))
+    else:
+        session.execute(update(RegisteredModel).where(false()).values(id=RegisteredModel.id))
+
+
+def used_blobs(session: Session) -> set[str]:
+    """The sha256 of every file of every registered model."""
+    return {item["sha256"] for files in session.scalars(select(RegisteredModel.files)) for item in files}

@@ -58,3 +58,11 @@ class AdapterModelObject(BaseModel):
     parent: str = Field(description="The base model it applies to")
     method: str = Field(description="The fine-tuning method that made it")
     name: str | None = Field(description="Its name (the job's suffix), which `model` takes too")
+
+
+class ModelDeleted(BaseModel):
+    """OpenAI's answer to deleting a fine-tuned model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True

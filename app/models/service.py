@@ -6,7 +6,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,12 +14,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.db import undo_on_rollback
 from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, ServiceUnavailable, clip
 from app.core.models import Adapter, Job, RegisteredModel
 from app.core.storage import ObjectStorage
 from app.jobs.state import ACTIVE_STATUSES
 from app.ml.models import (
     BUILTINS,
+    ModelFile,
     ModelRecord,
     ModelStore,
     ModelUnavailable,
@@ -27,7 +29,7 @@ from app.ml.models import (
     tokenizer_identity,
 )
 from app.ml.models import importing as model_import
-from app.models.repository import all_models, find_model, record_of
+from app.models.repository import all_models, find_model, lock_blobs, record_of, used_blobs
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +163,15 @@ def register_model(
         )
         total = sum(f.size for f in files)
         progress(f"storing {len(files)} files ({total / 1e6:.1f} MB) in the object store")
-        for item in files:
-            if not storage.exists(item.blob_key):
-                storage.put_path(item.blob_key, stage / item.path)
+        written: list[ModelFile] = []
+        bind = session.get_bind()
+        # Not committed after all: the blobs this call stored go again, unless another model uses them by then.
+        undo_on_rollback(session, lambda: _delete_unused_blobs_now(bind, storage, written))
+        _store_missing(storage, stage, files, written)
+        # Checked again and committed under the blobs' lock: a blob found stored above may have been deleted since
+        # by the removal of the last model that used it; once this row is committed, no removal deletes it.
+        lock_blobs(session)
+        _store_missing(storage, stage, files, written)
         session.add(row)
         try:
             session.flush()
@@ -177,11 +185,18 @@ def register_model(
     return record
 
 
-def remove_model(session: Session, *, model_id: str) -> tuple[ModelRecord, list[str]]:
+def _store_missing(storage: ObjectStorage, stage: Path, files: list[ModelFile], written: list[ModelFile]) -> None:
+    for item in files:
+        if not storage.exists(item.blob_key):
+            storage.put_path(item.blob_key, stage / item.path)
+            written.append(item)
+
+
+def remove_model(session: Session, *, model_id: str) -> ModelRecord:
     """Delete a registered model's row; refused while a job that has not ended uses it.
 
-    Returns the record and the object-store keys no other model shares: the caller deletes them once the
-    removal is committed (before, a failed commit would leave a registered model without its files).
+    Its files stay in the object store: once the removal is committed, `delete_unused_blobs` deletes those no
+    model uses (before, a failed commit would leave a registered model without its files).
     """
     if model_id in BUILTINS:
         raise Conflict(
@@ -202,8 +217,25 @@ def remove_model(session: Session, *, model_id: str) -> tuple[ModelRecord, list[
     record = record_of(row)
     session.delete(row)
     session.flush()
-    shared = {item["sha256"] for other in session.scalars(select(RegisteredModel)).all() for item in other.files}
-    return record, [f.blob_key for f in record.files if f.sha256 not in shared]
+    return record
+
+
+def delete_unused_blobs(session: Session, *, storage: ObjectStorage, files: Sequence[ModelFile]) -> int:
+    """Delete from the object store the blobs of `files` that no registered model uses (a removed model's, once
+    its removal is committed); returns how many. Decided and done under the blobs' lock, held until this
+    transaction ends, so a model being added (which commits under it) keeps every blob it uses."""
+    lock_blobs(session)
+    used = used_blobs(session)
+    unused = {f.blob_key for f in files if f.sha256 not in used}
+    for key in sorted(unused):
+        storage.delete(key)
+    return len(unused)
+
+
+def _delete_unused_blobs_now(bind: Any, storage: ObjectStorage, files: list[ModelFile]) -> None:
+    if files:
+        with Session(bind) as own, own.begin():
+            delete_unused_blobs(own, storage=storage, files=files)
 
 
 def forget_local_copy(store: ModelStore, record: ModelRecord) -> None:
