@@ -77,6 +77,19 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_timeout=POOL_TIMEOUT_SECONDS, connect_args=connect_args)
 
 
+def lock_for_writing(session: Session) -> None:
+    """On SQLite, take the database's write lock now, until the transaction ends: what a unit of work that checks
+    and then writes (a limit, a quota, that a row is still there) does before its check, so that concurrent ones
+    wait for it and see what it wrote, as PostgreSQL's row locks (SELECT ... FOR UPDATE, a no-op on SQLite) make
+    them do there. Nothing on other databases.
+
+    pysqlite runs reads outside a transaction and begins a deferred one at the first write, so the lock is taken
+    with BEGIN IMMEDIATE unless a write already began one (which holds the lock already)."""
+    connection = session.connection()
+    if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     return make_engine(url)

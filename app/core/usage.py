@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.core.db import lock_for_writing
 from app.core.errors import AppError, ErrorCode
 from app.core.models import Adapter, Checkpoint, File, Tenant
 
@@ -29,6 +30,7 @@ def check_storage(session: Session, *, tenant_id: str, adding: int, limit: int, 
     """Refuse `what` if the tenant's stored bytes plus `adding` would pass `limit`. With `lock`, the tenant's row
     is locked (PostgreSQL) until the transaction ends, so concurrent requests cannot together pass it."""
     if lock:
+        lock_for_writing(session)
         session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     used = stored_bytes(session, tenant_id=tenant_id)
     if used + adding > limit:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core import idempotency
+from app.core.db import lock_for_writing
 from app.core.errors import Conflict, ErrorCode, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
 from app.core.models import Checkpoint, Job, JobEvent, Tenant
@@ -143,6 +144,7 @@ ACTIVE_JOBS_RETRY_AFTER = 30
 def _check_active_jobs(session: Session, *, tenant_id: str, limit: int) -> None:
     """Refuse a job past the tenant's limit of jobs queued or running. The tenant's row is locked (PostgreSQL)
     until the job is committed, so two concurrent requests cannot both take the last place."""
+    lock_for_writing(session)
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(state.ACTIVE_STATUSES))

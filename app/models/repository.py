@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
+from app.core.db import lock_for_writing
 from app.core.models import RegisteredModel
 from app.ml.models import BUILTINS, ModelFile, ModelRecord
 
@@ -37,6 +38,7 @@ def find_model(session: Session, model_id: str, *, lock: bool = False) -> ModelR
         return BUILTINS[model_id]
     query = select(RegisteredModel).where(RegisteredModel.id == model_id)
     if lock:
+        lock_for_writing(session)
         query = query.with_for_update(read=True)
     row = session.scalars(query).one_or_none()
     return record_of(row) if row is not None else None
