@@ -699,3 +699,39 @@ def test_a_cancelled_job_keeps_its_checkpoints_artifacts_and_drops_their_trainin
     [latest, *_] = client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
     prompt = {"prompt": "Name fruit number 1.", "max_tokens": 4, "temperature": 0, "adapter_id": latest["id"]}
     assert client.post("/generate", headers=tenant.headers, json=prompt).status_code == 200
+
+
+def test_a_job_that_would_pass_the_storage_quota_fails_and_keeps_its_checkpoints(
+    client: TestClient, tenant: Tenant, settings: Settings
+) -> None:
+    """Workers count what they store against the tenant's quota before they store it: a checkpoint (or adapter)
+    past it fails the job with storage_quota_exceeded, and the checkpoints stored before it stay."""
+    from app.core.usage import stored_bytes
+
+    def used(job_id: str) -> int:
+        with session_scope(settings.db_url) as session:
+            return stored_bytes(session, tenant_id=tenant_id_of(settings, job_id))
+
+    def run_with_room(job_id: str, room: int) -> dict[str, Any]:
+        limited = settings.model_copy(update={"max_stored_bytes_per_tenant": used(job_id) + room})
+        assert run_training_job(limited, job_id) is None
+        return client.get(f"/jobs/{job_id}", headers=tenant.headers).json()  # type: ignore[no-any-return]
+
+    hyperparameters = {"n_epochs": 1, "batch_size": 4, "checkpoint_every": 1, "keep_checkpoints": 5}
+    # No room at all: the first checkpoint is refused before anything is stored; its message says its size.
+    first = start_job(client, tenant, **hyperparameters)
+    before = used(first)
+    job = run_with_room(first, 1)
+    assert job["status"] == "failed" and job["error"]["code"] == "storage_quota_exceeded", job
+    assert "checkpoint" in job["error"]["message"] and "kept" in job["error"]["message"]
+    assert used(first) == before  # nothing of it was stored
+    needed = job["error"]["message"].split("stored bytes to ")[1].split(" ")[0]  # "12,345," with its commas
+    checkpoint_bytes = int("".join(ch for ch in needed if ch.isdigit())) - before
+    assert checkpoint_bytes > 0
+    # Room for one checkpoint and a half: the first is stored, the second refused; the first stays.
+    second = start_job(client, tenant, **hyperparameters)
+    job = run_with_room(second, checkpoint_bytes * 3 // 2)
+    assert job["status"] == "failed" and job["error"]["code"] == "storage_quota_exceeded", job
+    kept = client.get(f"/jobs/{second}/checkpoints", headers=tenant.headers).json()["data"]
+    assert [c["step_number"] for c in kept] == [1]
+    assert client.get(kept[0]["download_url"], headers=tenant.headers).status_code == 200

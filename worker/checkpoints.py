@@ -18,15 +18,17 @@ from typing import Any
 import torch
 
 from app.core.db import session_scope
+from app.core.error_codes import ErrorCode
 from app.core.ids import new_id
 from app.core.models import Checkpoint
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, StoreError
+from app.core.usage import StorageQuotaExceeded, check_storage
 from app.jobs import checkpoints, repository
 from app.jobs.state import ClaimedJob, JobCancelled, JobLost, owned
 from app.ml import adapter_format
 from app.ml.methods import METHODS
-from app.ml.training import TrainingRecipe
+from app.ml.training import TrainingError, TrainingRecipe
 from worker.lifecycle import retrying
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,25 @@ class UnusableState(Exception):
     holds is not a training state."""
 
 
+def check_quota(settings: Settings, job: ClaimedJob, *, adding: int, freeing: int = 0, what: str) -> None:
+    """Before the job stores `adding` bytes (and its checkpoint pruning frees `freeing`): fail it with
+    storage_quota_exceeded if its tenant would pass its limit. What it stored already is kept."""
+    with session_scope(settings.db_url) as session:
+        try:
+            check_storage(
+                session,
+                tenant_id=job.tenant_id,
+                adding=adding - freeing,
+                limit=settings.max_stored_bytes_per_tenant,
+                what=what,
+                lock=False,
+            )
+        except StorageQuotaExceeded as exc:
+            raise TrainingError(
+                f"{exc.message}; the job's checkpoints so far are kept", code=ErrorCode.storage_quota_exceeded
+            ) from None
+
+
 def store_artifact(
     settings: Settings,
     storage: ObjectStorage,
@@ -49,8 +70,14 @@ def store_artifact(
     recipe: TrainingRecipe,
     key: str,
     manifest: dict[str, Any],
+    *,
+    what: str,
+    also: int = 0,
+    freeing: int = 0,
 ) -> tuple[int, str]:
-    """Export what the recipe trained, pack it with its manifest and store it under `key`: (size, sha256)."""
+    """Export what the recipe trained, pack it with its manifest and store it under `key`: (size, sha256). Refused
+    (storage_quota_exceeded) before it is stored if it, with `also` bytes more to store and `freeing` bytes to be
+    freed, would bring the tenant past its storage limit."""
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-", dir=settings.tmp_dir) as tmp:
         folder = Path(tmp) / "adapter"
@@ -71,6 +98,7 @@ def store_artifact(
                 **manifest,
             },
         )
+        check_quota(settings, job, adding=size + also, freeing=freeing, what=what)
         storage.put_path(key, archive)
     return size, sha256
 
@@ -150,20 +178,30 @@ class JobCheckpoints:
         at = recipe.position
         checkpoint_id = new_id("ftckpt")
         prefix = checkpoints.checkpoint_prefix(self.job.tenant_id, self.job.id, checkpoint_id)
-        size, sha256 = store_artifact(
-            self.settings,
-            self.storage,
-            self.job,
-            recipe,
-            f"{prefix}/artifact.tar.gz",
-            {"checkpoint_id": checkpoint_id, "step": at.step, "metrics": at.metrics},
-        )
+        with session_scope(self.settings.db_url) as session:  # what recording it will prune
+            freeing = checkpoints.pruned_bytes(session, job_id=self.job.id, keep=self.keep)
+        what = f"checkpoint {checkpoint_id} at step {at.step}"
         self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="state-", dir=self.settings.tmp_dir) as tmp:
             path = Path(tmp) / "state.pt"
             torch.save(recipe.state_dict(), path)
             state_size = path.stat().st_size
-            self.storage.put_path(f"{prefix}/state.pt", path)
+            size, sha256 = store_artifact(
+                self.settings,
+                self.storage,
+                self.job,
+                recipe,
+                f"{prefix}/artifact.tar.gz",
+                {"checkpoint_id": checkpoint_id, "step": at.step, "metrics": at.metrics},
+                what=what,
+                also=state_size,
+                freeing=freeing,
+            )
+            try:
+                self.storage.put_path(f"{prefix}/state.pt", path)
+            except BaseException:
+                self.storage.delete(f"{prefix}/artifact.tar.gz")  # not recorded: nobody would list it
+                raise
         row = Checkpoint(
             id=checkpoint_id,
             tenant_id=self.job.tenant_id,

@@ -237,7 +237,9 @@ def _train_and_publish(
 
     adapter_id = new_id("adapter")
     key = f"adapters/{job.tenant_id}/{adapter_id}.tar.gz"
-    size, sha256 = store_artifact(settings, storage, job, recipe, key, {"adapter_id": adapter_id, "metrics": metrics})
+    size, sha256 = store_artifact(
+        settings, storage, job, recipe, key, {"adapter_id": adapter_id, "metrics": metrics}, what="the job's adapter"
+    )
     adapter = Adapter(
         id=adapter_id,
         tenant_id=job.tenant_id,

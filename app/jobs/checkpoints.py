@@ -38,6 +38,12 @@ def record(session: Session, row: Checkpoint, *, keep: int) -> list[Checkpoint]:
     return pruned
 
 
+def pruned_bytes(session: Session, *, job_id: str, keep: int) -> int:
+    """Bytes that recording one more checkpoint of the job frees: those of the checkpoints `record` would prune."""
+    usable = [kept for kept in repository.list_checkpoints(session, job_id=job_id) if kept.state_key]
+    return sum(old.size_bytes + old.state_size_bytes for old in usable[keep - 1 :])
+
+
 def set_aside_state(session: Session, storage: ObjectStorage, *, checkpoint_id: str) -> None:
     """The checkpoint's training state proved unusable (missing, or not a state): nothing will resume from it, and
     its object is deleted once the transaction commits. The checkpoint itself, its artifact, stays: listed, served
