@@ -132,9 +132,9 @@ def test_the_whole_loop_upload_create_watch_download_generate(
 
     streams: list[int] = []
 
-    def short_stream(db_url: str, job_id: str, after_seq: int, is_disconnected: Any) -> Any:
+    def short_stream(db_url: str, job_id: str, after_seq: int, is_disconnected: Any, **kwargs: Any) -> Any:
         streams.append(after_seq)
-        return original(db_url, job_id, after_seq, is_disconnected, max_seconds=1.0)
+        return original(db_url, job_id, after_seq, is_disconnected, max_seconds=1.0, **kwargs)
 
     original = app.jobs.endpoints.event_stream
     monkeypatch.setattr(app.jobs.endpoints, "event_stream", short_stream)
