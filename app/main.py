@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.adapters.endpoints import router as adapters_router
-from app.core.concurrency import TenantSlots
+from app.core.concurrency import TenantSlots, TenantThreads
 from app.core.db import session_scope
 from app.core.errors import AppError, ErrorCode, install_error_handlers
 from app.core.health import router as health_router
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         setting="TUNEFORGE_MAX_UPLOADS_PER_TENANT",
         code=ErrorCode.too_many_uploads,
     )
+    app.state.tenant_threads = TenantThreads(per_tenant=2)  # generation requests' preparation, event stream polls
     app.state.streams = TenantSlots(
         limit=settings.max_event_streams_per_tenant,
         what="event streams open",

@@ -10,11 +10,12 @@ Redis (no worker: jobs stay queued), `tuneforge api` as one process, which also 
 tenants. The per-tenant bounds are raised to the attack's size (TUNEFORGE_MAX_UPLOADS_PER_TENANT and the like), so
 that what keeps the other tenant served is how the service holds its resources, not that it refuses the attack.
 
-1. Baseline: the victim polls one of its jobs (`GET /jobs/{id}`, every 50 ms, for --seconds) and then asks for a
-   short generation (8 tokens, streamed), with nothing else running.
+1. Baseline: the victim asks for a short generation (8 tokens, streamed), then polls one of its jobs
+   (`GET /jobs/{id}`, every 50 ms, for --seconds), with nothing else running.
 2. Attack: the attacker opens --uploads uploads that send their body a byte a second (each of them cut off once
    TUNEFORGE_UPLOAD_GRACE_SECONDS have passed), --streams event streams on its own job, and --generations
-   generation requests of 64 tokens (on the base model) at once. Once they are in, the victim does what it did in 1.
+   chat requests for a long story (128 tokens each, on the base model) at once. Once most of the generations are
+   in the engine, the victim does what it did in 1.
 3. Printed: the victim's read latency (p50 / p99 / max) with and without the attack, its generation's time to first
    token and the engine steps from its submission to its first token (read from /metrics: an upper bound), how
    many of the attacker's requests were in flight, and the API's peak RSS. Targets (issue 21): the victim's p99
@@ -43,6 +44,7 @@ TARGET_P99_MS = 250.0
 TARGET_STEPS = 2
 POLL_SECONDS = 0.05
 BOUNDARY = "tuneforgebench"
+ATTACK_TOKENS = 128
 
 
 @dataclass
@@ -117,10 +119,24 @@ async def first_token(client: httpx.AsyncClient, url: str) -> tuple[float, int]:
     return seconds, steps
 
 
-async def victim(client: httpx.AsyncClient, url: str, job_id: str, seconds: float) -> tuple[Latencies, float, int]:
-    reads = await poll_job(client, url, job_id, seconds)
+async def engine_load(client: httpx.AsyncClient, url: str) -> tuple[int, int]:
+    """Requests (waiting, running) in the serving engine, from /metrics."""
+    values = {}
+    for line in (await client.get(f"{url}/metrics")).text.splitlines():
+        for name in ("waiting", "running"):
+            if line.startswith(f"tuneforge_generation_{name} "):
+                values[name] = int(float(line.split()[1]))
+    return values.get("waiting", 0), values.get("running", 0)
+
+
+async def victim(
+    client: httpx.AsyncClient, url: str, job_id: str, seconds: float
+) -> tuple[Latencies, float, int, tuple[int, int]]:
+    """The victim's generation (first, while the attacker's requests fill the engine), then its reads."""
+    load = await engine_load(client, url)
     ttft, steps = await first_token(client, url)
-    return reads, ttft, steps
+    reads = await poll_job(client, url, job_id, seconds)
+    return reads, ttft, steps, load
 
 
 async def slow_upload(url: str, key: str, stop: asyncio.Event, outcome: list[str]) -> None:
@@ -167,7 +183,8 @@ async def open_stream(client: httpx.AsyncClient, url: str, job_id: str, stop: as
 
 
 async def generation(client: httpx.AsyncClient, url: str, statuses: list[int]) -> None:
-    body = {"prompt": "Tell me a long story about the sea.", "max_tokens": 64, "temperature": 0}
+    story = [{"role": "user", "content": "Write a very long story about the sea, at least a thousand words."}]
+    body = {"messages": story, "max_tokens": ATTACK_TOKENS, "temperature": 0}
     try:
         r = await client.post(f"{url}/generate", json=body, timeout=600)
         statuses.append(r.status_code)
@@ -193,7 +210,7 @@ async def scenario(args: argparse.Namespace, url: str, keys: dict[str, str]) -> 
         httpx.AsyncClient(headers={"Authorization": f"Bearer {attacker}"}, timeout=60, limits=limits) as theirs,
     ):
         await first_token(mine, url)  # the model is loaded
-        calm_reads, calm_ttft, calm_steps = await victim(mine, url, own_job, args.seconds)
+        calm_reads, calm_ttft, calm_steps, _ = await victim(mine, url, own_job, args.seconds)
 
         stop = asyncio.Event()
         uploaded: list[str] = []
@@ -205,14 +222,10 @@ async def scenario(args: argparse.Namespace, url: str, keys: dict[str, str]) -> 
         deadline = time.monotonic() + 60
         while len(opened) < args.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        await asyncio.sleep(2)  # the generations are queued, the uploads are trickling
-        waiting = (await theirs.get(f"{url}/metrics")).text
-        in_engine = sum(
-            int(float(line.split()[1]))
-            for line in waiting.splitlines()
-            if line.startswith(("tuneforge_generation_waiting ", "tuneforge_generation_running "))
-        )
-        attacked_reads, attacked_ttft, attacked_steps = await victim(mine, url, own_job, args.seconds)
+        while sum(await engine_load(mine, url)) < args.generations * 2 // 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # most of the generations are in the engine, the uploads are trickling
+        attacked_reads, attacked_ttft, attacked_steps, load = await victim(mine, url, own_job, args.seconds)
+        in_engine = f"{load[0]} waiting and {load[1]} running in the engine when the victim's generation was sent"
         stop.set()
         for task in attack:
             task.cancel()
@@ -221,8 +234,8 @@ async def scenario(args: argparse.Namespace, url: str, keys: dict[str, str]) -> 
     print(
         f"attack: {args.uploads} slow uploads ({len(uploaded)} answered while the attack ran: "
         f"{', '.join(sorted(set(uploaded))) or 'none'}), {sum(s == 200 for s in opened)} of {args.streams} event "
-        f"streams open, {args.generations} generations of 64 tokens sent ({in_engine} in the engine when the victim "
-        f"started, {sum(s == 200 for s in generated)} finished, {sum(s == 429 for s in generated)} refused)"
+        f"streams open, {args.generations} generations of {ATTACK_TOKENS} tokens sent ({in_engine}; "
+        f"{sum(s == 200 for s in generated)} finished by the end, {sum(s == 429 for s in generated)} refused)"
     )
     print(f"victim's GET /jobs/{{id}} every {POLL_SECONDS * 1000:.0f} ms for {args.seconds:.0f} s:")
     print(f"  alone:          {calm_reads.row()}")

@@ -1,6 +1,7 @@
 """Per-tenant bounds on long-lived requests (uploads in progress, open event streams), so that one tenant's load
 stays that tenant's problem: past its bound a tenant's next request is refused with 429 and `Retry-After` before
-it does any work, while other tenants are served as usual.
+it does any work, while other tenants are served as usual; and per-tenant worker threads for blocking work that
+many requests of one tenant could otherwise pile onto the shared thread pool.
 
 The counts are this process's (an API replica bounds its own requests); the generation engine bounds each
 tenant's requests itself (app/ml/serving/scheduler.py).
@@ -8,12 +9,37 @@ tenant's requests itself (app/ml/serving/scheduler.py).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import anyio
 
 from app.core.errors import ErrorCode, TooManyRequests
+
+T = TypeVar("T")
+
+
+class TenantThreads:
+    """Worker threads for one kind of blocking work (preparing generation requests, polling event streams), at most
+    `per_tenant` of one tenant's at once, apart from the thread pool that serves every other request: one tenant's
+    hundreds of requests neither take the threads other tenants' requests need nor make theirs wait behind them."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._lock = threading.Lock()
+
+    async def run(self, tenant_id: str, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`function(*args, **kwargs)` in a worker thread, one of the tenant's."""
+        with self._lock:
+            limiter = self._limiters.get(tenant_id) or self._limiters.setdefault(
+                tenant_id, anyio.CapacityLimiter(self.per_tenant)
+            )
+        return await anyio.to_thread.run_sync(functools.partial(function, *args, **kwargs), limiter=limiter)
 
 
 class TooManyInProgress(TooManyRequests):

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.core.concurrency import TenantSlots
+from app.core.concurrency import TenantSlots, TenantThreads
 from app.core.db import session_scope
 from app.core.errors import ErrorCode, Unauthorized
 from app.core.metrics import Metrics
@@ -40,11 +40,16 @@ def get_stream_slots(request: Request) -> TenantSlots:
     return request.app.state.streams  # type: ignore[no-any-return]
 
 
+def get_tenant_threads(request: Request) -> TenantThreads:
+    return request.app.state.tenant_threads  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StorageDep = Annotated[ObjectStorage, Depends(get_storage)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 UploadSlotsDep = Annotated[TenantSlots, Depends(get_upload_slots)]  # each tenant's uploads in progress
 StreamSlotsDep = Annotated[TenantSlots, Depends(get_stream_slots)]  # each tenant's open event streams
+TenantThreadsDep = Annotated[TenantThreads, Depends(get_tenant_threads)]  # each tenant's threads for blocking work
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import MetricsDep, SettingsDep, TenantDep
+from app.core.deps import MetricsDep, SettingsDep, TenantDep, TenantThreadsDep
 from app.inference import service
 from app.inference.engine import EngineDep
 from app.inference.routing import ERROR_RESPONSES, STREAM_RESPONSE, stream_response
@@ -27,10 +26,12 @@ async def generate(
     engine: EngineDep,
     metrics: MetricsDep,
     tenant: TenantDep,
+    threads: TenantThreadsDep,
 ) -> Any:
     """Text from a base model, or a base model plus an adapter. With `stream: true`, server-sent events: one
     `generation.chunk` object per piece of text, the last with `finish_reason` and `usage`, then `[DONE]`."""
-    prepared = await run_in_threadpool(
+    prepared = await threads.run(
+        tenant.id,
         service.prepare,
         settings,
         models,

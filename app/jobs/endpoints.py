@@ -1,11 +1,12 @@
 """HTTP routes for fine-tuning jobs."""
 
+import functools
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
-from app.core.deps import SessionDep, SettingsDep, StorageDep, StreamSlotsDep, TenantDep
+from app.core.deps import SessionDep, SettingsDep, StorageDep, StreamSlotsDep, TenantDep, TenantThreadsDep
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
@@ -123,6 +124,7 @@ def list_events(
     settings: SettingsDep,
     tenant: TenantDep,
     streams: StreamSlotsDep,
+    threads: TenantThreadsDep,
     after: Annotated[int, Query(ge=0, le=2**31 - 1, description="Return events with seq greater than this")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     stream: Annotated[
@@ -138,7 +140,14 @@ def list_events(
         slot = streams.acquire(tenant.id)  # 429 past the tenant's open streams
         start = last_event_id if last_event_id is not None else after
         token = request.headers.get("authorization", "").partition(" ")[2].strip()  # checked by the middleware
-        events = event_stream(settings.db_url, job.id, start, request.is_disconnected, key_hash=hash_api_key(token))
+        events = event_stream(
+            settings.db_url,
+            job.id,
+            start,
+            request.is_disconnected,
+            key_hash=hash_api_key(token),
+            poll=functools.partial(threads.run, tenant.id),  # the tenant's threads: its many streams wait on them
+        )
         return event_source_response(released_after(events, slot))
     rows, has_more = service.list_events(session, tenant_id=tenant.id, job_id=job_id, after_seq=after, limit=limit)
     return ListPage(data=[EventObject.model_validate(e) for e in rows], has_more=has_more)

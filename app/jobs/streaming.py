@@ -13,7 +13,8 @@ import asyncio
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from anyio import to_thread
 from fastapi.sse import format_sse_event
@@ -34,6 +35,8 @@ BATCH = 500  # events read per poll
 ENDED_GRACE_SECONDS = 1.0  # the stream stays this long after the job ended, for its last writes
 KEY_CHECK_SECONDS = 5.0
 
+T = TypeVar("T")
+
 
 def sse(event: EventObject) -> bytes:
     """One event in the text/event-stream format: its seq as the id, its type as the event name."""
@@ -53,6 +56,10 @@ def _poll(db_url: str, job_id: str, after_seq: int, key_hash: str | None) -> tup
         return [EventObject.model_validate(row) for row in rows], ended
 
 
+async def _poll_in_thread(function: Callable[..., T], *args: Any) -> T:
+    return await to_thread.run_sync(function, *args)
+
+
 def _key_active(session: Session, key_hash: str) -> bool:
     query = select(ApiKey.id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
     return session.scalar(query) is not None
@@ -65,20 +72,22 @@ async def event_stream(
     is_disconnected: Callable[[], object],
     *,
     key_hash: str | None = None,
+    poll: Callable[..., Awaitable[tuple[list[EventObject], bool] | None]] | None = None,
     poll_seconds: float = POLL_SECONDS,
     max_seconds: float = MAX_STREAM_SECONDS,
     key_check_seconds: float | None = None,
 ) -> AsyncIterator[bytes]:
     """The stream's text: every event after `after_seq`, then new ones as they come; it ends once the job has
     ended and its last event was sent, when the client goes away, when the key `key_hash` (the stream's) is
-    revoked, or after `max_seconds`."""
+    revoked, or after `max_seconds`. `poll` runs each database poll in a worker thread (default: anyio's pool; the
+    route passes its tenant's own threads)."""
     key_check_seconds = KEY_CHECK_SECONDS if key_check_seconds is None else key_check_seconds
     started = last_sent = key_checked = time.monotonic()
     ended_at: float | None = None
     yield format_sse_event(retry=int(poll_seconds * 2000))  # how long a client waits before it reconnects
     while time.monotonic() - started < max_seconds:
         check = key_hash if time.monotonic() - key_checked >= key_check_seconds else None
-        polled = await to_thread.run_sync(_poll, db_url, job_id, after_seq, check)
+        polled = await (poll or _poll_in_thread)(_poll, db_url, job_id, after_seq, check)
         if polled is None:
             return  # the key was revoked
         if check is not None:

@@ -8,9 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import MetricsDep, SettingsDep, TenantDep
+from app.core.deps import MetricsDep, SettingsDep, TenantDep, TenantThreadsDep
 from app.core.metrics import Metrics
 from app.inference import service
 from app.inference.engine import EngineDep
@@ -87,10 +86,12 @@ async def create_completion(
     engine: EngineDep,
     metrics: MetricsDep,
     tenant: TenantDep,
+    threads: TenantThreadsDep,
 ) -> Any:
     """OpenAI's completions: `model` is a base model id, or an adapter's id or name."""
     assert isinstance(body.prompt, str)
-    prepared = await run_in_threadpool(
+    prepared = await threads.run(
+        tenant.id,
         service.prepare,
         settings,
         models,
@@ -131,11 +132,13 @@ async def create_chat_completion(
     engine: EngineDep,
     metrics: MetricsDep,
     tenant: TenantDep,
+    threads: TenantThreadsDep,
 ) -> Any:
     """OpenAI's chat completions: `model` is a base model id, or an adapter's id or name; the messages go through
     the base model's chat template, as in training."""
     top = (body.top_logprobs or 0) if body.logprobs else None
-    prepared = await run_in_threadpool(
+    prepared = await threads.run(
+        tenant.id,
         service.prepare,
         settings,
         models,
