@@ -1,13 +1,14 @@
-"""Check-then-write under concurrent requests, on both backends: the active jobs limit, the storage quota and a file
-deleted while a job is created on it hold on SQLite (the embedded default) as PostgreSQL's row locks make them hold
-there. Each test widens the window between the check and the write (a pause where a slow machine could pause), so
-that requests which did not wait for each other would all pass the check."""
+"""Check-then-write under concurrent requests, on both backends: the active jobs limit, the storage quota, a file
+deleted and a model removed while a job is created on it hold on SQLite (the embedded default) as PostgreSQL's row
+locks make them hold there. Each test widens the window between the check and the write (a pause where a slow
+machine could pause), so that requests which did not wait for each other would all pass the check."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,11 +86,40 @@ def test_a_file_deleted_while_a_job_is_created_on_it_is_one_or_the_other(
     with TestClient(create_app(settings)) as client:
         file_id = upload(client, tenant, jsonl(chat_lines(8))).json()["id"]
         # The job's checks hold the file from here (after they found it) until the job is committed.
-        monkeypatch.setattr(planning, "token_counts", paused_after(planning.token_counts, 0.5))
+        monkeypatch.setattr(planning, "token_counts", paused_after(planning.token_counts, 1.5))
         created, deleted = at_once(
             lambda: client.post("/jobs", headers=tenant.headers, json={"training_file": file_id}),
             lambda: client.delete(f"/v1/files/{file_id}", headers=tenant.headers),
-            stagger=0.2,
+            stagger=1.0,  # the job's checks hold the file by then
         )
-    assert created.status_code == 201, created.text
-    assert deleted.status_code == 409 and deleted.json()["error"]["code"] == "file_in_use", deleted.text
+    # One or the other, never both: the job first (the deletion refused), or, on a slow machine, the deletion first
+    # (the job refused: no such file).
+    if created.status_code == 201:
+        assert deleted.status_code == 409 and deleted.json()["error"]["code"] == "file_in_use", deleted.text
+    else:
+        assert created.status_code == 422 and deleted.status_code == 200, (created.text, deleted.text)
+
+
+def test_a_model_removed_while_a_job_is_created_on_it_is_one_or_the_other(
+    settings: Settings, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.test_base_models import build_tiny_model, register, tuneforge, upload_for
+
+    register(settings, "tiny-a", "--path", build_tiny_model("llama", tmp_path / "model"))
+    with TestClient(create_app(settings)) as client:
+        file_id = upload_for(client, tenant, jsonl(chat_lines(4)), base_model="tiny-a").json()["id"]
+        # The job's checks hold the model from here (after they found it) until the job is committed.
+        monkeypatch.setattr(planning, "token_counts", paused_after(planning.token_counts, 1.5))
+        created, removed = at_once(
+            lambda: client.post(
+                "/jobs", headers=tenant.headers, json={"training_file": file_id, "base_model": "tiny-a"}
+            ),
+            lambda: tuneforge(settings, "models", "remove", "tiny-a"),
+            stagger=1.0,  # the job's checks hold the model by then
+        )
+        # One or the other, never both (a job on a model that is gone).
+        if created.status_code == 201:
+            assert removed.returncode == 1 and "is used by job" in removed.stderr, removed.stdout
+            assert client.get("/v1/models/tiny-a", headers=tenant.headers).status_code == 200
+        else:
+            assert created.json()["error"]["code"] == "model_not_found" and removed.returncode == 0, created.text

@@ -46,9 +46,11 @@ class UnusableState(Exception):
 
 def check_quota(settings: Settings, job: ClaimedJob, *, adding: int, freeing: int = 0, what: str) -> None:
     """Before the job stores `adding` bytes (and its checkpoint pruning frees `freeing`): fail it with
-    storage_quota_exceeded if its tenant would pass its limit. What it stored already is kept."""
-    with session_scope(settings.db_url) as session:
-        try:
+    storage_quota_exceeded if its tenant would pass its limit. What it stored already is kept. The check is tried
+    again while the database does not answer, as the job's writes are."""
+
+    def check() -> None:
+        with session_scope(settings.db_url) as session:
             check_storage(
                 session,
                 tenant_id=job.tenant_id,
@@ -57,10 +59,13 @@ def check_quota(settings: Settings, job: ClaimedJob, *, adding: int, freeing: in
                 what=what,
                 lock=False,
             )
-        except StorageQuotaExceeded as exc:
-            raise TrainingError(
-                f"{exc.message}; the job's checkpoints so far are kept", code=ErrorCode.storage_quota_exceeded
-            ) from None
+
+    try:
+        retrying(settings.db_retry_seconds, "checking the storage quota", check)
+    except StorageQuotaExceeded as exc:
+        raise TrainingError(
+            f"{exc.message}; the job's checkpoints so far are kept", code=ErrorCode.storage_quota_exceeded
+        ) from None
 
 
 def store_artifact(
@@ -178,8 +183,12 @@ class JobCheckpoints:
         at = recipe.position
         checkpoint_id = new_id("ftckpt")
         prefix = checkpoints.checkpoint_prefix(self.job.tenant_id, self.job.id, checkpoint_id)
-        with session_scope(self.settings.db_url) as session:  # what recording it will prune
-            freeing = checkpoints.pruned_bytes(session, job_id=self.job.id, keep=self.keep)
+
+        def prunable() -> int:  # what recording it will prune
+            with session_scope(self.settings.db_url) as session:
+                return checkpoints.pruned_bytes(session, job_id=self.job.id, keep=self.keep)
+
+        freeing: int = self._retrying("reading the job's checkpoints", prunable)
         what = f"checkpoint {checkpoint_id} at step {at.step}"
         self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="state-", dir=self.settings.tmp_dir) as tmp:
