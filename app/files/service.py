@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -24,10 +24,10 @@ from app.files import repository
 from app.files.validation import LineValidator, ValidationReport
 from app.ml.jsonl import split_lines
 from app.ml.models import ModelRecord, ModelStore
-from app.models.repository import find_model
 from app.models.service import load_tokenizer, require_model
 
 PURPOSES = ("fine-tune",)
+T = TypeVar("T")
 MAX_FILENAME_CHARS = 255
 
 
@@ -189,11 +189,29 @@ def create_file(
         raise
 
 
+class TokensNotCounted(Exception):
+    """A file's tokens are not counted yet with a model's tokenizer (what `token_counts(..., count=False)` raises,
+    so that its caller can count them holding no database connection: `count_outside`)."""
+
+    def __init__(self, file: File, model: ModelRecord, param: str) -> None:
+        super().__init__(f"file {file.id} is not counted with {model.id}'s tokenizer yet")
+        self.file = file
+        self.model = model
+        self.param = param
+
+
 def token_counts(
-    session: Session, *, storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str
+    session: Session,
+    *,
+    storage: ObjectStorage,
+    models: ModelStore,
+    file: File,
+    model: ModelRecord,
+    param: str,
+    count: bool = True,
 ) -> FileTokenCount:
-    """The file's tokens as `model`'s tokenizer counts them: stored at upload (or by `count_tokens_ahead`), or
-    counted now and kept.
+    """The file's tokens as `model`'s tokenizer counts them: stored at upload (or by an earlier job), or counted
+    now and kept; with `count=False`, TokensNotCounted instead of counting.
 
     Counting reads the whole file again and renders it with the model's chat template, so a line that template
     cannot render is a 422 naming the line, as at upload. The count is kept in a transaction of its own: a job
@@ -202,9 +220,11 @@ def token_counts(
     found = session.get(FileTokenCount, (file.id, model.tokenizer_sha256))
     if found is not None:
         return found
+    if not count:
+        raise TokensNotCounted(file, model, param)
     counted = _count(storage, models, file, model, param)
     if session.get_bind().dialect.name == "sqlite":
-        # The job's checks hold SQLite's write lock (lock_for_writing): a transaction of its own would wait for it.
+        # The job's checks may hold SQLite's write lock (lock_for_writing): a transaction of its own would wait.
         session.add(counted)
         session.flush()
     else:
@@ -212,28 +232,18 @@ def token_counts(
     return counted
 
 
-def count_tokens_ahead(
-    db_url: str, *, storage: ObjectStorage, models: ModelStore, tenant_id: str, file_ids: list[str], model_id: str
-) -> None:
-    """Count and keep the tokens of the tenant's files with `model_id`'s tokenizer where they are not counted yet,
-    holding no database connection while a file is read (a job's checks, which lock rows, then find the counts).
-    What cannot be counted here (an unknown file or model, a line the template cannot render) is left for those
-    checks to report."""
-    with session_scope(db_url) as session:
-        model = find_model(session, model_id)
-        if model is None:
-            return
-        files = [repository.get_file(session, tenant_id=tenant_id, file_id=file_id) for file_id in file_ids]
-        todo = [
-            f for f in files if f is not None and session.get(FileTokenCount, (f.id, model.tokenizer_sha256)) is None
-        ]
-        bind = session.get_bind()
-    for file in todo:
+def count_outside(session: Session, *, storage: ObjectStorage, models: ModelStore, attempt: Callable[[], T]) -> T:
+    """`attempt()`, which reads token counts with `count=False`; each time a file's are missing, the session is
+    rolled back (releasing its connection and its row locks), the file is counted with no connection held, and
+    `attempt()` runs again. Most files were counted at upload with the job's tokenizer: then it runs once."""
+    while True:
         try:
-            counted = _count(storage, models, file, model, "file")
-        except InvalidInput:
-            continue
-        _keep(bind, counted)
+            return attempt()
+        except TokensNotCounted as missing:
+            bind = session.get_bind()
+            session.expunge(missing.file)  # kept as it is: the rollback would expire it, and reading it reconnect
+            session.rollback()
+            _keep(bind, _count(storage, models, missing.file, missing.model, missing.param))
 
 
 def _count(storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str) -> FileTokenCount:

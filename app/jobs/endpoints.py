@@ -12,6 +12,7 @@ from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
 from app.core.security import hash_api_key
 from app.core.sse import event_source_response
+from app.files.service import count_outside
 from app.jobs import planning, service
 from app.jobs.schemas import (
     CheckpointDeleted,
@@ -50,16 +51,21 @@ def create_job(
 ) -> JobObject | JSONResponse:
     spec = body.spec()
     if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
-        service.count_ahead(settings, storage=storage, models=models, tenant_id=tenant.id, spec=spec)
-        plan = planning.plan_job(
+        plan = count_outside(
             session,
             storage=storage,
             models=models,
-            tenant_id=tenant.id,
-            request=spec,
-            default_base_model=settings.default_base_model,
-            max_batch_tokens=settings.train_max_batch_tokens,
-            cuda_training=planning.cuda_training(settings),
+            attempt=lambda: planning.plan_job(
+                session,
+                storage=storage,
+                models=models,
+                tenant_id=tenant.id,
+                request=spec,
+                default_base_model=settings.default_base_model,
+                max_batch_tokens=settings.train_max_batch_tokens,
+                cuda_training=planning.cuda_training(settings),
+                count=False,
+            ),
         )
         return JSONResponse(
             DryRunObject(**planning.dry_run(session, plan, tenant_id=tenant.id)).model_dump(), status_code=200

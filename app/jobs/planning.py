@@ -81,9 +81,11 @@ def plan_job(
     default_base_model: str,
     max_batch_tokens: int,
     cuda_training: bool,
+    count: bool = True,
 ) -> JobPlan:
     """Every check of a job request, short of creating it. `cuda_training`: whether this service's workers train
-    on CUDA (methods that need it are refused without)."""
+    on CUDA (methods that need it are refused without). With `count=False`, a file whose tokens are not counted yet
+    with the model's tokenizer raises TokensNotCounted (see `files.service.count_outside`)."""
     base_model = request.base_model or default_base_model
     # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
     record = require_model(session, model_id=base_model, lock=True)
@@ -123,7 +125,9 @@ def plan_job(
                 code=ErrorCode.no_chat_template,
             )
         # Counted with this model's tokenizer (at upload, or now: then kept for the next job on it).
-        counts = token_counts(session, storage=storage, models=models, file=file, model=record, param=param)
+        counts = token_counts(
+            session, storage=storage, models=models, file=file, model=record, param=param, count=count
+        )
         _check_fits_token_budget(
             file.id,
             counts.max_example_tokens,

@@ -20,7 +20,7 @@ from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, delete_after_commit
 from app.core.usage import check_storage
-from app.files.service import count_tokens_ahead
+from app.files.service import count_outside
 from app.jobs import repository, state
 from app.jobs.planning import JobPlan, JobSpec, cuda_training, plan_job
 from app.ml.models import ModelStore
@@ -61,21 +61,6 @@ def create_job(
     return job
 
 
-def count_ahead(
-    settings: Settings, *, storage: ObjectStorage, models: ModelStore, tenant_id: str, spec: JobSpec
-) -> None:
-    """Count the request's files' tokens with its model's tokenizer, where not counted yet, before its checks:
-    reading a file then holds no database connection (the checks hold row locks until the job is committed)."""
-    count_tokens_ahead(
-        settings.db_url,
-        storage=storage,
-        models=models,
-        tenant_id=tenant_id,
-        file_ids=[f for f in (spec.training_file, spec.validation_file) if f is not None],
-        model_id=spec.base_model or settings.default_base_model,
-    )
-
-
 def submit_job(
     session: Session,
     *,
@@ -90,8 +75,35 @@ def submit_job(
     """Check, create, commit and queue a job: what `POST /jobs` and `POST /v1/fine_tuning/jobs` do.
 
     With an idempotency key, a retry of the same request returns the job the first one created (never a
-    second job); the same key with another request is a conflict."""
-    count_ahead(settings, storage=storage, models=models, tenant_id=tenant_id, spec=spec)
+    second job); the same key with another request is a conflict. No database connection is held while a file's
+    tokens are counted (`count_outside`)."""
+
+    def attempt() -> Job:
+        return _submit_job(
+            session,
+            settings=settings,
+            storage=storage,
+            models=models,
+            tenant_id=tenant_id,
+            spec=spec,
+            idempotency_key=idempotency_key,
+            endpoint=endpoint,
+        )
+
+    return count_outside(session, storage=storage, models=models, attempt=attempt)
+
+
+def _submit_job(
+    session: Session,
+    *,
+    settings: Settings,
+    storage: ObjectStorage,
+    models: ModelStore,
+    tenant_id: str,
+    spec: JobSpec,
+    idempotency_key: str | None,
+    endpoint: str,
+) -> Job:
     request_sha256 = idempotency.digest(_spec_json(spec)) if idempotency_key else None
     if idempotency_key:
         seen = idempotency.find(session, tenant_id=tenant_id, endpoint=endpoint, key=idempotency_key)
@@ -107,6 +119,7 @@ def submit_job(
         default_base_model=settings.default_base_model,
         max_batch_tokens=settings.train_max_batch_tokens,
         cuda_training=cuda_training(settings),
+        count=False,
     )
     job = create_job(
         session,
