@@ -190,8 +190,8 @@ def create_file(
 
 
 class TokensNotCounted(Exception):
-    """A file's tokens are not counted yet with a model's tokenizer (what `token_counts(..., count=False)` raises,
-    so that its caller can count them holding no database connection: `count_outside`)."""
+    """A file's tokens are not counted yet with a model's tokenizer (what `token_counts` raises, so that its caller
+    counts them holding no database connection: `count_outside`)."""
 
     def __init__(self, file: File, model: ModelRecord, param: str) -> None:
         super().__init__(f"file {file.id} is not counted with {model.id}'s tokenizer yet")
@@ -200,42 +200,23 @@ class TokensNotCounted(Exception):
         self.param = param
 
 
-def token_counts(
-    session: Session,
-    *,
-    storage: ObjectStorage,
-    models: ModelStore,
-    file: File,
-    model: ModelRecord,
-    param: str,
-    count: bool = True,
-) -> FileTokenCount:
-    """The file's tokens as `model`'s tokenizer counts them: stored at upload (or by an earlier job), or counted
-    now and kept; with `count=False`, TokensNotCounted instead of counting.
-
-    Counting reads the whole file again and renders it with the model's chat template, so a line that template
-    cannot render is a 422 naming the line, as at upload. The count is kept in a transaction of its own: a job
-    refused afterwards (its examples too long, say) does not throw away the work.
-    """
+def token_counts(session: Session, *, file: File, model: ModelRecord, param: str) -> FileTokenCount:
+    """The file's tokens as `model`'s tokenizer counts them, stored at upload (or by an earlier job);
+    TokensNotCounted when they are not stored yet."""
     found = session.get(FileTokenCount, (file.id, model.tokenizer_sha256))
-    if found is not None:
-        return found
-    if not count:
+    if found is None:
         raise TokensNotCounted(file, model, param)
-    counted = _count(storage, models, file, model, param)
-    if session.get_bind().dialect.name == "sqlite":
-        # The job's checks may hold SQLite's write lock (lock_for_writing): a transaction of its own would wait.
-        session.add(counted)
-        session.flush()
-    else:
-        _keep(session.get_bind(), counted)
-    return counted
+    return found
 
 
 def count_outside(session: Session, *, storage: ObjectStorage, models: ModelStore, attempt: Callable[[], T]) -> T:
-    """`attempt()`, which reads token counts with `count=False`; each time a file's are missing, the session is
-    rolled back (releasing its connection and its row locks), the file is counted with no connection held, and
-    `attempt()` runs again. Most files were counted at upload with the job's tokenizer: then it runs once."""
+    """`attempt()`, which reads token counts (`token_counts`); each time a file's are missing, the session is rolled
+    back (releasing its connection and its row locks), the file is counted with no connection held and the count
+    kept, and `attempt()` runs again. Most files were counted at upload with the job's tokenizer: then it runs once.
+
+    Counting reads the whole file again and renders it with the model's chat template, so a line that template
+    cannot render is a 422 naming the line, as at upload. The count is kept in a transaction of its own: a job
+    refused afterwards (its examples too long, say) does not throw away the work."""
     while True:
         try:
             return attempt()

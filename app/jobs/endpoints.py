@@ -57,14 +57,11 @@ def create_job(
             models=models,
             attempt=lambda: planning.plan_job(
                 session,
-                storage=storage,
-                models=models,
                 tenant_id=tenant.id,
                 request=spec,
                 default_base_model=settings.default_base_model,
                 max_batch_tokens=settings.train_max_batch_tokens,
                 cuda_training=planning.cuda_training(settings),
-                count=False,
             ),
         )
         return JSONResponse(

@@ -14,13 +14,12 @@ from sqlalchemy.orm import Session
 from app.core.errors import ErrorCode, InvalidInput, clip
 from app.core.models import File, FileTokenCount, Job, JobStatus
 from app.core.settings import Settings
-from app.core.storage import ObjectStorage
 from app.files import repository as files_repository
 from app.files.service import token_counts
 from app.ml.device import cuda_training_available
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import METHODS
-from app.ml.models import ModelRecord, ModelStore
+from app.ml.models import ModelRecord
 from app.models.service import require_model
 
 
@@ -74,18 +73,15 @@ class JobPlan:
 def plan_job(
     session: Session,
     *,
-    storage: ObjectStorage,
-    models: ModelStore,
     tenant_id: str,
     request: JobSpec,
     default_base_model: str,
     max_batch_tokens: int,
     cuda_training: bool,
-    count: bool = True,
 ) -> JobPlan:
     """Every check of a job request, short of creating it. `cuda_training`: whether this service's workers train
-    on CUDA (methods that need it are refused without). With `count=False`, a file whose tokens are not counted yet
-    with the model's tokenizer raises TokensNotCounted (see `files.service.count_outside`)."""
+    on CUDA (methods that need it are refused without). A file whose tokens are not counted yet with the
+    model's tokenizer raises TokensNotCounted: run it under `files.service.count_outside`."""
     base_model = request.base_model or default_base_model
     # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
     record = require_model(session, model_id=base_model, lock=True)
@@ -124,10 +120,8 @@ def plan_job(
                 param=param,
                 code=ErrorCode.no_chat_template,
             )
-        # Counted with this model's tokenizer (at upload, or now: then kept for the next job on it).
-        counts = token_counts(
-            session, storage=storage, models=models, file=file, model=record, param=param, count=count
-        )
+        # Counted with this model's tokenizer (at upload, or by count_outside: then kept for the next job on it).
+        counts = token_counts(session, file=file, model=record, param=param)
         _check_fits_token_budget(
             file.id,
             counts.max_example_tokens,

@@ -83,7 +83,6 @@ def submit_job(
             session,
             settings=settings,
             storage=storage,
-            models=models,
             tenant_id=tenant_id,
             spec=spec,
             idempotency_key=idempotency_key,
@@ -98,7 +97,6 @@ def _submit_job(
     *,
     settings: Settings,
     storage: ObjectStorage,
-    models: ModelStore,
     tenant_id: str,
     spec: JobSpec,
     idempotency_key: str | None,
@@ -112,14 +110,11 @@ def _submit_job(
             return get_job(session, tenant_id=tenant_id, job_id=seen.resource_id)
     plan = plan_job(
         session,
-        storage=storage,
-        models=models,
         tenant_id=tenant_id,
         request=spec,
         default_base_model=settings.default_base_model,
         max_batch_tokens=settings.train_max_batch_tokens,
         cuda_training=cuda_training(settings),
-        count=False,
     )
     job = create_job(
         session,
