@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Select, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
@@ -16,6 +17,7 @@ _UNDO = "tuneforge_undo_on_rollback"
 _AFTER_COMMIT = "tuneforge_after_commit"
 
 log = logging.getLogger(__name__)
+S = TypeVar("S", bound=Select[Any])
 
 # A request waits this long for a pooled connection (all busy) before it is answered 503 database_unavailable.
 POOL_TIMEOUT_SECONDS = 10
@@ -88,6 +90,14 @@ def lock_for_writing(session: Session) -> None:
     connection = session.connection()
     if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def locked(session: Session, query: S, **kwargs: Any) -> S:
+    """`query`, locking the rows it reads until the transaction ends: FOR UPDATE on PostgreSQL (`kwargs` as
+    `with_for_update` takes them: read=True for a shared lock, key_share=True); SQLite has no row locks, so there
+    the database's write lock is taken first (`lock_for_writing`)."""
+    lock_for_writing(session)
+    return query.with_for_update(**kwargs)
 
 
 @lru_cache(maxsize=8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.db import lock_for_writing
+from app.core.db import locked
 from app.core.errors import AppError, ErrorCode
 from app.core.models import Adapter, Checkpoint, File, Tenant
 
@@ -26,12 +26,17 @@ def stored_bytes(session: Session, *, tenant_id: str) -> int:
     return sum(int(session.scalar(query) or 0) for query in (files, adapters, checkpoints))
 
 
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Lock the tenant's row until the transaction ends, so that concurrent requests checking one of its limits
+    (its active jobs, its stored bytes) wait for each other and see what the first one wrote."""
+    session.execute(locked(session, select(Tenant.id).where(Tenant.id == tenant_id)))
+
+
 def check_storage(session: Session, *, tenant_id: str, adding: int, limit: int, what: str, lock: bool = True) -> None:
     """Refuse `what` if the tenant's stored bytes plus `adding` would pass `limit`. With `lock`, the tenant's row
     is locked (PostgreSQL) until the transaction ends, so concurrent requests cannot together pass it."""
     if lock:
-        lock_for_writing(session)
-        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        lock_tenant(session, tenant_id)
     used = stored_bytes(session, tenant_id=tenant_id)
     if used + adding > limit:
         raise StorageQuotaExceeded(

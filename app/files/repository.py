@@ -3,7 +3,7 @@
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.db import lock_for_writing
+from app.core.db import locked
 from app.core.models import File, Job
 from app.core.pagination import newest_first
 from app.jobs.state import ACTIVE_STATUSES
@@ -16,9 +16,7 @@ def get_file(session: Session, *, tenant_id: str, file_id: str, for_update: bool
     row that merely references it (its token counts, stored in a transaction of their own while it is held).
     """
     query = select(File).where(File.id == file_id, File.tenant_id == tenant_id, File.deleted_at.is_(None))
-    if for_update:
-        lock_for_writing(session)
-    return session.scalar(query.with_for_update(key_share=True) if for_update else query)
+    return session.scalar(locked(session, query, key_share=True) if for_update else query)
 
 
 def list_files(session: Session, *, tenant_id: str, limit: int, after: File | None) -> tuple[list[File], bool]:

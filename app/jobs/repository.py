@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from app.core.db import lock_for_writing
+from app.core.db import locked
 from app.core.models import Adapter, Checkpoint, IdempotencyKey, Job, JobEvent
 from app.core.pagination import newest_first
 
@@ -15,9 +15,7 @@ from app.core.pagination import newest_first
 def get_job(session: Session, *, tenant_id: str, job_id: str, for_update: bool = False) -> Job | None:
     """`for_update` locks the row (PostgreSQL) as the worker that runs the job does before each write of its own."""
     query = select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
-    if for_update:
-        lock_for_writing(session)
-    return session.scalar(query.with_for_update() if for_update else query)
+    return session.scalar(locked(session, query) if for_update else query)
 
 
 def list_jobs(session: Session, *, tenant_id: str, limit: int, after: Job | None) -> tuple[list[Job], bool]:

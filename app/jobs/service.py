@@ -12,14 +12,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core import idempotency
-from app.core.db import lock_for_writing
 from app.core.errors import Conflict, ErrorCode, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
-from app.core.models import Checkpoint, Job, JobEvent, Tenant
+from app.core.models import Checkpoint, Job, JobEvent
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, delete_after_commit
-from app.core.usage import check_storage
+from app.core.usage import check_storage, lock_tenant
 from app.files.service import count_outside
 from app.jobs import repository, state
 from app.jobs.planning import JobPlan, JobSpec, cuda_training, plan_job
@@ -152,8 +151,7 @@ ACTIVE_JOBS_RETRY_AFTER = 30
 def _check_active_jobs(session: Session, *, tenant_id: str, limit: int) -> None:
     """Refuse a job past the tenant's limit of jobs queued or running. The tenant's row is locked (PostgreSQL)
     until the job is committed, so two concurrent requests cannot both take the last place."""
-    lock_for_writing(session)
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    lock_tenant(session, tenant_id)
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(state.ACTIVE_STATUSES))
     )

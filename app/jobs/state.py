@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.core.db import lock_for_writing
+from app.core.db import locked
 from app.core.models import File, Job, JobStatus, db_now, utcnow
 from app.core.queue import cuda_queue, send_training_task
 from app.jobs.checkpoints import drop_training_states
@@ -154,8 +154,7 @@ def owned(session: Session, job_id: str, attempt: int, *, running: bool = True) 
     """The job row, locked, for a write by the attempt that runs it: JobLost if it is no longer that attempt's,
     JobCancelled if the user cancelled it (with `running=False`, a cancelled job is still returned: the attempt
     may say that it stopped)."""
-    lock_for_writing(session)
-    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+    job = session.scalars(locked(session, select(Job).where(Job.id == job_id))).one_or_none()
     if job is None:  # cancelled, then deleted by its user
         raise JobLost("the job was deleted")
     if job.attempt != attempt or job.status not in (JobStatus.running, JobStatus.cancelled):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import false, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.db import lock_for_writing
+from app.core.db import lock_for_writing, locked
 from app.core.models import RegisteredModel
 from app.ml.models import BUILTINS, ModelFile, ModelRecord
 
@@ -38,8 +38,7 @@ def find_model(session: Session, model_id: str, *, lock: bool = False) -> ModelR
         return BUILTINS[model_id]
     query = select(RegisteredModel).where(RegisteredModel.id == model_id)
     if lock:
-        lock_for_writing(session)
-        query = query.with_for_update(read=True)
+        query = locked(session, query, read=True)
     row = session.scalars(query).one_or_none()
     return record_of(row) if row is not None else None
 
@@ -57,12 +56,12 @@ BLOBS_LOCK = 7_246_183_501
 def lock_blobs(session: Session) -> None:
     """Hold the model blobs' lock until the transaction ends: whoever adds a model checks its blobs are stored
     and commits its row under it, and whoever deletes blobs no model uses decides and deletes under it, so a blob
-    a model being added uses is never deleted. PostgreSQL: an advisory lock; SQLite: a write that changes nothing
-    takes the database's write lock, which a transaction holds until it ends."""
+    a model being added uses is never deleted. PostgreSQL: an advisory lock; SQLite: the database's write lock
+    (`lock_for_writing`), which a transaction holds until it ends."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(BLOBS_LOCK)))
     else:
-        session.execute(update(RegisteredModel).where(false()).values(id=RegisteredModel.id))
+        lock_for_writing(session)
 
 
 def used_blobs(session: Session) -> set[str]:

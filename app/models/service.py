@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.db import lock_for_writing, undo_on_rollback
+from app.core.db import locked, undo_on_rollback
 from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, ServiceUnavailable, clip
 from app.core.models import Adapter, Job, RegisteredModel
 from app.core.storage import ObjectStorage
@@ -202,8 +202,7 @@ def remove_model(session: Session, *, model_id: str) -> ModelRecord:
         raise Conflict(
             f"{model_id} is a built-in model; it cannot be removed", param="id", code=ErrorCode.model_builtin
         )
-    lock_for_writing(session)
-    row = session.scalars(select(RegisteredModel).where(RegisteredModel.id == model_id).with_for_update()).one_or_none()
+    row = session.scalars(locked(session, select(RegisteredModel).where(RegisteredModel.id == model_id))).one_or_none()
     if row is None:
         raise NotFound(f"no registered model with id {clip(model_id)}", param="id", code=ErrorCode.model_not_found)
     job_id = session.scalars(
