@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from api_load import Deployment, training_file  # bench/, beside this
+from api_load import Deployment, free_port, training_file  # bench/, beside this
 from common import default_models_dir, load_average
 
 TARGET_P99_MS = 250.0
@@ -292,14 +292,6 @@ def main() -> None:
     print(f"total {time.perf_counter() - started:.0f} s")
     if not ok:
         sys.exit(1)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":
