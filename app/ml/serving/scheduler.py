@@ -185,13 +185,11 @@ class Scheduler:
     ) -> bool:
         """Whether the request's owner, which has rows running (or joining) on this base model, would take one of
         the rows kept for owners that have none."""
-        if not self.reserved_rows:
-            return False
-        rows = [row.generation.request for lane in base.lanes.values() for row in lane.rows]
-        rows += [other for _, other, _ in joining]
-        if not any(other.owner == request.owner for other in rows):
-            return False
-        return len(rows) >= self.max_batch - self.reserved_rows
+        if not self.reserved_rows or base.running() + len(joining) < self.max_batch - self.reserved_rows:
+            return False  # the batch has rows to spare: no need to look at owners
+        if any(other.owner == request.owner for _, other, _ in joining):
+            return True
+        return any(row.generation.request.owner == request.owner for lane in base.lanes.values() for row in lane.rows)
 
     def _room(
         self,
