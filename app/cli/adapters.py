@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from app.cli.api import After, ApiKey, ApiUrl, AsJson, Limit, connect, new_table, page_caption, show_table
+from app.cli.api import (
+    After,
+    ApiKey,
+    ApiUrl,
+    AsJson,
+    Limit,
+    connect,
+    fetch_page,
+    new_table,
+    page_caption,
+    show_table,
+)
 from app.cli.client import DEFAULT_API_URL
 from app.cli.output import format_time, print_json
 
@@ -23,10 +34,8 @@ def adapters_list(
     api_key: ApiKey = None,
 ) -> None:
     """List your adapters, newest first."""
-    with connect(api_url, api_key) as api:
-        page = api.get("/adapters", {"limit": limit, "after": after})
-    if as_json:
-        print_json(page)
+    page = fetch_page(api_url, api_key, "/adapters", limit=limit, after=after, as_json=as_json)
+    if page is None:
         return
     columns = ("id", "name", "model", "method", "format", "bytes", "created")
     table = new_table(*columns, wrap=("name", "model"), caption=page_caption(page, "id"))

@@ -21,7 +21,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from app.cli.client import DEFAULT_API_URL, ApiError, ClientError, TuneforgeClient
-from app.cli.output import fail
+from app.cli.output import fail, print_json
 
 PANEL = "Client: use the service over its API"
 CONNECTION = "Connection"
@@ -118,3 +118,15 @@ def page_caption(page: dict[str, Any], after: str) -> str:
     if not page["has_more"] or not page["data"]:
         return "times in UTC"
     return f"times in UTC; more with --after {page['data'][-1][after]}"
+
+
+def fetch_page(
+    api_url: str, api_key: str | None, path: str, *, limit: int, after: object, as_json: bool
+) -> dict[str, Any] | None:
+    """One page of a list route; with --json printed as it came (and None returned), else returned for a table."""
+    with connect(api_url, api_key) as api:
+        page: dict[str, Any] = api.get(path, {"limit": limit, "after": after})
+    if as_json:
+        print_json(page)
+        return None
+    return page

@@ -7,7 +7,18 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli.api import After, ApiKey, ApiUrl, AsJson, Limit, connect, new_table, page_caption, show_table
+from app.cli.api import (
+    After,
+    ApiKey,
+    ApiUrl,
+    AsJson,
+    Limit,
+    connect,
+    fetch_page,
+    new_table,
+    page_caption,
+    show_table,
+)
 from app.cli.client import DEFAULT_API_URL, ApiError
 from app.cli.output import format_time, print_json
 
@@ -88,10 +99,8 @@ def files_list(
     api_key: ApiKey = None,
 ) -> None:
     """List your training files, newest first."""
-    with connect(api_url, api_key) as api:
-        page = api.get("/v1/files", {"limit": limit, "after": after})
-    if as_json:
-        print_json(page)
+    page = fetch_page(api_url, api_key, "/v1/files", limit=limit, after=after, as_json=as_json)
+    if page is None:
         return
     columns = ("id", "file name", "format", "examples", "tokens", "bytes", "created")
     table = new_table(*columns, wrap=("file name",), caption=page_caption(page, "id"))

@@ -17,7 +17,18 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from app.cli.api import After, ApiKey, ApiUrl, AsJson, Limit, connect, new_table, page_caption, show_table
+from app.cli.api import (
+    After,
+    ApiKey,
+    ApiUrl,
+    AsJson,
+    Limit,
+    connect,
+    fetch_page,
+    new_table,
+    page_caption,
+    show_table,
+)
 from app.cli.client import DEFAULT_API_URL, ApiError, ApiUnreachable, TuneforgeClient
 from app.cli.output import fail, format_time, print_json
 
@@ -153,10 +164,8 @@ def jobs_list(
     api_key: ApiKey = None,
 ) -> None:
     """List your jobs, newest first."""
-    with connect(api_url, api_key) as api:
-        page = api.get("/jobs", {"limit": limit, "after": after})
-    if as_json:
-        print_json(page)
+    page = fetch_page(api_url, api_key, "/jobs", limit=limit, after=after, as_json=as_json)
+    if page is None:
         return
     columns = ("id", "status", "model", "method", "step", "adapter", "created")
     table = new_table(*columns, wrap=("model",), caption=page_caption(page, "id"))
@@ -222,10 +231,8 @@ def jobs_events(
     api_key: ApiKey = None,
 ) -> None:
     """List a job's events in order: status changes, per-step metrics, evaluations (`jobs watch` follows them)."""
-    with connect(api_url, api_key) as api:
-        page = api.get(f"/jobs/{job_id}/events", {"after": after, "limit": limit})
-    if as_json:
-        print_json(page)
+    page = fetch_page(api_url, api_key, f"/jobs/{job_id}/events", limit=limit, after=after, as_json=as_json)
+    if page is None:
         return
     table = new_table("seq", "time", "type", "message", wrap=("message",), caption=page_caption(page, "seq"))
     for event in page["data"]:
