@@ -5,6 +5,7 @@ being added never deleted)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -432,5 +433,11 @@ def test_a_model_add_that_is_not_committed_leaves_no_blob(
             source="path",
             location=str(folder),
         )
-    assert stored(settings, BLOB_PREFIX) == []
+    # Its weights are its own and gone; on PostgreSQL, other tests' tiny models of the same architecture, registered
+    # in the shared database at any moment, may use its config and tokenizer files, so only on the embedded backend
+    # is the store then empty.
+    weights = {hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.glob("*.safetensors")}
+    assert weights and not {key.rsplit("/", 1)[-1] for key in stored(settings, BLOB_PREFIX)} & weights
+    if settings.db_url.startswith("sqlite"):
+        assert stored(settings, BLOB_PREFIX) == []
     assert "tiny-failed" not in tuneforge(settings, "models", "list", "--local", "--json").stdout
