@@ -176,6 +176,10 @@ def run_the_loop(
     finished = client.get(f"/jobs/{job.json()['id']}", headers=tenant.headers).json()
     assert adapter_id is not None, finished
     assert (finished["device"], finished["dtype"]) == ("cpu", "float32")
+    # The storage it reserved was sized, from the model's config alone, on what it then trained.
+    trained = finished["metrics"]["trainable_parameters"]
+    assert finished["reserved_bytes"] >= trained * 4 * (1 + finished["hyperparameters"]["keep_checkpoints"] * 4)
+    assert finished["reserved_bytes"] < (trained * 4 + 2**17) * (1 + finished["hyperparameters"]["keep_checkpoints"] * 4)
 
     adapter_dir = download_adapter(client, tenant, adapter_id, tmp_path / "adapter")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())

@@ -144,12 +144,14 @@ def test_the_whole_loop_upload_create_watch_download_generate(
     create += [*FAST, "--hyperparameters", '{"target_modules": "all-linear", "n_epochs": 9}']
     plan = tuneforge.ok(*create, "--dry-run")
     assert re.search(r"steps\s+4 \(2 an epoch\)", plan) and "nothing was created" in plan, plan
+    reserve = re.search(r"storage reserved\s+([\d,]+) bytes", plan)
+    assert reserve, plan
     assert tuneforge.json("jobs", "list")["data"] == []  # the dry run created nothing
 
     job_id = tuneforge.ok(*create).strip()
     assert re.fullmatch(r"ftjob-[0-9a-f]{24}", job_id)
     job = tuneforge.json("jobs", "get", job_id)
-    assert job["status"] == "queued"
+    assert job["status"] == "queued" and job["reserved_bytes"] == int(reserve[1].replace(",", ""))
     # -H over --hyperparameters, each VALUE read as JSON when it is (2, 4, 0.05), else as a string.
     hyperparameters = job["hyperparameters"]
     assert (hyperparameters["n_epochs"], hyperparameters["batch_size"], hyperparameters["learning_rate"]) == (

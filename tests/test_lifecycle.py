@@ -32,6 +32,7 @@ from app.core.ids import new_id
 from app.core.models import Checkpoint, Job, utcnow
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.core.usage import stored_bytes
 from app.jobs import state
 from app.jobs.reaper import Reaper, reap_stale_jobs, resend_queued_jobs
 from app.jobs.state import ClaimedJob, JobLost
@@ -370,15 +371,38 @@ def test_a_tenant_past_its_storage_limit_cannot_upload_or_create_jobs(settings: 
         # Deleting a file makes room again.
         assert client.delete(f"/v1/files/{first}", headers=tenant.headers).status_code == 200
         assert upload(client, tenant, content).status_code == 201
-        # At the limit (here, by a long job's checkpoint), a new job is refused too; a dry run still answers.
+        # A job reserves the most it may store (its dry run says how much) for as long as it is active.
         file_id = client.get("/v1/files", headers=tenant.headers).json()["data"][0]["id"]
         job_body = {"base_model": "tiny-random-llama", "training_file": file_id}
+        reserve = client.post("/jobs", headers=tenant.headers, json={**job_body, "dry_run": True}).json()
+        reserve = reserve["estimated_stored_bytes"]
+        assert reserve > len(content)
+    room_for_one_job = settings.model_copy(update={"max_stored_bytes_per_tenant": 2 * len(content) + reserve + 10})
+    with TestClient(create_app(room_for_one_job)) as client:
         created = client.post("/jobs", headers=tenant.headers, json=job_body)
-        assert created.status_code == 201
-        add_checkpoint(settings, created.json()["id"], state_bytes=1024**3)
+        assert created.status_code == 201 and created.json()["reserved_bytes"] == reserve, created.text
+        # The room it reserved is taken: by neither a second job nor an upload.
         r = client.post("/jobs", headers=tenant.headers, json=job_body)
         assert r.status_code == 403 and r.json()["error"]["code"] == "storage_quota_exceeded"
+        assert f"reserves the {reserve:,} bytes it may store" in r.json()["error"]["message"]
+        assert upload(client, tenant, content).status_code == 403
         assert client.post("/jobs", headers=tenant.headers, json={**job_body, "dry_run": True}).status_code == 200
+        # What the job stores comes out of its reservation, not on top of it; past it, it counts as stored.
+        job_id = created.json()["id"]
+        with session_scope(settings.db_url) as session:
+            before = stored_bytes(session, tenant_id=tenant_id_of(settings, job_id))
+        add_checkpoint(settings, job_id, state_bytes=reserve - 4096)
+        with session_scope(settings.db_url) as session:
+            assert stored_bytes(session, tenant_id=tenant_id_of(settings, job_id)) == before
+        add_checkpoint(settings, job_id, state_bytes=1024**3)
+        with session_scope(settings.db_url) as session:
+            assert stored_bytes(session, tenant_id=tenant_id_of(settings, job_id)) > before + 1024**3 - reserve
+        # Once the job ends, only what it stored counts: cancelled, with its checkpoints deleted, the room is back.
+        assert client.post(f"/jobs/{job_id}/cancel", headers=tenant.headers).status_code == 200
+        for checkpoint in client.get(f"/jobs/{job_id}/checkpoints", headers=tenant.headers).json()["data"]:
+            deleted = client.delete(f"/jobs/{job_id}/checkpoints/{checkpoint['id']}", headers=tenant.headers)
+            assert deleted.status_code == 200, deleted.text
+        assert client.post("/jobs", headers=tenant.headers, json=job_body).status_code == 201
 
 
 def add_checkpoint(
@@ -706,11 +730,9 @@ def test_a_job_that_would_pass_the_storage_quota_fails_and_keeps_its_checkpoints
 ) -> None:
     """Workers count what they store against the tenant's quota before they store it: a checkpoint (or adapter)
     past it fails the job with storage_quota_exceeded, and the checkpoints stored before it stay."""
-    from app.core.usage import stored_bytes
-
-    def used(job_id: str) -> int:
+    def used(job_id: str) -> int:  # by everything but the job's own reservation, which its checks leave out
         with session_scope(settings.db_url) as session:
-            return stored_bytes(session, tenant_id=tenant_id_of(settings, job_id))
+            return stored_bytes(session, tenant_id=tenant_id_of(settings, job_id), excluding_job=job_id)
 
     def run_with_room(job_id: str, room: int) -> dict[str, Any]:
         limited = settings.model_copy(update={"max_stored_bytes_per_tenant": used(job_id) + room})
@@ -728,6 +750,8 @@ def test_a_job_that_would_pass_the_storage_quota_fails_and_keeps_its_checkpoints
     needed = job["error"]["message"].split("stored bytes to ")[1].split(" ")[0]  # "12,345," with its commas
     checkpoint_bytes = int("".join(ch for ch in needed if ch.isdigit())) - before
     assert checkpoint_bytes > 0
+    # POST /jobs reserved room for every checkpoint it keeps, each as large as this one (artifact and state).
+    assert job["reserved_bytes"] >= hyperparameters["keep_checkpoints"] * checkpoint_bytes
     # Room for one checkpoint and a half: the first is stored, the second refused; the first stays.
     second = start_job(client, tenant, **hyperparameters)
     job = run_with_room(second, checkpoint_bytes * 3 // 2)

@@ -446,17 +446,23 @@ def test_every_method_end_to_end_through_the_service(
         "validation_file": valid_id,
         "hyperparameters": {**hyperparameters, **OPTIONS.get(method, {})},
     }
+    plan = client.post("/jobs", headers=tenant.headers, json={**body, "dry_run": True}).json()
     created = client.post("/jobs", headers=tenant.headers, json=body)
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
+    assert created.json()["reserved_bytes"] == plan["estimated_stored_bytes"] > 0
     adapter_id = run_training_job(settings, job_id)
     job = client.get(f"/jobs/{job_id}", headers=tenant.headers).json()
     assert job["status"] == "succeeded" and job["adapter_id"] == adapter_id is not None
     assert job["method"] == method and 0 < job["metrics"]["trainable_share"] <= 1
+    # What POST /jobs reserved of the quota was sized on what the method trains, counted as the recipe counts it.
+    assert plan["trainable_parameters"] == job["metrics"]["trainable_parameters"]
     assert job["metrics"]["stopped_early"] is True and job["metrics"]["best_step"] < job["progress"]["total_steps"]
 
     adapter = client.get(f"/adapters/{adapter_id}", headers=tenant.headers).json()
     assert adapter["method"] == method and adapter["format"] == METHODS[method].artifact_format
+    keep = job["hyperparameters"]["keep_checkpoints"]
+    assert (keep + 1) * adapter["size_bytes"] <= job["reserved_bytes"]
     download = client.get(f"/adapters/{adapter_id}/download", headers=tenant.headers)
     assert download.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as tar:

@@ -390,3 +390,35 @@ def test_counting_a_files_tokens_for_a_job_holds_no_database_connection(
                 with session_scope(settings.db_url) as session:
                     session.query(FileTokenCount).filter_by(file_id=file_id).delete()
     assert checked_out == [0, 0]
+
+
+def test_sizing_what_a_job_will_store_holds_no_database_connection(
+    settings: Settings, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /jobs reserves what the job will store, estimated on a model built on the meta device (a second or
+    more on a large model): no connection is checked out of the pool meanwhile, and the estimate is made once."""
+    from collections import OrderedDict
+
+    from fastapi.testclient import TestClient
+
+    from app.ml import footprint
+
+    pool = get_engine(settings.db_url).pool
+    estimate = footprint.estimate
+    checked_out: list[int] = []
+
+    def watched_estimate(*args: Any, **kwargs: Any) -> Any:
+        checked_out.append(pool.checkedout())
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(footprint, "_estimates", OrderedDict())  # none made yet in this process
+    monkeypatch.setattr(footprint, "estimate", watched_estimate)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/files", headers=tenant.headers, files={"file": ("t.jsonl", jsonl(chat_lines(4)))})
+        body = {"training_file": r.json()["id"], "base_model": "tiny-random-llama", "hyperparameters": {"lora_r": 4}}
+        plan = client.post("/jobs", headers=tenant.headers, json={**body, "dry_run": True})
+        assert plan.status_code == 200, plan.text
+        created = client.post("/jobs", headers=tenant.headers, json=body)
+        assert created.status_code == 201, created.text
+        assert created.json()["reserved_bytes"] == plan.json()["estimated_stored_bytes"] > 0
+    assert checked_out == [0]

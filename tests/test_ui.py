@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.models import TERMINAL_STATUSES
 from app.core.settings import Settings
-from app.jobs.state import TERMINAL_STATUSES
 from app.main import create_app
 from app.ui.endpoints import ASSETS
 from tests.conftest import Tenant, jsonl, upload

@@ -58,6 +58,7 @@ def check_quota(settings: Settings, job: ClaimedJob, *, adding: int, freeing: in
                 limit=settings.max_stored_bytes_per_tenant,
                 what=what,
                 lock=False,
+                for_job=job.id,
             )
 
     try:

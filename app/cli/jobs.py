@@ -140,6 +140,8 @@ def _print_plan(plan: dict[str, Any], as_json: bool) -> None:
         ("examples", f"{plan['train_examples']:,} to train on, {plan['held_out_examples']:,} held out"),
         ("steps", f"{plan['total_steps']:,} ({plan['steps_per_epoch']:,} an epoch)"),
         ("tokens an epoch", f"at most {plan['train_tokens_per_epoch']:,}"),
+        ("trainable parameters", f"{plan['trainable_parameters']:,}"),
+        ("storage reserved", f"{plan['estimated_stored_bytes']:,} bytes (checkpoints and adapter, until it ends)"),
         ("duration", str(timedelta(seconds=duration)) if duration is not None else "unknown"),
         ("estimated from", plan["estimate_basis"]),
         ("hyperparameters", json.dumps(plan["hyperparameters"])),
@@ -363,7 +365,7 @@ class _WatchView:
 def _watch(api: TuneforgeClient, job_id: str, *, as_json: bool) -> None:
     """Follow the job's event stream (from its first event) until the job has ended, reconnecting after the last
     seq seen when the stream drops; then exit as `jobs watch` says."""
-    from app.jobs.state import TERMINAL_STATUSES  # here: the other client commands start without SQLAlchemy
+    from app.core.models import TERMINAL_STATUSES  # here: the other client commands start without SQLAlchemy
 
     job = api.get(f"/jobs/{job_id}")  # a wrong id is a 404 before anything is drawn
     view = None if as_json else _WatchView(api, job)

@@ -103,6 +103,12 @@ class JobStatus(enum.StrEnum):
     cancelled = "cancelled"
 
 
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+# Jobs that have not ended: their files must stay readable, they count against a tenant's active jobs, and what
+# they reserved of its storage quota is held for them.
+ACTIVE_STATUSES = frozenset({JobStatus.validating_files, JobStatus.queued, JobStatus.running})
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 
@@ -179,6 +185,9 @@ class Job(Base):
     # When it last entered the queue or the reaper last sent its task again (the database's clock): a job queued
     # for longer than `queued_resend_seconds` may have lost its task, and is sent again.
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
+    # What `POST /jobs` estimated it will store (checkpoints and artifact): held against the tenant's storage
+    # quota, less what it has stored, while it is active.
+    reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # Where it trained, written when training starts: "cuda:0", "cpu", ...; "bfloat16", "float32", ...
     device: Mapped[str | None] = mapped_column(String(64), default=None)
     dtype: Mapped[str | None] = mapped_column(String(16), default=None)

@@ -110,8 +110,9 @@ class Settings(BaseSettings):
     max_stored_bytes_per_tenant: int = Field(
         default=50 * 1024**3,
         gt=0,
-        description="Bytes a tenant may keep stored (files, adapters, checkpoints); uploads and new jobs past it "
-        "are refused with 403 storage_quota_exceeded",
+        description="Bytes a tenant may keep stored (files, adapters, checkpoints) with what its active jobs "
+        "reserved for their checkpoints and adapters; uploads and new jobs past it are refused with 403 "
+        "storage_quota_exceeded",
     )
     heartbeat_seconds: float = Field(
         default=10.0, gt=0, le=3600, description="How often a worker says it is alive while it trains a job"

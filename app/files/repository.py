@@ -4,9 +4,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.db import locked
-from app.core.models import File, Job
+from app.core.models import ACTIVE_STATUSES, File, Job
 from app.core.pagination import newest_first
-from app.jobs.state import ACTIVE_STATUSES
 
 
 def get_file(session: Session, *, tenant_id: str, file_id: str, for_update: bool = False) -> File | None:

@@ -12,7 +12,6 @@ from app.core.idempotency import IdempotencyKeyHeader
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
 from app.core.security import hash_api_key
 from app.core.sse import event_source_response
-from app.files.service import count_outside
 from app.jobs import planning, service
 from app.jobs.schemas import (
     CheckpointDeleted,
@@ -51,7 +50,7 @@ def create_job(
 ) -> JobObject | JSONResponse:
     spec = body.spec()
     if body.dry_run:  # every check, nothing created: no limit, no key, nothing queued
-        plan = count_outside(
+        plan = planning.planned_outside(
             session,
             storage=storage,
             models=models,

@@ -4,8 +4,9 @@ created; and what a dry run shows of the plan."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -14,13 +15,18 @@ from sqlalchemy.orm import Session
 from app.core.errors import ErrorCode, InvalidInput, clip
 from app.core.models import File, FileTokenCount, Job, JobStatus
 from app.core.settings import Settings
+from app.core.storage import ObjectStorage
 from app.files import repository as files_repository
-from app.files.service import token_counts
+from app.files.service import count_outside, token_counts
+from app.ml import footprint
 from app.ml.device import cuda_training_available
+from app.ml.footprint import Footprint
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import METHODS
-from app.ml.models import ModelRecord
-from app.models.service import require_model
+from app.ml.models import ModelRecord, ModelStore, ModelUnavailable
+from app.models.service import model_unavailable, require_model
+
+T = TypeVar("T")
 
 
 def checked_hyperparameters(method: str, values: dict[str, Any], base_model: ModelRecord) -> TrainingHyperparameters:
@@ -68,6 +74,40 @@ class JobPlan:
     record: ModelRecord
     hyperparameters: TrainingHyperparameters
     files: dict[str, tuple[File, FileTokenCount]]  # training_file / validation_file -> the row and its counts
+    footprint: Footprint  # what the job will store at most: reserved against the tenant's storage quota
+
+
+class NotSized(Exception):
+    """What a job will store is not estimated yet in this process for its model, method and hyperparameters: the
+    estimate builds the model on the meta device (a second or more), so it is made with no database connection
+    held (`planned_outside`)."""
+
+    def __init__(self, record: ModelRecord, method: str, hyperparameters: TrainingHyperparameters) -> None:
+        super().__init__(f"{method} on {record.id} not sized")
+        self.record, self.method, self.hyperparameters = record, method, hyperparameters
+
+    def estimate(self, models: ModelStore) -> None:
+        try:
+            footprint.estimate(models, self.record, self.method, self.hyperparameters)
+        except ModelUnavailable as exc:
+            raise model_unavailable(self.record.id, exc) from None
+
+
+def planned_outside(session: Session, *, storage: ObjectStorage, models: ModelStore, attempt: Callable[[], T]) -> T:
+    """`attempt()`, which plans a job (`plan_job`). The slow work planning needs is done with no database
+    connection held, each time the session rolled back and `attempt()` run again: a file's tokens counted with
+    the model's tokenizer (`count_outside`), the job's storage estimated (`NotSized`). Once done, both are kept
+    for the next job like it, which plans in one go."""
+
+    def sized() -> T:
+        while True:
+            try:
+                return attempt()
+            except NotSized as missing:
+                session.rollback()
+                missing.estimate(models)
+
+    return count_outside(session, storage=storage, models=models, attempt=sized)
 
 
 def plan_job(
@@ -81,7 +121,7 @@ def plan_job(
 ) -> JobPlan:
     """Every check of a job request, short of creating it. `cuda_training`: whether this service's workers train
     on CUDA (methods that need it are refused without). A file whose tokens are not counted yet with the
-    model's tokenizer raises TokensNotCounted: run it under `files.service.count_outside`."""
+    model's tokenizer raises TokensNotCounted, and a job not sized yet NotSized: run it under `planned_outside`."""
     base_model = request.base_model or default_base_model
     # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
     record = require_model(session, model_id=base_model, lock=True)
@@ -131,8 +171,16 @@ def plan_job(
             virtual_tokens=hyperparameters.reserved_positions(),
         )
         files[param] = (file, counts)
+    sized = footprint.cached(record, request.method, hyperparameters)
+    if sized is None:
+        raise NotSized(record, request.method, hyperparameters)
     return JobPlan(
-        base_model=base_model, method=request.method, record=record, hyperparameters=hyperparameters, files=files
+        base_model=base_model,
+        method=request.method,
+        record=record,
+        hyperparameters=hyperparameters,
+        files=files,
+        footprint=sized,
     )
 
 
@@ -205,6 +253,8 @@ def dry_run(session: Session, plan: JobPlan, *, tenant_id: str) -> dict[str, Any
         "steps_per_epoch": steps_per_epoch,
         "total_steps": steps_per_epoch * hp.n_epochs,
         "train_tokens_per_epoch": train_tokens,
+        "trainable_parameters": plan.footprint.trained_parameters,
+        "estimated_stored_bytes": plan.footprint.stored_bytes,
         "estimated_tokens_per_second": round(pace, 1) if pace else None,
         "estimated_duration_seconds": round(tokens / pace) if pace else None,
         "estimate_basis": f"the median pace of your last {len(paces)} finished {plan.method} job(s) on "

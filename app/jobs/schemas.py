@@ -88,6 +88,11 @@ class DryRunObject(BaseModel):
     steps_per_epoch: int
     total_steps: int
     train_tokens_per_epoch: int = Field(description="An upper bound: each example counted up to max_seq_length")
+    trainable_parameters: int = Field(description="What the method trains on this base model")
+    estimated_stored_bytes: int = Field(
+        description="The most the job will keep stored at once (its kept checkpoints and its adapter): what "
+        "creating it reserves of your storage quota until it ends"
+    )
     estimated_tokens_per_second: float | None
     estimated_duration_seconds: int | None = Field(
         description="At the median pace of your own last finished jobs of this method on this model (other "
@@ -124,6 +129,10 @@ class JobObject(BaseModel):
     device: str | None = Field(description="Where it trains or trained, e.g. cuda:0 or cpu (null until it starts)")
     dtype: str | None = Field(description="The base model's precision in training, e.g. bfloat16 or float32")
     attempt: int
+    reserved_bytes: int = Field(
+        description="Of your storage quota, what the job reserved at creation for its checkpoints and adapter (an "
+        "estimate of the most it keeps at once): held, less what it has stored, while it is active"
+    )
     last_event_seq: int = Field(description="The seq of its latest event (`GET /jobs/{id}/events?after=` reads on)")
     heartbeat_at: int | None = Field(description="When the worker training it last said it was alive")
     estimated_finish: int | None = Field(
@@ -151,6 +160,7 @@ class JobObject(BaseModel):
             device=job.device,
             dtype=job.dtype,
             attempt=job.attempt,
+            reserved_bytes=job.reserved_bytes,
             last_event_seq=job.last_event_seq,
             heartbeat_at=unix_time(job.heartbeat_at),
             estimated_finish=estimated_finish(job),

@@ -14,14 +14,13 @@ from sqlalchemy.orm import Session
 from app.core import idempotency
 from app.core.errors import Conflict, ErrorCode, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
-from app.core.models import Checkpoint, Job, JobEvent
+from app.core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Checkpoint, Job, JobEvent
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, delete_after_commit
 from app.core.usage import check_storage, lock_tenant
-from app.files.service import count_outside
 from app.jobs import repository, state
-from app.jobs.planning import JobPlan, JobSpec, cuda_training, plan_job
+from app.jobs.planning import JobPlan, JobSpec, cuda_training, plan_job, planned_outside
 from app.ml.models import ModelStore
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,16 @@ def create_job(
 ) -> Job:
     """A queued job for the checked request (sent to the broker by `dispatch_job` once committed)."""
     _check_active_jobs(session, tenant_id=tenant_id, limit=max_active_jobs)
-    # The job will store an adapter and checkpoints: not for a tenant already at its storage limit.
-    check_storage(session, tenant_id=tenant_id, adding=1, limit=max_stored_bytes, what="a new job", lock=False)
+    # The job will store checkpoints and an adapter: room for the most it will keep is reserved until it ends.
+    reserved = plan.footprint.stored_bytes
+    check_storage(
+        session,
+        tenant_id=tenant_id,
+        adding=reserved,
+        limit=max_stored_bytes,
+        what=f"a new job, which reserves the {reserved:,} bytes it may store (checkpoints and its adapter),",
+        lock=False,
+    )
     base_model, record = plan.base_model, plan.record
     job = Job(
         id=new_id("ftjob"),
@@ -52,6 +59,7 @@ def create_job(
         suffix=request.suffix,
         hyperparameters=plan.hyperparameters.model_dump(mode="json"),
         user_metadata=request.metadata,
+        reserved_bytes=reserved,
     )
     state.create(session, job)
     # Files were validated line by line at upload; what remains is that they still exist (checked above).
@@ -75,7 +83,7 @@ def submit_job(
 
     With an idempotency key, a retry of the same request returns the job the first one created (never a
     second job); the same key with another request is a conflict. No database connection is held while a file's
-    tokens are counted (`count_outside`)."""
+    tokens are counted or the job's storage estimated (`planned_outside`)."""
 
     def attempt() -> Job:
         return _submit_job(
@@ -88,7 +96,7 @@ def submit_job(
             endpoint=endpoint,
         )
 
-    return count_outside(session, storage=storage, models=models, attempt=attempt)
+    return planned_outside(session, storage=storage, models=models, attempt=attempt)
 
 
 def _submit_job(
@@ -153,7 +161,7 @@ def _check_active_jobs(session: Session, *, tenant_id: str, limit: int) -> None:
     until the job is committed, so two concurrent requests cannot both take the last place."""
     lock_tenant(session, tenant_id)
     active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(state.ACTIVE_STATUSES))
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
     )
     if active is not None and active >= limit:
         raise TooManyRequests(
@@ -221,7 +229,7 @@ def delete_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_
     checkpoints instead). Its files stay (deleted on their own). 409 `job_not_ended` while it is validating,
     queued or running: cancel it first."""
     job = get_job(session, tenant_id=tenant_id, job_id=job_id, for_update=True)
-    if job.status not in state.TERMINAL_STATUSES:
+    if job.status not in TERMINAL_STATUSES:
         raise Conflict(
             f"job {job.id} is {job.status.value}: only a job that has ended can be deleted; cancel it first",
             param="job_id",

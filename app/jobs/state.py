@@ -30,7 +30,7 @@ from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import locked
-from app.core.models import File, Job, JobStatus, db_now, utcnow
+from app.core.models import TERMINAL_STATUSES, File, Job, JobStatus, db_now, utcnow
 from app.core.queue import cuda_queue, send_training_task
 from app.jobs.checkpoints import drop_training_states
 from app.jobs.events import append_event
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
-# Jobs that have not ended: their files must stay readable, and they count against a tenant's active jobs.
-ACTIVE_STATUSES = frozenset({JobStatus.validating_files, JobStatus.queued, JobStatus.running})
 # A heartbeat this old is stale whatever the settings: `unhand` leaves a job for the reaper with it.
 STALE = datetime(2000, 1, 1, tzinfo=UTC)
 

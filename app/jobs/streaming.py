@@ -23,10 +23,9 @@ from sqlalchemy.orm import Session
 
 from app.core.concurrency import Slot
 from app.core.db import session_scope
-from app.core.models import ApiKey, Job
+from app.core.models import TERMINAL_STATUSES, ApiKey, Job
 from app.jobs import repository
 from app.jobs.schemas import EventObject
-from app.jobs.state import TERMINAL_STATUSES
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0  # a comment line, so that proxies do not close an idle stream

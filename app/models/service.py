@@ -16,9 +16,8 @@ from sqlalchemy.orm import Session
 
 from app.core.db import locked, undo_on_rollback
 from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, ServiceUnavailable, clip
-from app.core.models import Adapter, Job, RegisteredModel
+from app.core.models import ACTIVE_STATUSES, Adapter, Job, RegisteredModel
 from app.core.storage import ObjectStorage
-from app.jobs.state import ACTIVE_STATUSES
 from app.ml.models import (
     BUILTINS,
     ModelFile,

@@ -11,7 +11,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 
 from app.core.errors import NotFound
-from app.jobs.state import TERMINAL_STATUSES
+from app.core.models import TERMINAL_STATUSES
 
 STATIC_DIR = Path(__file__).parent / "static"
 MEDIA_TYPES = {

@@ -67,13 +67,11 @@ def _build_smollm2(dest: Path, tokenizer_dir: Path) -> None:
     _copy_tokenizer(tokenizer_dir, dest)
 
 
-def _build_tiny_random_llama(dest: Path, tokenizer_dir: Path) -> None:
-    """A 2-layer LLaMA with random weights (seeded) and SmolLM2's tokenizer: seconds to train on a CPU."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _tiny_random_llama_config(tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer, LlamaConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -89,9 +87,28 @@ def _build_tiny_random_llama(dest: Path, tokenizer_dir: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _smollm2_config(tokenizer_dir: Path) -> Any:
+    """SmolLM2's config as `convert_gguf` writes it, read from the GGUF file's metadata (no weights converted)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(smollm2_gguf_dir()), gguf_file=SMOLLM2_GGUF)
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    return type(config).from_dict(config_dict)
+
+
+def _build_tiny_random_llama(dest: Path, tokenizer_dir: Path) -> None:
+    """A 2-layer LLaMA with random weights (seeded) and SmolLM2's tokenizer: seconds to train on a CPU."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(_tiny_random_llama_config(tokenizer_dir))
     torch.random.set_rng_state(generator_state)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -142,4 +159,9 @@ BUILTINS: dict[str, ModelRecord] = {
 _BUILD: dict[str, Callable[[Path, Path], None]] = {
     "smollm2-135m-instruct": _build_smollm2,
     "tiny-random-llama": _build_tiny_random_llama,
+}
+# Each built-in's transformers config, from its tokenizer folder, without building its weights.
+_CONFIG: dict[str, Callable[[Path], Any]] = {
+    "smollm2-135m-instruct": _smollm2_config,
+    "tiny-random-llama": _tiny_random_llama_config,
 }

@@ -8,6 +8,7 @@ and verifies every file's sha256 as it arrives.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import threading
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock
 
 from app.ml.blobs import BlobStore
-from app.ml.models.builtins import _BUILD, build_shared_tokenizer
+from app.ml.models.builtins import _BUILD, _CONFIG, build_shared_tokenizer
 from app.ml.models.records import SHA256, ModelFile, ModelRecord, ModelUnavailable, file_sha256, manifest_revision
 
 if TYPE_CHECKING:
@@ -137,6 +138,27 @@ class ModelStore:
         with _cache_lock:
             return _tokenizers.setdefault(key, tokenizer)
 
+    def config(self, record: ModelRecord) -> Any:
+        """The model's transformers config (a copy of its own: methods change what they build from it), read once
+        per process and without its weights: a registered model's `config.json` comes with its tokenizer files; a
+        built-in's is read from its folder once built, else made as its build makes it."""
+        key = (record.id, record.revision, str(self.models_dir))
+        with _cache_lock:
+            cached = _configs.get(key)
+        if cached is not None:
+            return copy.deepcopy(cached)
+        from transformers import AutoConfig
+
+        built = self.models_dir / record.id
+        if not record.builtin:
+            config = AutoConfig.from_pretrained(str(self.tokenizer_dir(record)))
+        elif (built / "config.json").exists():
+            config = AutoConfig.from_pretrained(str(built))
+        else:
+            config = _CONFIG[record.id](self._shared_tokenizer_dir())
+        with _cache_lock:
+            return copy.deepcopy(_configs.setdefault(key, config))
+
     def weights_sha256(self, record: ModelRecord) -> str:
         """A sha256 over the sha256 of each of the model's weight files: what a weight-delta artifact names as
         its base (built-ins: hashed from the files built here, which every machine builds the same)."""
@@ -174,3 +196,4 @@ class ModelStore:
 _cache_lock = threading.Lock()
 _tokenizers: dict[tuple[str, str, str], Any] = {}
 _weights_sha256: dict[tuple[str, str, str], str] = {}
+_configs: dict[tuple[str, str, str], Any] = {}
