@@ -177,7 +177,10 @@ def run_the_loop(
     assert adapter_id is not None, finished
     assert (finished["device"], finished["dtype"]) == ("cpu", "float32")
     # The storage it reserved was sized, from the model's config alone, on what it then trained.
-    trained, copies = finished["metrics"]["trainable_parameters"], 1 + 4 * finished["hyperparameters"]["keep_checkpoints"]
+    trained, copies = (
+        finished["metrics"]["trainable_parameters"],
+        1 + 4 * finished["hyperparameters"]["keep_checkpoints"],
+    )
     assert trained * 4 * copies <= finished["reserved_bytes"] < (trained * 4 + 2**17) * copies
 
     adapter_dir = download_adapter(client, tenant, adapter_id, tmp_path / "adapter")

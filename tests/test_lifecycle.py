@@ -730,6 +730,7 @@ def test_a_job_that_would_pass_the_storage_quota_fails_and_keeps_its_checkpoints
 ) -> None:
     """Workers count what they store against the tenant's quota before they store it: a checkpoint (or adapter)
     past it fails the job with storage_quota_exceeded, and the checkpoints stored before it stay."""
+
     def used(job_id: str) -> int:  # by everything but the job's own reservation, which its checks leave out
         with session_scope(settings.db_url) as session:
             return stored_bytes(session, tenant_id=tenant_id_of(settings, job_id), excluding_job=job_id)
