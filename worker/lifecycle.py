@@ -129,6 +129,19 @@ class JobAttempt:
             data={"step": step},
         )
 
+    def pause(self, step: int | None) -> bool:
+        """running -> paused, asked by the user, once the current step is checkpointed: the worker moves on, and
+        `resume` queues the job to continue from that checkpoint. False if this attempt no longer owns it."""
+        where = f" at step {step}" if step is not None else ""
+        return self._move(
+            "paused",
+            "pausing the job",
+            retry_seconds=min(self.settings.db_retry_seconds, 10),
+            values={"heartbeat_at": None, "pause_requested_at": None},
+            message=f"job paused{where}; resume it to continue from its latest checkpoint",
+            data={"step": step},
+        )
+
     def unhand(self) -> None:
         """The task of a handed-back job could not be sent: running again, with a heartbeat already stale, so that
         the reaper sends it (and marks it queued) once the broker answers."""
@@ -178,6 +191,8 @@ class JobReporter:
         self.retry_seconds = retry_seconds
         # Steps an earlier attempt reported (a run that resumes from a checkpoint trains them again).
         self.reported: dict[str, int] = self._reported_steps() if job.attempt > 1 else {}
+        # Whether its user asked to pause it (`pause_requested_at`), as last read with the job's row.
+        self.pause_requested = False
 
     def _write(self, what: str, write: Callable[[], T]) -> T:
         return retrying(self.retry_seconds, what, write)
@@ -235,6 +250,7 @@ class JobReporter:
         def write() -> None:
             with session_scope(self.db_url) as session:
                 job = state.owned(session, self.job_id, self.attempt)
+                self.pause_requested = job.pause_requested_at is not None
                 merged = dict(job.metrics)
                 merged.update(metrics)
                 job.metrics = merged
@@ -255,9 +271,15 @@ class JobReporter:
 
         def read() -> None:
             with session_scope(self.db_url) as session:
-                state.owned(session, self.job_id, self.attempt)
+                job = state.owned(session, self.job_id, self.attempt)
+                self.pause_requested = job.pause_requested_at is not None
 
         self._write("checking the job's status", read)
+
+    def should_stop(self) -> bool:
+        """The recipe's stop signal: the worker is shutting down, or the job's user asked to pause it (read at each
+        step's progress). Either way the run checkpoints its current step and stops."""
+        return stop_requested() or self.pause_requested
 
 
 class Heartbeat:

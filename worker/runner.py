@@ -32,7 +32,7 @@ from app.ml.training.memory import release_device_memory
 from app.models.repository import find_model
 from worker import lifecycle
 from worker.checkpoints import CheckpointUnreadable, JobCheckpoints, store_artifact
-from worker.lifecycle import Heartbeat, JobAttempt, JobReporter
+from worker.lifecycle import Heartbeat, JobAttempt, JobReporter, stop_requested
 from worker.training import job_recipe
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,9 @@ def out_of_memory_message(job: ClaimedJob) -> str:
 class JobOutcome:
     """How one run of a job ended: what the worker logs, and what the Celery task reports."""
 
-    status: Literal["succeeded", "failed", "cancelled", "handed_back", "left_to_reaper", "not_claimed", "claim_failed"]
+    status: Literal[
+        "succeeded", "failed", "cancelled", "paused", "handed_back", "left_to_reaper", "not_claimed", "claim_failed"
+    ]
     detail: str  # for the log: what happened, in words
     adapter_id: str | None = None  # succeeded
     error_code: str | None = None  # failed: the code the user sees
@@ -143,6 +145,8 @@ def _run_to_an_outcome(
     except JobLost as exc:
         return JobOutcome("left_to_reaper", f"taken over by another worker ({exc}); this run stops")
     except StopRequested as exc:
+        if reporter.pause_requested and not stop_requested():
+            return _pause(attempt, exc.step)
         return _hand_back(settings, attempt, exc.step)
     except CheckpointUnreadable as exc:  # the object store or the disk failed for now: nothing is deleted
         return _hand_back(settings, attempt, None, reason=CHECKPOINT_UNREADABLE_MESSAGE, exception=exc)
@@ -169,6 +173,14 @@ def _run_to_an_outcome(
 def _fail(attempt: JobAttempt, message: str, code: str, exception: BaseException | None = None) -> JobOutcome:
     attempt.fail(message, code=code)
     return JobOutcome("failed", f"{code}: {message}", error_code=str(code), exception=exception)
+
+
+def _pause(attempt: JobAttempt, step: int | None) -> JobOutcome:
+    """Paused at its user's request, its current step checkpointed: nothing runs it until it is resumed."""
+    if not attempt.pause(step):
+        return JobOutcome("left_to_reaper", "asked to pause, and the job is no longer this run's")
+    where = f" at step {step}" if step is not None else ""
+    return JobOutcome("paused", f"paused{where} at the user's request")
 
 
 def _hand_back(
@@ -228,7 +240,9 @@ def _train_and_publish(
     checkpoints = JobCheckpoints(settings, storage, job)
     # Where to start from first: an attempt that cannot read its checkpoint now goes back before loading anything.
     resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
-    recipe = job_recipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints)
+    recipe = job_recipe(
+        settings, storage, job, base_model_of(settings, job), reporter, checkpoints, stop=reporter.should_stop
+    )
     recipe.setup(resume=resume)
     if how:
         reporter.event("log", f"attempt {job.attempt}: {how}", {"step": recipe.position.step})

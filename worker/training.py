@@ -19,6 +19,7 @@ from app.ml.training import (
     Checkpointer,
     RecipeLimits,
     Reporter,
+    StopSignal,
     TrainingError,
     TrainingRecipe,
     read_examples,
@@ -44,6 +45,8 @@ def job_recipe(
     record: ModelRecord,
     reporter: Reporter,
     checkpointer: Checkpointer | None,
+    *,
+    stop: StopSignal = stop_requested,
 ) -> TrainingRecipe:
     """The recipe that trains `job` on this worker (set up by `recipe.setup`), or a TrainingError the user can
     act on (device, base model or method unavailable; unreadable data)."""
@@ -80,7 +83,7 @@ def job_recipe(
         valid=valid,
         reporter=reporter,
         limits=recipe_limits(settings),
-        stop=stop_requested,
+        stop=stop,
         checkpointer=checkpointer,
         name=f"job {job.id}",
     )

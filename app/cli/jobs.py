@@ -1,4 +1,5 @@
-"""`tuneforge jobs`: create a fine-tuning job, list, get, its events, cancel, delete, and `watch` with its live view.
+"""`tuneforge jobs`: create a fine-tuning job, list, get, its events, pause, resume, cancel, delete, and `watch` with
+its live view.
 
 `jobs watch` alone reads the job states from app.jobs.state (when it starts following a job, for minutes): the
 other commands start without the server's imports.
@@ -36,7 +37,9 @@ RECONNECT_DELAY_SECONDS = 1.0
 RETRIED_STATUSES = (502, 503, 504)  # a proxy or the API restarting: `jobs watch` tries again
 RECONNECT_GIVE_UP_SECONDS = 60.0  # of failed reconnections in a row
 
-jobs_cli = typer.Typer(help="Fine-tuning jobs: create, list, get, watch, events, cancel, delete.", no_args_is_help=True)
+jobs_cli = typer.Typer(
+    help="Fine-tuning jobs: create, list, get, watch, events, pause, resume, cancel, delete.", no_args_is_help=True
+)
 
 
 def _hyperparameters(as_object: str | None, pairs: list[str]) -> dict[str, Any]:
@@ -256,6 +259,46 @@ def jobs_cancel(
     """
     with connect(api_url, api_key) as api:
         job = api.post(f"/jobs/{job_id}/cancel")
+    if as_json:
+        print_json(job)
+        return
+    typer.echo(f"job {job['id']}: {job['status']}")
+
+
+@jobs_cli.command("pause")
+def jobs_pause(
+    job_id: JobId,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON (the job)")] = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Pause a job: a queued one at once, a running one once its current step is checkpointed (it says running
+    until then). `jobs resume` continues it from there.
+
+    Exit code 1 if it has ended.
+    """
+    with connect(api_url, api_key) as api:
+        job = api.post(f"/jobs/{job_id}/pause")
+    if as_json:
+        print_json(job)
+        return
+    pausing = " (pauses after its current step)" if job["status"] == "running" else ""
+    typer.echo(f"job {job['id']}: {job['status']}{pausing}")
+
+
+@jobs_cli.command("resume")
+def jobs_resume(
+    job_id: JobId,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON (the job)")] = False,
+    api_url: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Resume a paused job: queued again, it continues from the checkpoint it paused at.
+
+    Exit code 1 if it is not paused.
+    """
+    with connect(api_url, api_key) as api:
+        job = api.post(f"/jobs/{job_id}/resume")
     if as_json:
         print_json(job)
         return

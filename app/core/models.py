@@ -101,12 +101,13 @@ class JobStatus(enum.StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    paused = "paused"
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 # Jobs that have not ended: their files must stay readable, they count against a tenant's active jobs, and what
 # they reserved of its storage quota is held for them.
-ACTIVE_STATUSES = frozenset({JobStatus.validating_files, JobStatus.queued, JobStatus.running})
+ACTIVE_STATUSES = frozenset({JobStatus.validating_files, JobStatus.queued, JobStatus.running, JobStatus.paused})
 
 
 class Tenant(Base):
@@ -188,6 +189,8 @@ class Job(Base):
     # What `POST /jobs` estimated it will store (checkpoints and artifact): held against the tenant's storage
     # quota, less what it has stored, while it is active.
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # When its user asked to pause it while it ran: its worker checkpoints after the current step and pauses it.
+    pause_requested_at: Mapped[datetime | None] = mapped_column(default=None)
     # Where it trained, written when training starts: "cuda:0", "cpu", ...; "bfloat16", "float32", ...
     device: Mapped[str | None] = mapped_column(String(64), default=None)
     dtype: Mapped[str | None] = mapped_column(String(16), default=None)

@@ -108,6 +108,19 @@ def cancel_job(job_id: JobId, session: SessionDep, storage: StorageDep, tenant: 
     return JobObject.of(service.cancel_job(session, storage=storage, tenant_id=tenant.id, job_id=job_id))
 
 
+@router.post("/{job_id}/pause")
+def pause_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> JobObject:
+    """Pause a queued job at once, or a running one after its current step (its worker checkpoints it and moves
+    on to the next job; `running` until then). 409 `job_not_pausable` for a job that has ended."""
+    return JobObject.of(service.pause_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post("/{job_id}/resume")
+def resume_job(job_id: JobId, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> JobObject:
+    """Queue a paused job again: it continues from the checkpoint it paused at. 409 `job_not_paused` otherwise."""
+    return JobObject.of(service.resume_job(session, settings=settings, tenant_id=tenant.id, job_id=job_id))
+
+
 @router.get(
     "/{job_id}/events",
     response_model=ListPage[EventObject],

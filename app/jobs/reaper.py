@@ -42,18 +42,26 @@ def lost_job_message(attempts: int) -> str:
 
 
 def reap_stale_jobs(settings: Settings) -> list[str]:
-    """Re-queue (or fail) every running job with a stale heartbeat; returns their ids."""
+    """Re-queue (or fail, or pause when its user asked to) every running job with a stale heartbeat; returns their
+    ids."""
     cutoff = db_now(-settings.heartbeat_timeout_seconds)
     with session_scope(settings.db_url) as session:
         stale = session.execute(
-            select(Job.id, Job.method, Job.attempt, Job.lost_workers, Job.heartbeat_at).where(
+            select(Job.id, Job.method, Job.attempt, Job.lost_workers, Job.heartbeat_at, Job.pause_requested_at).where(
                 Job.status == JobStatus.running, Job.heartbeat_at < cutoff
             )
         ).all()
     storage = ObjectStorage.from_settings(settings)
     reaped = []
-    for job_id, method, attempt, lost, heartbeat_at in stale:
-        if lost + 1 >= settings.max_job_attempts:
+    for job_id, method, attempt, lost, heartbeat_at, pause_requested_at in stale:
+        if pause_requested_at is not None:  # its user asked to pause it: paused, at its latest checkpoint
+            name, level = "pause_lost", "warning"
+            message = (
+                "the worker running this job stopped answering while pausing it; the job is paused and resumes "
+                "from its latest checkpoint"
+            )
+            values, data = {"lost_workers": lost + 1, "pause_requested_at": None}, {"attempt": attempt}
+        elif lost + 1 >= settings.max_job_attempts:
             name, message, level = "lose_for_good", lost_job_message(lost + 1), "error"
             values: dict[str, object] = {"error": message, "error_code": ErrorCode.worker_lost}
             data: dict[str, object] = {"code": ErrorCode.worker_lost}

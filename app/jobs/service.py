@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.core import idempotency
 from app.core.errors import Conflict, ErrorCode, NotFound, ServiceUnavailable, TooManyRequests, clip
 from app.core.ids import new_id
-from app.core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Checkpoint, Job, JobEvent
+from app.core.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Checkpoint, Job, JobEvent, JobStatus
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, delete_after_commit
@@ -219,6 +219,45 @@ def cancel_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_
         raise Conflict(
             f"job {job.id} is already {job.status.value}", param="job_id", code=ErrorCode.job_not_cancellable
         )
+    return job
+
+
+def pause_job(session: Session, *, tenant_id: str, job_id: str) -> Job:
+    """Pause the job: a queued one at once; a running one by its worker, which checkpoints after its current step
+    and frees itself (the job says `running` until then). Asking again is harmless; a job that has ended (or is
+    still validating its files) is a 409 `job_not_pausable`. `resume_job` continues it from that checkpoint."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if not state.transition(session, job.id, "pause", message="job paused by the user"):
+        state.request_pause(session, job.id)
+    session.refresh(job)
+    if job.status not in (JobStatus.paused, JobStatus.running):
+        raise Conflict(
+            f"job {job.id} is {job.status.value}: only a queued or running job can be paused",
+            param="job_id",
+            code=ErrorCode.job_not_pausable,
+        )
+    return job
+
+
+def resume_job(session: Session, *, settings: Settings, tenant_id: str, job_id: str) -> Job:
+    """paused -> queued, its task sent once that is committed: a worker continues it from the checkpoint it paused
+    at (nothing is trained twice). A job that is not paused is a 409 `job_not_paused`."""
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    resumed = state.transition(
+        session, job.id, "resume", message="job resumed by the user", values={"pause_requested_at": None}
+    )
+    session.refresh(job)
+    if not resumed:
+        raise Conflict(
+            f"job {job.id} is {job.status.value}: only a paused job can be resumed",
+            param="job_id",
+            code=ErrorCode.job_not_paused,
+        )
+    session.commit()
+    try:
+        state.enqueue(settings, job.id, job.method)
+    except Exception:  # queued, with queued_at set: the reaper sends its task again
+        log.exception("could not enqueue resumed job %s; the reaper will", job.id)
     return job
 
 

@@ -12,7 +12,12 @@ build on it, and `job_queue` is the one place that decides which queue a job's t
                                             │     requeue_lost┘ │
                           dispatch_failed ◄─┘                   └──cancel──► cancelled
 
-(`claim` also takes a `running` job whose worker's heartbeat went stale; `unhand` puts a job handed back by a
+    queued ──pause──► paused ◄──paused / pause_lost── running        paused ──resume──► queued
+                         └──cancel──► cancelled
+
+(A running job is paused by its own worker: the user's request sets `pause_requested_at`, and the worker
+checkpoints after its current step and moves it by `paused`. `claim` also takes a `running` job whose worker's
+heartbeat went stale; `unhand` puts a job handed back by a
 worker whose task could not be sent back to `running`, stale, for the reaper to send.)
 
 Heartbeats, claims and `queued_at` are written with the database's clock (`db_now`) and compared with it, never
@@ -59,14 +64,18 @@ def _move(name: str, sources: set[JobStatus], target: JobStatus) -> Move:
     return Move(name, frozenset(sources), target)
 
 
-V, Q, R = JobStatus.validating_files, JobStatus.queued, JobStatus.running
+V, Q, R, P = JobStatus.validating_files, JobStatus.queued, JobStatus.running, JobStatus.paused
 S, F, C = JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled
 TRANSITIONS: dict[str, Move] = {
     move.name: move
     for move in (
         _move("files_validated", {V}, Q),  # POST /jobs, once the files are checked
         _move("dispatch_failed", {Q}, F),  # the broker was unreachable when the job was created
-        _move("cancel", {V, Q, R}, C),  # the user; a running job's worker stops at its next step
+        _move("cancel", {V, Q, R, P}, C),  # the user; a running job's worker stops at its next step
+        _move("pause", {Q}, P),  # the user, before a worker took it (a running job: `pause_requested_at`)
+        _move("paused", {R}, P),  # the owning attempt, asked to pause, checkpointed after its current step
+        _move("pause_lost", {R}, P),  # the reaper: the worker stopped answering while asked to pause
+        _move("resume", {P}, Q),  # the user: queued again, to continue from the checkpoint it paused at
         _move("claim", {Q, R}, R),  # a worker takes it (running: only with a stale heartbeat); attempt + 1
         _move("succeed", {R}, S),  # the owning attempt published the adapter
         _move("fail", {R}, F),  # the owning attempt failed, with a code and a message for the user
@@ -159,6 +168,19 @@ def owned(session: Session, job_id: str, attempt: int, *, running: bool = True) 
     if running and job.status == JobStatus.cancelled:
         raise JobCancelled(job.status.value)
     return job
+
+
+def request_pause(session: Session, job_id: str) -> bool:
+    """Ask the worker running the job to pause it after its current step (it checkpoints, then moves it by
+    `paused`); False if the job is not running or was asked already. Its event says so."""
+    asked = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running, Job.pause_requested_at.is_(None))
+        .values(pause_requested_at=db_now())
+    ).rowcount  # type: ignore[attr-defined]
+    if asked == 1:
+        append_event(session, job_id, "log", "pause requested: the job pauses once its current step is checkpointed")
+    return bool(asked == 1)
 
 
 # --- claiming -----------------------------------------------------------------------------------------------

@@ -76,6 +76,18 @@ def cancel_fine_tuning_job(job_id: JobId, session: SessionDep, storage: StorageD
     return openai.job_object(service.cancel_job(session, storage=storage, tenant_id=tenant.id, job_id=job_id))
 
 
+@router.post("/{job_id}/pause")
+def pause_fine_tuning_job(job_id: JobId, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
+    return openai.job_object(service.pause_job(session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post("/{job_id}/resume")
+def resume_fine_tuning_job(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> FineTuningJob:
+    return openai.job_object(service.resume_job(session, settings=settings, tenant_id=tenant.id, job_id=job_id))
+
+
 @router.get("/{job_id}/events")
 def list_fine_tuning_events(
     job_id: JobId, session: SessionDep, tenant: TenantDep, limit: Limit = 20, after: AfterQuery = None
