@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Literal
 
 import swagger_ui_bundle
@@ -41,6 +41,8 @@ from app.models.endpoints import router as models_router
 from app.openai.fine_tuning import router as fine_tuning_router
 from app.openai.inference import router as openai_inference_router
 from app.ui.endpoints import router as ui_router
+from app.webhooks.delivery import WebhookSender
+from app.webhooks.endpoints import router as webhooks_router
 
 # Multipart framing around the file: a request larger than the limit plus this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -54,8 +56,10 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # API processes re-queue jobs whose worker died, whoever else also looks; serving replicas leave jobs alone.
-        with Reaper(settings) if role == "api" else contextlib.nullcontext():
+        # API processes re-queue jobs whose worker died, whoever else also looks, and send webhooks that are due;
+        # serving replicas leave jobs alone.
+        api = role == "api"
+        with Reaper(settings) if api else contextlib.nullcontext(), WebhookSender(settings) if api else nullcontext():
             yield
         if app.state.engine is not None:
             app.state.engine.close()
@@ -115,6 +119,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         app.include_router(fine_tuning_router)
         app.include_router(adapters_router)
         app.include_router(ui_router)
+        app.include_router(webhooks_router)
     app.include_router(generation_router)
     app.include_router(openai_inference_router)
     app.include_router(models_router)

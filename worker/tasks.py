@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that hand a job id to the training runner; and the worker's reaper thread."""
+"""Celery tasks: thin wrappers that hand a job id to the training runner; and the worker's reaper and webhook
+sender threads."""
 
 from contextvars import Token
 from typing import Any
@@ -10,11 +11,13 @@ from app.core.logging import job_id_var
 from app.core.queue import TRAINING_TASK
 from app.core.settings import get_settings
 from app.jobs.reaper import Reaper
+from app.webhooks.delivery import WebhookSender
 from worker.celery_app import celery_app
 from worker.lifecycle import request_stop, stop_requested
 from worker.runner import run_job
 
 _reaper: Reaper | None = None
+_webhook_sender: WebhookSender | None = None
 
 
 class JobFailed(Exception):
@@ -59,8 +62,10 @@ def _log_without_the_job_id(task_id: str, **_: Any) -> None:
 @worker_ready.connect
 def _start_the_reaper(**_: Any) -> None:
     # Every worker looks for jobs whose worker died; it is safe for many processes to do so at once.
-    global _reaper
+    global _reaper, _webhook_sender
     _reaper = Reaper(get_settings()).__enter__()
+    # And sends the webhooks that are due: its own jobs' ends at once, any other process's at its next poll.
+    _webhook_sender = WebhookSender(get_settings()).__enter__()
 
 
 @worker_shutting_down.connect
@@ -74,3 +79,5 @@ def _stop_the_running_job(**_: Any) -> None:
 def _stop_the_reaper(**_: Any) -> None:
     if _reaper is not None:
         _reaper.__exit__(None, None, None)
+    if _webhook_sender is not None:
+        _webhook_sender.__exit__(None, None, None)

@@ -1,8 +1,8 @@
 """The `tuneforge` command: its root, `--version`, and the commands of each module, registered in one place.
 
 `admin` writes this machine's database (migrate, keys, models); `servers` runs one role (api, serve, worker);
-`supervisor` runs them all (up); `generate`, `files`, `jobs` and `adapters` use the service over its API, through
-`client` and the shared plumbing of `api`.
+`supervisor` runs them all (up); `generate`, `files`, `jobs`, `adapters` and `webhooks` use the service over its
+API, through `client` and the shared plumbing of `api`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli import adapters, admin, files, generate, jobs, servers, supervisor
+from app.cli import adapters, admin, files, generate, jobs, servers, supervisor, webhooks
 from app.cli.api import PANEL
 from app.cli.client import installed_version
 
@@ -50,6 +50,7 @@ cli.command("generate", rich_help_panel=PANEL)(generate.generate)
 cli.add_typer(files.files_cli, name="files", rich_help_panel=PANEL)
 cli.add_typer(jobs.jobs_cli, name="jobs", rich_help_panel=PANEL)
 cli.add_typer(adapters.adapters_cli, name="adapters", rich_help_panel=PANEL)
+cli.add_typer(webhooks.webhooks_cli, name="webhooks", rich_help_panel=PANEL)
 
 
 def main() -> None:

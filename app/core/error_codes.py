@@ -93,3 +93,6 @@ class ErrorCode(StrEnum):
     key_not_found = "key_not_found"
     ambiguous_key_prefix = "ambiguous_key_prefix"
     key_already_revoked = "key_already_revoked"
+    # --- webhooks ----------------------------------------------------------------------------------------------
+    webhook_url_not_allowed = "webhook_url_not_allowed"
+    too_many_webhook_endpoints = "too_many_webhook_endpoints"

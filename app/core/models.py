@@ -1,4 +1,5 @@
-"""ORM models: tenants, API keys, files, jobs (with their event log), adapters and registered base models."""
+"""ORM models: tenants, API keys, files, jobs (with their event log), adapters, registered base models and webhook
+endpoints with their deliveries."""
 
 from __future__ import annotations
 
@@ -307,3 +308,48 @@ class IdempotencyKey(Base):
     request_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # jobs: of the request body
     resource_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)  # expired keys are swept
+
+
+class WebhookEndpoint(Base):
+    """A URL a tenant registered to receive its jobs' events, signed with its own secret (app/webhooks/)."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    event_types: Mapped[list[str]] = mapped_column(JSON)
+    # `whsec_` + base64 of 32 random bytes: the key deliveries are signed with (shown to the tenant once).
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction of the change it reports, sent (and
+        retried) by the delivery loop of any API or worker process until the receiver answers 2xx or the retry window
+        closes (`created_at` + the sender's `webhook_retry_seconds`). `id` is the `webhook-id` header, the same on every
+    attempt. Times are the database's clock."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+        Index("ix_webhook_deliveries_status_next_attempt", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)  # the body as sent, byte for byte on every attempt
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Due when pending and this has passed; while an attempt is in flight, when another sender may try again.
+    next_attempt_at: Mapped[datetime] = mapped_column()
+    last_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(String(200), default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -246,6 +246,46 @@ class Settings(BaseSettings):
         "like /healthz (aggregate counts across tenants: no ids, names or text)",
     )
 
+    # --- webhooks ----------------------------------------------------------------------------
+    webhook_allow_private_urls: bool = Field(
+        default=False,
+        description="Whether webhook endpoints may be at private, loopback or link-local addresses (the host is "
+        "resolved when the endpoint is registered and again at each delivery); off, such URLs are refused with 422",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="How long one delivery attempt may take in all (resolving, connecting, sending, the answer's "
+        "status line and headers; its body is never read); past it the attempt counts as failed",
+    )
+    webhook_retry_seconds: float = Field(
+        default=72 * 3600.0,
+        ge=0,
+        le=30 * 86_400,
+        description="How long after its event a delivery is retried (a receiver that answers other than 2xx, or not "
+        "at all); then it is marked failed. 0: one attempt only",
+    )
+    webhook_retry_initial_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="The wait before a delivery's first retry; it doubles after each failed attempt, up to an hour",
+    )
+    webhook_poll_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="How often each API and worker process looks for deliveries that are due (a retry; an event "
+        "of another process), besides at once after its own events (0: this process sends none)",
+    )
+    webhook_max_endpoints_per_tenant: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Webhook endpoints one tenant may register; past it, 409 too_many_webhook_endpoints",
+    )
+
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()

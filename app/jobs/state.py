@@ -3,7 +3,8 @@
 `TRANSITIONS` is the whole state machine: each named move, the states it leaves from and the state it reaches.
 `transition` is the one function that writes `jobs.status`: a conditional UPDATE (from one of the move's states,
 and for a worker's move on the attempt it owns), the status event in the job's log, and, when the job ends, its
-checkpoints' training states dropped (nothing will resume from them). `claim`, `owned` and the reaper's moves
+checkpoints' training states dropped (nothing will resume from them) and its webhook deliveries recorded (the
+outbox: app/webhooks/outbox.py), in the same transaction. `claim`, `owned` and the reaper's moves
 build on it, and `job_queue` is the one place that decides which queue a job's task goes to.
 
     validating_files ──files_validated──► queued ──claim──► running ──succeed──► succeeded
@@ -40,6 +41,7 @@ from app.core.queue import cuda_queue, send_training_task
 from app.jobs.checkpoints import drop_training_states
 from app.jobs.events import append_event
 from app.ml.methods import METHODS
+from app.webhooks.outbox import record_job_event
 
 if TYPE_CHECKING:
     from app.core.settings import Settings
@@ -112,7 +114,8 @@ def transition(
     """Move the job by `name` (a key of TRANSITIONS) if it is in one of the move's states (and, with `attempt`,
     on that attempt; and `where` holds), setting `values` too; record the status event (`message`; None for a
     move the next one explains). Returns whether it moved. A job that ends (`finished_at` set) loses its
-    checkpoints' training states, deleted from `storage` once the transaction commits.
+    checkpoints' training states, deleted from `storage` once the transaction commits, and its end is recorded
+    for the tenant's webhook endpoints, to be sent once it commits.
 
     With `attempt`, a retry of a move that went through (the commit happened, its answer was lost) finds the job
     already there and returns True, without a second event."""
@@ -136,6 +139,7 @@ def transition(
     if ends:
         assert storage is not None
         drop_training_states(session, storage, job_id=job_id)
+        record_job_event(session, job_id=job_id, status=move.target)
     return True
 
 
