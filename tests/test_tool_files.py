@@ -5,6 +5,7 @@ detected or named at registration (`--tool-call-format`), and a job trained on i
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 import threading
@@ -358,12 +359,15 @@ def test_a_tool_calling_job_trains_end_to_end_with_the_openai_client(
         job = openai.fine_tuning.jobs.retrieve(created.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model is not None
+    # The worker encodes each line as the upload counted it: every example's tokens, every epoch.
+    n_tokens = client.get(f"/v1/files/{uploaded.id}", headers=tenant.headers).json()["n_tokens"]
+    assert job.trained_tokens == 16 * n_tokens
 
     # The adapter, loaded offline with PEFT, answers the trained question with the call, in its template's format.
     archive = client.get(f"/adapters/{job.fine_tuned_model}/download", headers=tenant.headers)
     assert archive.status_code == 200
     adapter_dir = tmp_path / "adapter"
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive.content)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         tar.extractall(adapter_dir, filter="data")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.chat_template = (TEMPLATES / "qwen2_5_hermes.jinja").read_text()

@@ -62,11 +62,15 @@ def is_tool_record(record: dict[str, Any]) -> bool:
 
 
 def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+    """How deep objects and lists nest in `value`, counted up to one past MAX_SCHEMA_DEPTH (no recursion: a JSON
+    string of arguments is not bounded by the line's depth)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_SCHEMA_DEPTH:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _check_function(spec: Any, where: str) -> str:

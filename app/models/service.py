@@ -123,6 +123,7 @@ def register_model(
         raise Conflict(f"model id {model_id} is {what}; choose another id", param="id", code=ErrorCode.model_exists)
     if description is not None and len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidInput(f"the description is longer than {MAX_DESCRIPTION_CHARS} characters", param="description")
+    model_import.check_tool_call_format(tool_call_format)
 
     scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="model-", dir=scratch_dir) as tmp:

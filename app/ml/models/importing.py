@@ -221,6 +221,14 @@ def _is_causal_lm(config: Any) -> bool:
     return not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
+def check_tool_call_format(name: str | None) -> None:
+    """A tool-call format an operator names is one Tuneforge reads (before any file is copied)."""
+    from app.ml.tool_calls import FORMATS
+
+    if name is not None and name not in FORMATS:
+        raise ModelImportError(f"--tool-call-format {name[:64]!r} is not one of {', '.join(FORMATS)}")
+
+
 def inspect(folder: Path, *, max_seq_length: int | None, tool_call_format: str | None = None) -> ModelFacts:
     """Load the staged model and its tokenizer once, check they make a usable causal LM, and describe it.
 
@@ -228,10 +236,9 @@ def inspect(folder: Path, *, max_seq_length: int | None, tool_call_format: str |
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from app.ml.formatting import encode_chat
-    from app.ml.tool_calls import FORMATS, detect_tool_call_format, renders_tool_calls
+    from app.ml.tool_calls import detect_tool_call_format, renders_tool_calls
 
-    if tool_call_format is not None and tool_call_format not in FORMATS:
-        raise ModelImportError(f"--tool-call-format {tool_call_format!r} is not one of {', '.join(FORMATS)}")
+    check_tool_call_format(tool_call_format)
 
     try:
         config = AutoConfig.from_pretrained(str(folder))
