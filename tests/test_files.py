@@ -115,17 +115,17 @@ def test_openai_features_tuneforge_does_not_train_on_are_refused_line_by_line(
     assert r.status_code == 422
     errors = r.json()["error"]["report"]["errors"]
     assert [(e["line"], e["code"]) for e in errors] == [
-        (2, "unsupported_feature"),
-        (3, "unsupported_feature"),
-        (4, "unsupported_feature"),
+        (2, "missing_field"),  # tool lines are checked (tests/test_tool_files.py)...
+        (3, "unmatched_tool_result"),
+        (4, "no_tool_support"),  # ...and need a model with tool support: the default model has none
         (5, "unsupported_feature"),
         (6, "unsupported_feature"),
         (7, "no_assistant_message"),
     ]
     messages = [e["message"] for e in errors]
-    assert messages[0] == 'messages[1]: "tool_calls": tool calls are not supported yet; remove them from this line'
-    assert messages[1].startswith('messages[1]: role "tool": tool results are not supported yet')
-    assert messages[2].startswith('"tools": tool definitions are not supported yet')
+    assert messages[0] == 'messages[1].tool_calls[0].function: missing field "arguments"'
+    assert messages[1].startswith('messages[1].tool_call_id: "c1" answers no unanswered call')
+    assert messages[2].startswith("the line uses tool calling but the chat template of tiny-random-llama has no tool")
     assert "content parts" in messages[3] and "give content as a string" in messages[3]
     assert "preference (DPO) examples" in messages[4]
     assert '"weight": 0' in messages[5]

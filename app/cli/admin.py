@@ -176,6 +176,15 @@ def models_add(
     chat_template: Annotated[
         Path | None, typer.Option("--chat-template", help="A Jinja chat template file, replacing the tokenizer's")
     ] = None,
+    tool_call_format: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-call-format",
+            metavar="NAME",
+            help="How the chat template writes tool calls (hermes, llama3_json, mistral), where it is not detected: "
+            "training files with tool calls need a model with one",
+        ),
+    ] = None,
     description: Annotated[str | None, typer.Option(help="Shown in GET /v1/models")] = None,
 ) -> None:
     """Register a base model: check it, copy its files into the object store, add it to the database.
@@ -215,6 +224,7 @@ def models_add(
                     hf_revision=revision,
                     max_seq_length=max_seq_length,
                     chat_template_file=chat_template,
+                    tool_call_format=tool_call_format,
                     description=description,
                     progress=lambda message: typer.echo(f"{model_id}: {message}", err=True),
                 )
@@ -222,7 +232,8 @@ def models_add(
             fail(f"{exc}; nothing was registered")
     typer.echo(
         f"registered {record.id}: {record.architecture}, {record.n_parameters:,} parameters, "
-        f"max {record.max_seq_length} tokens, chat template: {'yes' if record.chat_template else 'no'}"
+        f"max {record.max_seq_length} tokens, chat template: {'yes' if record.chat_template else 'no'}, "
+        f"tool calls: {record.tool_call_format or 'no'}"
     )
 
 

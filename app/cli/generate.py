@@ -24,8 +24,8 @@ def print_models(models: list[dict[str, Any]]) -> None:
     """The base models as a table, then the adapters (`GET /v1/models` lists both) as another."""
     base = [m for m in models if "parent" not in m]
     adapters = [m for m in models if "parent" in m]
-    caption = "params: parameters; max len: longest sequence in tokens"
-    columns = ("id", "arch", "params", "max len", "chat", "source")
+    caption = "params: parameters; max len: longest sequence in tokens; tools: how it writes tool calls"
+    columns = ("id", "arch", "params", "max len", "chat", "tools", "source")
     table = new_table(*columns, caption=caption, title="base models")
     for m in base:
         table.add_row(
@@ -34,6 +34,7 @@ def print_models(models: list[dict[str, Any]]) -> None:
             _human(m["parameters"]),
             str(m["max_seq_length"]),
             "yes" if m["chat"] else "no",
+            m.get("tool_call_format") or "no",
             m["source"],
         )
     show_table(table)

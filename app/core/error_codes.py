@@ -60,6 +60,13 @@ class ErrorCode(StrEnum):
     empty_content = "empty_content"
     no_assistant_message = "no_assistant_message"
     unsupported_feature = "unsupported_feature"
+    invalid_tool = "invalid_tool"
+    too_many_tools = "too_many_tools"
+    invalid_tool_call = "invalid_tool_call"
+    too_many_tool_calls = "too_many_tool_calls"
+    undeclared_function = "undeclared_function"
+    unanswered_tool_call = "unanswered_tool_call"
+    unmatched_tool_result = "unmatched_tool_result"
     # --- models, methods and jobs ----------------------------------------------------------------------------
     model_not_found = "model_not_found"
     model_unavailable = "model_unavailable"  # also a failed job's
@@ -68,6 +75,7 @@ class ErrorCode(StrEnum):
     model_builtin = "model_builtin"
     model_not_deletable = "model_not_deletable"
     no_chat_template = "no_chat_template"  # also a line of an upload
+    no_tool_support = "no_tool_support"  # also a line of an upload
     unsupported_method = "unsupported_method"
     method_unavailable = "method_unavailable"  # also a failed job's
     example_too_long = "example_too_long"

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     literal,
 )
 from sqlalchemy.ext.compiler import compiles
@@ -149,6 +150,8 @@ class File(Base):
     # The base model whose tokenizer counted n_tokens and max_example_tokens (null: uploaded before models had
     # their own tokenizers, counted with the built-ins' SmolLM2 tokenizer).
     tokenizer_model: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Whether a line declares tools or holds tool calls or results: jobs need a model with tool support.
+    has_tools: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     storage_key: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -276,6 +279,8 @@ class RegisteredModel(Base):
     max_seq_length: Mapped[int] = mapped_column(Integer)
     chat_template: Mapped[bool] = mapped_column(Boolean)
     n_layers: Mapped[int | None] = mapped_column(Integer, default=None)  # transformer blocks
+    # How its chat template writes tool calls (hermes, llama3_json, mistral); null: no tool support.
+    tool_call_format: Mapped[str | None] = mapped_column(String(32), default=None)
     linear_modules: Mapped[list[str]] = mapped_column(JSON)
     default_target_modules: Mapped[list[str]] = mapped_column(JSON)
     revision: Mapped[str] = mapped_column(String(64))

@@ -21,6 +21,10 @@ class FileObject(BaseModel):
     n_examples: int
     n_tokens: int
     max_example_tokens: int
+    has_tools: bool = Field(
+        description="Whether its lines use tool calling (tools, tool calls or results): jobs on it need a base model "
+        "with tool support"
+    )
     tokenizer_model: str = Field(description="The base model whose tokenizer counted n_tokens and max_example_tokens")
     status: Literal["processed"] = "processed"
     created_at: int
@@ -37,6 +41,7 @@ class FileObject(BaseModel):
             n_examples=row.n_examples,
             n_tokens=row.n_tokens,
             max_example_tokens=row.max_example_tokens,
+            has_tools=row.has_tools,
             tokenizer_model=row.tokenizer_model or LEGACY_TOKENIZER_MODEL,
             created_at=int(row.created_at.timestamp()),
         )

@@ -124,7 +124,12 @@ def create_file(
     name = check_upload(filename=filename, purpose=purpose, base_model=base_model)
     with session_scope(settings.db_url) as session:
         record = require_model(session, model_id=base_model or settings.default_base_model)
-    validator = LineValidator(load_tokenizer(models, record), settings.max_reported_line_errors, model_id=record.id)
+    validator = LineValidator(
+        load_tokenizer(models, record),
+        settings.max_reported_line_errors,
+        model_id=record.id,
+        tool_call_format=record.tool_call_format,
+    )
     size, sha256 = _scan(read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
     if size == 0 or report.n_examples == 0 and report.n_errors == 0:
@@ -156,6 +161,7 @@ def create_file(
                 n_examples=report.n_examples,
                 n_tokens=report.n_tokens,
                 max_example_tokens=report.max_example_tokens,
+                has_tools=report.has_tools,
                 tokenizer_model=record.id,
                 storage_key=key,
             )
@@ -228,7 +234,9 @@ def count_outside(session: Session, *, storage: ObjectStorage, models: ModelStor
 
 
 def _count(storage: ObjectStorage, models: ModelStore, file: File, model: ModelRecord, param: str) -> FileTokenCount:
-    validator = LineValidator(load_tokenizer(models, model), 1, model_id=model.id)
+    validator = LineValidator(
+        load_tokenizer(models, model), 1, model_id=model.id, tool_call_format=model.tool_call_format
+    )
     try:
         _size, _sha = _scan(storage.open(file.storage_key)[1], validator, max_bytes=file.bytes)
     except FileNotFoundError:

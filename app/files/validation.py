@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from app.core.errors import ErrorCode, InvalidInput
-from app.ml.formatting import render_chat
+from app.ml.formatting import render_chat, render_chat_spans
 from app.ml.jsonl import Line, LineIssue, parse_line
+from app.ml.tool_calls import RESULT_ROLES, ToolLineChecker, chat_inputs, is_tool_record
 
 FORMATS = ("chat", "prompt_completion", "text")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", *RESULT_ROLES)
+MESSAGE_FIELDS = {"role", "content", "name", "weight"}
+ROLE_FIELDS = {"assistant": {"tool_calls", "function_call"}, "tool": {"tool_call_id"}}
 # Training encodes a conversation by rendering the chat template once per assistant turn over the turns before
 # it (quadratic in the turns): the bound keeps that cost in proportion to the file (0.6 s at 256 messages).
 MAX_MESSAGES = 256
@@ -33,6 +38,7 @@ class ValidationReport:
     n_tokens: int = 0
     max_example_tokens: int = 0
     format: str | None = None
+    has_tools: bool = False  # some line declares tools or holds tool calls or results
     errors: list[LineError] = field(default_factory=list)
     n_errors: int = 0
 
@@ -46,16 +52,6 @@ class ValidationReport:
             "n_errors": self.n_errors,
             "errors": [e.as_dict() for e in self.errors],
         }
-
-
-# OpenAI fine-tuning features Tuneforge does not train on yet: refused line by line, never silently dropped.
-UNSUPPORTED_RECORD_FIELDS = {
-    "tools": "tool definitions",
-    "functions": "function definitions",
-    "parallel_tool_calls": "parallel tool calls",
-}
-UNSUPPORTED_MESSAGE_FIELDS = {"tool_calls": "tool calls", "function_call": "function calls"}
-UNSUPPORTED_ROLES = {"tool": "tool results", "function": "function results"}
 
 
 def _unsupported(what: str) -> LineIssue:
@@ -97,21 +93,14 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
                 ErrorCode.too_many_messages,
                 f"the conversation has {len(messages)} messages; at most {MAX_MESSAGES} are allowed",
             )
-        for name, what in UNSUPPORTED_RECORD_FIELDS.items():
-            if name in record:
-                raise _unsupported(f'"{name}": {what}')
+        tools = ToolLineChecker(record)
         seen_user = False
         has_assistant = False
         for i, message in enumerate(messages):
             where = f"messages[{i}]: "
             if not isinstance(message, dict):
                 raise LineIssue(ErrorCode.invalid_type, f"{where}must be an object with role and content")
-            for name, what in UNSUPPORTED_MESSAGE_FIELDS.items():
-                if name in message:
-                    raise _unsupported(f'{where}"{name}": {what}')
             role = _require_string(message, "role", where)
-            if role in UNSUPPORTED_ROLES:
-                raise _unsupported(f'{where}role "{role}": {UNSUPPORTED_ROLES[role]}')
             if isinstance(message.get("content"), list):
                 raise LineIssue(
                     ErrorCode.unsupported_feature,
@@ -119,7 +108,17 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
                 )
             if role not in ROLES:
                 raise LineIssue(ErrorCode.invalid_role, f'{where}role "{role[:40]}" is not one of {", ".join(ROLES)}')
-            content = _require_string(message, "content", where)
+            tools.before(i, role)
+            if role in RESULT_ROLES:
+                tools.result(i, role, message)
+            if role == "assistant" and tools.calls(i, message):
+                content = message.get("content")  # a message with calls may have no text
+                if content is None:
+                    content = ""
+                elif not isinstance(content, str):
+                    raise LineIssue(ErrorCode.invalid_type, f'{where}"content" must be a string or null')
+            else:
+                content = _require_string(message, "content", where)
             if role == "system" and i != 0:
                 raise LineIssue(ErrorCode.invalid_role, f"{where}a system message may only come first")
             if role == "user":
@@ -127,10 +126,10 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
             if role == "assistant":
                 if not seen_user:
                     raise LineIssue(ErrorCode.invalid_order, f"{where}an assistant message must follow a user message")
-                if not content.strip():
+                if not content.strip() and not ("tool_calls" in message or "function_call" in message):
                     raise LineIssue(ErrorCode.empty_content, f"{where}assistant content is empty")
                 has_assistant = has_assistant or message.get("weight", 1) == 1
-            extra = set(message) - {"role", "content", "name", "weight"}
+            extra = set(message) - MESSAGE_FIELDS - ROLE_FIELDS.get(role, set())
             if extra:
                 names = ", ".join(sorted(name[:40] for name in extra)[:5])
                 raise LineIssue(ErrorCode.unknown_field, f"{where}unknown field(s): {names}")
@@ -138,6 +137,7 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
                 _require_string(message, "name", where)
             if "weight" in message and (type(message["weight"]) is not int or message["weight"] not in (0, 1)):
                 raise LineIssue(ErrorCode.invalid_type, f'{where}"weight" must be 0 or 1')
+        tools.finish()
         if not has_assistant:
             raise LineIssue(
                 ErrorCode.no_assistant_message,
@@ -160,7 +160,10 @@ def texts_to_tokenize(tokenizer: Any, record: dict[str, Any], fmt: str) -> tuple
     Mirrors `app.ml.formatting.encode_record` without computing labels, so counting stays cheap.
     """
     if fmt == "chat":
-        return [render_chat(tokenizer, record["messages"], add_generation_prompt=False)], 0
+        messages, tools = chat_inputs(record)
+        if tools is not None:  # located turn by turn, as training will: a template that cannot is a line error now
+            return [render_chat_spans(tokenizer, messages, tools)[0]], 0
+        return [render_chat(tokenizer, messages, add_generation_prompt=False)], 0
     if fmt == "prompt_completion":
         return [record["prompt"], record["completion"]], 1  # + end of sequence
     return [record["text"]], 1
@@ -175,9 +178,10 @@ class LineValidator:
     BATCH = 512  # texts per tokenizer call...
     BATCH_CHARS = 1_000_000  # ...or fewer, so that a file of long lines never holds more than this in flight
 
-    def __init__(self, tokenizer: Any, max_errors: int, *, model_id: str) -> None:
+    def __init__(self, tokenizer: Any, max_errors: int, *, model_id: str, tool_call_format: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.model_id = model_id  # whose tokenizer counts: named in messages
+        self.tool_call_format = tool_call_format  # the model's (None: its chat template has no tool support)
         self.max_errors = max_errors
         self.report = ValidationReport()
         self._texts: list[str] = []
@@ -225,14 +229,28 @@ class LineValidator:
                     param="base_model",
                     code=ErrorCode.no_chat_template,
                 )
+            if fmt == "chat" and is_tool_record(record):
+                if self.tool_call_format is None:
+                    raise LineIssue(
+                        ErrorCode.no_tool_support,
+                        f"the line uses tool calling but the chat template of {self.model_id} has no tool support: "
+                        "upload the file with `base_model` set to a model whose `tool_call_format` is not null "
+                        "(GET /v1/models/{id} shows it)",
+                    )
+                self.report.has_tools = True
         except LineIssue as issue:
             self._error(line.number, issue.code, issue.message)
             return
         try:
             texts, n_special = texts_to_tokenize(self.tokenizer, record, fmt)
-        except Exception:  # a chat template may refuse a conversation (raise_exception in Jinja)
+        except Exception as exc:  # a chat template may refuse a conversation (raise_exception in Jinja)
+            # The template's own words when it refuses (e.g. "only supports single tool-calls at once"); a
+            # failure of the template itself says nothing a user can act on.
+            said = f": {str(exc)[:200]}" if type(exc) is TemplateError else ""
             self._error(
-                line.number, "template_error", f"the chat template of {self.model_id} cannot render this conversation"
+                line.number,
+                "template_error",
+                f"the chat template of {self.model_id} cannot render this conversation{said}",
             )
             return
         self._texts.extend(texts)

@@ -160,6 +160,13 @@ def plan_job(
                 param=param,
                 code=ErrorCode.no_chat_template,
             )
+        if file.has_tools and record.tool_call_format is None:
+            raise InvalidInput(
+                f"{param}: file {file.id} uses tool calling but the chat template of {record.id} has no tool "
+                "support; use a base model whose tool_call_format is not null (GET /v1/models/{id})",
+                param=param,
+                code=ErrorCode.no_tool_support,
+            )
         # Counted with this model's tokenizer (at upload, or by count_outside: then kept for the next job on it).
         counts = token_counts(session, file=file, model=record, param=param)
         _check_fits_token_budget(

@@ -26,6 +26,7 @@ def record_of(row: RegisteredModel) -> ModelRecord:
         tokenizer_sha256=row.tokenizer_sha256,
         origin=row.origin,
         n_layers=row.n_layers,
+        tool_call_format=row.tool_call_format,
         files=tuple(ModelFile(**item) for item in row.files),
         created_at=row.created_at,
     )

@@ -27,6 +27,10 @@ class ModelObject(BaseModel):
     linear_modules: list[str] = Field(description="What LoRA's `target_modules` may name")
     default_target_modules: list[str] = Field(description="LoRA's `target_modules` when a job names none")
     default: bool = Field(description="Whether jobs and /generate use this model when they name none")
+    tool_call_format: str | None = Field(
+        description="How its chat template writes tool calls: hermes, llama3_json or mistral; null when it has no "
+        "tool support (training files with tool calls need one)"
+    )
 
     @classmethod
     def of(cls, record: ModelRecord, *, default_model: str) -> ModelObject:
@@ -44,6 +48,7 @@ class ModelObject(BaseModel):
             linear_modules=list(record.linear_modules),
             default_target_modules=list(record.default_target_modules),
             default=record.id == default_model,
+            tool_call_format=record.tool_call_format,
         )
 
 

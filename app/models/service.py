@@ -103,6 +103,7 @@ def register_model(
     hf_revision: str | None = None,
     max_seq_length: int | None = None,
     chat_template_file: Path | None = None,
+    tool_call_format: str | None = None,
     description: str | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> ModelRecord:
@@ -122,6 +123,7 @@ def register_model(
         raise Conflict(f"model id {model_id} is {what}; choose another id", param="id", code=ErrorCode.model_exists)
     if description is not None and len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidInput(f"the description is longer than {MAX_DESCRIPTION_CHARS} characters", param="description")
+    model_import.check_tool_call_format(tool_call_format)
 
     scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="model-", dir=scratch_dir) as tmp:
@@ -141,7 +143,7 @@ def register_model(
         if chat_template_file is not None:
             model_import.set_chat_template(stage, chat_template_file.expanduser())
         progress("checking the model, its weights and its tokenizer")
-        facts = model_import.inspect(stage, max_seq_length=max_seq_length)
+        facts = model_import.inspect(stage, max_seq_length=max_seq_length, tool_call_format=tool_call_format)
         files = model_import.manifest(stage)
         revision = manifest_revision(files)
         row = RegisteredModel(
@@ -154,6 +156,7 @@ def register_model(
             max_seq_length=facts.max_seq_length,
             chat_template=facts.chat_template,
             n_layers=facts.n_layers,
+            tool_call_format=facts.tool_call_format,
             linear_modules=list(facts.linear_modules),
             default_target_modules=list(facts.default_target_modules),
             revision=revision,

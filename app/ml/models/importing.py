@@ -55,6 +55,7 @@ class ModelFacts:
     linear_modules: tuple[str, ...]
     default_target_modules: tuple[str, ...]
     n_layers: int
+    tool_call_format: str | None = None
 
 
 def resolve_hf_repo(repo: str, revision: str | None) -> Path:
@@ -220,11 +221,24 @@ def _is_causal_lm(config: Any) -> bool:
     return not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
-def inspect(folder: Path, *, max_seq_length: int | None) -> ModelFacts:
-    """Load the staged model and its tokenizer once, check they make a usable causal LM, and describe it."""
+def check_tool_call_format(name: str | None) -> None:
+    """A tool-call format an operator names is one Tuneforge reads (before any file is copied)."""
+    from app.ml.tool_calls import FORMATS
+
+    if name is not None and name not in FORMATS:
+        raise ModelImportError(f"--tool-call-format {name[:64]!r} is not one of {', '.join(FORMATS)}")
+
+
+def inspect(folder: Path, *, max_seq_length: int | None, tool_call_format: str | None = None) -> ModelFacts:
+    """Load the staged model and its tokenizer once, check they make a usable causal LM, and describe it.
+
+    `tool_call_format` names how the chat template writes tool calls, where it is not one Tuneforge detects."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from app.ml.formatting import encode_chat
+    from app.ml.tool_calls import detect_tool_call_format, renders_tool_calls
+
+    check_tool_call_format(tool_call_format)
 
     try:
         config = AutoConfig.from_pretrained(str(folder))
@@ -269,6 +283,18 @@ def inspect(folder: Path, *, max_seq_length: int | None) -> ModelFacts:
             raise ModelImportError(
                 f"the chat template cannot render a user/assistant conversation turn by turn ({str(exc)[:200]})"
             ) from None
+    detected = detect_tool_call_format(tokenizer) if chat else None
+    if tool_call_format is not None:
+        if detected is not None and detected != tool_call_format:
+            raise ModelImportError(
+                f"--tool-call-format {tool_call_format}: the chat template writes tool calls as {detected}; leave the "
+                "option out (it is detected)"
+            )
+        if not renders_tool_calls(tokenizer):
+            raise ModelImportError(
+                f"--tool-call-format {tool_call_format}: the chat template does not render tools, tool calls and "
+                "their results; give one that does (--chat-template FILE)"
+            )
     linear = linear_module_names(model)
     return ModelFacts(
         architecture=str(config.model_type),
@@ -278,6 +304,7 @@ def inspect(folder: Path, *, max_seq_length: int | None) -> ModelFacts:
         linear_modules=linear,
         default_target_modules=peft_default_target_modules(str(config.model_type), linear),
         n_layers=int(config.num_hidden_layers),
+        tool_call_format=tool_call_format or detected,
     )
 
 

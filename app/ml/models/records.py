@@ -52,6 +52,8 @@ class ModelRecord:
     tokenizer_sha256: str  # identity of the tokenizer and chat template: token counts are shared between equals
     origin: str | None = None  # a Hugging Face repo name, written as `base_model_name_or_path` in adapters
     n_layers: int | None = None  # transformer blocks (None: registered before this was recorded)
+    # How its chat template writes tool calls (app.ml.tool_calls.FORMATS); None: the template has no tool support.
+    tool_call_format: str | None = None
     files: tuple[ModelFile, ...] = ()
     created_at: datetime = field(default_factory=lambda: datetime(2026, 11, 1, tzinfo=UTC))
 
