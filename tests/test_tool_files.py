@@ -249,12 +249,17 @@ def test_bad_tool_lines_are_reported_line_by_line_naming_the_field(
 def test_a_model_without_tool_support_refuses_tool_lines_at_upload_and_jobs_naming_it(
     client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
 ) -> None:
-    # Counted for the default model (SmolLM2's template: no tool support): each tool line is refused by name.
+    # Counted for a model named at upload whose template (SmolLM2's) has no tool support: each tool line is refused.
     lines = [*chat_lines(1), *tool_lines()[:2]]
-    refused = upload_for(client, tenant, jsonl(lines))
+    refused = upload_for(client, tenant, jsonl(lines), base_model="tiny-random-llama")
     assert line_errors(refused) == [(2, "no_tool_support"), (3, "no_tool_support")]
     message = refused.json()["error"]["report"]["errors"][0]["message"]
     assert "the chat template of tiny-random-llama has no tool support" in message and "base_model" in message
+    # With no model named (an unchanged OpenAI client), the default cannot render the tools: the file is accepted,
+    # its lines checked, and its tokens counted by the model of each job created on it.
+    unnamed = upload_for(client, tenant, jsonl(lines))
+    assert unnamed.status_code == 201, unnamed.text
+    assert unnamed.json()["has_tools"] is True
 
     # Uploaded for a model with tool support, then a job on one without: 422 naming the model and the file's param.
     model_id, _ = register_hermes(settings, tenant, tmp_path)
@@ -275,6 +280,11 @@ def test_a_model_without_tool_support_refuses_tool_lines_at_upload_and_jobs_nami
         "/jobs", headers=tenant.headers, json={"base_model": model_id, "training_file": tools_file, "dry_run": True}
     )
     assert dry_run.status_code == 200, dry_run.text
+    unnamed_job = {"base_model": model_id, "training_file": unnamed.json()["id"], "dry_run": True}
+    counted = client.post("/jobs", headers=tenant.headers, json=unnamed_job)
+    assert counted.status_code == 200 and counted.json()["train_tokens_per_epoch"] > 0, counted.text
+    refused_job = client.post("/jobs", headers=tenant.headers, json={**unnamed_job, "base_model": "tiny-random-llama"})
+    assert refused_job.status_code == 422 and refused_job.json()["error"]["code"] == "no_tool_support"
 
     with live(create_app(settings)) as url:
         openai = OpenAI(base_url=f"{url}/v1", api_key=tenant.key, max_retries=0)
@@ -341,10 +351,8 @@ def test_a_tool_calling_job_trains_end_to_end_with_the_openai_client(
     model_id, folder = register_hermes(settings, tenant, tmp_path)
     with live(create_app(settings)) as url:
         openai = OpenAI(base_url=f"{url}/v1", api_key=tenant.key, max_retries=0)
-        # The upload is counted for the model the job will train (the default model has no tool support).
-        uploaded = openai.files.create(
-            file=("tools.jsonl", jsonl(tool_lines())), purpose="fine-tune", extra_body={"base_model": model_id}
-        )
+        # Uploaded as an unchanged OpenAI client does (no model named): counted with the job's model at creation.
+        uploaded = openai.files.create(file=("tools.jsonl", jsonl(tool_lines())), purpose="fine-tune")
         created = openai.fine_tuning.jobs.create(
             model=model_id,
             training_file=uploaded.id,
@@ -359,8 +367,9 @@ def test_a_tool_calling_job_trains_end_to_end_with_the_openai_client(
         job = openai.fine_tuning.jobs.retrieve(created.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model is not None
-    # The worker encodes each line as the upload counted it: every example's tokens, every epoch.
-    n_tokens = client.get(f"/v1/files/{uploaded.id}", headers=tenant.headers).json()["n_tokens"]
+    # The worker encodes each line as the job's model counted it when the job was created: every token, every epoch.
+    plan = {"base_model": model_id, "training_file": uploaded.id, "dry_run": True}
+    n_tokens = client.post("/jobs", headers=tenant.headers, json=plan).json()["train_tokens_per_epoch"]
     assert job.trained_tokens == 16 * n_tokens
 
     # The adapter, loaded offline with PEFT, answers the trained question with the call, in its template's format.

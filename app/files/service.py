@@ -129,6 +129,7 @@ def create_file(
         settings.max_reported_line_errors,
         model_id=record.id,
         tool_call_format=record.tool_call_format,
+        tools_counted_later=base_model is None,
     )
     size, sha256 = _scan(read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
@@ -167,14 +168,15 @@ def create_file(
             )
             session.add(row)
             session.flush()
-            session.add(
-                FileTokenCount(
-                    file_id=row.id,
-                    tokenizer_sha256=record.tokenizer_sha256,
-                    n_tokens=report.n_tokens,
-                    max_example_tokens=report.max_example_tokens,
+            if report.counted_exactly:  # else each job's model counts the file (`count_outside`)
+                session.add(
+                    FileTokenCount(
+                        file_id=row.id,
+                        tokenizer_sha256=record.tokenizer_sha256,
+                        n_tokens=report.n_tokens,
+                        max_example_tokens=report.max_example_tokens,
+                    )
                 )
-            )
             if idempotency_key is None:
                 return row
             idempotency.remember(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ class ValidationReport:
     max_example_tokens: int = 0
     format: str | None = None
     has_tools: bool = False  # some line declares tools or holds tool calls or results
+    # False: tool lines the counting model cannot render were counted roughly; a job's model counts them again.
+    counted_exactly: bool = True
     errors: list[LineError] = field(default_factory=list)
     n_errors: int = 0
 
@@ -178,10 +181,21 @@ class LineValidator:
     BATCH = 512  # texts per tokenizer call...
     BATCH_CHARS = 1_000_000  # ...or fewer, so that a file of long lines never holds more than this in flight
 
-    def __init__(self, tokenizer: Any, max_errors: int, *, model_id: str, tool_call_format: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_errors: int,
+        *,
+        model_id: str,
+        tool_call_format: str | None = None,
+        tools_counted_later: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.model_id = model_id  # whose tokenizer counts: named in messages
         self.tool_call_format = tool_call_format  # the model's (None: its chat template has no tool support)
+        # The model was not chosen (the service's default counts): tool lines it cannot render are accepted, counted
+        # roughly (their JSON), and counted exactly with the job's model when a job is created on the file.
+        self.tools_counted_later = tools_counted_later
         self.max_errors = max_errors
         self.report = ValidationReport()
         self._texts: list[str] = []
@@ -230,6 +244,11 @@ class LineValidator:
                     code=ErrorCode.no_chat_template,
                 )
             if fmt == "chat" and is_tool_record(record):
+                if self.tool_call_format is None and self.tools_counted_later:
+                    self.report.has_tools = True
+                    self.report.counted_exactly = False
+                    self._pending([json.dumps(record, ensure_ascii=False)], 0)
+                    return
                 if self.tool_call_format is None:
                     raise LineIssue(
                         ErrorCode.no_tool_support,
@@ -253,6 +272,9 @@ class LineValidator:
                 f"the chat template of {self.model_id} cannot render this conversation{said}",
             )
             return
+        self._pending(texts, n_special)
+
+    def _pending(self, texts: list[str], n_special: int) -> None:
         self._texts.extend(texts)
         self._chars += sum(len(text) for text in texts)
         self._examples.append((len(texts), n_special))
