@@ -54,6 +54,8 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
     storage = ObjectStorage.from_settings(settings)
     reaped = []
     for job_id, method, attempt, lost, heartbeat_at, pause_requested_at in stale:
+        values: dict[str, object]
+        data: dict[str, object]
         if pause_requested_at is not None:  # its user asked to pause it: paused, at its latest checkpoint
             name, level = "pause_lost", "warning"
             message = (
@@ -63,8 +65,8 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
             values, data = {"lost_workers": lost + 1, "pause_requested_at": None}, {"attempt": attempt}
         elif lost + 1 >= settings.max_job_attempts:
             name, message, level = "lose_for_good", lost_job_message(lost + 1), "error"
-            values: dict[str, object] = {"error": message, "error_code": ErrorCode.worker_lost}
-            data: dict[str, object] = {"code": ErrorCode.worker_lost}
+            values = {"error": message, "error_code": ErrorCode.worker_lost}
+            data = {"code": ErrorCode.worker_lost}
         else:
             # First the task, then the state: whatever happens in between, a task exists for the job.
             state.enqueue(settings, job_id, method)
