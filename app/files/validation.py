@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import ErrorCode, InvalidInput
+from app.ml import preference
 from app.ml.formatting import render_chat
 from app.ml.jsonl import Line, LineIssue, parse_line
 
-FORMATS = ("chat", "prompt_completion", "text")
+FORMATS = ("chat", "prompt_completion", "text", "preference")
 ROLES = ("system", "user", "assistant")
 # Training encodes a conversation by rendering the chat template once per assistant turn over the turns before
 # it (quadratic in the turns): the bound keeps that cost in proportion to the file (0.6 s at 256 messages).
@@ -63,8 +64,8 @@ def _unsupported(what: str) -> LineIssue:
 
 
 def detect_format(record: dict[str, Any]) -> str:
-    if "preferred_output" in record or "non_preferred_output" in record:
-        raise _unsupported('preference (DPO) examples ("input", "preferred_output", "non_preferred_output")')
+    if preference.is_preference(record):
+        return "preference"
     if "messages" in record:
         return "chat"
     if "prompt" in record or "completion" in record:
@@ -73,7 +74,8 @@ def detect_format(record: dict[str, Any]) -> str:
         return "text"
     raise LineIssue(
         ErrorCode.unknown_format,
-        'expected one of: {"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...}',
+        'expected one of: {"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...}, '
+        '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}',
     )
 
 
@@ -88,6 +90,14 @@ def _require_string(record: dict[str, Any], key: str, where: str = "") -> str:
 
 def check_record(record: dict[str, Any], fmt: str) -> None:
     """Raise LineIssue naming the first problem of one record in the given format."""
+    if fmt == "preference":  # two conversations, each checked as a chat line, named as the line has them
+        n_input = len(record.get("input", {}).get("messages", [])) if isinstance(record.get("input"), dict) else 0
+        for output, chat in zip(preference.OUTPUTS, preference.conversations(record), strict=True):
+            try:
+                check_record(chat, "chat")
+            except LineIssue as issue:
+                raise LineIssue(issue.code, preference.where_in_line(issue.message, n_input, output)) from None
+        return
     if fmt == "chat":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -157,8 +167,11 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
 def texts_to_tokenize(tokenizer: Any, record: dict[str, Any], fmt: str) -> tuple[list[str], int]:
     """The strings whose tokens make up the training example, and how many special tokens are added.
 
-    Mirrors `app.ml.formatting.encode_record` without computing labels, so counting stays cheap.
+    Mirrors `app.ml.formatting.encode_record` without computing labels, so counting stays cheap. A preference
+    line gives its two conversations, each a sequence of its own.
     """
+    if fmt == "preference":
+        return [texts_to_tokenize(tokenizer, chat, "chat")[0][0] for chat in preference.conversations(record)], 0
     if fmt == "chat":
         return [render_chat(tokenizer, record["messages"], add_generation_prompt=False)], 0
     if fmt == "prompt_completion":
@@ -182,16 +195,19 @@ class LineValidator:
         self.report = ValidationReport()
         self._texts: list[str] = []
         self._chars = 0
-        self._examples: list[tuple[int, int]] = []  # per pending example: (number of texts, special tokens)
+        # Per pending example: (number of texts, special tokens, whether each text is a sequence of its own: the two
+        # conversations of a preference line, whose longer one must fit max_seq_length).
+        self._examples: list[tuple[int, int, bool]] = []
 
     def _count_pending(self) -> None:
         if not self._texts:
             return
         encoded = iter(self.tokenizer(self._texts, add_special_tokens=False)["input_ids"])
-        for n_texts, n_special in self._examples:
-            n = n_special + sum(len(next(encoded)) for _ in range(n_texts))
-            self.report.n_tokens += n
-            self.report.max_example_tokens = max(self.report.max_example_tokens, n)
+        for n_texts, n_special, separate in self._examples:
+            lengths = [len(next(encoded)) for _ in range(n_texts)]
+            sequences = [n_special + n for n in lengths] if separate else [n_special + sum(lengths)]
+            self.report.n_tokens += sum(sequences)
+            self.report.max_example_tokens = max(self.report.max_example_tokens, *sequences)
         self._texts, self._examples, self._chars = [], [], 0
 
     def finish(self) -> ValidationReport:
@@ -217,7 +233,7 @@ class LineValidator:
                     ErrorCode.mixed_formats, f"line is in {fmt} format but the file is in {self.report.format} format"
                 )
             check_record(record, fmt)
-            if fmt == "chat" and self.tokenizer.chat_template is None:
+            if fmt in ("chat", "preference") and self.tokenizer.chat_template is None:
                 raise InvalidInput(
                     f"the file holds conversations but {self.model_id} has no chat template to render them: upload "
                     "it with `base_model` set to a chat model (GET /v1/models lists them), or use prompt/completion "
@@ -237,7 +253,7 @@ class LineValidator:
             return
         self._texts.extend(texts)
         self._chars += sum(len(text) for text in texts)
-        self._examples.append((len(texts), n_special))
+        self._examples.append((len(texts), n_special, fmt == "preference"))
         self.report.n_examples += 1
         if len(self._texts) >= self.BATCH or self._chars >= self.BATCH_CHARS:
             self._count_pending()
