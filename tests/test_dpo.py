@@ -3,7 +3,6 @@ batch (its reference from the adapter switched off, or precomputed once), and tr
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ from app.ml.objectives import hyperparameters_class
 from app.ml.training import TrainingRecipe, training_base_model
 from app.ml.training.dpo import precompute_reference, preference_passes
 from app.ml.training.preference import PreferencePair, collate_pairs, encode_pairs, pair_micro_batches
-from tests.test_recipe import MemoryReporter
+from tests.test_lifecycle import Interrupted, MemoryCheckpoints
+from tests.test_recipe import MemoryReporter, recipe_for
 from worker.training import recipe_limits
 
 TINY = BUILTINS["tiny-random-llama"]
@@ -61,7 +61,13 @@ def trl_trainer(
 ) -> DPOTrainer:
     dataset = Dataset.from_list([{"prompt": "Hi", "chosen": " there", "rejected": " no"}])
     args = DPOConfig(
-        output_dir=str(tmp_path / "trl"), beta=BETA, loss_type=["sigmoid"], report_to=[], use_cpu=True, bf16=False, **config
+        output_dir=str(tmp_path / "trl"),
+        beta=BETA,
+        loss_type=["sigmoid"],
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        **config,
     )
     return DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
@@ -80,7 +86,9 @@ def test_loss_rewards_and_gradients_equal_trl_with_the_adapter_off_as_reference(
     tokenizer = models.tokenizer(TINY)
     torch.manual_seed(0)
     # A LoRA whose B is not zero: the policy differs from the base (the reference) from the start.
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     trainer = trl_trainer(tmp_path, models.load(TINY), tokenizer, peft_config=config)
     model = trainer.model
     model.eval()
@@ -97,7 +105,7 @@ def test_loss_rewards_and_gradients_equal_trl_with_the_adapter_off_as_reference(
     ours = preference_passes(model, pairs, beta=BETA, pad_token_id=pad, max_batch_tokens=80, split_head=split_head)
     assert len(pair_micro_batches(pairs, 80)) > 1
     assert abs(ours.loss - trl_loss.item()) < 1e-5
-    assert 0.01 < abs(ours.loss - 0.693147)  # not the trivial log 2 of a policy equal to its reference
+    assert abs(ours.loss - 0.693147) > 0.01  # not the trivial log 2 of a policy equal to its reference
     metrics = ours.metrics("train")
     for theirs, mine in (
         ("rewards/chosen", "train_rewards_chosen"),
@@ -137,7 +145,7 @@ def test_precomputed_reference_and_loss_equal_trl(tmp_path: Path, model_cache_di
         model, pairs, beta=BETA, pad_token_id=pad, max_batch_tokens=2048, split_head=True, backward=False
     ).loss
     assert abs(ours_loss - trl_loss) < 1e-5
-    assert 0.01 < abs(ours_loss - 0.693147)
+    assert abs(ours_loss - 0.693147) > 0.01
 
 
 def dpo_recipe(
@@ -178,3 +186,84 @@ def test_dpo_trains_with_other_methods_and_reports_trl_metrics(model_cache_dir: 
     )
     precomputed = any("reference log-probabilities computed once" in message for _, message, _ in reporter.events)
     assert precomputed == (method == "head")
+
+
+@pytest.mark.parametrize("method", ["lora", "head"])
+def test_a_run_that_starts_from_a_fine_tuned_artifact_has_its_weights_and_it_as_reference(
+    tmp_path: Path, model_cache_dir: Path, method: str
+) -> None:
+    """SFT, then DPO from the SFT artifact (PEFT: its adapter loaded into the fresh one; delta: applied): the DPO
+    run starts with the SFT weights, and its reference is them (computed once), so its first loss is log 2."""
+    sft = recipe_for(model_cache_dir, MemoryReporter(), validation=None, method=method, n_epochs=2, learning_rate=0.01)
+    sft.setup()
+    sft.train()
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    sft.export(folder)
+    trained = sft.trainable_state()
+
+    models = ModelStore(model_cache_dir, None)
+    context = MethodContext(record=TINY, models=models, placement=resolve_placement("auto", "auto"))
+    reporter = MemoryReporter()
+    dpo = TrainingRecipe(
+        METHODS[method],
+        hyperparameters_class(method, "dpo").model_validate({"n_epochs": 1, "learning_rate": 0.01}).for_model(TINY),
+        model=training_base_model(METHODS[method], context),
+        tokenizer=models.tokenizer(TINY),
+        context=context,
+        train=[preference_line(f"Pick a color ({i})", "blue", "red") for i in range(4)],
+        valid=None,
+        reporter=reporter,
+        limits=recipe_limits(Settings()),
+        objective="dpo",
+        start_from=folder,
+    )
+    dpo.setup()
+    start = dpo.trainable_state()
+    assert start.keys() == trained.keys()
+    for name, tensor in trained.items():
+        torch.testing.assert_close(start[name], tensor, msg=name)
+    dpo.train()
+    assert reporter.of_type("metrics")[0]["train_loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert any("reference log-probabilities computed once" in message for _, message, _ in reporter.events)
+
+
+def test_a_resumed_dpo_run_keeps_its_reference_and_ends_where_an_uninterrupted_run_does(model_cache_dir: Path) -> None:
+    """Full fine-tuning's reference is precomputed: a run resumed from a checkpoint reads it from the checkpoint
+    (recomputing it from the trained weights would change every loss after) and ends with the same weights."""
+    train = [preference_line(f"Pick a color ({i})", "blue", "red") for i in range(8)]
+    hp = {"n_epochs": 2, "batch_size": 1, "checkpoint_every": 4, "learning_rate": 1e-3, "validation_split": 0.25}
+
+    def recipe(reporter: MemoryReporter, checkpoints: MemoryCheckpoints) -> TrainingRecipe:
+        made = dpo_recipe(model_cache_dir, reporter, "full", train, **hp)
+        made.checkpoints = checkpoints
+        return made
+
+    whole_reporter = MemoryReporter()
+    whole = recipe(whole_reporter, MemoryCheckpoints())
+    whole.setup()
+    whole.train()
+    first = recipe(MemoryReporter(), MemoryCheckpoints(interrupt_after=3))  # at step 8 of 12, mid-epoch
+    first.setup()
+    with pytest.raises(Interrupted):
+        first.train()
+    saved_step, state = first.checkpoints.saved[-1]  # type: ignore[union-attr]
+    assert saved_step == 8 and state["objective"]["reference"]["train"].shape == (6, 2)
+    resumed_reporter = MemoryReporter()
+    resumed = recipe(resumed_reporter, MemoryCheckpoints())
+    resumed.setup(resume=state)
+    resumed.train()
+
+    assert not any("computed once" in message for _, message, _ in resumed_reporter.events)
+    steps = [d["step"] for d in resumed_reporter.of_type("metrics")]
+    assert steps == list(range(saved_step + 1, whole.position.step + 1))
+    expected = {d["step"]: d for d in whole_reporter.of_type("metrics")}
+    for got in resumed_reporter.of_type("metrics"):
+        for name in ("train_loss", "train_rewards_margins", "train_rewards_accuracies"):
+            assert got[name] == pytest.approx(expected[got["step"]][name], abs=1e-5), name
+    assert resumed_reporter.of_type("eval")[-1]["valid_loss"] == pytest.approx(
+        whole_reporter.of_type("eval")[-1]["valid_loss"], abs=1e-5
+    )
+    final, reference = resumed.trainable_state(), whole.trainable_state()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

@@ -33,7 +33,7 @@ from app.models.repository import find_model
 from worker import lifecycle
 from worker.checkpoints import CheckpointUnreadable, JobCheckpoints, store_artifact
 from worker.lifecycle import Heartbeat, JobAttempt, JobReporter
-from worker.training import job_recipe
+from worker.training import job_recipe, starting_weights
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,9 @@ def _train_and_publish(
     checkpoints = JobCheckpoints(settings, storage, job)
     # Where to start from first: an attempt that cannot read its checkpoint now goes back before loading anything.
     resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
-    recipe = job_recipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints)
-    recipe.setup(resume=resume)
+    with starting_weights(settings, storage, job) as start_from:
+        recipe = job_recipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints, start_from)
+        recipe.setup(resume=resume)
     if how:
         reporter.event("log", f"attempt {job.attempt}: {how}", {"step": recipe.position.step})
     metrics = recipe.train()

@@ -46,7 +46,7 @@ def conversations(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
         raise LineIssue(ErrorCode.unknown_field, f"input: unknown field(s) {', '.join(n[:40] for n in unknown[:5])}")
     messages = given["messages"]
     if not isinstance(messages, list) or not messages:
-        raise LineIssue(ErrorCode.invalid_type, 'input.messages must be a non-empty list')
+        raise LineIssue(ErrorCode.invalid_type, "input.messages must be a non-empty list")
     if not all(isinstance(message, dict) for message in messages):
         raise LineIssue(ErrorCode.invalid_type, "input.messages: every message must be an object with role and content")
     # The input's assistant turns are context, never trained on.

@@ -61,7 +61,10 @@ def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], *, spli
         head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
         pieces = []
         for start in range(0, hidden.shape[0], LOSS_CHUNK_POSITIONS):
-            chunk, chunk_targets = hidden[start : start + LOSS_CHUNK_POSITIONS], picked[start : start + LOSS_CHUNK_POSITIONS]
+            chunk, chunk_targets = (
+                hidden[start : start + LOSS_CHUNK_POSITIONS],
+                picked[start : start + LOSS_CHUNK_POSITIONS],
+            )
             if torch.is_grad_enabled() and hidden.shape[0] > LOSS_CHUNK_POSITIONS:
                 pieces.append(checkpoint(_token_log_probs, head, chunk, chunk_targets, use_reentrant=False))
             else:
@@ -206,7 +209,9 @@ def reference_table(pairs: list[PreferencePair]) -> torch.Tensor | None:
 
 def set_references(pairs: list[PreferencePair], table: torch.Tensor) -> None:
     if table.shape != (len(pairs), 2):
-        raise ValueError(f"the checkpoint's reference log-probabilities are for {table.shape[0]} pairs, not {len(pairs)}")
+        raise ValueError(
+            f"the checkpoint's reference log-probabilities are for {table.shape[0]} pairs, not {len(pairs)}"
+        )
     for pair, (chosen, rejected) in zip(pairs, table.tolist(), strict=True):
         pair.reference = (chosen, rejected)
 

@@ -123,7 +123,9 @@ class Preference(Objective):
 
     def prepare(self, recipe: TrainingRecipe) -> None:
         if list(without_dropout(recipe.model)):
-            recipe.reporter.event("log", "dropout is off for DPO (as in TRL): the policy is compared with the reference")
+            recipe.reporter.event(
+                "log", "dropout is off for DPO (as in TRL): the policy is compared with the reference"
+            )
 
     def _datasets(self, recipe: TrainingRecipe) -> dict[str, Any]:
         found = {"train": recipe.train_data}

@@ -30,8 +30,8 @@ from app.ml.objectives import SFT
 from app.ml.training.base_models import own_trained_tensors
 from app.ml.training.data import Dataset, batches
 from app.ml.training.loss import PACKING_ARCHITECTURES
-from app.ml.training.objectives import objective_for
 from app.ml.training.memory import micro_batch_budget
+from app.ml.training.objectives import objective_for
 from app.ml.training.protocols import Checkpointer, Reporter, StopRequested, StopSignal, TrainingError, never
 from app.ml.training.schedule import EarlyStopping, learning_rate_factor
 
