@@ -27,6 +27,7 @@ from app.core.storage import ObjectStorage
 from app.jobs import state
 from app.jobs.state import ClaimedJob, JobCancelled, JobLost
 from app.ml.models import ModelRecord
+from app.ml.objectives import init_from
 from app.ml.training import StopRequested, TrainingError
 from app.ml.training.memory import release_device_memory
 from app.models.repository import find_model
@@ -231,6 +232,8 @@ def _train_and_publish(
     with starting_weights(settings, storage, job) as start_from:
         recipe = job_recipe(settings, storage, job, base_model_of(settings, job), reporter, checkpoints, start_from)
         recipe.setup(resume=resume)
+    if start_from is not None and resume is None:
+        reporter.event("log", f"training starts from the weights of {init_from(job.hyperparameters)}")
     if how:
         reporter.event("log", f"attempt {job.attempt}: {how}", {"step": recipe.position.step})
     metrics = recipe.train()
