@@ -37,7 +37,7 @@ from common import (  # bench/, beside this
 )
 from process_memory import MEMORY_LIMIT_STATUS, guard_memory, hand_back, rss_peak_mib, run_child, touch_weights
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (a paragraph of words reads better than a list of 49 strings)
     "the a river stone light morning window garden letter quiet road city evening bread market music harbor "
     "mountain winter paper story friend careful bright slowly across under between over through near after "
     "before because while still often never always simple early late warm cold green blue golden old new"

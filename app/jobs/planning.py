@@ -187,7 +187,7 @@ def plan_job(
             raise InvalidInput(f"{param}: file {file.id} is not a fine-tune file", param=param)
         if file.format not in FILE_FORMATS[request.objective]:
             raise InvalidInput(
-                f"{param}: file {file.id} holds {file.format} examples, and a {request.objective} job trains on "
+                f"{param}: file {file.id} holds {file.format} examples; objective {request.objective} trains on "
                 f"{' or '.join(FILE_FORMATS[request.objective])} examples"
                 + (' (preference lines need "objective": "dpo")' if file.format == "preference" else ""),
                 param=param,
