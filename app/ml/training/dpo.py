@@ -127,6 +127,7 @@ def preference_passes(
     placement: Placement | None = None,
     scaler: torch.amp.GradScaler | None = None,
     backward: bool = True,
+    extra_positions: int = 0,
 ) -> PreferenceStats:
     """Forward (and, with `backward`, backward) passes of one step's pairs, one micro-batch under the token budget
     at a time. Each micro-batch's summed pair losses are divided by the pairs of the whole step: the gradients are
@@ -136,7 +137,7 @@ def preference_passes(
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
     totals = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(3)]
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for group in pair_micro_batches(pairs, max_batch_tokens):
+    for group in pair_micro_batches(pairs, max_batch_tokens, extra_positions):
         batch = _on(device, collate_pairs(group, pad_token_id))
         reference = _reference(model, group, batch, split_head=split_head, autocast=autocast)
         with autocast:
@@ -188,11 +189,12 @@ def precompute_reference(
     max_batch_tokens: int,
     split_head: bool,
     placement: Placement | None = None,
+    extra_positions: int = 0,
 ) -> None:
     """Each pair's reference log-probabilities from `model` as it is now (before training), kept on the pair."""
     device = next(model.parameters()).device
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
-    for group in pair_micro_batches(pairs, max_batch_tokens):
+    for group in pair_micro_batches(pairs, max_batch_tokens, extra_positions):
         batch = _on(device, collate_pairs(group, pad_token_id))
         with autocast:
             chosen, rejected = sequence_log_probs(model, batch, split_head=split_head).chunk(2)

@@ -150,6 +150,7 @@ class Preference(Objective):
                     max_batch_tokens=recipe.max_batch_tokens,
                     split_head=recipe.split_head,
                     placement=recipe.placement,
+                    extra_positions=recipe.extra_positions,
                 )
         finally:
             recipe.model.train(training)
@@ -165,6 +166,7 @@ class Preference(Objective):
             max_batch_tokens=recipe.max_batch_tokens,
             split_head=recipe.split_head,
             placement=recipe.placement,
+            extra_positions=recipe.extra_positions,
             scaler=recipe.scaler,
         )
         return StepResult(stats.loss, stats.input_tokens, stats.metrics("train"))
@@ -178,6 +180,7 @@ class Preference(Objective):
             max_batch_tokens=recipe.max_batch_tokens,
             split_head=recipe.split_head,
             placement=recipe.placement,
+            extra_positions=recipe.extra_positions,
             backward=False,
         )
         return stats.metrics("valid")

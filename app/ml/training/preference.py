@@ -60,14 +60,17 @@ def encode_pairs(records: Iterable[dict[str, Any]], tokenizer: Any, max_seq_leng
     return PreferenceDataset(pairs, truncated, dropped)
 
 
-def pair_micro_batches(pairs: list[PreferencePair], max_batch_tokens: int) -> list[list[PreferencePair]]:
-    """Groups of pairs whose padded rows (both sides of every pair, each as wide as the group's widest) stay within
-    max_batch_tokens: a pair's two sides always share a micro-batch. Sorted by width, so each group pads little;
-    a pair wider than the budget on its own is a group by itself."""
+def pair_micro_batches(
+    pairs: list[PreferencePair], max_batch_tokens: int, extra_positions: int = 0
+) -> list[list[PreferencePair]]:
+    """Groups of pairs whose padded rows (both sides of every pair, each as wide as the group's widest, plus the
+    method's `extra_positions`: virtual tokens) stay within max_batch_tokens: a pair's two sides always share a
+    micro-batch. Sorted by width, so each group pads little; a pair wider than the budget on its own is a group
+    by itself."""
     groups: list[list[PreferencePair]] = []
     current: list[PreferencePair] = []
     for pair in sorted(pairs, key=lambda p: p.width):
-        if current and 2 * (len(current) + 1) * pair.width > max_batch_tokens:
+        if current and 2 * (len(current) + 1) * (pair.width + extra_positions) > max_batch_tokens:
             groups.append(current)
             current = []
         current.append(pair)
