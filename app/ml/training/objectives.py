@@ -39,6 +39,9 @@ class StepResult:
 class Objective:
     name: str
     packs_examples: bool  # whether the recipe may pack several examples into one row
+    # Whether its rows pad little without packing (sorted by length): then a CPU's smaller micro-batch budget,
+    # which packed rows get, suits them too (memory.micro_batch_budget).
+    pads_little: bool = False
 
     def encode(self, records: Iterable[dict[str, Any]], tokenizer: Any, max_seq_length: int) -> Any:
         """A dataset: `.examples` (what steps are made of), `.n_truncated`, `.n_dropped`."""
@@ -113,6 +116,7 @@ class Preference(Objective):
 
     name = DPO
     packs_examples = False  # a pair's two sides are rows of their own, compared with each other
+    pads_little = True  # pairs sorted by width
 
     def __init__(self, beta: float, *, precomputed: bool) -> None:
         self.beta = beta

@@ -135,7 +135,7 @@ class TrainingRecipe:
         )
         self.pack = self.split_head and self.objective.packs_examples
         self.max_batch_tokens = micro_batch_budget(
-            self.model, self.placement, self.limits.max_batch_tokens, packed=self.pack
+            self.model, self.placement, self.limits.max_batch_tokens, packed=self.pack or self.objective.pads_little
         )
         self.model.train()
         groups = self.method.param_groups(self.model, self.hp)
