@@ -342,3 +342,19 @@ def test_delete_commands_free_an_adapter_and_an_ended_job(tuneforge: Cli, settin
     assert tuneforge.json("jobs", "list")["data"] == []
     gone = tuneforge("jobs", "get", job_id)
     assert gone.returncode == 1 and gone.stderr.startswith(f"error: no job with id '{job_id}'")
+
+
+@embedded
+def test_jobs_create_takes_the_dpo_objective(tuneforge: Cli, tmp_path: Path) -> None:
+    pair = {
+        "input": {"messages": [{"role": "user", "content": "Pick a colour."}]},
+        "preferred_output": [{"role": "assistant", "content": "Blue."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Red."}],
+    }
+    file_id = tuneforge.ok("files", "upload", write(tmp_path / "prefs.jsonl", [json.dumps(pair)] * 4)).strip()
+    common = ("jobs", "create", "--training-file", file_id, "--model", "tiny-random-llama", "--dry-run")
+    plan = tuneforge.json(*common, "--objective", "dpo", "-H", "beta=0.2")
+    assert plan["hyperparameters"]["objective"] == "dpo" and plan["hyperparameters"]["beta"] == 0.2
+    refused = tuneforge(*common)  # a supervised job on a preference file
+    assert refused.returncode == 1 and "error: training_file: " in refused.stderr, refused.stderr
+    assert 'preference lines need "objective": "dpo"' in refused.stderr

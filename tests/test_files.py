@@ -108,7 +108,6 @@ def test_openai_features_tuneforge_does_not_train_on_are_refused_line_by_line(
         json.dumps({"messages": [user, {"role": "tool", "content": "{}", "tool_call_id": "c1"}, answer]}),
         json.dumps({"messages": [user, answer], "tools": [{"type": "function", "function": {"name": "w"}}]}),
         json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, answer]}),
-        json.dumps({"input": {"messages": [user]}, "preferred_output": [answer], "non_preferred_output": [answer]}),
         json.dumps({"messages": [user, {**answer, "weight": 0}]}),
     ]
     r = upload(client, tenant, jsonl(lines))
@@ -120,15 +119,13 @@ def test_openai_features_tuneforge_does_not_train_on_are_refused_line_by_line(
         # ...and a well-formed one is accepted when no model is named, to be counted by its job's model
         # (tests/test_tool_files.py; naming a model without tool support refuses it).
         (5, "unsupported_feature"),
-        (6, "unsupported_feature"),
-        (7, "no_assistant_message"),
+        (6, "no_assistant_message"),
     ]
     messages = [e["message"] for e in errors]
     assert messages[0] == 'messages[1].tool_calls[0].function: missing field "arguments"'
     assert messages[1].startswith('messages[1].tool_call_id: "c1" answers no unanswered call')
     assert "content parts" in messages[2] and "give content as a string" in messages[2]
-    assert "preference (DPO) examples" in messages[3]
-    assert '"weight": 0' in messages[4]
+    assert '"weight": 0' in messages[3]
     assert stored_datasets(settings) == []
 
 

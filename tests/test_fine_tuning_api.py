@@ -162,7 +162,7 @@ def test_tuneforge_methods_go_through_the_method_object_and_jobs_cancel(openai_c
     ("request_", "param", "says"),
     [
         ({"model": "gpt-4o-mini"}, "model", "unknown model 'gpt-4o-mini'; available: "),
-        ({"method": {"type": "dpo", "dpo": {}}}, "method.type", "dpo fine-tuning is not supported yet"),
+        ({"method": {"type": "dpo", "dpo": {}}}, "training_file", "objective dpo trains on preference examples"),
         ({"method": {"type": "reinforcement"}}, "method.type", "not supported yet"),
         (
             {"method": {"type": "lora", "lora": {"hyperparameters": {"lora_rank": 8}}}},

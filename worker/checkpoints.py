@@ -27,7 +27,7 @@ from app.core.usage import StorageQuotaExceeded, check_storage
 from app.jobs import checkpoints, repository
 from app.jobs.state import ClaimedJob, JobCancelled, JobLost, owned
 from app.ml import adapter_format
-from app.ml.methods import METHODS
+from app.ml.objectives import stored_hyperparameters
 from app.ml.training import TrainingError, TrainingRecipe
 from worker.lifecycle import retrying
 
@@ -117,7 +117,7 @@ class JobCheckpoints:
         self.settings = settings
         self.storage = storage
         self.job = job
-        self.keep = METHODS[job.method].hyperparameters.model_validate(job.hyperparameters).keep_checkpoints
+        self.keep = stored_hyperparameters(job.method, job.hyperparameters).keep_checkpoints
 
     def _retrying(self, what: str, write: Any) -> Any:
         return retrying(self.settings.db_retry_seconds, what, write)

@@ -27,13 +27,14 @@ from app.core.storage import ObjectStorage
 from app.jobs import state
 from app.jobs.state import ClaimedJob, JobCancelled, JobLost
 from app.ml.models import ModelRecord
+from app.ml.objectives import init_from
 from app.ml.training import StopRequested, TrainingError
 from app.ml.training.memory import release_device_memory
 from app.models.repository import find_model
 from worker import lifecycle
 from worker.checkpoints import CheckpointUnreadable, JobCheckpoints, store_artifact
 from worker.lifecycle import Heartbeat, JobAttempt, JobReporter, stop_requested
-from worker.training import job_recipe
+from worker.training import job_recipe, starting_weights
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +241,20 @@ def _train_and_publish(
     checkpoints = JobCheckpoints(settings, storage, job)
     # Where to start from first: an attempt that cannot read its checkpoint now goes back before loading anything.
     resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
-    recipe = job_recipe(
-        settings, storage, job, base_model_of(settings, job), reporter, checkpoints, stop=reporter.should_stop
-    )
-    recipe.setup(resume=resume)
+    with starting_weights(settings, storage, job) as start_from:
+        recipe = job_recipe(
+            settings,
+            storage,
+            job,
+            base_model_of(settings, job),
+            reporter,
+            checkpoints,
+            start_from,
+            stop=reporter.should_stop,
+        )
+        recipe.setup(resume=resume)
+    if start_from is not None and resume is None:
+        reporter.event("log", f"training starts from the weights of {init_from(job.hyperparameters)}")
     if how:
         reporter.event("log", f"attempt {job.attempt}: {how}", {"step": recipe.position.step})
     metrics = recipe.train()

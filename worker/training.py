@@ -4,17 +4,26 @@ the worker's device, its progress to the job's row, its checkpoints to the objec
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+from app.adapters.service import get_servable
+from app.core.db import session_scope
 from app.core.error_codes import ErrorCode
+from app.core.errors import NotFound
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs.state import ClaimedJob
+from app.ml import adapter_format
 from app.ml.device import PlacementError, resolve_placement
 from app.ml.methods import METHODS
 from app.ml.methods.base import MethodContext, MethodUnavailable
 from app.ml.models import ModelRecord, ModelStore, ModelUnavailable
+from app.ml.objectives import init_from, objective_of, stored_hyperparameters
 from app.ml.training import (
     Checkpointer,
     RecipeLimits,
@@ -45,11 +54,13 @@ def job_recipe(
     record: ModelRecord,
     reporter: Reporter,
     checkpointer: Checkpointer | None,
+    start_from: Path | None = None,
     *,
     stop: StopSignal = stop_requested,
 ) -> TrainingRecipe:
     """The recipe that trains `job` on this worker (set up by `recipe.setup`), or a TrainingError the user can
-    act on (device, base model or method unavailable; unreadable data)."""
+    act on (device, base model or method unavailable; unreadable data). `start_from`: the unpacked artifact of
+    the fine-tuned model the job continues from (`starting_weights`)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     try:
@@ -61,7 +72,7 @@ def job_recipe(
             code=ErrorCode.device_unavailable,
         ) from None
     method = METHODS[job.method]
-    hyperparameters = method.hyperparameters.model_validate(job.hyperparameters)
+    hyperparameters = stored_hyperparameters(job.method, job.hyperparameters)
     models = ModelStore(settings.models_dir, storage)
     try:
         tokenizer = models.tokenizer(record)
@@ -86,4 +97,36 @@ def job_recipe(
         stop=stop,
         checkpointer=checkpointer,
         name=f"job {job.id}",
+        objective=objective_of(job.hyperparameters),
+        start_from=start_from,
     )
+
+
+@contextmanager
+def starting_weights(settings: Settings, storage: ObjectStorage, job: ClaimedJob) -> Iterator[Path | None]:
+    """The artifact of the adapter or checkpoint the job continues from, unpacked in a temporary folder while the
+    context lasts (the recipe's setup reads it); None for a job that starts from its base model."""
+    source = init_from(job.hyperparameters)
+    if source is None:
+        yield None
+        return
+    gone = TrainingError(
+        f"{source}, the fine-tuned model this job continues from, was deleted or its stored files are missing or "
+        "damaged; create the job again from another one",
+        code=ErrorCode.adapter_unavailable,
+    )
+    try:
+        with session_scope(settings.db_url) as session:
+            row = get_servable(session, tenant_id=job.tenant_id, adapter_id=source)
+            key, sha256 = row.storage_key, row.sha256
+    except NotFound:
+        raise gone from None
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="start-", dir=settings.tmp_dir) as tmp:
+        archive = Path(tmp) / "start.tar.gz"
+        try:
+            if storage.download(key, archive) != sha256:
+                raise gone
+        except FileNotFoundError:
+            raise gone from None
+        yield adapter_format.unpack(archive, Path(tmp) / "artifact")

@@ -69,10 +69,22 @@ def jobs_create(
         str, typer.Option("--training-file", metavar="FILE_ID", help="An uploaded file's id (`files upload`)")
     ],
     model: Annotated[
-        str | None, typer.Option("--model", help="The base model to fine-tune (default: the service's default)")
+        str | None,
+        typer.Option(
+            "--model",
+            help="The base model to fine-tune (default: the service's default), or one of your adapters or "
+            "checkpoints to continue from",
+        ),
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="The fine-tuning method, e.g. lora, qlora, full (default: lora)")
+        str | None,
+        typer.Option(
+            help="The fine-tuning method, e.g. lora, qlora, full (default: lora; --model an adapter: its method)"
+        ),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="sft (default: supervised) or dpo (preference pairs; hyperparameter beta)"),
     ] = None,
     validation_file: Annotated[
         str | None, typer.Option("--validation-file", metavar="FILE_ID", help="An uploaded file to evaluate on")
@@ -114,7 +126,13 @@ def jobs_create(
         "training_file": training_file,
         "hyperparameters": _hyperparameters(hyperparameters, hyperparameter or []),
     }
-    optional = {"base_model": model, "method": method, "validation_file": validation_file, "suffix": suffix}
+    optional = {
+        "base_model": model,
+        "method": method,
+        "objective": objective,
+        "validation_file": validation_file,
+        "suffix": suffix,
+    }
     body.update({k: v for k, v in optional.items() if v is not None})
     if dry_run:
         body["dry_run"] = True
@@ -203,7 +221,7 @@ def jobs_get(job_id: JobId, as_json: AsJson = False, api_url: ApiUrl = DEFAULT_A
         ("id", job["id"]),
         ("status", job["status"] + (f" (attempt {job['attempt']})" if job["attempt"] > 1 else "")),
         ("model", job["base_model"]),
-        ("method", job["method"]),
+        ("method", job["method"] + (f", {job['objective']}" if job.get("objective", "sft") != "sft" else "")),
         ("step", _progress_text(job) or str(job["progress"]["step"])),
         ("epoch", str(job["progress"]["epoch"])),
         ("train loss", str(metrics.get("train_loss", ""))),

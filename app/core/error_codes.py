@@ -45,6 +45,7 @@ class ErrorCode(StrEnum):
     invalid_file_for_model = "invalid_file_for_model"
     file_not_found = "file_not_found"
     file_in_use = "file_in_use"
+    file_format_mismatch = "file_format_mismatch"  # a preference file for a supervised job, or the other way
     file_unavailable = "file_unavailable"  # also a failed job's
     # --- lines of an upload (the rejected upload's report) -------------------------------------------------
     line_too_long = "line_too_long"
@@ -77,6 +78,7 @@ class ErrorCode(StrEnum):
     no_chat_template = "no_chat_template"  # also a line of an upload
     no_tool_support = "no_tool_support"  # also a line of an upload
     unsupported_method = "unsupported_method"
+    method_mismatch = "method_mismatch"  # a job continues from a fine-tuned model of another method
     method_unavailable = "method_unavailable"  # also a failed job's
     example_too_long = "example_too_long"
     job_not_cancellable = "job_not_cancellable"

@@ -9,11 +9,12 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from app.core.errors import ErrorCode, InvalidInput
+from app.ml import preference
 from app.ml.formatting import render_chat, render_chat_spans
 from app.ml.jsonl import Line, LineIssue, parse_line
 from app.ml.tool_calls import RESULT_ROLES, ToolLineChecker, chat_inputs, is_tool_record
 
-FORMATS = ("chat", "prompt_completion", "text")
+FORMATS = ("chat", "prompt_completion", "text", "preference")
 ROLES = ("system", "user", "assistant", *RESULT_ROLES)
 MESSAGE_FIELDS = {"role", "content", "name", "weight"}
 ROLE_FIELDS = {"assistant": {"tool_calls", "function_call"}, "tool": {"tool_call_id"}}
@@ -62,8 +63,8 @@ def _unsupported(what: str) -> LineIssue:
 
 
 def detect_format(record: dict[str, Any]) -> str:
-    if "preferred_output" in record or "non_preferred_output" in record:
-        raise _unsupported('preference (DPO) examples ("input", "preferred_output", "non_preferred_output")')
+    if preference.is_preference(record):
+        return "preference"
     if "messages" in record:
         return "chat"
     if "prompt" in record or "completion" in record:
@@ -72,7 +73,8 @@ def detect_format(record: dict[str, Any]) -> str:
         return "text"
     raise LineIssue(
         ErrorCode.unknown_format,
-        'expected one of: {"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...}',
+        'expected one of: {"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...}, '
+        '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}',
     )
 
 
@@ -87,6 +89,14 @@ def _require_string(record: dict[str, Any], key: str, where: str = "") -> str:
 
 def check_record(record: dict[str, Any], fmt: str) -> None:
     """Raise LineIssue naming the first problem of one record in the given format."""
+    if fmt == "preference":  # two conversations, each checked as a chat line, named as the line has them
+        n_input = len(record.get("input", {}).get("messages", [])) if isinstance(record.get("input"), dict) else 0
+        for output, chat in zip(preference.OUTPUTS, preference.conversations(record), strict=True):
+            try:
+                check_record(chat, "chat")
+            except LineIssue as issue:
+                raise LineIssue(issue.code, preference.where_in_line(issue.message, n_input, output)) from None
+        return
     if fmt == "chat":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -160,8 +170,11 @@ def check_record(record: dict[str, Any], fmt: str) -> None:
 def texts_to_tokenize(tokenizer: Any, record: dict[str, Any], fmt: str) -> tuple[list[str], int]:
     """The strings whose tokens make up the training example, and how many special tokens are added.
 
-    Mirrors `app.ml.formatting.encode_record` without computing labels, so counting stays cheap.
+    Mirrors `app.ml.formatting.encode_record` without computing labels, so counting stays cheap. A preference
+    line gives its two conversations, each a sequence of its own.
     """
+    if fmt == "preference":
+        return [texts_to_tokenize(tokenizer, chat, "chat")[0][0] for chat in preference.conversations(record)], 0
     if fmt == "chat":
         messages, tools = chat_inputs(record)
         if tools is not None:  # located turn by turn, as training will: a template that cannot is a line error now
@@ -200,16 +213,19 @@ class LineValidator:
         self.report = ValidationReport()
         self._texts: list[str] = []
         self._chars = 0
-        self._examples: list[tuple[int, int]] = []  # per pending example: (number of texts, special tokens)
+        # Per pending example: (number of texts, special tokens, whether each text is a sequence of its own: the two
+        # conversations of a preference line, whose longer one must fit max_seq_length).
+        self._examples: list[tuple[int, int, bool]] = []
 
     def _count_pending(self) -> None:
         if not self._texts:
             return
         encoded = iter(self.tokenizer(self._texts, add_special_tokens=False)["input_ids"])
-        for n_texts, n_special in self._examples:
-            n = n_special + sum(len(next(encoded)) for _ in range(n_texts))
-            self.report.n_tokens += n
-            self.report.max_example_tokens = max(self.report.max_example_tokens, n)
+        for n_texts, n_special, separate in self._examples:
+            lengths = [len(next(encoded)) for _ in range(n_texts)]
+            sequences = [n_special + n for n in lengths] if separate else [n_special + sum(lengths)]
+            self.report.n_tokens += sum(sequences)
+            self.report.max_example_tokens = max(self.report.max_example_tokens, *sequences)
         self._texts, self._examples, self._chars = [], [], 0
 
     def finish(self) -> ValidationReport:
@@ -235,7 +251,7 @@ class LineValidator:
                     ErrorCode.mixed_formats, f"line is in {fmt} format but the file is in {self.report.format} format"
                 )
             check_record(record, fmt)
-            if fmt == "chat" and self.tokenizer.chat_template is None:
+            if fmt in ("chat", "preference") and self.tokenizer.chat_template is None:
                 raise InvalidInput(
                     f"the file holds conversations but {self.model_id} has no chat template to render them: upload "
                     "it with `base_model` set to a chat model (GET /v1/models lists them), or use prompt/completion "
@@ -272,12 +288,12 @@ class LineValidator:
                 f"the chat template of {self.model_id} cannot render this conversation{said}",
             )
             return
-        self._pending(texts, n_special)
+        self._pending(texts, n_special, separate=fmt == "preference")
 
-    def _pending(self, texts: list[str], n_special: int) -> None:
+    def _pending(self, texts: list[str], n_special: int, *, separate: bool = False) -> None:
         self._texts.extend(texts)
         self._chars += sum(len(text) for text in texts)
-        self._examples.append((len(texts), n_special))
+        self._examples.append((len(texts), n_special, separate))
         self.report.n_examples += 1
         if len(self._texts) >= self.BATCH or self._chars >= self.BATCH_CHARS:
             self._count_pending()

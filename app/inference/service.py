@@ -26,8 +26,8 @@ from app.core.metrics import Metrics
 from app.core.models import Adapter, Job
 from app.core.settings import Settings
 from app.ml.formatting import encode_chat_prompt, encode_prompt
-from app.ml.methods import METHODS
 from app.ml.models import ModelRecord, ModelStore, ModelUnavailable
+from app.ml.objectives import stored_hyperparameters
 from app.ml.serving import (
     AdapterRef,
     AdapterUnavailable,
@@ -180,7 +180,7 @@ def _resolve(
     virtual_tokens = 0
     job = session.get(Job, adapter.job_id)
     if job is not None:  # what the trained method puts before the prompt (its hyperparameters, as it trained)
-        trained = METHODS[adapter.method].hyperparameters.model_validate(job.hyperparameters)
+        trained = stored_hyperparameters(adapter.method, job.hyperparameters)
         virtual_tokens = trained.reserved_positions()
     ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method)
     return found, ref, virtual_tokens

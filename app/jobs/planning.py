@@ -18,21 +18,29 @@ from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.files import repository as files_repository
 from app.files.service import count_outside, token_counts
+from app.jobs import starting
+from app.jobs.starting import StartingPoint
 from app.ml import footprint
 from app.ml.device import cuda_training_available
 from app.ml.footprint import Footprint
 from app.ml.hyperparameters import HyperparameterError, TrainingHyperparameters
 from app.ml.methods import METHODS
 from app.ml.models import ModelRecord, ModelStore, ModelUnavailable
+from app.ml.objectives import FILE_FORMATS, OBJECTIVES, SFT, hyperparameters_class
 from app.models.service import model_unavailable, require_model
 
 T = TypeVar("T")
 
 
-def checked_hyperparameters(method: str, values: dict[str, Any], base_model: ModelRecord) -> TrainingHyperparameters:
-    """The method's hyperparameters, checked (also against the base model) and with every default filled in; a
-    422 naming the field otherwise."""
-    model = METHODS[method].hyperparameters
+DEFAULT_METHOD = "lora"
+
+
+def checked_hyperparameters(
+    method: str, values: dict[str, Any], base_model: ModelRecord, objective: str = SFT
+) -> TrainingHyperparameters:
+    """The method's hyperparameters (and the objective's: DPO's beta), checked (also against the base model) and
+    with every default filled in; a 422 naming the field otherwise."""
+    model = hyperparameters_class(method, objective)
     try:
         return model.model_validate(values).for_model(base_model)
     except HyperparameterError as exc:
@@ -56,13 +64,16 @@ class JobSpec:
     """What a user asks to train, whichever API they ask through (native `/jobs` or OpenAI's
     `/v1/fine_tuning/jobs`): the domain arguments of `plan_job`, `create_job` and `submit_job`."""
 
-    base_model: str | None  # None: the deployment's default
-    method: str
+    base_model: str | None  # None: the deployment's default; an adapter or checkpoint: continue from it
+    method: str | None  # None: lora, or the method of the fine-tuned model it continues from
     training_file: str
     validation_file: str | None = None
     suffix: str | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] | None = None
+    objective: str = SFT
+    # OpenAI's: the learning rate as a multiple of the method's default (known once the method is)
+    learning_rate_multiplier: float | None = None
 
 
 @dataclass
@@ -75,6 +86,11 @@ class JobPlan:
     hyperparameters: TrainingHyperparameters
     files: dict[str, tuple[File, FileTokenCount]]  # training_file / validation_file -> the row and its counts
     footprint: Footprint  # what the job will store at most: reserved against the tenant's storage quota
+    start: StartingPoint | None = None  # the fine-tuned model it continues from
+
+    def stored_hyperparameters(self) -> dict[str, Any]:
+        """What the job stores (and shows) as its hyperparameters."""
+        return starting.stored(self.hyperparameters.model_dump(mode="json"), self.start)
 
 
 class NotSized(Exception):
@@ -122,22 +138,38 @@ def plan_job(
     """Every check of a job request, short of creating it. `cuda_training`: whether this service's workers train
     on CUDA (methods that need it are refused without). A file whose tokens are not counted yet with the
     model's tokenizer raises TokensNotCounted, and a job not sized yet NotSized: run it under `planned_outside`."""
-    base_model = request.base_model or default_base_model
+    start = (
+        starting.starting_point(session, tenant_id=tenant_id, model=request.base_model)
+        if request.base_model is not None
+        else None
+    )
+    base_model = start.base_model if start is not None else request.base_model or default_base_model
     # Locked (PostgreSQL, shared) until the job is committed: `tuneforge models remove` waits, then sees the job.
     record = require_model(session, model_id=base_model, lock=True)
-    if request.method not in METHODS:
+    method = request.method or (start.method if start is not None else DEFAULT_METHOD)
+    if method not in METHODS:
+        raise InvalidInput(f"unknown method {clip(method)}; available: {', '.join(METHODS)}", param="method")
+    if METHODS[method].needs_cuda and not cuda_training:
         raise InvalidInput(
-            f"unknown method {clip(request.method)}; available: {', '.join(METHODS)}",
-            param="method",
-        )
-    if METHODS[request.method].needs_cuda and not cuda_training:
-        raise InvalidInput(
-            f"method {request.method} needs a CUDA GPU (and the bitsandbytes package), and this service trains "
+            f"method {method} needs a CUDA GPU (and the bitsandbytes package), and this service trains "
             "without one; use method lora, which trains the same adapters on the unquantized model",
             param="method",
             code=ErrorCode.method_unavailable,
         )
-    hyperparameters = checked_hyperparameters(request.method, request.hyperparameters, record)
+    if request.objective not in OBJECTIVES:
+        raise InvalidInput(
+            f"unknown objective {clip(request.objective)}; available: {', '.join(OBJECTIVES)}", param="objective"
+        )
+    values = dict(request.hyperparameters)
+    if start is not None:
+        _check_continuable(start, record, method)
+        values = starting.with_inherited(start, values)
+    if request.learning_rate_multiplier is not None:
+        default_rate = METHODS[method].hyperparameters.model_fields["learning_rate"].default
+        values["learning_rate"] = request.learning_rate_multiplier * float(default_rate)
+    hyperparameters = checked_hyperparameters(method, values, record, request.objective)
+    if start is not None:
+        starting.check_same_shape(start, hyperparameters.model_dump(mode="json"))
     if hyperparameters.early_stopping_patience and not (request.validation_file or hyperparameters.validation_split):
         raise InvalidInput(
             "hyperparameters.early_stopping_patience: early stopping needs a validation_file or a validation_split",
@@ -153,7 +185,15 @@ def plan_job(
             raise InvalidInput(f"{param}: no file with id {clip(file_id)}", param=param, code=ErrorCode.file_not_found)
         if file.purpose != "fine-tune":
             raise InvalidInput(f"{param}: file {file.id} is not a fine-tune file", param=param)
-        if file.format == "chat" and not record.chat_template:
+        if file.format not in FILE_FORMATS[request.objective]:
+            raise InvalidInput(
+                f"{param}: file {file.id} holds {file.format} examples; objective {request.objective} trains on "
+                f"{' or '.join(FILE_FORMATS[request.objective])} examples"
+                + (' (preference lines need "objective": "dpo")' if file.format == "preference" else ""),
+                param=param,
+                code=ErrorCode.file_format_mismatch,
+            )
+        if file.format in ("chat", "preference") and not record.chat_template:
             raise InvalidInput(
                 f"{param}: file {file.id} holds conversations but {record.id} has no chat template; use a chat "
                 "model, or prompt/completion data",
@@ -178,17 +218,35 @@ def plan_job(
             virtual_tokens=hyperparameters.reserved_positions(),
         )
         files[param] = (file, counts)
-    sized = footprint.cached(record, request.method, hyperparameters)
+    sized = footprint.cached(record, method, hyperparameters)
     if sized is None:
-        raise NotSized(record, request.method, hyperparameters)
+        raise NotSized(record, method, hyperparameters)
     return JobPlan(
         base_model=base_model,
-        method=request.method,
+        method=method,
         record=record,
         hyperparameters=hyperparameters,
         files=files,
         footprint=sized,
+        start=start,
     )
+
+
+def _check_continuable(start: StartingPoint, record: ModelRecord, method: str) -> None:
+    if start.base_model_revision not in (None, record.revision):
+        raise InvalidInput(
+            f"base_model: {start.id} was trained on {record.id} before it was registered again with other files; "
+            "it cannot be continued",
+            param="base_model",
+            code=ErrorCode.model_unavailable,
+        )
+    if method != start.method:
+        raise InvalidInput(
+            f"method: {start.id} was trained with method {start.method}; a job that continues from it trains the "
+            f"same method (leave method out, or give {start.method})",
+            param="method",
+            code=ErrorCode.method_mismatch,
+        )
 
 
 def _check_fits_token_budget(
@@ -254,7 +312,7 @@ def dry_run(session: Session, plan: JobPlan, *, tenant_id: str) -> dict[str, Any
     return {
         "object": "fine_tuning.job.dry_run",
         "base_model": plan.base_model,
-        "hyperparameters": hp.model_dump(mode="json"),
+        "hyperparameters": plan.stored_hyperparameters(),
         "train_examples": n_train,
         "held_out_examples": held_out,
         "steps_per_epoch": steps_per_epoch,

@@ -12,6 +12,7 @@ from app.core.pagination import ListPage
 from app.core.schemas import Schema, UnixTime, unix_time
 from app.jobs.planning import JobSpec
 from app.ml.methods import METHODS, hyperparameter_classes
+from app.ml.objectives import OBJECTIVES, SFT, hyperparameters_class, objective_of
 
 MAX_ID_CHARS = 64
 
@@ -19,11 +20,13 @@ MAX_ID_CHARS = 64
 def _hyperparameters_schema() -> dict[str, Any]:
     """The JSON schema of `hyperparameters`: one of the methods' hyperparameter objects."""
     return {
-        "description": "Hyperparameters of the chosen method; every field is optional",
+        "description": "Hyperparameters of the chosen method (with objective dpo, also `beta`); every field is "
+        "optional",
         "anyOf": [
             {**model.model_json_schema(), "title": f"{method} hyperparameters"}
             for method, model in hyperparameter_classes().items()
-        ],
+        ]
+        + [{**hyperparameters_class("lora", "dpo").model_json_schema(), "title": "lora hyperparameters with dpo"}],
     }
 
 
@@ -46,12 +49,24 @@ def estimated_finish(job: Job) -> int | None:
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str | None = Field(None, max_length=128, description="Registered base model id (default from settings)")
-    method: str = Field(
-        "lora",
+    base_model: str | None = Field(
+        None,
+        max_length=128,
+        description="Registered base model id (default from settings), or one of your adapters or checkpoints (its "
+        "id, or an adapter's name) to continue from its weights",
+    )
+    method: str | None = Field(
+        None,
         max_length=MAX_ID_CHARS,
-        description="Fine-tuning method",
+        description="Fine-tuning method (default lora; continuing from an adapter: its method, the only one allowed)",
         json_schema_extra={"enum": list(METHODS)},
+    )
+    objective: str = Field(
+        SFT,
+        max_length=16,
+        description="What loss trains: sft (supervised, on chat, prompt/completion or text files) or dpo (direct "
+        "preference optimization, on preference files; hyperparameter `beta`)",
+        json_schema_extra={"enum": list(OBJECTIVES)},
     )
     training_file: str = Field(..., max_length=MAX_ID_CHARS, description="Id of an uploaded training file")
     validation_file: str | None = Field(None, max_length=MAX_ID_CHARS, description="Id of an uploaded validation file")
@@ -76,6 +91,7 @@ class JobCreate(BaseModel):
             validation_file=self.validation_file,
             suffix=self.suffix,
             hyperparameters=self.hyperparameters,
+            objective=self.objective,
         )
 
 
@@ -117,6 +133,7 @@ class JobObject(BaseModel):
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     base_model: str
     method: str
+    objective: str = Field(description="sft or dpo")
     status: str
     training_file: str
     validation_file: str | None
@@ -148,6 +165,7 @@ class JobObject(BaseModel):
             id=job.id,
             base_model=job.base_model,
             method=job.method,
+            objective=objective_of(job.hyperparameters),
             status=job.status.value,
             training_file=job.training_file_id,
             validation_file=job.validation_file_id,

@@ -53,11 +53,11 @@ def create_job(
         tenant_id=tenant_id,
         base_model=base_model,
         base_model_revision=record.revision,
-        method=request.method,
+        method=plan.method,
         training_file_id=request.training_file,
         validation_file_id=request.validation_file,
         suffix=request.suffix,
-        hyperparameters=plan.hyperparameters.model_dump(mode="json"),
+        hyperparameters=plan.stored_hyperparameters(),
         user_metadata=request.metadata,
         reserved_bytes=reserved,
     )
@@ -304,6 +304,12 @@ CURVES = (
     "valid_loss",
     "valid_perplexity",
     "valid_token_accuracy",
+    # DPO jobs' (TRL's rewards/chosen, … under the job's names)
+    *(
+        f"{split}_rewards_{name}"
+        for split in ("train", "valid")
+        for name in ("chosen", "rejected", "margins", "accuracies")
+    ),
 )
 
 

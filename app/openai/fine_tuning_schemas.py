@@ -18,7 +18,8 @@ MAX_METADATA_PAIRS = 16  # OpenAI's limits on `metadata`
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 
-# OpenAI's own method types; `supervised` is Tuneforge's default method (LoRA), the others are refused.
+# OpenAI's own method types: `supervised` and `dpo` train Tuneforge's default method (LoRA, or the method of the
+# fine-tuned model a job continues from), `reinforcement` is refused.
 OPENAI_METHOD_TYPES = ("supervised", "dpo", "reinforcement")
 DEFAULT_METHOD = "lora"
 
@@ -41,6 +42,18 @@ class SupervisedSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hyperparameters: OpenAIHyperparameters | None = None
+
+
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: Annotated[float, Field(gt=0, le=10)] | Auto | None = Field(
+        None, description="How far the policy may move from the reference (default 0.1)"
+    )
+
+
+class DpoSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparameters | None = None
 
 
 def _method_hyperparameters_schema(method: str) -> dict[str, Any]:
@@ -76,7 +89,7 @@ _MethodBase = create_model(  # type: ignore[call-overload]
     "MethodBase",
     __config__=ConfigDict(extra="forbid"),
     supervised=(SupervisedSection | None, Field(None, description=f"With type supervised: {DEFAULT_METHOD}")),
-    dpo=(Unsupported | None, Field(None, max_length=16)),
+    dpo=(DpoSection | None, Field(None, description=f"With type dpo: {DEFAULT_METHOD} trained with DPO")),
     reinforcement=(Unsupported | None, Field(None, max_length=16)),
     **_TUNEFORGE_SECTIONS,
 )
@@ -87,9 +100,9 @@ class MethodObject(_MethodBase):  # type: ignore[misc, valid-type]
 
     type: str = Field(
         max_length=MAX_ID_CHARS,
-        description=f"`supervised` ({DEFAULT_METHOD}, OpenAI's name) or one of Tuneforge's methods; `dpo` and "
-        "`reinforcement` are not supported",
-        json_schema_extra={"enum": ["supervised", *METHODS]},
+        description=f"`supervised` or `dpo` ({DEFAULT_METHOD}, or the method of the fine-tuned model the job "
+        "continues from) or one of Tuneforge's methods; `reinforcement` is not supported",
+        json_schema_extra={"enum": ["supervised", "dpo", *METHODS]},
     )
 
 
@@ -100,7 +113,11 @@ MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_C
 class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(max_length=128, description="The base model to fine-tune (`GET /v1/models` lists them)")
+    model: str = Field(
+        max_length=128,
+        description="The base model to fine-tune, or one of your fine-tuned models (adapter or checkpoint) to continue "
+        "from (`GET /v1/models` lists them)",
+    )
     training_file: str = Field(max_length=MAX_ID_CHARS, description="Id of an uploaded `fine-tune` file")
     validation_file: str | None = Field(None, max_length=MAX_ID_CHARS)
     hyperparameters: OpenAIHyperparameters | None = Field(

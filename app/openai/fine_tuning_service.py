@@ -15,6 +15,7 @@ from app.core.schemas import unix_time
 from app.jobs.planning import JobSpec
 from app.jobs.schemas import estimated_finish
 from app.ml.methods import METHODS
+from app.ml.objectives import DPO, SFT, init_from, objective_of
 from app.openai.fine_tuning_schemas import (
     DEFAULT_METHOD,
     OPENAI_METHOD_TYPES,
@@ -28,15 +29,16 @@ from app.openai.fine_tuning_schemas import (
 EVENT_ID_PREFIX = "ftevent-"
 
 
-def method_of(body: FineTuningJobCreate) -> tuple[str, str]:
-    """(the `method.type` asked for, the Tuneforge method it names)."""
+def method_of(body: FineTuningJobCreate) -> tuple[str, str | None]:
+    """(the `method.type` asked for, the Tuneforge method it names: None for OpenAI's supervised and dpo, which
+    train the default method, or the method of the fine-tuned model the job continues from)."""
     asked = body.method.type if body.method is not None else "supervised"
-    if asked == "supervised":
-        return asked, DEFAULT_METHOD
+    if asked in ("supervised", "dpo"):
+        return asked, None
     if asked in OPENAI_METHOD_TYPES:
         raise InvalidInput(
-            f"method.type: {asked} fine-tuning is not supported yet; use supervised ({DEFAULT_METHOD}) or one of "
-            f"Tuneforge's methods: {', '.join(METHODS)}",
+            f"method.type: {asked} fine-tuning is not supported yet; use supervised or dpo ({DEFAULT_METHOD}) or "
+            f"one of Tuneforge's methods: {', '.join(METHODS)}",
             param="method.type",
             code=ErrorCode.unsupported_method,
         )
@@ -71,6 +73,7 @@ def job_spec(body: FineTuningJobCreate) -> JobSpec:
             )
         values = body.hyperparameters.model_dump(exclude_none=True)
     values = {name: value for name, value in values.items() if value != "auto"}
+    multiplier = None
     if "learning_rate_multiplier" in values:
         multiplier = values.pop("learning_rate_multiplier")
         if "learning_rate" in values:
@@ -83,7 +86,7 @@ def job_spec(body: FineTuningJobCreate) -> JobSpec:
                 f'method.{asked}.hyperparameters.learning_rate_multiplier: must be a positive number or "auto"',
                 param=f"method.{asked}.hyperparameters.learning_rate_multiplier",
             )
-        values["learning_rate"] = float(multiplier) * _default_learning_rate(method)
+        multiplier = float(multiplier)  # times the method's default, once the method is known (planning)
     if body.seed is not None:
         if values.get("seed", body.seed) != body.seed:
             raise InvalidInput("seed: differs from the seed in the method's hyperparameters", param="seed")
@@ -96,19 +99,21 @@ def job_spec(body: FineTuningJobCreate) -> JobSpec:
         suffix=body.suffix,
         hyperparameters=values,
         metadata=body.metadata,
+        objective=DPO if asked == "dpo" else SFT,
+        learning_rate_multiplier=multiplier,
     )
 
 
 def in_openai_terms(exc: AppError, body: FineTuningJobCreate) -> AppError:
     """A native error about a job request, naming the fields as the OpenAI request has them."""
     asked = body.method.type if body.method is not None else "supervised"
-    renames = {"base_model": "model"}
+    renames = {"base_model": "model", "method": "method.type"}
     if exc.param and exc.param.startswith("hyperparameters") and body.hyperparameters is None:
         renames[exc.param] = f"method.{asked}.{exc.param}"
     if exc.param in renames:
         new = renames[exc.param]
         exc.message = exc.message.replace(f"{exc.param}:", f"{new}:", 1).replace(
-            f"unknown {exc.param} ", "unknown model "
+            "unknown base_model ", "unknown model "
         )
         exc.param = new
     return exc
@@ -122,8 +127,12 @@ def job_object(job: Job) -> FineTuningJob:
         "learning_rate_multiplier": multiplier,
         "n_epochs": hp.get("n_epochs"),
     }
-    method: dict[str, Any] = {"type": job.method, job.method: {"hyperparameters": {**hp, **openai_hp}}}
-    if job.method == DEFAULT_METHOD:  # OpenAI's type, as its clients expect; every hyperparameter beside it
+    everything = {name: value for name, value in hp.items() if name not in ("objective", "init_from")}
+    method: dict[str, Any] = {"type": job.method, job.method: {"hyperparameters": {**everything, **openai_hp}}}
+    if objective_of(hp) == DPO:  # OpenAI's type and its four, every hyperparameter beside them
+        dpo = {**openai_hp, "beta": hp.get("beta")}
+        method = {"type": "dpo", "dpo": {"hyperparameters": dpo}, job.method: method[job.method]}
+    elif job.method == DEFAULT_METHOD:  # OpenAI's type, as its clients expect; every hyperparameter beside it
         method = {"type": "supervised", "supervised": {"hyperparameters": openai_hp}, job.method: method[job.method]}
     return FineTuningJob(
         id=job.id,
@@ -133,7 +142,7 @@ def job_object(job: Job) -> FineTuningJob:
         finished_at=unix_time(job.finished_at),
         hyperparameters=openai_hp,
         method=method,
-        model=job.base_model,
+        model=init_from(hp) or job.base_model,  # a job that continues from a fine-tuned model names it, as OpenAI's
         organization_id=job.tenant_id,
         result_files=[],
         seed=int(hp.get("seed", 0)),

@@ -32,6 +32,10 @@ class MethodUnavailable(RuntimeError):
     """The method cannot train here (no CUDA device, a package missing); the message says what it needs."""
 
 
+class StartWeightsMismatch(ValueError):
+    """An artifact a job starts from does not fit the model the method prepared; the message says how."""
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What a method may need besides the model and its hyperparameters."""
@@ -91,6 +95,11 @@ class FineTuningMethod:
         """Write the trained artifact into `folder` in the method's standard format."""
         raise NotImplementedError
 
+    def load_weights(self, model: nn.Module, folder: Path, ctx: MethodContext) -> None:
+        """Put the weights of an artifact this method exported (`folder`) into the prepared `model`, trainable: a
+        job that continues from a fine-tuned model starts from them. StartWeightsMismatch if they do not fit."""
+        raise NotImplementedError
+
 
 class PeftMethod(FineTuningMethod):
     """A method that `peft` implements: subclasses say how their hyperparameters become a `PeftConfig`."""
@@ -112,3 +121,15 @@ class PeftMethod(FineTuningMethod):
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base.record.base_model_name_or_path
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    def load_weights(self, model: nn.Module, folder: Path, ctx: MethodContext) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "adapter_model.safetensors"), device=str(ctx.placement.device))
+        try:
+            loaded: Any = set_peft_model_state_dict(model, state)
+        except RuntimeError:  # a shape that differs: another rank, other virtual tokens
+            raise StartWeightsMismatch("its tensors have other shapes than this job's") from None
+        if loaded.unexpected_keys:
+            raise StartWeightsMismatch(f"it has tensors this job's model lacks, e.g. {loaded.unexpected_keys[0]}")

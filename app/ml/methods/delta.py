@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from app.ml.hyperparameters import TrainingHyperparameters
-from app.ml.methods.base import BaseWeights, FineTuningMethod, MethodContext
+from app.ml.methods.base import BaseWeights, FineTuningMethod, MethodContext, StartWeightsMismatch
 from app.ml.serving.kinds import WEIGHT_DELTA
 from app.ml.serving.kinds.delta import CONFIG, FORMAT, TENSORS
 
@@ -119,3 +119,18 @@ class DeltaMethod(FineTuningMethod):
             "tensors": sorted(tensors),
         }
         (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    def load_weights(self, model: nn.Module, folder: Path, ctx: MethodContext) -> None:
+        """The delta's tensors copied over the prepared model's (the output layer untied as in training)."""
+        import torch
+        from safetensors.torch import load_file
+
+        config = json.loads((folder / CONFIG).read_text())
+        if config.get("base_model_weights_sha256") != ctx.models.weights_sha256(ctx.record):
+            raise StartWeightsMismatch(f"it was trained on other weights of {config.get('base_model')}")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(folder / TENSORS)).items():
+                if name not in params or params[name].shape != tensor.shape:
+                    raise StartWeightsMismatch(f"its tensor {name} does not fit this job's model")
+                params[name].copy_(tensor)

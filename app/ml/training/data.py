@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -14,6 +14,8 @@ from app.ml.blobs import BlobStore
 from app.ml.formatting import IGNORE_INDEX, EncodedExample, encode_record
 from app.ml.jsonl import LineIssue, read_records
 from app.ml.training.protocols import TrainingError
+
+T = TypeVar("T")  # an example: EncodedExample, or a preference pair
 
 
 @dataclass
@@ -64,9 +66,7 @@ def collate(examples: list[EncodedExample], pad_token_id: int) -> dict[str, torc
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def batches(
-    examples: list[EncodedExample], batch_size: int, *, shuffle_seed: int | None
-) -> Iterator[list[EncodedExample]]:
+def batches(examples: list[T], batch_size: int, *, shuffle_seed: int | None) -> Iterator[list[T]]:
     """The examples of each optimizer step, in a seeded shuffled order (or as stored)."""
     order = list(range(len(examples)))
     if shuffle_seed is not None:

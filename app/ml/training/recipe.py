@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,14 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.ml.formatting import EncodedExample
 from app.ml.hyperparameters import TrainingHyperparameters
-from app.ml.methods.base import BaseWeights, FineTuningMethod, MethodContext
+from app.ml.methods.base import BaseWeights, FineTuningMethod, MethodContext, StartWeightsMismatch
 from app.ml.models import pad_token_id
+from app.ml.objectives import SFT
 from app.ml.training.base_models import own_trained_tensors
-from app.ml.training.data import Dataset, batches, encode_examples
-from app.ml.training.loss import PACKING_ARCHITECTURES, accumulate_gradients, evaluation_stats
+from app.ml.training.data import Dataset, batches
+from app.ml.training.loss import PACKING_ARCHITECTURES
 from app.ml.training.memory import micro_batch_budget
+from app.ml.training.objectives import objective_for
 from app.ml.training.protocols import Checkpointer, Reporter, StopRequested, StopSignal, TrainingError, never
 from app.ml.training.schedule import EarlyStopping, learning_rate_factor
 
@@ -76,10 +76,14 @@ class TrainingRecipe:
         stop: StopSignal = never,
         checkpointer: Checkpointer | None = None,
         name: str = "training",
+        objective: str = SFT,
+        start_from: Path | None = None,
     ) -> None:
         """`model`: the base model to train, on `context.placement`'s device and in its dtype (see
-        `training_base_model`); `train` and `valid`: records as in a training file (chat or prompt/completion);
-        `name`: how log lines name the run (the worker: the job id)."""
+        `training_base_model`); `train` and `valid`: records as in a training file (chat or prompt/completion;
+        preference lines for `objective` "dpo"); `name`: how log lines name the run (the worker: the job id);
+        `start_from`: a folder holding an artifact of the same method on the same base model (an adapter or a
+        checkpoint), whose weights training starts from."""
         self.method = method
         self.hp = hyperparameters
         self.base_model = model
@@ -97,6 +101,12 @@ class TrainingRecipe:
         self.position = Position()
         self.stopping: EarlyStopping | None = None
         self.extra_positions = self.hp.reserved_positions()
+        self.start_from = start_from
+        # DPO's reference is the model before its first step: the base with the adapter off, unless the method has
+        # no adapter to switch off or the run starts from trained weights (then computed once, before training).
+        self.objective = objective_for(
+            objective, hyperparameters, precomputed_reference=method.artifact_format != "peft" or bool(start_from)
+        )
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self, resume: dict[str, Any] | None = None) -> None:
@@ -110,14 +120,22 @@ class TrainingRecipe:
             self.train_data, self.valid_data = self._hold_out(self.train_data)
         self.reporter.placement(self.placement)
         self.model = self.method.prepare(self.base_model, self.hp, self.context)
-        # Packed rows need the architecture's attention to keep examples apart by their position ids.
-        self.pack = (
+        if self.start_from is not None:
+            try:
+                self.method.load_weights(self.model, self.start_from, self.context)
+            except StartWeightsMismatch as exc:
+                raise TrainingError(f"the fine-tuned model this job continues from cannot be loaded: {exc}") from None
+        self.objective.prepare(self)
+        # Packed rows need the architecture's attention to keep examples apart by their position ids; the same
+        # architectures let the output layer run apart from the transformer, only where a loss is taken.
+        self.split_head = (
             self.method.packs_examples
             and self.extra_positions == 0
             and self.record.architecture in PACKING_ARCHITECTURES
         )
+        self.pack = self.split_head and self.objective.packs_examples
         self.max_batch_tokens = micro_batch_budget(
-            self.model, self.placement, self.limits.max_batch_tokens, packed=self.pack
+            self.model, self.placement, self.limits.max_batch_tokens, packed=self.pack or self.objective.pads_little
         )
         self.model.train()
         groups = self.method.param_groups(self.model, self.hp)
@@ -146,6 +164,7 @@ class TrainingRecipe:
             self.stopping = EarlyStopping(self.hp.early_stopping_patience)
         if resume is not None:
             self.load_state_dict(resume)
+        self.objective.start(self)
         self.last_checkpoint = time.monotonic()
         # In the job's metrics from the start (GET /jobs/{id}), and as an event.
         self.reporter.progress(
@@ -187,7 +206,7 @@ class TrainingRecipe:
         return dataclasses.replace(data, examples=train), dataclasses.replace(data, examples=valid)
 
     def _encode(self, records: Iterable[dict[str, Any]], what: str) -> Dataset:
-        data = encode_examples(records, self.tokenizer, self.hp.max_seq_length)
+        data: Dataset = self.objective.encode(records, self.tokenizer, self.hp.max_seq_length)
         if not data.examples:
             raise TrainingError(
                 f"the {what} file has no example with a completion inside max_seq_length={self.hp.max_seq_length}"
@@ -235,7 +254,7 @@ class TrainingRecipe:
     def _should_stop_early(self) -> bool:
         return self.stopping is not None and self.stopping.should_stop
 
-    def _train_step(self, step_examples: list[EncodedExample]) -> None:
+    def _train_step(self, step_examples: list[Any]) -> None:
         at = self.position
         change = self.method.before_step(
             self.model, self.hp, step=at.step, epoch=at.epoch, steps_per_epoch=self.steps_per_epoch
@@ -243,16 +262,7 @@ class TrainingRecipe:
         if change:
             self.reporter.event("log", f"step {at.step + 1}: {change}", {"step": at.step + 1})
         started = time.perf_counter()
-        stats = accumulate_gradients(
-            self.model,
-            step_examples,
-            pad_token_id=self.pad_token_id,
-            max_batch_tokens=self.max_batch_tokens,
-            placement=self.placement,
-            scaler=self.scaler,
-            extra_positions=self.extra_positions,
-            pack=self.pack,
-        )
+        stats = self.objective.step(self, step_examples)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
         lr = self.scheduler.get_last_lr()[0]
@@ -264,8 +274,7 @@ class TrainingRecipe:
         elapsed = time.perf_counter() - started
         trained_tokens = int(at.metrics.get("trained_tokens", 0)) + stats.input_tokens  # kept across a resume
         at.metrics = {
-            "train_loss": round(stats.loss, 6),
-            "train_token_accuracy": round(stats.accuracy, 6),
+            **stats.metrics,
             "learning_rate": lr,
             "tokens_per_second": round(stats.input_tokens / max(elapsed, 1e-9), 1),
             "trained_tokens": trained_tokens,
@@ -322,8 +331,7 @@ class TrainingRecipe:
             epoch=epoch,
             metrics=evaluation,
             type_="eval",
-            message=f"{when}: valid loss {evaluation['valid_loss']:.4f}, "
-            f"perplexity {evaluation['valid_perplexity']:.2f}",
+            message=f"{when}: {self.objective.describe(evaluation)}",
         )
         return evaluation
 
@@ -385,6 +393,7 @@ class TrainingRecipe:
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             },
             "early_stopping": early_stopping,
+            "objective": self.objective.state_dict(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -419,25 +428,14 @@ class TrainingRecipe:
             best = saved["best"]
             self.stopping.best = (int(best[0]), float(best[1]), dict(best[2])) if best else None
             self.stopping.without_improvement = int(saved["without_improvement"])
+        self.objective.load_state_dict(self, state.get("objective"))
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict[str, float]:
         self.model.eval()
-        stats = evaluation_stats(
-            self.model,
-            data.examples,
-            pad_token_id=self.pad_token_id,
-            max_batch_tokens=self.max_batch_tokens,
-            placement=self.placement,
-            extra_positions=self.extra_positions,
-            pack=self.pack,
-        )
+        evaluation = self.objective.evaluate(self, data.examples)
         self.model.train()
-        return {
-            "valid_loss": round(stats.loss, 6),
-            "valid_perplexity": round(math.exp(min(stats.loss, 50.0)), 4),
-            "valid_token_accuracy": round(stats.accuracy, 6),
-        }
+        return evaluation
 
     # --- export ----------------------------------------------------------------------------------
     def export(self, folder: Path) -> None:
