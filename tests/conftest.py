@@ -77,7 +77,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test that starts real processes, a browser or the real model is `slow`: `make test-fast` leaves it out.
+    """A test that starts real processes, a browser or the real model is `slow` (as is one marked so: it trains for
+    minutes): `make test-fast` leaves it out.
 
     Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture (models trained once for
     a whole module, a browser) run in one process, which builds it once; every other test goes where there is
