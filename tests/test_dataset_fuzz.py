@@ -42,7 +42,9 @@ from app.files.validation import FORMATS, LineValidator, ValidationReport
 from app.ml.formatting import encode_record
 from app.ml.jsonl import MAX_LINE_BYTES, Line, read_records, split_lines
 from app.ml.models import BUILTINS, ModelStore
+from app.ml.preference import conversations
 from app.ml.training.data import encode_examples, read_examples
+from app.ml.training.preference import encode_pairs
 from tests.conftest import Tenant, embedded_settings, upload
 
 BOM = b"\xef\xbb\xbf"
@@ -88,6 +90,23 @@ def chat_records(draw: st.DrawFn, texts: st.SearchStrategy[str], nonblank: st.Se
     return {"messages": messages}
 
 
+@st.composite
+def preference_records(
+    draw: st.DrawFn, texts: st.SearchStrategy[str], nonblank: st.SearchStrategy[str]
+) -> dict[str, Any]:
+    """OpenAI's preference (DPO) lines: a conversation ending with a user turn, and two answers to it."""
+    messages = [draw(message_strategy("system", texts, texts))] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(0, 1))):
+        messages.append(draw(message_strategy("user", texts, texts)))
+        messages.append({"role": "assistant", "content": draw(nonblank)})
+    messages.append(draw(message_strategy("user", texts, texts)))
+    preferred, other = draw(nonblank), draw(nonblank)
+    if other.strip() == preferred.strip():
+        other += "y"  # the two answers must differ
+    preferred, non_preferred = ({"role": "assistant", "content": answer} for answer in (preferred, other))
+    return {"input": {"messages": messages}, "preferred_output": [preferred], "non_preferred_output": [non_preferred]}
+
+
 def record_strategies(alphabet: st.SearchStrategy[str]) -> dict[str, st.SearchStrategy[dict[str, Any]]]:
     """Valid records of each format, their strings drawn from `alphabet` (non-blank where the format says so)."""
     texts = st.lists(alphabet, max_size=24).map("".join)  # st.text would drop the surrogates of a mixed alphabet
@@ -96,6 +115,7 @@ def record_strategies(alphabet: st.SearchStrategy[str]) -> dict[str, st.SearchSt
         "chat": chat_records(texts, nonblank),
         "prompt_completion": st.fixed_dictionaries({"prompt": texts, "completion": nonblank}),
         "text": st.fixed_dictionaries({"text": nonblank}),
+        "preference": preference_records(texts, nonblank),
     }
 
 
@@ -385,7 +405,7 @@ def test_the_worker_reads_every_accepted_file_as_validated(
     storage = ObjectStorage.from_settings(embedded_settings(tmp_path / "data", model_cache_dir))
     outcomes: list[bool] = []
 
-    @fuzz(40)
+    @fuzz(60)
     @given(data=st.one_of(maybe_accepted_files, mutated_files()))
     def check(data: bytes) -> None:
         show(data)
@@ -395,12 +415,17 @@ def test_the_worker_reads_every_accepted_file_as_validated(
             return
         key = f"datasets/fuzz/{hashlib.sha256(data).hexdigest()}.jsonl"
         storage.put_bytes(key, data)
-        dataset = encode_examples(read_examples(storage, key), tokenizer, max_seq_length=NO_LIMIT)
-        assert dataset.n_truncated == 0
-        assert len(dataset.examples) + dataset.n_dropped == report.n_examples
         records = [record for _, record in read_records(storage.iter_bytes(key))]
         assert len(records) == report.n_examples
-        lengths = [len(encode_record(tokenizer, record).input_ids) for record in records]
+        if report.format == "preference":  # each line two sequences, the pair kept together
+            pairs = encode_pairs(read_examples(storage, key), tokenizer, max_seq_length=NO_LIMIT)
+            assert pairs.n_truncated == 0 and len(pairs.examples) + pairs.n_dropped == report.n_examples
+            lengths = [len(encode_record(tokenizer, chat).input_ids) for r in records for chat in conversations(r)]
+        else:
+            dataset = encode_examples(read_examples(storage, key), tokenizer, max_seq_length=NO_LIMIT)
+            assert dataset.n_truncated == 0
+            assert len(dataset.examples) + dataset.n_dropped == report.n_examples
+            lengths = [len(encode_record(tokenizer, record).input_ids) for record in records]
         assert (sum(lengths), max(lengths)) == (report.n_tokens, report.max_example_tokens)
 
     check()

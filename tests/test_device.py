@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from app.core.settings import Settings
 from app.ml.device import PlacementError, resolve_placement
-from app.ml.training import recipe
+from app.ml.training import objectives
 from tests.conftest import Tenant
 from tests.test_worker import events, start_job
 from worker.runner import run_training_job
@@ -99,7 +99,7 @@ def test_a_half_precision_job_trains_float32_adapters_and_records_where_it_ran(
 def test_out_of_memory_fails_the_job_saying_what_to_lower_and_the_worker_goes_on(
     client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = recipe.accumulate_gradients
+    real = objectives.accumulate_gradients
     calls = {"n": 0}
 
     def out_of_memory_once(*args: Any, **kwargs: Any) -> Any:
@@ -108,7 +108,7 @@ def test_out_of_memory_fails_the_job_saying_what_to_lower_and_the_worker_goes_on
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "accumulate_gradients", out_of_memory_once)
+    monkeypatch.setattr(objectives, "accumulate_gradients", out_of_memory_once)
     failed = start_job(client, tenant, batch_size=8, max_seq_length=256)
     assert run_training_job(settings, failed) is None
     job = client.get(f"/jobs/{failed}", headers=tenant.headers).json()
