@@ -165,7 +165,7 @@ async def create_chat_completion(
 
     def chat_choice(delta: Delta) -> dict[str, Any]:
         nonlocal first
-        content: dict[str, Any] = {"role": "assistant"} if first else {}
+        content: dict[str, Any] = {"role": "assistant", "refusal": None} if first else {}
         first = False
         if delta.text or delta.finish_reason is None:
             content["content"] = delta.text

@@ -165,6 +165,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = Field(None, description="Always null: the engine never refuses (OpenAI always sends it)")
 
 
 class ChatChoice(BaseModel):
