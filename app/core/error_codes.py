@@ -69,6 +69,7 @@ class ErrorCode(StrEnum):
     model_not_deletable = "model_not_deletable"
     no_chat_template = "no_chat_template"  # also a line of an upload
     unsupported_method = "unsupported_method"
+    unsupported_schema = "unsupported_schema"
     method_unavailable = "method_unavailable"  # also a failed job's
     example_too_long = "example_too_long"
     job_not_cancellable = "job_not_cancellable"
