@@ -365,11 +365,11 @@ async def complete(
     async with cancelled_on_disconnect(disconnected, generations):
         futures = [asyncio.wrap_future(generation.future) for generation in generations]
         await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-        try:
-            return [outcome(prepared, generation.future) for generation in generations]
-        except BaseException:
-            _cancel(generations)
-            raise
+        for generation in generations:
+            if generation.future.done() and generation.future.exception() is not None:
+                _cancel(generations)  # the others, still running: nobody will read them
+                outcome(prepared, generation.future)  # raises its error
+        return [outcome(prepared, generation.future) for generation in generations]
 
 
 class Stream:

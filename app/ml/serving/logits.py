@@ -90,14 +90,14 @@ def process(logits: torch.Tensor, processors: list[RowProcessor | None]) -> list
         logits.index_put_((index,), logits[index] - change)
     biased = [(i, p) for i, p in rows if p.bias_ids is not None]
     if biased:
-        vocab = logits.shape[-1]
-        flat = torch.cat([p.bias_ids + i * vocab for i, p in biased if p.bias_ids is not None])
+        ids = [p.bias_ids for _, p in biased if p.bias_ids is not None]
+        row_index = torch.cat([torch.full_like(t, i) for (i, _), t in zip(biased, ids, strict=True)])
         values = torch.cat([p.bias_values for _, p in biased if p.bias_values is not None])
-        logits.view(-1).index_add_(0, flat, values)
+        logits.index_put_((row_index, torch.cat(ids)), values, accumulate=True)
     if grammar_rows:
-        index = torch.tensor([i for i, _ in grammar_rows], device=logits.device)
-        allowed = _unpack(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
-        logits.index_put_((index,), logits[index].masked_fill(~allowed, float("-inf")))
+        banned = _banned(bitmask, logits.shape[-1]).to(logits.device, non_blocking=True)
+        for k, (i, _) in enumerate(grammar_rows):  # in place, row by row: constrained rows are few
+            logits[i].masked_fill_(banned[k], float("-inf"))
     return failed
 
 
@@ -119,13 +119,16 @@ def _masks(matchers: list[Any], vocab: int) -> torch.Tensor:
     return bitmask
 
 
-def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A bitmask ([rows, words] int32) as booleans, [rows, vocab]: tokens past the mask's (the model's logits may
-    have more columns than its tokenizer has tokens) are not allowed."""
+def _banned(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The tokens a bitmask ([rows, words] int32 on the host, bit j of word w set when token 32w + j is allowed)
+    does not allow, as booleans [rows, vocab], unpacked on the host by numpy (one pass, no thread pool); the model's
+    logits may have more columns than its tokenizer has tokens: those are banned."""
+    import numpy as np
     import torch
 
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
-    if allowed.shape[1] >= vocab:
-        return allowed[:, :vocab]
-    return torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    words = bitmask.numpy().astype("<i4", copy=False)  # little-endian: byte b of a word holds its bits 8b to 8b+7
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
+    banned = torch.from_numpy(bits[:, :vocab] == 0)
+    if banned.shape[1] < vocab:
+        banned = torch.nn.functional.pad(banned, (0, vocab - banned.shape[1]), value=True)
+    return banned
