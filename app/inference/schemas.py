@@ -5,7 +5,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from app.ml.serving import GenerationResult
 
@@ -21,10 +31,27 @@ MAX_SCHEMA_CHARS = 32_768  # a structured output's JSON schema, as compact JSON
 MAX_SCHEMA_DEPTH = 32  # ... and its nesting (objects and arrays of the schema document)
 
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+def _token_id(key: str) -> str:
+    if not key.isascii() or not key.isdigit():
+        raise ValueError("a token id: digits only")
+    return key
+
+
+TokenId = Annotated[str, StringConstraints(min_length=1, max_length=9), AfterValidator(_token_id)]
 LogitBias = Annotated[
-    dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None,
+    dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None,
     Field(max_length=MAX_LOGIT_BIAS),
 ]
+# A JSON schema, as the API document describes it: an object whose size the checks below bound (a member takes at
+# least four characters of the 32,768, so no object in it has more than 8,192).
+SCHEMA_DOCUMENT = {
+    "type": "object",
+    "maxProperties": MAX_SCHEMA_CHARS // 4,
+    "propertyNames": {"maxLength": MAX_SCHEMA_CHARS},
+    "additionalProperties": {},
+}
 
 
 def logit_bias_ids(bias: dict[str, float] | None) -> dict[int, float]:
@@ -46,7 +73,7 @@ class JsonSchemaFormat(BaseModel):
 
     name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The schema's name (OpenAI's rule)")
     description: str | None = Field(None, max_length=4096)
-    json_schema: dict[str, Any] = Field(
+    json_schema: Annotated[dict[str, Any], WithJsonSchema(SCHEMA_DOCUMENT)] = Field(
         alias="schema",
         description=f"A JSON schema (≤ {MAX_SCHEMA_CHARS} characters as compact JSON, nested ≤ {MAX_SCHEMA_DEPTH} "
         "levels); keywords the compiler does not implement are refused (422 `unsupported_schema`)",
