@@ -18,7 +18,9 @@ from app.core.settings import Settings
 from app.main import create_app
 from tests.conftest import Tenant, chat_lines, jsonl, live
 
-pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+# Inference does not touch the database beyond resolving the model: on the embedded backend only; the files list
+# on every backend.
+EMBEDDED = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 
 MODEL = "tiny-random-llama"
 MESSAGES: Any = [{"role": "user", "content": "Tell me a story."}]
@@ -75,6 +77,7 @@ def by_index(chunks: list[Any]) -> dict[int, list[Any]]:
     return choices
 
 
+@EMBEDDED
 def test_n_choices_with_a_seed_are_the_same_every_time_and_stream_by_index(openai: OpenAI) -> None:
     options: Any = {"model": MODEL, "messages": MESSAGES, "temperature": 1.0, "seed": 5, "user": "someone@example.com"}
     one = openai.chat.completions.create(**options, max_completion_tokens=6)
@@ -113,6 +116,7 @@ def test_n_choices_with_a_seed_are_the_same_every_time_and_stream_by_index(opena
     }
 
 
+@EMBEDDED
 def test_a_seeded_request_gives_the_same_text_beside_others(openai: OpenAI) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -129,6 +133,7 @@ def test_a_seeded_request_gives_the_same_text_beside_others(openai: OpenAI) -> N
     assert openai.completions.create(**{**seeded, "seed": 43}).choices[0].text != alone
 
 
+@EMBEDDED
 def test_logit_bias_and_penalties_reach_the_tokens(openai: OpenAI, model_cache_dir: Path) -> None:
     from app.ml.models import BUILTINS, ModelStore
 
@@ -158,6 +163,7 @@ def test_logit_bias_and_penalties_reach_the_tokens(openai: OpenAI, model_cache_d
     assert not set(penalized.choices[0].logprobs.tokens) <= favoured_tokens  # the penalties let other tokens in
 
 
+@EMBEDDED
 @pytest.mark.parametrize(
     ("options", "param"),
     [
