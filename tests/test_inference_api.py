@@ -121,7 +121,7 @@ def test_the_openai_client_works_unchanged(
         openai.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=1)
     assert missing.value.code == "model_not_found"
     with pytest.raises((BadRequestError, UnprocessableEntityError)):
-        openai.completions.create(model=adapter_id, prompt=PROMPT, max_tokens=1, n=2)
+        openai.completions.create(model=adapter_id, prompt=PROMPT, max_tokens=1, echo=True)
 
 
 def sse(lines: Iterator[str]) -> Iterator[Any]:

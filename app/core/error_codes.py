@@ -79,6 +79,7 @@ class ErrorCode(StrEnum):
     no_tool_support = "no_tool_support"  # also a line of an upload
     unsupported_method = "unsupported_method"
     method_mismatch = "method_mismatch"  # a job continues from a fine-tuned model of another method
+    unsupported_schema = "unsupported_schema"
     method_unavailable = "method_unavailable"  # also a failed job's
     example_too_long = "example_too_long"
     job_not_cancellable = "job_not_cancellable"

@@ -1,6 +1,8 @@
 """Cursor pagination in OpenAI's shape, one way for every list: newest first, `after` = the last id seen.
 
-Every list answers the one generic body, `ListPage[T]`: `{"object": "list", "data": [...], "has_more": ...}`.
+Every list answers the one generic body, `ListPage[T]`: `{"object": "list", "data": [...], "has_more": ...}`;
+a list whose OpenAI counterpart names its page's ends (`GET /v1/files`) answers `IdPage[T]`, which adds
+`first_id` and `last_id`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ class ListPage(ListObject[Item], Generic[Item]):
     """One page of a list: `has_more` says whether another follows (`after` = the last id of this one)."""
 
     has_more: bool
+
+
+class IdPage(ListPage[Item], Generic[Item]):
+    """A page that also names its first and last items' ids (null when empty), as OpenAI's files list does."""
+
+    first_id: str | None
+    last_id: str | None
+
+    @classmethod
+    def of(cls, data: list[Item], *, has_more: bool) -> IdPage[Item]:
+        ends: list[Any] = data[:1] + data[-1:]  # items with an `id`
+        return cls(
+            data=data, has_more=has_more, first_id=ends[0].id if ends else None, last_id=ends[-1].id if ends else None
+        )
 
 
 class Listed(Protocol):

@@ -199,6 +199,13 @@ class Settings(BaseSettings):
         "that tenant's requests get 429 with Retry-After. The waiting line is fair across tenants: each tenant's "
         "oldest request goes first, and a tenant with none waiting is never refused for the line being full",
     )
+    serving_max_choices: int = Field(
+        default=8,
+        ge=1,
+        le=128,
+        description="Choices one generation request may ask for (OpenAI's `n`); each is a request in the engine, "
+        "counted against the tenant's bound above",
+    )
     serving_kv_cache_bytes: int = Field(
         default=2 << 30,
         gt=0,

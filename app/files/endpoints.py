@@ -11,7 +11,7 @@ from app.core.deps import SessionDep, SettingsDep, StorageDep, TenantDep, Upload
 from app.core.errors import error_responses
 from app.core.idempotency import IdempotencyKeyHeader
 from app.core.models import File
-from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
+from app.core.pagination import DEFAULT_LIMIT, AfterQuery, IdPage, LimitQuery
 from app.core.settings import Settings
 from app.core.usage import check_storage
 from app.files import service
@@ -102,9 +102,9 @@ async def upload_file(
 @router.get("")
 def list_files(
     session: SessionDep, tenant: TenantDep, limit: LimitQuery = DEFAULT_LIMIT, after: AfterQuery = None
-) -> ListPage[FileObject]:
+) -> IdPage[FileObject]:
     rows, has_more = service.list_files(session, tenant_id=tenant.id, limit=limit, after=after)
-    return ListPage(data=[FileObject.of(f) for f in rows], has_more=has_more)
+    return IdPage[FileObject].of([FileObject.of(f) for f in rows], has_more=has_more)
 
 
 @router.get("/{file_id}")

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from app.core.deps import MetricsDep, SettingsDep, TenantDep, TenantThreadsDep
 from app.inference import service
 from app.inference.engine import EngineDep
-from app.inference.routing import ERROR_RESPONSES, STREAM_RESPONSE, stream_response
-from app.inference.schemas import GenerateRequest, GenerateResponse, Usage
+from app.inference.routing import ERROR_RESPONSES, STREAM_RESPONSE, json_format, stream_response
+from app.inference.schemas import GenerateRequest, GenerateResponse, Usage, logit_bias_ids
 from app.ml.serving import Delta, GenerationResult
 from app.models.deps import ModelStoreDep
 
@@ -47,6 +47,10 @@ async def generate(
             top_k=body.top_k,
             seed=body.seed,
             stop=body.stop or [],
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=logit_bias_ids(body.logit_bias),
+            json=json_format(body.response_format),
         ),
     )
 
@@ -60,12 +64,14 @@ async def generate(
         )
 
     if not body.stream:
-        return response(await service.complete(engine, prepared, metrics, http.is_disconnected))
+        [result] = await service.complete(engine, prepared, metrics, http.is_disconnected)
+        return response(result)
 
-    def chunk(delta: Delta) -> dict[str, Any]:
+    def chunk(_: int, delta: Delta) -> dict[str, Any]:
         return {"object": "generation.chunk", "text": delta.text, "finish_reason": delta.finish_reason}
 
-    def last(result: GenerationResult) -> dict[str, Any]:
-        return {"object": "generation.chunk", "text": "", "finish_reason": None, "usage": Usage.of(result).model_dump()}
+    def last(results: list[GenerationResult]) -> dict[str, Any]:
+        usage = Usage.of(results[0]).model_dump()
+        return {"object": "generation.chunk", "text": "", "finish_reason": None, "usage": usage}
 
     return await stream_response(engine, prepared, metrics, http, chunk, last)

@@ -14,6 +14,7 @@ from app.core.errors import AppError, ErrorCode, ServiceUnavailable, error_respo
 from app.core.metrics import Metrics
 from app.core.sse import event_source_response
 from app.inference import service
+from app.inference.schemas import ResponseFormat
 from app.ml.serving import Delta, GenerationEngine, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,21 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `stream: true` server-sent events"}
 }
 
-# The event a piece of text becomes; the one the final result becomes (None: no event).
-Chunk = Callable[[Delta], dict[str, Any]]
-Last = Callable[[GenerationResult], dict[str, Any] | None]
+# The event a piece of choice i's text becomes; the one the choices' results become at the end (None: no event).
+Chunk = Callable[[int, Delta], dict[str, Any]]
+Last = Callable[[list[GenerationResult]], dict[str, Any] | None]
+
+
+def json_format(response_format: ResponseFormat | None) -> service.JsonFormat | None:
+    """What `response_format` constrains the output to (None: nothing, plain text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.json_schema is None:
+        return service.JsonFormat(schema=None, name="a JSON object", param="response_format")
+    spec = response_format.json_schema
+    return service.JsonFormat(
+        schema=spec.json_schema, name=f"the JSON schema {spec.name!r}", param="response_format.json_schema.schema"
+    )
 
 
 def _event(data: dict[str, Any] | str) -> bytes:
@@ -33,12 +46,12 @@ def _event(data: dict[str, Any] | str) -> bytes:
 
 
 async def _events(stream: service.Stream, chunk: Chunk, last: Last) -> AsyncIterator[bytes]:
-    """Server-sent events: `chunk(delta)` for each delta, `last(result)` (unless None) at the end, then `[DONE]`;
-    an error after the stream began is sent as an event in OpenAI's error shape."""
+    """Server-sent events: `chunk(i, delta)` for each delta of choice i, `last(results)` (unless None) at the end,
+    then `[DONE]`; an error after the stream began is sent as an event in OpenAI's error shape."""
     try:
         async for item in stream:
-            if isinstance(item, Delta):
-                yield _event(chunk(item))
+            if isinstance(item, tuple):
+                yield _event(chunk(*item))
             elif (final := last(item)) is not None:
                 yield _event(final)
     except AppError as exc:  # OpenAI's shape: the client raises it as an APIError

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from app.ml.serving import GenerationResult
 
@@ -15,6 +26,88 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_NEW_TOKENS = 4096
 MAX_TOP_K = 1000
+MAX_LOGIT_BIAS = 300  # tokens one request may bias
+MAX_SCHEMA_CHARS = 32_768  # a structured output's JSON schema, as compact JSON
+MAX_SCHEMA_DEPTH = 32  # ... and its nesting (objects and arrays of the schema document)
+
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+def _token_id(key: str) -> str:
+    if not key.isascii() or not key.isdigit():
+        raise ValueError("a token id: digits only")
+    return key
+
+
+TokenId = Annotated[str, StringConstraints(min_length=1, max_length=9), AfterValidator(_token_id)]
+LogitBias = Annotated[
+    dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None,
+    Field(max_length=MAX_LOGIT_BIAS),
+]
+# A JSON schema, as the API document describes it: an object whose size the checks below bound (a member takes at
+# least four characters of the 32,768, so no object in it has more than 8,192).
+SCHEMA_DOCUMENT = {
+    "type": "object",
+    "maxProperties": MAX_SCHEMA_CHARS // 4,
+    "propertyNames": {"maxLength": MAX_SCHEMA_CHARS},
+    "additionalProperties": {},
+}
+
+
+def logit_bias_ids(bias: dict[str, float] | None) -> dict[int, float]:
+    """`logit_bias` with its keys (token ids, as JSON object keys are strings) as ints."""
+    return {int(token): value for token, value in (bias or {}).items()}
+
+
+def _depth(value: Any) -> int:
+    """How deep objects and arrays nest in a JSON value (a scalar: 0)."""
+    depth, level = 0, [value]
+    while level := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The schema's name (OpenAI's rule)")
+    description: str | None = Field(None, max_length=4096)
+    json_schema: Annotated[dict[str, Any], WithJsonSchema(SCHEMA_DOCUMENT)] = Field(
+        alias="schema",
+        description=f"A JSON schema (≤ {MAX_SCHEMA_CHARS} characters as compact JSON, nested ≤ {MAX_SCHEMA_DEPTH} "
+        "levels); keywords the compiler does not implement are refused (422 `unsupported_schema`)",
+    )
+    strict: bool | None = Field(None, description="Accepted; the output is always constrained to the schema")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _depth(value) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if len(json.dumps(value, separators=(",", ":"))) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"the schema is longer than {MAX_SCHEMA_CHARS} characters as compact JSON")
+        return value
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: `{"type": "text"}` (the default), `{"type": "json_object"}` (any JSON object) or
+    `{"type": "json_schema", "json_schema": {"name", "schema", "strict"?, "description"?}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _with_type(cls, value: JsonSchemaFormat | None, info: ValidationInfo) -> JsonSchemaFormat | None:
+        kind = info.data.get("type")
+        if kind == "json_schema" and value is None:
+            raise ValueError('required with "type": "json_schema"')
+        if kind != "json_schema" and value is not None:
+            raise ValueError(f'only with "type": "json_schema", not {kind!r}')
+        return value
 
 
 class ChatMessage(BaseModel):
@@ -54,6 +147,17 @@ class GenerateRequest(BaseModel):
         None, ge=0, le=2**32 - 1, description="Same seed, same text: the request has its own random generator"
     )
     stream: bool = Field(False, description="Send the text as server-sent events, token by token")
+    presence_penalty: Penalty = Field(0.0, description="OpenAI's: less this from a token's logit once generated")
+    frequency_penalty: Penalty = Field(0.0, description="OpenAI's: less this times the times a token was generated")
+    logit_bias: LogitBias = Field(
+        None,
+        description=f"Token id (a string) → a bias from -100 to 100 added to its logit (≤ {MAX_LOGIT_BIAS} tokens)",
+    )
+    response_format: ResponseFormat | None = Field(
+        None,
+        description='As OpenAI\'s: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", '
+        '"schema"}} constrain the text to JSON (grammar-constrained decoding)',
+    )
     stop: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(
         None,
         max_length=MAX_STOP_STRINGS,
@@ -90,6 +194,13 @@ class Usage(BaseModel):
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
         )
+
+    @classmethod
+    def of_choices(cls, results: list[GenerationResult]) -> Usage:
+        """A call's tokens: its prompt once, its choices' completions together (as OpenAI counts them)."""
+        completion = sum(result.completion_tokens for result in results)
+        prompt = results[0].prompt_tokens
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class GenerateResponse(BaseModel):

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
@@ -40,6 +43,8 @@ from app.ml.serving import (
     GenerationResult,
     OwnerOverloaded,
 )
+from app.ml.serving.grammar import GRAMMARS, Grammar, GrammarError
+from app.ml.serving.logits import GrammarFailed
 from app.models.repository import find_model
 from app.models.service import load_tokenizer, model_unavailable, require_model
 
@@ -52,6 +57,15 @@ OVERLOADED_RETRY_AFTER = 2
 
 
 @dataclass(frozen=True)
+class JsonFormat:
+    """Output constrained to JSON: matching `schema`, or any JSON object (None)."""
+
+    schema: dict[str, Any] | None
+    name: str  # the schema's name, for messages
+    param: str  # the request's field that gave the schema, named in errors
+
+
+@dataclass(frozen=True)
 class Sampling:
     max_tokens: int | None = 128  # None: up to DEFAULT_MAX_TOKENS, within the model's context
     temperature: float = 1.0
@@ -60,6 +74,11 @@ class Sampling:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    n: int = 1  # choices: as many requests in the engine, each its own row
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    json: JsonFormat | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,20 @@ class Prepared:
     request: GenerationRequest
     adapter_id: str | None
     base_model: str
+    n: int = 1
+
+    def choices(self) -> list[GenerationRequest]:
+        """One engine request per choice; a seeded request's choices draw from seeds of their own (the same seed,
+        the same choices)."""
+        return [dataclasses.replace(self.request, seed=choice_seed(self.request.seed, i)) for i in range(self.n)]
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed choice `index` samples with: the request's own for the first, a 32-bit hash of both for the others
+    (a CPU generator keeps only 32 bits of a seed)."""
+    if seed is None or index == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "big")
 
 
 def resolve_model(session: Session, *, tenant_id: str, model: str) -> tuple[str | None, str | None]:
@@ -111,7 +144,10 @@ def prepare(
         record, adapter_ref, virtual_tokens = _resolve(
             session, settings, tenant_id=tenant_id, adapter_id=adapter_id, base_model=base_model, param=param
         )
+    _check_choices(settings, sampling.n)
     tokenizer = load_tokenizer(models, record)
+    _check_logit_bias(tokenizer, sampling.logit_bias)
+    grammar = _grammar(tokenizer, record, sampling.json) if sampling.json is not None else None
     if messages is not None:
         if tokenizer.chat_template is None:
             raise InvalidInput(
@@ -144,9 +180,49 @@ def prepare(
         seed=sampling.seed,
         stop=sampling.stop,
         logprobs=sampling.logprobs,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        logit_bias=sampling.logit_bias,
+        grammar=grammar,
         owner=tenant_id,
     )
-    return Prepared(request=request, adapter_id=adapter_id, base_model=record.id)
+    return Prepared(request=request, adapter_id=adapter_id, base_model=record.id, n=sampling.n)
+
+
+def _check_choices(settings: Settings, n: int) -> None:
+    """`n` within the server's bound, and within what one tenant may have in the engine at once."""
+    bound = min(settings.serving_max_choices, settings.serving_max_requests_per_tenant)
+    if n > bound:
+        why = (
+            "TUNEFORGE_SERVING_MAX_CHOICES"
+            if bound == settings.serving_max_choices
+            else "a tenant's requests in the engine at once (TUNEFORGE_SERVING_MAX_REQUESTS_PER_TENANT)"
+        )
+        raise InvalidInput(f"n is {n}; this server gives at most {bound} choices a request ({why})", param="n")
+
+
+def _check_logit_bias(tokenizer: Any, logit_bias: dict[int, float]) -> None:
+    size = len(tokenizer)
+    outside = sorted(token for token in logit_bias if token >= size)
+    if outside:
+        raise InvalidInput(
+            f"logit_bias: token id {outside[0]} is not in the model's vocabulary (ids 0 to {size - 1})",
+            param="logit_bias",
+        )
+
+
+def _grammar(tokenizer: Any, record: ModelRecord, json_format: JsonFormat) -> Grammar:
+    """The compiled grammar (cached), or a 422 naming the schema's field and what of it cannot be compiled."""
+    try:
+        return GRAMMARS.json(
+            tokenizer, tokenizer_key=(record.id, record.revision), schema=json_format.schema, name=json_format.name
+        )
+    except GrammarError as exc:
+        raise InvalidInput(
+            f"{json_format.param}: not supported for structured outputs: {exc}",
+            param=json_format.param,
+            code=ErrorCode.unsupported_schema,
+        ) from None
 
 
 def _resolve(
@@ -190,10 +266,16 @@ def _resolve(
 Disconnected = Callable[[], Awaitable[bool]]
 
 
-def submit(engine: GenerationEngine, prepared: Prepared, metrics: Metrics, on_delta: Any = None) -> Generation:
+def submit(
+    engine: GenerationEngine,
+    prepared: Prepared,
+    metrics: Metrics,
+    on_delta: Callable[[int, Delta], None] | None = None,
+) -> list[Generation]:
+    """The request's choices in the engine, all or none; `on_delta(i, delta)` streams choice i's text."""
     started = time.perf_counter()
     try:
-        generation = engine.submit(prepared.request, on_delta)
+        generations = engine.submit_all(prepared.choices(), on_delta)
     except EngineOverloaded as exc:
         raise TooManyRequests(
             f"the server is generating at capacity ({exc.waiting} requests waiting); try again shortly",
@@ -201,18 +283,20 @@ def submit(engine: GenerationEngine, prepared: Prepared, metrics: Metrics, on_de
             code=ErrorCode.engine_overloaded,
         ) from None
     except OwnerOverloaded as exc:
+        more = f" and this request's {prepared.n} choices would pass it" if prepared.n > 1 else ""
         raise TooManyRequests(
             f"this tenant already has {exc.held} generation requests waiting or running, its limit "
-            "(TUNEFORGE_SERVING_MAX_REQUESTS_PER_TENANT); wait for one to end",
+            f"(TUNEFORGE_SERVING_MAX_REQUESTS_PER_TENANT){more}; wait for one to end",
             retry_after=OVERLOADED_RETRY_AFTER,
             code=ErrorCode.too_many_generations,
         ) from None
     except EngineClosed:
         raise ServiceUnavailable("the server is shutting down; try again shortly") from None
-    generation.future.add_done_callback(
-        lambda future: _observe(metrics, future, time.perf_counter() - started, stream=on_delta is not None)
-    )
-    return generation
+    for generation in generations:
+        generation.future.add_done_callback(
+            lambda future: _observe(metrics, future, time.perf_counter() - started, stream=on_delta is not None)
+        )
+    return generations
 
 
 def _observe(metrics: Metrics, future: Future[GenerationResult], seconds: float, *, stream: bool) -> None:
@@ -241,26 +325,33 @@ def outcome(prepared: Prepared, future: Future[GenerationResult]) -> GenerationR
         raise adapter_unavailable(exc.adapter_id, exc.reason) from None
     except ModelUnavailable as exc:
         raise model_unavailable(prepared.base_model, exc) from None
+    except GrammarFailed as exc:  # a grammar past llguidance's limits on work per token
+        raise InvalidInput(f"{exc}: use a simpler schema", param="response_format") from None
     except EngineClosed:
         raise ServiceUnavailable("the server shut down before the text was finished; try again") from None
 
 
-async def _watch(disconnected: Disconnected, generation: Generation) -> None:
-    """Cancel the generation (freeing its row of the batch) as soon as the client disconnects."""
-    while not generation.future.done():
+async def _watch(disconnected: Disconnected, generations: list[Generation]) -> None:
+    """Cancel the generations (freeing their rows of the batch) as soon as the client disconnects."""
+    while not all(generation.future.done() for generation in generations):
         if await disconnected():
-            generation.cancel()
+            _cancel(generations)
             return
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 
 
+def _cancel(generations: list[Generation]) -> None:
+    for generation in generations:
+        generation.cancel()
+
+
 @contextlib.asynccontextmanager
-async def cancelled_on_disconnect(disconnected: Disconnected, generation: Generation) -> AsyncIterator[None]:
-    watcher = asyncio.create_task(_watch(disconnected, generation))
+async def cancelled_on_disconnect(disconnected: Disconnected, generations: list[Generation]) -> AsyncIterator[None]:
+    watcher = asyncio.create_task(_watch(disconnected, generations))
     try:
         yield
     except BaseException:
-        generation.cancel()
+        _cancel(generations)
         raise
     finally:
         watcher.cancel()
@@ -268,54 +359,67 @@ async def cancelled_on_disconnect(disconnected: Disconnected, generation: Genera
 
 async def complete(
     engine: GenerationEngine, prepared: Prepared, metrics: Metrics, disconnected: Disconnected
-) -> GenerationResult:
-    generation = submit(engine, prepared, metrics)
-    async with cancelled_on_disconnect(disconnected, generation):
-        await asyncio.wait([asyncio.wrap_future(generation.future)])
-    return outcome(prepared, generation.future)
+) -> list[GenerationResult]:
+    """Each choice's result, in order; if one fails, the others are cancelled and its error raised."""
+    generations = submit(engine, prepared, metrics)
+    async with cancelled_on_disconnect(disconnected, generations):
+        futures = [asyncio.wrap_future(generation.future) for generation in generations]
+        await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        for generation in generations:
+            if generation.future.done() and generation.future.exception() is not None:
+                _cancel(generations)  # the others, still running: nobody will read them
+                outcome(prepared, generation.future)  # raises its error
+        return [outcome(prepared, generation.future) for generation in generations]
 
 
 class Stream:
-    """A streamed generation: `first()` waits for the first text (so that an error before it is still an HTTP
-    error status), then iterate for the rest; the iteration ends with the `GenerationResult`. From its start to
-    its end, a client that disconnects cancels it, whether or not the response has begun."""
+    """A streamed generation of one or more choices: `first()` waits for the first text (so that an error before
+    it is still an HTTP error status), then iterate for the rest: `(index, delta)` pairs, the choices' pieces as
+    they come, then the list of their results. From its start to its end, a client that disconnects cancels it,
+    whether or not the response has begun; a choice that fails ends it with that error."""
 
     def __init__(
         self, engine: GenerationEngine, prepared: Prepared, metrics: Metrics, disconnected: Disconnected
     ) -> None:
         loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue[Delta | Future[GenerationResult]] = asyncio.Queue()
+        self._items: asyncio.Queue[tuple[int, Delta | Future[GenerationResult]]] = asyncio.Queue()
 
-        def put(item: Delta | Future[GenerationResult]) -> None:
-            loop.call_soon_threadsafe(self._items.put_nowait, item)
+        def put(index: int, item: Delta | Future[GenerationResult]) -> None:
+            loop.call_soon_threadsafe(self._items.put_nowait, (index, item))
 
         self.prepared = prepared
-        self.generation = submit(engine, prepared, metrics, on_delta=put)
-        self.generation.future.add_done_callback(put)
-        self._watcher = asyncio.create_task(_watch(disconnected, self.generation))
-        self._first: Delta | GenerationResult | None = None
+        self.generations = submit(engine, prepared, metrics, on_delta=put)
+        for index, generation in enumerate(self.generations):
+            generation.future.add_done_callback(partial(put, index))
+        self._pending = len(self.generations)
+        self._watcher = asyncio.create_task(_watch(disconnected, self.generations))
+        self._first: tuple[int, Delta] | list[GenerationResult] | None = None
 
     async def first(self) -> None:
         try:
             self._first = await self._next()
         except BaseException:
-            self.generation.cancel()
+            _cancel(self.generations)
             raise
 
-    async def _next(self) -> Delta | GenerationResult:
-        item = await self._items.get()
-        if isinstance(item, Future):
-            return outcome(self.prepared, item)
-        return item
+    async def _next(self) -> tuple[int, Delta] | list[GenerationResult]:
+        while True:
+            index, item = await self._items.get()
+            if not isinstance(item, Future):
+                return index, item
+            outcome(self.prepared, item)  # a failed choice ends the stream with its error
+            self._pending -= 1
+            if not self._pending:
+                return [outcome(self.prepared, generation.future) for generation in self.generations]
 
-    async def __aiter__(self) -> AsyncIterator[Delta | GenerationResult]:
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Delta] | list[GenerationResult]]:
         try:
             item = self._first if self._first is not None else await self._next()
             while True:
                 yield item
-                if isinstance(item, GenerationResult):
+                if isinstance(item, list):
                     return
                 item = await self._next()
         finally:
-            self.generation.cancel()  # the client went away mid-stream (nothing to do when it finished)
+            _cancel(self.generations)  # the client went away mid-stream (nothing to do when it finished)
             self._watcher.cancel()

@@ -13,8 +13,8 @@ from app.core.deps import MetricsDep, SettingsDep, TenantDep, TenantThreadsDep
 from app.core.metrics import Metrics
 from app.inference import service
 from app.inference.engine import EngineDep
-from app.inference.routing import ERROR_RESPONSES, STREAM_RESPONSE, Chunk, stream_response
-from app.inference.schemas import Usage
+from app.inference.routing import ERROR_RESPONSES, STREAM_RESPONSE, Chunk, json_format, stream_response
+from app.inference.schemas import ResponseFormat, Usage, logit_bias_ids
 from app.ml.serving import Delta, GenerationEngine, GenerationResult, TokenLogprob
 from app.models.deps import ModelStoreDep
 from app.openai.inference_schemas import (
@@ -34,7 +34,12 @@ from app.openai.inference_schemas import (
 router = APIRouter(tags=["generation"], responses=ERROR_RESPONSES)
 
 
-def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None) -> Any:
+def _sampling(
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    logprobs: int | None,
+    response_format: ResponseFormat | None = None,
+) -> service.Sampling:
     return service.Sampling(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -43,6 +48,11 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int |
         seed=body.seed,
         stop=body.stop or [],
         logprobs=logprobs,
+        n=body.n,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=logit_bias_ids(body.logit_bias),
+        json=json_format(response_format),
     )
 
 
@@ -105,19 +115,25 @@ async def create_completion(
     )
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
-        result = await service.complete(engine, prepared, metrics, http.is_disconnected)
-        choice = CompletionChoice(
-            text=result.text, logprobs=_completion_logprobs(result.logprobs), finish_reason=result.finish_reason
-        )
-        return Completion(id=ident, created=created, model=body.model, choices=[choice], usage=Usage.of(result))
+        results = await service.complete(engine, prepared, metrics, http.is_disconnected)
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=result.text,
+                logprobs=_completion_logprobs(result.logprobs),
+                finish_reason=result.finish_reason,
+            )
+            for i, result in enumerate(results)
+        ]
+        usage = Usage.of_choices(results)
+        return Completion(id=ident, created=created, model=body.model, choices=choices, usage=usage)
 
     head = {"id": ident, "object": "text_completion", "created": created, "model": body.model}
-    sent = 0
+    sent = [0] * body.n  # characters of each choice's text sent so far
 
-    def text_choice(delta: Delta) -> dict[str, Any]:
-        nonlocal sent
-        logprobs = _completion_logprobs(delta.logprobs, sent)
-        sent += len(delta.text)
+    def text_choice(index: int, delta: Delta) -> dict[str, Any]:
+        logprobs = _completion_logprobs(delta.logprobs, sent[index])
+        sent[index] += len(delta.text)
         return {"text": delta.text, "logprobs": logprobs and logprobs.model_dump()}
 
     return await _openai_stream(engine, prepared, metrics, http, body, head, text_choice)
@@ -147,26 +163,30 @@ async def create_chat_completion(
         base_model=None,
         prompt=None,
         messages=body.chat(),
-        sampling=_sampling(body, body.max_completion_tokens or body.max_tokens, top),
+        sampling=_sampling(body, body.max_completion_tokens or body.max_tokens, top, body.response_format),
         model=body.model,
     )
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
-        result = await service.complete(engine, prepared, metrics, http.is_disconnected)
-        choice = ChatChoice(
-            message=AssistantMessage(content=result.text),
-            logprobs=_chat_logprobs(result.logprobs),
-            finish_reason=result.finish_reason,
-        )
-        return ChatCompletion(id=ident, created=created, model=body.model, choices=[choice], usage=Usage.of(result))
+        results = await service.complete(engine, prepared, metrics, http.is_disconnected)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=result.text),
+                logprobs=_chat_logprobs(result.logprobs),
+                finish_reason=result.finish_reason,
+            )
+            for i, result in enumerate(results)
+        ]
+        usage = Usage.of_choices(results)
+        return ChatCompletion(id=ident, created=created, model=body.model, choices=choices, usage=usage)
 
     head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model}
-    first = True
+    started = [False] * body.n  # whether each choice's first chunk was sent (it carries the role)
 
-    def chat_choice(delta: Delta) -> dict[str, Any]:
-        nonlocal first
-        content: dict[str, Any] = {"role": "assistant"} if first else {}
-        first = False
+    def chat_choice(index: int, delta: Delta) -> dict[str, Any]:
+        content: dict[str, Any] = {} if started[index] else {"role": "assistant", "refusal": None}
+        started[index] = True
         if delta.text or delta.finish_reason is None:
             content["content"] = delta.text
         logprobs = _chat_logprobs(delta.logprobs)
@@ -184,15 +204,16 @@ async def _openai_stream(
     head: dict[str, Any],
     choice: Chunk,
 ) -> EventSourceResponse:
-    """OpenAI's chunks: `head` (id, object, created, model) with the one choice `choice(delta)` makes and its
-    `finish_reason`; with `stream_options.include_usage`, a last chunk with no choices and the usage."""
+    """OpenAI's chunks: `head` (id, object, created, model) with one choice, the piece `choice(index, delta)` makes
+    of choice `index` and its `finish_reason` (the choices' pieces interleave as they come); with
+    `stream_options.include_usage`, a last chunk with no choices and the usage of them all."""
 
-    def chunk(delta: Delta) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, **choice(delta), "finish_reason": delta.finish_reason}]}
+    def chunk(index: int, delta: Delta) -> dict[str, Any]:
+        return {**head, "choices": [{"index": index, **choice(index, delta), "finish_reason": delta.finish_reason}]}
 
-    def last(result: GenerationResult) -> dict[str, Any] | None:
+    def last(results: list[GenerationResult]) -> dict[str, Any] | None:
         if body.stream_options is None or not body.stream_options.include_usage:
             return None
-        return {**head, "choices": [], "usage": Usage.of(result).model_dump()}
+        return {**head, "choices": [], "usage": Usage.of_choices(results).model_dump()}
 
     return await stream_response(engine, prepared, metrics, http, chunk, last)

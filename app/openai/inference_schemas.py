@@ -1,22 +1,26 @@
 """Request and response bodies of OpenAI's inference API (`/v1/completions`, `/v1/chat/completions`).
 
 As the official clients send and read them. Parameters Tuneforge does not implement are accepted only at their
-neutral value (`n` 1, penalties 0, `echo` false): a client that relies on them gets a clear 422, not other text.
+neutral value (`echo` false, no `tools`): a client that relies on them gets a clear 422, not other text.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from app.inference.schemas import (
+    MAX_LOGIT_BIAS,
     MAX_MESSAGES,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     MAX_TOP_K,
+    LogitBias,
+    Penalty,
+    ResponseFormat,
     Usage,
 )
 
@@ -43,10 +47,16 @@ class _Common(BaseModel):
     stop: Stop = Field(None, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="One choice per request")
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="Not implemented: 0 only")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not implemented: 0 only")
-    user: str | None = Field(None, max_length=256)
+    n: int = Field(
+        1, ge=1, le=128, description="Choices to generate, each sampled apart (at most TUNEFORGE_SERVING_MAX_CHOICES)"
+    )
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias = Field(
+        None,
+        description=f"Token id (a string) → a bias from -100 to 100 added to its logit (≤ {MAX_LOGIT_BIAS} tokens)",
+    )
+    user: str | None = Field(None, max_length=256, description="Accepted and not recorded")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -85,12 +95,6 @@ class TextPart(BaseModel):
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"] = Field(description="Only plain text (no JSON mode or schema)")
-
-
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,6 +112,15 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(
         None, ge=1, le=MAX_NEW_TOKENS, description="Default: up to 512 tokens, within the model's context"
     )
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_bound(cls, value: int | None, info: ValidationInfo) -> int | None:
+        other = info.data.get("max_tokens")
+        if value is not None and other is not None and other != value:
+            raise ValueError(f"max_completion_tokens ({value}) and max_tokens ({other}) differ: give one")
+        return value
+
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -165,6 +178,7 @@ class ChoiceLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None  # always null: the engine never refuses (OpenAI always sends it)
 
 
 class ChatChoice(BaseModel):

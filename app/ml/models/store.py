@@ -132,11 +132,18 @@ class ModelStore:
             cached = _tokenizers.get(key)
         if cached is not None:
             return cached
-        from transformers import AutoTokenizer
+        # One load at a time: concurrent first requests would each load it, and transformers' lazy first import
+        # is not thread-safe (another thread can see `AutoTokenizer` missing from a half-imported module).
+        with _load_lock:
+            with _cache_lock:
+                cached = _tokenizers.get(key)
+            if cached is not None:
+                return cached
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir(record)))
-        with _cache_lock:
-            return _tokenizers.setdefault(key, tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir(record)))
+            with _cache_lock:
+                return _tokenizers.setdefault(key, tokenizer)
 
     def config(self, record: ModelRecord) -> Any:
         """The model's transformers config (a copy of its own: methods change what they build from it), read once
@@ -194,6 +201,7 @@ class ModelStore:
 
 
 _cache_lock = threading.Lock()
+_load_lock = threading.Lock()  # tokenizers load one at a time (see ModelStore.tokenizer)
 _tokenizers: dict[tuple[str, str, str], Any] = {}
 _weights_sha256: dict[tuple[str, str, str], str] = {}
 _configs: dict[tuple[str, str, str], Any] = {}

@@ -22,6 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from app.ml.blobs import BlobStore
@@ -90,6 +91,19 @@ class GenerationEngine:
         self.scheduler.put(generation)
         self._wake.set()
         return generation
+
+    def submit_all(
+        self, requests: list[GenerationRequest], on_delta: Callable[[int, Delta], None] | None = None
+    ) -> list[Generation]:
+        """Submit requests of one owner together, all or none (a call's `n` choices): `on_delta(i, delta)` streams
+        the i-th one's."""
+        generations = [
+            Generation(request, None if on_delta is None else partial(on_delta, i))
+            for i, request in enumerate(requests)
+        ]
+        self.scheduler.put_all(generations)
+        self._wake.set()
+        return generations
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         return self.submit(request).result()

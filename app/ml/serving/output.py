@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from app.ml.serving.kinds import Servable
+from app.ml.serving.logits import GrammarFailed, RowProcessor, process
 from app.ml.serving.requests import Delta, Generation, GenerationRequest, GenerationResult, TokenLogprob
 from app.ml.serving.sampling import Sampler
 
@@ -25,6 +26,8 @@ class Row:
     servable: Servable | None
     sampler: Sampler
     position: int  # the position of the next token fed to the model
+    processor: RowProcessor | None = None  # penalties, logit bias, grammar (None: the logits as the model gives)
+    error: Exception | None = None  # the row failed (its grammar could not go on): it leaves, its request fails
     last: int = 0  # the token to feed next
     ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
@@ -41,14 +44,17 @@ class Row:
 
 
 def sample(rows: list[Row], logits: torch.Tensor, tokenizer: Any) -> list[int]:
-    """Each row's next token (greedy or with its own sampler), with its log-probability where asked for."""
+    """Each row's next token (greedy or with its own sampler) from its logits changed as its processor says, with
+    its log-probability under the model where asked for."""
     import torch
 
     logits = logits.float()
-    greedy = logits.argmax(dim=-1).tolist()
     logprobs = None
     if any(row.logprobs is not None for row in rows):
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, before any change
+    for i in process(logits, [row.processor for row in rows]):
+        rows[i].error = GrammarFailed("the output could not be kept to its response format")
+    greedy = logits.argmax(dim=-1).tolist()
     tokens = []
     for i, row in enumerate(rows):
         token = greedy[i] if row.request.greedy else row.sampler.sample(logits[i])
@@ -59,13 +65,23 @@ def sample(rows: list[Row], logits: torch.Tensor, tokenizer: Any) -> list[int]:
 
 
 def emit(row: Row, token: int, *, tokenizer: Any, eos: set[int]) -> None:
-    """Record a generated token; stream new text; finish the row at an end of sequence, a stop string or
-    max_tokens."""
+    """Record a generated token; stream new text; finish the row at an end of sequence, a stop string, its grammar
+    complete or max_tokens (or fail it, its grammar unable to go on)."""
     request = row.request
     row.ids.append(token)
     row.last = token
+    complete = False
+    if row.processor is not None and row.error is None:
+        try:
+            complete = row.processor.accept(token)
+        except GrammarFailed as exc:
+            row.error = exc
+    if row.error is not None:
+        row.finish_reason = "error"
+        fail(row.generation, row.error)
+        return
     finish = None
-    if token in eos and not request.ignore_eos:
+    if (token in eos and not request.ignore_eos) or complete:
         finish = "stop"
     elif len(row.ids) >= request.max_tokens:
         finish = "length"

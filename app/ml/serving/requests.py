@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from app.ml.models import ModelRecord
 
 if TYPE_CHECKING:
+    from app.ml.serving.grammar import Grammar
     from app.ml.serving.kinds import ServingKind
 
 # Below this temperature sampling is numerically greedy (logits / T overflow): decode greedily, as vLLM does.
@@ -47,6 +48,12 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k most likely
     ignore_eos: bool = False  # go on past the end-of-sequence token to max_tokens (benchmarks, as vLLM's)
+    # OpenAI's penalties: a token's logit less `presence_penalty` once this row generated it, and less
+    # `frequency_penalty` times the times it did (the prompt's tokens do not count).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
+    grammar: Grammar | None = None  # the output must match it (structured outputs); the row ends when it is complete
     owner: str | None = None  # whose request (a tenant): the waiting line is fair across owners, each one bounded
 
     @property
@@ -71,7 +78,8 @@ class GenerationResult:
     token_ids: list[int]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence or a stop string), "length" (max_tokens) or "cancelled"
+    # "stop" (end of sequence, a stop string, or the grammar complete), "length" (max_tokens) or "cancelled"
+    finish_reason: str
     logprobs: list[TokenLogprob] | None = None
 
 

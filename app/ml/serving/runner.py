@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from app.ml.device import Placement
 from app.ml.serving.kinds import Servable
 from app.ml.serving.layers import BatchAdapters, plan_rows
+from app.ml.serving.logits import RowProcessor
 from app.ml.serving.output import Row, emit, finish_row, sample
 from app.ml.serving.requests import Generation
 from app.ml.serving.sampling import Sampler
@@ -95,6 +96,7 @@ class BatchRunner:
                 generation=generation,
                 servable=servable,
                 sampler=Sampler(generation.request, device),
+                processor=RowProcessor.of(generation.request, vocab=logits.shape[-1], device=logits.device),
                 position=length,
                 logprobs=[] if generation.request.logprobs is not None else None,
             )

@@ -56,19 +56,25 @@ class Scheduler:
 
     # --- callers' threads ---------------------------------------------------------------------
     def put(self, generation: Generation) -> None:
-        owner = generation.request.owner
+        self.put_all([generation])
+
+    def put_all(self, generations: list[Generation]) -> None:
+        """Put requests of one owner in the line, all or none (the choices of one call, say): each counts against
+        the owner's bound and the line's."""
+        owner = generations[0].request.owner
         with self._lock:
             if self.closed:
                 raise EngineClosed("the serving engine is shutting down")
             held = self._owned[owner]
-            if owner is not None and self.max_per_owner is not None and held >= self.max_per_owner:
+            if owner is not None and self.max_per_owner is not None and held + len(generations) > self.max_per_owner:
                 raise OwnerOverloaded(owner, held)
             waiting = len(self._inbox) + len(self.waiting)
-            if waiting >= self.max_waiting and (held or owner is None):
+            if waiting + len(generations) > self.max_waiting and (held or owner is None):
                 raise EngineOverloaded(waiting)
-            self._owned[owner] += 1
-            self._inbox.append(generation)
-        generation.future.add_done_callback(lambda _: self._release(owner))
+            self._owned[owner] += len(generations)
+            self._inbox.extend(generations)
+        for generation in generations:
+            generation.future.add_done_callback(lambda _: self._release(owner))
 
     def _release(self, owner: str | None) -> None:
         with self._lock:
