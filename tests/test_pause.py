@@ -104,7 +104,7 @@ def test_a_job_whose_worker_dies_while_pausing_is_paused_by_the_reaper(
     JobReporter(settings.db_url, first).progress(step=1, total_steps=4, epoch=1, metrics={}, message="step 1")
     assert client.post(f"/jobs/{job_id}/pause", headers=tenant.headers).json()["status"] == "running"
     make_stale(settings, job_id)
-    assert reap_stale_jobs(settings) == [job_id]
+    assert job_id in reap_stale_jobs(settings)  # (the shared PostgreSQL test database may hold others)
     job = job_of(client, tenant, job_id)
     assert job["status"] == "paused"
     assert "stopped answering while pausing it" in events(client, tenant, job_id)[-1]["message"]

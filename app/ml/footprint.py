@@ -12,6 +12,7 @@ for every method, present and future.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ ARTIFACT_BYTES_PER_PARAMETER = 4  # float32
 STATE_BYTES_PER_PARAMETER = 12  # the float32 tensor and AdamW's two float32 moments
 # An artifact's config, manifest and archive headers; a state's position, metrics, scheduler and RNG states.
 OVERHEAD_BYTES = 64 * 1024
-CACHED = 256  # estimates kept per process (one per base model, method and hyperparameters)
+CACHED = 256  # estimates kept per process (one per base model, method and the method's own hyperparameters)
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,14 @@ class Footprint:
 
 
 def _key(record: ModelRecord, method: str, hp: TrainingHyperparameters) -> tuple[str, str, str, str]:
-    return (record.id, record.revision, method, hp.model_dump_json())
+    """What decides the trained parameters: the model, the method and the method's own hyperparameters (its rank,
+    targets, virtual tokens...), not those every method shares (epochs, learning rate, checkpoints kept...)."""
+    own = hp.model_dump_json(exclude=set(TrainingHyperparameters.model_fields))
+    return (record.id, record.revision, method, own)
 
 
 _lock = threading.Lock()
-_estimates: OrderedDict[tuple[str, str, str, str], Footprint] = OrderedDict()
+_estimates: OrderedDict[tuple[str, str, str, str], int] = OrderedDict()  # trained parameters
 
 
 def cached(record: ModelRecord, method: str, hp: TrainingHyperparameters) -> Footprint | None:
@@ -61,7 +65,9 @@ def cached(record: ModelRecord, method: str, hp: TrainingHyperparameters) -> Foo
         found = _estimates.get(key)
         if found is not None:
             _estimates.move_to_end(key)
-        return found
+    if found is None:
+        return None
+    return Footprint(trained_parameters=found, keep_checkpoints=hp.keep_checkpoints)
 
 
 def estimate(models: ModelStore, record: ModelRecord, method: str, hp: TrainingHyperparameters) -> Footprint:
@@ -81,15 +87,15 @@ def estimate(models: ModelStore, record: ModelRecord, method: str, hp: TrainingH
     context = MethodContext(
         record=record, models=models, placement=Placement(device=meta, dtype=torch.float32, device_name="meta")
     )
-    with meta:
+    # A throwaway model: what transformers and PEFT warn about while building it is nothing a user could act on.
+    with meta, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(models.config(record))
         prepared = trainer.prepare(model, hp, context)
         groups = trainer.param_groups(prepared, hp)
     trained = {id(param): param.numel() for group in groups for param in group["params"]}
-    footprint = Footprint(trained_parameters=sum(trained.values()), keep_checkpoints=hp.keep_checkpoints)
-    key = _key(record, method, hp)
     with _lock:
-        _estimates[key] = footprint
+        _estimates[_key(record, method, hp)] = sum(trained.values())
         while len(_estimates) > CACHED:
             _estimates.popitem(last=False)
-    return footprint
+    return Footprint(trained_parameters=sum(trained.values()), keep_checkpoints=hp.keep_checkpoints)
