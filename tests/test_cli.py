@@ -245,6 +245,11 @@ def test_a_failed_or_cancelled_job_ends_the_watch_with_its_reason(
     assert last.startswith(f"error: job {failing} failed: the training file has no example with a completion "), last
 
     queued = create_job(tuneforge, tmp_path, GOOD_LINES)
+    # A queued job pauses at once and resumes to the queue; resuming it again is refused with a clear line.
+    assert tuneforge.ok("jobs", "pause", queued) == f"job {queued}: paused\n"
+    assert tuneforge.json("jobs", "resume", queued)["status"] == "queued"
+    refused = tuneforge("jobs", "resume", queued)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: ") and "only a paused job" in refused.stderr
     assert tuneforge.ok("jobs", "cancel", queued) == f"job {queued}: cancelled\n"
     watched = tuneforge("jobs", "watch", queued, "--json")
     assert watched.returncode == 1 and f"error: job {queued} was cancelled" in watched.stderr

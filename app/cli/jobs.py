@@ -264,63 +264,55 @@ def jobs_events(
     show_table(table)
 
 
+JobAsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON (the job)")]
+
+
+def _act_on_job(job_id: str, action: str, as_json: bool, api_url: str, api_key: str | None) -> dict[str, Any] | None:
+    """POST /jobs/{id}/<action>; the job as the API answered, or None once printed as JSON."""
+    with connect(api_url, api_key) as api:
+        job = api.post(f"/jobs/{job_id}/{action}")
+    if as_json:
+        print_json(job)
+        return None
+    return job  # type: ignore[no-any-return]
+
+
 @jobs_cli.command("cancel")
 def jobs_cancel(
-    job_id: JobId,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON (the job)")] = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
+    job_id: JobId, as_json: JobAsJson = False, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None
 ) -> None:
     """Cancel a job: a queued one never starts, a running one stops within a step and publishes nothing.
 
     Exit code 1 if it has already ended.
     """
-    with connect(api_url, api_key) as api:
-        job = api.post(f"/jobs/{job_id}/cancel")
-    if as_json:
-        print_json(job)
-        return
-    typer.echo(f"job {job['id']}: {job['status']}")
+    if (job := _act_on_job(job_id, "cancel", as_json, api_url, api_key)) is not None:
+        typer.echo(f"job {job['id']}: {job['status']}")
 
 
 @jobs_cli.command("pause")
 def jobs_pause(
-    job_id: JobId,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON (the job)")] = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
+    job_id: JobId, as_json: JobAsJson = False, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None
 ) -> None:
     """Pause a job: a queued one at once, a running one once its current step is checkpointed (it says running
     until then). `jobs resume` continues it from there.
 
     Exit code 1 if it has ended.
     """
-    with connect(api_url, api_key) as api:
-        job = api.post(f"/jobs/{job_id}/pause")
-    if as_json:
-        print_json(job)
-        return
-    pausing = " (pauses after its current step)" if job["status"] == "running" else ""
-    typer.echo(f"job {job['id']}: {job['status']}{pausing}")
+    if (job := _act_on_job(job_id, "pause", as_json, api_url, api_key)) is not None:
+        pausing = " (pauses after its current step)" if job["status"] == "running" else ""
+        typer.echo(f"job {job['id']}: {job['status']}{pausing}")
 
 
 @jobs_cli.command("resume")
 def jobs_resume(
-    job_id: JobId,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON (the job)")] = False,
-    api_url: ApiUrl = DEFAULT_API_URL,
-    api_key: ApiKey = None,
+    job_id: JobId, as_json: JobAsJson = False, api_url: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None
 ) -> None:
     """Resume a paused job: queued again, it continues from the checkpoint it paused at.
 
     Exit code 1 if it is not paused.
     """
-    with connect(api_url, api_key) as api:
-        job = api.post(f"/jobs/{job_id}/resume")
-    if as_json:
-        print_json(job)
-        return
-    typer.echo(f"job {job['id']}: {job['status']}")
+    if (job := _act_on_job(job_id, "resume", as_json, api_url, api_key)) is not None:
+        typer.echo(f"job {job['id']}: {job['status']}")
 
 
 @jobs_cli.command("delete")
