@@ -202,13 +202,13 @@ def build_tokenizer(arch: str, *, chat_template: bool = True) -> Any:
     return tokenizer
 
 
-def _config(arch: str, vocab_size: int, ids: dict[str, Any]) -> Any:
+def _config(arch: str, vocab_size: int, ids: dict[str, Any], max_positions: int = _MAX_POSITIONS) -> Any:
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, PhiConfig, Qwen2Config
 
     if arch == "gpt2":  # GPT-2 names its sizes its own way
         return GPT2Config(
             vocab_size=vocab_size,
-            n_positions=_MAX_POSITIONS,
+            n_positions=max_positions,
             n_embd=_HIDDEN,
             n_layer=_LAYERS,
             n_head=_HEADS,
@@ -225,7 +225,7 @@ def _config(arch: str, vocab_size: int, ids: dict[str, Any]) -> Any:
         "intermediate_size": _INTERMEDIATE,
         "num_hidden_layers": _LAYERS,
         "num_attention_heads": _HEADS,
-        "max_position_embeddings": _MAX_POSITIONS,
+        "max_position_embeddings": max_positions,
         "initializer_range": _INIT_RANGE,
         **ids,
     }
@@ -256,12 +256,15 @@ def _model_class(arch: str) -> Any:
     }[arch]
 
 
-def build_tiny_model(arch: str, dest: Path, *, chat_template: bool = True, seed: int = 0) -> Path:
+def build_tiny_model(
+    arch: str, dest: Path, *, chat_template: bool = True, seed: int = 0, max_positions: int = _MAX_POSITIONS
+) -> Path:
     """Write a tiny random `arch` causal LM with its own tokenizer into `dest` (created); returns `dest`.
 
     The folder holds `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer files, and
     loads with `AutoConfig` / `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained(dest)`. Weights are seeded
-    by `seed` without disturbing the global torch generator.
+    by `seed` without disturbing the global torch generator; `max_positions` is its context (prompts with tool
+    definitions need more than the default: the tiny vocabulary spells them in many tokens).
     """
     import torch
 
@@ -272,7 +275,8 @@ def build_tiny_model(arch: str, dest: Path, *, chat_template: bool = True, seed:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    config = _config(arch, len(tokenizer), ids)
+    config = _config(arch, len(tokenizer), ids, max_positions)
+    tokenizer.model_max_length = max_positions
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

@@ -105,11 +105,11 @@ def tool_lines() -> list[str]:
     ]
 
 
-def register_hermes(settings: Settings, tenant: Tenant, tmp_path: Path) -> tuple[str, Path]:
+def register_hermes(settings: Settings, tenant: Tenant, tmp_path: Path, max_positions: int = 512) -> tuple[str, Path]:
     """A tiny Qwen2 model with a Qwen2.5-style (Hermes) tool template; its id is unique to the test (the production
     backend's database is shared by the session's tests)."""
     model_id = f"tiny-hermes-{tenant.name[-8:]}"
-    folder = build_tiny_model("qwen2", tmp_path / "hermes")
+    folder = build_tiny_model("qwen2", tmp_path / "hermes", max_positions=max_positions)
     register(settings, model_id, "--path", folder, "--chat-template", TEMPLATES / "qwen2_5_hermes.jinja")
     return model_id, folder
 
@@ -398,3 +398,17 @@ def test_a_tool_calling_job_trains_end_to_end_with_the_openai_client(
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls] == [
         ("get_weather", {"city": "Paris"})
     ], text
+
+    # Served: chat with the tools (`auto`, nothing constrained) and get the call, parsed, whole and streamed.
+    with live(create_app(settings)) as url:
+        openai = OpenAI(base_url=f"{url}/v1", api_key=tenant.key, max_retries=0)
+        asked: Any = {"model": job.fine_tuned_model, "messages": [asks("Paris")], "tools": [WEATHER], "temperature": 0}
+        answer = openai.chat.completions.create(**asked)
+        with openai.chat.completions.stream(**asked) as stream:
+            streamed = stream.get_final_completion()
+    for choice in (answer.choices[0], streamed.choices[0]):
+        assert choice.finish_reason == "tool_calls"
+        calls = choice.message.tool_calls or []
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Paris"})
+        ]

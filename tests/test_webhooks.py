@@ -30,6 +30,7 @@ from app.main import create_app
 from app.webhooks.delivery import deliver_due
 from tests.conftest import Tenant, chat_lines, free_port, live
 from tests.test_cli import Cli
+from tests.test_openai_schemas import check
 from tests.test_worker import start_job
 from worker.runner import run_training_job
 
@@ -299,6 +300,9 @@ def test_a_job_that_ends_is_sent_signed_to_each_subscribed_endpoint(settings: Se
         assert isinstance(by_job[cancelled], FineTuningJobCancelledWebhookEvent)
         assert isinstance(by_job[failed], FineTuningJobFailedWebhookEvent)
         assert isinstance(by_job[succeeded], FineTuningJobSucceededWebhookEvent)
+        for r in received:  # as sent, each payload validates against OpenAI's published schema of its event
+            payload = json.loads(r.body)
+            check(f"WebhookFineTuningJob{payload['type'].rsplit('.', 1)[1].capitalize()}", payload)
         for event in events:
             assert event.object == "event" and event.id.startswith("evt_")  # type: ignore[union-attr]
             assert abs(event.created_at - time.time()) < 300  # type: ignore[union-attr]

@@ -77,6 +77,7 @@ class ErrorCode(StrEnum):
     model_not_deletable = "model_not_deletable"
     no_chat_template = "no_chat_template"  # also a line of an upload
     no_tool_support = "no_tool_support"  # also a line of an upload
+    template_error = "template_error"  # a chat template refused a conversation; also a line of an upload
     unsupported_method = "unsupported_method"
     method_mismatch = "method_mismatch"  # a job continues from a fine-tuned model of another method
     unsupported_schema = "unsupported_schema"

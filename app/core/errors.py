@@ -35,6 +35,15 @@ def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     return text if len(text) <= limit else f"{text[: limit - 1]}…' ({len(text) - 2} characters)"
 
 
+class FieldError(ValueError):
+    """A request model's validator's error about one field (such errors have no location of their own): `param`
+    names the field in the error the client gets, whose message is `param: message`."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class AppError(Exception):
     status_code = 400
     type = "invalid_request_error"
@@ -248,7 +257,11 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
         param = _loc_to_param(tuple(first.get("loc", ())))
-        msg = str(first.get("msg", "invalid request"))
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        context = first.get("ctx")
+        raised = context.get("error") if isinstance(context, dict) else None
+        if isinstance(raised, FieldError):
+            param, msg = raised.param, str(raised)
         message = f"{param}: {msg}" if param else msg
         if len(errors) > 1:
             others = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[1:5])

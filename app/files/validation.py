@@ -284,7 +284,7 @@ class LineValidator:
             said = f": {str(exc)[:200]}" if type(exc) is TemplateError else ""
             self._error(
                 line.number,
-                "template_error",
+                ErrorCode.template_error,
                 f"the chat template of {self.model_id} cannot render this conversation{said}",
             )
             return

@@ -67,8 +67,8 @@ async def generate(
         [result] = await service.complete(engine, prepared, metrics, http.is_disconnected)
         return response(result)
 
-    def chunk(_: int, delta: Delta) -> dict[str, Any]:
-        return {"object": "generation.chunk", "text": delta.text, "finish_reason": delta.finish_reason}
+    def chunk(_: int, delta: Delta) -> list[dict[str, Any]]:
+        return [{"object": "generation.chunk", "text": delta.text, "finish_reason": delta.finish_reason}]
 
     def last(results: list[GenerationResult]) -> dict[str, Any]:
         usage = Usage.of(results[0]).model_dump()

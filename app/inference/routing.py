@@ -24,8 +24,9 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or with `stream: true` server-sent events"}
 }
 
-# The event a piece of choice i's text becomes; the one the choices' results become at the end (None: no event).
-Chunk = Callable[[int, Delta], dict[str, Any]]
+# The events a piece of choice i's text becomes (none while it is held back); the one the choices' results become
+# at the end (None: no event).
+Chunk = Callable[[int, Delta], list[dict[str, Any]]]
 Last = Callable[[list[GenerationResult]], dict[str, Any] | None]
 
 
@@ -46,12 +47,13 @@ def _event(data: dict[str, Any] | str) -> bytes:
 
 
 async def _events(stream: service.Stream, chunk: Chunk, last: Last) -> AsyncIterator[bytes]:
-    """Server-sent events: `chunk(i, delta)` for each delta of choice i, `last(results)` (unless None) at the end,
-    then `[DONE]`; an error after the stream began is sent as an event in OpenAI's error shape."""
+    """Server-sent events: those of `chunk(i, delta)` for each delta of choice i, `last(results)` (unless None) at
+    the end, then `[DONE]`; an error after the stream began is sent as an event in OpenAI's error shape."""
     try:
         async for item in stream:
             if isinstance(item, tuple):
-                yield _event(chunk(*item))
+                for event in chunk(*item):
+                    yield _event(event)
             elif (final := last(item)) is not None:
                 yield _event(final)
     except AppError as exc:  # OpenAI's shape: the client raises it as an APIError

@@ -68,26 +68,29 @@ def _depth(value: Any) -> int:
     return depth
 
 
+def _bounded_schema(value: dict[str, Any]) -> dict[str, Any]:
+    if _depth(value) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"the schema is longer than {MAX_SCHEMA_CHARS} characters as compact JSON")
+    return value
+
+
+# A JSON schema in a request (a response format's, a tool's parameters): bounded in size and nesting.
+JsonSchema = Annotated[dict[str, Any], WithJsonSchema(SCHEMA_DOCUMENT), AfterValidator(_bounded_schema)]
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The schema's name (OpenAI's rule)")
     description: str | None = Field(None, max_length=4096)
-    json_schema: Annotated[dict[str, Any], WithJsonSchema(SCHEMA_DOCUMENT)] = Field(
+    json_schema: JsonSchema = Field(
         alias="schema",
         description=f"A JSON schema (≤ {MAX_SCHEMA_CHARS} characters as compact JSON, nested ≤ {MAX_SCHEMA_DEPTH} "
         "levels); keywords the compiler does not implement are refused (422 `unsupported_schema`)",
     )
     strict: bool | None = Field(None, description="Accepted; the output is always constrained to the schema")
-
-    @field_validator("json_schema")
-    @classmethod
-    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if _depth(value) > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
-        if len(json.dumps(value, separators=(",", ":"))) > MAX_SCHEMA_CHARS:
-            raise ValueError(f"the schema is longer than {MAX_SCHEMA_CHARS} characters as compact JSON")
-        return value
 
 
 class ResponseFormat(BaseModel):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from jinja2 import TemplateError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -43,8 +44,9 @@ from app.ml.serving import (
     GenerationResult,
     OwnerOverloaded,
 )
-from app.ml.serving.grammar import GRAMMARS, Grammar, GrammarError
+from app.ml.serving.grammar import ANY_OBJECT, GRAMMARS, JSON_OPTIONS, Grammar, GrammarError
 from app.ml.serving.logits import GrammarFailed
+from app.ml.tool_calls import call_grammar, special_tokens
 from app.models.repository import find_model
 from app.models.service import load_tokenizer, model_unavailable, require_model
 
@@ -63,6 +65,18 @@ class JsonFormat:
     schema: dict[str, Any] | None
     name: str  # the schema's name, for messages
     param: str  # the request's field that gave the schema, named in errors
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """Functions the model may call (OpenAI's `tools`), and how: `choice` "none" (text only), "auto" (the model
+    decides; its answer is read as calls where it makes them), "required" (one call or more, constrained to the
+    declared functions) or a function's name (`named`: one call of it, constrained)."""
+
+    tools: list[dict[str, Any]]  # {"type": "function", "function": {"name", "description", "parameters"}}
+    choice: str = "auto"
+    named: bool = False
+    parallel: bool = True  # "required" may make several calls (one answer, at most MAX_TOOL_CALLS)
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,7 @@ class Prepared:
     adapter_id: str | None
     base_model: str
     n: int = 1
+    tool_call_format: str | None = None  # the answer is read as tool calls in this family's text (None: text)
 
     def choices(self) -> list[GenerationRequest]:
         """One engine request per choice; a seeded request's choices draw from seeds of their own (the same seed,
@@ -132,10 +147,11 @@ def prepare(
     adapter_id: str | None,
     base_model: str | None,
     prompt: str | None,
-    messages: list[dict[str, str]] | None,
+    messages: list[dict[str, Any]] | None,
     sampling: Sampling,
     model: str | None = None,  # OpenAI's `model`, resolved to an adapter or a base model
     param: str = "adapter_id",
+    tools: ToolUse | None = None,
 ) -> Prepared:
     with session_scope(settings.db_url) as session:  # the lookups only: no connection held while tokenizing
         if model is not None:
@@ -147,7 +163,14 @@ def prepare(
     _check_choices(settings, sampling.n)
     tokenizer = load_tokenizer(models, record)
     _check_logit_bias(tokenizer, sampling.logit_bias)
-    grammar = _grammar(tokenizer, record, sampling.json) if sampling.json is not None else None
+    calls_read = tools is not None and tools.choice != "none"
+    if tools is not None or (messages and any(m["role"] == "tool" or "tool_calls" in m for m in messages)):
+        _check_tool_support(record)
+    if calls_read:
+        assert tools is not None
+        grammar = _tool_grammar(tokenizer, record, tools, sampling.json)
+    else:
+        grammar = _grammar(tokenizer, record, sampling.json) if sampling.json is not None else None
     if messages is not None:
         if tokenizer.chat_template is None:
             raise InvalidInput(
@@ -155,7 +178,7 @@ def prepare(
                 param="messages",
                 code=ErrorCode.no_chat_template,
             )
-        input_ids = encode_chat_prompt(tokenizer, messages)
+        input_ids = _encode_chat(tokenizer, record, messages, tools)
     else:
         input_ids = encode_prompt(tokenizer, prompt or "")
     if not input_ids:
@@ -184,9 +207,77 @@ def prepare(
         frequency_penalty=sampling.frequency_penalty,
         logit_bias=sampling.logit_bias,
         grammar=grammar,
+        special_tokens=calls_read,
         owner=tenant_id,
     )
-    return Prepared(request=request, adapter_id=adapter_id, base_model=record.id, n=sampling.n)
+    return Prepared(
+        request=request,
+        adapter_id=adapter_id,
+        base_model=record.id,
+        n=sampling.n,
+        tool_call_format=record.tool_call_format if calls_read else None,
+    )
+
+
+def _check_tool_support(record: ModelRecord) -> None:
+    """Tools and calls need a model whose chat template renders them and whose call format Tuneforge reads."""
+    if record.tool_call_format is None:
+        raise InvalidInput(
+            f"{record.id} has no tool support: its chat template does not render tool calls in a format Tuneforge "
+            "reads (register a model whose template does, naming it with --tool-call-format where needed)",
+            param="tools",
+            code=ErrorCode.no_tool_support,
+        )
+
+
+def _encode_chat(
+    tokenizer: Any, record: ModelRecord, messages: list[dict[str, Any]], tools: ToolUse | None
+) -> list[int]:
+    """The conversation through the model's chat template, with the declared tools; a template that refuses it
+    (one call at a time only, say) is a 422 in its own words."""
+    try:
+        return encode_chat_prompt(tokenizer, messages, tools=tools.tools if tools is not None else None)
+    except Exception as exc:  # the template's own words when it refuses (raise_exception), else nothing internal
+        said = f": {str(exc)[:300]}" if type(exc) is TemplateError else ""
+        raise InvalidInput(
+            f"the chat template of {record.id} cannot render this conversation{said}",
+            param="messages",
+            code=ErrorCode.template_error,
+        ) from None
+
+
+def _tool_grammar(
+    tokenizer: Any, record: ModelRecord, tools: ToolUse, json_format: JsonFormat | None
+) -> Grammar | None:
+    """What the answer is constrained to: with `required` or a named function, calls to the declared functions (or
+    that one) as the model's family writes them; with `auto` and a response format, calls or content in that
+    format; with `auto` alone, nothing (the answer is read as calls where it makes them)."""
+    assert record.tool_call_format is not None
+    functions = [tool["function"] for tool in tools.tools]
+    if tools.named:
+        functions = [f for f in functions if f["name"] == tools.choice]
+    elif tools.choice == "auto" and json_format is None:
+        return None
+    content = None
+    if tools.choice == "auto" and json_format is not None:
+        content = ANY_OBJECT if json_format.schema is None else json_format.schema
+    grammar = call_grammar(
+        record.tool_call_format,
+        functions,
+        parallel=tools.parallel and not tools.named,
+        special=special_tokens(tokenizer),
+        content=content,
+        content_options=JSON_OPTIONS,
+    )
+    name = f"a call of {tools.choice!r}" if tools.named else "calls of the declared functions"
+    try:
+        return GRAMMARS.lark(tokenizer, tokenizer_key=(record.id, record.revision), grammar=grammar, name=name)
+    except GrammarError as exc:
+        raise InvalidInput(
+            f"tools: the functions' parameters cannot be used to constrain the calls: {exc}",
+            param="tools",
+            code=ErrorCode.unsupported_schema,
+        ) from None
 
 
 def _check_choices(settings: Settings, n: int) -> None:

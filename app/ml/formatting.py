@@ -132,6 +132,8 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
-def encode_chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+def encode_chat_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    text = render_chat(tokenizer, messages, add_generation_prompt=True, tools=tools)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

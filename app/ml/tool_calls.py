@@ -167,6 +167,7 @@ class ToolLineChecker:
     """
 
     record: dict[str, Any]
+    whole: str = "the line"  # what the record is, in messages ("the request" when a chat request is checked)
     declared: dict[str, dict[str, Any]] = field(init=False)
     parallel: bool = field(init=False)
     pending: dict[str, str] = field(init=False, default_factory=dict)  # call id -> function name
@@ -198,7 +199,7 @@ class ToolLineChecker:
             declared = f'"{"tools" if "tools" in self.record else "functions"}"' if self.declared else 'no "tools"'
             raise LineIssue(
                 ErrorCode.undeclared_function,
-                f"{where}.name: {_quote(name)} is not a declared function (the line declares {declared})",
+                f"{where}.name: {_quote(name)} is not a declared function ({self.whole} declares {declared})",
             )
         _arguments(function["arguments"], f"{where}.arguments")
         return name
@@ -243,7 +244,7 @@ class ToolLineChecker:
         if len(calls) > 1 and not self.parallel:
             raise LineIssue(
                 ErrorCode.too_many_tool_calls,
-                f'{where}.tool_calls: {len(calls)} calls, but the line sets "parallel_tool_calls": false',
+                f'{where}.tool_calls: {len(calls)} calls, but {self.whole} sets "parallel_tool_calls": false',
             )
         for j, call in enumerate(calls):
             at = f"{where}.tool_calls[{j}]"
@@ -260,7 +261,9 @@ class ToolLineChecker:
                     ErrorCode.invalid_tool_call, f"{at}.id: must be a string of 1-{MAX_TOOL_CALL_ID_CHARS} characters"
                 )
             if call_id in self.seen_ids:
-                raise LineIssue(ErrorCode.invalid_tool_call, f"{at}.id: {_quote(call_id)} is used twice in the line")
+                raise LineIssue(
+                    ErrorCode.invalid_tool_call, f"{at}.id: {_quote(call_id)} is used twice in {self.whole}"
+                )
             if call.get("type", "function") != "function":
                 raise LineIssue(ErrorCode.invalid_tool_call, f'{at}.type: must be "function"')
             if "function" not in call:
@@ -589,3 +592,139 @@ def detect_tool_call_format(tokenizer: Any) -> str | None:
             if made == [("lookup_word", _PROBE_ARGUMENTS)]:
                 return fmt
     return None
+
+
+# --- at inference: calls constrained to the declared functions, and streamed ----------------------------------
+
+# What begins a call in each family's text (Llama 3.x JSON calls have no marker: a call is an answer that is a
+# JSON object, optionally after <|python_tag|>).
+CALL_MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "mistral": ("[TOOL_CALLS]", None)}
+LLAMA3_TAG = "<|python_tag|>"
+# Calls as chat templates write them (Jinja's `tojson`: Python's default separators), so that a constrained call
+# reads as the calls the model was trained on.
+CALL_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
+
+
+def _call_schema(fmt: str, functions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON schema of one call in `fmt`'s text to any of `functions` (OpenAI `function` objects): the name one
+    of theirs, the arguments matching that function's `parameters` (any object where it declares none)."""
+    arguments = "parameters" if fmt == "llama3_json" else "arguments"
+    options = []
+    for function in functions:
+        properties: dict[str, Any] = {
+            "name": {"const": function["name"]},
+            arguments: function.get("parameters") or {"type": "object"},
+        }
+        if fmt == "mistral":  # Mistral's templates write each call's id after it (nine letters and digits)
+            properties["id"] = {"type": "string", "pattern": TEMPLATE_ID.pattern}
+        options.append(
+            {
+                "type": "object",
+                "properties": properties,
+                "required": ["name", arguments],
+                "additionalProperties": False,
+            }
+        )
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _lark_json(schema: dict[str, Any], options: dict[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
+
+
+def _lark_text(text: str, special: dict[str, int]) -> str:
+    """A fixed piece of text in a Lark rule: the special token of that text where the tokenizer has one (by its id:
+    a string cannot match a special token), else the string."""
+    return f"<[{special[text]}]>" if text in special else json.dumps(text, ensure_ascii=False)
+
+
+def call_grammar(
+    fmt: str,
+    functions: list[dict[str, Any]],
+    *,
+    parallel: bool,
+    special: dict[str, int],
+    content: dict[str, Any] | None = None,
+    content_options: dict[str, Any] | None = None,
+) -> str:
+    """A Lark grammar (llguidance's dialect) of an answer that is one call, or up to MAX_TOOL_CALLS with `parallel`,
+    to `functions` in `fmt`'s text, as that family's chat template writes calls; with `content` (a JSON schema
+    and its JSON options), an answer matching it is allowed instead. `special`: the tokenizer's special tokens (text
+    -> id; `special_tokens`)."""
+    more = MAX_TOOL_CALLS - 1 if parallel else 0
+
+    def repeated(separator: str) -> str:
+        return f"calls: call ({json.dumps(separator)} call){{0,{more}}}" if more else "calls: call"
+
+    one = _lark_json(_call_schema(fmt, functions), CALL_JSON_OPTIONS)
+    if fmt == "hermes":
+        opening, closing = CALL_MARKERS["hermes"]
+        rules = [
+            repeated("\n"),
+            f'call: {_lark_text(opening, special)} "\\n" {one} "\\n" {_lark_text(str(closing), special)}',
+        ]
+    elif fmt == "llama3_json":
+        rules = [repeated("; "), f"call: {one}"]
+    elif fmt == "mistral":
+        items = {"type": "array", "items": _call_schema(fmt, functions), "minItems": 1, "maxItems": more + 1}
+        rules = [f'calls: {_lark_text(CALL_MARKERS["mistral"][0], special)} " " {_lark_json(items, CALL_JSON_OPTIONS)}']
+    else:
+        raise ValueError(f"unknown tool-call format {fmt!r}; one of {', '.join(FORMATS)}")
+    if content is None:
+        return "\n".join(["start: calls", *rules])
+    return "\n".join(["start: calls | content", *rules, f"content: {_lark_json(content, content_options or {})}"])
+
+
+def special_tokens(tokenizer: Any) -> dict[str, int]:
+    """A Hugging Face tokenizer's special tokens, text -> id (what a grammar must name by id)."""
+    return {str(t.content): int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+class StreamedCalls:
+    """A streamed answer of a model that may call tools, split as it comes: text passes on as content until a call
+    begins (text that could be the start of one is held back until it is known); from there the answer is
+    buffered, and read at its end as calls (`finish`), or, when it does not parse as calls, passed on as content
+    after all."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.text = ""
+        self.sent = 0  # characters passed on as content
+        self.calling = False  # a call began: the rest is buffered
+        self.free = False  # (Llama 3.x JSON) the answer began as text: no call can follow
+
+    def feed(self, piece: str) -> str:
+        """The content to pass on now that `piece` came."""
+        self.text += piece
+        if self.calling:
+            return ""
+        ready = len(self.text)
+        if self.fmt == "llama3_json":
+            if not self.free:
+                start = self.text.lstrip()
+                if start.startswith(("{", LLAMA3_TAG)):
+                    self.calling = True
+                    return ""
+                if not start or LLAMA3_TAG.startswith(start):
+                    return ""
+                self.free = True
+        else:
+            marker = CALL_MARKERS[self.fmt][0]
+            at = self.text.find(marker, max(0, self.sent - len(marker)))
+            if at >= 0:
+                self.calling = True
+                ready = at
+            else:
+                ready -= next((k for k in range(len(marker) - 1, 0, -1) if self.text.endswith(marker[:k])), 0)
+        content = self.text[self.sent : ready]
+        self.sent = max(self.sent, ready)
+        return content
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The content still to pass on, and the calls the answer makes (none: it was text after all)."""
+        rest = self.text[self.sent :]
+        self.sent = len(self.text)
+        if not self.calling:
+            return rest, []
+        parsed = parse_tool_calls(self.fmt, self.text)
+        return ("", parsed.tool_calls) if parsed.tool_calls else (rest, [])

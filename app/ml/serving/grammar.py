@@ -1,6 +1,7 @@
-"""Grammars for constrained decoding (structured outputs), with llguidance: a JSON schema, or any JSON object,
-compiled once per tokenizer and schema (a bounded cache); each row that uses one takes a matcher of its own, which
-says which tokens may come next and advances with each token the row samples (app/ml/serving/logits.py).
+"""Grammars for constrained decoding (structured outputs and tool calls), with llguidance: a JSON schema, any JSON
+object, or a grammar in llguidance's Lark dialect, compiled once per tokenizer and grammar (a bounded cache); each
+row that uses one takes a matcher of its own, which says which tokens may come next and advances with each token
+the row samples (app/ml/serving/logits.py).
 
 llguidance over xgrammar (BENCHMARKS.md, "Structured outputs"): on SmolLM2's 49k vocabulary a typical schema
 compiles in milliseconds (xgrammar: close to a second), so a new schema does not stall its request; a mask costs
@@ -63,6 +64,26 @@ class Grammars:
 
         schema = ANY_OBJECT if schema is None else schema
         text = json.dumps(schema, separators=(",", ":"))  # in its order: properties are generated in it
+        return self._compile(
+            tokenizer,
+            tokenizer_key,
+            "json:" + text,
+            name,
+            lambda: llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS),  # type: ignore[arg-type]
+        )
+
+    def lark(self, tokenizer: Any, *, tokenizer_key: Hashable, grammar: str, name: str) -> Grammar:
+        """The grammar written in llguidance's Lark dialect (tool calls: app/ml/tool_calls.py), for this tokenizer.
+        Raises GrammarError for one it cannot compile (a JSON schema inside it that it does not support, say)."""
+        import llguidance
+
+        return self._compile(
+            tokenizer, tokenizer_key, "lark:" + grammar, name, lambda: llguidance.LLMatcher.grammar_from_lark(grammar)
+        )
+
+    def _compile(self, tokenizer: Any, tokenizer_key: Hashable, text: str, name: str, build: Any) -> Grammar:
+        import llguidance
+
         key = (tokenizer_key, hashlib.sha256(text.encode()).hexdigest())
         with self._lock:
             cached = self._grammars.get(key)
@@ -71,7 +92,7 @@ class Grammars:
                 return cached
         lltokenizer = self._lltokenizer(tokenizer, tokenizer_key)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
+            grammar = build()
         except ValueError as exc:
             raise GrammarError(_clip(str(exc))) from None
         matcher = llguidance.LLMatcher(lltokenizer, grammar, log_level=0)

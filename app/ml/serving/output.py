@@ -88,7 +88,7 @@ def emit(row: Row, token: int, *, tokenizer: Any, eos: set[int]) -> None:
     streaming = row.generation.on_delta is not None
     if streaming or request.stop or finish:
         searched = len(row.text)
-        _decode(tokenizer, row, final=finish is not None)
+        _decode(tokenizer, row, final=finish is not None, eos=eos)
         for stop in request.stop:
             cut = row.text.find(stop, max(0, searched - len(stop) + 1))
             if cut != -1:
@@ -144,13 +144,17 @@ def finish_cancelled(generation: Generation) -> None:
         )
 
 
-def _decode(tokenizer: Any, row: Row, final: bool) -> None:
+def _decode(tokenizer: Any, row: Row, final: bool, eos: set[int]) -> None:
     """Decode the tokens generated since the last call onto `row.text`, a few tokens at a time whatever the
     length (the previous piece is decoded again, so that a piece starting inside a word, or a character split
-    over tokens, comes out as in decoding the whole); `final` flushes an unfinished character too."""
+    over tokens, comes out as in decoding the whole); `final` flushes an unfinished character too. Special tokens
+    are left out, or (`special_tokens`) only the end of sequence."""
+    special = row.request.special_tokens
 
     def decode(ids: list[int]) -> str:
-        return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        if special:
+            ids = [i for i in ids if i not in eos]
+        return str(tokenizer.decode(ids, skip_special_tokens=not special, clean_up_tokenization_spaces=False))
 
     before = decode(row.ids[row.prefix_offset : row.read_offset])
     after = decode(row.ids[row.prefix_offset :])

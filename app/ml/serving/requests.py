@@ -54,6 +54,9 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
     grammar: Grammar | None = None  # the output must match it (structured outputs); the row ends when it is complete
+    # Decode special tokens into the text, all but the end of sequence (tool-call markers such as Mistral's
+    # [TOOL_CALLS] are special tokens, and the calls are read from the text).
+    special_tokens: bool = False
     owner: str | None = None  # whose request (a tenant): the waiting line is fair across owners, each one bounded
 
     @property
