@@ -238,6 +238,7 @@ def test_each_architecture_registers_trains_and_serves(
     run_the_loop(client, tenant, settings, model_id, folder, chat, tmp_path)
 
 
+@pytest.mark.slow  # two services on the production backend
 @pytest.mark.parametrize("backend", ["production"], indirect=True)
 def test_a_model_registered_on_one_machine_trains_and_serves_on_another(
     settings: Settings, make_tenant: Any, tmp_path: Path

@@ -196,6 +196,7 @@ def test_the_openai_client_deletes_a_fine_tuned_model(
     assert stored(settings, "adapters") == []
 
 
+@pytest.mark.slow  # a generation held open across a deletion
 def test_a_generation_running_with_an_adapter_finishes_when_it_is_deleted(
     client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -353,7 +354,7 @@ def test_models_remove_never_deletes_a_blob_that_a_model_being_added_uses(
         assert stored(settings, BLOB_PREFIX) == []
 
 
-@pytest.mark.parametrize("backend", ["embedded", "production"], indirect=True)
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("production", marks=pytest.mark.slow)], indirect=True)
 def test_a_models_remove_waits_for_a_model_being_added_and_keeps_the_blobs_it_uses(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

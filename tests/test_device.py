@@ -71,7 +71,7 @@ def adapter_tensors(client: TestClient, tenant: Tenant, adapter_id: str, tmp_pat
 
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
 def test_a_half_precision_job_trains_float32_adapters_and_records_where_it_ran(
     dtype: str, client: TestClient, tenant: Tenant, settings: Settings, tmp_path: Path
 ) -> None:

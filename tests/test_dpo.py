@@ -228,6 +228,7 @@ def test_a_run_that_starts_from_a_fine_tuned_artifact_has_its_weights_and_it_as_
     assert any("reference log-probabilities computed once" in message for _, message, _ in reporter.events)
 
 
+@pytest.mark.slow  # three training runs
 def test_a_resumed_dpo_run_keeps_its_reference_and_ends_where_an_uninterrupted_run_does(model_cache_dir: Path) -> None:
     """Full fine-tuning's reference is precomputed: a run resumed from a checkpoint reads it from the checkpoint
     (recomputing it from the trained weights would change every loss after) and ends with the same weights."""

@@ -127,6 +127,7 @@ def sequence_log_probs(model: Any, pairs: list[Any]) -> list[tuple[float, float]
     return found
 
 
+@pytest.mark.slow  # trains until the preference moves
 def test_a_dpo_job_moves_the_preference_on_held_out_prompts(
     tmp_path: Path, client: TestClient, tenant: Tenant, settings: Settings, model_cache_dir: Path
 ) -> None:

@@ -106,6 +106,7 @@ def silent_port() -> Iterator[int]:
         yield int(server.getsockname()[1])
 
 
+@pytest.mark.slow  # waits out the timeouts it checks
 def test_hanging_dependencies_time_out_within_the_bound(
     tmp_path: Path, model_cache_dir: Path, silent_port: int
 ) -> None:

@@ -41,6 +41,7 @@ def stream(client: TestClient, tenant: Tenant, job_id: str, **headers: str) -> t
     return r, parse_sse(r.text)
 
 
+@pytest.mark.slow  # the live stream test covers the stream in the fast tier
 def test_a_finished_jobs_stream_sends_every_event_once_and_ends(
     client: TestClient, tenant: Tenant, settings: Settings
 ) -> None:

@@ -501,6 +501,7 @@ def state_key_of(settings: Settings, checkpoint_id: str) -> str:
         return str(session.scalars(select(Checkpoint.state_key).where(Checkpoint.id == checkpoint_id)).one())
 
 
+@pytest.mark.slow  # fault injection over several runs
 def test_a_checkpoint_whose_state_is_damaged_is_kept_and_the_run_resumes_from_the_one_before(
     client: TestClient, tenant: Tenant, settings: Settings
 ) -> None:
@@ -541,6 +542,7 @@ TRANSIENT_FAILURES: dict[str, Callable[[], BaseException]] = {
 }
 
 
+@pytest.mark.slow  # fault injection over two runs a case
 @pytest.mark.parametrize("failure", TRANSIENT_FAILURES)
 def test_a_checkpoint_that_cannot_be_read_for_now_hands_the_job_back_and_deletes_nothing(
     failure: str, client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
@@ -566,6 +568,7 @@ def test_a_checkpoint_that_cannot_be_read_for_now_hands_the_job_back_and_deletes
     assert f"attempt 3: resumed from checkpoint {kept[0]['id']} at step {kept[0]['step_number']}" in messages
 
 
+@pytest.mark.slow  # a race over two runs
 def test_a_cancel_racing_a_resume_deletes_no_checkpoint_and_the_job_ends_cancelled(
     client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -677,6 +680,7 @@ def test_a_worker_the_reaper_gave_up_on_can_change_nothing(
         JobReporter(settings.db_url, job).event("log", "anything")
 
 
+@pytest.mark.slow  # a race over two attempts
 def test_a_job_requeued_by_the_reaper_while_its_old_attempt_saves_a_checkpoint_ends_cleanly_for_that_attempt(
     client: TestClient, tenant: Tenant, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

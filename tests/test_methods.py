@@ -429,7 +429,9 @@ def test_method_defaults_fill_in_for_the_model() -> None:
 
 
 # --- through the service -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", CPU_METHODS)
+# The fast tier takes LoRA through the service; the other methods there are trained, exported and served in the
+# library tests above, and through the service in the whole suite.
+@pytest.mark.parametrize("method", [m if m == "lora" else pytest.param(m, marks=pytest.mark.slow) for m in CPU_METHODS])
 def test_every_method_end_to_end_through_the_service(
     client: TestClient, tenant: Tenant, settings: Settings, method: str
 ) -> None:

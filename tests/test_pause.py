@@ -45,6 +45,7 @@ def pause_at(client: TestClient, tenant: Tenant, settings: Settings, job_id: str
     return asked.json()  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # two training runs; the fast tier pauses queued jobs (test_openai_clients_pause_resume_…)
 def test_a_paused_running_job_frees_its_worker_and_resumes_to_the_same_adapter(
     client: TestClient, tenant: Tenant, settings: Settings
 ) -> None:

@@ -144,6 +144,7 @@ def test_json_object_answers_parse(openai: OpenAI) -> None:
         assert isinstance(json.loads(choice.message.content or ""), dict)
 
 
+@pytest.mark.slow  # the engine-level test (test_serving_logits) runs in the fast tier
 def test_constrained_and_free_requests_share_the_batch(openai: OpenAI, server: tuple[str, FastAPI]) -> None:
     _, app = server
     free: Any = {"model": MODEL, "messages": MESSAGES, "temperature": 1.0, "seed": 9, "max_tokens": 40}

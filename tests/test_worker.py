@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.core.settings import Settings
@@ -100,6 +101,7 @@ def test_loss_goes_down_on_learnable_data(client: TestClient, tenant: Tenant, se
     assert losses[-1] < losses[0] * 0.7, losses
 
 
+@pytest.mark.slow  # two training runs; idempotent claims are checked at the task level too
 def test_running_a_task_twice_is_harmless(client: TestClient, tenant: Tenant, settings: Settings) -> None:
     job_id = start_job(client, tenant)
     first = run_training_job(settings, job_id)
