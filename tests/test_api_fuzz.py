@@ -17,6 +17,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase
 from hypothesis import settings as hypothesis_settings
+from schemathesis.generation import GenerationMode
+from schemathesis.generation.meta import TestPhase
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.core.settings import Settings
@@ -44,6 +46,13 @@ schema.config.checks.negative_data_rejection.expected_statuses = [
 ]
 
 
+def is_negative_coverage(case: Any) -> bool:
+    meta = case.meta
+    return bool(
+        meta is not None and meta.phase.name == TestPhase.COVERAGE and meta.generation.mode == GenerationMode.NEGATIVE
+    )
+
+
 @pytest.fixture
 def app_under_test(settings: Settings) -> Iterator[None]:
     current.app = create_app(settings)
@@ -60,7 +69,12 @@ def app_under_test(settings: Settings) -> Iterator[None]:
     suppress_health_check=list(HealthCheck),
     phases=[Phase.explicit, Phase.generate],
 )
-def test_no_input_gets_a_server_error(case: Any, app_under_test: None, tenant: Tenant) -> None:
+def test_no_input_gets_a_server_error(case: Any, app_under_test: None, tenant: Tenant, backend: str) -> None:
+    if backend != "embedded" and is_negative_coverage(case):
+        # The coverage phase's invalid inputs (each field past each bound: two thirds of the requests) are refused by
+        # the same request validation on either backend, before any storage: sent once, on the embedded one. Valid
+        # inputs, which reach the database and the queue, and the generated invalid ones go to both.
+        return
     case.call_and_validate(
         headers={"Authorization": f"Bearer {tenant.key}"},
         # Schema-valid is not always acceptable: ids that do not exist, both `prompt` and `messages`, a prompt
