@@ -185,6 +185,73 @@ def test_endpoints_through_the_official_client_and_the_secret_shown_once(setting
         assert r.status_code == 404 and r.json()["error"]["param"] == "webhook_endpoint_id"
 
 
+def test_endpoints_change_rotate_their_secret_and_take_a_test_event_through_the_official_client(
+    settings: Settings, tenant: Tenant
+) -> None:
+    with Receiver() as first, Receiver() as second, service(settings) as svc:
+        client = svc.openai(tenant)
+        created = client.webhooks.create(url=first.url, name="ci", event_types=["fine_tuning.job.succeeded"])
+        same = client.webhooks.update(created.id, name="ci")
+        assert same.updated_at == created.updated_at  # nothing changed: not moved
+        time.sleep(1.1)
+        changed = client.webhooks.update(created.id, url=second.url, event_types=EVENTS[:2], name="moved")
+        assert (changed.url, changed.event_types, changed.name) == (second.url, EVENTS[:2], "moved")
+        assert changed.updated_at is not None and created.updated_at is not None
+        assert changed.updated_at > created.updated_at
+        refused = svc.http.post(
+            f"/v1/webhook_endpoints/{created.id}", headers=tenant.headers, json={"events": ["job.exploded"]}
+        )
+        assert refused.status_code == 422 and refused.json()["error"]["param"] == "events"
+
+        # A test event: sent now, to the new URL, signed; the receiver's status comes back.
+        second.statuses = [204]
+        result = client.webhooks.test(created.id, event_type="fine_tuning.job.failed")
+        assert (result.object, result.webhook_endpoint_id, result.status_code, result.success) == (
+            "webhook_endpoint.test",
+            created.id,
+            204,
+            True,
+        )
+        [sample] = second.requests
+        assert first.requests == []
+        event = client.webhooks.unwrap(sample.body, sample.headers, secret=created.signing_secret)
+        assert isinstance(event, FineTuningJobFailedWebhookEvent) and event.data.id.startswith("ftjob-test")
+        assert svc.deliveries(tenant, created.id) == []  # a test is not a delivery
+
+        # Rotation keeping the old secret: each delivery is signed with both for a day, so either verifies.
+        kept = client.webhooks.rotate_secret(created.id, keep_old_secret_active_for_24_hours=True)
+        assert kept.signing_secret != created.signing_secret and kept.signing_secret_hint == (
+            f"whsec_…{kept.signing_secret[-4:]}"
+        )
+        client.webhooks.test(created.id, event_type="fine_tuning.job.succeeded")
+        signed_twice = second.requests[-1]
+        assert len(signed_twice.headers["webhook-signature"].split(" ")) == 2
+        for secret in (created.signing_secret, kept.signing_secret):
+            client.webhooks.unwrap(signed_twice.body, signed_twice.headers, secret=secret)
+        # Rotation without it: the previous secrets verify nothing from now on.
+        fresh = client.webhooks.rotate_secret(created.id)
+        client.webhooks.test(created.id, event_type="fine_tuning.job.succeeded")
+        signed_once = second.requests[-1]
+        client.webhooks.unwrap(signed_once.body, signed_once.headers, secret=fresh.signing_secret)
+        for old in (created.signing_secret, kept.signing_secret):
+            with pytest.raises(InvalidWebhookSignatureError):
+                client.webhooks.unwrap(signed_once.body, signed_once.headers, secret=old)
+        assert (
+            fresh.signing_secret not in svc.http.get(f"/v1/webhook_endpoints/{created.id}", headers=tenant.headers).text
+        )
+
+        # A receiver that is not there: 422 saying so, nothing recorded.
+        down = client.webhooks.update(created.id, url=f"http://127.0.0.1:{free_port()}/hook")
+        unreachable = svc.http.post(
+            f"/v1/webhook_endpoints/{down.id}/test",
+            headers=tenant.headers,
+            json={"event_type": "fine_tuning.job.succeeded"},
+        )
+        assert unreachable.status_code == 422, unreachable.text
+        assert unreachable.json()["error"]["code"] == "webhook_unreachable"
+        assert "could not connect" in unreachable.json()["error"]["message"]
+
+
 def test_bad_endpoints_are_refused_naming_the_field(settings: Settings, tenant: Tenant) -> None:
     ok = "http://127.0.0.1:9/hook"
     cases: list[tuple[dict[str, Any], str, str]] = [

@@ -108,3 +108,4 @@ class ErrorCode(StrEnum):
     # --- webhooks ----------------------------------------------------------------------------------------------
     webhook_url_not_allowed = "webhook_url_not_allowed"
     too_many_webhook_endpoints = "too_many_webhook_endpoints"
+    webhook_unreachable = "webhook_unreachable"  # a test delivery got no HTTP answer

@@ -328,7 +328,11 @@ class WebhookEndpoint(Base):
     event_types: Mapped[list[str]] = mapped_column(JSON)
     # `whsec_` + base64 of 32 random bytes: the key deliveries are signed with (shown to the tenant once).
     secret: Mapped[str] = mapped_column(String(128))
+    # The secret before a rotation that kept it valid: deliveries are signed with both until it expires.
+    previous_secret: Mapped[str | None] = mapped_column(String(128), default=None)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)  # the last change of URL, events, name or secret
 
 
 class WebhookDelivery(Base):

@@ -54,7 +54,9 @@ def retry_delay(settings: Settings, attempt: int) -> float:
 
 
 def signed_headers(delivery: ClaimedDelivery, *, now: datetime) -> dict[str, str]:
-    signature = Webhook(delivery.secret).sign(delivery.id, now, delivery.payload)
+    """Standard Webhooks' headers; `webhook-signature` holds one `v1,…` signature per secret, space-separated (a
+    receiver verifies with the one it has)."""
+    signature = " ".join(Webhook(secret).sign(delivery.id, now, delivery.payload) for secret in delivery.secrets)
     return {
         "webhook-id": delivery.id,
         "webhook-timestamp": str(int(now.timestamp())),
@@ -112,6 +114,11 @@ async def _send_all(claimed: list[ClaimedDelivery], settings: Settings) -> list[
         for index in range(len(claimed)):
             group.start_soon(send, index, client)
     return results
+
+
+def send_now(delivery: ClaimedDelivery, settings: Settings) -> AttemptResult:
+    """One attempt at `delivery`, now, in this thread (a test event: nothing is recorded)."""
+    return anyio.run(_send_all, [delivery], settings)[0]
 
 
 def deliver_due(settings: Settings) -> int:

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
-from app.core.errors import error_responses
+from app.core.errors import ErrorCode, InvalidInput, error_responses
 from app.core.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, ListPage
 from app.webhooks import service
 from app.webhooks.outbox import EVENT_TYPES
@@ -16,6 +16,10 @@ from app.webhooks.schemas import (
     WebhookEndpointCreated,
     WebhookEndpointDeleted,
     WebhookEndpointObject,
+    WebhookEndpointTest,
+    WebhookEndpointTestResult,
+    WebhookEndpointUpdate,
+    WebhookSecretRotation,
 )
 
 router = APIRouter(prefix="/v1", tags=["webhooks"], responses=error_responses(401, 404, 422, 503))
@@ -61,6 +65,60 @@ def get_webhook_endpoint(
 ) -> WebhookEndpointObject:
     row = service.get_endpoint(session, tenant_id=tenant.id, endpoint_id=webhook_endpoint_id)
     return WebhookEndpointObject.model_validate(row)
+
+
+@router.post("/webhook_endpoints/{webhook_endpoint_id}")
+def update_webhook_endpoint(
+    webhook_endpoint_id: EndpointId,
+    body: WebhookEndpointUpdate,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> WebhookEndpointObject:
+    """Change the endpoint's URL (checked as at registration), events or name (OpenAI's `webhooks.update`);
+    deliveries not yet sent go to the new URL. `updated_at` moves only when something changed."""
+    row = service.update_endpoint(
+        session,
+        settings=settings,
+        tenant_id=tenant.id,
+        endpoint_id=webhook_endpoint_id,
+        url=body.url,
+        events=body.events,
+        event_types_=body.event_types,
+        name=body.name,
+    )
+    return WebhookEndpointObject.model_validate(row)
+
+
+@router.post("/webhook_endpoints/{webhook_endpoint_id}/rotate_secret")
+def rotate_webhook_secret(
+    webhook_endpoint_id: EndpointId, session: SessionDep, tenant: TenantDep, body: WebhookSecretRotation | None = None
+) -> WebhookEndpointCreated:
+    """A new signing secret, shown in this answer only. With `keep_old_secret_active_for_24_hours`, each delivery
+    carries a signature with the previous secret too for 24 hours (`webhook-signature` lists both)."""
+    keep = body is not None and body.keep_old_secret_active_for_24_hours
+    row = service.rotate_secret(session, tenant_id=tenant.id, endpoint_id=webhook_endpoint_id, keep_old=keep)
+    return WebhookEndpointCreated.model_validate(row)
+
+
+@router.post("/webhook_endpoints/{webhook_endpoint_id}/test")
+def test_webhook_endpoint(
+    webhook_endpoint_id: EndpointId,
+    body: WebhookEndpointTest,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> WebhookEndpointTestResult:
+    """Send a sample event now (about a made-up job `ftjob-test…`), signed as every delivery; the receiver's HTTP
+    status. 422 `webhook_unreachable` when it gives none (not reachable, or no answer in time)."""
+    endpoint_id, result = service.test_endpoint(
+        session, settings=settings, tenant_id=tenant.id, endpoint_id=webhook_endpoint_id, event_type=body.event_type
+    )
+    if result.status_code is None:
+        raise InvalidInput(f"the endpoint did not answer: {result.error}", code=ErrorCode.webhook_unreachable)
+    return WebhookEndpointTestResult(
+        webhook_endpoint_id=endpoint_id, event_type=body.event_type, status_code=result.status_code
+    )
 
 
 @router.delete("/webhook_endpoints/{webhook_endpoint_id}")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.core.models import WebhookDelivery, WebhookEndpoint, db_now
+from app.core.models import WebhookDelivery, WebhookEndpoint, db_now, utcnow
 from app.core.pagination import newest_first
 
 
@@ -59,9 +60,16 @@ class ClaimedDelivery:
 
     id: str
     url: str
-    secret: str
+    secrets: tuple[str, ...]  # each signs it: the endpoint's secret, and a rotated-out one still valid
     payload: str
     attempt: int
+
+
+def signing_secrets(secret: str, previous: str | None, previous_expires_at: datetime | None) -> tuple[str, ...]:
+    """The secrets a delivery is signed with now: the endpoint's, and the one before it while a rotation keeps it."""
+    if previous is None or previous_expires_at is None or previous_expires_at <= utcnow():
+        return (secret,)
+    return (secret, previous)
 
 
 def claim_due(session: Session, *, limit: int, lease_seconds: float) -> list[ClaimedDelivery]:
@@ -92,11 +100,19 @@ def claim_due(session: Session, *, limit: int, lease_seconds: float) -> list[Cla
         if taken != 1:  # another sender took it first
             continue
         row = session.execute(
-            select(WebhookEndpoint.url, WebhookEndpoint.secret, WebhookDelivery.payload, WebhookDelivery.attempts)
+            select(
+                WebhookEndpoint.url,
+                WebhookEndpoint.secret,
+                WebhookEndpoint.previous_secret,
+                WebhookEndpoint.previous_secret_expires_at,
+                WebhookDelivery.payload,
+                WebhookDelivery.attempts,
+            )
             .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
             .where(WebhookDelivery.id == delivery_id)
         ).one()
-        claimed.append(ClaimedDelivery(delivery_id, row.url, row.secret, row.payload, row.attempts))
+        keys = signing_secrets(row.secret, row.previous_secret, row.previous_secret_expires_at)
+        claimed.append(ClaimedDelivery(delivery_id, row.url, keys, row.payload, row.attempts))
     return claimed
 
 

@@ -33,6 +33,44 @@ class WebhookEndpointCreate(BaseModel):
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS, description="A name for people to read")
 
 
+class WebhookEndpointUpdate(BaseModel):
+    """What to change (OpenAI's `webhooks.update`): each field given replaces the endpoint's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, max_length=MAX_URL_CHARS, description="As at registration")
+    events: list[EventName] | None = Field(
+        default=None, min_length=1, max_length=len(EVENT_TYPES), description="The complete set of events to send"
+    )
+    event_types: list[EventName] | None = Field(
+        default=None, min_length=1, max_length=len(EVENT_TYPES), description="OpenAI's name for `events`"
+    )
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+
+
+class WebhookSecretRotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep_old_secret_active_for_24_hours: bool = Field(
+        default=False,
+        description="Sign deliveries with the previous secret too for 24 hours (false: it is invalid at once)",
+    )
+
+
+class WebhookEndpointTest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_type: EventName = Field(description=f"The sample event to send: one of {', '.join(EVENT_TYPES)}")
+
+
+class WebhookEndpointTestResult(BaseModel):
+    object: Literal["webhook_endpoint.test"] = "webhook_endpoint.test"
+    webhook_endpoint_id: str
+    event_type: str
+    status_code: int = Field(description="The receiver's HTTP status")
+    success: Literal[True] = True
+
+
 def secret_hint(secret: str) -> str:
     return f"whsec_…{secret[-4:]}"
 
@@ -44,6 +82,7 @@ class WebhookEndpointObject(Schema):
     name: str
     event_types: list[str] = Field(description="The events sent to it (OpenAI's name for `events`)")
     created_at: UnixTime
+    updated_at: UnixTime = Field(description="Its last change of URL, events, name or secret")
     secret_value: str = Field(validation_alias="secret", exclude=True)
 
     @computed_field  # type: ignore[prop-decorator]
@@ -58,15 +97,10 @@ class WebhookEndpointObject(Schema):
         """The secret's last characters, to tell secrets apart (the secret itself is shown only at creation)."""
         return secret_hint(self.secret_value)
 
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def updated_at(self) -> int:
-        """When it last changed: endpoints do not change, so when it was created."""
-        return self.created_at
-
 
 class WebhookEndpointCreated(WebhookEndpointObject):
-    """The new endpoint with its signing secret: the only answer that shows it."""
+    """The endpoint with its signing secret: the answers to registering it and rotating its secret, the only ones
+    that show it."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -1,21 +1,29 @@
-"""Webhook endpoints: register one (its URL checked, its secret made), list, look up, delete; its deliveries."""
+"""Webhook endpoints: register one (its URL checked, its secret made), change it, rotate its secret, send it a test
+event, list, look up, delete; its deliveries."""
 
 from __future__ import annotations
 
 import base64
 import secrets
+import time
+from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, ErrorCode, InvalidInput, NotFound, clip
 from app.core.ids import new_id
-from app.core.models import WebhookDelivery, WebhookEndpoint
+from app.core.models import WebhookDelivery, WebhookEndpoint, utcnow
 from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.usage import lock_tenant
 from app.webhooks import repository
 from app.webhooks.addresses import AddressRefused, parse_url, resolve
-from app.webhooks.outbox import EVENT_TYPES
+from app.webhooks.delivery import AttemptResult, send_now
+from app.webhooks.outbox import EVENT_TYPES, event_body, new_delivery_id, new_event_id
+from app.webhooks.repository import ClaimedDelivery, signing_secrets
+
+# How long a rotation may keep the previous secret valid (OpenAI's `keep_old_secret_active_for_24_hours`).
+PREVIOUS_SECRET_VALIDITY = timedelta(hours=24)
 
 
 def new_secret() -> str:
@@ -79,6 +87,71 @@ def create_endpoint(
     session.add(row)
     session.flush()
     return row
+
+
+def update_endpoint(
+    session: Session,
+    *,
+    settings: Settings,
+    tenant_id: str,
+    endpoint_id: str,
+    url: str | None,
+    events: list[str] | None,
+    event_types_: list[str] | None,
+    name: str | None,
+) -> WebhookEndpoint:
+    """Change what is given of the URL (checked as at registration), the events and the name; `updated_at` moves
+    only when something changed. Deliveries not yet sent go to the new URL."""
+    types = event_types(events, event_types_) if events is not None or event_types_ is not None else None
+    if url is not None:
+        check_url(url, settings=settings)  # before any query: no database connection is held while it resolves
+    row = get_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
+    changed = False
+    for field, value in (("url", url), ("event_types", types), ("name", name)):
+        if value is not None and getattr(row, field) != value:
+            setattr(row, field, value)
+            changed = True
+    if changed:
+        row.updated_at = utcnow()
+    session.flush()
+    return row
+
+
+def rotate_secret(session: Session, *, tenant_id: str, endpoint_id: str, keep_old: bool) -> WebhookEndpoint:
+    """A new signing secret (shown in this answer only). With `keep_old`, deliveries are signed with the previous
+    one too for 24 hours, so that receivers can switch without dropping one; otherwise it is invalid at once."""
+    row = get_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
+    now = utcnow()
+    if keep_old:
+        row.previous_secret, row.previous_secret_expires_at = row.secret, now + PREVIOUS_SECRET_VALIDITY
+    else:
+        row.previous_secret, row.previous_secret_expires_at = None, None
+    row.secret = new_secret()
+    row.updated_at = now
+    session.flush()
+    return row
+
+
+def test_endpoint(
+    session: Session, *, settings: Settings, tenant_id: str, endpoint_id: str, event_type: str
+) -> tuple[str, AttemptResult]:
+    """Send the endpoint a sample `event_type` event now (about a made-up job, `ftjob-test…`), signed as deliveries
+    are; the endpoint's id and how the attempt went. Nothing is recorded: a test is not a delivery."""
+    if event_type not in EVENT_TYPES:
+        raise InvalidInput(
+            f"event_type: unknown event {clip(event_type)}; one of {', '.join(EVENT_TYPES)}", param="event_type"
+        )
+    row = get_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
+    sample = ClaimedDelivery(
+        id=new_delivery_id(),
+        url=row.url,
+        secrets=signing_secrets(row.secret, row.previous_secret, row.previous_secret_expires_at),
+        payload=event_body(new_event_id(), event_type, f"ftjob-test{secrets.token_hex(8)}", int(time.time())),
+        attempt=1,
+    )
+    endpoint_id = row.id
+    session.rollback()  # no connection held while the receiver answers
+    return endpoint_id, send_now(sample, settings)
 
 
 def get_endpoint(session: Session, *, tenant_id: str, endpoint_id: str) -> WebhookEndpoint:
