@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator
@@ -40,6 +41,8 @@ from app.ml.models import ModelStore
 from app.models.endpoints import router as models_router
 from app.openai.fine_tuning import router as fine_tuning_router
 from app.openai.inference import router as openai_inference_router
+from app.tinker.endpoints import router as tinker_router
+from app.tinker.service import TinkerService, expire_tinker_sessions
 from app.ui.endpoints import router as ui_router
 from app.webhooks.delivery import WebhookSender
 from app.webhooks.endpoints import router as webhooks_router
@@ -60,7 +63,10 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         # serving replicas leave jobs alone.
         api = role == "api"
         with Reaper(settings) if api else contextlib.nullcontext(), WebhookSender(settings) if api else nullcontext():
+            expiry = asyncio.create_task(expire_tinker_sessions(app.state.tinker)) if api else None
             yield
+            if expiry is not None:
+                expiry.cancel()
         if app.state.engine is not None:
             app.state.engine.close()
 
@@ -76,6 +82,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
     app.state.storage = ObjectStorage.from_settings(settings)
     app.state.models = ModelStore(settings.models_dir, app.state.storage)
     app.state.engine = None
+    app.state.tinker = TinkerService(settings, app.state.models)
     app.state.engine_lock = threading.Lock()
     app.state.readiness = ReadinessProbe()
     app.state.metrics = Metrics(settings, role=role, engine=lambda: app.state.engine)
@@ -97,6 +104,8 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
     def limit_for(method: str, path: str) -> tuple[int, AppError]:
         if method == "POST" and path.rstrip("/") == "/v1/files":
             return settings.max_upload_bytes + MULTIPART_OVERHEAD, upload_too_large(settings.max_upload_bytes)
+        if method == "POST" and path == "/api/v1/forward_backward":
+            return settings.tinker_max_request_bytes, request_too_large(settings.tinker_max_request_bytes)
         return settings.max_request_bytes, request_too_large(settings.max_request_bytes)
 
     def authenticate(authorization: str | None) -> Tenant:
@@ -120,6 +129,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         app.include_router(adapters_router)
         app.include_router(ui_router)
         app.include_router(webhooks_router)
+        app.include_router(tinker_router)
     app.include_router(generation_router)
     app.include_router(openai_inference_router)
     app.include_router(models_router)

@@ -32,6 +32,9 @@ class ErrorCode(StrEnum):
     too_many_uploads = "too_many_uploads"
     too_many_streams = "too_many_streams"
     too_many_generations = "too_many_generations"
+    too_many_sessions = "too_many_sessions"  # Tinker sessions open at once
+    too_many_runs = "too_many_runs"  # Tinker training runs held at once
+    too_many_requests_in_progress = "too_many_requests_in_progress"  # Tinker requests not finished
     too_many_jobs = "too_many_jobs"
     storage_quota_exceeded = "storage_quota_exceeded"
     # --- files ---------------------------------------------------------------------------------------------

@@ -104,8 +104,26 @@ class RequestContextMiddleware:
         request_id_var.reset(token)
 
 
+TINKER_PREFIX = "/api/v1/"  # Tinker's routes (app/tinker/): the official client's own header and key form
+TINKER_KEY_PREFIX = "tml-"
+
+
+def _credential(scope: Scope) -> str | None:
+    """The request's `Authorization` value; on Tinker's routes, `X-API-Key: tml-<key>` (what the official tinker
+    client sends: it refuses keys without the `tml-` prefix) read as `Bearer <key>`."""
+    if not scope["path"].startswith(TINKER_PREFIX):
+        return _header(scope, b"authorization")
+    key = _header(scope, b"x-api-key")
+    if key is None:
+        raise Unauthorized("missing API key: send 'X-API-Key: tml-<Tuneforge key>'", code=ErrorCode.missing_api_key)
+    if not key.startswith(TINKER_KEY_PREFIX):
+        raise Unauthorized("malformed X-API-Key: expected 'tml-' and a Tuneforge key")
+    return f"Bearer {key.removeprefix(TINKER_KEY_PREFIX)}"
+
+
 class AuthenticationMiddleware:
-    """Resolve `Authorization: Bearer <key>` to a tenant (in `scope["state"]["tenant"]`) or answer 401."""
+    """Resolve `Authorization: Bearer <key>` (Tinker's routes: `X-API-Key: tml-<key>`) to a tenant (in
+    `scope["state"]["tenant"]`) or answer 401."""
 
     def __init__(self, app: ASGIApp, *, authenticate: Callable[[str | None], Any]) -> None:
         self.app = app
@@ -116,7 +134,7 @@ class AuthenticationMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            tenant = await anyio.to_thread.run_sync(self.authenticate, _header(scope, b"authorization"))
+            tenant = await anyio.to_thread.run_sync(self.authenticate, _credential(scope))
         except Unauthorized as exc:
             await exc.response()(scope, receive, send)
             return

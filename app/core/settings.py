@@ -293,6 +293,52 @@ class Settings(BaseSettings):
         description="Webhook endpoints one tenant may register; past it, 409 too_many_webhook_endpoints",
     )
 
+    tinker_session_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="A Tinker session whose client sends no heartbeat (every 10 s) for this long is closed, and its "
+        "training runs and their models freed",
+    )
+    tinker_max_sessions_per_tenant: int = Field(
+        default=8, ge=1, le=1000, description="Tinker sessions one tenant may have open; past it, 409"
+    )
+    tinker_max_runs: int = Field(
+        default=4,
+        ge=0,
+        le=1000,
+        description="Tinker training runs this API process holds at once (each a base model and a LoRA in memory, "
+        "on TUNEFORGE_DEVICE); past it, 409 too_many_runs",
+    )
+    tinker_max_runs_per_tenant: int = Field(
+        default=2, ge=1, le=1000, description="Tinker training runs one tenant may hold at once"
+    )
+    tinker_max_pending_per_tenant: int = Field(
+        default=256, ge=1, le=100_000, description="Tinker requests of one tenant not yet finished"
+    )
+    tinker_max_examples: int = Field(
+        default=256, ge=1, le=100_000, description="Examples in one Tinker forward/backward request"
+    )
+    tinker_max_batch_tokens: int = Field(
+        default=16_384,
+        ge=16,
+        le=10_000_000,
+        description="Examples × longest example's tokens in one Tinker forward/backward request (its activations)",
+    )
+    tinker_max_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="The largest Tinker forward/backward request body (protobuf)",
+    )
+    tinker_poll_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        le=40,
+        description="How long a Tinker `retrieve_future` waits for its result before answering try_again (under "
+        "the client's 45 s timeout)",
+    )
+
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()

@@ -1,0 +1,193 @@
+"""Training one step at a time, as a client drives it (Tinker's protocol, served by app/tinker/): a LoRA on a base
+model; forward/backward passes over the client's examples with one of Tinker's losses, gradients accumulating
+until the client asks for an AdamW step with its own hyperparameters.
+
+An example is a token sequence (the model's input) and, per position i, what the loss reads: `target_tokens[i]`
+(the token position i predicts), and per loss `weights`, the sampler's `logprobs` and `advantages`. Every pass
+returns each example's per-position log-probabilities of its targets under the model now, and the loss summed
+over the batch (`loss:sum`); the losses are Tinker's (docs/design/tinker-protocol.md §5.4):
+
+- `cross_entropy`: −Σ weights · logp (weights may be negative: a client's custom loss arrives as them);
+- `importance_sampling`: −Σ exp(logp − sampler logp) · advantages;
+- `ppo`: −Σ min(r · A, clip(r, low, high) · A), r = exp(logp − sampler logp), bounds from the loss config
+  (`clip_low_threshold` 0.8, `clip_high_threshold` 1.2 by default).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.ml.device import Placement
+
+LOSSES = ("cross_entropy", "importance_sampling", "ppo")
+# What each loss reads of an example besides `target_tokens`.
+LOSS_INPUTS = {
+    "cross_entropy": ("weights",),
+    "importance_sampling": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+}
+PPO_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")
+MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)")
+
+
+class StepError(ValueError):
+    """An example or request the run cannot take: the message says which and why, for the client."""
+
+
+@dataclass
+class Example:
+    tokens: list[int]  # the model's input
+    inputs: dict[str, Any] = field(default_factory=dict)  # name -> 1-D tensor, one value per input position
+
+
+@dataclass
+class PassResult:
+    logprobs: list[Any]  # per example: float32 [len(tokens)], on the CPU
+    metrics: dict[str, float]
+
+
+def lora_targets(model: Any, *, attention: bool, mlp: bool, unembed: bool) -> list[str]:
+    """The linear layers a LoRA trains: those of the attention blocks, of the MLPs, and the output layer, as asked
+    (Tinker's `train_attn`, `train_mlp`, `train_unembed`)."""
+    import torch
+
+    names = []
+    output = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if module is output:
+            if unembed:
+                names.append(name)
+        elif (attention and ATTENTION.search(name)) or (mlp and MLP.search(name)):
+            names.append(name)
+    if not names:
+        raise StepError("no linear layer of this model matches train_attn/train_mlp/train_unembed")
+    return names
+
+
+class LoraRun:
+    """A base model with a fresh LoRA (its B matrices zero: the run starts as the base model) and an AdamW
+    optimizer over the LoRA's weights. Not thread-safe: one caller at a time (app/tinker/ runs a run's requests in
+    order on one thread)."""
+
+    def __init__(
+        self,
+        model: Any,
+        placement: Placement,
+        *,
+        rank: int,
+        seed: int | None,
+        attention: bool = True,
+        mlp: bool = True,
+        unembed: bool = True,
+    ) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_targets(model, attention=attention, mlp=mlp, unembed=unembed)
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.model = get_peft_model(model, config)
+        self.model.train()
+        self.placement = placement
+        self.rank = rank
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for parameter in self.trainable:  # trained in float32 whatever the base's dtype (autocast computes)
+            parameter.data = parameter.data.float()
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4)
+        self.examples_since_step = 0
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable)
+
+    def forward_backward(
+        self, examples: list[Example], loss_fn: str, config: dict[str, float], *, forward_only: bool = False
+    ) -> PassResult:
+        """One pass over the batch: each example's log-probabilities of its targets and the batch's loss; unless
+        `forward_only`, the loss's gradients added to those kept for the next `optim_step`."""
+        import torch
+
+        if loss_fn not in LOSSES:
+            raise StepError(f"loss_fn {loss_fn!r} is not one of {', '.join(LOSSES)}")
+        if not examples:
+            raise StepError("no examples")
+        device = self.placement.device
+        length = max(len(e.tokens) for e in examples)
+        ids = torch.zeros((len(examples), length), dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        targets = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, example in enumerate(examples):
+            n = len(example.tokens)
+            ids[i, :n] = torch.tensor(example.tokens)
+            mask[i, :n] = 1
+            targets[i, :n] = example.inputs["target_tokens"].long()
+        if int(targets.max()) >= self.model.get_output_embeddings().weight.shape[0] or int(targets.min()) < 0:
+            raise StepError("target_tokens: a token id outside the model's vocabulary")
+        ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+        with torch.set_grad_enabled(not forward_only), self.placement.autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            loss = sum(
+                (_loss(loss_fn, logprobs[i, : len(e.tokens)], e, config, device) for i, e in enumerate(examples)),
+                torch.zeros((), device=device),
+            )
+        if not forward_only:
+            loss.backward()
+            self.examples_since_step += len(examples)
+        per_example = [logprobs[i, : len(e.tokens)].detach().float().cpu() for i, e in enumerate(examples)]
+        return PassResult(logprobs=per_example, metrics={"loss:sum": float(loss.detach())})
+
+    def optim_step(
+        self,
+        *,
+        learning_rate: float,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        grad_clip_norm: float = 0.0,
+    ) -> dict[str, float]:
+        """An AdamW step with these hyperparameters over the gradients added since the last one (none: no change),
+        then the gradients cleared."""
+        import torch
+
+        metrics: dict[str, float] = {}
+        if grad_clip_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, grad_clip_norm)
+            metrics["grad_norm:mean"] = float(norm)
+        for group in self.optimizer.param_groups:
+            group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.examples_since_step = 0
+        return metrics
+
+
+def _loss(loss_fn: str, logprobs: Any, example: Example, config: dict[str, float], device: Any) -> Any:
+    import torch
+
+    def given(name: str) -> Any:
+        value = example.inputs.get(name)
+        if value is None:
+            raise StepError(f"loss_fn_inputs: {loss_fn} needs {name!r}")
+        if value.shape[0] != logprobs.shape[0]:
+            raise StepError(f"loss_fn_inputs: {name!r} has {value.shape[0]} values for {logprobs.shape[0]} positions")
+        return value.to(device=device, dtype=torch.float32)
+
+    if loss_fn == "cross_entropy":
+        weights = given("weights") if "weights" in example.inputs else torch.ones_like(logprobs)
+        return -(logprobs * weights).sum()
+    ratio = torch.exp(logprobs - given("logprobs"))
+    advantages = given("advantages")
+    if loss_fn == "importance_sampling":
+        return -(ratio * advantages).sum()
+    low = config.get("clip_low_threshold", PPO_CLIP["clip_low_threshold"])
+    high = config.get("clip_high_threshold", PPO_CLIP["clip_high_threshold"])
+    return -torch.minimum(ratio * advantages, ratio.clamp(low, high) * advantages).sum()

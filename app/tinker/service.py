@@ -1,0 +1,290 @@
+"""The Tinker protocol's state in this process: sessions (kept alive by the client's heartbeats, closed after a
+bounded silence), training runs (a LoRA on a registered base model; each run's requests executed on a thread of
+its own, strictly in the client's `seq_id` order) and futures (each request's result, which the client polls).
+
+Everything here lives in the API process that holds the device (TUNEFORGE_DEVICE), as the serving engine does:
+a run is its model in memory. A closed or expired session frees its runs; the futures of a tenant are bounded.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.errors import Conflict, ErrorCode, Gone, InvalidInput, NotFound
+from app.core.settings import Settings
+from app.ml.device import resolve_placement
+from app.ml.models import ModelRecord, ModelStore
+from app.ml.training.stepwise import LoraRun, StepError
+
+log = logging.getLogger(__name__)
+
+FUTURES_KEPT_SECONDS = 600.0  # a result stays retrievable this long after it is ready (a poll lost in transit)
+MAX_PENDING_SEQ = 1024  # requests of one run waiting for an earlier seq_id
+
+
+class UserError(Exception):
+    """A request's failure that is the client's to fix (category "user"): its message goes back as it is."""
+
+
+@dataclass
+class Pending:
+    """A submitted request: its result once `future` is done (JSON for most, protobuf bytes for some)."""
+
+    tenant_id: str
+    kind: str
+    future: Future[Any] = field(default_factory=Future)
+    done_at: float | None = None
+
+
+@dataclass
+class Run:
+    model_id: str
+    tenant_id: str
+    session_id: str
+    base_model: str
+    rank: int
+    lora: LoraRun | None = None  # None until the model is loaded
+    expected: int = 0  # the seq_id that runs next (0: the run's creation)
+    waiting: list[tuple[int, int, Callable[[], None], Pending]] = field(default_factory=list)  # a heap by seq_id
+    seen: dict[int, str] = field(default_factory=dict)  # seq_id -> request id (a re-sent request gets the same)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    closed: bool = False
+    thread: threading.Thread | None = None
+
+
+@dataclass
+class Session:
+    id: str
+    tenant_id: str
+    last_seen: float
+    runs: list[str] = field(default_factory=list)
+    closed: bool = False
+
+
+EXPIRY_ROUND_SECONDS = 5.0
+
+
+async def expire_tinker_sessions(service: TinkerService) -> None:
+    """The API's loop closing silent sessions (and forgetting old results), every few seconds."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(min(EXPIRY_ROUND_SECONDS, service.settings.tinker_session_timeout_seconds / 2))
+        try:
+            await asyncio.to_thread(service.expire)
+        except Exception:
+            log.exception("closing silent Tinker sessions failed")
+
+
+class TinkerService:
+    def __init__(self, settings: Settings, models: ModelStore) -> None:
+        self.settings = settings
+        self.models = models
+        self._lock = threading.Lock()
+        self.sessions: dict[str, Session] = {}
+        self.runs: dict[str, Run] = {}
+        self.futures: dict[str, Pending] = {}
+
+    # --- sessions -------------------------------------------------------------------------------------------
+
+    def create_session(self, tenant_id: str) -> str:
+        with self._lock:
+            mine = sum(1 for s in self.sessions.values() if s.tenant_id == tenant_id and not s.closed)
+            if mine >= self.settings.tinker_max_sessions_per_tenant:
+                raise Conflict(
+                    f"this tenant has {mine} Tinker sessions open, its limit "
+                    "(TUNEFORGE_TINKER_MAX_SESSIONS_PER_TENANT); close one (or let it expire)",
+                    code=ErrorCode.too_many_sessions,
+                )
+            session_id = f"tfs-{secrets.token_hex(8)}"
+            self.sessions[session_id] = Session(session_id, tenant_id, time.monotonic())
+        log.info("tinker session %s opened", session_id)
+        return session_id
+
+    def session(self, tenant_id: str, session_id: str) -> Session:
+        with self._lock:
+            session = self.sessions.get(session_id)
+        if session is None or session.tenant_id != tenant_id:
+            raise NotFound(f"no Tinker session {session_id[:80]!r}", param="session_id")
+        if session.closed:
+            raise Gone(f"the Tinker session {session_id} is closed", param="session_id")
+        return session
+
+    def heartbeat(self, tenant_id: str, session_id: str) -> None:
+        self.session(tenant_id, session_id).last_seen = time.monotonic()
+
+    def close_session(self, session_id: str, why: str) -> None:
+        with self._lock:
+            session = self.sessions.get(session_id)
+            if session is None or session.closed:
+                return
+            session.closed = True
+            runs = [self.runs.pop(model_id) for model_id in session.runs if model_id in self.runs]
+        for run in runs:
+            with run.cond:
+                run.closed = True
+                run.cond.notify_all()
+        log.info("tinker session %s closed (%s); %d training run(s) freed", session_id, why, len(runs))
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Close the sessions silent for longer than the timeout, forget old results; the sessions closed."""
+        now = time.monotonic() if now is None else now
+        limit = self.settings.tinker_session_timeout_seconds
+        with self._lock:
+            silent = [s.id for s in self.sessions.values() if not s.closed and now - s.last_seen > limit]
+            stale = [
+                k for k, p in self.futures.items() if p.done_at is not None and now - p.done_at > FUTURES_KEPT_SECONDS
+            ]
+            for key in stale:
+                del self.futures[key]
+            gone = [k for k, s in self.sessions.items() if s.closed and now - s.last_seen > FUTURES_KEPT_SECONDS]
+            for key in gone:
+                del self.sessions[key]
+        for session_id in silent:
+            self.close_session(session_id, f"no heartbeat for {limit:g} s")
+        return silent
+
+    # --- futures ----------------------------------------------------------------------------------------------
+
+    def _pending(self, tenant_id: str, kind: str) -> tuple[str, Pending]:
+        request_id = f"tfr-{secrets.token_hex(12)}"
+        pending = Pending(tenant_id, kind)
+
+        def finished(_: Future[Any]) -> None:
+            pending.done_at = time.monotonic()
+
+        pending.future.add_done_callback(finished)
+        with self._lock:
+            mine = sum(1 for p in self.futures.values() if p.tenant_id == tenant_id and p.done_at is None)
+            if mine >= self.settings.tinker_max_pending_per_tenant:
+                raise Conflict(
+                    f"this tenant has {mine} Tinker requests in progress, its limit "
+                    "(TUNEFORGE_TINKER_MAX_PENDING_PER_TENANT); wait for some to finish",
+                    code=ErrorCode.too_many_requests_in_progress,
+                )
+            self.futures[request_id] = pending
+        return request_id, pending
+
+    def future(self, tenant_id: str, request_id: str) -> Pending:
+        with self._lock:
+            pending = self.futures.get(request_id)
+        if pending is None or pending.tenant_id != tenant_id:
+            raise NotFound(f"no request {request_id[:80]!r} (unknown, or its result expired)", param="request_id")
+        return pending
+
+    # --- training runs ----------------------------------------------------------------------------------------
+
+    def create_run(
+        self, tenant_id: str, session_id: str, model_seq_id: int, record: ModelRecord, lora: dict[str, Any]
+    ) -> tuple[str, str]:
+        """A new run `<session>:train:<seq>` (the client derives the id itself); its model loads in the
+        background. The request id of its creation."""
+        session = self.session(tenant_id, session_id)
+        model_id = f"{session_id}:train:{model_seq_id}"
+        with self._lock:
+            if model_id in self.runs:
+                raise Conflict(f"{model_id} exists", code=ErrorCode.invalid_request)
+            total = sum(1 for r in self.runs.values() if not r.closed)
+            mine = sum(1 for r in self.runs.values() if r.tenant_id == tenant_id and not r.closed)
+            if total >= self.settings.tinker_max_runs or mine >= self.settings.tinker_max_runs_per_tenant:
+                raise Conflict(
+                    f"this server holds {total} Tinker training runs ({mine} of this tenant's); the limits are "
+                    f"{self.settings.tinker_max_runs} (TUNEFORGE_TINKER_MAX_RUNS) and "
+                    f"{self.settings.tinker_max_runs_per_tenant} a tenant: close a session first",
+                    code=ErrorCode.too_many_runs,
+                )
+            run = Run(model_id, tenant_id, session_id, record.id, int(lora.get("rank", 32)))
+            self.runs[model_id] = run
+            session.runs.append(model_id)
+        request_id, pending = self._pending(tenant_id, "CreateModel")
+
+        def load() -> dict[str, Any]:
+            placement = resolve_placement(self.settings.device, self.settings.dtype)
+            base = self.models.load(record, placement)
+            run.lora = LoraRun(
+                base,
+                placement,
+                rank=run.rank,
+                seed=lora.get("seed"),
+                attention=bool(lora.get("train_attn", True)),
+                mlp=bool(lora.get("train_mlp", True)),
+                unembed=bool(lora.get("train_unembed", True)),
+            )
+            return {"model_id": model_id, "type": "create_model"}
+
+        run.thread = threading.Thread(target=self._serve_run, args=(run,), name=f"tinker-{model_id}", daemon=True)
+        self._start(run, 0, pending, load)
+        run.thread.start()
+        return model_id, request_id
+
+    def run(self, tenant_id: str, model_id: str) -> Run:
+        with self._lock:
+            run = self.runs.get(model_id)
+        if run is None or run.tenant_id != tenant_id or run.closed:
+            raise NotFound(f"no training run {model_id[:80]!r} (unknown, or its session closed)", param="model_id")
+        return run
+
+    def submit(self, run: Run, seq_id: int, kind: str, work: Callable[[LoraRun], Any]) -> str:
+        """Queue `work` on the run at `seq_id` (run when every earlier seq_id has run); its request id. A seq_id
+        sent again (the client's retry) gets the first request's id."""
+        with run.cond:
+            if seq_id in run.seen:
+                return run.seen[seq_id]
+            if seq_id < run.expected:
+                raise InvalidInput(f"seq_id {seq_id} of {run.model_id} has run already", param="seq_id")
+            if len(run.waiting) >= MAX_PENDING_SEQ:
+                raise Conflict(f"{run.model_id} has {MAX_PENDING_SEQ} requests waiting", code=ErrorCode.invalid_request)
+        request_id, pending = self._pending(run.tenant_id, kind)
+
+        def task() -> Any:
+            if run.lora is None:
+                raise UserError(f"{run.model_id} could not be created")
+            return work(run.lora)
+
+        with run.cond:
+            run.seen[seq_id] = request_id
+        self._start(run, seq_id, pending, task)
+        return request_id
+
+    def _start(self, run: Run, seq_id: int, pending: Pending, work: Callable[[], Any]) -> None:
+        def task() -> None:
+            if not pending.future.set_running_or_notify_cancel():
+                return
+            try:
+                pending.future.set_result(work())
+            except (StepError, UserError) as exc:
+                pending.future.set_exception(UserError(str(exc)))
+            except Exception as exc:  # the server's failure: logged here, said without internals to the client
+                log.exception("tinker request %s of %s failed", pending.kind, run.model_id)
+                pending.future.set_exception(exc)
+
+        with run.cond:
+            heapq.heappush(run.waiting, (seq_id, id(task), task, pending))
+            run.cond.notify_all()
+
+    def _serve_run(self, run: Run) -> None:
+        """The run's thread: each request when its turn comes (seq_id `expected`), until the run is closed; then
+        what still waits fails, and the model is let go."""
+        while True:
+            with run.cond:
+                while not run.closed and not (run.waiting and run.waiting[0][0] <= run.expected):
+                    run.cond.wait()
+                if run.closed:
+                    for _, _, _, pending in run.waiting:
+                        if pending.future.set_running_or_notify_cancel():
+                            pending.future.set_exception(UserError(f"{run.model_id}: its session was closed"))
+                    run.waiting.clear()
+                    run.lora = None  # the model's memory goes with the run
+                    return
+                seq_id, _, task, _ = heapq.heappop(run.waiting)
+            task()
+            with run.cond:
+                run.expected = max(run.expected, seq_id + 1)

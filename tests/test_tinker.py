@@ -1,0 +1,124 @@
+"""Tinker's protocol, driven by the official `tinker` client (unchanged, pointed at a live Tuneforge with
+`base_url` and `tml-<key>`): the handshake and capabilities, a session kept by heartbeats and closed when its
+client goes silent, and a LoRA trained step by step — forward/backward with each built-in loss and a custom one,
+AdamW steps — with every number checked against the same computation done here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import tinker
+import torch
+from fastapi import FastAPI
+from tinker import types
+
+from app.core.settings import Settings
+from app.main import create_app
+from app.ml.models import BUILTINS, ModelStore
+from tests.conftest import Tenant, live
+
+pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+
+TOKENS = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
+    app = create_app(settings.model_copy(update={"tinker_poll_seconds": 2.0, "tinker_session_timeout_seconds": 30.0}))
+    with live(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def service(server: tuple[str, FastAPI], tenant: Tenant) -> Iterator[Any]:
+    client = tinker.ServiceClient(base_url=server[0], api_key=f"tml-{tenant.key}")
+    yield client
+    client.holder.close() if hasattr(client, "holder") else None
+
+
+def datum(**inputs: Any) -> Any:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={"target_tokens": TOKENS[1:], **inputs},
+    )
+
+
+def base_logprobs(settings: Settings) -> torch.Tensor:
+    """The base model's log-probabilities of TOKENS[1:] given TOKENS[:-1], computed here."""
+    model = ModelStore(settings.models_dir, None).load(BUILTINS["tiny-random-llama"])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([TOKENS[:-1]])).logits.float()
+    return torch.log_softmax(logits, -1)[0].gather(-1, torch.tensor(TOKENS[1:]).unsqueeze(-1)).squeeze(-1)
+
+
+def test_capabilities_and_keys(server: tuple[str, FastAPI], service: Any, tenant: Tenant) -> None:
+    capabilities = service.get_server_capabilities()
+    names = [m.model_name for m in capabilities.supported_models]
+    assert "tiny-random-llama" in names and "smollm2-135m-instruct" in names
+    with pytest.raises(tinker.AuthenticationError):
+        tinker.ServiceClient(base_url=server[0], api_key="tml-tf_not_a_key").get_server_capabilities()
+
+
+def test_a_lora_trains_step_by_step_with_each_loss(service: Any, settings: Settings) -> None:
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=0).result()
+    info = training.get_info()
+    assert info.model_data.model_name == "tiny-random-llama" and info.lora_rank == 4
+
+    # A fresh LoRA changes nothing: the first pass's log-probabilities are the base model's.
+    expected = base_logprobs(settings)
+    first = training.forward([datum(weights=[1.0] * 9)], "cross_entropy").result()
+    got = first.loss_fn_outputs[0]["logprobs"].to_torch()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert first.metrics["loss:sum"] == pytest.approx(float(-expected.sum()), rel=1e-5)
+
+    # Weights select what is learned: the loss is the weighted sum.
+    weights = [0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.5]
+    weighted = training.forward([datum(weights=weights)], "cross_entropy").result()
+    assert weighted.metrics["loss:sum"] == pytest.approx(float(-(expected * torch.tensor(weights)).sum()), rel=1e-5)
+
+    # Importance sampling and PPO against the sampler's log-probabilities, as Tinker defines them.
+    sampler = (expected - 0.3).tolist()
+    advantages = [1.0, -1.0, 0.5, 2.0, -0.5, 1.0, 0.0, 1.0, -2.0]
+    ratio = torch.exp(torch.tensor(0.3))
+    ist = training.forward([datum(logprobs=sampler, advantages=advantages)], "importance_sampling").result()
+    assert ist.metrics["loss:sum"] == pytest.approx(float(-(ratio * torch.tensor(advantages)).sum()), rel=1e-4)
+    ppo = training.forward(
+        [datum(logprobs=sampler, advantages=advantages)], "ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    ).result()
+    a = torch.tensor(advantages)
+    clipped = -torch.minimum(ratio * a, ratio.clamp(0.9, 1.1) * a).sum()
+    assert ppo.metrics["loss:sum"] == pytest.approx(float(clipped), rel=1e-4)
+
+    # Steps: forward/backward then AdamW, submitted without waiting (run in order); the loss falls.
+    losses = []
+    for _ in range(8):
+        step = training.forward_backward([datum(weights=[1.0] * 9)], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=0.05))
+        losses.append(step.result().metrics["loss:sum"])
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    # A custom loss, computed by the client from the log-probabilities it gets (two passes here).
+    def loss_fn(data: list[Any], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = -logprobs[0][-3:].sum()
+        return loss, {"last_three:sum": float(loss)}
+
+    custom = training.forward_backward_custom([datum(weights=[1.0] * 9)], loss_fn).result()
+    assert "last_three:sum" in custom.metrics and custom.metrics["loss:sum"] > 0
+
+
+def test_a_session_whose_client_goes_silent_is_closed_and_frees_its_run(
+    server: tuple[str, FastAPI], service: Any, tenant: Tenant
+) -> None:
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=2).result()
+    training.get_info()
+    state = server[1].state.tinker
+    [session] = [s for s in state.sessions.values() if s.tenant_id != ""]
+    assert len(state.runs) == 1
+    assert state.expire(time.monotonic() + 1.0) == []  # heartbeats keep it
+    assert state.expire(time.monotonic() + 3600) == [session.id]  # silent for longer than the timeout
+    assert state.runs == {}
+    with pytest.raises(Exception, match="its session closed|unknown"):
+        training.forward([datum(weights=[1.0] * 9)], "cross_entropy").result()
