@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
     app.state.storage = ObjectStorage.from_settings(settings)
     app.state.models = ModelStore(settings.models_dir, app.state.storage)
     app.state.engine = None
-    app.state.tinker = TinkerService(settings, app.state.models)
+    app.state.tinker = TinkerService(settings, app.state.models, on_stored_gone=app.state.storage.delete)
     app.state.engine_lock = threading.Lock()
     app.state.readiness = ReadinessProbe()
     app.state.metrics = Metrics(settings, role=role, engine=lambda: app.state.engine)

@@ -122,3 +122,38 @@ def test_a_session_whose_client_goes_silent_is_closed_and_frees_its_run(
     assert state.runs == {}
     with pytest.raises(Exception, match="its session closed|unknown"):
         training.forward([datum(weights=[1.0] * 9)], "cross_entropy").result()
+
+
+def test_samples_come_from_the_trained_weights_through_the_serving_engine(service: Any) -> None:
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=1).result()
+    prompt = types.ModelInput.from_ints(TOKENS[:4])
+    params = types.SamplingParams(max_tokens=6, temperature=0.0)
+    base = service.create_sampling_client(base_model="tiny-random-llama")
+    before = base.sample(prompt, 1, params).result().sequences[0].tokens
+
+    # Teach the run one continuation, then sample from its weights: greedy decoding writes what it learned.
+    taught = [*TOKENS[:4], 5, 5, 5, 5, 5, 5]
+    lesson = types.Datum(
+        model_input=types.ModelInput.from_ints(taught[:-1]),
+        loss_fn_inputs={"target_tokens": taught[1:], "weights": [0.0] * 3 + [1.0] * 6},
+    )
+    for _ in range(25):
+        training.forward_backward([lesson], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=0.05))
+    sampling = training.save_weights_and_get_sampling_client().result()
+    answer = sampling.sample(prompt, 2, params).result()
+    assert len(answer.sequences) == 2
+    for sequence in answer.sequences:
+        assert sequence.tokens == [5] * 6 and sequence.stop_reason == "length"
+        assert sequence.logprobs is not None and len(sequence.logprobs) == 6
+        assert all(lp > -0.5 for lp in sequence.logprobs)  # learned: likely
+    assert before != [5] * 6
+    # The same weights by name, from another client of the session.
+    saved = training.save_weights_for_sampler("taught").result()
+    assert saved.path.endswith(":train:0/sampler_weights/taught") and saved.path.startswith("tinker://")
+    named = service.create_sampling_client(model_path=saved.path)
+    assert named.sample(prompt, 1, params).result().sequences[0].tokens == [5] * 6
+    # Sampled at temperature 1 with a seed: the same seed, the same samples.
+    hot = types.SamplingParams(max_tokens=5, temperature=1.0, seed=7)
+    first = [s.tokens for s in named.sample(prompt, 3, hot).result().sequences]
+    assert first == [s.tokens for s in named.sample(prompt, 3, hot).result().sequences]

@@ -9,22 +9,40 @@ Request bodies ignore fields they do not know: the client adds some (`type`, `sd
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+import secrets
+import tempfile
+import threading
+from pathlib import Path as Path_
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Body, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
-from app.core.errors import InvalidInput, error_responses
+from app.core.errors import ErrorCode, InvalidInput, TooManyRequests, error_responses
 from app.core.settings import Settings
+from app.inference.engine import EngineDep
+from app.inference.schemas import MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_K
+from app.inference.service import DEFAULT_MAX_TOKENS, choice_seed
+from app.ml import adapter_format
+from app.ml.serving import (
+    AdapterRef,
+    AdapterUnavailable,
+    EngineOverloaded,
+    GenerationRequest,
+    GenerationResult,
+    OwnerOverloaded,
+)
 from app.ml.training.stepwise import LOSSES, Example, LoraRun
-from app.models.service import list_models, require_model
+from app.models.service import list_models, load_tokenizer, require_model
 from app.tinker import wire
 from app.tinker.service import TinkerService, UserError
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], responses=error_responses(401, 404, 409, 410, 422))
 PROTOBUF = "application/x-protobuf"
+MAX_PROMPT_TOKENS = 131_072  # a sampling prompt's tokens (bounded again by the model's context)
+MAX_SAMPLES = 16  # samples of one asample request
 
 
 MAX_FIELDS = 32  # fields of one body, known or not
@@ -90,6 +108,56 @@ class OptimStep(_Body):
     model_id: str = Field(max_length=128)
     seq_id: int = Field(ge=1, le=2**31 - 1)
     adam_params: AdamParams
+
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^/]+$")]
+
+
+class SaveForSampler(_Body):
+    model_id: str = Field(max_length=128)
+    seq_id: int = Field(ge=1, le=2**31 - 1)
+    path: Name | None = Field(None, description="A name (`save_weights_for_sampler(name)`)")
+    sampling_session_seq_id: int | None = Field(None, ge=0, le=1_000_000)
+
+
+class CreateSamplingSession(_Body):
+    session_id: str = Field(max_length=64)
+    sampling_session_seq_id: int = Field(ge=0, le=1_000_000)
+    model_path: str | None = Field(None, max_length=400)
+    base_model: str | None = Field(None, max_length=200)
+
+
+class TextChunk(_Body):
+    type: Literal["encoded_text"] = "encoded_text"
+    tokens: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(max_length=MAX_PROMPT_TOKENS)
+
+
+class PromptInput(_Body):
+    chunks: list[TextChunk] = Field(min_length=1, max_length=64)
+
+
+class SamplingParams(_Body):
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]]
+        | list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
+        | None
+    ) = Field(None, max_length=MAX_STOP_STRINGS)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_k: int = Field(-1, ge=-1, le=MAX_TOP_K)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class ASample(_Body):
+    sampling_session_id: str = Field(max_length=128)
+    seq_id: int = Field(0, ge=0, le=2**63 - 1)
+    num_samples: int = Field(1, ge=1, le=MAX_SAMPLES)
+    prompt: PromptInput
+    sampling_params: SamplingParams = Field(default_factory=lambda: SamplingParams.model_validate({}))
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = Field(0, ge=0, le=0, description="Not supported: 0 only")
 
 
 class RetrieveFuture(_Body):
@@ -234,6 +302,181 @@ def optim_step(body: OptimStep, request: Request, tenant: TenantDep) -> dict[str
         return {"metrics": lora.optim_step(**adam), "type": "optim_step"}
 
     return {"request_id": service.submit(run, body.seq_id, "OptimStep", work), "model_id": run.model_id}
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(
+    body: SaveForSampler, request: Request, settings: SettingsDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """The run's LoRA as it is now, stored for sampling: named (`tinker://<run>/sampler_weights/<name>`, for
+    `create_sampling_client(model_path=…)`), or unnamed with a sampling session made on it at once."""
+    service = tinker(request)
+    run = service.run(tenant.id, body.model_id)
+    storage = request.app.state.storage
+    if body.path is None and body.sampling_session_seq_id is None:
+        raise InvalidInput("give a path (a name) or a sampling_session_seq_id", param="path")
+    name = body.path or f"sampler-{secrets.token_hex(6)}"
+    path = f"tinker://{run.model_id}/sampler_weights/{name}"
+
+    def work(lora: LoraRun) -> dict[str, Any]:
+        ref = store_lora(settings, storage, lora, run.base_model, f"tinker/{tenant.id}/{run.model_id}/{name}")
+        service.remember_saved(tenant.id, run.session_id, path, run.base_model, ref)
+        result: dict[str, Any] = {"path": path, "type": "save_weights_for_sampler"}
+        if body.sampling_session_seq_id is not None:
+            result["sampling_session_id"] = service.create_sampler(
+                tenant.id,
+                run.session_id,
+                body.sampling_session_seq_id,
+                base_model=run.base_model,
+                model_path=path,
+                adapter=ref,
+            )
+        return result
+
+    return {"request_id": service.submit(run, body.seq_id, "SaveWeightsForSampler", work), "model_id": run.model_id}
+
+
+# --- sampling ---------------------------------------------------------------------------------------------------
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(
+    body: CreateSamplingSession, request: Request, session: SessionDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """A sampling session on saved weights (`model_path`) or a base model alone."""
+    if body.model_path is None and body.base_model is not None:
+        require_model(session, model_id=body.base_model, param="base_model")
+    sampler_id = tinker(request).create_sampler(
+        tenant.id,
+        body.session_id,
+        body.sampling_session_seq_id,
+        base_model=body.base_model,
+        model_path=body.model_path,
+    )
+    return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+
+@router.get("/samplers/{sampler_id}")
+def get_sampler(
+    sampler_id: Annotated[str, Path(max_length=128)], request: Request, tenant: TenantDep
+) -> dict[str, Any]:
+    sampler = tinker(request).sampler(tenant.id, sampler_id)
+    return {"sampler_id": sampler.id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+
+
+@router.post("/asample")
+def asample(
+    body: ASample, request: Request, session: SessionDep, engine: EngineDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """`num_samples` continuations of the prompt from the sampling session's weights, each a row of the serving
+    engine's batch (beside every other run's samples and chat requests, on one base model); their tokens and
+    log-probabilities (protobuf) come from `retrieve_future`."""
+    service = tinker(request)
+    sampler = service.sampler(tenant.id, body.sampling_session_id)
+    record = require_model(session, model_id=sampler.base_model, param="base_model")
+    session.rollback()
+    if body.prompt_logprobs:
+        raise InvalidInput("prompt_logprobs is not supported yet", param="prompt_logprobs")
+    prompt = [token for chunk in body.prompt.chunks for token in chunk.tokens]
+    if not prompt:
+        raise InvalidInput("prompt: no tokens", param="prompt")
+    params = body.sampling_params
+    stop_strings, eos = _stops(params.stop, request.app.state.models, record)
+    room = record.max_seq_length - len(prompt)
+    max_tokens = params.max_tokens or min(DEFAULT_MAX_TOKENS, room)
+    if room < 1 or max_tokens > room:
+        raise InvalidInput(
+            f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds {record.max_seq_length}",
+            param="sampling_params.max_tokens",
+        )
+    seed = None if params.seed is None else params.seed % 2**32
+    requests = [
+        GenerationRequest(
+            model=record,
+            input_ids=prompt,
+            adapter=sampler.adapter,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=max(params.top_k, 0),
+            seed=choice_seed(seed, i),
+            stop=stop_strings,
+            logprobs=0,
+            owner=tenant.id,
+        )
+        for i in range(body.num_samples)
+    ]
+    request_id, pending = service.pending(tenant.id, "Sample")
+    try:
+        generations = engine.submit_all(requests)
+    except (EngineOverloaded, OwnerOverloaded) as exc:
+        pending.future.cancel()
+        raise TooManyRequests(str(exc), retry_after=1, code=ErrorCode.engine_overloaded) from None
+    left = [len(generations)]
+
+    def one_done(_: Any) -> None:
+        with sampling_lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        if not pending.future.set_running_or_notify_cancel():
+            return
+        try:
+            pending.future.set_result(encode_samples([g.result() for g in generations], eos))
+        except Exception as exc:  # a sample's failure (its adapter could not be loaded, say)
+            pending.future.set_exception(UserError(str(exc)) if isinstance(exc, AdapterUnavailable) else exc)
+
+    for generation in generations:
+        generation.future.add_done_callback(one_done)
+    return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}
+
+
+sampling_lock = threading.Lock()
+
+
+def _stops(stop: Any, models: Any, record: Any) -> tuple[list[str], set[int]]:
+    """Stop strings, and the end-of-sequence ids (stop token ids other than those are refused: the engine stops
+    on strings and on the end of sequence)."""
+    if stop is None or stop == []:
+        return [], set()
+    if isinstance(stop, str):
+        return [stop], set()
+    if all(isinstance(item, str) for item in stop):
+        return list(stop), set()
+    eos = {load_tokenizer(models, record).eos_token_id}
+    other = [token for token in stop if token not in eos]
+    if other:
+        raise InvalidInput(
+            f"sampling_params.stop: token {other[0]} is not the end of sequence; stop on strings instead",
+            param="sampling_params.stop",
+        )
+    return [], eos
+
+
+def store_lora(settings: Settings, storage: Any, lora: LoraRun, base_model: str, key: str) -> AdapterRef:
+    """The LoRA packed as an adapter artifact (PEFT files and Tuneforge's manifest) into the object store."""
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tinker-", dir=settings.tmp_dir) as tmp:
+        folder = Path_(tmp) / "adapter"
+        folder.mkdir()
+        lora.export(folder)
+        archive = Path_(tmp) / "adapter.tar.gz"
+        manifest = {"base_model": base_model, "method": "lora", "format": "peft", "source": "tinker"}
+        _, sha256 = adapter_format.pack(folder, archive, manifest)
+        storage.put_path(f"{key}.tar.gz", archive)
+    return AdapterRef(id=f"tinker-{secrets.token_hex(12)}", storage_key=f"{key}.tar.gz", sha256=sha256, method="lora")
+
+
+def encode_samples(results: list[GenerationResult], eos: set[int]) -> bytes:
+    """A `tinker_public.SampleResponse`: each sample's tokens and their log-probabilities, and why it stopped."""
+    response = wire.SampleResponse()
+    for result in results:
+        sequence = response.sequences.add()
+        sequence.stop_reason = wire.STOP_REASON_STOP if result.finish_reason == "stop" else wire.STOP_REASON_LENGTH
+        sequence.tokens = np.asarray(result.token_ids, dtype=np.int32).tobytes()
+        logprobs = [item.logprob for item in result.logprobs or []]
+        sequence.logprobs = np.asarray(logprobs, dtype=np.float32).tobytes()
+    return bytes(response.SerializeToString())
 
 
 # --- futures ----------------------------------------------------------------------------------------------------

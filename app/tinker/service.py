@@ -22,6 +22,7 @@ from app.core.errors import Conflict, ErrorCode, Gone, InvalidInput, NotFound
 from app.core.settings import Settings
 from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
+from app.ml.serving import AdapterRef
 from app.ml.training.stepwise import LoraRun, StepError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,19 @@ class Session:
     tenant_id: str
     last_seen: float
     runs: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)  # object-store keys of the weights saved for samplers
     closed: bool = False
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What a sampling session samples from: a base model, and the LoRA saved from a run (none: the base)."""
+
+    id: str
+    tenant_id: str
+    base_model: str
+    adapter: AdapterRef | None
+    model_path: str | None
 
 
 EXPIRY_ROUND_SECONDS = 5.0
@@ -85,13 +98,18 @@ async def expire_tinker_sessions(service: TinkerService) -> None:
 
 
 class TinkerService:
-    def __init__(self, settings: Settings, models: ModelStore) -> None:
+    def __init__(
+        self, settings: Settings, models: ModelStore, on_stored_gone: Callable[[str], None] | None = None
+    ) -> None:
         self.settings = settings
         self.models = models
+        self.on_stored_gone = on_stored_gone  # deletes a closed session's saved weights from the object store
         self._lock = threading.Lock()
         self.sessions: dict[str, Session] = {}
         self.runs: dict[str, Run] = {}
         self.futures: dict[str, Pending] = {}
+        self.samplers: dict[str, Sampler] = {}
+        self.saved: dict[str, tuple[str, str, AdapterRef]] = {}  # tinker:// path -> (tenant, base model, adapter)
 
     # --- sessions -------------------------------------------------------------------------------------------
 
@@ -128,6 +146,17 @@ class TinkerService:
                 return
             session.closed = True
             runs = [self.runs.pop(model_id) for model_id in session.runs if model_id in self.runs]
+            for sampler_id in [k for k in self.samplers if k.startswith(f"{session_id}:")]:
+                del self.samplers[sampler_id]
+            for path in [k for k, (_, _, ref) in self.saved.items() if ref.storage_key in session.stored]:
+                del self.saved[path]
+            stored, session.stored = session.stored, []
+        if self.on_stored_gone is not None:
+            for key in stored:
+                try:
+                    self.on_stored_gone(key)
+                except Exception:  # the object store is away: the weights stay (no row names them)
+                    log.warning("tinker: the saved weights %s could not be deleted", key, exc_info=True)
         for run in runs:
             with run.cond:
                 run.closed = True
@@ -288,3 +317,49 @@ class TinkerService:
             task()
             with run.cond:
                 run.expected = max(run.expected, seq_id + 1)
+
+    # --- samplers ---------------------------------------------------------------------------------------------
+
+    def remember_saved(self, tenant_id: str, session_id: str, path: str, base_model: str, ref: AdapterRef) -> None:
+        with self._lock:
+            self.saved[path] = (tenant_id, base_model, ref)
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.stored.append(ref.storage_key)
+
+    def create_sampler(
+        self,
+        tenant_id: str,
+        session_id: str,
+        seq_id: int,
+        *,
+        base_model: str | None,
+        model_path: str | None,
+        adapter: AdapterRef | None = None,
+    ) -> str:
+        """A sampling session `<session>:sample:<seq>` on saved weights (`model_path`, or `adapter` just saved) or
+        a base model alone."""
+        self.session(tenant_id, session_id)
+        if model_path is not None and adapter is None:
+            with self._lock:
+                found = self.saved.get(model_path)
+            if found is None or found[0] != tenant_id:
+                raise NotFound(f"no saved weights at {model_path[:120]!r}", param="model_path")
+            base_model, adapter = found[1], found[2]
+        if base_model is None:
+            raise InvalidInput("give base_model or model_path", param="base_model")
+        sampler_id = f"{session_id}:sample:{seq_id}"
+        with self._lock:
+            self.samplers[sampler_id] = Sampler(sampler_id, tenant_id, base_model, adapter, model_path)
+        return sampler_id
+
+    def sampler(self, tenant_id: str, sampler_id: str) -> Sampler:
+        with self._lock:
+            sampler = self.samplers.get(sampler_id)
+        if sampler is None or sampler.tenant_id != tenant_id:
+            raise NotFound(f"no sampling session {sampler_id[:80]!r}", param="sampling_session_id")
+        return sampler
+
+    def pending(self, tenant_id: str, kind: str) -> tuple[str, Pending]:
+        """A request whose result the caller sets (sampling: the engine's generations)."""
+        return self._pending(tenant_id, kind)

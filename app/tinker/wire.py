@@ -80,3 +80,5 @@ SampleResponse = _message("SampleResponse")
 DTYPE_FLOAT32 = _POOL.FindEnumTypeByName("tinker_public.DType").values_by_name["DTYPE_FLOAT32"].number
 DTYPE_INT64 = _POOL.FindEnumTypeByName("tinker_public.DType").values_by_name["DTYPE_INT64"].number
 DTYPE_INT32 = _POOL.FindEnumTypeByName("tinker_public.DType").values_by_name["DTYPE_INT32"].number
+STOP_REASON_STOP = _POOL.FindEnumTypeByName("tinker_public.StopReason").values_by_name["STOP_REASON_STOP"].number
+STOP_REASON_LENGTH = _POOL.FindEnumTypeByName("tinker_public.StopReason").values_by_name["STOP_REASON_LENGTH"].number

@@ -144,6 +144,10 @@ class LoraRun:
         per_example = [logprobs[i, : len(e.tokens)].detach().float().cpu() for i, e in enumerate(examples)]
         return PassResult(logprobs=per_example, metrics={"loss:sum": float(loss.detach())})
 
+    def export(self, folder: Any) -> None:
+        """The LoRA in PEFT's format (adapter_config.json, adapter_model.safetensors) into `folder`."""
+        self.model.save_pretrained(str(folder))
+
     def optim_step(
         self,
         *,
