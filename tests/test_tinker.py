@@ -5,10 +5,13 @@ AdamW steps — with every number checked against the same computation done here
 
 from __future__ import annotations
 
+import io
+import tarfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import tinker
 import torch
@@ -27,7 +30,8 @@ TOKENS = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
 
 @pytest.fixture
 def server(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
-    app = create_app(settings.model_copy(update={"tinker_poll_seconds": 2.0, "tinker_session_timeout_seconds": 30.0}))
+    limits = {"tinker_poll_seconds": 2.0, "tinker_session_timeout_seconds": 30.0, "tinker_max_runs_per_tenant": 3}
+    app = create_app(settings.model_copy(update=limits))
     with live(app) as url:
         yield url, app
 
@@ -157,3 +161,56 @@ def test_samples_come_from_the_trained_weights_through_the_serving_engine(servic
     hot = types.SamplingParams(max_tokens=5, temperature=1.0, seed=7)
     first = [s.tokens for s in named.sample(prompt, 3, hot).result().sequences]
     assert first == [s.tokens for s in named.sample(prompt, 3, hot).result().sequences]
+
+
+def test_a_saved_state_resumes_exactly_and_runs_and_checkpoints_are_listed(
+    server: tuple[str, FastAPI], service: Any, tenant: Tenant
+) -> None:
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=3).result()
+    one = datum(weights=[1.0] * 9)
+    adam = types.AdamParams(learning_rate=0.02)
+    for _ in range(2):
+        training.forward_backward([one], "cross_entropy")
+        training.optim_step(adam)
+    saved = training.save_state("two-steps").result()
+    assert saved.path.endswith(":train:0/weights/two-steps")
+    # The original goes on one step; a run made from the state with AdamW's state does the same step.
+    training.forward_backward([one], "cross_entropy")
+    training.optim_step(adam).result()
+    after = training.forward([one], "cross_entropy").result()
+    resumed = service.create_training_client_from_state_with_optimizer(saved.path)
+    resumed.forward_backward([one], "cross_entropy")
+    resumed.optim_step(adam).result()
+    again = resumed.forward([one], "cross_entropy").result()
+    assert again.metrics["loss:sum"] == pytest.approx(after.metrics["loss:sum"], rel=1e-5)
+    assert torch.allclose(
+        again.loss_fn_outputs[0]["logprobs"].to_torch(), after.loss_fn_outputs[0]["logprobs"].to_torch(), atol=1e-5
+    )
+    # Without AdamW's state the same step lands elsewhere (fresh moments).
+    weights_only = service.create_training_client_from_state(saved.path)
+    weights_only.forward_backward([one], "cross_entropy")
+    weights_only.optim_step(adam).result()
+    other = weights_only.forward([one], "cross_entropy").result()
+    assert other.metrics["loss:sum"] != pytest.approx(after.metrics["loss:sum"], rel=1e-5)
+
+    # The REST client lists the runs and their checkpoints, downloads one (PEFT's files) and deletes it.
+    training.save_weights_for_sampler("for-sampling").result()
+    rest = service.create_rest_client()
+    runs = rest.list_training_runs().result()
+    assert training.model_id in [r.training_run_id for r in runs.training_runs]
+    listed = rest.list_checkpoints(training.model_id).result().checkpoints
+    assert sorted((c.checkpoint_type, c.checkpoint_id) for c in listed) == [
+        ("sampler", "sampler_weights/for-sampling"),
+        ("training", "weights/two-steps"),
+    ]
+    archive = httpx.get(
+        f"{server[0]}/api/v1/training_runs/{training.model_id}/checkpoints/weights/two-steps/archive",
+        headers={"X-API-Key": f"tml-{tenant.key}"},
+    )
+    assert archive.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt"} <= set(tar.getnames())
+    rest.delete_checkpoint_from_tinker_path(saved.path).result()
+    assert [c.checkpoint_id for c in rest.list_checkpoints(training.model_id).result().checkpoints] == [
+        "sampler_weights/for-sampling"
+    ]

@@ -237,6 +237,41 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class TinkerRun(Base):
+    """A training run of Tinker's protocol (app/tinker/): its id is the client's (`<session>:train:<n>`); the run
+    itself lives in the memory of the API process that created it, this row is what lists it afterwards."""
+
+    __tablename__ = "tinker_runs"
+    __table_args__ = (Index("ix_tinker_runs_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    base_model: Mapped[str] = mapped_column(String(200))
+    lora_rank: Mapped[int] = mapped_column(Integer)
+    lora_config: Mapped[dict[str, Any]] = mapped_column(JSON)  # rank, seed, train_attn, train_mlp, train_unembed
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_request_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TinkerCheckpoint(Base):
+    """Weights a Tinker run saved: `training` (save_state: the LoRA and AdamW's state, to resume exactly) or
+    `sampler` (save_weights_for_sampler: the LoRA, for sampling). `tinker_path` is how the client names it."""
+
+    __tablename__ = "tinker_checkpoints"
+    __table_args__ = (UniqueConstraint("tenant_id", "tinker_path"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = mapped_column(ForeignKey("tinker_runs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(128))
+    tinker_path: Mapped[str] = mapped_column(String(400))
+    storage_key: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Checkpoint(Base):
     """A job's saved state at one step: the artifact there (served and downloaded like an adapter, by this id)
     and the recipe's whole state (`state_key`: weights, optimizer, scheduler, RNG, data position) to resume from.

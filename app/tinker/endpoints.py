@@ -16,12 +16,16 @@ from pathlib import Path as Path_
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Body, Path, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import func, select
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
-from app.core.errors import ErrorCode, InvalidInput, TooManyRequests, error_responses
+from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound, TooManyRequests, error_responses
+from app.core.models import TinkerCheckpoint, TinkerRun
 from app.core.settings import Settings
+from app.core.storage import delete_after_commit
 from app.inference.engine import EngineDep
 from app.inference.schemas import MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOP_K
 from app.inference.service import DEFAULT_MAX_TOKENS, choice_seed
@@ -141,10 +145,12 @@ class SamplingParams(_Body):
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     stop: (
         Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-        | list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]]
-        | list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_STRINGS)
+        ]
+        | Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=MAX_STOP_STRINGS)]
         | None
-    ) = Field(None, max_length=MAX_STOP_STRINGS)
+    ) = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_k: int = Field(-1, ge=-1, le=MAX_TOP_K)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -319,8 +325,11 @@ def save_weights_for_sampler(
     path = f"tinker://{run.model_id}/sampler_weights/{name}"
 
     def work(lora: LoraRun) -> dict[str, Any]:
-        ref = store_lora(settings, storage, lora, run.base_model, f"tinker/{tenant.id}/{run.model_id}/{name}")
-        service.remember_saved(tenant.id, run.session_id, path, run.base_model, ref)
+        ref, size = store_lora(settings, storage, lora, run.base_model, f"tinker/{tenant.id}/{run.model_id}/{name}")
+        if body.path is not None:  # named: a checkpoint, kept beyond the session
+            service.record_checkpoint(tenant.id, run.model_id, "sampler", name, path, ref, size)
+        else:  # for the sampling session made here only: deleted with the session
+            service.remember_saved(tenant.id, run.session_id, path, run.base_model, ref)
         result: dict[str, Any] = {"path": path, "type": "save_weights_for_sampler"}
         if body.sampling_session_seq_id is not None:
             result["sampling_session_id"] = service.create_sampler(
@@ -334,6 +343,211 @@ def save_weights_for_sampler(
         return result
 
     return {"request_id": service.submit(run, body.seq_id, "SaveWeightsForSampler", work), "model_id": run.model_id}
+
+
+class SaveState(_Body):
+    model_id: str = Field(max_length=128)
+    seq_id: int = Field(ge=1, le=2**31 - 1)
+    path: Name
+
+
+class LoadState(_Body):
+    path: str = Field(max_length=400)
+    optimizer: bool = False
+    # create_training_client_from_state[_with_optimizer]: a new run in this session...
+    session_id: str | None = Field(None, max_length=64)
+    model_seq_id: int | None = Field(None, ge=0, le=1_000_000)
+    # ...or the older load_state: into an existing run, at its turn
+    model_id: str | None = Field(None, max_length=128)
+    seq_id: int | None = Field(None, ge=1, le=2**31 - 1)
+
+
+@router.post("/save_weights")
+def save_state(body: SaveState, request: Request, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+    """The run's whole state (the LoRA and AdamW's moments and step counts) as `tinker://<run>/weights/<name>`:
+    a new run made from it (`create_training_client_from_state_with_optimizer`) goes on exactly as this one."""
+    service = tinker(request)
+    run = service.run(tenant.id, body.model_id)
+    storage = request.app.state.storage
+    path = f"tinker://{run.model_id}/weights/{body.path}"
+
+    def work(lora: LoraRun) -> dict[str, Any]:
+        key = f"tinker/{tenant.id}/{run.model_id}/state-{body.path}"
+        ref, size = store_lora(settings, storage, lora, run.base_model, key, state=True)
+        service.record_checkpoint(tenant.id, run.model_id, "training", body.path, path, ref, size)
+        return {"path": path, "type": "save_weights"}
+
+    return {"request_id": service.submit(run, body.seq_id, "SaveWeights", work), "model_id": run.model_id}
+
+
+@router.post("/load_weights")
+def load_state(
+    body: LoadState, request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """A saved state: as a new run `<session>:train:<model_seq_id>` (the client's
+    `create_training_client_from_state[_with_optimizer]`), or into an existing run at its turn (`load_state`);
+    with `optimizer`, AdamW's state too."""
+    service = tinker(request)
+    storage = request.app.state.storage
+    _, base_model, ref, lora = service.stored_weights(tenant.id, body.path, kind="training")
+    optimizer = body.optimizer
+
+    def load(target: LoraRun) -> None:
+        fetch_state(settings, storage, ref, target, optimizer=optimizer)
+
+    if body.model_id is not None and body.seq_id is not None:
+        run = service.run(tenant.id, body.model_id)
+        if run.base_model != base_model or run.rank != lora.get("rank"):
+            raise InvalidInput(f"{body.path} was saved from a run on another model or rank", param="path")
+
+        def work(target: LoraRun) -> dict[str, Any]:
+            load(target)
+            return {"path": body.path, "model_id": run.model_id, "type": "load_weights"}
+
+        return {"request_id": service.submit(run, body.seq_id, "LoadWeights", work), "model_id": run.model_id}
+    if body.session_id is None or body.model_seq_id is None:
+        raise InvalidInput("give session_id and model_seq_id (a new run), or model_id and seq_id", param="session_id")
+    record = require_model(session, model_id=base_model, param="path")
+    session.rollback()
+    model_id, request_id = service.create_run(tenant.id, body.session_id, body.model_seq_id, record, lora, start=load)
+    return {"request_id": request_id, "model_id": model_id}
+
+
+# --- runs and checkpoints, listed (the REST client) ----------------------------------------------------------------
+
+
+def _checkpoint(row: Any) -> dict[str, Any]:
+    return {
+        "checkpoint_id": f"{'weights' if row.kind == 'training' else 'sampler_weights'}/{row.name}",
+        "checkpoint_type": row.kind,
+        "time": row.created_at.isoformat(),
+        "tinker_path": row.tinker_path,
+        "size_bytes": row.size_bytes,
+        "public": False,
+        "user_metadata": None,
+        "expires_at": None,
+    }
+
+
+def _training_run(db: Any, run: TinkerRun) -> dict[str, Any]:
+    checkpoints = db.scalars(
+        select(TinkerCheckpoint).where(TinkerCheckpoint.run_id == run.id).order_by(TinkerCheckpoint.created_at.desc())
+    ).all()
+    latest = {kind: next((c for c in checkpoints if c.kind == kind), None) for kind in ("training", "sampler")}
+    return {
+        "training_run_id": run.id,
+        "base_model": run.base_model,
+        "model_owner": run.tenant_id,
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": run.lora_rank,
+        "last_request_time": run.last_request_at.isoformat(),
+        "last_checkpoint": _checkpoint(latest["training"]) if latest["training"] else None,
+        "last_sampler_checkpoint": _checkpoint(latest["sampler"]) if latest["sampler"] else None,
+        "user_metadata": None,
+    }
+
+
+Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+AccessScope = Annotated[Literal["owned", "accessible"], Query()]
+
+
+@router.get("/training_runs")
+def list_training_runs(
+    session: SessionDep, tenant: TenantDep, limit: Limit = 20, offset: Offset = 0, access_scope: AccessScope = "owned"
+) -> dict[str, Any]:
+    """This tenant's runs, newest first (`accessible` is the same: nothing is shared)."""
+    query = select(TinkerRun).where(TinkerRun.tenant_id == tenant.id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    runs = session.scalars(query.order_by(TinkerRun.created_at.desc()).offset(offset).limit(limit)).all()
+    return {
+        "training_runs": [_training_run(session, run) for run in runs],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
+
+
+RunId = Annotated[str, Path(max_length=128)]
+
+
+def _own_run(session: Any, tenant_id: str, run_id: str) -> TinkerRun:
+    run = session.get(TinkerRun, run_id)
+    if run is None or run.tenant_id != tenant_id:
+        raise NotFound(f"no training run {run_id[:80]!r}", param="run_id")
+    return run  # type: ignore[no-any-return]
+
+
+@router.get("/training_runs/{run_id}")
+def get_training_run(
+    run_id: RunId, session: SessionDep, tenant: TenantDep, access_scope: AccessScope = "owned"
+) -> dict[str, Any]:
+    return _training_run(session, _own_run(session, tenant.id, run_id))
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+def list_run_checkpoints(run_id: RunId, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    _own_run(session, tenant.id, run_id)
+    rows = session.scalars(
+        select(TinkerCheckpoint).where(TinkerCheckpoint.run_id == run_id).order_by(TinkerCheckpoint.created_at.desc())
+    ).all()
+    return {"checkpoints": [_checkpoint(row) for row in rows], "cursor": None}
+
+
+@router.get("/checkpoints")
+def list_checkpoints(session: SessionDep, tenant: TenantDep, limit: Limit = 100, offset: Offset = 0) -> dict[str, Any]:
+    query = select(TinkerCheckpoint).where(TinkerCheckpoint.tenant_id == tenant.id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(TinkerCheckpoint.created_at.desc()).offset(offset).limit(limit)).all()
+    return {
+        "checkpoints": [_checkpoint(row) for row in rows],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
+
+
+CheckpointId = Annotated[str, Path(max_length=200)]
+
+
+def _own_checkpoint(session: Any, tenant_id: str, run_id: str, checkpoint_id: str) -> TinkerCheckpoint:
+    kind, _, name = checkpoint_id.partition("/")
+    path = f"tinker://{run_id}/{kind}/{name}"
+    row = session.scalars(
+        select(TinkerCheckpoint).where(TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path)
+    ).first()
+    if row is None:
+        raise NotFound(f"no checkpoint {checkpoint_id[:120]!r} of {run_id[:80]!r}", param="checkpoint_id")
+    return row  # type: ignore[no-any-return]
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive")
+def download_checkpoint(
+    run_id: RunId, checkpoint_id: CheckpointId, request: Request, session: SessionDep, tenant: TenantDep
+) -> Response:
+    """The checkpoint's archive (.tar.gz: the LoRA in PEFT's format, which `PeftModel.from_pretrained` loads, and
+    for a saved state AdamW's `optimizer.pt`)."""
+    row = _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
+    key, name, size = row.storage_key, row.name, row.size_bytes
+    session.rollback()
+    try:
+        _, chunks = request.app.state.storage.open(key)
+    except FileNotFoundError:
+        raise Gone("the checkpoint's stored files are missing", param="checkpoint_id") from None
+    headers = {**_attachment(name), "Content-Length": str(size)}
+    return StreamingResponse(chunks, media_type="application/gzip", headers=headers)
+
+
+def _attachment(name: str) -> dict[str, str]:
+    return {"Content-Disposition": f'attachment; filename="{name}.tar.gz"'}
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+def delete_checkpoint(
+    run_id: RunId, checkpoint_id: CheckpointId, request: Request, session: SessionDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """Delete the checkpoint: its row now, its files once that is committed."""
+    row = _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
+    session.delete(row)
+    delete_after_commit(session, request.app.state.storage, [row.storage_key], what=f"tinker checkpoint {row.id}")
+    return {"deleted": True}
 
 
 # --- sampling ---------------------------------------------------------------------------------------------------
@@ -453,18 +667,36 @@ def _stops(stop: Any, models: Any, record: Any) -> tuple[list[str], set[int]]:
     return [], eos
 
 
-def store_lora(settings: Settings, storage: Any, lora: LoraRun, base_model: str, key: str) -> AdapterRef:
-    """The LoRA packed as an adapter artifact (PEFT files and Tuneforge's manifest) into the object store."""
+def store_lora(
+    settings: Settings, storage: Any, lora: LoraRun, base_model: str, key: str, *, state: bool = False
+) -> tuple[AdapterRef, int]:
+    """The LoRA packed as an adapter artifact (PEFT files and Tuneforge's manifest; with `state`, AdamW's state
+    too) into the object store under a key of its own: its reference and size."""
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_id = secrets.token_hex(12)
+    stored_key = f"{key}-{checkpoint_id}.tar.gz"
     with tempfile.TemporaryDirectory(prefix="tinker-", dir=settings.tmp_dir) as tmp:
         folder = Path_(tmp) / "adapter"
         folder.mkdir()
-        lora.export(folder)
+        lora.save_state(folder) if state else lora.export(folder)
         archive = Path_(tmp) / "adapter.tar.gz"
         manifest = {"base_model": base_model, "method": "lora", "format": "peft", "source": "tinker"}
-        _, sha256 = adapter_format.pack(folder, archive, manifest)
-        storage.put_path(f"{key}.tar.gz", archive)
-    return AdapterRef(id=f"tinker-{secrets.token_hex(12)}", storage_key=f"{key}.tar.gz", sha256=sha256, method="lora")
+        size, sha256 = adapter_format.pack(folder, archive, manifest)
+        storage.put_path(stored_key, archive)
+    return AdapterRef(id=f"tinker-{checkpoint_id}", storage_key=stored_key, sha256=sha256, method="lora"), size
+
+
+def fetch_state(settings: Settings, storage: Any, ref: AdapterRef, lora: LoraRun, *, optimizer: bool) -> None:
+    """A saved state loaded into `lora` (its files checked against their digest)."""
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tinker-", dir=settings.tmp_dir) as tmp:
+        archive = Path_(tmp) / "state.tar.gz"
+        try:
+            if storage.download(ref.storage_key, archive) != ref.sha256:
+                raise UserError("the saved state's files are damaged (checksum mismatch)")
+        except FileNotFoundError:
+            raise UserError("the saved state's files are missing") from None
+        lora.load_state(adapter_format.unpack(archive, Path_(tmp) / "state"), optimizer=optimizer)
 
 
 def encode_samples(results: list[GenerationResult], eos: set[int]) -> bytes:

@@ -18,7 +18,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.errors import Conflict, ErrorCode, Gone, InvalidInput, NotFound
+from sqlalchemy import select, update
+
+from app.core.db import session_scope
+from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound
+from app.core.models import TinkerCheckpoint, TinkerRun, utcnow
 from app.core.settings import Settings
 from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
@@ -29,6 +33,11 @@ log = logging.getLogger(__name__)
 
 FUTURES_KEPT_SECONDS = 600.0  # a result stays retrievable this long after it is ready (a poll lost in transit)
 MAX_PENDING_SEQ = 1024  # requests of one run waiting for an earlier seq_id
+
+
+class LimitReached(InvalidInput):
+    """A bound of this server reached (sessions, runs, requests in progress): 422, not 409 or 429, which the tinker
+    client retries for minutes before it says anything."""
 
 
 class UserError(Exception):
@@ -117,7 +126,7 @@ class TinkerService:
         with self._lock:
             mine = sum(1 for s in self.sessions.values() if s.tenant_id == tenant_id and not s.closed)
             if mine >= self.settings.tinker_max_sessions_per_tenant:
-                raise Conflict(
+                raise LimitReached(
                     f"this tenant has {mine} Tinker sessions open, its limit "
                     "(TUNEFORGE_TINKER_MAX_SESSIONS_PER_TENANT); close one (or let it expire)",
                     code=ErrorCode.too_many_sessions,
@@ -194,7 +203,7 @@ class TinkerService:
         with self._lock:
             mine = sum(1 for p in self.futures.values() if p.tenant_id == tenant_id and p.done_at is None)
             if mine >= self.settings.tinker_max_pending_per_tenant:
-                raise Conflict(
+                raise LimitReached(
                     f"this tenant has {mine} Tinker requests in progress, its limit "
                     "(TUNEFORGE_TINKER_MAX_PENDING_PER_TENANT); wait for some to finish",
                     code=ErrorCode.too_many_requests_in_progress,
@@ -212,19 +221,25 @@ class TinkerService:
     # --- training runs ----------------------------------------------------------------------------------------
 
     def create_run(
-        self, tenant_id: str, session_id: str, model_seq_id: int, record: ModelRecord, lora: dict[str, Any]
+        self,
+        tenant_id: str,
+        session_id: str,
+        model_seq_id: int,
+        record: ModelRecord,
+        lora: dict[str, Any],
+        start: Callable[[LoraRun], None] | None = None,
     ) -> tuple[str, str]:
         """A new run `<session>:train:<seq>` (the client derives the id itself); its model loads in the
-        background. The request id of its creation."""
+        background, then `start` (loading a saved state) runs on it. The request id of its creation."""
         session = self.session(tenant_id, session_id)
         model_id = f"{session_id}:train:{model_seq_id}"
         with self._lock:
             if model_id in self.runs:
-                raise Conflict(f"{model_id} exists", code=ErrorCode.invalid_request)
+                raise InvalidInput(f"{model_id} exists", param="model_seq_id")
             total = sum(1 for r in self.runs.values() if not r.closed)
             mine = sum(1 for r in self.runs.values() if r.tenant_id == tenant_id and not r.closed)
             if total >= self.settings.tinker_max_runs or mine >= self.settings.tinker_max_runs_per_tenant:
-                raise Conflict(
+                raise LimitReached(
                     f"this server holds {total} Tinker training runs ({mine} of this tenant's); the limits are "
                     f"{self.settings.tinker_max_runs} (TUNEFORGE_TINKER_MAX_RUNS) and "
                     f"{self.settings.tinker_max_runs_per_tenant} a tenant: close a session first",
@@ -234,6 +249,10 @@ class TinkerService:
             self.runs[model_id] = run
             session.runs.append(model_id)
         request_id, pending = self._pending(tenant_id, "CreateModel")
+        with session_scope(self.settings.db_url) as db:
+            db.add(
+                TinkerRun(id=model_id, tenant_id=tenant_id, base_model=record.id, lora_rank=run.rank, lora_config=lora)
+            )
 
         def load() -> dict[str, Any]:
             placement = resolve_placement(self.settings.device, self.settings.dtype)
@@ -247,6 +266,9 @@ class TinkerService:
                 mlp=bool(lora.get("train_mlp", True)),
                 unembed=bool(lora.get("train_unembed", True)),
             )
+            if start is not None:
+                start(run.lora)
+                return {"model_id": model_id, "type": "load_weights"}
             return {"model_id": model_id, "type": "create_model"}
 
         run.thread = threading.Thread(target=self._serve_run, args=(run,), name=f"tinker-{model_id}", daemon=True)
@@ -270,7 +292,9 @@ class TinkerService:
             if seq_id < run.expected:
                 raise InvalidInput(f"seq_id {seq_id} of {run.model_id} has run already", param="seq_id")
             if len(run.waiting) >= MAX_PENDING_SEQ:
-                raise Conflict(f"{run.model_id} has {MAX_PENDING_SEQ} requests waiting", code=ErrorCode.invalid_request)
+                raise LimitReached(
+                    f"{run.model_id} has {MAX_PENDING_SEQ} requests waiting", code=ErrorCode.invalid_request
+                )
         request_id, pending = self._pending(run.tenant_id, kind)
 
         def task() -> Any:
@@ -343,9 +367,10 @@ class TinkerService:
         if model_path is not None and adapter is None:
             with self._lock:
                 found = self.saved.get(model_path)
-            if found is None or found[0] != tenant_id:
-                raise NotFound(f"no saved weights at {model_path[:120]!r}", param="model_path")
-            base_model, adapter = found[1], found[2]
+            if found is not None and found[0] == tenant_id:
+                base_model, adapter = found[1], found[2]
+            else:
+                _, base_model, adapter, _ = self.stored_weights(tenant_id, model_path)
         if base_model is None:
             raise InvalidInput("give base_model or model_path", param="base_model")
         sampler_id = f"{session_id}:sample:{seq_id}"
@@ -363,3 +388,51 @@ class TinkerService:
     def pending(self, tenant_id: str, kind: str) -> tuple[str, Pending]:
         """A request whose result the caller sets (sampling: the engine's generations)."""
         return self._pending(tenant_id, kind)
+
+    # --- saved weights (rows in the database, files in the object store) -------------------------------------------
+
+    def record_checkpoint(
+        self, tenant_id: str, run_id: str, kind: str, name: str, path: str, ref: AdapterRef, size: int
+    ) -> None:
+        with session_scope(self.settings.db_url) as db:
+            old = db.scalars(
+                select(TinkerCheckpoint).where(
+                    TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path
+                )
+            ).first()
+            if old is not None:  # saved again under the same name: the new files replace the old
+                db.delete(old)
+                db.flush()
+            db.add(
+                TinkerCheckpoint(
+                    id=ref.id.removeprefix("tinker-"),
+                    tenant_id=tenant_id,
+                    run_id=run_id,
+                    kind=kind,
+                    name=name,
+                    tinker_path=path,
+                    storage_key=ref.storage_key,
+                    sha256=ref.sha256,
+                    size_bytes=size,
+                )
+            )
+            db.execute(update(TinkerRun).where(TinkerRun.id == run_id).values(last_request_at=utcnow()))
+
+    def stored_weights(
+        self, tenant_id: str, path: str, kind: str | None = None
+    ) -> tuple[str, str, AdapterRef, dict[str, Any]]:
+        """Saved weights by their `tinker://` path: (tenant, base model, their files, the run's LoRA config)."""
+        with session_scope(self.settings.db_url) as db:
+            row = db.execute(
+                select(TinkerCheckpoint, TinkerRun)
+                .join(TinkerRun, TinkerRun.id == TinkerCheckpoint.run_id)
+                .where(TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path)
+            ).first()
+        if row is None or (kind is not None and row[0].kind != kind):
+            what = {"training": "a saved state", "sampler": "saved sampler weights"}.get(kind or "", "saved weights")
+            raise NotFound(f"no {what} at {path[:160]!r}", param="path")
+        checkpoint, run = row
+        ref = AdapterRef(
+            id=f"tinker-{checkpoint.id}", storage_key=checkpoint.storage_key, sha256=checkpoint.sha256, method="lora"
+        )
+        return tenant_id, run.base_model, ref, dict(run.lora_config)

@@ -28,6 +28,7 @@ LOSS_INPUTS = {
     "importance_sampling": ("logprobs", "advantages"),
     "ppo": ("logprobs", "advantages"),
 }
+OPTIMIZER_STATE = "optimizer.pt"
 PPO_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)(\.|$)")
 MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)")
@@ -147,6 +148,27 @@ class LoraRun:
     def export(self, folder: Any) -> None:
         """The LoRA in PEFT's format (adapter_config.json, adapter_model.safetensors) into `folder`."""
         self.model.save_pretrained(str(folder))
+
+    def save_state(self, folder: Any) -> None:
+        """Everything to resume exactly: the LoRA (PEFT's files) and AdamW's state (`optimizer.pt`)."""
+        import torch
+
+        self.export(folder)
+        torch.save(self.optimizer.state_dict(), str(folder / OPTIMIZER_STATE))
+
+    def load_state(self, folder: Any, *, optimizer: bool) -> None:
+        """The LoRA's weights from a saved state (and, with `optimizer`, AdamW's moments and step counts)."""
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / "adapter_model.safetensors"), device=str(self.placement.device))
+        set_peft_model_state_dict(self.model, weights)
+        for parameter in self.trainable:
+            parameter.data = parameter.data.float()
+        if optimizer:
+            state = torch.load(str(folder / OPTIMIZER_STATE), map_location=self.placement.device, weights_only=True)
+            self.optimizer.load_state_dict(state)
 
     def optim_step(
         self,
