@@ -152,6 +152,11 @@ def test_samples_come_from_the_trained_weights_through_the_serving_engine(servic
         assert sequence.logprobs is not None and len(sequence.logprobs) == 6
         assert all(lp > -0.5 for lp in sequence.logprobs)  # learned: likely
     assert before != [5] * 6
+    # The prompt's log-probabilities under the sampled weights: those the run computes (its weights unchanged since).
+    scored = sampling.compute_logprobs(types.ModelInput.from_ints(taught)).result()
+    assert scored[0] is None and len(scored) == len(taught)
+    reference = training.forward([lesson], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_torch()
+    assert torch.allclose(torch.tensor(scored[1:]), reference, atol=1e-4)
     # The same weights by name, from another client of the session.
     saved = training.save_weights_for_sampler("taught").result()
     assert saved.path.endswith(":train:0/sampler_weights/taught") and saved.path.startswith("tinker://")

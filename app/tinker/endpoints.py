@@ -589,13 +589,11 @@ def asample(
     sampler = service.sampler(tenant.id, body.sampling_session_id)
     record = require_model(session, model_id=sampler.base_model, param="base_model")
     session.rollback()
-    if body.prompt_logprobs:
-        raise InvalidInput("prompt_logprobs is not supported yet", param="prompt_logprobs")
     prompt = [token for chunk in body.prompt.chunks for token in chunk.tokens]
     if not prompt:
         raise InvalidInput("prompt: no tokens", param="prompt")
     params = body.sampling_params
-    stop_strings, eos = _stops(params.stop, request.app.state.models, record)
+    stop_strings = _stops(params.stop, request.app.state.models, record)
     room = record.max_seq_length - len(prompt)
     max_tokens = params.max_tokens or min(DEFAULT_MAX_TOKENS, room)
     if room < 1 or max_tokens > room:
@@ -615,6 +613,7 @@ def asample(
             top_k=max(params.top_k, 0),
             seed=choice_seed(seed, i),
             stop=stop_strings,
+            ignore_eos=params.stop == [],  # Tinker's `stop: []`: no stop at all, to max_tokens
             logprobs=0,
             owner=tenant.id,
         )
@@ -627,18 +626,25 @@ def asample(
         pending.future.cancel()
         raise TooManyRequests(str(exc), retry_after=1, code=ErrorCode.engine_overloaded) from None
     left = [len(generations)]
+    storage = request.app.state.storage
+
+    def finish() -> None:
+        if not pending.future.set_running_or_notify_cancel():
+            return
+        try:
+            scored = service.prompt_logprobs(storage, sampler, record, prompt) if body.prompt_logprobs else None
+            pending.future.set_result(encode_samples([g.result() for g in generations], scored))
+        except Exception as exc:  # a sample's failure (its adapter could not be loaded, say)
+            failure = UserError(str(exc)) if isinstance(exc, AdapterUnavailable | UserError) else exc
+            pending.future.set_exception(failure)
 
     def one_done(_: Any) -> None:
         with sampling_lock:
             left[0] -= 1
             if left[0]:
                 return
-        if not pending.future.set_running_or_notify_cancel():
-            return
-        try:
-            pending.future.set_result(encode_samples([g.result() for g in generations], eos))
-        except Exception as exc:  # a sample's failure (its adapter could not be loaded, say)
-            pending.future.set_exception(UserError(str(exc)) if isinstance(exc, AdapterUnavailable) else exc)
+        # Off the engine's thread: scoring the prompt is a forward pass of its own.
+        threading.Thread(target=finish, name="tinker-sample", daemon=True).start()
 
     for generation in generations:
         generation.future.add_done_callback(one_done)
@@ -648,15 +654,15 @@ def asample(
 sampling_lock = threading.Lock()
 
 
-def _stops(stop: Any, models: Any, record: Any) -> tuple[list[str], set[int]]:
-    """Stop strings, and the end-of-sequence ids (stop token ids other than those are refused: the engine stops
-    on strings and on the end of sequence)."""
+def _stops(stop: Any, models: Any, record: Any) -> list[str]:
+    """Stop strings (stop token ids other than the end of sequence are refused: the engine stops on strings and on
+    the end of sequence, always)."""
     if stop is None or stop == []:
-        return [], set()
+        return []
     if isinstance(stop, str):
-        return [stop], set()
+        return [stop]
     if all(isinstance(item, str) for item in stop):
-        return list(stop), set()
+        return list(stop)
     eos = {load_tokenizer(models, record).eos_token_id}
     other = [token for token in stop if token not in eos]
     if other:
@@ -664,7 +670,7 @@ def _stops(stop: Any, models: Any, record: Any) -> tuple[list[str], set[int]]:
             f"sampling_params.stop: token {other[0]} is not the end of sequence; stop on strings instead",
             param="sampling_params.stop",
         )
-    return [], eos
+    return []
 
 
 def store_lora(
@@ -699,9 +705,12 @@ def fetch_state(settings: Settings, storage: Any, ref: AdapterRef, lora: LoraRun
         lora.load_state(adapter_format.unpack(archive, Path_(tmp) / "state"), optimizer=optimizer)
 
 
-def encode_samples(results: list[GenerationResult], eos: set[int]) -> bytes:
-    """A `tinker_public.SampleResponse`: each sample's tokens and their log-probabilities, and why it stopped."""
+def encode_samples(results: list[GenerationResult], prompt_logprobs: list[float] | None) -> bytes:
+    """A `tinker_public.SampleResponse`: each sample's tokens and their log-probabilities, and why it stopped; the
+    prompt's log-probabilities when asked for."""
     response = wire.SampleResponse()
+    if prompt_logprobs is not None:
+        response.prompt_logprobs = np.asarray(prompt_logprobs, dtype=np.float32).tobytes()
     for result in results:
         sequence = response.sequences.add()
         sequence.stop_reason = wire.STOP_REASON_STOP if result.finish_reason == "stop" else wire.STOP_REASON_LENGTH

@@ -32,7 +32,8 @@ from app.ml.training.stepwise import LoraRun, StepError
 log = logging.getLogger(__name__)
 
 FUTURES_KEPT_SECONDS = 600.0  # a result stays retrievable this long after it is ready (a poll lost in transit)
-MAX_PENDING_SEQ = 1024  # requests of one run waiting for an earlier seq_id
+MAX_PENDING_SEQ = 1024
+SCORING_MODELS = 2  # models kept for prompt log-probabilities  # requests of one run waiting for an earlier seq_id
 
 
 class LimitReached(InvalidInput):
@@ -118,6 +119,8 @@ class TinkerService:
         self.runs: dict[str, Run] = {}
         self.futures: dict[str, Pending] = {}
         self.samplers: dict[str, Sampler] = {}
+        self._scoring: dict[tuple[str, str, str | None], Any] = {}  # most recently used last
+        self._scoring_lock = threading.Lock()
         self.saved: dict[str, tuple[str, str, AdapterRef]] = {}  # tinker:// path -> (tenant, base model, adapter)
 
     # --- sessions -------------------------------------------------------------------------------------------
@@ -436,3 +439,48 @@ class TinkerService:
             id=f"tinker-{checkpoint.id}", storage_key=checkpoint.storage_key, sha256=checkpoint.sha256, method="lora"
         )
         return tenant_id, run.base_model, ref, dict(run.lora_config)
+
+    # --- prompt log-probabilities (`prompt_logprobs`, `compute_logprobs`) -------------------------------------------
+
+    def prompt_logprobs(self, storage: Any, sampler: Sampler, record: ModelRecord, tokens: list[int]) -> list[float]:
+        """Each prompt token's log-probability given the tokens before it under the sampler's weights (NaN for
+        the first: nothing predicts it). A forward pass on a scoring copy of the model (the two most recently
+        used kept), one at a time."""
+        import math
+
+        import torch
+
+        with self._scoring_lock:
+            model = self._scoring_model(storage, sampler, record)
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([tokens], device=device)).logits.float()
+            logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+            picked = logprobs.gather(-1, torch.tensor(tokens[1:], device=device).unsqueeze(-1)).squeeze(-1)
+        return [math.nan, *picked.cpu().tolist()]
+
+    def _scoring_model(self, storage: Any, sampler: Sampler, record: ModelRecord) -> Any:
+        import tempfile
+        from pathlib import Path
+
+        key = (record.id, record.revision, sampler.adapter.id if sampler.adapter else None)
+        cached = self._scoring.pop(key, None)
+        if cached is None:
+            placement = resolve_placement(self.settings.device, self.settings.dtype)
+            cached = self.models.load(record, placement)
+            if sampler.adapter is not None:
+                from peft import PeftModel
+
+                from app.ml import adapter_format
+
+                self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix="tinker-", dir=self.settings.tmp_dir) as tmp:
+                    archive = Path(tmp) / "weights.tar.gz"
+                    if storage.download(sampler.adapter.storage_key, archive) != sampler.adapter.sha256:
+                        raise UserError("the saved weights' files are damaged (checksum mismatch)")
+                    folder = adapter_format.unpack(archive, Path(tmp) / "weights")
+                    cached = PeftModel.from_pretrained(cached, str(folder)).eval()
+        self._scoring[key] = cached
+        while len(self._scoring) > SCORING_MODELS:
+            self._scoring.pop(next(iter(self._scoring)))
+        return cached
