@@ -6,6 +6,10 @@ AdamW steps — with every number checked against the same computation done here
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -219,3 +223,38 @@ def test_a_saved_state_resumes_exactly_and_runs_and_checkpoints_are_listed(
     assert [c.checkpoint_id for c in rest.list_checkpoints(training.model_id).result().checkpoints] == [
         "sampler_weights/for-sampling"
     ]
+
+
+def test_get_tokenizer_loads_the_registered_models_tokenizer_from_this_server(
+    server: tuple[str, FastAPI], tenant: Tenant, settings: Settings, tmp_path: Any
+) -> None:
+    """`HF_ENDPOINT=<server>/hf` is all the client needs: the tokenizer comes from here, never from outside (the
+    variable is read when huggingface_hub is imported: a process of its own)."""
+    script = (
+        "import json, sys, tinker\n"
+        "service = tinker.ServiceClient(base_url=sys.argv[1], api_key=sys.argv[2])\n"
+        "training = service.create_lora_training_client(base_model='tiny-random-llama', rank=2).result()\n"
+        "tokenizer = training.get_tokenizer()\n"
+        "print(json.dumps(tokenizer.encode('Name fruit number 3.', add_special_tokens=False)))\n"
+    )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"{server[0]}/hf",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script, server[0], f"tml-{tenant.key}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = ModelStore(settings.models_dir, None).tokenizer(BUILTINS["tiny-random-llama"])
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected.encode(
+        "Name fruit number 3.", add_special_tokens=False
+    )
+    # A model this server does not have is the hub's "repository not found", not an error of the server.
+    missing = httpx.head(f"{server[0]}/hf/no-such-model/resolve/main/tokenizer.json")
+    assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "RepoNotFound"

@@ -36,7 +36,7 @@ access_log = logging.getLogger("tuneforge.access")
 # page and assets (the page asks for the key and sends it with each API call), and the Prometheus metrics (which
 # check TUNEFORGE_METRICS_TOKEN themselves when it is set).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/ui", "/metrics"})
-PUBLIC_PREFIXES = ("/docs/assets/", "/ui/")
+PUBLIC_PREFIXES = ("/docs/assets/", "/ui/", "/hf/")  # /hf: the models' tokenizers, read-only (app/tinker/hub.py)
 
 
 def is_public(path: str) -> bool:

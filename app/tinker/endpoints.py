@@ -206,10 +206,10 @@ def telemetry(tenant: TenantDep) -> dict[str, str]:
 
 @router.get("/get_server_capabilities")
 def server_capabilities(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    """The registered base models, each trainable with LoRA here (sampling comes with a later release)."""
+    """The registered base models, each trainable with LoRA and sampleable here."""
     return {
         "supported_models": [
-            {"model_name": m.id, "max_context_length": m.max_seq_length, "trainable": True, "sampleable": False}
+            {"model_name": m.id, "max_context_length": m.max_seq_length, "trainable": True, "sampleable": True}
             for m in list_models(session)
         ]
     }
