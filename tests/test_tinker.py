@@ -11,9 +11,10 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -22,12 +23,13 @@ import torch
 from fastapi import FastAPI
 from tinker import types
 
+from app.core.errors import InvalidInput
 from app.core.settings import Settings
 from app.main import create_app
 from app.ml.models import BUILTINS, ModelStore
+from app.tinker.service import Run, TinkerService
 from tests.conftest import Tenant, live
 
-pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 
 TOKENS = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
 
@@ -258,3 +260,22 @@ def test_get_tokenizer_loads_the_registered_models_tokenizer_from_this_server(
     # A model this server does not have is the hub's "repository not found", not an error of the server.
     missing = httpx.head(f"{server[0]}/hf/no-such-model/resolve/main/tokenizer.json")
     assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "RepoNotFound"
+
+
+def test_a_runs_requests_run_in_seq_id_order_whatever_order_they_arrive_in(settings: Settings) -> None:
+    service = TinkerService(settings, ModelStore(settings.models_dir, None))
+    run = Run("s:train:0", "tenant", "s", "tiny-random-llama", 2, lora=cast(Any, object()), expected=1)
+    threading.Thread(target=service._serve_run, args=(run,), daemon=True).start()
+    order: list[int] = []
+
+    def step(seq: int) -> Callable[[Any], int]:
+        return lambda _: order.append(seq) or seq
+
+    ids = {seq: service.submit(run, seq, "ForwardBackward", step(seq)) for seq in (3, 1, 4, 2)}
+    assert service.submit(run, 3, "ForwardBackward", step(99)) == ids[3]  # a re-sent request: the same one
+    results = [service.future("tenant", ids[seq]).future.result(timeout=10) for seq in (1, 2, 3, 4)]
+    assert order == [1, 2, 3, 4] and results == [1, 2, 3, 4]
+    assert service.submit(run, 2, "ForwardBackward", step(2)) == ids[2]  # re-sent after it ran: its result
+    with pytest.raises(InvalidInput, match="has run already"):
+        service.submit(run, 0, "ForwardBackward", step(0))  # its creation's turn, long past
+    service.close_session("s", "test")  # no such session: nothing happens
