@@ -30,7 +30,6 @@ from app.ml.models import BUILTINS, ModelStore
 from app.tinker.service import Run, TinkerService
 from tests.conftest import Tenant, live
 
-
 TOKENS = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
 
 
