@@ -133,7 +133,9 @@ def test_a_session_whose_client_goes_silent_is_closed_and_frees_its_run(
         training.forward([datum(weights=[1.0] * 9)], "cross_entropy").result()
 
 
-def test_samples_come_from_the_trained_weights_through_the_serving_engine(service: Any) -> None:
+def test_samples_come_from_the_trained_weights_through_the_serving_engine(
+    server: tuple[str, FastAPI], service: Any, tenant: Tenant
+) -> None:
     training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=1).result()
     prompt = types.ModelInput.from_ints(TOKENS[:4])
     params = types.SamplingParams(max_tokens=6, temperature=0.0)
@@ -167,6 +169,22 @@ def test_samples_come_from_the_trained_weights_through_the_serving_engine(servic
     assert saved.path.endswith(":train:0/sampler_weights/taught") and saved.path.startswith("tinker://")
     named = service.create_sampling_client(model_path=saved.path)
     assert named.sample(prompt, 1, params).result().sequences[0].tokens == [5] * 6
+    # The saved weights are an adapter like any other: /generate and OpenAI's chat completions serve them.
+    state = server[1].state
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {tenant.key}"}) as http:
+        generated = http.post(
+            "/generate", json={"adapter_id": saved.path, "prompt": "x", "max_tokens": 2, "temperature": 0}
+        )
+        assert generated.status_code == 200, generated.text
+        assert generated.json()["base_model"] == "tiny-random-llama"
+        chat = http.post(
+            "/v1/chat/completions",
+            json={"model": saved.path, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2},
+        )
+        assert chat.status_code == 200, chat.text
+        other = http.post("/generate", json={"adapter_id": saved.path.replace("taught", "nope"), "prompt": "x"})
+        assert other.status_code == 404
+    assert state.engine is not None
     # Sampled at temperature 1 with a seed: the same seed, the same samples.
     hot = types.SamplingParams(max_tokens=5, temperature=1.0, seed=7)
     first = [s.tokens for s in named.sample(prompt, 3, hot).result().sequences]
@@ -226,6 +244,7 @@ def test_a_saved_state_resumes_exactly_and_runs_and_checkpoints_are_listed(
     ]
 
 
+@pytest.mark.slow  # a client process of its own
 def test_get_tokenizer_loads_the_registered_models_tokenizer_from_this_server(
     server: tuple[str, FastAPI], tenant: Tenant, settings: Settings, tmp_path: Any
 ) -> None:
@@ -278,3 +297,43 @@ def test_a_runs_requests_run_in_seq_id_order_whatever_order_they_arrive_in(setti
     with pytest.raises(InvalidInput, match="has run already"):
         service.submit(run, 0, "ForwardBackward", step(0))  # its creation's turn, long past
     service.close_session("s", "test")  # no such session: nothing happens
+
+
+@pytest.mark.slow  # twelve rounds of sampling and training
+def test_an_importance_sampling_loop_raises_a_toy_reward(service: Any) -> None:
+    """RL as Tinker's cookbook does it: sample from the current weights, score, then an importance-sampling step
+    with the advantages on the sampled tokens (the sampler's log-probabilities beside them). The reward — the share
+    of sampled tokens in the lower half of the vocabulary — rises."""
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=8, seed=0).result()
+    prompt = TOKENS[:3]
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, seed=0)
+    vocabulary = 49152
+
+    def reward(tokens: list[int]) -> float:
+        return sum(token < vocabulary // 2 for token in tokens) / len(tokens)
+
+    means = []
+    for iteration in range(12):
+        sampler = training.save_weights_and_get_sampling_client().result()
+        samples = sampler.sample(
+            types.ModelInput.from_ints(prompt), 16, params.model_copy(update={"seed": iteration})
+        ).result()
+        rewards = [reward(s.tokens) for s in samples.sequences]
+        means.append(sum(rewards) / len(rewards))
+        baseline = means[-1]
+        data = []
+        for sequence in samples.sequences:
+            full = prompt + sequence.tokens
+            n = len(full) - 1
+            sampled = [0.0] * (len(prompt) - 1) + list(sequence.logprobs or [])
+            # Each token's own part of the reward, less the batch's mean (a per-token advantage).
+            advantage = [0.0] * (len(prompt) - 1) + [float(t < vocabulary // 2) - baseline for t in sequence.tokens]
+            data.append(
+                types.Datum(
+                    model_input=types.ModelInput.from_ints(full[:-1]),
+                    loss_fn_inputs={"target_tokens": full[1:], "logprobs": sampled[:n], "advantages": advantage[:n]},
+                )
+            )
+        training.forward_backward(data, "importance_sampling")
+        training.optim_step(types.AdamParams(learning_rate=0.1)).result()
+    assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.2, means

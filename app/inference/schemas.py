@@ -125,8 +125,9 @@ class GenerateRequest(BaseModel):
 
     adapter_id: str | None = Field(
         None,
-        max_length=64,
-        description="Adapter to apply, or a job's checkpoint (`ftckpt-…`); absent = the base model alone",
+        max_length=400,
+        description="Adapter to apply, a job's checkpoint (`ftckpt-…`), or weights a Tinker run saved "
+        "(`tinker://…`); absent = the base model alone",
     )
     base_model: str | None = Field(
         None, max_length=128, description="Base model when no adapter is given (default from settings)"

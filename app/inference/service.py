@@ -27,7 +27,7 @@ from app.adapters.service import adapter_unavailable, get_servable
 from app.core.db import session_scope
 from app.core.errors import ErrorCode, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests
 from app.core.metrics import Metrics
-from app.core.models import Adapter, Job
+from app.core.models import Adapter, Job, TinkerCheckpoint, TinkerRun
 from app.core.settings import Settings
 from app.ml.formatting import encode_chat_prompt, encode_prompt
 from app.ml.models import ModelRecord, ModelStore, ModelUnavailable
@@ -50,6 +50,7 @@ from app.ml.tool_calls import call_grammar, special_tokens
 from app.models.repository import find_model
 from app.models.service import load_tokenizer, model_unavailable, require_model
 
+TINKER_PATH = "tinker://"  # weights a Tinker run saved (app/tinker/)
 # How often a waiting request checks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.1
 # New tokens when a request does not say (OpenAI's chat API has no default): at most this, within the context.
@@ -120,7 +121,7 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 def resolve_model(session: Session, *, tenant_id: str, model: str) -> tuple[str | None, str | None]:
     """OpenAI's `model`: an adapter id, a checkpoint id, a base model id, or an adapter's name (the newest of that
     name). Returns (adapter id, None) or (None, base model id); 404 `model_not_found` otherwise."""
-    if model.startswith(("adapter-", "ftckpt-")):
+    if model.startswith(("adapter-", "ftckpt-", TINKER_PATH)):
         return model, None
     if find_model(session, model) is not None:
         return None, model
@@ -330,6 +331,8 @@ def _resolve(
         model_id = base_model or settings.default_base_model
         record = require_model(session, model_id=model_id, param="model" if param == "model" else "base_model")
         return record, None, 0
+    if adapter_id.startswith(TINKER_PATH):
+        return _resolve_tinker(session, tenant_id=tenant_id, path=adapter_id, base_model=base_model, param=param)
     adapter = get_servable(session, tenant_id=tenant_id, adapter_id=adapter_id, param=param)
     if base_model is not None and base_model != adapter.base_model:
         raise InvalidInput(
@@ -351,6 +354,28 @@ def _resolve(
         virtual_tokens = trained.reserved_positions()
     ref = AdapterRef(id=adapter.id, storage_key=adapter.storage_key, sha256=adapter.sha256, method=adapter.method)
     return found, ref, virtual_tokens
+
+
+def _resolve_tinker(
+    session: Session, *, tenant_id: str, path: str, base_model: str | None, param: str
+) -> tuple[ModelRecord, AdapterRef | None, int]:
+    """Weights a Tinker run saved (`tinker://<run>/sampler_weights/<name>` or `/weights/<name>`): a LoRA on the
+    run's base model, served as any adapter."""
+    row = session.execute(
+        select(TinkerCheckpoint, TinkerRun.base_model)
+        .join(TinkerRun, TinkerRun.id == TinkerCheckpoint.run_id)
+        .where(TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path)
+    ).first()
+    if row is None:
+        raise NotFound(f"no weights saved at {path[:160]!r}", param=param)
+    checkpoint, run_base = row
+    if base_model is not None and base_model != run_base:
+        raise InvalidInput(f"{path} was trained on {run_base}, not {base_model}", param="base_model")
+    record = require_model(session, model_id=run_base, param=param)
+    ref = AdapterRef(
+        id=f"tinker-{checkpoint.id}", storage_key=checkpoint.storage_key, sha256=checkpoint.sha256, method="lora"
+    )
+    return record, ref, 0
 
 
 # Whether the client that asked for a generation has gone (Starlette's `Request.is_disconnected`).
