@@ -337,3 +337,21 @@ def test_an_importance_sampling_loop_raises_a_toy_reward(service: Any) -> None:
         training.forward_backward(data, "importance_sampling")
         training.optim_step(types.AdamParams(learning_rate=0.1)).result()
     assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.2, means
+
+
+def test_runs_on_one_base_model_share_its_weights_and_train_apart(server: tuple[str, FastAPI], service: Any) -> None:
+    first = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=0).result()
+    second = service.create_lora_training_client(base_model="tiny-random-llama", rank=2, seed=1).result()
+    one = datum(weights=[1.0] * 9)
+    before = second.forward([one], "cross_entropy").result().metrics["loss:sum"]
+    for _ in range(5):
+        first.forward_backward([one], "cross_entropy")
+        first.optim_step(types.AdamParams(learning_rate=0.05))
+    trained = first.forward([one], "cross_entropy").result().metrics["loss:sum"]
+    assert trained < before * 0.9  # the first learned...
+    assert second.forward([one], "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before, rel=1e-6)
+    state = server[1].state.tinker
+    bases = list(state._bases.values())
+    assert len(bases) == 1 and bases[0].runs == 2  # ...on the one copy of the base weights both runs use
+    runs = [state.runs[first.model_id].lora, state.runs[second.model_id].lora]
+    assert runs[0].shared is runs[1].shared and runs[0].trainable_parameters > runs[1].trainable_parameters

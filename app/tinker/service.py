@@ -27,7 +27,7 @@ from app.core.settings import Settings
 from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
 from app.ml.serving import AdapterRef
-from app.ml.training.stepwise import LoraRun, StepError
+from app.ml.training.stepwise import LoraRun, SharedBase, StepError
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ class TinkerService:
         self.futures: dict[str, Pending] = {}
         self.samplers: dict[str, Sampler] = {}
         self._scoring: dict[tuple[str, str, str | None], Any] = {}  # most recently used last
+        self._bases: dict[tuple[str, str], SharedBase] = {}  # one copy of each base model's weights for its runs
+        self._bases_lock = threading.Lock()  # a base loads once, however many runs start at once
         self._scoring_lock = threading.Lock()
         self.saved: dict[str, tuple[str, str, AdapterRef]] = {}  # tinker:// path -> (tenant, base model, adapter)
 
@@ -258,11 +260,9 @@ class TinkerService:
             )
 
         def load() -> dict[str, Any]:
-            placement = resolve_placement(self.settings.device, self.settings.dtype)
-            base = self.models.load(record, placement)
             run.lora = LoraRun(
-                base,
-                placement,
+                self._shared_base(record),
+                f"run_{secrets.token_hex(6)}",
                 rank=run.rank,
                 seed=lora.get("seed"),
                 attention=bool(lora.get("train_attn", True)),
@@ -278,6 +278,18 @@ class TinkerService:
         self._start(run, 0, pending, load)
         run.thread.start()
         return model_id, request_id
+
+    def _shared_base(self, record: ModelRecord) -> SharedBase:
+        key = (record.id, record.revision)
+        with self._bases_lock:
+            with self._lock:
+                shared = self._bases.get(key)
+            if shared is None:
+                placement = resolve_placement(self.settings.device, self.settings.dtype)
+                shared = SharedBase(self.models.load(record, placement), placement)
+                with self._lock:
+                    self._bases[key] = shared
+            return shared
 
     def run(self, tenant_id: str, model_id: str) -> Run:
         with self._lock:
@@ -338,7 +350,10 @@ class TinkerService:
                         if pending.future.set_running_or_notify_cancel():
                             pending.future.set_exception(UserError(f"{run.model_id}: its session was closed"))
                     run.waiting.clear()
-                    run.lora = None  # the model's memory goes with the run
+                    if run.lora is not None and run.lora.close():  # the last run on its base: the base goes too
+                        with self._lock:
+                            self._bases = {k: b for k, b in self._bases.items() if b is not run.lora.shared}
+                    run.lora = None  # the adapter's memory goes with the run
                     return
                 seq_id, _, task, _ = heapq.heappop(run.waiting)
             task()

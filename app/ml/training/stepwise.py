@@ -16,6 +16,7 @@ over the batch (`loss:sum`); the losses are Tinker's (docs/design/tinker-protoco
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,20 +66,55 @@ def lora_targets(model: Any, *, attention: bool, mlp: bool, unembed: bool) -> li
                 names.append(name)
         elif (attention and ATTENTION.search(name)) or (mlp and MLP.search(name)):
             names.append(name)
-    if not names:
-        raise StepError("no linear layer of this model matches train_attn/train_mlp/train_unembed")
     return names
 
 
+class SharedBase:
+    """One copy of a base model's weights on its device, for every LoRA trained on it here: each run is an adapter
+    of its own on the same PEFT model, made active for its own steps (one step at a time across the runs: `lock`).
+    The weights go when the last run closes."""
+
+    def __init__(self, model: Any, placement: Placement) -> None:
+        self.base = model
+        self.placement = placement
+        # The linear layers by part, read before any adapter wraps them.
+        self.layers = {
+            part: lora_targets(model, attention=part == "attention", mlp=part == "mlp", unembed=part == "unembed")
+            for part in ("attention", "mlp", "unembed")
+        }
+        self.model: Any = None  # the PEFT model, once the first run adds its adapter
+        self.lock = threading.RLock()
+        self.runs = 0
+
+    def add(self, name: str, config: Any) -> Any:
+        from peft import get_peft_model
+
+        with self.lock:
+            if self.model is None:
+                self.model = get_peft_model(self.base, config, adapter_name=name)
+            else:
+                self.model.add_adapter(name, config)
+            self.runs += 1
+            return self.model
+
+    def remove(self, name: str) -> bool:
+        """Drop a run's adapter; whether that was the last (the caller lets the base go)."""
+        with self.lock:
+            if self.model is not None and name in self.model.peft_config and len(self.model.peft_config) > 1:
+                self.model.delete_adapter(name)
+            self.runs -= 1
+            return self.runs <= 0
+
+
 class LoraRun:
-    """A base model with a fresh LoRA (its B matrices zero: the run starts as the base model) and an AdamW
-    optimizer over the LoRA's weights. Not thread-safe: one caller at a time (app/tinker/ runs a run's requests in
-    order on one thread)."""
+    """A fresh LoRA (its B matrices zero: the run starts as the base model) on a shared base model, and an AdamW
+    optimizer over the LoRA's weights. Its calls come one at a time (app/tinker/ runs a run's requests in order on
+    one thread); runs on the same base take turns on it."""
 
     def __init__(
         self,
-        model: Any,
-        placement: Placement,
+        shared: SharedBase,
+        name: str,
         *,
         rank: int,
         seed: int | None,
@@ -87,18 +123,23 @@ class LoraRun:
         unembed: bool = True,
     ) -> None:
         import torch
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        targets = lora_targets(model, attention=attention, mlp=mlp, unembed=unembed)
+        asked = {"attention": attention, "mlp": mlp, "unembed": unembed}
+        targets = [name for part, names in shared.layers.items() if asked[part] for name in names]
+        if not targets:
+            raise StepError("no linear layer of this model matches train_attn/train_mlp/train_unembed")
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
-        with torch.random.fork_rng(devices=[]):
+        with shared.lock, torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.model = get_peft_model(model, config)
-        self.model.train()
-        self.placement = placement
+            self.model = shared.add(name, config)
+        self.shared = shared
+        self.name = name
+        self.placement = shared.placement
         self.rank = rank
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        marker = f".{name}."
+        self.trainable = [p for n, p in self.model.named_parameters() if marker in n and "lora_" in n]
         for parameter in self.trainable:  # trained in float32 whatever the base's dtype (autocast computes)
             parameter.data = parameter.data.float()
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4)
@@ -107,6 +148,10 @@ class LoraRun:
     @property
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable)
+
+    def close(self) -> bool:
+        """Let the adapter go; whether the base has no run left."""
+        return self.shared.remove(self.name)
 
     def forward_backward(
         self, examples: list[Example], loss_fn: str, config: dict[str, float], *, forward_only: bool = False
@@ -132,22 +177,37 @@ class LoraRun:
         if int(targets.max()) >= self.model.get_output_embeddings().weight.shape[0] or int(targets.min()) < 0:
             raise StepError("target_tokens: a token id outside the model's vocabulary")
         ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
-        with torch.set_grad_enabled(not forward_only), self.placement.autocast():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            loss = sum(
-                (_loss(loss_fn, logprobs[i, : len(e.tokens)], e, config, device) for i, e in enumerate(examples)),
-                torch.zeros((), device=device),
-            )
-        if not forward_only:
-            loss.backward()
-            self.examples_since_step += len(examples)
+        with self.shared.lock:
+            self._activate()
+            with torch.set_grad_enabled(not forward_only), self.placement.autocast():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                loss = sum(
+                    (_loss(loss_fn, logprobs[i, : len(e.tokens)], e, config, device) for i, e in enumerate(examples)),
+                    torch.zeros((), device=device),
+                )
+            if not forward_only:
+                loss.backward()
+                self.examples_since_step += len(examples)
         per_example = [logprobs[i, : len(e.tokens)].detach().float().cpu() for i, e in enumerate(examples)]
         return PassResult(logprobs=per_example, metrics={"loss:sum": float(loss.detach())})
 
+    def _activate(self) -> None:
+        """This run's adapter on (PEFT then trains its weights only); the caller holds the base's lock."""
+        self.model.set_adapter(self.name)
+        self.model.train()
+
     def export(self, folder: Any) -> None:
         """The LoRA in PEFT's format (adapter_config.json, adapter_model.safetensors) into `folder`."""
-        self.model.save_pretrained(str(folder))
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        with self.shared.lock, tempfile.TemporaryDirectory(dir=folder) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[self.name])  # into tmp/<name>/ (not the default)
+            saved = Path(tmp) / self.name
+            for item in saved.iterdir():
+                shutil.move(str(item), str(Path(folder) / item.name))
 
     def save_state(self, folder: Any) -> None:
         """Everything to resume exactly: the LoRA (PEFT's files) and AdamW's state (`optimizer.pt`)."""
@@ -163,7 +223,8 @@ class LoraRun:
         from safetensors.torch import load_file
 
         weights = load_file(str(folder / "adapter_model.safetensors"), device=str(self.placement.device))
-        set_peft_model_state_dict(self.model, weights)
+        with self.shared.lock:
+            set_peft_model_state_dict(self.model, weights, adapter_name=self.name)
         for parameter in self.trainable:
             parameter.data = parameter.data.float()
         if optimizer:
@@ -190,8 +251,9 @@ class LoraRun:
             metrics["grad_norm:mean"] = float(norm)
         for group in self.optimizer.param_groups:
             group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.shared.lock:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.examples_since_step = 0
         return metrics
 
