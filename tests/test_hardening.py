@@ -43,7 +43,7 @@ def error_of(response: Any) -> dict[str, Any]:
         ({"prompt": "x" * 70_000}, "prompt"),
         ({"messages": [{"role": "user", "content": "hi"}] * 257}, "messages"),
         ({"messages": [{"role": "user", "content": "x" * 40_000}] * 2}, None),
-        ({"prompt": "hi", "adapter_id": "a" * 65}, "adapter_id"),
+        ({"prompt": "hi", "adapter_id": "a" * 401}, "adapter_id"),
     ],
 )
 def test_oversized_generate_fields_are_422_before_any_work(
