@@ -320,10 +320,11 @@ class Settings(BaseSettings):
         default=256, ge=1, le=100_000, description="Examples in one Tinker forward/backward request"
     )
     tinker_max_batch_tokens: int = Field(
-        default=16_384,
+        default=4096,
         ge=16,
         le=10_000_000,
-        description="Examples × longest example's tokens in one Tinker forward/backward request (its activations)",
+        description="Examples × longest example's tokens in one Tinker forward/backward request: its activations and "
+        "its logits over the vocabulary (SmolLM2: 4096 tokens are 0.8 GB of float32 logits)",
     )
     tinker_max_request_bytes: int = Field(
         default=8 * 1024 * 1024,
