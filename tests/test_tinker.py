@@ -355,3 +355,18 @@ def test_runs_on_one_base_model_share_its_weights_and_train_apart(server: tuple[
     assert len(bases) == 1 and bases[0].runs == 2  # ...on the one copy of the base weights both runs use
     runs = [state.runs[first.model_id].lora, state.runs[second.model_id].lora]
     assert runs[0].shared is runs[1].shared and runs[0].trainable_parameters > runs[1].trainable_parameters
+
+
+def test_a_batch_larger_than_a_request_may_be_is_split_by_the_client(
+    server: tuple[str, FastAPI], service: Any, settings: Settings
+) -> None:
+    """The server's token bound reaches the client through its config: a batch past it is sent as several
+    requests (run in order), and the result is the whole batch's."""
+    bound = settings.model_copy(update={"tinker_max_batch_tokens": 64})
+    server[1].state.settings = bound
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=2).result()
+    data = [datum(weights=[1.0] * 9) for _ in range(12)]  # 108 tokens: more than one request of 64
+    result = training.forward(data, "cross_entropy").result()
+    single = training.forward(data[:1], "cross_entropy").result()
+    assert len(result.loss_fn_outputs) == 12
+    assert result.metrics["loss:sum"] == pytest.approx(12 * single.metrics["loss:sum"], rel=1e-4)

@@ -180,13 +180,17 @@ def tinker(request: Request) -> TinkerService:
 @router.post("/client/config")
 def client_config(settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
     """What the client is to do here: no JWT exchange, httpx as its transport, the chunks of one forward/backward
-    sent in order and no larger than this server takes."""
+    sent in order and no larger than this server takes (a large batch is split into requests by the client)."""
     return {
         "pjwt_auth_enabled": False,
         "use_pyqwest_transport": False,
         "parallel_fwdbwd_chunks": False,
         "fwdbwd_max_chunk_len": settings.tinker_max_examples,
-        "fwdbwd_max_chunk_bytes_count": settings.tinker_max_request_bytes // 2,
+        # The client sizes chunks by its estimate of their bytes: 16 a token for cross_entropy (an int32 input, an
+        # int64 target, a float32 weight); half the token bound leaves room for padding to the longest example.
+        "fwdbwd_max_chunk_bytes_count": min(
+            settings.tinker_max_request_bytes // 2, settings.tinker_max_batch_tokens * 8
+        ),
         "proto_compress_fwdbwd": False,
         "custom_loss_server_side": False,
         "sample_use_retrieve_futures": False,
