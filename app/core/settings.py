@@ -323,8 +323,8 @@ class Settings(BaseSettings):
         default=4096,
         ge=16,
         le=10_000_000,
-        description="Examples × longest example's tokens in one Tinker forward/backward request: its activations and "
-        "its logits over the vocabulary (SmolLM2: 4096 tokens are 0.8 GB of float32 logits)",
+        description="Examples × longest example's tokens in one Tinker forward/backward request: the activations it "
+        "holds (the output layer runs a few hundred positions at a time, as in the training recipe)",
     )
     tinker_max_request_bytes: int = Field(
         default=8 * 1024 * 1024,

@@ -43,34 +43,52 @@ def _token_log_probs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
+def token_log_probs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The log-probability of each target the model predicts at the positions `mask` selects (`targets` and
+    `mask` [rows, positions of the input]; flat, in the mask's row-major order, float32).
+
+    The transformer runs without its output layer; the output layer is applied only at the selected positions,
+    LOSS_CHUNK_POSITIONS at a time (checkpointed under autograd): no logits elsewhere, at most one chunk's alive at
+    once, whatever the batch (the training recipe's loss does the same: app/ml/training/loss.py)."""
+    hidden = model.get_decoder()(  # type: ignore[operator]
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state[mask]
+    picked = targets[mask]
+    head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+    pieces = []
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_POSITIONS):
+        chunk, chunk_targets = (
+            hidden[start : start + LOSS_CHUNK_POSITIONS],
+            picked[start : start + LOSS_CHUNK_POSITIONS],
+        )
+        if torch.is_grad_enabled() and hidden.shape[0] > LOSS_CHUNK_POSITIONS:
+            pieces.append(checkpoint(_token_log_probs, head, chunk, chunk_targets, use_reentrant=False))
+        else:
+            pieces.append(_token_log_probs(head, chunk, chunk_targets))
+    return torch.cat(pieces) if pieces else torch.zeros(0, device=input_ids.device)
+
+
 def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], *, split_head: bool) -> torch.Tensor:
     """Each row's summed log-probability of its label tokens (the output), in float32.
 
-    `split_head`: run the transformer without its output layer, then apply the output layer only at the labelled
-    positions, LOSS_CHUNK_POSITIONS at a time (checkpointed under autograd): no logits for the prompt, and at most
-    one chunk's alive at once. Otherwise the whole model (methods that put virtual tokens first), with the
-    labelled positions' logits taken from its output."""
+    `split_head`: `token_log_probs` (no logits for the prompt). Otherwise the whole model (methods that put
+    virtual tokens first), with the labelled positions' logits taken from its output."""
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     rows = mask.nonzero()[:, 0]
-    picked = targets[mask]
-    if split_head:
-        hidden = model.get_decoder()(  # type: ignore[operator]
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state[:, :-1][mask]
-        head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
-        pieces = []
-        for start in range(0, hidden.shape[0], LOSS_CHUNK_POSITIONS):
-            chunk, chunk_targets = (
-                hidden[start : start + LOSS_CHUNK_POSITIONS],
-                picked[start : start + LOSS_CHUNK_POSITIONS],
-            )
-            if torch.is_grad_enabled() and hidden.shape[0] > LOSS_CHUNK_POSITIONS:
-                pieces.append(checkpoint(_token_log_probs, head, chunk, chunk_targets, use_reentrant=False))
-            else:
-                pieces.append(_token_log_probs(head, chunk, chunk_targets))
-        token_logps = torch.cat(pieces)
+    if split_head:  # the last position predicts nothing here: a column of no target after the others
+        pad = torch.zeros_like(mask[:, :1])
+        token_logps = token_log_probs(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            torch.cat([targets, pad.long()], dim=1),
+            torch.cat([mask, pad], dim=1),
+        )
     else:
+        picked = targets[mask]
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         # Prompt and p-tuning put their virtual tokens' positions first: the text's logits are the last.
         scores = logits[:, -batch["input_ids"].shape[1] :][:, :-1][mask].float()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.ml.device import Placement
+from app.ml.training.dpo import token_log_probs
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo")
 # What each loss reads of an example besides `target_tokens`.
@@ -180,8 +181,11 @@ class LoraRun:
         with self.shared.lock:
             self._activate()
             with torch.set_grad_enabled(not forward_only), self.placement.autocast():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                # The recipe's log-probabilities: the output layer at the examples' positions only, a chunk at a time.
+                flat = token_log_probs(self.model, ids, mask, targets, mask.bool())
+                logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=device).masked_scatter(
+                    mask.bool(), flat
+                )
                 loss = sum(
                     (_loss(loss_fn, logprobs[i, : len(e.tokens)], e, config, device) for i, e in enumerate(examples)),
                     torch.zeros((), device=device),
