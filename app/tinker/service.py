@@ -356,7 +356,11 @@ class TinkerService:
                     run.lora = None  # the adapter's memory goes with the run
                     return
                 seq_id, _, task, _ = heapq.heappop(run.waiting)
-            task()
+            shared = getattr(run.lora, "shared", None)
+            if shared is not None:  # on the base model's one compute thread (see SharedBase.executor)
+                shared.executor.submit(task).result()
+            else:  # the run's creation: its model loads here
+                task()
             with run.cond:
                 run.expected = max(run.expected, seq_id + 1)
 
