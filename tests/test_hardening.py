@@ -520,3 +520,14 @@ def test_docs_are_served_from_local_assets(client: TestClient) -> None:
     assert "cdn" not in html.lower() and "/docs/assets/swagger-ui-bundle.js" in html
     asset = client.get("/docs/assets/swagger-ui-bundle.js")
     assert asset.status_code == 200 and len(asset.content) > 100_000
+
+
+def test_a_model_name_with_a_nul_character_is_404_not_a_database_error(client: TestClient, tenant: Tenant) -> None:
+    """PostgreSQL refuses NUL in a query: such a name is no model's, answered before any query."""
+    for path, body in [
+        ("/v1/completions", {"model": "tiny\u0000model", "prompt": "x"}),
+        ("/v1/chat/completions", {"model": "adapter-\u0000", "messages": [{"role": "user", "content": "x"}]}),
+        ("/generate", {"base_model": "tiny\u0000model", "prompt": "x"}),
+    ]:
+        response = client.post(path, headers=tenant.headers, json=body)
+        assert response.status_code in (404, 422), (path, response.text)

@@ -121,6 +121,10 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 def resolve_model(session: Session, *, tenant_id: str, model: str) -> tuple[str | None, str | None]:
     """OpenAI's `model`: an adapter id, a checkpoint id, a base model id, or an adapter's name (the newest of that
     name). Returns (adapter id, None) or (None, base model id); 404 `model_not_found` otherwise."""
+    if "\x00" in model:  # no model's id or name has one (and PostgreSQL refuses it in a query)
+        raise NotFound(
+            "the model's name holds a NUL character: no model has one", param="model", code=ErrorCode.model_not_found
+        )
     if model.startswith(("adapter-", "ftckpt-", TINKER_PATH)):
         return model, None
     if find_model(session, model) is not None:

@@ -37,6 +37,8 @@ def find_model(session: Session, model_id: str, *, lock: bool = False) -> ModelR
     until the transaction ends (PostgreSQL), so that it cannot be removed under a job being created."""
     if model_id in BUILTINS:
         return BUILTINS[model_id]
+    if "\x00" in model_id:  # no id has one, and PostgreSQL refuses it in a query
+        return None
     query = select(RegisteredModel).where(RegisteredModel.id == model_id)
     if lock:
         query = locked(session, query, read=True)
