@@ -91,6 +91,7 @@ def test_last_use_is_recorded_at_most_once_a_minute(client: TestClient, settings
     assert latest is not None and latest > first
 
 
+@pytest.mark.slow  # runs the CLI in processes of its own
 def test_an_ambiguous_or_unknown_prefix_revokes_nothing(
     client: TestClient, settings: Settings, make_tenant: Any
 ) -> None:

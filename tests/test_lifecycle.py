@@ -203,6 +203,7 @@ def stop_worker_at(client: TestClient, tenant: Tenant, settings: Settings, job_i
     assert result == [None]
 
 
+@pytest.mark.slow  # two training runs; the e2e fault tests stop a real worker too
 def test_a_stopped_worker_hands_the_job_back_and_the_next_run_resumes_to_the_same_adapter(
     client: TestClient, tenant: Tenant, settings: Settings
 ) -> None:
