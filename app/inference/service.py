@@ -27,7 +27,7 @@ from app.adapters.service import adapter_unavailable, get_servable
 from app.core.db import session_scope
 from app.core.errors import ErrorCode, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests
 from app.core.metrics import Metrics
-from app.core.models import Adapter, Job, TinkerCheckpoint, TinkerRun
+from app.core.models import Adapter, Job
 from app.core.settings import Settings
 from app.ml.formatting import encode_chat_prompt, encode_prompt
 from app.ml.models import ModelRecord, ModelStore, ModelUnavailable
@@ -49,6 +49,7 @@ from app.ml.serving.logits import GrammarFailed
 from app.ml.tool_calls import call_grammar, special_tokens
 from app.models.repository import find_model
 from app.models.service import load_tokenizer, model_unavailable, require_model
+from app.tinker.repository import adapter_ref, find_saved
 
 TINKER_PATH = "tinker://"  # weights a Tinker run saved (app/tinker/)
 # How often a waiting request checks whether its client is still there.
@@ -365,20 +366,14 @@ def _resolve_tinker(
 ) -> tuple[ModelRecord, AdapterRef | None, int]:
     """Weights a Tinker run saved (`tinker://<run>/sampler_weights/<name>` or `/weights/<name>`): a LoRA on the
     run's base model, served as any adapter."""
-    row = session.execute(
-        select(TinkerCheckpoint, TinkerRun.base_model)
-        .join(TinkerRun, TinkerRun.id == TinkerCheckpoint.run_id)
-        .where(TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path)
-    ).first()
-    if row is None:
+    found = find_saved(session, tenant_id=tenant_id, path=path)
+    if found is None:
         raise NotFound(f"no weights saved at {path[:160]!r}", param=param)
-    checkpoint, run_base = row
-    if base_model is not None and base_model != run_base:
-        raise InvalidInput(f"{path} was trained on {run_base}, not {base_model}", param="base_model")
-    record = require_model(session, model_id=run_base, param=param)
-    ref = AdapterRef(
-        id=f"tinker-{checkpoint.id}", storage_key=checkpoint.storage_key, sha256=checkpoint.sha256, method="lora"
-    )
+    checkpoint, run = found
+    if base_model is not None and base_model != run.base_model:
+        raise InvalidInput(f"{path} was trained on {run.base_model}, not {base_model}", param="base_model")
+    record = require_model(session, model_id=run.base_model, param=param)
+    ref = adapter_ref(checkpoint)
     return record, ref, 0
 
 

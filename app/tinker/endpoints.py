@@ -41,7 +41,8 @@ from app.ml.serving import (
 from app.ml.training.stepwise import LOSSES, Example, LoraRun
 from app.models.service import list_models, load_tokenizer, require_model
 from app.tinker import wire
-from app.tinker.service import TinkerService, UserError
+from app.tinker.repository import find_saved
+from app.tinker.service import TinkerService, UserError, fetched
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], responses=error_responses(401, 404, 409, 410, 422))
 PROTOBUF = "application/x-protobuf"
@@ -513,13 +514,10 @@ CheckpointId = Annotated[str, Path(max_length=200)]
 
 def _own_checkpoint(session: Any, tenant_id: str, run_id: str, checkpoint_id: str) -> TinkerCheckpoint:
     kind, _, name = checkpoint_id.partition("/")
-    path = f"tinker://{run_id}/{kind}/{name}"
-    row = session.scalars(
-        select(TinkerCheckpoint).where(TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path)
-    ).first()
-    if row is None:
+    found = find_saved(session, tenant_id=tenant_id, path=f"tinker://{run_id}/{kind}/{name}")
+    if found is None:
         raise NotFound(f"no checkpoint {checkpoint_id[:120]!r} of {run_id[:80]!r}", param="checkpoint_id")
-    return row  # type: ignore[no-any-return]
+    return found[0]
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive")
@@ -698,15 +696,8 @@ def store_lora(
 
 def fetch_state(settings: Settings, storage: Any, ref: AdapterRef, lora: LoraRun, *, optimizer: bool) -> None:
     """A saved state loaded into `lora` (its files checked against their digest)."""
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tinker-", dir=settings.tmp_dir) as tmp:
-        archive = Path_(tmp) / "state.tar.gz"
-        try:
-            if storage.download(ref.storage_key, archive) != ref.sha256:
-                raise UserError("the saved state's files are damaged (checksum mismatch)")
-        except FileNotFoundError:
-            raise UserError("the saved state's files are missing") from None
-        lora.load_state(adapter_format.unpack(archive, Path_(tmp) / "state"), optimizer=optimizer)
+    with fetched(settings, storage, ref, "saved state") as folder:
+        lora.load_state(folder, optimizer=optimizer)
 
 
 def encode_samples(results: list[GenerationResult], prompt_logprobs: list[float] | None) -> bytes:

@@ -11,29 +11,35 @@ from __future__ import annotations
 import heapq
 import logging
 import secrets
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from app.core.db import session_scope
 from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound
 from app.core.models import TinkerCheckpoint, TinkerRun, utcnow
 from app.core.settings import Settings
+from app.ml import adapter_format
 from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
 from app.ml.serving import AdapterRef
+from app.ml.training.dpo import token_log_probs
 from app.ml.training.stepwise import LoraRun, SharedBase, StepError
+from app.tinker.repository import adapter_ref, find_saved
 
 log = logging.getLogger(__name__)
 
 FUTURES_KEPT_SECONDS = 600.0  # a result stays retrievable this long after it is ready (a poll lost in transit)
-MAX_PENDING_SEQ = 1024
-SCORING_MODELS = 2  # models kept for prompt log-probabilities  # requests of one run waiting for an earlier seq_id
+MAX_PENDING_SEQ = 1024  # requests of one run waiting for an earlier seq_id
+SCORING_MODELS = 2  # models kept for prompt log-probabilities
 
 
 class LimitReached(InvalidInput):
@@ -197,7 +203,8 @@ class TinkerService:
 
     # --- futures ----------------------------------------------------------------------------------------------
 
-    def _pending(self, tenant_id: str, kind: str) -> tuple[str, Pending]:
+    def pending(self, tenant_id: str, kind: str) -> tuple[str, Pending]:
+        """A new request (its id, and the future its result goes to), within the tenant's bound."""
         request_id = f"tfr-{secrets.token_hex(12)}"
         pending = Pending(tenant_id, kind)
 
@@ -253,7 +260,7 @@ class TinkerService:
             run = Run(model_id, tenant_id, session_id, record.id, int(lora.get("rank", 32)))
             self.runs[model_id] = run
             session.runs.append(model_id)
-        request_id, pending = self._pending(tenant_id, "CreateModel")
+        request_id, pending = self.pending(tenant_id, "CreateModel")
         with session_scope(self.settings.db_url) as db:
             db.add(
                 TinkerRun(id=model_id, tenant_id=tenant_id, base_model=record.id, lora_rank=run.rank, lora_config=lora)
@@ -310,7 +317,7 @@ class TinkerService:
                 raise LimitReached(
                     f"{run.model_id} has {MAX_PENDING_SEQ} requests waiting", code=ErrorCode.invalid_request
                 )
-        request_id, pending = self._pending(run.tenant_id, kind)
+        request_id, pending = self.pending(run.tenant_id, kind)
 
         def task() -> Any:
             if run.lora is None:
@@ -407,23 +414,15 @@ class TinkerService:
             raise NotFound(f"no sampling session {sampler_id[:80]!r}", param="sampling_session_id")
         return sampler
 
-    def pending(self, tenant_id: str, kind: str) -> tuple[str, Pending]:
-        """A request whose result the caller sets (sampling: the engine's generations)."""
-        return self._pending(tenant_id, kind)
-
     # --- saved weights (rows in the database, files in the object store) -------------------------------------------
 
     def record_checkpoint(
         self, tenant_id: str, run_id: str, kind: str, name: str, path: str, ref: AdapterRef, size: int
     ) -> None:
         with session_scope(self.settings.db_url) as db:
-            old = db.scalars(
-                select(TinkerCheckpoint).where(
-                    TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path
-                )
-            ).first()
+            old = find_saved(db, tenant_id=tenant_id, path=path)
             if old is not None:  # saved again under the same name: the new files replace the old
-                db.delete(old)
+                db.delete(old[0])
                 db.flush()
             db.add(
                 TinkerCheckpoint(
@@ -445,26 +444,20 @@ class TinkerService:
     ) -> tuple[str, str, AdapterRef, dict[str, Any]]:
         """Saved weights by their `tinker://` path: (tenant, base model, their files, the run's LoRA config)."""
         with session_scope(self.settings.db_url) as db:
-            row = db.execute(
-                select(TinkerCheckpoint, TinkerRun)
-                .join(TinkerRun, TinkerRun.id == TinkerCheckpoint.run_id)
-                .where(TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.tinker_path == path)
-            ).first()
-        if row is None or (kind is not None and row[0].kind != kind):
+            found = find_saved(db, tenant_id=tenant_id, path=path)
+        if found is None or (kind is not None and found[0].kind != kind):
             what = {"training": "a saved state", "sampler": "saved sampler weights"}.get(kind or "", "saved weights")
             raise NotFound(f"no {what} at {path[:160]!r}", param="path")
-        checkpoint, run = row
-        ref = AdapterRef(
-            id=f"tinker-{checkpoint.id}", storage_key=checkpoint.storage_key, sha256=checkpoint.sha256, method="lora"
-        )
-        return tenant_id, run.base_model, ref, dict(run.lora_config)
+        checkpoint, run = found
+        return tenant_id, run.base_model, adapter_ref(checkpoint), dict(run.lora_config)
 
     # --- prompt log-probabilities (`prompt_logprobs`, `compute_logprobs`) -------------------------------------------
 
     def prompt_logprobs(self, storage: Any, sampler: Sampler, record: ModelRecord, tokens: list[int]) -> list[float]:
         """Each prompt token's log-probability given the tokens before it under the sampler's weights (NaN for
         the first: nothing predicts it). A forward pass on a scoring copy of the model (the two most recently
-        used kept), one at a time."""
+        used kept), one at a time, with the training recipe's log-probabilities (`token_log_probs`: the output
+        layer a chunk of positions at a time)."""
         import math
 
         import torch
@@ -472,16 +465,15 @@ class TinkerService:
         with self._scoring_lock:
             model = self._scoring_model(storage, sampler, record)
             device = next(model.parameters()).device
+            ids = torch.tensor([tokens], device=device)
+            targets = torch.tensor([[*tokens[1:], 0]], device=device)  # position i predicts token i + 1
+            positions = torch.ones_like(ids, dtype=torch.bool)
+            positions[0, -1] = False  # the last position predicts nothing of the prompt
             with torch.no_grad():
-                logits = model(input_ids=torch.tensor([tokens], device=device)).logits.float()
-            logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
-            picked = logprobs.gather(-1, torch.tensor(tokens[1:], device=device).unsqueeze(-1)).squeeze(-1)
+                picked = token_log_probs(model, ids, torch.ones_like(ids), targets, positions)
         return [math.nan, *picked.cpu().tolist()]
 
     def _scoring_model(self, storage: Any, sampler: Sampler, record: ModelRecord) -> Any:
-        import tempfile
-        from pathlib import Path
-
         key = (record.id, record.revision, sampler.adapter.id if sampler.adapter else None)
         cached = self._scoring.pop(key, None)
         if cached is None:
@@ -490,16 +482,24 @@ class TinkerService:
             if sampler.adapter is not None:
                 from peft import PeftModel
 
-                from app.ml import adapter_format
-
-                self.settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(prefix="tinker-", dir=self.settings.tmp_dir) as tmp:
-                    archive = Path(tmp) / "weights.tar.gz"
-                    if storage.download(sampler.adapter.storage_key, archive) != sampler.adapter.sha256:
-                        raise UserError("the saved weights' files are damaged (checksum mismatch)")
-                    folder = adapter_format.unpack(archive, Path(tmp) / "weights")
+                with fetched(self.settings, storage, sampler.adapter, "saved weights") as folder:
                     cached = PeftModel.from_pretrained(cached, str(folder)).eval()
         self._scoring[key] = cached
         while len(self._scoring) > SCORING_MODELS:
             self._scoring.pop(next(iter(self._scoring)))
         return cached
+
+
+@contextmanager
+def fetched(settings: Settings, storage: Any, ref: AdapterRef, what: str) -> Iterator[Path]:
+    """Weights a run saved, fetched from the object store, checked against their digest and unpacked in a
+    temporary folder while the context lasts; UserError (saying `what`) if they are missing or damaged."""
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tinker-", dir=settings.tmp_dir) as tmp:
+        archive = Path(tmp) / "weights.tar.gz"
+        try:
+            if storage.download(ref.storage_key, archive) != ref.sha256:
+                raise UserError(f"the files of the {what} are damaged (checksum mismatch)")
+        except FileNotFoundError:
+            raise UserError(f"the files of the {what} are missing") from None
+        yield adapter_format.unpack(archive, Path(tmp) / "weights")
