@@ -71,7 +71,8 @@ def in_process_steps(settings: Any, model: str, args: argparse.Namespace) -> flo
     from app.ml.training.stepwise import Example, LoraRun, SharedBase
 
     placement = resolve_placement(settings.device, settings.dtype)
-    shared = SharedBase(ModelStore(settings.models_dir, None).load(BUILTINS[model], placement), placement)
+    model_weights = ModelStore(settings.models_dir, None).load(BUILTINS[model], placement)
+    shared = SharedBase(model_weights, placement, max_batch_tokens=settings.train_max_batch_tokens)
     run = LoraRun(shared, "bench", rank=16, seed=0)
     examples = [
         Example(seq[:-1], {"target_tokens": torch.tensor(seq[1:]), "weights": torch.ones(args.tokens)})

@@ -370,3 +370,48 @@ def test_a_batch_larger_than_a_request_may_be_is_split_by_the_client(
     single = training.forward(data[:1], "cross_entropy").result()
     assert len(result.loss_fn_outputs) == 12
     assert result.metrics["loss:sum"] == pytest.approx(12 * single.metrics["loss:sum"], rel=1e-4)
+
+
+def test_a_pass_in_the_recipes_micro_batches_equals_one_batch(settings: Settings) -> None:
+    """The runs' passes go in the recipe's micro-batches under the token budget: a request split into several (a
+    budget of 64 tokens) gives the same log-probabilities, loss and gradients as one micro-batch (4096), and the
+    same AdamW step (the recipe's `optimizer_step`, clipping included)."""
+    from app.ml.device import resolve_placement
+    from app.ml.training.stepwise import Example, LoraRun, SharedBase
+
+    placement = resolve_placement("cpu", "float32")
+    lengths = [5, 9, 17, 31, 12, 40]
+    examples = [
+        Example(
+            [(7 * i + 3 * j) % 200 + 1 for j in range(n)],
+            {
+                "target_tokens": torch.tensor([(5 * i + j) % 200 + 1 for j in range(n)]),
+                "weights": torch.linspace(1.0, 0.2, n),
+            },
+        )
+        for i, n in enumerate(lengths)
+    ]
+    outcomes = []
+    for budget in (64, 4096):
+        model = ModelStore(settings.models_dir, None).load(BUILTINS["tiny-random-llama"], placement)
+        shared = SharedBase(model, placement, max_batch_tokens=budget)
+        assert shared.max_batch_tokens == budget
+        run = LoraRun(shared, "run", rank=4, seed=3)
+        with torch.no_grad():  # B away from zero, so that the LoRA's gradients are all nonzero
+            for parameter in run.trainable:
+                parameter.add_(0.01)
+        result = run.forward_backward(examples, "cross_entropy", {})
+        grads = [p.grad.clone() for p in run.trainable]
+        # (An eps well above the gradients' float noise: Adam's first step is otherwise lr x their sign.)
+        metrics = run.optim_step(learning_rate=1e-3, eps=1e-3, grad_clip_norm=0.5)
+        outcomes.append((result, grads, [p.detach().clone() for p in run.trainable], metrics))
+    (split, split_grads, split_after, split_metrics), (whole, whole_grads, whole_after, whole_metrics) = outcomes
+    assert [len(lp) for lp in split.logprobs] == lengths  # in the request's order, whatever the grouping
+    for a, b in zip(split.logprobs, whole.logprobs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert split.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
+    for a, b in zip(split_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert split_metrics["grad_norm:mean"] == pytest.approx(whole_metrics["grad_norm:mean"], rel=1e-4)
+    for a, b in zip(split_after, whole_after, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

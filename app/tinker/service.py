@@ -293,7 +293,11 @@ class TinkerService:
                 shared = self._bases.get(key)
             if shared is None:
                 placement = resolve_placement(self.settings.device, self.settings.dtype)
-                shared = SharedBase(self.models.load(record, placement), placement)
+                shared = SharedBase(
+                    self.models.load(record, placement),
+                    placement,
+                    max_batch_tokens=self.settings.train_max_batch_tokens,
+                )
                 with self._lock:
                     self._bases[key] = shared
             return shared

@@ -1,5 +1,6 @@
 """The loss of one optimizer step, a micro-batch at a time: the forward and backward passes, the output layer
-applied only where a loss is taken, and the step's loss and accuracy."""
+applied only where a loss is taken, and the step's loss and accuracy; then the step itself (`optimizer_step`),
+for the recipe and for the runs a client steps (app/ml/training/stepwise.py)."""
 
 from __future__ import annotations
 
@@ -200,3 +201,23 @@ def _collated_micro_batches(
     else:
         for group in micro_batches(examples, max_batch_tokens, extra_positions):
             yield collate(group, pad_token_id)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    parameters: list[nn.Parameter],
+    scaler: torch.amp.GradScaler,
+    *,
+    max_grad_norm: float,
+) -> float | None:
+    """The optimizer's step over the gradients accumulated since the last one, and the gradients cleared: unscaled
+    first (float16's loss scaling; a step whose gradients overflowed is skipped and the scale lowered), clipped to
+    `max_grad_norm` if it is positive. The gradients' norm before clipping, where they were clipped."""
+    scaler.unscale_(optimizer)
+    norm = None
+    if max_grad_norm > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_grad_norm))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm

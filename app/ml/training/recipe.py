@@ -29,13 +29,15 @@ from app.ml.models import pad_token_id
 from app.ml.objectives import SFT
 from app.ml.training.base_models import own_trained_tensors
 from app.ml.training.data import Dataset, batches
-from app.ml.training.loss import PACKING_ARCHITECTURES
+from app.ml.training.loss import PACKING_ARCHITECTURES, optimizer_step
 from app.ml.training.memory import micro_batch_budget
 from app.ml.training.objectives import objective_for
 from app.ml.training.protocols import Checkpointer, Reporter, StopRequested, StopSignal, TrainingError, never
 from app.ml.training.schedule import EarlyStopping, learning_rate_factor
 
 log = logging.getLogger(__name__)
+
+MAX_GRAD_NORM = 1.0  # every step's gradients clipped to this norm
 
 
 @dataclass(frozen=True)
@@ -263,13 +265,9 @@ class TrainingRecipe:
             self.reporter.event("log", f"step {at.step + 1}: {change}", {"step": at.step + 1})
         started = time.perf_counter()
         stats = self.objective.step(self, step_examples)
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm=1.0)
         lr = self.scheduler.get_last_lr()[0]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        optimizer_step(self.optimizer, self.trainable_params, self.scaler, max_grad_norm=MAX_GRAD_NORM)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         at.step += 1
         elapsed = time.perf_counter() - started
         trained_tokens = int(at.metrics.get("trained_tokens", 0)) + stats.input_tokens  # kept across a resume

@@ -2,6 +2,12 @@
 model; forward/backward passes over the client's examples with one of Tinker's losses, gradients accumulating
 until the client asks for an AdamW step with its own hyperparameters.
 
+The passes and the step are the training recipe's (app/ml/training/): the examples go in the recipe's
+micro-batches under the device's token budget (`data.micro_batches`, `memory.micro_batch_budget`), their
+log-probabilities come from its output layer applied at the examples' positions only (`dpo.token_log_probs`), and
+the step is its `loss.optimizer_step` (float16 loss scaling, gradient clipping). What is the client's: the loss of
+each pass (below) and the optimizer's hyperparameters of each step.
+
 An example is a token sequence (the model's input) and, per position i, what the loss reads: `target_tokens[i]`
 (the token position i predicts), and per loss `weights`, the sampler's `logprobs` and `advantages`. Every pass
 returns each example's per-position log-probabilities of its targets under the model now, and the loss summed
@@ -22,7 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.ml.device import Placement
+from app.ml.training.data import micro_batches
 from app.ml.training.dpo import token_log_probs
+from app.ml.training.loss import optimizer_step
+from app.ml.training.memory import micro_batch_budget
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo")
 # What each loss reads of an example besides `target_tokens`.
@@ -45,6 +54,10 @@ class StepError(ValueError):
 class Example:
     tokens: list[int]  # the model's input
     inputs: dict[str, Any] = field(default_factory=dict)  # name -> 1-D tensor, one value per input position
+
+    @property
+    def input_ids(self) -> list[int]:  # what the recipe's micro-batching measures an example by
+        return self.tokens
 
 
 @dataclass
@@ -76,9 +89,12 @@ class SharedBase:
     of its own on the same PEFT model, made active for its own steps (one step at a time across the runs: `lock`).
     The weights go when the last run closes."""
 
-    def __init__(self, model: Any, placement: Placement) -> None:
+    def __init__(self, model: Any, placement: Placement, *, max_batch_tokens: int) -> None:
+        """`max_batch_tokens`: the operator's micro-batch budget (TUNEFORGE_TRAIN_MAX_BATCH_TOKENS, as for jobs),
+        lowered to what the device's free memory holds."""
         self.base = model
         self.placement = placement
+        self.max_batch_tokens = micro_batch_budget(model, placement, max_batch_tokens)
         # The linear layers by part, read before any adapter wraps them.
         self.layers = {
             part: lora_targets(model, attention=part == "attention", mlp=part == "mlp", unembed=part == "unembed")
@@ -150,6 +166,8 @@ class LoraRun:
         for parameter in self.trainable:  # trained in float32 whatever the base's dtype (autocast computes)
             parameter.data = parameter.data.float()
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4)
+        # float16's narrow range underflows small gradients: the loss is scaled (bfloat16 has float32's range).
+        self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
         self.examples_since_step = 0
 
     @property
@@ -171,36 +189,38 @@ class LoraRun:
             raise StepError(f"loss_fn {loss_fn!r} is not one of {', '.join(LOSSES)}")
         if not examples:
             raise StepError("no examples")
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        for example in examples:
+            targets = example.inputs["target_tokens"]
+            if int(targets.max()) >= vocabulary or int(targets.min()) < 0:
+                raise StepError("target_tokens: a token id outside the model's vocabulary")
         device = self.placement.device
-        length = max(len(e.tokens) for e in examples)
-        ids = torch.zeros((len(examples), length), dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
-        targets = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, example in enumerate(examples):
-            n = len(example.tokens)
-            ids[i, :n] = torch.tensor(example.tokens)
-            mask[i, :n] = 1
-            targets[i, :n] = example.inputs["target_tokens"].long()
-        if int(targets.max()) >= self.model.get_output_embeddings().weight.shape[0] or int(targets.min()) < 0:
-            raise StepError("target_tokens: a token id outside the model's vocabulary")
-        ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+        logprobs: dict[int, Any] = {}  # by the example's place in `examples`
+        place = {id(example): i for i, example in enumerate(examples)}
+        total = torch.zeros((), device=device)
         with self.shared.lock:
             self._activate()
-            with torch.set_grad_enabled(not forward_only), self.placement.autocast():
-                # The recipe's log-probabilities: the output layer at the examples' positions only, a chunk at a time.
-                flat = token_log_probs(self.model, ids, mask, targets, mask.bool())
-                logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=device).masked_scatter(
-                    mask.bool(), flat
-                )
-                loss = sum(
-                    (_loss(loss_fn, logprobs[i, : len(e.tokens)], e, config, device) for i, e in enumerate(examples)),
-                    torch.zeros((), device=device),
-                )
+            # The recipe's micro-batches: only one group's activations alive at a time, whatever the request.
+            for group in micro_batches(examples, self.shared.max_batch_tokens):
+                ids, mask, targets = _collate(group, device)
+                with torch.set_grad_enabled(not forward_only), self.placement.autocast():
+                    flat = token_log_probs(self.model, ids, mask, targets, mask.bool())
+                    rows = torch.zeros(targets.shape, dtype=torch.float32, device=device).masked_scatter(
+                        mask.bool(), flat
+                    )
+                    loss = sum(
+                        (_loss(loss_fn, rows[i, : len(e.tokens)], e, config, device) for i, e in enumerate(group)),
+                        torch.zeros((), device=device),
+                    )
+                if not forward_only:
+                    self.scaler.scale(loss).backward()
+                total += loss.detach()
+                for i, example in enumerate(group):
+                    logprobs[place[id(example)]] = rows[i, : len(example.tokens)].detach().float().cpu()
+                del loss, rows, flat
             if not forward_only:
-                loss.backward()
                 self.examples_since_step += len(examples)
-        per_example = [logprobs[i, : len(e.tokens)].detach().float().cpu() for i, e in enumerate(examples)]
-        return PassResult(logprobs=per_example, metrics={"loss:sum": float(loss.detach())})
+        return PassResult(logprobs=[logprobs[i] for i in range(len(examples))], metrics={"loss:sum": float(total)})
 
     def _activate(self) -> None:
         """This run's adapter on (PEFT then trains its weights only); the caller holds the base's lock."""
@@ -220,11 +240,13 @@ class LoraRun:
                 shutil.move(str(item), str(Path(folder) / item.name))
 
     def save_state(self, folder: Any) -> None:
-        """Everything to resume exactly: the LoRA (PEFT's files) and AdamW's state (`optimizer.pt`)."""
+        """Everything to resume exactly: the LoRA (PEFT's files) and, in `optimizer.pt`, AdamW's state and the
+        float16 loss scale."""
         import torch
 
         self.export(folder)
-        torch.save(self.optimizer.state_dict(), str(folder / OPTIMIZER_STATE))
+        state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        torch.save(state, str(folder / OPTIMIZER_STATE))
 
     def load_state(self, folder: Any, *, optimizer: bool) -> None:
         """The LoRA's weights from a saved state (and, with `optimizer`, AdamW's moments and step counts)."""
@@ -239,7 +261,9 @@ class LoraRun:
             parameter.data = parameter.data.float()
         if optimizer:
             state = torch.load(str(folder / OPTIMIZER_STATE), map_location=self.placement.device, weights_only=True)
-            self.optimizer.load_state_dict(state)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
 
     def optim_step(
         self,
@@ -253,19 +277,29 @@ class LoraRun:
     ) -> dict[str, float]:
         """An AdamW step with these hyperparameters over the gradients added since the last one (none: no change),
         then the gradients cleared."""
-        import torch
 
-        metrics: dict[str, float] = {}
-        if grad_clip_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, grad_clip_norm)
-            metrics["grad_norm:mean"] = float(norm)
         for group in self.optimizer.param_groups:
             group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
         with self.shared.lock:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            norm = optimizer_step(self.optimizer, self.trainable, self.scaler, max_grad_norm=grad_clip_norm)
         self.examples_since_step = 0
-        return metrics
+        return {"grad_norm:mean": norm} if norm is not None else {}
+
+
+def _collate(group: list[Example], device: Any) -> tuple[Any, Any, Any]:
+    """A micro-batch's input ids, attention mask and targets, padded on the right to its longest example."""
+    import torch
+
+    length = max(len(e.tokens) for e in group)
+    ids = torch.zeros((len(group), length), dtype=torch.long)
+    mask = torch.zeros((len(group), length), dtype=torch.long)
+    targets = torch.zeros((len(group), length), dtype=torch.long)
+    for i, example in enumerate(group):
+        n = len(example.tokens)
+        ids[i, :n] = torch.tensor(example.tokens)
+        mask[i, :n] = 1
+        targets[i, :n] = example.inputs["target_tokens"].long()
+    return ids.to(device), mask.to(device), targets.to(device)
 
 
 def _loss(loss_fn: str, logprobs: Any, example: Example, config: dict[str, float], device: Any) -> Any:
