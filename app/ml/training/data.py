@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -75,17 +75,23 @@ def batches(examples: list[T], batch_size: int, *, shuffle_seed: int | None) -> 
         yield [examples[i] for i in order[start : start + batch_size]]
 
 
-def micro_batches(
-    examples: list[EncodedExample], max_batch_tokens: int, extra_positions: int = 0
-) -> list[list[EncodedExample]]:
+class HasInputIds(Protocol):
+    @property
+    def input_ids(self) -> list[int]: ...
+
+
+Sized = TypeVar("Sized", bound=HasInputIds)
+
+
+def micro_batches(examples: list[Sized], max_batch_tokens: int, extra_positions: int = 0) -> list[list[Sized]]:
     """Split examples into groups whose padded size (examples x (longest + extra_positions)) stays within
     max_batch_tokens; `extra_positions` are what the method adds to every row (virtual tokens).
 
     Sorted by length first, so each group pads little; a sum of per-token losses does not depend on the
     order. An example longer than the budget on its own is a group by itself.
     """
-    groups: list[list[EncodedExample]] = []
-    current: list[EncodedExample] = []
+    groups: list[list[Sized]] = []
+    current: list[Sized] = []
     for example in sorted(examples, key=lambda e: len(e.input_ids)):
         # Ascending lengths: the example being added sets the group's padded width.
         if current and (len(current) + 1) * (len(example.input_ids) + extra_positions) > max_batch_tokens:
