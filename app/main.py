@@ -43,6 +43,7 @@ from app.openai.fine_tuning import router as fine_tuning_router
 from app.openai.inference import router as openai_inference_router
 from app.tinker.endpoints import router as tinker_router
 from app.tinker.hub import router as hub_router
+from app.tinker.runs import router as training_runs_router
 from app.tinker.service import TinkerService, expire_tinker_sessions
 from app.ui.endpoints import router as ui_router
 from app.webhooks.delivery import WebhookSender
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         app.include_router(ui_router)
         app.include_router(webhooks_router)
         app.include_router(tinker_router)
+        app.include_router(training_runs_router)
         app.include_router(hub_router)
     app.include_router(generation_router)
     app.include_router(openai_inference_router)

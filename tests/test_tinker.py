@@ -415,3 +415,86 @@ def test_a_pass_in_the_recipes_micro_batches_equals_one_batch(settings: Settings
     assert split_metrics["grad_norm:mean"] == pytest.approx(whole_metrics["grad_norm:mean"], rel=1e-4)
     for a, b in zip(split_after, whole_after, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sampler_weights_are_an_adapter_and_a_runs_curve_is_kept(
+    server: tuple[str, FastAPI], service: Any, tenant: Tenant, settings: Settings, tmp_path: Any
+) -> None:
+    """Named sampler weights are a Tuneforge adapter: listed in /adapters and /v1/models, downloadable in PEFT's
+    format (PEFT's own loader computes what the run computes), served by their adapter id as by their path, and
+    deleted from both sides by either; a run's steps and loss curve are in /training_runs (the dashboard's)."""
+    from peft import PeftModel
+
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=5).result()
+    weights = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0]
+    losses = []
+    for _ in range(3):
+        losses.append(training.forward_backward([datum(weights=weights)], "cross_entropy").result())
+        training.optim_step(types.AdamParams(learning_rate=0.02)).result()
+    saved = training.save_weights_for_sampler("published").result()
+    reference = training.forward([datum(weights=weights)], "cross_entropy").result()
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {tenant.key}"}) as http:
+        run = http.get(f"/training_runs/{training.model_id}").json()
+        assert run["steps"] == 3 and run["trained_tokens"] == 3 * (len(TOKENS) - 1)
+        expected = [[i + 1, r.metrics["loss:sum"] / sum(weights)] for i, r in enumerate(losses)]
+        assert [step for step, _ in run["loss"]] == [1, 2, 3]
+        assert [loss for _, loss in run["loss"]] == pytest.approx([loss for _, loss in expected], rel=1e-4)
+        (checkpoint,) = run["checkpoints"]
+        adapter_id = checkpoint["adapter_id"]
+        assert checkpoint["tinker_path"] == saved.path and adapter_id.startswith("adapter-")
+        assert [r["id"] for r in http.get("/training_runs").json()["data"]] == [training.model_id]
+
+        adapter = http.get(f"/adapters/{adapter_id}").json()
+        assert adapter["tinker_path"] == saved.path and adapter["job_id"] is None
+        assert (adapter["base_model"], adapter["method"], adapter["format"]) == ("tiny-random-llama", "lora", "peft")
+        assert adapter_id in [a["id"] for a in http.get("/adapters").json()["data"]]
+        assert {"id": adapter_id, "parent": "tiny-random-llama"}.items() <= next(
+            m for m in http.get("/v1/models").json()["data"] if m["id"] == adapter_id
+        ).items()
+
+        # PEFT's loader, on the downloaded archive, gives the log-probabilities the run gives.
+        download = http.get(f"/adapters/{adapter_id}/download")
+        assert download.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
+            tar.extractall(tmp_path, filter="data")
+        base = ModelStore(settings.models_dir, None).load(BUILTINS["tiny-random-llama"])
+        model = PeftModel.from_pretrained(base, str(tmp_path))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([TOKENS[:-1]])).logits.float()
+        logprobs = torch.log_softmax(logits, -1)[0].gather(-1, torch.tensor(TOKENS[1:]).unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(logprobs, reference.loss_fn_outputs[0]["logprobs"].to_torch(), atol=1e-4)
+
+        # Served by its adapter id as by its path.
+        ask = {"prompt": "x y", "max_tokens": 4, "temperature": 0}
+        by_id = http.post("/generate", json={**ask, "adapter_id": adapter_id}).json()
+        assert by_id["text"] == http.post("/generate", json={**ask, "adapter_id": saved.path}).json()["text"]
+
+        # Deleted as an adapter: gone from the run's checkpoints too, and its files with it.
+        assert http.delete(f"/adapters/{adapter_id}").status_code == 200
+        rest = service.create_rest_client()
+        assert rest.list_checkpoints(training.model_id).result().checkpoints == []
+        assert http.post("/generate", json={**ask, "adapter_id": saved.path}).status_code == 404
+        # Deleted as a Tinker checkpoint: gone as an adapter too.
+        again = training.save_weights_for_sampler("again").result()
+        second = http.get(f"/training_runs/{training.model_id}").json()["checkpoints"][0]["adapter_id"]
+        assert http.get(f"/adapters/{second}").status_code == 200
+        rest.delete_checkpoint_from_tinker_path(again.path).result()
+        assert http.get(f"/adapters/{second}").status_code == 404
+        assert http.get(f"/adapters/{second}/download").status_code == 404
+    assert server[1].state.storage.list_keys("tinker/") == []  # both deletions took the files
+
+
+def test_saved_weights_count_against_the_tenants_storage_quota(settings: Settings, tenant: Tenant) -> None:
+    """Weights a run saves are stored bytes like any: past the tenant's quota the save fails with the quota's
+    message (and nothing of it is kept); the run goes on."""
+    app = create_app(settings.model_copy(update={"max_stored_bytes_per_tenant": 4096}))
+    with live(app) as url:
+        client = tinker.ServiceClient(base_url=url, api_key=f"tml-{tenant.key}")
+        training = client.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=0).result()
+        with pytest.raises(Exception, match="past its limit of 4,096"):
+            training.save_state("too-big").result()
+        with pytest.raises(Exception, match="past its limit of 4,096"):
+            training.save_weights_for_sampler("too-big").result()
+        assert client.create_rest_client().list_checkpoints(training.model_id).result().checkpoints == []
+        assert app.state.storage.list_keys("tinker/") == []
+        training.forward_backward([datum(weights=[1.0] * 9)], "cross_entropy").result()

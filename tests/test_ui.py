@@ -328,3 +328,37 @@ def test_the_curve_follows_a_running_job_from_the_event_stream(
     checkpoints = [c["id"] for c in api(client, tenant, f"/jobs/{job_id}/checkpoints")["data"]]
     page.wait_for_function(f"ids => JSON.stringify({CHECKPOINT_IDS}) === JSON.stringify(ids)", arg=checkpoints)
     assert page.locator(f'[data-fact=adapter] a[data-download="{result[0]}"]').count() == 1
+
+
+@pytest.mark.browser
+def test_a_tinker_run_in_the_dashboard(tenant: Tenant, server: str, page: Any) -> None:
+    """A training run the official tinker client steps: listed with its steps, its loss curve one point per
+    optimizer step, and its sampler weights as an adapter with the download and playground links."""
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=server, api_key=f"tml-{tenant.key}")
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=0).result()
+    tokens = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
+    example = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 9},
+    )
+    for _ in range(4):
+        training.forward_backward([example], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=0.02))
+    saved = training.save_weights_for_sampler("shown").result()
+
+    page.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(tenant.key)})")
+    page.goto(f"{server}/ui#/runs")
+    row = page.locator(f'#runs tr[data-run-id="{training.model_id}"]')
+    assert row.locator("[data-field=steps]").inner_text() == "4"
+    row.locator("a").click()
+    wait_for_points(page, "loss", 4)
+    saved_row = page.locator(f'#saved-weights tr[data-path="{saved.path}"]')
+    adapter_id = saved_row.locator("a[data-download]").get_attribute("data-download")
+    assert adapter_id is not None and adapter_id.startswith("adapter-")
+    saved_row.get_by_text("Try").click()
+    assert page.locator("#pg-adapter").input_value() == adapter_id
+    page.click("nav a[data-nav=adapters]")
+    page.locator(f'#adapters tr[data-adapter-id="{adapter_id}"]').get_by_text(saved.path).wait_for()

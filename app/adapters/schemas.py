@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from app.core.schemas import Schema, UnixTime
 
 
@@ -13,7 +15,10 @@ class AdapterObject(Schema):
     name: str | None
     base_model: str
     method: str
-    job_id: str
+    job_id: str | None = Field(description="The job that trained it; null for a Tinker run's sampler weights")
+    tinker_path: str | None = Field(
+        default=None, description="For a Tinker run's sampler weights: their `tinker://` path"
+    )
     format: str
     size_bytes: int
     sha256: str

@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
     literal,
+    text,
 )
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -225,7 +226,9 @@ class Adapter(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    # The job that trained it; null for the sampler weights of a Tinker run (app/tinker/), named by `tinker_path`.
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), unique=True, default=None)
+    tinker_path: Mapped[str | None] = mapped_column(String(400), default=None)
     base_model: Mapped[str] = mapped_column(String(200))
     base_model_revision: Mapped[str | None] = mapped_column(String(64), default=None)  # null: before revisions
     method: Mapped[str] = mapped_column(String(64))
@@ -251,11 +254,15 @@ class TinkerRun(Base):
     lora_config: Mapped[dict[str, Any]] = mapped_column(JSON)  # rank, seed, train_attn, train_mlp, train_unembed
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_request_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Its optimizer steps so far, the tokens they trained on and its loss curve (app/tinker/service.RunMetrics).
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
 
 
 class TinkerCheckpoint(Base):
     """Weights a Tinker run saved: `training` (save_state: the LoRA and AdamW's state, to resume exactly) or
-    `sampler` (save_weights_for_sampler: the LoRA, for sampling). `tinker_path` is how the client names it."""
+    `sampler` (save_weights_for_sampler: the LoRA, for sampling). `tinker_path` is how the client names it.
+    Sampler weights are also an adapter (`adapter_id`: the adapter row owns their files; deleting either deletes
+    both)."""
 
     __tablename__ = "tinker_checkpoints"
     __table_args__ = (UniqueConstraint("tenant_id", "tinker_path"),)
@@ -263,6 +270,7 @@ class TinkerCheckpoint(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     run_id: Mapped[str] = mapped_column(ForeignKey("tinker_runs.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), default=None)
     kind: Mapped[str] = mapped_column(String(16))
     name: Mapped[str] = mapped_column(String(128))
     tinker_path: Mapped[str] = mapped_column(String(400))

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import locked
 from app.core.errors import AppError, ErrorCode
-from app.core.models import ACTIVE_STATUSES, Adapter, Checkpoint, File, Job, Tenant
+from app.core.models import ACTIVE_STATUSES, Adapter, Checkpoint, File, Job, Tenant, TinkerCheckpoint
 
 
 class StorageQuotaExceeded(AppError):
@@ -17,14 +17,18 @@ class StorageQuotaExceeded(AppError):
 
 
 def stored_bytes(session: Session, *, tenant_id: str, excluding_job: str | None = None) -> int:
-    """Bytes of the tenant's files (not deleted), adapters and checkpoints (artifact and training state), and what
-    its active jobs reserved and have not stored yet (`reserved_bytes`), but for `excluding_job`'s reservation."""
+    """Bytes of the tenant's files (not deleted), adapters and checkpoints (artifact and training state), the states
+    its Tinker runs saved (their sampler weights are adapters), and what its active jobs reserved and have not
+    stored yet (`reserved_bytes`), but for `excluding_job`'s reservation."""
     files = select(func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant_id, File.deleted_at.is_(None))
     adapters = select(func.coalesce(func.sum(Adapter.size_bytes), 0)).where(Adapter.tenant_id == tenant_id)
     checkpoints = select(func.coalesce(func.sum(Checkpoint.size_bytes + Checkpoint.state_size_bytes), 0)).where(
         Checkpoint.tenant_id == tenant_id
     )
-    stored = sum(int(session.scalar(query) or 0) for query in (files, adapters, checkpoints))
+    states = select(func.coalesce(func.sum(TinkerCheckpoint.size_bytes), 0)).where(
+        TinkerCheckpoint.tenant_id == tenant_id, TinkerCheckpoint.adapter_id.is_(None)
+    )
+    stored = sum(int(session.scalar(query) or 0) for query in (files, adapters, checkpoints, states))
     return stored + reserved_bytes(session, tenant_id=tenant_id, excluding_job=excluding_job)
 
 
@@ -46,8 +50,11 @@ def reserved_bytes(session: Session, *, tenant_id: str, excluding_job: str | Non
         .group_by(Checkpoint.job_id)
     ):
         stored[job_id] += int(size or 0)
-    for job_id, size in session.execute(select(Adapter.job_id, Adapter.size_bytes).where(Adapter.job_id.in_(reserved))):
-        stored[job_id] += int(size or 0)
+    for adapter_job, size in session.execute(
+        select(Adapter.job_id, Adapter.size_bytes).where(Adapter.job_id.in_(reserved))
+    ):
+        if adapter_job is not None:
+            stored[adapter_job] += int(size or 0)
     return sum(max(0, size - stored[job_id]) for job_id, size in reserved.items())
 
 

@@ -353,7 +353,7 @@ def _resolve(
             param,
         )
     virtual_tokens = 0
-    job = session.get(Job, adapter.job_id)
+    job = session.get(Job, adapter.job_id) if adapter.job_id is not None else None
     if job is not None:  # what the trained method puts before the prompt (its hyperparameters, as it trained)
         trained = stored_hyperparameters(adapter.method, job.hyperparameters)
         virtual_tokens = trained.reserved_positions()

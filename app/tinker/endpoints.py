@@ -19,11 +19,11 @@ import numpy as np
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
 from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound, TooManyRequests, error_responses
-from app.core.models import TinkerCheckpoint, TinkerRun
+from app.core.models import Adapter, TinkerCheckpoint, TinkerRun
 from app.core.settings import Settings
 from app.core.storage import delete_after_commit
 from app.inference.engine import EngineDep
@@ -297,6 +297,8 @@ async def forward_backward(request: Request, settings: SettingsDep, tenant: Tena
 
     def work(lora: LoraRun) -> bytes:
         result = lora.forward_backward(examples, loss_fn, config, forward_only=forward_only)
+        if not forward_only:
+            run.metrics.observe(examples, loss_fn, result.metrics["loss:sum"])
         return encode_output(result.logprobs, result.metrics)
 
     kind = "Forward" if forward_only else "ForwardBackward"
@@ -310,7 +312,9 @@ def optim_step(body: OptimStep, request: Request, tenant: TenantDep) -> dict[str
     adam = body.adam_params.model_dump()
 
     def work(lora: LoraRun) -> dict[str, Any]:
-        return {"metrics": lora.optim_step(**adam), "type": "optim_step"}
+        metrics = lora.optim_step(**adam)
+        service.stepped(run)
+        return {"metrics": metrics, "type": "optim_step"}
 
     return {"request_id": service.submit(run, body.seq_id, "OptimStep", work), "model_id": run.model_id}
 
@@ -332,7 +336,17 @@ def save_weights_for_sampler(
     def work(lora: LoraRun) -> dict[str, Any]:
         ref, size = store_lora(settings, storage, lora, run.base_model, f"tinker/{tenant.id}/{run.model_id}/{name}")
         if body.path is not None:  # named: a checkpoint, kept beyond the session
-            service.record_checkpoint(tenant.id, run.model_id, "sampler", name, path, ref, size)
+            service.record_checkpoint(
+                tenant.id,
+                run.model_id,
+                "sampler",
+                name,
+                path,
+                ref,
+                size,
+                base_model=run.base_model,
+                base_model_revision=run.revision,
+            )
         else:  # for the sampling session made here only: deleted with the session
             service.remember_saved(tenant.id, run.session_id, path, run.base_model, ref)
         result: dict[str, Any] = {"path": path, "type": "save_weights_for_sampler"}
@@ -379,7 +393,17 @@ def save_state(body: SaveState, request: Request, settings: SettingsDep, tenant:
     def work(lora: LoraRun) -> dict[str, Any]:
         key = f"tinker/{tenant.id}/{run.model_id}/state-{body.path}"
         ref, size = store_lora(settings, storage, lora, run.base_model, key, state=True)
-        service.record_checkpoint(tenant.id, run.model_id, "training", body.path, path, ref, size)
+        service.record_checkpoint(
+            tenant.id,
+            run.model_id,
+            "training",
+            body.path,
+            path,
+            ref,
+            size,
+            base_model=run.base_model,
+            base_model_revision=run.revision,
+        )
         return {"path": path, "type": "save_weights"}
 
     return {"request_id": service.submit(run, body.seq_id, "SaveWeights", work), "model_id": run.model_id}
@@ -547,7 +571,11 @@ def delete_checkpoint(
 ) -> dict[str, Any]:
     """Delete the checkpoint: its row now, its files once that is committed."""
     row = _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
+    adapter_id = row.adapter_id
     session.delete(row)
+    session.flush()
+    if adapter_id is not None:  # sampler weights: their adapter goes with them
+        session.execute(delete(Adapter).where(Adapter.id == adapter_id))
     delete_after_commit(session, request.app.state.storage, [row.storage_key], what=f"tinker checkpoint {row.id}")
     return {"deleted": True}
 

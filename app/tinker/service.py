@@ -21,18 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from app.core.db import session_scope
 from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound
-from app.core.models import TinkerCheckpoint, TinkerRun, utcnow
+from app.core.ids import new_id
+from app.core.models import Adapter, TinkerCheckpoint, TinkerRun, utcnow
 from app.core.settings import Settings
+from app.core.usage import StorageQuotaExceeded, check_storage, lock_tenant
 from app.ml import adapter_format
 from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
 from app.ml.serving import AdapterRef
 from app.ml.training.dpo import token_log_probs
-from app.ml.training.stepwise import LoraRun, SharedBase, StepError
+from app.ml.training.stepwise import Example, LoraRun, SharedBase, StepError
 from app.tinker.repository import adapter_ref, find_saved
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 FUTURES_KEPT_SECONDS = 600.0  # a result stays retrievable this long after it is ready (a poll lost in transit)
 MAX_PENDING_SEQ = 1024  # requests of one run waiting for an earlier seq_id
 SCORING_MODELS = 2  # models kept for prompt log-probabilities
+MAX_UNNAMED_WEIGHTS = 16  # a session's unnamed sampler weights kept (the latest), for its sampling clients
 
 
 class LimitReached(InvalidInput):
@@ -61,6 +64,36 @@ class Pending:
     done_at: float | None = None
 
 
+MAX_CURVE_POINTS = 1000  # a run's loss curve keeps its latest steps
+
+
+@dataclass
+class RunMetrics:
+    """What the dashboard shows of a run (`tinker_runs.metrics`): its optimizer steps, the tokens its passes
+    trained on, and its loss curve — per step, the loss per loss-bearing token of the passes since the step before
+    (cross_entropy: the `weights`' sum; the other losses: the targets)."""
+
+    steps: int = 0
+    tokens: int = 0
+    loss_sum: float = 0.0
+    loss_tokens: float = 0.0
+    curve: list[list[float]] = field(default_factory=list)  # [step, loss]
+
+    def observe(self, examples: list[Example], loss_fn: str, loss_sum: float) -> None:
+        for example in examples:
+            self.tokens += len(example.tokens)
+            weights = example.inputs.get("weights") if loss_fn == "cross_entropy" else None
+            self.loss_tokens += float(weights.abs().sum()) if weights is not None else len(example.tokens)
+        self.loss_sum += loss_sum
+
+    def step(self) -> dict[str, Any]:
+        self.steps += 1
+        if self.loss_tokens > 0:
+            self.curve = [*self.curve, [self.steps, round(self.loss_sum / self.loss_tokens, 6)]][-MAX_CURVE_POINTS:]
+        self.loss_sum = self.loss_tokens = 0.0
+        return {"steps": self.steps, "tokens": self.tokens, "loss": self.curve}
+
+
 @dataclass
 class Run:
     model_id: str
@@ -68,6 +101,8 @@ class Run:
     session_id: str
     base_model: str
     rank: int
+    revision: str | None = None  # of the base model's files
+    metrics: RunMetrics = field(default_factory=RunMetrics)
     lora: LoraRun | None = None  # None until the model is loaded
     expected: int = 0  # the seq_id that runs next (0: the run's creation)
     waiting: list[tuple[int, int, Callable[[], None], Pending]] = field(default_factory=list)  # a heap by seq_id
@@ -171,12 +206,7 @@ class TinkerService:
             for path in [k for k, (_, _, ref) in self.saved.items() if ref.storage_key in session.stored]:
                 del self.saved[path]
             stored, session.stored = session.stored, []
-        if self.on_stored_gone is not None:
-            for key in stored:
-                try:
-                    self.on_stored_gone(key)
-                except Exception:  # the object store is away: the weights stay (no row names them)
-                    log.warning("tinker: the saved weights %s could not be deleted", key, exc_info=True)
+        self._delete_stored(stored)
         for run in runs:
             with run.cond:
                 run.closed = True
@@ -257,7 +287,7 @@ class TinkerService:
                     f"{self.settings.tinker_max_runs_per_tenant} a tenant: close a session first",
                     code=ErrorCode.too_many_runs,
                 )
-            run = Run(model_id, tenant_id, session_id, record.id, int(lora.get("rank", 32)))
+            run = Run(model_id, tenant_id, session_id, record.id, int(lora.get("rank", 32)), record.revision)
             self.runs[model_id] = run
             session.runs.append(model_id)
         request_id, pending = self.pending(tenant_id, "CreateModel")
@@ -378,11 +408,18 @@ class TinkerService:
     # --- samplers ---------------------------------------------------------------------------------------------
 
     def remember_saved(self, tenant_id: str, session_id: str, path: str, base_model: str, ref: AdapterRef) -> None:
+        """Unnamed sampler weights (`save_weights_and_get_sampling_client()`: an RL loop's every iteration), kept
+        for the session's sampling clients: the session's latest MAX_UNNAMED_WEIGHTS, all deleted when it closes."""
         with self._lock:
             self.saved[path] = (tenant_id, base_model, ref)
             session = self.sessions.get(session_id)
-            if session is not None:
-                session.stored.append(ref.storage_key)
+            if session is None:
+                return
+            session.stored.append(ref.storage_key)
+            dropped, session.stored = session.stored[:-MAX_UNNAMED_WEIGHTS], session.stored[-MAX_UNNAMED_WEIGHTS:]
+            for old in [k for k, (_, _, saved) in self.saved.items() if saved.storage_key in dropped]:
+                del self.saved[old]
+        self._delete_stored(dropped)
 
     def create_sampler(
         self,
@@ -421,27 +458,97 @@ class TinkerService:
     # --- saved weights (rows in the database, files in the object store) -------------------------------------------
 
     def record_checkpoint(
-        self, tenant_id: str, run_id: str, kind: str, name: str, path: str, ref: AdapterRef, size: int
-    ) -> None:
-        with session_scope(self.settings.db_url) as db:
-            old = find_saved(db, tenant_id=tenant_id, path=path)
-            if old is not None:  # saved again under the same name: the new files replace the old
-                db.delete(old[0])
-                db.flush()
-            db.add(
-                TinkerCheckpoint(
-                    id=ref.id.removeprefix("tinker-"),
+        self,
+        tenant_id: str,
+        run_id: str,
+        kind: str,
+        name: str,
+        path: str,
+        ref: AdapterRef,
+        size: int,
+        *,
+        base_model: str,
+        base_model_revision: str | None,
+    ) -> str | None:
+        """Keep weights a run saved (already in the object store) under their `tinker://` path, replacing what was
+        saved there before. Sampler weights are an adapter too (listed, downloadable, served by its id): its id.
+        Refused (UserError, the new files deleted) past the tenant's storage quota, which counts them as it counts
+        files and jobs' adapters and checkpoints."""
+        replaced: list[str] = []
+        try:
+            with session_scope(self.settings.db_url) as db:
+                lock_tenant(db, tenant_id)
+                old = find_saved(db, tenant_id=tenant_id, path=path)
+                if old is not None:  # saved again under the same name: the new files replace the old
+                    replaced.append(old[0].storage_key)
+                    old_adapter = old[0].adapter_id
+                    db.delete(old[0])
+                    db.flush()
+                    if old_adapter is not None:
+                        db.execute(delete(Adapter).where(Adapter.id == old_adapter))
+                check_storage(
+                    db,
                     tenant_id=tenant_id,
-                    run_id=run_id,
-                    kind=kind,
-                    name=name,
-                    tinker_path=path,
-                    storage_key=ref.storage_key,
-                    sha256=ref.sha256,
-                    size_bytes=size,
+                    adding=size,
+                    limit=self.settings.max_stored_bytes_per_tenant,
+                    what=f"the weights saved at {path[:160]}",
+                    lock=False,
                 )
+                adapter_id = None
+                if kind == "sampler":
+                    adapter_id = new_id("adapter")
+                    db.add(
+                        Adapter(
+                            id=adapter_id,
+                            tenant_id=tenant_id,
+                            tinker_path=path,
+                            base_model=base_model,
+                            base_model_revision=base_model_revision,
+                            method="lora",
+                            format="peft",
+                            storage_key=ref.storage_key,
+                            size_bytes=size,
+                            sha256=ref.sha256,
+                        )
+                    )
+                    db.flush()
+                db.add(
+                    TinkerCheckpoint(
+                        id=ref.id.removeprefix("tinker-"),
+                        tenant_id=tenant_id,
+                        run_id=run_id,
+                        adapter_id=adapter_id,
+                        kind=kind,
+                        name=name,
+                        tinker_path=path,
+                        storage_key=ref.storage_key,
+                        sha256=ref.sha256,
+                        size_bytes=size,
+                    )
+                )
+                db.execute(update(TinkerRun).where(TinkerRun.id == run_id).values(last_request_at=utcnow()))
+        except StorageQuotaExceeded as exc:
+            self._delete_stored([ref.storage_key])
+            raise UserError(str(exc)) from None
+        self._delete_stored(replaced)
+        return adapter_id
+
+    def stepped(self, run: Run) -> None:
+        """An optimizer step of `run` done: its metrics (steps, tokens, loss curve) kept for the dashboard."""
+        metrics = run.metrics.step()
+        with session_scope(self.settings.db_url) as db:
+            db.execute(
+                update(TinkerRun).where(TinkerRun.id == run.model_id).values(metrics=metrics, last_request_at=utcnow())
             )
-            db.execute(update(TinkerRun).where(TinkerRun.id == run_id).values(last_request_at=utcnow()))
+
+    def _delete_stored(self, keys: list[str]) -> None:
+        if self.on_stored_gone is None:
+            return
+        for key in keys:
+            try:
+                self.on_stored_gone(key)
+            except Exception:  # the object store is away: the weights stay (no row names them)
+                log.warning("tinker: the saved weights %s could not be deleted", key, exc_info=True)
 
     def stored_weights(
         self, tenant_id: str, path: str, kind: str | None = None

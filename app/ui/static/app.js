@@ -1,4 +1,5 @@
-// The dashboard: a hash router over four views (jobs, one job, adapters, playground), built from the REST API.
+// The dashboard: a hash router over its views (jobs, one job, adapters, Tinker training runs, one run, playground),
+// built from the REST API.
 
 import {
   ApiError,
@@ -115,6 +116,8 @@ function route() {
   let rendered;
   if (parts[0] === "jobs" && parts[1]) rendered = jobView(parts[1], signal);
   else if (parts[0] === "adapters") rendered = adaptersView(signal);
+  else if (parts[0] === "runs" && parts[1]) rendered = runView(parts[1], signal);
+  else if (parts[0] === "runs") rendered = runsView(signal);
   else if (parts[0] === "playground") rendered = playgroundView(params, signal);
   else rendered = jobsView(signal);
   rendered.catch((error) => {
@@ -416,7 +419,13 @@ async function adaptersView(signal) {
         h("td", {}, a.name || "—"),
         h("td", {}, a.base_model),
         h("td", {}, a.method),
-        h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(a.job_id)}`, class: "mono" }, a.job_id)),
+        h(
+          "td",
+          {},
+          a.job_id
+            ? h("a", { href: `#/jobs/${encodeURIComponent(a.job_id)}`, class: "mono" }, a.job_id)
+            : h("span", { class: "mono", title: "Sampler weights of a Tinker training run" }, a.tinker_path),
+        ),
         h("td", { class: "num" }, bytes(a.size_bytes)),
         h("td", {}, when(a.created_at)),
         h("td", {}, downloadLink(a.id), " · ", playgroundLink(a.id, a.base_model)),
@@ -431,12 +440,124 @@ async function adaptersView(signal) {
       h(
         "table",
         { id: "adapters" },
-        head(["Adapter", "Name", "Base model", "Method", "Job", "Size", "Created", ""], ["Size"]),
+        head(["Adapter", "Name", "Base model", "Method", "Job or run", "Size", "Created", ""], ["Size"]),
         body,
       ),
       adapters.length ? null : h("p", { class: "muted" }, "No adapters yet: a job that succeeds publishes one."),
     ),
   );
+}
+
+// --- Tinker training runs --------------------------------------------------------------------------------------
+
+const runLink = (run) => h("a", { href: `#/runs/${encodeURIComponent(run.id)}`, class: "mono" }, run.id);
+const lastLoss = (run) => (run.loss.length ? run.loss[run.loss.length - 1][1] : undefined);
+
+async function runsView(signal) {
+  const body = h("tbody");
+  const empty = h(
+    "p",
+    { class: "muted", id: "runs-empty", hidden: true },
+    "No training runs yet: the tinker client makes them (see the README's “Tinker's training API”).",
+  );
+  view.replaceChildren(
+    h("h1", {}, "Training runs"),
+    h(
+      "div",
+      { class: "card" },
+      h(
+        "table",
+        { id: "runs" },
+        head(["Run", "Base model", "LoRA rank", "Steps", "Tokens", "Last loss", "Last request"], ["Steps", "Tokens"]),
+        body,
+      ),
+      empty,
+    ),
+  );
+  const load = async () => {
+    const runs = await listAll("/training_runs", { signal });
+    body.replaceChildren(
+      ...runs.map((run) =>
+        h(
+          "tr",
+          { "data-run-id": run.id },
+          h("td", {}, runLink(run)),
+          h("td", {}, run.base_model),
+          h("td", { class: "num" }, String(run.lora_rank)),
+          h("td", { class: "num", "data-field": "steps" }, String(run.steps)),
+          h("td", { class: "num" }, String(run.trained_tokens)),
+          h("td", { class: "num" }, number(lastLoss(run))),
+          h("td", {}, when(run.last_request_at)),
+        ),
+      ),
+    );
+    empty.hidden = runs.length > 0;
+  };
+  await load();
+  const timer = setInterval(() => load().catch(() => {}), LIST_REFRESH_MS); // runs step while they are open
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+async function runView(runId, signal) {
+  const id = encodeURIComponent(runId);
+  const facts = h("dl", { class: "facts" });
+  const chartBox = h("div", { id: "loss-chart" });
+  const saved = h("tbody");
+  view.replaceChildren(
+    h("p", {}, h("a", { href: "#/runs" }, "← Training runs")),
+    h("h1", {}, "Training run ", h("code", {}, runId)),
+    h("div", { class: "card" }, facts),
+    h("div", { class: "card" }, h("h2", {}, "Loss"), chartBox),
+    h(
+      "div",
+      { class: "card" },
+      h("h2", {}, "Saved weights"),
+      h("table", { id: "saved-weights" }, head(["Path", "Kind", "Adapter", "Size", "Saved", ""], ["Size"]), saved),
+    ),
+  );
+  const chart = new LineChart(chartBox, {
+    series: [{ name: "loss", label: "loss per token", color: "var(--train)" }],
+    empty: "No steps yet: the curve fills in as the client calls optim_step.",
+  });
+  const show = (run) => {
+    facts.replaceChildren(
+      fact("Base model", run.base_model),
+      fact("LoRA", `rank ${run.lora_rank}`, h("code", {}, ` ${JSON.stringify(run.lora_config)}`)),
+      fact("Steps", String(run.steps)),
+      fact("Trained tokens", String(run.trained_tokens)),
+      fact("Created", when(run.created_at)),
+      fact("Last request", when(run.last_request_at)),
+    );
+    chart.setXMax(run.steps);
+    chart.set("loss", run.loss);
+    saved.replaceChildren(
+      ...run.checkpoints.map((c) =>
+        h(
+          "tr",
+          { "data-path": c.tinker_path },
+          h("td", { class: "mono" }, c.tinker_path),
+          h("td", {}, c.kind),
+          h("td", { class: "mono" }, c.adapter_id || "—"),
+          h("td", { class: "num" }, bytes(c.size_bytes)),
+          h("td", {}, when(c.created_at)),
+          h(
+            "td",
+            {},
+            c.adapter_id ? [downloadLink(c.adapter_id), " · ", playgroundLink(c.adapter_id, run.base_model)] : "",
+          ),
+        ),
+      ),
+    );
+  };
+  show(await getJSON(`/training_runs/${id}`, { signal }));
+  const timer = setInterval(
+    () =>
+      getJSON(`/training_runs/${id}`, { signal })
+        .then(show)
+        .catch(() => {}),
+    LIST_REFRESH_MS,
+  );
+  signal.addEventListener("abort", () => clearInterval(timer));
 }
 
 // --- playground ------------------------------------------------------------------------------------------------
