@@ -28,7 +28,8 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.ml.models import BUILTINS, ModelStore
 from app.tinker.service import Run, TinkerService
-from tests.conftest import Tenant, live
+from tests.conftest import Tenant, jsonl, live, upload
+from worker.runner import run_training_job
 
 TOKENS = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
 
@@ -498,3 +499,92 @@ def test_saved_weights_count_against_the_tenants_storage_quota(settings: Setting
         assert client.create_rest_client().list_checkpoints(training.model_id).result().checkpoints == []
         assert app.state.storage.list_keys("tinker/") == []
         training.forward_backward([datum(weights=[1.0] * 9)], "cross_entropy").result()
+
+
+def test_a_supervised_loop_through_the_client_equals_the_same_tuneforge_job(
+    server: tuple[str, FastAPI], service: Any, tenant: Tenant, settings: Settings, tmp_path: Any
+) -> None:
+    """The same data and hyperparameters through the client and as a LoRA job give the same run: the job's
+    batches (the recipe's encoding and seeded shuffle), its loss (the mean over a step's completion tokens: weights
+    of 1/N), its learning-rate schedule, AdamW's defaults and gradient clipping, LoRA on every linear layer but
+    the output layer (`all-linear`), rank = alpha, no dropout, the same seed. Tolerance: every step's loss within
+    1e-4 relative, and the two adapters' weights within 1e-4 absolute (float32 sums in another order)."""
+    from safetensors.torch import load_file
+
+    from app.ml.formatting import IGNORE_INDEX
+    from app.ml.training.data import batches, encode_examples
+    from app.ml.training.schedule import learning_rate_factor
+    from app.models.service import load_tokenizer
+
+    records = [
+        {"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}, as always."}
+        for i in range(6)
+    ]
+    hp = {
+        "n_epochs": 2,
+        "batch_size": 2,
+        "learning_rate": 0.01,
+        "lr_scheduler": "linear",
+        "warmup_ratio": 0.25,
+        "seed": 11,
+        "lora_r": 4,
+        "lora_alpha": 4,
+        "lora_dropout": 0.0,
+        "target_modules": "all-linear",
+    }
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {tenant.key}"}) as http:
+        file_id = upload(http, tenant, jsonl([json.dumps(r) for r in records])).json()["id"]  # type: ignore[arg-type]
+        job = http.post(
+            "/jobs", json={"base_model": "tiny-random-llama", "training_file": file_id, "hyperparameters": hp}
+        )
+        assert job.status_code == 201, job.text
+        adapter_id = run_training_job(settings, job.json()["id"])
+        assert adapter_id is not None
+        job_losses = [value for _, value in http.get(f"/jobs/{job.json()['id']}/metrics").json()["curves"]["train_loss"]]
+        with tarfile.open(fileobj=io.BytesIO(http.get(f"/adapters/{adapter_id}/download").content)) as tar:
+            tar.extractall(tmp_path / "job", filter="data")
+
+    # The client's loop: the recipe's examples in the recipe's batches, each step's loss the mean token loss.
+    tokenizer = load_tokenizer(ModelStore(settings.models_dir, None), BUILTINS["tiny-random-llama"])
+    examples = encode_examples(records, tokenizer, 512).examples
+    steps_per_epoch = len(examples) // hp["batch_size"]
+    schedule = learning_rate_factor(steps_per_epoch * hp["n_epochs"], hp["warmup_ratio"], hp["lr_scheduler"])
+    training = service.create_lora_training_client(
+        base_model="tiny-random-llama", rank=4, seed=hp["seed"], train_unembed=False
+    ).result()
+    losses, step = [], 0
+    for epoch in range(1, hp["n_epochs"] + 1):
+        for batch in batches(examples, hp["batch_size"], shuffle_seed=hp["seed"] + epoch):
+            n_tokens = sum(e.n_loss_tokens for e in batch)
+            data = [
+                types.Datum(
+                    model_input=types.ModelInput.from_ints(e.input_ids[:-1]),
+                    loss_fn_inputs={
+                        "target_tokens": e.input_ids[1:],
+                        "weights": [float(label != IGNORE_INDEX) / n_tokens for label in e.labels[1:]],
+                    },
+                )
+                for e in batch
+            ]
+            result = training.forward_backward(data, "cross_entropy").result()
+            adam = types.AdamParams(
+                learning_rate=hp["learning_rate"] * schedule(step), beta2=0.999, eps=1e-8, grad_clip_norm=1.0
+            )
+            training.optim_step(adam).result()
+            losses.append(result.metrics["loss:sum"])
+            step += 1
+    assert len(losses) == len(job_losses) == 6
+    assert losses == pytest.approx(job_losses, rel=1e-4)
+    saved = training.save_weights_for_sampler("same-as-the-job").result()
+    run_id, _, name = saved.path.removeprefix("tinker://").partition("/")
+    archive = httpx.get(
+        f"{server[0]}/api/v1/training_runs/{run_id}/checkpoints/{name}/archive",
+        headers={"X-API-Key": f"tml-{tenant.key}"},
+    )
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        tar.extractall(tmp_path / "tinker", filter="data")
+    ours = load_file(str(tmp_path / "tinker" / "adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "job" / "adapter_model.safetensors"))
+    assert set(ours) == set(theirs) and len(ours) > 0
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-4)
