@@ -540,7 +540,9 @@ def test_a_supervised_loop_through_the_client_equals_the_same_tuneforge_job(
         assert job.status_code == 201, job.text
         adapter_id = run_training_job(settings, job.json()["id"])
         assert adapter_id is not None
-        job_losses = [value for _, value in http.get(f"/jobs/{job.json()['id']}/metrics").json()["curves"]["train_loss"]]
+        job_losses = [
+            value for _, value in http.get(f"/jobs/{job.json()['id']}/metrics").json()["curves"]["train_loss"]
+        ]
         with tarfile.open(fileobj=io.BytesIO(http.get(f"/adapters/{adapter_id}/download").content)) as tar:
             tar.extractall(tmp_path / "job", filter="data")
 
@@ -588,3 +590,19 @@ def test_a_supervised_loop_through_the_client_equals_the_same_tuneforge_job(
     assert set(ours) == set(theirs) and len(ours) > 0
     for key, tensor in theirs.items():
         torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-4)
+
+
+def test_a_run_the_memory_cannot_hold_is_refused_clearly_and_holds_nothing(
+    service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psutil
+
+    real = psutil.virtual_memory()
+    tight = real._replace(available=64 * 1024)  # 64 KiB to spare: no LoRA fits
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: tight)
+    with pytest.raises(Exception, match=r"needs [\d,]+ MiB for its weights, gradients and AdamW's state"):
+        service.create_lora_training_client(base_model="tiny-random-llama", rank=8, seed=0).result()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real)
+    # The refused runs count against no limit (this server allows 3 a tenant).
+    for seed in range(3):
+        service.create_lora_training_client(base_model="tiny-random-llama", rank=8, seed=seed).result()

@@ -297,15 +297,20 @@ class TinkerService:
             )
 
         def load() -> dict[str, Any]:
-            run.lora = LoraRun(
-                self._shared_base(record),
-                f"run_{secrets.token_hex(6)}",
-                rank=run.rank,
-                seed=lora.get("seed"),
-                attention=bool(lora.get("train_attn", True)),
-                mlp=bool(lora.get("train_mlp", True)),
-                unembed=bool(lora.get("train_unembed", True)),
-            )
+            try:
+                run.lora = LoraRun(
+                    self._shared_base(record),
+                    f"run_{secrets.token_hex(6)}",
+                    rank=run.rank,
+                    seed=lora.get("seed"),
+                    attention=bool(lora.get("train_attn", True)),
+                    mlp=bool(lora.get("train_mlp", True)),
+                    unembed=bool(lora.get("train_unembed", True)),
+                )
+            except StepError:  # refused (no such layers, no room): the run holds nothing and counts no more
+                with self._lock:
+                    self.runs.pop(model_id, None)
+                raise
             if start is not None:
                 start(run.lora)
                 return {"model_id": model_id, "type": "load_weights"}

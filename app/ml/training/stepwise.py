@@ -31,7 +31,7 @@ from app.ml.device import Placement
 from app.ml.training.data import micro_batches
 from app.ml.training.dpo import token_log_probs
 from app.ml.training.loss import optimizer_step
-from app.ml.training.memory import micro_batch_budget
+from app.ml.training.memory import MEMORY_SHARE, micro_batch_budget
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo")
 # What each loss reads of an example besides `target_tokens`.
@@ -48,6 +48,20 @@ MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn)(\.|$)")
 
 class StepError(ValueError):
     """An example or request the run cannot take: the message says which and why, for the client."""
+
+
+class NoRoom(StepError):
+    """A new run whose state the device's memory cannot hold."""
+
+
+def run_state_bytes(model: Any, targets: list[str], rank: int) -> int:
+    """What a run holds on the device: its LoRA's A and B matrices on each of `targets`, in float32, with their
+    gradients and AdamW's two moments (4 copies)."""
+    parameters = 0
+    for name in targets:
+        layer = model.get_submodule(name)
+        parameters += rank * (layer.in_features + layer.out_features)
+    return parameters * 4 * 4
 
 
 @dataclass
@@ -107,6 +121,24 @@ class SharedBase:
         # its own (glibc), and a thread per run held a step's peak each (8 GB more for 4 SmolLM2 runs).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared-base")
 
+    def check_room(self, needed: int) -> None:
+        """Refuse a new run whose state (`needed` bytes) the device's free memory would not hold beside a step's
+        activations (the micro-batch budget's share): a clear refusal instead of running out of memory later."""
+        import psutil
+        import torch
+
+        if self.placement.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.placement.device)[0]
+        else:
+            free = psutil.virtual_memory().available
+        room = int(free * (1 - MEMORY_SHARE))
+        if needed > room:
+            raise NoRoom(
+                f"a LoRA of this rank on this model needs {needed / 2**20:,.0f} MiB for its weights, gradients and "
+                f"AdamW's state, and this server has {room / 2**20:,.0f} MiB to spare: use a lower rank, train fewer "
+                "layers, or close another run"
+            )
+
     def add(self, name: str, config: Any) -> Any:
         from peft import get_peft_model
 
@@ -152,6 +184,7 @@ class LoraRun:
         targets = [name for part, names in shared.layers.items() if asked[part] for name in names]
         if not targets:
             raise StepError("no linear layer of this model matches train_attn/train_mlp/train_unembed")
+        shared.check_room(run_state_bytes(shared.base, targets, rank))
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, bias="none")
         with shared.lock, torch.random.fork_rng(devices=[]):
             if seed is not None:
