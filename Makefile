@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tuneforge-installed
 CONSTRAINTS ?= -c constraints.txt
 LOCK_VENV := $(or $(TMPDIR),/tmp)/tuneforge-lock-venv
 
-.PHONY: install up test test-fast lint bench clean lock
+.PHONY: install install-cookbook up test test-fast lint bench clean lock
 
 # Python may keep compiled modules (and pytest its assertion-rewritten tests) where an environment says not to
 # (PYTHONDONTWRITEBYTECODE): every test process would otherwise compile the project and its tests again, some
@@ -40,12 +40,26 @@ lock:
 
 install: $(STAMP)
 
+# Thinking Machines' tinker-cookbook, for tests/test_tinker_cookbook.py only: apart from the project (its declared
+# requirements conflict with Tuneforge's: see that file), pinned, with the few packages it needs that the project
+# does not have.
+COOKBOOK := $(VENV)/cookbook
+COOKBOOK_PACKAGES := tinker-cookbook==0.6.1 tml-renderers==0.2.1 chz==0.4.0 blobfile==3.3.0 pyrage==1.4.0 \
+	termcolor==3.3.0 tiktoken==0.14.0 cloudpickle==3.1.3 lxml==6.2.1 pycryptodomex==3.24.2 pillow==13.0.0 \
+	aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 multidict==7.2.1 propcache==0.5.4 \
+	yarl==1.25.1
+$(COOKBOOK)/.installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --target $(COOKBOOK) $(COOKBOOK_PACKAGES)
+	touch $@
+
+install-cookbook: $(COOKBOOK)/.installed
+
 up: $(STAMP)
 	$(BIN)/tuneforge up
 
 # Every test, in parallel processes (most tests wait on servers and subprocesses, so more processes than cores).
 TEST_PROCESSES ?= 4
-test: $(STAMP)
+test: $(STAMP) $(COOKBOOK)/.installed
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadgroup
 
 # What a developer runs on every edit: no real processes, browser or real model, and the API tests on the

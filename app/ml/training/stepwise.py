@@ -267,7 +267,9 @@ class LoraRun:
         from pathlib import Path
 
         with self.shared.lock, tempfile.TemporaryDirectory(dir=folder) as tmp:
-            self.model.save_pretrained(tmp, selected_adapters=[self.name])  # into tmp/<name>/ (not the default)
+            # Into tmp/<name>/ (not the default adapter's folder). The LoRA's own weights only: with tied input and
+            # output embeddings PEFT would otherwise save the (untrained) embedding matrix with every checkpoint.
+            self.model.save_pretrained(tmp, selected_adapters=[self.name], save_embedding_layers=False)
             saved = Path(tmp) / self.name
             for item in saved.iterdir():
                 shutil.move(str(item), str(Path(folder) / item.name))
