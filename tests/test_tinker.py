@@ -28,7 +28,7 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.ml.models import BUILTINS, ModelStore
 from app.tinker.service import Run, TinkerService
-from tests.conftest import Tenant, jsonl, live, upload
+from tests.conftest import Tenant, jsonl, live, tenant_id, upload
 from worker.runner import run_training_job
 
 TOKENS = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
@@ -606,3 +606,79 @@ def test_a_run_the_memory_cannot_hold_is_refused_clearly_and_holds_nothing(
     # The refused runs count against no limit (this server allows 3 a tenant).
     for seed in range(3):
         service.create_lora_training_client(base_model="tiny-random-llama", rank=8, seed=seed).result()
+
+
+def test_saved_weights_with_a_time_to_live_are_deleted_when_it_ends(
+    server: tuple[str, FastAPI], service: Any, tenant: Tenant
+) -> None:
+    """`ttl_seconds` on a save (the cookbook's periodic saves send one) or set afterwards: listed as `expires_at`,
+    and once it has passed the API's loop deletes the weights — rows, files, and the adapter of sampler weights.
+    Publishing (sharing with other users) and signed URLs are refused with what to do instead."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from app.core.db import session_scope
+    from app.core.models import TinkerCheckpoint
+
+    state = server[1].state
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=0).result()
+    kept = training.save_state("kept").result()
+    rest = service.create_rest_client()
+    # Through the client's save (its ttl_seconds), and set afterwards on the other.
+    future = training.save_weights_for_sampler("short-lived", ttl_seconds=7200)
+    sampler = future.result()
+    rest.set_checkpoint_ttl_from_tinker_path(kept.path, 86400).result()
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(training.model_id).result().checkpoints}
+    now = datetime.now(UTC)
+    assert listed[sampler.path].expires_at is not None
+    assert abs((listed[sampler.path].expires_at - now) - timedelta(seconds=7200)) < timedelta(seconds=60)
+    assert abs((listed[kept.path].expires_at - now) - timedelta(seconds=86400)) < timedelta(seconds=60)
+    rest.set_checkpoint_ttl_from_tinker_path(kept.path, None).result()
+    adapters = httpx.get(f"{server[0]}/adapters", headers={"Authorization": f"Bearer {tenant.key}"}).json()["data"]
+    (adapter_id,) = [a["id"] for a in adapters if a["tinker_path"] == sampler.path]
+
+    # Two hours later (the row's clock moved back): the loop's round deletes the short-lived weights only.
+    with session_scope(state.settings.db_url) as db:
+        db.execute(
+            update(TinkerCheckpoint)
+            .where(TinkerCheckpoint.tinker_path == sampler.path)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    assert state.tinker.expire_checkpoints() == 1
+    assert [c.tinker_path for c in rest.list_checkpoints(training.model_id).result().checkpoints] == [kept.path]
+    gone = httpx.get(f"{server[0]}/adapters/{adapter_id}", headers={"Authorization": f"Bearer {tenant.key}"})
+    assert gone.status_code == 404
+    assert [k for k in state.storage.list_keys("tinker/") if "short-lived" in k] == []
+    assert state.tinker.expire_checkpoints() == 0
+
+    with pytest.raises(Exception, match="publishing checkpoints is not served here"):
+        rest.publish_checkpoint_from_tinker_path(kept.path).result()
+
+
+def test_a_run_held_by_another_api_process_is_said_to_be_there(
+    server: tuple[str, FastAPI], tenant: Tenant, settings: Settings
+) -> None:
+    """Runs live in the memory of the API process that made them: a request for one that reaches another process
+    (several replicas without routing by session, or after a restart) says where the run is and what to do."""
+    from app.core.db import session_scope
+    from app.core.models import TinkerRun
+    from app.tinker.service import HOLDER
+
+    with session_scope(settings.db_url) as db:
+        db.add(
+            TinkerRun(
+                id="tfs-elsewhere:train:0",
+                tenant_id=tenant_id(settings, tenant),
+                base_model="tiny-random-llama",
+                lora_rank=4,
+                lora_config={"rank": 4},
+                holder="other-host:4242",
+            )
+        )
+    step = {"model_id": "tfs-elsewhere:train:0", "seq_id": 1, "adam_params": {"learning_rate": 0.1}}
+    answer = httpx.post(f"{server[0]}/api/v1/optim_step", json=step, headers={"X-API-Key": f"tml-{tenant.key}"})
+    assert answer.status_code == 404
+    message = answer.json()["error"]["message"]
+    assert "held in the memory of another API process (other-host:4242)" in message and HOLDER in message
+    assert "create_training_client_from_state_with_optimizer" in message

@@ -256,6 +256,8 @@ class TinkerRun(Base):
     last_request_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Its optimizer steps so far, the tokens they trained on and its loss curve (app/tinker/service.RunMetrics).
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
+    # The API process whose memory holds the run (`host:pid`): its requests go there (app/tinker/service.HOLDER).
+    holder: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
 class TinkerCheckpoint(Base):
@@ -278,6 +280,7 @@ class TinkerCheckpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # a time to live's end (then deleted)
 
 
 class Checkpoint(Base):

@@ -12,6 +12,7 @@ import asyncio
 import secrets
 import tempfile
 import threading
+from datetime import timedelta
 from pathlib import Path as Path_
 from typing import Annotated, Any, Literal
 
@@ -19,11 +20,11 @@ import numpy as np
 from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
 from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound, TooManyRequests, error_responses
-from app.core.models import Adapter, TinkerCheckpoint, TinkerRun
+from app.core.models import TinkerCheckpoint, TinkerRun, utcnow
 from app.core.settings import Settings
 from app.core.storage import delete_after_commit
 from app.inference.engine import EngineDep
@@ -41,7 +42,7 @@ from app.ml.serving import (
 from app.ml.training.stepwise import LOSSES, Example, LoraRun
 from app.models.service import list_models, load_tokenizer, require_model
 from app.tinker import wire
-from app.tinker.repository import find_saved
+from app.tinker.repository import delete_saved, find_saved
 from app.tinker.service import TinkerService, UserError, fetched
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], responses=error_responses(401, 404, 409, 410, 422))
@@ -118,10 +119,17 @@ class OptimStep(_Body):
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^/]+$")]
 
 
+MAX_TTL_SECONDS = 10 * 365 * 86400
+TtlSeconds = Annotated[
+    int | None, Field(None, ge=1, le=MAX_TTL_SECONDS, description="Deleted this long after saving (none: kept)")
+]
+
+
 class SaveForSampler(_Body):
     model_id: str = Field(max_length=128)
     seq_id: int = Field(ge=1, le=2**31 - 1)
     path: Name | None = Field(None, description="A name (`save_weights_for_sampler(name)`)")
+    ttl_seconds: TtlSeconds = None
     sampling_session_seq_id: int | None = Field(None, ge=0, le=1_000_000)
 
 
@@ -346,6 +354,7 @@ def save_weights_for_sampler(
                 size,
                 base_model=run.base_model,
                 base_model_revision=run.revision,
+                ttl_seconds=body.ttl_seconds,
             )
         else:  # for the sampling session made here only: deleted with the session
             service.remember_saved(tenant.id, run.session_id, path, run.base_model, ref)
@@ -368,6 +377,7 @@ class SaveState(_Body):
     model_id: str = Field(max_length=128)
     seq_id: int = Field(ge=1, le=2**31 - 1)
     path: Name
+    ttl_seconds: TtlSeconds = None
 
 
 class LoadState(_Body):
@@ -403,6 +413,7 @@ def save_state(body: SaveState, request: Request, settings: SettingsDep, tenant:
             size,
             base_model=run.base_model,
             base_model_revision=run.revision,
+            ttl_seconds=body.ttl_seconds,
         )
         return {"path": path, "type": "save_weights"}
 
@@ -454,7 +465,7 @@ def _checkpoint(row: Any) -> dict[str, Any]:
         "size_bytes": row.size_bytes,
         "public": False,
         "user_metadata": None,
-        "expires_at": None,
+        "expires_at": row.expires_at.isoformat() if row.expires_at else None,
     }
 
 
@@ -565,17 +576,51 @@ def _attachment(name: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{name}.tar.gz"'}
 
 
+class CheckpointTtl(_Body):
+    ttl_seconds: TtlSeconds = None
+
+
+# Declared before the deletion's route, whose `{checkpoint_id:path}` would take these paths' last part too.
+@router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")
+def set_checkpoint_ttl(
+    run_id: RunId, checkpoint_id: CheckpointId, body: CheckpointTtl, session: SessionDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """Delete the checkpoint `ttl_seconds` from now (null: keep it)."""
+    row = _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
+    row.expires_at = utcnow() + timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
+    return _checkpoint(row)
+
+
+@router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish")
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish")
+def publish_checkpoint(run_id: RunId, checkpoint_id: CheckpointId, session: SessionDep, tenant: TenantDep) -> None:
+    """Not served: a Tuneforge tenant's checkpoints are its own (no other tenant may load them)."""
+    _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
+    raise InvalidInput(
+        "publishing checkpoints is not served here: a tenant's checkpoints are its own; download the archive "
+        "(or its adapter, GET /adapters/{id}/download) to share it",
+        param="checkpoint_id",
+    )
+
+
+@router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
+def external_weights_urls(run_id: RunId, checkpoint_id: CheckpointId, session: SessionDep, tenant: TenantDep) -> None:
+    """Not served: the archive route downloads a checkpoint's files through this server."""
+    _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
+    raise InvalidInput(
+        "signed URLs of a checkpoint's files are not served here: download its archive "
+        f"(GET /api/v1/training_runs/{run_id[:80]}/checkpoints/{checkpoint_id[:120]}/archive)",
+        param="checkpoint_id",
+    )
+
+
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
 def delete_checkpoint(
     run_id: RunId, checkpoint_id: CheckpointId, request: Request, session: SessionDep, tenant: TenantDep
 ) -> dict[str, Any]:
     """Delete the checkpoint: its row now, its files once that is committed."""
     row = _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
-    adapter_id = row.adapter_id
-    session.delete(row)
-    session.flush()
-    if adapter_id is not None:  # sampler weights: their adapter goes with them
-        session.execute(delete(Adapter).where(Adapter.id == adapter_id))
+    delete_saved(session, row)  # sampler weights: their adapter goes with them
     delete_after_commit(session, request.app.state.storage, [row.storage_key], what=f"tinker checkpoint {row.id}")
     return {"deleted": True}
 

@@ -3,10 +3,10 @@ as: a LoRA adapter reference."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.core.models import TinkerCheckpoint, TinkerRun
+from app.core.models import Adapter, TinkerCheckpoint, TinkerRun
 from app.ml.serving import AdapterRef
 
 
@@ -25,3 +25,13 @@ def adapter_ref(checkpoint: TinkerCheckpoint) -> AdapterRef:
     return AdapterRef(
         id=f"tinker-{checkpoint.id}", storage_key=checkpoint.storage_key, sha256=checkpoint.sha256, method="lora"
     )
+
+
+def delete_saved(session: Session, checkpoint: TinkerCheckpoint) -> None:
+    """Delete the checkpoint's row, and for sampler weights the adapter they are (the caller deletes the files once
+    the transaction commits)."""
+    adapter_id = checkpoint.adapter_id
+    session.delete(checkpoint)
+    session.flush()
+    if adapter_id is not None:
+        session.execute(delete(Adapter).where(Adapter.id == adapter_id))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -18,10 +20,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import select, update
 
 from app.core.db import session_scope
 from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound
@@ -35,7 +38,7 @@ from app.ml.models import ModelRecord, ModelStore
 from app.ml.serving import AdapterRef
 from app.ml.training.dpo import token_log_probs
 from app.ml.training.stepwise import Example, LoraRun, SharedBase, StepError
-from app.tinker.repository import adapter_ref, find_saved
+from app.tinker.repository import adapter_ref, delete_saved, find_saved
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +137,14 @@ class Sampler:
 
 
 EXPIRY_ROUND_SECONDS = 5.0
+EXPIRED_PER_ROUND = 100  # expired checkpoints deleted in one round of the loop
+# This API process, as a run's row names the process whose memory holds it (`tinker_runs.holder`).
+HOLDER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def expire_tinker_sessions(service: TinkerService) -> None:
-    """The API's loop closing silent sessions (and forgetting old results), every few seconds."""
+    """The API's loop closing silent sessions (and forgetting old results), and deleting saved weights whose time
+    to live has passed, every few seconds."""
     import asyncio
 
     while True:
@@ -146,6 +153,10 @@ async def expire_tinker_sessions(service: TinkerService) -> None:
             await asyncio.to_thread(service.expire)
         except Exception:
             log.exception("closing silent Tinker sessions failed")
+        try:
+            await asyncio.to_thread(service.expire_checkpoints)
+        except Exception:
+            log.exception("deleting expired Tinker checkpoints failed")
 
 
 class TinkerService:
@@ -293,7 +304,14 @@ class TinkerService:
         request_id, pending = self.pending(tenant_id, "CreateModel")
         with session_scope(self.settings.db_url) as db:
             db.add(
-                TinkerRun(id=model_id, tenant_id=tenant_id, base_model=record.id, lora_rank=run.rank, lora_config=lora)
+                TinkerRun(
+                    id=model_id,
+                    tenant_id=tenant_id,
+                    base_model=record.id,
+                    lora_rank=run.rank,
+                    lora_config=lora,
+                    holder=HOLDER,
+                )
             )
 
         def load() -> dict[str, Any]:
@@ -340,9 +358,20 @@ class TinkerService:
     def run(self, tenant_id: str, model_id: str) -> Run:
         with self._lock:
             run = self.runs.get(model_id)
-        if run is None or run.tenant_id != tenant_id or run.closed:
-            raise NotFound(f"no training run {model_id[:80]!r} (unknown, or its session closed)", param="model_id")
-        return run
+        if run is not None and run.tenant_id == tenant_id and not run.closed:
+            return run
+        with session_scope(self.settings.db_url) as db:
+            row = db.get(TinkerRun, model_id)
+            holder = row.holder if row is not None and row.tenant_id == tenant_id else None
+        if holder is not None and holder != HOLDER:
+            raise NotFound(
+                f"training run {model_id[:80]!r} is held in the memory of another API process ({holder[:80]}), not "
+                f"this one ({HOLDER[:80]}): a session's requests must all reach the process that created it (route "
+                "on the session), or, if that process has stopped, the run is gone — its saved states are not: "
+                "resume from one with create_training_client_from_state_with_optimizer",
+                param="model_id",
+            )
+        raise NotFound(f"no training run {model_id[:80]!r} (unknown, or its session closed)", param="model_id")
 
     def submit(self, run: Run, seq_id: int, kind: str, work: Callable[[LoraRun], Any]) -> str:
         """Queue `work` on the run at `seq_id` (run when every earlier seq_id has run); its request id. A seq_id
@@ -354,7 +383,9 @@ class TinkerService:
                 raise InvalidInput(f"seq_id {seq_id} of {run.model_id} has run already", param="seq_id")
             if len(run.waiting) >= MAX_PENDING_SEQ:
                 raise LimitReached(
-                    f"{run.model_id} has {MAX_PENDING_SEQ} requests waiting", code=ErrorCode.invalid_request
+                    f"{run.model_id} has {MAX_PENDING_SEQ} requests waiting for an earlier seq_id: wait for their "
+                    "results before sending more",
+                    code=ErrorCode.too_many_requests_in_progress,
                 )
         request_id, pending = self.pending(run.tenant_id, kind)
 
@@ -474,11 +505,12 @@ class TinkerService:
         *,
         base_model: str,
         base_model_revision: str | None,
+        ttl_seconds: int | None = None,
     ) -> str | None:
         """Keep weights a run saved (already in the object store) under their `tinker://` path, replacing what was
         saved there before. Sampler weights are an adapter too (listed, downloadable, served by its id): its id.
         Refused (UserError, the new files deleted) past the tenant's storage quota, which counts them as it counts
-        files and jobs' adapters and checkpoints."""
+        files and jobs' adapters and checkpoints. With `ttl_seconds`, deleted that long after (`expire_checkpoints`)."""
         replaced: list[str] = []
         try:
             with session_scope(self.settings.db_url) as db:
@@ -486,11 +518,7 @@ class TinkerService:
                 old = find_saved(db, tenant_id=tenant_id, path=path)
                 if old is not None:  # saved again under the same name: the new files replace the old
                     replaced.append(old[0].storage_key)
-                    old_adapter = old[0].adapter_id
-                    db.delete(old[0])
-                    db.flush()
-                    if old_adapter is not None:
-                        db.execute(delete(Adapter).where(Adapter.id == old_adapter))
+                    delete_saved(db, old[0])
                 check_storage(
                     db,
                     tenant_id=tenant_id,
@@ -529,6 +557,7 @@ class TinkerService:
                         storage_key=ref.storage_key,
                         sha256=ref.sha256,
                         size_bytes=size,
+                        expires_at=utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
                     )
                 )
                 db.execute(update(TinkerRun).where(TinkerRun.id == run_id).values(last_request_at=utcnow()))
@@ -537,6 +566,25 @@ class TinkerService:
             raise UserError(str(exc)) from None
         self._delete_stored(replaced)
         return adapter_id
+
+    def expire_checkpoints(self) -> int:
+        """Delete the saved weights whose time to live has passed (their rows, the adapter of sampler weights, and
+        their files); how many."""
+        with session_scope(self.settings.db_url) as db:
+            expired = list(
+                db.scalars(
+                    select(TinkerCheckpoint)
+                    .where(TinkerCheckpoint.expires_at.is_not(None), TinkerCheckpoint.expires_at <= utcnow())
+                    .limit(EXPIRED_PER_ROUND)
+                )
+            )
+            for checkpoint in expired:
+                delete_saved(db, checkpoint)
+            keys = [checkpoint.storage_key for checkpoint in expired]
+        self._delete_stored(keys)
+        if keys:
+            log.info("tinker: %d saved weights deleted at the end of their time to live", len(keys))
+        return len(keys)
 
     def stepped(self, run: Run) -> None:
         """An optimizer step of `run` done: its metrics (steps, tokens, loss curve) kept for the dashboard."""
