@@ -531,3 +531,29 @@ def test_a_model_name_with_a_nul_character_is_404_not_a_database_error(client: T
     ]:
         response = client.post(path, headers=tenant.headers, json=body)
         assert response.status_code in (404, 422), (path, response.text)
+
+
+def test_a_stored_archive_is_fetched_only_whole_and_as_recorded(settings: Settings, tmp_path: Path) -> None:
+    """`adapter_format.fetched` (a job continuing from an adapter, Tinker's loaded states): an archive is unpacked
+    only if its digest is the recorded one; a missing or damaged one says which, and leaves nothing behind."""
+    from app.core.storage import ObjectStorage
+    from app.ml import adapter_format
+
+    storage = ObjectStorage.from_settings(settings)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    _, sha256 = adapter_format.pack(folder, tmp_path / "a.tar.gz", {"method": "lora"})
+    storage.put_path("artifacts/a.tar.gz", tmp_path / "a.tar.gz")
+    work = tmp_path / "work"
+    with adapter_format.fetched(storage, "artifacts/a.tar.gz", sha256, work) as unpacked:
+        assert (unpacked / "adapter_config.json").read_text() == "{}"
+    for key, digest, reason in [
+        ("artifacts/missing.tar.gz", sha256, "missing"),
+        ("artifacts/a.tar.gz", "0" * 64, "damaged (checksum mismatch)"),
+    ]:
+        with pytest.raises(adapter_format.StoredArtifactUnavailable) as failure:
+            with adapter_format.fetched(storage, key, digest, work):
+                pass
+        assert failure.value.reason == reason
+    assert list(work.iterdir()) == []

@@ -4,7 +4,6 @@ the worker's device, its progress to the job's row, its checkpoints to the objec
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,12 +120,8 @@ def starting_weights(settings: Settings, storage: ObjectStorage, job: ClaimedJob
             key, sha256 = row.storage_key, row.sha256
     except NotFound:
         raise gone from None
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="start-", dir=settings.tmp_dir) as tmp:
-        archive = Path(tmp) / "start.tar.gz"
-        try:
-            if storage.download(key, archive) != sha256:
-                raise gone
-        except FileNotFoundError:
-            raise gone from None
-        yield adapter_format.unpack(archive, Path(tmp) / "artifact")
+    try:
+        with adapter_format.fetched(storage, key, sha256, settings.tmp_dir) as folder:
+            yield folder
+    except adapter_format.StoredArtifactUnavailable:
+        raise gone from None

@@ -10,8 +10,11 @@ import hashlib
 import json
 import shutil
 import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 MANIFEST = "tuneforge.json"
 
@@ -39,3 +42,34 @@ def unpack(archive: Path, dest: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+class Downloads(Protocol):
+    def download(self, key: str, dest: Path) -> str:
+        """The object `key` into `dest`; its sha256 (FileNotFoundError if there is none)."""
+        ...
+
+
+class StoredArtifactUnavailable(Exception):
+    """A stored archive that is missing or damaged (its digest is not the one recorded): `reason` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@contextmanager
+def fetched(storage: Downloads, key: str, sha256: str, tmp_dir: Path) -> Iterator[Path]:
+    """A stored archive fetched from the object store, checked against its recorded digest and unpacked in a
+    temporary folder under `tmp_dir` while the context lasts; StoredArtifactUnavailable if it is missing or
+    damaged. (The worker's job that continues from an adapter, Tinker's loaded states and scoring models.)"""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="artifact-", dir=tmp_dir) as tmp:
+        archive = Path(tmp) / "artifact.tar.gz"
+        try:
+            digest = storage.download(key, archive)
+        except FileNotFoundError:
+            raise StoredArtifactUnavailable("missing") from None
+        if digest != sha256:
+            raise StoredArtifactUnavailable("damaged (checksum mismatch)")
+        yield unpack(archive, Path(tmp) / "artifact")

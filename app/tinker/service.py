@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -658,12 +657,8 @@ class TinkerService:
 def fetched(settings: Settings, storage: Any, ref: AdapterRef, what: str) -> Iterator[Path]:
     """Weights a run saved, fetched from the object store, checked against their digest and unpacked in a
     temporary folder while the context lasts; UserError (saying `what`) if they are missing or damaged."""
-    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tinker-", dir=settings.tmp_dir) as tmp:
-        archive = Path(tmp) / "weights.tar.gz"
-        try:
-            if storage.download(ref.storage_key, archive) != ref.sha256:
-                raise UserError(f"the files of the {what} are damaged (checksum mismatch)")
-        except FileNotFoundError:
-            raise UserError(f"the files of the {what} are missing") from None
-        yield adapter_format.unpack(archive, Path(tmp) / "weights")
+    try:
+        with adapter_format.fetched(storage, ref.storage_key, ref.sha256, settings.tmp_dir) as folder:
+            yield folder
+    except adapter_format.StoredArtifactUnavailable as exc:
+        raise UserError(f"the files of the {what} are {exc.reason}") from None
