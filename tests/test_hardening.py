@@ -552,8 +552,10 @@ def test_a_stored_archive_is_fetched_only_whole_and_as_recorded(settings: Settin
         ("artifacts/missing.tar.gz", sha256, "missing"),
         ("artifacts/a.tar.gz", "0" * 64, "damaged (checksum mismatch)"),
     ]:
-        with pytest.raises(adapter_format.StoredArtifactUnavailable) as failure:
-            with adapter_format.fetched(storage, key, digest, work):
-                pass
+        with (
+            pytest.raises(adapter_format.StoredArtifactUnavailable) as failure,
+            adapter_format.fetched(storage, key, digest, work),
+        ):
+            pass
         assert failure.value.reason == reason
     assert list(work.iterdir()) == []
