@@ -373,6 +373,16 @@ def save_weights_for_sampler(
     return {"request_id": service.submit(run, body.seq_id, "SaveWeightsForSampler", work), "model_id": run.model_id}
 
 
+@router.post("/save_weights_external")
+def save_weights_external(tenant: TenantDep) -> None:
+    """Not served: weights are saved to this server's object store (`save_state`, `save_weights_for_sampler`)."""
+    raise InvalidInput(
+        "saving weights to outside storage is not served here: save_state or save_weights_for_sampler, then "
+        "download the checkpoint's archive",
+        param="path",
+    )
+
+
 class SaveState(_Body):
     model_id: str = Field(max_length=128)
     seq_id: int = Field(ge=1, le=2**31 - 1)
