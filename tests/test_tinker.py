@@ -682,3 +682,24 @@ def test_a_run_held_by_another_api_process_is_said_to_be_there(
     message = answer.json()["error"]["message"]
     assert "held in the memory of another API process (other-host:4242)" in message and HOLDER in message
     assert "create_training_client_from_state_with_optimizer" in message
+
+
+def test_the_top_k_tokens_at_each_prompt_position(service: Any, settings: Settings) -> None:
+    """`topk_prompt_logprobs=k`: at each prompt position after the first, the k likeliest tokens and their
+    log-probabilities, as the model computes them here (the first position: none)."""
+    sampler = service.create_sampling_client(base_model="tiny-random-llama")
+    prompt = types.ModelInput.from_ints(TOKENS)
+    answer = sampler.sample(
+        prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True, topk_prompt_logprobs=3
+    ).result()
+    model = ModelStore(settings.models_dir, None).load(BUILTINS["tiny-random-llama"])
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([TOKENS])).logits.float()[0, :-1], -1).topk(3)
+    table = answer.topk_prompt_logprobs
+    assert table is not None and len(table) == len(TOKENS) and table[0] is None
+    for position, row in enumerate(table[1:]):
+        assert row is not None and [token for token, _ in row] == expected.indices[position].tolist()
+        assert [lp for _, lp in row] == pytest.approx(expected.values[position].tolist(), abs=1e-4)
+    assert answer.prompt_logprobs is not None and answer.prompt_logprobs[0] is None
+    with pytest.raises(Exception, match="topk_prompt_logprobs"):
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), topk_prompt_logprobs=21).result()

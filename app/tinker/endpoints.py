@@ -120,6 +120,7 @@ Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^/]+$")]
 
 
 MAX_TTL_SECONDS = 10 * 365 * 86400
+MAX_TOP_K_PROMPT_LOGPROBS = 20  # as OpenAI's top_logprobs
 TtlSeconds = Annotated[
     int | None, Field(None, ge=1, le=MAX_TTL_SECONDS, description="Deleted this long after saving (none: kept)")
 ]
@@ -172,7 +173,9 @@ class ASample(_Body):
     prompt: PromptInput
     sampling_params: SamplingParams = Field(default_factory=lambda: SamplingParams.model_validate({}))
     prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = Field(0, ge=0, le=0, description="Not supported: 0 only")
+    topk_prompt_logprobs: int = Field(
+        0, ge=0, le=MAX_TOP_K_PROMPT_LOGPROBS, description="The k likeliest tokens at each prompt position"
+    )
 
 
 class RetrieveFuture(_Body):
@@ -717,8 +720,11 @@ def asample(
         if not pending.future.set_running_or_notify_cancel():
             return
         try:
-            scored = service.prompt_logprobs(storage, sampler, record, prompt) if body.prompt_logprobs else None
-            pending.future.set_result(encode_samples([g.result() for g in generations], scored))
+            scored, top = None, None
+            if body.prompt_logprobs or body.topk_prompt_logprobs:
+                scored, top = service.prompt_logprobs(storage, sampler, record, prompt, body.topk_prompt_logprobs)
+            results = [g.result() for g in generations]
+            pending.future.set_result(encode_samples(results, scored if body.prompt_logprobs else None, top))
         except Exception as exc:  # a sample's failure (its adapter could not be loaded, say)
             failure = UserError(str(exc)) if isinstance(exc, AdapterUnavailable | UserError) else exc
             pending.future.set_exception(failure)
@@ -783,12 +789,20 @@ def fetch_state(settings: Settings, storage: Any, ref: AdapterRef, lora: LoraRun
         lora.load_state(folder, optimizer=optimizer)
 
 
-def encode_samples(results: list[GenerationResult], prompt_logprobs: list[float] | None) -> bytes:
+def encode_samples(
+    results: list[GenerationResult], prompt_logprobs: list[float] | None, top_k: tuple[Any, Any] | None = None
+) -> bytes:
     """A `tinker_public.SampleResponse`: each sample's tokens and their log-probabilities, and why it stopped; the
     prompt's log-probabilities when asked for."""
     response = wire.SampleResponse()
     if prompt_logprobs is not None:
         response.prompt_logprobs = np.asarray(prompt_logprobs, dtype=np.float32).tobytes()
+    if top_k is not None:
+        token_ids, logprobs = top_k
+        table = response.topk_prompt_logprobs
+        table.length, table.k = token_ids.shape
+        table.token_ids = token_ids.astype(np.int32).tobytes()
+        table.logprobs = logprobs.astype(np.float32).tobytes()
     for result in results:
         sequence = response.sequences.add()
         sequence.stop_reason = wire.STOP_REASON_STOP if result.finish_reason == "stop" else wire.STOP_REASON_LENGTH

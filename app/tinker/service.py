@@ -36,6 +36,7 @@ from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
 from app.ml.serving import AdapterRef
 from app.ml.training.dpo import token_log_probs
+from app.ml.training.loss import LOSS_CHUNK_POSITIONS
 from app.ml.training.stepwise import Example, LoraRun, SharedBase, StepError
 from app.tinker.repository import adapter_ref, delete_saved, find_saved
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 FUTURES_KEPT_SECONDS = 600.0  # a result stays retrievable this long after it is ready (a poll lost in transit)
 MAX_PENDING_SEQ = 1024  # requests of one run waiting for an earlier seq_id
 SCORING_MODELS = 2  # models kept for prompt log-probabilities
+EMPTY_TOP_K_LOGPROB = -99999.0  # Tinker's empty cell of a top-k table (with token id 0)
 MAX_UNNAMED_WEIGHTS = 16  # a session's unnamed sampler weights kept (the latest), for its sampling clients
 
 
@@ -616,13 +618,17 @@ class TinkerService:
 
     # --- prompt log-probabilities (`prompt_logprobs`, `compute_logprobs`) -------------------------------------------
 
-    def prompt_logprobs(self, storage: Any, sampler: Sampler, record: ModelRecord, tokens: list[int]) -> list[float]:
+    def prompt_logprobs(
+        self, storage: Any, sampler: Sampler, record: ModelRecord, tokens: list[int], top_k: int = 0
+    ) -> tuple[list[float], Any]:
         """Each prompt token's log-probability given the tokens before it under the sampler's weights (NaN for
-        the first: nothing predicts it). A forward pass on a scoring copy of the model (the two most recently
-        used kept), one at a time, with the training recipe's log-probabilities (`token_log_probs`: the output
-        layer a chunk of positions at a time)."""
+        the first: nothing predicts it), and with `top_k` the k likeliest tokens at each prompt position and their
+        log-probabilities (token ids and log-probabilities, [len(tokens), k]; the first row Tinker's empty cells).
+        A forward pass on a scoring copy of the model (the two most recently used kept), one at a time, with the
+        training recipe's log-probabilities (`token_log_probs`: the output layer a chunk of positions at a time)."""
         import math
 
+        import numpy as np
         import torch
 
         with self._scoring_lock:
@@ -634,7 +640,14 @@ class TinkerService:
             positions[0, -1] = False  # the last position predicts nothing of the prompt
             with torch.no_grad():
                 picked = token_log_probs(model, ids, torch.ones_like(ids), targets, positions)
-        return [math.nan, *picked.cpu().tolist()]
+                top = top_k_log_probs(model, ids, top_k) if top_k else None
+        logprobs = [math.nan, *picked.cpu().tolist()]
+        if top is None:
+            return logprobs, None
+        token_ids = np.zeros((len(tokens), top_k), dtype=np.int32)
+        values = np.full((len(tokens), top_k), EMPTY_TOP_K_LOGPROB, dtype=np.float32)
+        token_ids[1:], values[1:] = top[0].cpu().numpy(), top[1].cpu().numpy()
+        return logprobs, (token_ids, values)
 
     def _scoring_model(self, storage: Any, sampler: Sampler, record: ModelRecord) -> Any:
         key = (record.id, record.revision, sampler.adapter.id if sampler.adapter else None)
@@ -651,6 +664,23 @@ class TinkerService:
         while len(self._scoring) > SCORING_MODELS:
             self._scoring.pop(next(iter(self._scoring)))
         return cached
+
+
+def top_k_log_probs(model: Any, input_ids: Any, k: int) -> tuple[Any, Any]:
+    """At each position of the one row `input_ids` but the last, the `k` likeliest next tokens and their
+    log-probabilities ([positions - 1, k] each): the output layer a chunk of positions at a time, so no more than
+    one chunk's logits over the vocabulary exist at once."""
+    import torch
+
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[0, :-1]
+    head = model.get_output_embeddings()
+    ids, values = [], []
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_POSITIONS):
+        scores = torch.log_softmax(head(hidden[start : start + LOSS_CHUNK_POSITIONS]).float(), dim=-1)
+        top = scores.topk(min(k, scores.shape[-1]), dim=-1)
+        ids.append(top.indices)
+        values.append(top.values)
+    return torch.cat(ids), torch.cat(values)
 
 
 @contextmanager
