@@ -176,6 +176,9 @@ class ASample(_Body):
     topk_prompt_logprobs: int = Field(
         0, ge=0, le=MAX_TOP_K_PROMPT_LOGPROBS, description="The k likeliest tokens at each prompt position"
     )
+    topk_sample_logprobs: int = Field(
+        0, ge=0, le=0, description="Not served (0 only): the engine gives each sampled token's own log-probability"
+    )
 
 
 class RetrieveFuture(_Body):
