@@ -3,13 +3,13 @@
     .venv/bin/python bench/training_api.py [--steps 6] [--batch 8] [--tokens 128] [--runs 8] [--threads 2] [--quick]
 
 1. The same LoRA steps (`forward_backward` with `cross_entropy` on `--batch` examples of `--tokens` tokens, then an
-   AdamW `optim_step`) run twice: through the official `tinker` client against a live Tuneforge (uvicorn on
-   loopback, in this process: protobuf over HTTP, futures polled) and in-process on the same step code
-   (`app.ml.training.stepwise.LoraRun`, what the server runs). Prints tokens/s of each and their ratio (target
-   issue 23: the client at least 0.8x).
+   AdamW `optim_step`) run twice: through the official `tinker` client against a real Tuneforge API process
+   (`python -m app.cli api` on the embedded default, on loopback: protobuf over HTTP, futures polled), and
+   in-process on the same step code (`app.ml.training.stepwise.LoraRun`, what the server runs). Prints tokens/s of
+   each and their ratio (target issue 23: the client at least 0.8x).
 2. `--runs` training runs at once through the client (a thread each, the same steps) against one run alone:
-   aggregate tokens/s, and the process's peak resident memory, which should grow by the LoRAs and optimizer
-   states only: the runs share one copy of the base model's weights.
+   aggregate tokens/s, and the API process's resident memory (read from /proc), which should grow by the LoRAs and
+   optimizer states only: the runs share one copy of the base model's weights.
 
 The first step of each run is warm-up and not timed. --quick: the tiny random LLaMA, 2 steps (checks the script).
 """
@@ -17,7 +17,9 @@ The first step of each run is warm-up and not timed. --quick: the tiny random LL
 from __future__ import annotations
 
 import argparse
-import resource
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,8 +32,51 @@ from common import add_options, bench_settings, convert_once, environment, parse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def memory_mib(pid: int) -> tuple[float, float]:
+    """A process's resident memory now and its peak so far (VmRSS, VmHWM), in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def start_api(data_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+    """A real API process on the embedded default in `data_dir`, on a free loopback port; it and its URL."""
+    from common import default_models_dir
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "TUNEFORGE_DATA_DIR": str(data_dir),
+        "TUNEFORGE_MODEL_CACHE_DIR": str(vars(args).get("models_dir") or default_models_dir()),
+        "TUNEFORGE_DEVICE": args.device,
+        "TUNEFORGE_DTYPE": args.dtype,
+        "TUNEFORGE_PORT": str(port),
+        "TUNEFORGE_TINKER_MAX_RUNS": str(args.runs + 2),
+        "TUNEFORGE_TINKER_MAX_RUNS_PER_TENANT": str(args.runs + 2),
+        "TUNEFORGE_TINKER_MAX_SESSIONS_PER_TENANT": str(args.runs + 2),
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    if args.threads:
+        env["TUNEFORGE_TORCH_THREADS"] = str(args.threads)
+    log = (data_dir / "api.log").open("wb")
+    api = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while True:
+        if api.poll() is not None:
+            raise RuntimeError((data_dir / "api.log").read_text()[-3000:])
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return api, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            api.kill()
+            raise RuntimeError("the API did not become ready: " + (data_dir / "api.log").read_text()[-3000:])
+        time.sleep(0.3)
 
 
 def batch(args: argparse.Namespace, seed: int) -> list[list[int]]:
@@ -107,30 +152,31 @@ def main() -> None:
 
     from app.auth.service import create_api_key
     from app.core.db import migrate, session_scope
-    from app.main import create_app
-    from tests.conftest import live
 
     with tempfile.TemporaryDirectory(prefix="bench-tinker-") as tmp:
-        settings = bench_settings(Path(tmp), args).model_copy(
-            update={"tinker_max_runs": args.runs + 2, "tinker_max_runs_per_tenant": args.runs + 2}
-        )
+        settings = bench_settings(Path(tmp), args)
         migrate(settings.db_url)
         with session_scope(settings.db_url) as session:
             key = create_api_key(session, tenant_name="bench")
         in_process = in_process_steps(settings, args.model, args)
-        with live(create_app(settings)) as url:
+        print(f"in-process (the server's step code)   {in_process:9.1f} tokens/s", flush=True)
+        api, url = start_api(Path(tmp), args)
+        try:
             service = tinker.ServiceClient(base_url=url, api_key=f"tml-{key}")
+            idle, _ = memory_mib(api.pid)
             through_client = client_steps(service, args.model, args, seed=1)
-            print(f"in-process (the server's step code)   {in_process:9.1f} tokens/s")
+            one_rss, one_peak = memory_mib(api.pid)
             print(f"through the tinker client             {through_client:9.1f} tokens/s")
             print(f"client / in-process: {through_client / in_process:.2f} (target >= 0.8)")
+            print(f"API process: {idle:.0f} MiB before the first run; one run: peak {one_peak:.0f} MiB")
 
-            before = rss_mib()
             rates: list[float] = [0.0] * args.runs
             started = time.perf_counter()
 
             def one(i: int) -> None:
-                rates[i] = client_steps(service, args.model, args, seed=10 + i)
+                rates[i] = client_steps(
+                    tinker.ServiceClient(base_url=url, api_key=f"tml-{key}"), args.model, args, 10 + i
+                )
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(args.runs)]
             for thread in threads:
@@ -139,12 +185,22 @@ def main() -> None:
                 thread.join()
             elapsed = time.perf_counter() - started
             total = args.runs * (args.steps + 1) * args.batch * args.tokens
+            many_rss, many_peak = memory_mib(api.pid)
             print(
                 f"{args.runs} runs at once: {total / elapsed:9.1f} tokens/s in all, warm-up steps included "
-                f"(one alone: {through_client:.1f}); "
-                f"peak RSS {rss_mib():.0f} MiB, {rss_mib() - before:.0f} MiB more than with one run "
-                f"(the base model's weights are held once)"
+                f"(one alone: {through_client:.1f})"
             )
+            print(
+                f"API process peak: {many_peak:.0f} MiB with {args.runs} runs, {one_peak:.0f} MiB with one: "
+                f"{many_peak - one_peak:.0f} MiB more ({(many_peak - one_peak) / max(args.runs - 1, 1):.0f} MiB a run; "
+                f"the base model's weights are held once); resident after: {many_rss:.0f} MiB"
+            )
+        finally:
+            api.terminate()
+            try:
+                api.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                api.kill()
 
 
 if __name__ == "__main__":
