@@ -17,6 +17,7 @@ The first step of each run is warm-up and not timed. --quick: the tiny random LL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -161,8 +162,9 @@ def main() -> None:
         in_process = in_process_steps(settings, args.model, args)
         print(f"in-process (the server's step code)   {in_process:9.1f} tokens/s", flush=True)
         api, url = start_api(Path(tmp), args)
+        stack = contextlib.ExitStack()
         try:
-            service = tinker.ServiceClient(base_url=url, api_key=f"tml-{key}")
+            service = stack.enter_context(tinker.ServiceClient(base_url=url, api_key=f"tml-{key}"))
             idle, _ = memory_mib(api.pid)
             through_client = client_steps(service, args.model, args, seed=1)
             one_rss, one_peak = memory_mib(api.pid)
@@ -174,9 +176,8 @@ def main() -> None:
             started = time.perf_counter()
 
             def one(i: int) -> None:
-                rates[i] = client_steps(
-                    tinker.ServiceClient(base_url=url, api_key=f"tml-{key}"), args.model, args, 10 + i
-                )
+                with tinker.ServiceClient(base_url=url, api_key=f"tml-{key}") as own:
+                    rates[i] = client_steps(own, args.model, args, 10 + i)
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(args.runs)]
             for thread in threads:
@@ -196,6 +197,7 @@ def main() -> None:
                 f"the base model's weights are held once); resident after: {many_rss:.0f} MiB"
             )
         finally:
+            stack.close()  # the clients' sessions finished before the server stops
             api.terminate()
             try:
                 api.wait(timeout=30)

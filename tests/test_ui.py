@@ -335,23 +335,14 @@ def test_a_tinker_run_in_the_dashboard(tenant: Tenant, server: str, page: Any) -
     """A training run the official tinker client steps: listed with its steps, its loss curve one point per
     optimizer step, and its sampler weights as an adapter with the download and playground links."""
     import tinker
-    from tinker import types
 
-    service = tinker.ServiceClient(base_url=server, api_key=f"tml-{tenant.key}")
-    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=0).result()
-    tokens = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
-    example = types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 9},
-    )
-    for _ in range(4):
-        training.forward_backward([example], "cross_entropy")
-        training.optim_step(types.AdamParams(learning_rate=0.02))
-    saved = training.save_weights_for_sampler("shown").result()
+    with tinker.ServiceClient(base_url=server, api_key=f"tml-{tenant.key}") as service:
+        saved = train_a_few_steps(service)
+        run_id = saved.path.removeprefix("tinker://").split("/")[0]
 
     page.add_init_script(f"localStorage.setItem('tuneforge.apiKey', {json.dumps(tenant.key)})")
     page.goto(f"{server}/ui#/runs")
-    row = page.locator(f'#runs tr[data-run-id="{training.model_id}"]')
+    row = page.locator(f'#runs tr[data-run-id="{run_id}"]')
     assert row.locator("[data-field=steps]").inner_text() == "4"
     row.locator("a").click()
     wait_for_points(page, "loss", 4)
@@ -362,3 +353,19 @@ def test_a_tinker_run_in_the_dashboard(tenant: Tenant, server: str, page: Any) -
     assert page.locator("#pg-adapter").input_value() == adapter_id
     page.click("nav a[data-nav=adapters]")
     page.locator(f'#adapters tr[data-adapter-id="{adapter_id}"]').get_by_text(saved.path).wait_for()
+
+
+def train_a_few_steps(service: Any) -> Any:
+    """Four steps of a LoRA through the tinker client, then its weights saved for sampling (named `shown`)."""
+    from tinker import types
+
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=4, seed=0).result()
+    tokens = [1, 7, 12, 40, 3, 99, 150, 61, 8, 22]
+    example = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * 9},
+    )
+    for _ in range(4):
+        training.forward_backward([example], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=0.02))
+    return training.save_weights_for_sampler("shown").result()
