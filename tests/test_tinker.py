@@ -707,3 +707,52 @@ def test_the_top_k_tokens_at_each_prompt_position(service: Any, settings: Settin
     assert answer.prompt_logprobs is not None and answer.prompt_logprobs[0] is None
     with pytest.raises(Exception, match="topk_prompt_logprobs"):
         sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), topk_prompt_logprobs=21).result()
+
+
+def test_refusals_name_what_is_wrong_and_another_tenants_run_is_not_found(
+    server: tuple[str, FastAPI], service: Any, tenant: Tenant, make_tenant: Any
+) -> None:
+    training = service.create_lora_training_client(base_model="tiny-random-llama", rank=2, seed=0).result()
+    wrong_length = datum(weights=[1.0] * 5)  # 9 positions
+    with pytest.raises(Exception, match=r"data\[0\]\.loss_fn_inputs\.weights: 5 values for 9 input tokens"):
+        training.forward_backward([wrong_length], "cross_entropy").result()
+    outside = types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={"target_tokens": [10**6] * 9, "weights": [1.0] * 9},
+    )
+    with pytest.raises(Exception, match="target_tokens: a token id outside the model's vocabulary"):
+        training.forward([outside], "cross_entropy").result()
+    with pytest.raises(Exception, match="importance_sampling needs 'advantages'"):
+        training.forward([datum(logprobs=[0.0] * 9)], "importance_sampling").result()
+    with pytest.raises(Exception, match="unknown base_model .no-such-model.; available: "):
+        service.create_lora_training_client(base_model="no-such-model", rank=2).result()
+    with pytest.raises(Exception, match="adam_params.learning_rate"):  # refused by the body's validation
+        training.optim_step(types.AdamParams(learning_rate=-1.0)).result()
+    # The run is fine after its refused requests (each still took its turn: the later ones do not wait for it).
+    assert training.forward([datum(weights=[1.0] * 9)], "cross_entropy").result().metrics["loss:sum"] > 0
+
+    # Three runs a tenant on this server (TUNEFORGE_TINKER_MAX_RUNS_PER_TENANT): the fourth is refused, saying so.
+    for seed in (1, 2):
+        service.create_lora_training_client(base_model="tiny-random-llama", rank=2, seed=seed).result()
+    with pytest.raises(Exception, match="TUNEFORGE_TINKER_MAX_RUNS"):
+        service.create_lora_training_client(base_model="tiny-random-llama", rank=2, seed=3).result()
+
+    # Another tenant sees none of it, by either API.
+    other = make_tenant()
+    saved = training.save_weights_for_sampler("mine").result()
+    with tinker.ServiceClient(base_url=server[0], api_key=f"tml-{other.key}") as theirs:
+        with pytest.raises(tinker.NotFoundError):
+            theirs.create_rest_client().get_training_run(training.model_id).result()
+        with pytest.raises(tinker.NotFoundError, match="no saved weights at"):
+            theirs.create_sampling_client(model_path=saved.path).sample(
+                types.ModelInput.from_ints(TOKENS[:3]), 1, types.SamplingParams(max_tokens=2)
+            ).result()
+    step = {"model_id": training.model_id, "seq_id": 99, "adam_params": {"learning_rate": 0.1}}
+    as_other = {"X-API-Key": f"tml-{other.key}"}
+    assert httpx.post(f"{server[0]}/api/v1/optim_step", json=step, headers=as_other).status_code == 404
+    bearer = {"Authorization": f"Bearer {other.key}"}
+    assert httpx.get(f"{server[0]}/training_runs/{training.model_id}", headers=bearer).status_code == 404
+    assert httpx.get(f"{server[0]}/training_runs", headers=bearer).json()["data"] == []
+    assert httpx.get(f"{server[0]}/adapters", headers=bearer).json()["data"] == []
+    generate = {"adapter_id": saved.path, "prompt": "x", "max_tokens": 2}
+    assert httpx.post(f"{server[0]}/generate", json=generate, headers=bearer).status_code == 404

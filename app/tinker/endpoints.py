@@ -9,21 +9,25 @@ Request bodies ignore fields they do not know: the client adds some (`type`, `sd
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import tempfile
 import threading
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path as Path_
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Body, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
-from app.core.errors import ErrorCode, Gone, InvalidInput, NotFound, TooManyRequests, error_responses
+from app.core.errors import AppError, ErrorCode, Gone, InvalidInput, NotFound, TooManyRequests, error_responses
 from app.core.models import TinkerCheckpoint, TinkerRun, utcnow
 from app.core.settings import Settings
 from app.core.storage import delete_after_commit
@@ -45,7 +49,55 @@ from app.tinker import wire
 from app.tinker.repository import delete_saved, find_saved
 from app.tinker.service import TinkerService, UserError, fetched
 
-router = APIRouter(prefix="/api/v1", tags=["tinker"], responses=error_responses(401, 404, 409, 410, 422))
+
+class InTurnRoute(APIRoute):
+    """A route whose refused requests still take their turn in their run (`TinkerService.skip`): whatever refuses
+    a request that names a run and a seq_id — its body's validation, a bound, a check of the handler — the run's
+    later requests go on."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def in_turn(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (AppError, RequestValidationError):
+                turn = await _turn(request)
+                tenant = request.scope.get("state", {}).get("tenant")
+                if turn is not None and tenant is not None:
+                    tinker(request).skip(tenant.id, *turn)
+                raise
+
+        return in_turn
+
+
+async def _turn(request: Request) -> tuple[str, int] | None:
+    """The run and seq_id a request names, if it names both (JSON, or a protobuf pass)."""
+    body = await request.body()
+    if request.headers.get("content-type", "").startswith(PROTOBUF):
+        try:
+            message = wire.ForwardBackwardRequest.FromString(body)
+        except Exception:  # not even a pass: it names no run
+            return None
+        return (message.model_id, message.seq_id) if message.model_id else None
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    model_id, seq_id = fields.get("model_id"), fields.get("seq_id")
+    if isinstance(model_id, str) and isinstance(seq_id, int) and not isinstance(seq_id, bool):
+        return model_id, seq_id
+    return None
+
+
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["tinker"],
+    responses=error_responses(401, 404, 409, 410, 422),
+    route_class=InTurnRoute,
+)
 PROTOBUF = "application/x-protobuf"
 MAX_PROMPT_TOKENS = 131_072  # a sampling prompt's tokens (bounded again by the model's context)
 MAX_SAMPLES = 16  # samples of one asample request

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FUTURES_KEPT_SECONDS = 600.0  # a result stays retrievable this long after it is ready (a poll lost in transit)
 MAX_PENDING_SEQ = 1024  # requests of one run waiting for an earlier seq_id
+REFUSED = ""  # a refused request's place in `Run.seen` (no request id: it took its turn as a no-op)
 SCORING_MODELS = 2  # models kept for prompt log-probabilities
 EMPTY_TOP_K_LOGPROB = -99999.0  # Tinker's empty cell of a top-k table (with token id 0)
 MAX_UNNAMED_WEIGHTS = 16  # a session's unnamed sampler weights kept (the latest), for its sampling clients
@@ -378,6 +379,8 @@ class TinkerService:
         """Queue `work` on the run at `seq_id` (run when every earlier seq_id has run); its request id. A seq_id
         sent again (the client's retry) gets the first request's id."""
         with run.cond:
+            if run.seen.get(seq_id) == REFUSED:
+                raise InvalidInput(f"seq_id {seq_id} of {run.model_id} was refused; send the next", param="seq_id")
             if seq_id in run.seen:
                 return run.seen[seq_id]
             if seq_id < run.expected:
@@ -399,6 +402,26 @@ class TinkerService:
             run.seen[seq_id] = request_id
         self._start(run, seq_id, pending, task)
         return request_id
+
+    def skip(self, tenant_id: str, model_id: str, seq_id: int) -> None:
+        """A request of a run refused before it was queued (its body invalid, a bound reached) still takes its turn,
+        as a no-op: the client numbers a run's requests as it sends them, and the later ones would otherwise wait
+        for it forever."""
+        with self._lock:
+            run = self.runs.get(model_id)
+        if run is None or run.tenant_id != tenant_id or run.closed:
+            return
+        with run.cond:
+            if seq_id in run.seen or seq_id < run.expected or len(run.waiting) >= MAX_PENDING_SEQ:
+                return
+            run.seen[seq_id] = REFUSED
+            pending = Pending(tenant_id, "Refused")
+
+            def no_op() -> None:
+                pending.future.set_running_or_notify_cancel()
+
+            heapq.heappush(run.waiting, (seq_id, id(pending), no_op, pending))
+            run.cond.notify_all()
 
     def _start(self, run: Run, seq_id: int, pending: Pending, work: Callable[[], Any]) -> None:
         def task() -> None:

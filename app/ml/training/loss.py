@@ -209,15 +209,17 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     *,
     max_grad_norm: float,
+    keep_gradients: bool = False,
 ) -> float | None:
     """The optimizer's step over the gradients accumulated since the last one, and the gradients cleared: unscaled
     first (float16's loss scaling; a step whose gradients overflowed is skipped and the scale lowered), clipped to
-    `max_grad_norm` if it is positive. The gradients' norm before clipping, where they were clipped."""
+    `max_grad_norm` if it is positive. The gradients' norm before clipping, where they were clipped. With
+    `keep_gradients` they are zeroed in place rather than freed (buffers that stay allocated)."""
     scaler.unscale_(optimizer)
     norm = None
     if max_grad_norm > 0:
         norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_grad_norm))
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_gradients)
     return norm

@@ -198,6 +198,10 @@ class LoraRun:
         self.trainable = [p for n, p in self.model.named_parameters() if marker in n and "lora_" in n]
         for parameter in self.trainable:  # trained in float32 whatever the base's dtype (autocast computes)
             parameter.data = parameter.data.float()
+            # Gradients kept allocated from here on (zeroed after each step, not freed): freed and allocated again
+            # by each backward pass, among the activations of other runs' steps, they left islands that kept the
+            # allocator from reusing that memory (0.9 GB more resident per run training at once, on a CPU).
+            parameter.grad = torch.zeros_like(parameter)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4)
         # float16's narrow range underflows small gradients: the loss is scaled (bfloat16 has float32's range).
         self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
@@ -312,11 +316,14 @@ class LoraRun:
     ) -> dict[str, float]:
         """An AdamW step with these hyperparameters over the gradients added since the last one (none: no change),
         then the gradients cleared."""
-
+        if self.examples_since_step == 0:
+            return {}
         for group in self.optimizer.param_groups:
             group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
         with self.shared.lock:
-            norm = optimizer_step(self.optimizer, self.trainable, self.scaler, max_grad_norm=grad_clip_norm)
+            norm = optimizer_step(
+                self.optimizer, self.trainable, self.scaler, max_grad_norm=grad_clip_norm, keep_gradients=True
+            )
         self.examples_since_step = 0
         return {"grad_norm:mean": norm} if norm is not None else {}
 
