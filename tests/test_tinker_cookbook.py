@@ -25,7 +25,8 @@ from fastapi import FastAPI
 from tests.conftest import Tenant
 from tests.test_tinker import server  # noqa: F401 (the live server fixture)
 
-pytestmark = pytest.mark.slow  # processes of their own
+# Processes of their own; the embedded backend only (test_tinker.py covers the protocol on both).
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", ["embedded"], indirect=True)]
 
 COOKBOOK = Path(__file__).resolve().parent.parent / ".venv" / "cookbook"
 
