@@ -35,8 +35,6 @@ from app.ml import adapter_format
 from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
 from app.ml.serving import AdapterRef
-from app.ml.training.dpo import token_log_probs
-from app.ml.training.loss import LOSS_CHUNK_POSITIONS
 from app.ml.training.stepwise import Example, LoraRun, SharedBase, StepError
 from app.tinker.repository import adapter_ref, delete_saved, find_saved
 
@@ -654,6 +652,8 @@ class TinkerService:
         import numpy as np
         import torch
 
+        from app.ml.training.dpo import token_log_probs
+
         with self._scoring_lock:
             model = self._scoring_model(storage, sampler, record)
             device = next(model.parameters()).device
@@ -694,6 +694,8 @@ def top_k_log_probs(model: Any, input_ids: Any, k: int) -> tuple[Any, Any]:
     log-probabilities ([positions - 1, k] each): the output layer a chunk of positions at a time, so no more than
     one chunk's logits over the vocabulary exist at once."""
     import torch
+
+    from app.ml.training.loss import LOSS_CHUNK_POSITIONS
 
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[0, :-1]
     head = model.get_output_embeddings()

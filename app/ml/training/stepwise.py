@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.ml.device import Placement
-from app.ml.training.data import micro_batches
-from app.ml.training.dpo import token_log_probs
-from app.ml.training.loss import optimizer_step
-from app.ml.training.memory import MEMORY_SHARE, micro_batch_budget
+
+# torch and the recipe's parts are imported where they are used: the API's Tinker routes import this module's
+# names (LOSSES, Example, StepError) at startup, and an API process that trains nothing never loads torch.
 
 LOSSES = ("cross_entropy", "importance_sampling", "ppo")
 # What each loss reads of an example besides `target_tokens`.
@@ -106,6 +105,8 @@ class SharedBase:
     def __init__(self, model: Any, placement: Placement, *, max_batch_tokens: int) -> None:
         """`max_batch_tokens`: the operator's micro-batch budget (TUNEFORGE_TRAIN_MAX_BATCH_TOKENS, as for jobs),
         lowered to what the device's free memory holds."""
+        from app.ml.training.memory import micro_batch_budget
+
         self.base = model
         self.placement = placement
         self.max_batch_tokens = micro_batch_budget(model, placement, max_batch_tokens)
@@ -126,6 +127,8 @@ class SharedBase:
         activations (the micro-batch budget's share): a clear refusal instead of running out of memory later."""
         import psutil
         import torch
+
+        from app.ml.training.memory import MEMORY_SHARE
 
         if self.placement.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.placement.device)[0]
@@ -222,6 +225,9 @@ class LoraRun:
         `forward_only`, the loss's gradients added to those kept for the next `optim_step`."""
         import torch
 
+        from app.ml.training.data import micro_batches
+        from app.ml.training.dpo import token_log_probs
+
         if loss_fn not in LOSSES:
             raise StepError(f"loss_fn {loss_fn!r} is not one of {', '.join(LOSSES)}")
         if not examples:
@@ -316,6 +322,8 @@ class LoraRun:
     ) -> dict[str, float]:
         """An AdamW step with these hyperparameters over the gradients added since the last one (none: no change),
         then the gradients cleared."""
+        from app.ml.training.loss import optimizer_step
+
         if self.examples_since_step == 0:
             return {}
         for group in self.optimizer.param_groups:
