@@ -35,7 +35,7 @@ class TrainingRunObject(Schema):
     lora_config: dict[str, Any] = Field(description="rank, seed, train_attn, train_mlp, train_unembed")
     steps: int = Field(description="Optimizer steps taken")
     trained_tokens: int = Field(description="Tokens of the forward/backward passes")
-    loss: list[list[float]] = Field(
+    loss: list[tuple[int, float]] = Field(
         description="[step, loss per loss-bearing token of the passes before that step], the latest 1000 steps"
     )
     checkpoints: list[SavedWeights]

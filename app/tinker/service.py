@@ -80,7 +80,7 @@ class RunMetrics:
     tokens: int = 0
     loss_sum: float = 0.0
     loss_tokens: float = 0.0
-    curve: list[list[float]] = field(default_factory=list)  # [step, loss]
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
 
     def observe(self, examples: list[Example], loss_fn: str, loss_sum: float) -> None:
         for example in examples:
@@ -92,7 +92,7 @@ class RunMetrics:
     def step(self) -> dict[str, Any]:
         self.steps += 1
         if self.loss_tokens > 0:
-            self.curve = [*self.curve, [self.steps, round(self.loss_sum / self.loss_tokens, 6)]][-MAX_CURVE_POINTS:]
+            self.curve = [*self.curve, (self.steps, round(self.loss_sum / self.loss_tokens, 6))][-MAX_CURVE_POINTS:]
         self.loss_sum = self.loss_tokens = 0.0
         return {"steps": self.steps, "tokens": self.tokens, "loss": self.curve}
 
