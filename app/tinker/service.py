@@ -449,10 +449,15 @@ class TinkerService:
                         if pending.future.set_running_or_notify_cancel():
                             pending.future.set_exception(UserError(f"{run.model_id}: its session was closed"))
                     run.waiting.clear()
-                    if run.lora is not None and run.lora.close():  # the last run on its base: the base goes too
+                    last = run.lora is not None and run.lora.close()
+                    if last and run.lora is not None:  # the last run on its base: the base goes too
                         with self._lock:
                             self._bases = {k: b for k, b in self._bases.items() if b is not run.lora.shared}
                     run.lora = None  # the adapter's memory goes with the run
+                    if last:  # the host memory of the base and of the steps' activations back to the system
+                        from app.ml.training.memory import release_device_memory
+
+                        release_device_memory()
                     return
                 seq_id, _, task, _ = heapq.heappop(run.waiting)
             shared = getattr(run.lora, "shared", None)
