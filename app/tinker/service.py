@@ -106,6 +106,7 @@ class Run:
     rank: int
     revision: str | None = None  # of the base model's files
     metrics: RunMetrics = field(default_factory=RunMetrics)
+    metrics_due: dict[str, Any] | None = None  # an optimizer step's metrics, for the run's thread to record
     lora: LoraRun | None = None  # None until the model is loaded
     expected: int = 0  # the seq_id that runs next (0: the run's creation)
     waiting: list[tuple[int, int, Callable[[], None], Pending]] = field(default_factory=list)  # a heap by seq_id
@@ -465,6 +466,10 @@ class TinkerService:
                 shared.executor.submit(task).result()
             else:  # the run's creation: its model loads here
                 task()
+            try:
+                self._record_metrics(run)
+            except Exception:  # the database is away: the dashboard misses a point, the run goes on
+                log.warning("tinker: the metrics of %s could not be recorded", run.model_id, exc_info=True)
             with run.cond:
                 run.expected = max(run.expected, seq_id + 1)
 
@@ -614,8 +619,15 @@ class TinkerService:
         return len(keys)
 
     def stepped(self, run: Run) -> None:
-        """An optimizer step of `run` done: its metrics (steps, tokens, loss curve) kept for the dashboard."""
-        metrics = run.metrics.step()
+        """An optimizer step of `run` done (on the compute thread): its metrics (steps, tokens, loss curve), which
+        the run's own thread writes for the dashboard once the step is done (`_record_metrics`), off the compute
+        thread that every run on the base model shares."""
+        run.metrics_due = run.metrics.step()
+
+    def _record_metrics(self, run: Run) -> None:
+        metrics, run.metrics_due = run.metrics_due, None
+        if metrics is None:
+            return
         with session_scope(self.settings.db_url) as db:
             db.execute(
                 update(TinkerRun).where(TinkerRun.id == run.model_id).values(metrics=metrics, last_request_at=utcnow())
