@@ -38,7 +38,13 @@ class CurrentApp:
 
 _document_app = create_app(Settings(data_dir=Path(tempfile.mkdtemp(prefix="tuneforge-openapi-"))))
 current = CurrentApp(_document_app)
-schema = schemathesis.openapi.from_asgi("/openapi.json", current)
+# The document as the app writes it, read without serving it: serving it would start the app's lifespan (its
+# background loops, against a database never migrated) while the test modules are still being collected, and
+# Python 3.11's compiler is not safe against another thread compiling at the same time (pytest rewrites each test
+# module's AST: "SystemError: AST constructor recursion depth mismatch").
+schema = schemathesis.openapi.from_dict(_document_app.openapi())
+schema.app = current
+schema.location = "/openapi.json"
 # Tinker's forward/backward body is protobuf: sent as the binary bodies are (any bytes, which must be refused
 # cleanly unless they parse).
 schemathesis.serializer.alias("application/x-protobuf", "application/octet-stream")
