@@ -402,18 +402,7 @@ def save_weights_for_sampler(
     def work(lora: LoraRun) -> dict[str, Any]:
         ref, size = store_lora(settings, storage, lora, run.base_model, f"tinker/{tenant.id}/{run.model_id}/{name}")
         if body.path is not None:  # named: a checkpoint, kept beyond the session
-            service.record_checkpoint(
-                tenant.id,
-                run.model_id,
-                "sampler",
-                name,
-                path,
-                ref,
-                size,
-                base_model=run.base_model,
-                base_model_revision=run.revision,
-                ttl_seconds=body.ttl_seconds,
-            )
+            service.record_checkpoint(run, "sampler", name, path, ref, size, body.ttl_seconds)
         else:  # for the sampling session made here only: deleted with the session
             service.remember_saved(tenant.id, run.session_id, path, run.base_model, ref)
         result: dict[str, Any] = {"path": path, "type": "save_weights_for_sampler"}
@@ -471,18 +460,7 @@ def save_state(body: SaveState, request: Request, settings: SettingsDep, tenant:
     def work(lora: LoraRun) -> dict[str, Any]:
         key = f"tinker/{tenant.id}/{run.model_id}/state-{body.path}"
         ref, size = store_lora(settings, storage, lora, run.base_model, key, state=True)
-        service.record_checkpoint(
-            tenant.id,
-            run.model_id,
-            "training",
-            body.path,
-            path,
-            ref,
-            size,
-            base_model=run.base_model,
-            base_model_revision=run.revision,
-            ttl_seconds=body.ttl_seconds,
-        )
+        service.record_checkpoint(run, "training", body.path, path, ref, size, body.ttl_seconds)
         return {"path": path, "type": "save_weights"}
 
     return {"request_id": service.submit(run, body.seq_id, "SaveWeights", work), "model_id": run.model_id}

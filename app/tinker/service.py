@@ -526,23 +526,13 @@ class TinkerService:
     # --- saved weights (rows in the database, files in the object store) -------------------------------------------
 
     def record_checkpoint(
-        self,
-        tenant_id: str,
-        run_id: str,
-        kind: str,
-        name: str,
-        path: str,
-        ref: AdapterRef,
-        size: int,
-        *,
-        base_model: str,
-        base_model_revision: str | None,
-        ttl_seconds: int | None = None,
-    ) -> str | None:
-        """Keep weights a run saved (already in the object store) under their `tinker://` path, replacing what was
-        saved there before. Sampler weights are an adapter too (listed, downloadable, served by its id): its id.
+        self, run: Run, kind: str, name: str, path: str, ref: AdapterRef, size: int, ttl_seconds: int | None = None
+    ) -> None:
+        """Keep weights `run` saved (already in the object store) under their `tinker://` path, replacing what was
+        saved there before. Sampler weights are an adapter too (listed, downloadable, served by its id).
         Refused (UserError, the new files deleted) past the tenant's storage quota, which counts them as it counts
         files and jobs' adapters and checkpoints. With `ttl_seconds`, deleted that long after (`expire_checkpoints`)."""
+        tenant_id, run_id = run.tenant_id, run.model_id
         replaced: list[str] = []
         try:
             with session_scope(self.settings.db_url) as db:
@@ -567,8 +557,8 @@ class TinkerService:
                             id=adapter_id,
                             tenant_id=tenant_id,
                             tinker_path=path,
-                            base_model=base_model,
-                            base_model_revision=base_model_revision,
+                            base_model=run.base_model,
+                            base_model_revision=run.revision,
                             method="lora",
                             format="peft",
                             storage_key=ref.storage_key,
@@ -597,7 +587,6 @@ class TinkerService:
             self._delete_stored([ref.storage_key])
             raise UserError(str(exc)) from None
         self._delete_stored(replaced)
-        return adapter_id
 
     def expire_checkpoints(self) -> int:
         """Delete the saved weights whose time to live has passed (their rows, the adapter of sampler weights, and
