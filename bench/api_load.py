@@ -59,7 +59,7 @@ import httpx
 import psutil
 import psycopg
 import redis
-from common import default_models_dir, load_average  # bench/, beside this
+from common import default_models_dir, load_average, wait_ready  # bench/, beside this
 
 TUNEFORGE = [sys.executable, "-m", "app.cli"]
 BASE_MODEL = "tiny-random-llama"
@@ -303,18 +303,8 @@ class Deployment:
         with (self.workdir / "api.log").open("wb") as log:
             self.api = subprocess.Popen([*TUNEFORGE, "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if self.api.poll() is not None:
-                raise RuntimeError(f"the API exited with {self.api.returncode}:\n{self.api_log()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    return url, keys
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not become ready:\n{self.api_log()}")
-            time.sleep(0.3)
+        wait_ready(url, self.api, self.api_log)
+        return url, keys
 
     def api_log(self) -> str:
         path = self.workdir / "api.log"

@@ -10,6 +10,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,3 +198,25 @@ def command_line() -> str:
     with contextlib.suppress(ValueError):
         python = python.relative_to(Path.cwd())
     return shlex.join([str(python), *sys.argv])
+
+
+def wait_ready(url: str, process: Any, log: Callable[[], str], timeout: float = 120.0) -> None:
+    """Until the API process at `url` answers /readyz with 200; RuntimeError with the end of its log (`log()`) if
+    it exits first or is not ready within `timeout` seconds (then it is killed)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the API exited with {process.returncode}:\n{log()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the API did not become ready:\n{log()}")
+        time.sleep(0.3)

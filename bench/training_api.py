@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import add_options, bench_settings, convert_once, environment, parse_options, torch_placement
+from common import (
+    add_options,
+    bench_settings,
+    convert_once,
+    environment,
+    parse_options,
+    torch_placement,
+    wait_ready,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,24 +68,11 @@ def start_api(data_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
     }
     if args.threads:
         env["TUNEFORGE_TORCH_THREADS"] = str(args.threads)
-    log = (data_dir / "api.log").open("wb")
-    api = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    with (data_dir / "api.log").open("wb") as log:
+        api = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while True:
-        if api.poll() is not None:
-            raise RuntimeError((data_dir / "api.log").read_text()[-3000:])
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return api, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            api.kill()
-            raise RuntimeError("the API did not become ready: " + (data_dir / "api.log").read_text()[-3000:])
-        time.sleep(0.3)
+    wait_ready(url, api, lambda: (data_dir / "api.log").read_text()[-3000:], timeout=180)
+    return api, url
 
 
 def batch(args: argparse.Namespace, seed: int) -> list[list[int]]:
