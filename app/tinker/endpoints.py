@@ -14,7 +14,6 @@ import secrets
 import tempfile
 import threading
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
 from pathlib import Path as Path_
 from typing import Annotated, Any, Literal
 
@@ -28,7 +27,7 @@ from sqlalchemy import func, select
 
 from app.core.deps import SessionDep, SettingsDep, TenantDep
 from app.core.errors import AppError, ErrorCode, Gone, InvalidInput, NotFound, TooManyRequests, error_responses
-from app.core.models import TinkerCheckpoint, TinkerRun, utcnow
+from app.core.models import TinkerCheckpoint, TinkerRun
 from app.core.settings import Settings
 from app.core.storage import delete_after_commit
 from app.inference.engine import EngineDep
@@ -46,7 +45,7 @@ from app.ml.serving import (
 from app.ml.training.stepwise import LOSSES, Example, LoraRun
 from app.models.service import list_models, load_tokenizer, require_model
 from app.tinker import wire
-from app.tinker.repository import delete_saved, find_saved
+from app.tinker.repository import delete_saved, expiry, find_saved
 from app.tinker.service import TinkerService, UserError, fetched
 
 
@@ -633,7 +632,7 @@ def set_checkpoint_ttl(
 ) -> dict[str, Any]:
     """Delete the checkpoint `ttl_seconds` from now (null: keep it)."""
     row = _own_checkpoint(session, tenant.id, run_id, checkpoint_id)
-    row.expires_at = utcnow() + timedelta(seconds=body.ttl_seconds) if body.ttl_seconds else None
+    row.expires_at = expiry(body.ttl_seconds)
     return _checkpoint(row)
 
 

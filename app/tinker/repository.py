@@ -3,10 +3,12 @@ as: a LoRA adapter reference."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.core.models import Adapter, TinkerCheckpoint, TinkerRun
+from app.core.models import Adapter, TinkerCheckpoint, TinkerRun, utcnow
 from app.ml.serving import AdapterRef
 
 
@@ -35,3 +37,8 @@ def delete_saved(session: Session, checkpoint: TinkerCheckpoint) -> None:
     session.flush()
     if adapter_id is not None:
         session.execute(delete(Adapter).where(Adapter.id == adapter_id))
+
+
+def expiry(ttl_seconds: int | None) -> datetime | None:
+    """When saved weights with this time to live are deleted (none: kept)."""
+    return utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from app.ml.device import resolve_placement
 from app.ml.models import ModelRecord, ModelStore
 from app.ml.serving import AdapterRef
 from app.ml.training.stepwise import Example, LoraRun, SharedBase, StepError
-from app.tinker.repository import adapter_ref, delete_saved, find_saved
+from app.tinker.repository import adapter_ref, delete_saved, expiry, find_saved
 
 log = logging.getLogger(__name__)
 
@@ -450,14 +449,13 @@ class TinkerService:
                         if pending.future.set_running_or_notify_cancel():
                             pending.future.set_exception(UserError(f"{run.model_id}: its session was closed"))
                     run.waiting.clear()
-                    last = run.lora is not None and run.lora.close()
-                    if last and run.lora is not None:  # the last run on its base: the base goes too
-                        with self._lock:
-                            self._bases = {k: b for k, b in self._bases.items() if b is not run.lora.shared}
-                    run.lora = None  # the adapter's memory goes with the run
-                    if last:  # the host memory of the base and of the steps' activations back to the system
+                    lora, run.lora = run.lora, None  # the adapter's memory goes with the run
+                    if lora is not None and lora.close():  # the last run on its base: the base goes too, and the
+                        # host memory of its weights and of the steps' activations back to the system
                         from app.ml.training.memory import release_device_memory
 
+                        with self._lock:
+                            self._bases = {k: b for k, b in self._bases.items() if b is not lora.shared}
                         release_device_memory()
                     return
                 seq_id, _, task, _ = heapq.heappop(run.waiting)
@@ -579,7 +577,7 @@ class TinkerService:
                         storage_key=ref.storage_key,
                         sha256=ref.sha256,
                         size_bytes=size,
-                        expires_at=utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
+                        expires_at=expiry(ttl_seconds),
                     )
                 )
                 db.execute(update(TinkerRun).where(TinkerRun.id == run_id).values(last_request_at=utcnow()))
