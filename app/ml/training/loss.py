@@ -5,8 +5,8 @@ for the recipe and for the runs a client steps (app/ml/training/stepwise.py)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from app.ml.device import Placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
 from app.ml.training.data import collate, collate_packed, micro_batches, packed_micro_batches
+from app.ml.training.parallel import ONE_PROCESS, OneProcess
 
 
 @dataclass
@@ -46,6 +47,7 @@ def accumulate_gradients(
     scaler: torch.amp.GradScaler | None = None,
     extra_positions: int = 0,
     pack: bool = False,
+    parallel: OneProcess = ONE_PROCESS,
 ) -> StepStats:
     """Forward and backward passes of one optimizer step, one micro-batch under the token budget at a time.
 
@@ -57,6 +59,8 @@ def accumulate_gradients(
     `extra_positions`: what the method adds to every row (virtual tokens), counted against max_batch_tokens.
     `pack`: several examples to a row, no padding between them (see `data.collate_packed`), and the output layer
     applied only where a loss is taken — the same loss and gradients, for less work and memory.
+    `parallel`: this process's rank among several (app/ml/training/parallel.py): it takes its share of
+    `examples` (the whole step's, on every rank), and the statistics returned are the whole step's.
     """
     return _micro_batch_passes(
         model,
@@ -68,6 +72,7 @@ def accumulate_gradients(
         backward=True,
         extra_positions=extra_positions,
         pack=pack,
+        parallel=parallel,
     )
 
 
@@ -81,6 +86,7 @@ def evaluation_stats(
     placement: Placement | None = None,
     extra_positions: int = 0,
     pack: bool = False,
+    parallel: OneProcess = ONE_PROCESS,
 ) -> StepStats:
     """Loss and accuracy over examples, with the same micro-batches (and memory bound) as training."""
     return _micro_batch_passes(
@@ -92,6 +98,7 @@ def evaluation_stats(
         backward=False,
         extra_positions=extra_positions,
         pack=pack,
+        parallel=parallel,
     )
 
 
@@ -106,6 +113,7 @@ def _micro_batch_passes(
     scaler: torch.amp.GradScaler | None = None,
     extra_positions: int = 0,
     pack: bool = False,
+    parallel: OneProcess = ONE_PROCESS,
 ) -> StepStats:
     device = next(model.parameters()).device
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
@@ -113,45 +121,58 @@ def _micro_batch_passes(
     # Summed on the device, read once at the end: no host synchronization per micro-batch.
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    for batch in _collated_micro_batches(examples, pad_token_id, max_batch_tokens, extra_positions, pack):
+
+    def plan(group: list[EncodedExample]) -> list[Any]:
+        if pack:
+            return packed_micro_batches(group, max_batch_tokens)
+        return micro_batches(group, max_batch_tokens, extra_positions)
+
+    passes = parallel.micro_batches(examples, plan)
+    scale = parallel.gradient_scale() / max(n_tokens, 1)
+    for index, (group, weight) in enumerate(passes):
+        batch = collate_packed(group, pad_token_id) if pack else collate(group, pad_token_id)
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        targets = targets[mask]
-        with autocast:
-            if pack:
-                # The transformer without its output layer; then the output layer only where a loss is taken
-                # (a fifth of the positions of a chat set, say), a chunk at a time: no logits for the others.
-                hidden = model.get_decoder()(  # type: ignore[operator]
-                    input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-                ).last_hidden_state
-                head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
-                group_loss, group_correct = output_loss(head, hidden[:, :-1][mask], targets)
-                del hidden
-            else:
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-                # Prompt and p-tuning put their virtual tokens' positions first: the text's logits are the last.
-                logits = logits[:, -batch["input_ids"].shape[1] :]
-                # The loss-bearing positions, in float32 whatever the model's dtype; the full logits go now.
-                scores = logits[:, :-1][mask].float()
-                del logits
-                group_loss = F.cross_entropy(scores, targets, reduction="sum")
-                group_correct = (scores.detach().argmax(dim=-1) == targets).sum()
-                del scores
-        if backward:
-            share = group_loss / max(n_tokens, 1)
-            (scaler.scale(share) if scaler is not None else share).backward()
-        loss_sum += group_loss.detach()
-        correct += group_correct
+        with parallel.syncing(last=index == len(passes) - 1):
+            with autocast:
+                group_loss, group_correct = parallel.forward(model, _loss, batch, pack)
+            if backward:
+                share = group_loss * (scale * weight)
+                (scaler.scale(share) if scaler is not None else share).backward()
+        if weight:
+            loss_sum += group_loss.detach()
+            correct += group_correct
         del group_loss  # before the next micro-batch's forward pass
+    if parallel.world_size > 1:
+        totals = parallel.total(torch.stack([loss_sum.double(), correct.double()]))
+        loss_sum, correct = totals[0], totals[1].long()
     return StepStats(
         loss_sum=float(loss_sum),
         correct=int(correct),
         tokens=n_tokens,
         input_tokens=sum(len(e.input_ids) for e in examples),
     )
+
+
+def _loss(model: nn.Module, batch: dict[str, torch.Tensor], pack: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's summed token loss and how many of its loss-bearing tokens the model's argmax hits."""
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    targets = targets[mask]
+    if pack:
+        # The transformer without its output layer; then the output layer only where a loss is taken
+        # (a fifth of the positions of a chat set, say), a chunk at a time: no logits for the others.
+        hidden = model.get_decoder()(  # type: ignore[operator]
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+        head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+        return output_loss(head, hidden[:, :-1][mask], targets)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    # Prompt and p-tuning put their virtual tokens' positions first: the text's logits are the last.
+    logits = logits[:, -batch["input_ids"].shape[1] :]
+    # The loss-bearing positions, in float32 whatever the model's dtype; the full logits go now.
+    scores = logits[:, :-1][mask].float()
+    del logits
+    return F.cross_entropy(scores, targets, reduction="sum"), (scores.detach().argmax(dim=-1) == targets).sum()
 
 
 # Loss-bearing positions whose logits are alive at once: 256 x a 49k vocabulary is 50 MB in float32 (with its
@@ -192,17 +213,6 @@ def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
 PACKING_ARCHITECTURES = frozenset({"llama", "qwen2", "gpt2", "gpt_neox", "phi"})
 
 
-def _collated_micro_batches(
-    examples: list[EncodedExample], pad_token_id: int, max_batch_tokens: int, extra_positions: int, pack: bool
-) -> Iterator[dict[str, torch.Tensor]]:
-    if pack:
-        for rows in packed_micro_batches(examples, max_batch_tokens):
-            yield collate_packed(rows, pad_token_id)
-    else:
-        for group in micro_batches(examples, max_batch_tokens, extra_positions):
-            yield collate(group, pad_token_id)
-
-
 def optimizer_step(
     optimizer: torch.optim.Optimizer,
     parameters: list[nn.Parameter],
@@ -218,7 +228,9 @@ def optimizer_step(
     scaler.unscale_(optimizer)
     norm = None
     if max_grad_norm > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_grad_norm))
+        total = torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_grad_norm)
+        # Of sharded (FSDP2) gradients, a DTensor: the norm over every rank's shard.
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=not keep_gradients)

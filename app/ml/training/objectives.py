@@ -39,6 +39,7 @@ class StepResult:
 class Objective:
     name: str
     packs_examples: bool  # whether the recipe may pack several examples into one row
+    data_parallel: bool = True  # whether its steps can be shared among ranks (app/ml/training/parallel.py)
     # Whether its rows pad little without packing (sorted by length): then a CPU's smaller micro-batch budget,
     # which packed rows get, suits them too (memory.micro_batch_budget).
     pads_little: bool = False
@@ -86,6 +87,7 @@ class Supervised(Objective):
             scaler=recipe.scaler,
             extra_positions=recipe.extra_positions,
             pack=recipe.pack,
+            parallel=recipe.parallel,
         )
         metrics = {"train_loss": round(stats.loss, 6), "train_token_accuracy": round(stats.accuracy, 6)}
         return StepResult(stats.loss, stats.input_tokens, metrics)
@@ -99,6 +101,7 @@ class Supervised(Objective):
             placement=recipe.placement,
             extra_positions=recipe.extra_positions,
             pack=recipe.pack,
+            parallel=recipe.parallel,
         )
         return {
             "valid_loss": round(stats.loss, 6),
@@ -116,6 +119,7 @@ class Preference(Objective):
 
     name = DPO
     packs_examples = False  # a pair's two sides are rows of their own, compared with each other
+    data_parallel = False  # its passes (app/ml/training/dpo.py) run on one device
     pads_little = True  # pairs sorted by width
 
     def __init__(self, beta: float, *, precomputed: bool) -> None:

@@ -5,7 +5,7 @@ cancellation and stop requests, and checkpoint. Methods only decide what is trai
 from anything that hands it a base model, a tokenizer, records, hyperparameters and a reporter: the worker adapts
 a claimed job to it (worker/training.py); a test or a script reports in memory.
 
-The recipe's whole state (`state_dict` / `load_state_dict`: trainable weights, optimizer, scheduler, loss
+The recipe's whole state (`state_dict`, which `setup(resume=...)` continues from: trainable weights, optimizer, scheduler, loss
 scaler, RNG, the data position, the best evaluation so far) is what a checkpoint stores: a run resumed from one
 continues exactly where the checkpoint was taken, and ends with the weights an uninterrupted run would have.
 """
@@ -32,6 +32,7 @@ from app.ml.training.data import Dataset, batches
 from app.ml.training.loss import PACKING_ARCHITECTURES, optimizer_step
 from app.ml.training.memory import micro_batch_budget
 from app.ml.training.objectives import objective_for
+from app.ml.training.parallel import ONE_PROCESS, OneProcess
 from app.ml.training.protocols import Checkpointer, Reporter, StopRequested, StopSignal, TrainingError, never
 from app.ml.training.schedule import EarlyStopping, learning_rate_factor
 
@@ -80,12 +81,15 @@ class TrainingRecipe:
         name: str = "training",
         objective: str = SFT,
         start_from: Path | None = None,
+        parallel: OneProcess = ONE_PROCESS,
     ) -> None:
         """`model`: the base model to train, on `context.placement`'s device and in its dtype (see
         `training_base_model`); `train` and `valid`: records as in a training file (chat or prompt/completion;
         preference lines for `objective` "dpo"); `name`: how log lines name the run (the worker: the job id);
         `start_from`: a folder holding an artifact of the same method on the same base model (an adapter or a
-        checkpoint), whose weights training starts from."""
+        checkpoint), whose weights training starts from; `parallel`: this process's share of the run when it is one
+        rank of several (app/ml/training/parallel.py); every rank builds the same recipe, and only rank 0's
+        reporter and checkpointer write anything (the others' take part in what is gathered from all ranks)."""
         self.method = method
         self.hp = hyperparameters
         self.base_model = model
@@ -109,11 +113,15 @@ class TrainingRecipe:
         self.objective = objective_for(
             objective, hyperparameters, precomputed_reference=method.artifact_format != "peft" or bool(start_from)
         )
+        self.parallel = parallel
+        if parallel.world_size > 1 and not self.objective.data_parallel:
+            raise TrainingError(f"the {objective} objective trains on one device; create the job with 1 device")
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self, resume: dict[str, Any] | None = None) -> None:
         """Encode the data, prepare the model and build the optimizer; with `resume` (a `state_dict`), continue
-        from it."""
+        from it (rank 0's, where there are several ranks)."""
+        resume = self.parallel.share(resume)
         torch.manual_seed(self.hp.seed)
         self.pad_token_id = pad_token_id(self.tokenizer)
         self.train_data = self._encode(self.train_records, "training")
@@ -144,28 +152,34 @@ class TrainingRecipe:
         # Everything the optimizer may update over the job (a method can unfreeze more as it goes), by name.
         names = {id(param): name for name, param in self.model.named_parameters()}
         self.trained_names = {names[id(p)] for group in groups for p in group["params"]}
-        self.trainable_params = [p for name, p in self.model.named_parameters() if name in self.trained_names]
+        trained = [p for name, p in self.model.named_parameters() if name in self.trained_names]
         # Mixed precision: the frozen base computes in half precision, but what the optimizer updates stays
         # float32 (small updates vanish in bfloat16's 8-bit mantissa). PEFT already keeps adapters in float32.
-        for param in self.trainable_params:
+        for param in trained:
             if param.dtype != torch.float32:
                 param.data = param.data.float()
-        own_trained_tensors(self.trainable_params)
-        # float16's narrow range underflows small gradients: scale the loss (bfloat16 has float32's range).
-        self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
-        trainable = sum(p.numel() for p in self.trainable_params)
+        own_trained_tensors(trained)
+        trainable = sum(p.numel() for p in trained)
         total = self.method.count_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.examples_per_step = self.hp.batch_size * self.hp.gradient_accumulation_steps
         self.steps_per_epoch = self.hp.steps_per_epoch(len(self.train_data.examples))
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
+        if resume is not None:
+            self._load_weights(resume)
+        # Data parallel from here (sharded, the parameters are new objects): the optimizer is built over them.
+        self.parallel.wrap(self.model)
+        groups = self.method.param_groups(self.model, self.hp)
+        self.trainable_params = [p for name, p in self.model.named_parameters() if name in self.trained_names]
+        # float16's narrow range underflows small gradients: scale the loss (bfloat16 has float32's range).
+        self.scaler = torch.amp.GradScaler(self.placement.device.type, enabled=self.placement.dtype == torch.float16)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, learning_rate_factor(self.total_steps, self.hp.warmup_ratio, self.hp.lr_scheduler)
         )
         if self.valid_data is not None:
             self.stopping = EarlyStopping(self.hp.early_stopping_patience)
         if resume is not None:
-            self.load_state_dict(resume)
+            self._load_training_state(resume)
         self.objective.start(self)
         self.last_checkpoint = time.monotonic()
         # In the job's metrics from the start (GET /jobs/{id}), and as an event.
@@ -182,10 +196,12 @@ class TrainingRecipe:
                 "resumed_from_step": self.position.step,  # this attempt's first step is the one after
                 "micro_batch_tokens": self.max_batch_tokens,
                 "packed": self.pack,
+                "ranks": self.parallel.world_size,
             },
             message=f"{self.method.name} on {self.record.id}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.3f}%); {len(self.train_data.examples)} examples, {self.total_steps} steps; "
-            f"micro-batches of up to {self.max_batch_tokens} tokens{', examples packed' if self.pack else ''}",
+            f"micro-batches of up to {self.max_batch_tokens} tokens{', examples packed' if self.pack else ''}"
+            + (f"; {self.parallel.describe()}" if self.parallel.world_size > 1 else ""),
             type_="log",
         )
 
@@ -262,6 +278,7 @@ class TrainingRecipe:
             self.model, self.hp, step=at.step, epoch=at.epoch, steps_per_epoch=self.steps_per_epoch
         )
         if change:
+            self.parallel.rewrap(self.model)
             self.reporter.event("log", f"step {at.step + 1}: {change}", {"step": at.step + 1})
         started = time.perf_counter()
         stats = self.objective.step(self, step_examples)
@@ -304,7 +321,7 @@ class TrainingRecipe:
     def _checkpoint_if_due(self) -> None:
         every = self.hp.checkpoint_every
         overdue = time.monotonic() - self.last_checkpoint > 60 * self.limits.checkpoint_minutes
-        if (every and self.position.step % every == 0) or overdue or self.stop():
+        if self.parallel.agree(bool(every and self.position.step % every == 0) or overdue or self.stop()):
             self._checkpoint()
         self._stop_if_requested()
 
@@ -315,7 +332,7 @@ class TrainingRecipe:
 
     def _stop_if_requested(self) -> None:
         """The process is stopping: the step's checkpoint is saved, the run can be resumed from it."""
-        if self.stop():
+        if self.parallel.agree(self.stop()):
             raise StopRequested(self.position.step)
 
     def _evaluate_and_report(self, step: int, epoch: int, when: str) -> dict[str, float]:
@@ -334,22 +351,20 @@ class TrainingRecipe:
         return evaluation
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """A copy of what the optimizer updates (the early-stopping snapshot), on the host."""
-        return {
-            name: param.detach().to("cpu", copy=True)
-            for name, param in self.model.named_parameters()
-            if name in self.trained_names
-        }
+        """A copy of what the optimizer updates (the early-stopping snapshot), on the host, whole."""
+        with self.parallel.gathered(self.model):
+            return {
+                name: param.detach().to("cpu", copy=True)
+                for name, param in self.model.named_parameters()
+                if name in self.trained_names
+            }
 
     def _keep_best(self, step: int, epoch: int) -> dict[str, Any]:
         """Put the best evaluation's weights back and say so: they are what gets published."""
         stopping = self.stopping
         assert stopping is not None and stopping.best is not None
         best_step, best_loss, best_state = stopping.best
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if name in best_state:
-                    param.copy_(best_state[name])
+        self.parallel.load_trained(self.model, best_state)
         if stopping.should_stop:
             why = f"stopped early at step {step}: {stopping.patience} evaluation(s) without a lower validation loss"
         else:
@@ -383,7 +398,7 @@ class TrainingRecipe:
             },
             "metrics": dict(at.metrics),
             "trainable": self.trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.parallel.optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {
@@ -394,8 +409,8 @@ class TrainingRecipe:
             "objective": self.objective.state_dict(self),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict` of the same job (after `setup` has built the model and optimizer)."""
+    def _load_weights(self, state: dict[str, Any]) -> None:
+        """The position and the trained weights (before the model is made data parallel)."""
         self.position = Position(**state["position"], metrics=dict(state["metrics"]))
         trainable = state["trainable"]
         missing = self.trained_names - set(trainable)
@@ -414,7 +429,11 @@ class TrainingRecipe:
             epoch=self.position.epoch,
             steps_per_epoch=self.steps_per_epoch,
         )
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_training_state(self, state: dict[str, Any]) -> None:
+        """The optimizer, schedule, loss scale, random state, early stopping and objective (once the optimizer is
+        built over the data-parallel model)."""
+        self.parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -436,12 +455,16 @@ class TrainingRecipe:
         return evaluation
 
     # --- export ----------------------------------------------------------------------------------
-    def export(self, folder: Path) -> None:
-        """Write the method's artifact; a checkpoint's export mid-training leaves the model in training mode."""
+    def export(self, folder: Path | None) -> None:
+        """Write the method's artifact; a checkpoint's export mid-training leaves the model in training mode. Of
+        several ranks, every one calls it (the weights are gathered from all) and rank 0 writes (`folder` None on
+        the others)."""
         training = self.model.training
         self.model.eval()
         try:
-            self.method.export(self.model, folder, self.base_weights())
+            with self.parallel.gathered(self.model):
+                if folder is not None:
+                    self.method.export(self.model, folder, self.base_weights())
         finally:
             self.model.train(training)
 

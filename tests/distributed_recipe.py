@@ -1,0 +1,149 @@
+"""Training runs of the tiny model as `torchrun` starts them (several ranks) or as one process, for
+tests/test_distributed.py and bench/distributed.py: `python -m torch.distributed.run --nproc-per-node 2
+tests/distributed_recipe.py RUNS.json`, or `run(...)` in-process.
+
+Each run trains a method on 24 examples of varied lengths (so the ranks' shares split into different numbers of
+micro-batches) and writes, from rank 0, its per-step losses, evaluations and peak memory (`<out>.json`), its
+trained tensors whole (`<out>.safetensors`) and, when stopped early, its checkpoint state (`<out>.pt`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.ml.device import Placement, resolve_placement
+from app.ml.methods import METHODS
+from app.ml.methods.base import MethodContext
+from app.ml.models import BUILTINS, ModelStore
+from app.ml.training import RecipeLimits, StopRequested, TrainingRecipe, training_base_model
+from app.ml.training.parallel import from_environment
+
+TINY = BUILTINS["tiny-random-llama"]
+WORDS = "plum pear fig kiwi lime date".split()
+
+
+@dataclass
+class Reporter:
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
+        pass
+
+    def placement(self, placement: Placement) -> None:
+        pass
+
+    def progress(
+        self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
+    ) -> None:
+        if type_ == "metrics" and step > 0:
+            self.steps.append({"step": step, **metrics})
+        elif type_ == "eval":
+            self.evaluations.append({"step": step, **metrics})
+
+    def check_cancelled(self) -> None:
+        pass
+
+
+class StateKeeper:
+    """The recipe's checkpointer: keeps its latest state in memory (every rank takes part in gathering it)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+
+    def save(self, recipe: TrainingRecipe) -> None:
+        self.state = recipe.state_dict()
+        recipe.export(None)  # as a job's checkpoint does: its artifact's weights gathered too
+
+
+def examples(n: int = 24) -> list[dict[str, str]]:
+    """Prompts of 1 to 12 repeated words: different lengths, so that micro-batches differ from rank to rank."""
+    return [
+        {"prompt": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(1 + i % 12)), "completion": f" {WORDS[i % 6]}"}
+        for i in range(n)
+    ]
+
+
+def run(spec: dict[str, Any], models_dir: Path) -> None:
+    """One run: `spec` has `method`, `out` (a path without suffix), optional `stop_after` (steps), `resume` (a
+    state file), `hyperparameters`."""
+    placement = resolve_placement("cpu", "float32")
+    method = METHODS[spec["method"]]
+    parallel = from_environment(placement.device, sharded=method.name == "full")
+    models = ModelStore(models_dir, None)
+    context = MethodContext(record=TINY, models=models, placement=placement)
+    hyperparameters = {"n_epochs": 2, "batch_size": 6, "learning_rate": 0.01, "seed": 3, **spec.get("hyperparameters", {})}
+    if method.name == "lora":
+        hyperparameters.setdefault("lora_dropout", 0.0)
+    stop_after = spec.get("stop_after")
+    reporter, keeper = Reporter(), StateKeeper()
+    recipe = TrainingRecipe(
+        method,
+        method.hyperparameters.model_validate(hyperparameters).for_model(TINY),
+        model=training_base_model(method, context),
+        tokenizer=models.tokenizer(TINY),
+        context=context,
+        train=examples(),
+        valid=examples(8),
+        reporter=reporter,
+        # 96 tokens a micro-batch: a step's 6 examples take several, and 2 ranks' shares different counts.
+        limits=RecipeLimits(max_batch_tokens=96, checkpoint_minutes=60, log_every_steps=100),
+        checkpointer=keeper,
+        stop=(lambda: len(reporter.steps) >= stop_after) if stop_after else (lambda: False),
+        parallel=parallel,
+    )
+    resume = torch.load(spec["resume"], weights_only=True) if spec.get("resume") and parallel.is_first else None
+    started = time.perf_counter()
+    recipe.setup(resume=resume)
+    try:
+        recipe.train()
+        stopped = False
+    except StopRequested:
+        stopped = True
+    seconds = time.perf_counter() - started
+    trained = recipe.trainable_state()
+    if not parallel.is_first:
+        return
+    out = Path(spec["out"])
+    if stopped and keeper.state is not None:
+        torch.save(keeper.state, out.with_suffix(".pt"))
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.contiguous() for name, tensor in trained.items()}, str(out.with_suffix(".safetensors")))
+    tokens = sum(step["trained_tokens"] for step in reporter.steps[-1:])
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "ranks": parallel.world_size,
+                "parallel": parallel.describe(),
+                "steps": reporter.steps,
+                "evaluations": reporter.evaluations,
+                "stopped": stopped,
+                "seconds": seconds,
+                "trained_tokens": tokens,
+                # This rank's peak resident memory (rank 0's; every rank holds as much, or its shard).
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "trainable_numel": sum(t.numel() for t in trained.values()),
+            }
+        )
+    )
+
+
+def main() -> None:
+    runs = json.loads(Path(sys.argv[1]).read_text())
+    for spec in runs["runs"]:
+        run(spec, Path(runs["models_dir"]))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
