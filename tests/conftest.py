@@ -79,11 +79,18 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that starts real processes, a browser or the real model is `slow` (as is one marked so: it trains for
-    minutes): `make test-fast` leaves it out.
+    minutes): `make test-fast` leaves it out. A test marked `cuda` is skipped where torch sees no CUDA GPU.
 
     Under pytest-xdist (`--dist loadgroup`), the tests that share a module-scoped fixture (models trained once for
     a whole module, a browser) run in one process, which builds it once; every other test goes where there is
     room."""
+    needs_cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if needs_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in needs_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; this machine has none"))
     for item in items:
         if any(item.get_closest_marker(name) for name in ("e2e", "real_model", "browser")):
             item.add_marker(pytest.mark.slow)

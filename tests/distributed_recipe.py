@@ -27,7 +27,7 @@ from app.ml.training import RecipeLimits, StopRequested, TrainingRecipe, trainin
 from app.ml.training.parallel import from_environment
 
 TINY = BUILTINS["tiny-random-llama"]
-WORDS = "plum pear fig kiwi lime date".split()
+WORDS = ["plum", "pear", "fig", "kiwi", "lime", "date"]
 
 
 @dataclass
@@ -80,7 +80,13 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
     parallel = from_environment(placement.device, sharded=method.name == "full")
     models = ModelStore(models_dir, None)
     context = MethodContext(record=TINY, models=models, placement=placement)
-    hyperparameters = {"n_epochs": 2, "batch_size": 6, "learning_rate": 0.01, "seed": 3, **spec.get("hyperparameters", {})}
+    hyperparameters = {
+        "n_epochs": 2,
+        "batch_size": 6,
+        "learning_rate": 0.01,
+        "seed": 3,
+        **spec.get("hyperparameters", {}),
+    }
     if method.name == "lora":
         hyperparameters.setdefault("lora_dropout", 0.0)
     stop_after = spec.get("stop_after")

@@ -24,7 +24,7 @@ from tests.conftest import Tenant
 from tests.test_worker import events, start_job
 from worker.runner import run_training_job
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+needs_cuda = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py); bench/gpu_check.py runs these
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")
 
 

@@ -1,5 +1,6 @@
 """One run across several ranks (`torchrun`, the gloo backend on this CPU): LoRA under DDP and full fine-tuning
-under FSDP2 train as one process does, and a checkpoint of N ranks resumes on M.
+under FSDP2 train as one process does, and a checkpoint of N ranks resumes on M. (Jobs on 2 devices through the
+real processes: tests/test_faults.py.)
 
 Tolerances: float32 sums taken in another order (each rank's share, then the ranks') differ in the last bits.
 Losses agree within 1e-5 relative. Trained tensors: LoRA's within 1e-6 absolute; full fine-tuning's within 1e-4
@@ -61,7 +62,7 @@ def assert_same_run(a: Path, b: Path, *, from_step: int = 0) -> None:
     assert tensors.keys() == others.keys()
     for name, tensor in tensors.items():
         atol = WEIGHT_ATOL[a.name.split("-")[0]]
-        torch.testing.assert_close(tensor, others[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(tensor, others[name], atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path, model_cache_dir: Path) -> None:

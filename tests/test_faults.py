@@ -1,7 +1,8 @@
 """Fault tests against the real processes (`tuneforge api`, `tuneforge worker`) on PostgreSQL, Redis and S3:
 a worker killed with kill -9, a worker stopped gracefully, the API killed and restarted, the database cut off
 behind a loopback proxy, two workers sharing twenty jobs, a cancel that frees the worker, the object store cut
-off from a worker that resumes a job, a cancel racing a resume, and a worker whose clock is two minutes behind.
+off from a worker that resumes a job, a cancel racing a resume, a worker whose clock is two minutes behind; and
+jobs on 2 devices (torchrun, gloo ranks): a killed rank, a killed worker, pause, resume and cancel.
 
 Each test has a database of its own and short heartbeats (0.5 s, stale after 3 s) and reaper rounds (1 s).
 """
@@ -180,12 +181,18 @@ class Cluster:
         with self.http() as http:
             return http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]  # type: ignore[no-any-return]
 
-    def create_job(self, n_lines: int = 8, **hyperparameters: Any) -> str:
+    def create_job(self, n_lines: int = 8, devices: int = 1, method: str = "lora", **hyperparameters: Any) -> str:
         with self.http() as http:
             file_id = http.post("/v1/files", files={"file": ("t.jsonl", "\n".join(chat_lines(n_lines)))}).json()["id"]
             r = http.post(
                 "/jobs",
-                json={"base_model": "tiny-random-llama", "training_file": file_id, "hyperparameters": hyperparameters},
+                json={
+                    "base_model": "tiny-random-llama",
+                    "method": method,
+                    "training_file": file_id,
+                    "hyperparameters": hyperparameters,
+                    "resources": {"devices": devices},
+                },
             )
             assert r.status_code == 201, r.text
             return str(r.json()["id"])
@@ -536,3 +543,81 @@ def test_a_worker_whose_clock_is_two_minutes_behind_keeps_its_job(cluster: Clust
     assert job["status"] == "succeeded" and job["attempt"] == 1, job["error"]
     messages = [e["message"] for e in assert_each_step_once(cluster, job)]
     assert not any("stopped answering" in m or m.startswith("training started again") for m in messages)
+
+
+# --- jobs on several devices, through the real processes (API and worker on PostgreSQL, Redis and S3) ---------
+
+
+def rank_processes(job_id: str) -> list[int]:
+    """The pids of the job's torchrun and ranks (their command lines name the job's folder)."""
+    found = subprocess.run(["pgrep", "-f", f"ranks-{job_id}-"], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def ranks_of(job_id: str) -> list[int]:
+    """The job's rank processes (not torchrun), oldest (rank 0) first."""
+    ranks = []
+    for pid in rank_processes(job_id):
+        with contextlib.suppress(OSError):
+            if b"torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ranks.append(pid)
+    return sorted(ranks)
+
+
+def wait_no_ranks(cluster: Cluster, job_id: str, timeout: float = 60) -> None:
+    wait_for(lambda: not rank_processes(job_id), timeout, f"processes of {job_id} still run", cluster)
+
+
+def test_a_two_device_job_survives_a_killed_rank_and_a_killed_worker(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker", TUNEFORGE_WORKER_DEVICES="2")
+    # Asked for more devices than any worker owns: said in its events, not waited for silently.
+    wait_for(lambda: cluster.job(cluster.create_job(2, devices=1))["status"] != "queued", 60, "no worker", cluster)
+    too_many = cluster.create_job(8, devices=3)
+    told = [e for e in cluster.events(too_many) if e["data"].get("code") == "waiting_for_devices"]
+    assert told and "needs 3 devices and the largest running worker owns 2" in told[0]["message"]
+    with cluster.http() as http:
+        assert http.post(f"/jobs/{too_many}/cancel").status_code == 200
+
+    job_id = long_job_on(cluster, devices=2)
+    cluster.wait_step(job_id, 10, checkpoints=1)
+    first, second = ranks_of(job_id)
+    os.kill(second, signal.SIGKILL)  # one rank dies: the attempt ends, every rank with it, the job goes back
+    cluster.wait_step(job_id, 20, checkpoints=2)  # ... and resumes on the same worker
+    events = cluster.events(job_id)
+    assert any("one of the job's 2 processes stopped" in e["message"] for e in events)
+    assert first not in ranks_of(job_id)
+    # The worker itself killed outright: its ranks die with it; the reaper re-queues the job for the next worker.
+    stale = ranks_of(job_id)
+    cluster.kill("worker")
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in stale), 30, "ranks outlived the worker", cluster)
+    cluster.start("worker2", TUNEFORGE_WORKER_DEVICES="2")
+    job = cluster.wait_status(job_id, {"succeeded", "failed"}, timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["ranks"] == 2 and job["resources"] == {"devices": 2}
+    assert_each_step_once(cluster, job)
+    wait_no_ranks(cluster, job_id)
+
+
+def test_a_two_device_job_pauses_resumes_and_cancels_like_any_job(cluster: Cluster) -> None:
+    cluster.start("api")
+    cluster.start("worker", TUNEFORGE_WORKER_DEVICES="2")
+    job_id = long_job_on(cluster, devices=2, method="full")
+    cluster.wait_step(job_id, 3)
+    with cluster.http() as http:
+        assert http.post(f"/jobs/{job_id}/pause").status_code == 200
+    paused = cluster.wait_status(job_id, {"paused"})
+    wait_no_ranks(cluster, job_id)
+    with cluster.http() as http:
+        assert http.post(f"/jobs/{job_id}/resume").status_code == 200
+    cluster.wait_step(job_id, paused["progress"]["step"] + 2)
+    assert any("resumed from checkpoint" in e["message"] for e in cluster.events(job_id))
+    with cluster.http() as http:
+        assert http.post(f"/jobs/{job_id}/cancel").status_code == 200
+    assert cluster.wait_status(job_id, {"cancelled"})["adapter_id"] is None
+    wait_no_ranks(cluster, job_id)
+
+
+def long_job_on(cluster: Cluster, *, devices: int, method: str = "lora") -> str:
+    spec = dict(LONG)
+    return cluster.create_job(spec.pop("n_lines"), devices=devices, method=method, **spec)

@@ -142,6 +142,44 @@ class JobAttempt:
             data={"step": step},
         )
 
+    def lose(self, why: str) -> bool:
+        """Part of this attempt died (one of a job's ranks, say): counted as a lost worker, as the reaper counts
+        one. The job goes back to the queue (True: its task is to be sent), or fails once it has lost
+        `max_job_attempts` (False); False too if this attempt no longer owns it."""
+        from app.core.error_codes import ErrorCode
+        from app.core.models import Job
+        from app.jobs.reaper import lost_job_message
+
+        def write() -> bool:
+            with session_scope(self.settings.db_url) as session:
+                lost = session.scalar(select(Job.lost_workers).where(Job.id == self.job.id)) or 0
+                common: dict[str, Any] = {"attempt": self.job.attempt, "storage": self.storage}
+                if lost + 1 >= self.settings.max_job_attempts:
+                    message = lost_job_message(lost + 1)
+                    state.transition(
+                        session,
+                        self.job.id,
+                        "lose_for_good",
+                        message=message,
+                        data={"code": ErrorCode.worker_lost},
+                        level="error",
+                        values={"lost_workers": lost + 1, "error": message, "error_code": ErrorCode.worker_lost},
+                        **common,
+                    )
+                    return False
+                return state.transition(
+                    session,
+                    self.job.id,
+                    "requeue_lost",
+                    message=f"{why}; the job is back in the queue and resumes from its latest checkpoint",
+                    data={"attempt": self.job.attempt},
+                    level="warning",
+                    values={"lost_workers": lost + 1, "heartbeat_at": None},
+                    **common,
+                )
+
+        return retrying(min(self.settings.db_retry_seconds, 10), "re-queueing the job", write)
+
     def unhand(self) -> None:
         """The task of a handed-back job could not be sent: running again, with a heartbeat already stale, so that
         the reaper sends it (and marks it queued) once the broker answers."""

@@ -30,6 +30,7 @@ from app.ml.models import ModelRecord
 from app.ml.objectives import init_from
 from app.ml.training import StopRequested, TrainingError
 from app.ml.training.memory import release_device_memory
+from app.ml.training.parallel import ONE_PROCESS, OneProcess
 from app.models.repository import find_model
 from worker import lifecycle
 from worker.checkpoints import CheckpointUnreadable, JobCheckpoints, store_artifact
@@ -71,18 +72,30 @@ class JobOutcome:
     """How one run of a job ended: what the worker logs, and what the Celery task reports."""
 
     status: Literal[
-        "succeeded", "failed", "cancelled", "paused", "handed_back", "left_to_reaper", "not_claimed", "claim_failed"
+        "succeeded",
+        "failed",
+        "cancelled",
+        "paused",
+        "handed_back",
+        "left_to_reaper",
+        "not_claimed",
+        "claim_failed",
+        "rank_lost",
     ]
     detail: str  # for the log: what happened, in words
     adapter_id: str | None = None  # succeeded
     error_code: str | None = None  # failed: the code the user sees
     exception: BaseException | None = None  # what went wrong, with its traceback for the log
+    logged: bool = False  # logged already (by the job's rank 0, in its own process)
 
     def log(self, job_id: str) -> None:
         """The run's last line: INFO for an ordinary end, WARNING when the reaper takes over, ERROR for a failure."""
-        level = {"failed": logging.ERROR, "left_to_reaper": logging.WARNING, "claim_failed": logging.WARNING}.get(
-            self.status, logging.INFO
-        )
+        level = {
+            "failed": logging.ERROR,
+            "left_to_reaper": logging.WARNING,
+            "claim_failed": logging.WARNING,
+            "rank_lost": logging.WARNING,
+        }.get(self.status, logging.INFO)
         fields = {"outcome": self.status, "adapter_id": self.adapter_id, "error_code": self.error_code}
         extra = {name: value for name, value in fields.items() if value is not None}
         label = {"left_to_reaper": "stopped without an outcome"}.get(self.status, self.status.replace("_", " "))
@@ -100,7 +113,8 @@ def run_job(settings: Settings, job_id: str) -> JobOutcome:
     with job_logging_context(job_id):
         try:
             outcome = _claim_and_run(settings, job_id)
-            outcome.log(job_id)
+            if not outcome.logged:
+                outcome.log(job_id)
             # Kept no longer: the exception's traceback holds the frames that hold the model, freed just below.
             outcome = replace(outcome, exception=None)
             return outcome
@@ -126,16 +140,26 @@ def _claim_and_run(settings: Settings, job_id: str) -> JobOutcome:
     storage = ObjectStorage.from_settings(settings)
     attempt = JobAttempt(settings, storage, job)
     with Heartbeat(settings.db_url, job, settings.heartbeat_seconds):
+        if job.devices > 1:  # its ranks, under torchrun: rank 0 runs `run_to_an_outcome` there
+            from worker.launch import run_ranks
+
+            return run_ranks(settings, attempt)
         reporter = JobReporter(settings.db_url, job, retry_seconds=settings.db_retry_seconds)
-        return _run_to_an_outcome(settings, storage, attempt, reporter)
+        return run_to_an_outcome(settings, storage, attempt, reporter)
 
 
-def _run_to_an_outcome(
-    settings: Settings, storage: ObjectStorage, attempt: JobAttempt, reporter: JobReporter
+def run_to_an_outcome(
+    settings: Settings,
+    storage: ObjectStorage,
+    attempt: JobAttempt,
+    reporter: JobReporter,
+    parallel: OneProcess = ONE_PROCESS,
 ) -> JobOutcome:
+    """Train and publish the claimed job, and move it to where the run's end leaves it (`parallel`: as rank 0
+    of several, worker/ranks.py)."""
     job = attempt.job
     try:
-        adapter_id = _train_and_publish(settings, storage, attempt, reporter)
+        adapter_id = _train_and_publish(settings, storage, attempt, reporter, parallel)
         return JobOutcome("succeeded", f"adapter {adapter_id} published", adapter_id=adapter_id)
     except JobCancelled:
         try:
@@ -163,6 +187,12 @@ def _run_to_an_outcome(
         return _fail(attempt, out_of_memory_message(job), ErrorCode.out_of_memory, exc)
     except FileNotFoundError as exc:
         return _fail(attempt, FILE_UNAVAILABLE_MESSAGE, ErrorCode.file_unavailable, exc)
+    except RuntimeError as exc:
+        if parallel.world_size > 1:
+            # What a collective raises when another rank died (gloo: connection reset; NCCL: DistBackendError):
+            # not this job's fault. The worker counts the attempt as a lost worker (worker/launch.py).
+            return JobOutcome("rank_lost", f"a collective failed ({type(exc).__name__})", exception=exc)
+        return _fail(attempt, internal_error_message(job.id), ErrorCode.internal_error, exc)
     except Exception as exc:
         return _fail(attempt, internal_error_message(job.id), ErrorCode.internal_error, exc)
     except BaseException:  # a cold shutdown (a second Ctrl-C): back to the queue, from the last checkpoint
@@ -199,7 +229,7 @@ def _hand_back(
     if not attempt.hand_back(step, reason=reason):
         return JobOutcome("left_to_reaper", f"{why}, and the job is no longer this run's", exception=exception)
     try:
-        state.enqueue(settings, job.id, job.method)
+        state.enqueue(settings, job.id, job.method, job.devices)
     except Exception as exc:
         attempt.unhand()
         return JobOutcome("left_to_reaper", f"{why}; its task could not be sent, the reaper will", exception=exc)
@@ -235,22 +265,25 @@ def _resume_state(checkpoints: JobCheckpoints, reporter: JobReporter) -> tuple[d
 
 
 def _train_and_publish(
-    settings: Settings, storage: ObjectStorage, attempt: JobAttempt, reporter: JobReporter
+    settings: Settings, storage: ObjectStorage, attempt: JobAttempt, reporter: JobReporter, parallel: OneProcess
 ) -> str | None:
     job = attempt.job
     checkpoints = JobCheckpoints(settings, storage, job)
     # Where to start from first: an attempt that cannot read its checkpoint now goes back before loading anything.
     resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
     with starting_weights(settings, storage, job) as start_from:
+        # The other ranks build the same recipe on the same base model (they read no database).
+        record = parallel.share(base_model_of(settings, job))
         recipe = job_recipe(
             settings,
             storage,
             job,
-            base_model_of(settings, job),
+            record,
             reporter,
             checkpoints,
             start_from,
             stop=reporter.should_stop,
+            parallel=parallel,
         )
         recipe.setup(resume=resume)
     if start_from is not None and resume is None:

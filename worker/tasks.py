@@ -9,8 +9,9 @@ from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutd
 
 from app.core.logging import job_id_var
 from app.core.queue import TRAINING_TASK
-from app.core.settings import get_settings
+from app.core.settings import Settings, get_settings
 from app.jobs.reaper import Reaper
+from app.jobs.workers import Presence, WorkerInfo
 from app.webhooks.delivery import WebhookSender
 from worker.celery_app import celery_app
 from worker.lifecycle import request_stop, stop_requested
@@ -18,6 +19,7 @@ from worker.runner import run_job
 
 _reaper: Reaper | None = None
 _webhook_sender: WebhookSender | None = None
+_presence: Presence | None = None
 
 
 class JobFailed(Exception):
@@ -62,7 +64,9 @@ def _log_without_the_job_id(task_id: str, **_: Any) -> None:
 @worker_ready.connect
 def _start_the_reaper(**_: Any) -> None:
     # Every worker looks for jobs whose worker died; it is safe for many processes to do so at once.
-    global _reaper, _webhook_sender
+    global _reaper, _webhook_sender, _presence
+    # What this worker can take, in the database: a job that needs more devices than any worker owns says so.
+    _presence = Presence(get_settings(), this_worker(get_settings())).__enter__()
     _reaper = Reaper(get_settings()).__enter__()
     # And sends the webhooks that are due: its own jobs' ends at once, any other process's at its next poll.
     _webhook_sender = WebhookSender(get_settings()).__enter__()
@@ -81,3 +85,16 @@ def _stop_the_reaper(**_: Any) -> None:
         _reaper.__exit__(None, None, None)
     if _webhook_sender is not None:
         _webhook_sender.__exit__(None, None, None)
+    if _presence is not None:
+        _presence.__exit__(None, None, None)
+
+
+def this_worker(settings: Settings) -> WorkerInfo:
+    from app.ml.device import WorkerDevices, cuda_training_available, resolve_placement
+
+    placement = resolve_placement(settings.device, settings.dtype)
+    return WorkerInfo(
+        devices=WorkerDevices.parse(settings.worker_devices).count,
+        device_type=placement.device.type,
+        trains_on_cuda=cuda_training_available(settings.device),
+    )

@@ -4,6 +4,7 @@ the worker's device, its progress to the job's row, its checkpoints to the objec
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,9 +34,19 @@ from app.ml.training import (
     read_examples,
     training_base_model,
 )
+from app.ml.training.parallel import ONE_PROCESS, OneProcess
 from worker.lifecycle import stop_requested
 
 log = logging.getLogger(__name__)
+
+
+def rank_device(device: str) -> str:
+    """The device of this process: under torchrun, a rank's own CUDA device (LOCAL_RANK of those the worker owns)
+    where the worker trains on CUDA."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or device in ("cpu", "mps") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local_rank)}"
 
 
 def recipe_limits(settings: Settings) -> RecipeLimits:
@@ -56,6 +67,7 @@ def job_recipe(
     start_from: Path | None = None,
     *,
     stop: StopSignal = stop_requested,
+    parallel: OneProcess = ONE_PROCESS,
 ) -> TrainingRecipe:
     """The recipe that trains `job` on this worker (set up by `recipe.setup`), or a TrainingError the user can
     act on (device, base model or method unavailable; unreadable data). `start_from`: the unpacked artifact of
@@ -63,7 +75,7 @@ def job_recipe(
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     try:
-        placement = resolve_placement(settings.device, settings.dtype)
+        placement = resolve_placement(rank_device(settings.device), settings.dtype)
     except PlacementError as exc:
         log.error("job %s: %s", job.id, exc)
         raise TrainingError(
@@ -98,6 +110,7 @@ def job_recipe(
         name=f"job {job.id}",
         objective=objective_of(job.hyperparameters),
         start_from=start_from,
+        parallel=parallel,
     )
 
 

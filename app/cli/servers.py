@@ -75,25 +75,48 @@ def serve(
     )
 
 
-def worker() -> None:
+def worker(
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="The devices this worker owns (default: TUNEFORGE_WORKER_DEVICES, 1): a count, or CUDA indices "
+            "(0,1,2,3). On a CPU a count N means N gloo processes for a job that asks for N devices"
+        ),
+    ] = None,
+) -> None:
     """Run a Celery training worker on TUNEFORGE_QUEUE_NAME: one job at a time, on TUNEFORGE_DEVICE.
 
     A worker that trains on CUDA with bitsandbytes installed also takes the jobs that need it (qlora), from
     <TUNEFORGE_QUEUE_NAME>-cuda.
 
-    Run one worker per GPU, each with its own CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1 tuneforge worker).
+    One GPU per worker: run one worker per GPU, each with its own CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=1
+    tuneforge worker). Several: `--devices 0,1,2,3` takes the jobs that ask for up to 4 devices
+    ("resources": {"devices": 4}) as well as 1-device jobs, and runs a job's ranks under torchrun, one per device.
 
     Ctrl-C or SIGTERM: the running job is checkpointed after its current step and put back in the queue, where
     the next worker resumes it. The worker also re-queues jobs whose worker died (a stale heartbeat).
     """
+    import os
+
     from app.jobs.state import worker_queues
-    from app.ml.device import cuda_training_available
-    from worker.celery_app import celery_app
+    from app.ml.device import PlacementError, WorkerDevices, cuda_training_available
 
     log_to_stderr()
-    check_placement()
+    if devices is not None:
+        os.environ["TUNEFORGE_WORKER_DEVICES"] = devices
+        get_settings.cache_clear()
     settings = get_settings()
-    queues = worker_queues(settings, trains_on_cuda=cuda_training_available(settings.device))
+    try:
+        owned = WorkerDevices.parse(settings.worker_devices)
+    except PlacementError as exc:
+        fail(str(exc))
+    if owned.cuda_indices is not None:  # before CUDA starts in this process: what it and its ranks see
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in owned.cuda_indices)
+    check_placement()
+    check_devices(owned.count)
+    from worker.celery_app import celery_app
+
+    queues = worker_queues(settings, trains_on_cuda=cuda_training_available(settings.device), devices=owned.count)
     logging.getLogger("tuneforge.worker").info("taking jobs from %s", ", ".join(queues))
     celery_app.worker_main(
         # JSON logs: no startup banner either (the line above says what a person needs from it).
@@ -108,3 +131,22 @@ def worker() -> None:
             "--without-mingle",
         ]
     )
+
+
+def check_devices(count: int) -> None:
+    """Exit with a clear message when the worker is to own more CUDA devices than it sees, or CUDA indices on a
+    CPU."""
+    from app.ml.device import resolve_placement
+
+    settings = get_settings()
+    placement = resolve_placement(settings.device, settings.dtype)
+    if placement.device.type == "cuda":
+        import torch
+
+        if count > torch.cuda.device_count():
+            fail(f"this worker is to own {count} devices but sees {torch.cuda.device_count()} CUDA device(s)")
+    elif "," in settings.worker_devices:
+        fail(
+            f"TUNEFORGE_WORKER_DEVICES={settings.worker_devices} names CUDA devices, and this worker trains on the "
+            f"{placement.device.type}; give a count instead"
+        )

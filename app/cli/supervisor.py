@@ -127,6 +127,10 @@ def create_first_key(data_dir: Path, db_url: str, *, show: bool) -> None:
 def up(
     host: Annotated[str | None, typer.Option(help="Bind address (default: TUNEFORGE_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: TUNEFORGE_PORT)")] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(help="The worker's devices, as `tuneforge worker --devices` (default: TUNEFORGE_WORKER_DEVICES)"),
+    ] = None,
     show_key: Annotated[
         bool | None,
         typer.Option(
@@ -156,7 +160,8 @@ def up(
     log.info("Tuneforge on http://%s:%s  data: %s", host or settings.host, port or settings.port, settings.data_dir)
     me = [sys.executable, "-m", "app.cli"]
     api_args = [*me, "api"] + (["--host", host] if host else []) + (["--port", str(port)] if port else [])
-    children = [Supervised("api", api_args), Supervised("worker", [*me, "worker"])]
+    worker_args = [*me, "worker"] + (["--devices", devices] if devices else [])
+    children = [Supervised("api", api_args), Supervised("worker", worker_args)]
 
     stopping = False
 

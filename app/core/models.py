@@ -196,6 +196,8 @@ class Job(Base):
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # When its user asked to pause it while it ran: its worker checkpoints after the current step and pauses it.
     pause_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    # How many devices it trains on (`resources.devices`): one worker that owns at least as many runs its ranks.
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Where it trained, written when training starts: "cuda:0", "cpu", ...; "bfloat16", "float32", ...
     device: Mapped[str | None] = mapped_column(String(64), default=None)
     dtype: Mapped[str | None] = mapped_column(String(16), default=None)
@@ -408,3 +410,17 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(String(200), default=None)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A training worker while it runs: what it can take (its devices), seen every `reaper_seconds`. A job that
+    needs more devices than any worker seen within `heartbeat_timeout_seconds` owns says so in its events."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    devices: Mapped[int] = mapped_column(Integer)
+    device_type: Mapped[str] = mapped_column(String(16))  # cuda or cpu
+    trains_on_cuda: Mapped[bool] = mapped_column(default=False)  # takes the jobs that need CUDA (qlora)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -233,6 +233,13 @@ class Settings(BaseSettings):
         description="Precision of the base model's weights and activations: auto (bfloat16 on a GPU that "
         "supports it, else float32), float32, bfloat16 or float16. Trainable weights stay float32",
     )
+    worker_devices: str = Field(
+        default="1",
+        pattern=r"^(\d{1,2}|\d{1,3}(,\d{1,3}){1,63})$",
+        description="The devices a training worker owns (`tuneforge worker --devices`): a count (4: the first 4 "
+        "CUDA devices it sees; on a CPU, 4 gloo processes) or a list of CUDA indices (0,1,2,3). A job with "
+        "resources.devices N runs on N of them, one torchrun rank each; a 1-device job on the first",
+    )
     torch_threads: int | None = Field(
         default=None, description="torch intra-op threads in the worker and server (default: torch's own)"
     )

@@ -74,6 +74,7 @@ class JobSpec:
     objective: str = SFT
     # OpenAI's: the learning rate as a multiple of the method's default (known once the method is)
     learning_rate_multiplier: float | None = None
+    devices: int = 1  # `resources.devices`: how many devices it trains on, one rank each
 
 
 @dataclass
@@ -159,6 +160,11 @@ def plan_job(
     if request.objective not in OBJECTIVES:
         raise InvalidInput(
             f"unknown objective {clip(request.objective)}; available: {', '.join(OBJECTIVES)}", param="objective"
+        )
+    if request.devices > 1 and request.objective != SFT:
+        raise InvalidInput(
+            f"resources.devices: objective {request.objective} trains on one device; ask for 1 device or none",
+            param="resources.devices",
         )
     values = dict(request.hyperparameters)
     if start is not None:

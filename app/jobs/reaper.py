@@ -30,6 +30,7 @@ from app.core.models import Job, JobStatus, db_now
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import state
+from app.jobs.workers import tell_waiting_jobs
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,13 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
     cutoff = db_now(-settings.heartbeat_timeout_seconds)
     with session_scope(settings.db_url) as session:
         stale = session.execute(
-            select(Job.id, Job.method, Job.attempt, Job.lost_workers, Job.heartbeat_at, Job.pause_requested_at).where(
-                Job.status == JobStatus.running, Job.heartbeat_at < cutoff
-            )
+            select(
+                Job.id, Job.method, Job.devices, Job.attempt, Job.lost_workers, Job.heartbeat_at, Job.pause_requested_at
+            ).where(Job.status == JobStatus.running, Job.heartbeat_at < cutoff)
         ).all()
     storage = ObjectStorage.from_settings(settings)
     reaped = []
-    for job_id, method, attempt, lost, heartbeat_at, pause_requested_at in stale:
+    for job_id, method, devices, attempt, lost, heartbeat_at, pause_requested_at in stale:
         values: dict[str, object]
         data: dict[str, object]
         if pause_requested_at is not None:  # its user asked to pause it: paused, at its latest checkpoint
@@ -69,7 +70,7 @@ def reap_stale_jobs(settings: Settings) -> list[str]:
             data = {"code": ErrorCode.worker_lost}
         else:
             # First the task, then the state: whatever happens in between, a task exists for the job.
-            state.enqueue(settings, job_id, method)
+            state.enqueue(settings, job_id, method, devices)
             name, level = "requeue_lost", "warning"
             message = (
                 f"the worker running this job stopped answering (last heartbeat {heartbeat_at:%Y-%m-%d %H:%M:%S} "
@@ -99,9 +100,11 @@ def resend_queued_jobs(settings: Settings) -> list[str]:
     cutoff = db_now(-settings.queued_resend_seconds)
     waiting = or_(Job.queued_at.is_(None), Job.queued_at < cutoff)  # None: queued before the column existed
     with session_scope(settings.db_url) as session:
-        due = session.execute(select(Job.id, Job.method).where(Job.status == JobStatus.queued, waiting)).all()
+        due = session.execute(
+            select(Job.id, Job.method, Job.devices).where(Job.status == JobStatus.queued, waiting)
+        ).all()
     resent = []
-    for job_id, method in due:
+    for job_id, method, devices in due:
         with session_scope(settings.db_url) as session:
             # The row stays locked until the task is sent: another reaper finds it fresh and sends nothing; a send
             # that fails rolls the mark back, for the next round.
@@ -110,15 +113,15 @@ def resend_queued_jobs(settings: Settings) -> list[str]:
             ).rowcount  # type: ignore[attr-defined]
             if marked != 1:
                 continue
-            state.enqueue(settings, job_id, method)
+            state.enqueue(settings, job_id, method, devices)
         resent.append(job_id)
         log.warning("job %s: queued for over %.0f s; its task was sent again", job_id, settings.queued_resend_seconds)
     return resent
 
 
 class Reaper:
-    """Runs `reap_stale_jobs` and `resend_queued_jobs` every `reaper_seconds` in a daemon thread, for as long as
-    the context is open (and sweeps expired idempotency keys: app/core/idempotency.py)."""
+    """Runs `reap_stale_jobs`, `resend_queued_jobs` and `tell_waiting_jobs` every `reaper_seconds` in a daemon
+    thread, for as long as the context is open (and sweeps expired idempotency keys: app/core/idempotency.py)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -137,7 +140,7 @@ class Reaper:
 
     def _run(self) -> None:
         while not self._done.wait(self.settings.reaper_seconds):
-            for round_ in (reap_stale_jobs, resend_queued_jobs):
+            for round_ in (reap_stale_jobs, resend_queued_jobs, tell_waiting_jobs):
                 try:
                     round_(self.settings)
                 except Exception as exc:  # the database or broker is away: the next round tries again

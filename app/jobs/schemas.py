@@ -46,6 +46,22 @@ def estimated_finish(job: Job) -> int | None:
     return int(now.timestamp() + per_step * max(0, job.total_steps - job.step))
 
 
+MAX_JOB_DEVICES = 64
+
+
+class JobResources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devices: int = Field(
+        1,
+        ge=1,
+        le=MAX_JOB_DEVICES,
+        description="How many devices (GPUs; on a CPU worker, processes) the job trains on, one rank each: DDP for "
+        "methods that train a few parameters, FSDP2 (sharded) for full fine-tuning. Only a worker that owns at "
+        "least as many takes it (tuneforge worker --devices); objective sft only",
+    )
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +93,7 @@ class JobCreate(BaseModel):
         default_factory=dict,
         examples=[{"n_epochs": 3, "batch_size": 4, "learning_rate": 0.0002, "lora_r": 8}],
     )
+    resources: JobResources = Field(JobResources(devices=1), description="What the job trains on")
     dry_run: bool = Field(
         False,
         description="Check everything and answer 200 with the plan (examples, steps, tokens, estimated duration) "
@@ -92,6 +109,7 @@ class JobCreate(BaseModel):
             suffix=self.suffix,
             hyperparameters=self.hyperparameters,
             objective=self.objective,
+            devices=self.resources.devices,
         )
 
 
@@ -143,6 +161,7 @@ class JobObject(BaseModel):
     metrics: dict[str, Any]
     error: JobError | None
     adapter_id: str | None
+    resources: JobResources
     device: str | None = Field(description="Where it trains or trained, e.g. cuda:0 or cpu (null until it starts)")
     dtype: str | None = Field(description="The base model's precision in training, e.g. bfloat16 or float32")
     attempt: int
@@ -173,6 +192,7 @@ class JobObject(BaseModel):
             hyperparameters=job.hyperparameters,
             progress=JobProgress(step=job.step, total_steps=job.total_steps, epoch=job.epoch),
             metrics=job.metrics,
+            resources=JobResources(devices=job.devices),
             error=JobError(code=job.error_code or "training_failed", message=job.error) if job.error else None,
             adapter_id=job.adapter_id,
             device=job.device,

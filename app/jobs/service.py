@@ -19,7 +19,7 @@ from app.core.pagination import cursor_row
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage, delete_after_commit
 from app.core.usage import check_storage, lock_tenant
-from app.jobs import repository, state
+from app.jobs import repository, state, workers
 from app.jobs.planning import JobPlan, JobSpec, cuda_training, plan_job, planned_outside
 from app.ml.models import ModelStore
 
@@ -60,6 +60,7 @@ def create_job(
         hyperparameters=plan.stored_hyperparameters(),
         user_metadata=request.metadata,
         reserved_bytes=reserved,
+        devices=request.devices,
     )
     state.create(session, job)
     # Files were validated line by line at upload; what remains is that they still exist (checked above).
@@ -145,6 +146,8 @@ def _submit_job(
     if winner is not None:
         return get_job(session, tenant_id=tenant_id, job_id=winner)
     dispatch_job(session, settings=settings, storage=storage, job=job)
+    if workers.tell_if_waiting(session, settings, job):
+        session.commit()
     return job
 
 
@@ -174,7 +177,7 @@ def _check_active_jobs(session: Session, *, tenant_id: str, limit: int) -> None:
 def dispatch_job(session: Session, *, settings: Settings, storage: ObjectStorage, job: Job) -> None:
     """Send the committed job to the broker; if the broker is unreachable the job fails visibly."""
     try:
-        state.enqueue(settings, job.id, job.method)
+        state.enqueue(settings, job.id, job.method, job.devices)
     except Exception as exc:
         log.exception("could not enqueue %s", job.id)
         message = "the job queue was unreachable when the job was created; create the job again later"
@@ -255,7 +258,7 @@ def resume_job(session: Session, *, settings: Settings, tenant_id: str, job_id: 
         )
     session.commit()
     try:
-        state.enqueue(settings, job.id, job.method)
+        state.enqueue(settings, job.id, job.method, job.devices)
     except Exception:  # queued, with queued_at set: the reaper sends its task again
         log.exception("could not enqueue resumed job %s; the reaper will", job.id)
     return job

@@ -202,6 +202,7 @@ class ClaimedJob:
     suffix: str | None
     hyperparameters: dict[str, Any]
     attempt: int
+    devices: int = 1  # its ranks, one per device (`resources.devices`)
 
 
 def claim(session: Session, job_id: str, *, heartbeat_timeout: float, max_attempts: int) -> ClaimedJob | None:
@@ -249,6 +250,7 @@ def claim(session: Session, job_id: str, *, heartbeat_timeout: float, max_attemp
         suffix=job.suffix,
         hyperparameters=dict(job.hyperparameters),
         attempt=job.attempt,
+        devices=job.devices,
     )
 
 
@@ -270,18 +272,22 @@ def has_ended(session: Session, job_id: str, attempt: int) -> bool:
 
 
 # --- queues -------------------------------------------------------------------------------------------------
-def job_queue(settings: Settings, method: str) -> str:
+def job_queue(settings: Settings, method: str, devices: int = 1) -> str:
     """The queue a job's task goes to: the CUDA workers' for a method that needs CUDA (qlora), else the
-    default one."""
+    default one; a job on several devices, that queue's for its number of devices (`<queue>-devices-4`), which
+    only workers that own as many consume."""
     needs_cuda = method in METHODS and METHODS[method].needs_cuda
-    return cuda_queue(settings.queue_name) if needs_cuda else settings.queue_name
+    queue = cuda_queue(settings.queue_name) if needs_cuda else settings.queue_name
+    return queue if devices <= 1 else f"{queue}-devices-{devices}"
 
 
-def worker_queues(settings: Settings, *, trains_on_cuda: bool) -> list[str]:
-    """The queues a worker consumes: the default one, and the CUDA one if it trains on CUDA."""
-    return [settings.queue_name, *([cuda_queue(settings.queue_name)] if trains_on_cuda else [])]
+def worker_queues(settings: Settings, *, trains_on_cuda: bool, devices: int = 1) -> list[str]:
+    """The queues a worker consumes: the default one, and the CUDA one if it trains on CUDA; with several devices,
+    also theirs for every number of devices up to its own."""
+    queues = [settings.queue_name, *([cuda_queue(settings.queue_name)] if trains_on_cuda else [])]
+    return [*queues, *(f"{queue}-devices-{n}" for n in range(2, devices + 1) for queue in queues)]
 
 
-def enqueue(settings: Settings, job_id: str, method: str) -> None:
+def enqueue(settings: Settings, job_id: str, method: str, devices: int) -> None:
     """Send the job's task to its queue, by name with only the job id (after the job row is committed)."""
-    send_training_task(settings, job_id, queue=job_queue(settings, method))
+    send_training_task(settings, job_id, queue=job_queue(settings, method, devices))

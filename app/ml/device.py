@@ -98,3 +98,29 @@ def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     else:
         torch_dtype = getattr(torch, dtype)
     return Placement(device=torch_device, dtype=torch_dtype, device_name=name)
+
+
+@dataclass(frozen=True)
+class WorkerDevices:
+    """What TUNEFORGE_WORKER_DEVICES gives a worker: `count` devices, CUDA's by index or the first ones it sees."""
+
+    count: int
+    cuda_indices: tuple[int, ...] | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> WorkerDevices:
+        """ "4" (a count) or "0,1,2,3" (CUDA indices); PlacementError if it is neither."""
+        parts = value.split(",")
+        if not all(part.strip().isdigit() for part in parts):
+            raise PlacementError(
+                f"TUNEFORGE_WORKER_DEVICES={value!r} is neither a count (4) nor CUDA indices (0,1,2,3)"
+            )
+        if len(parts) == 1:
+            count = int(parts[0])
+            if count < 1:
+                raise PlacementError("TUNEFORGE_WORKER_DEVICES: a worker owns at least 1 device")
+            return cls(count)
+        indices = tuple(int(part) for part in parts)
+        if len(set(indices)) != len(indices):
+            raise PlacementError(f"TUNEFORGE_WORKER_DEVICES={value!r} names a device twice")
+        return cls(len(indices), indices)

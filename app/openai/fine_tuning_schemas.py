@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, create_model
 
 from app.core.pagination import ListPage
+from app.jobs.schemas import JobResources
 from app.ml.methods import METHODS
 
 MAX_ID_CHARS = 64
@@ -130,6 +131,11 @@ class FineTuningJobCreate(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=MAX_METADATA_PAIRS)
     integrations: list[Unsupported] | None = Field(None, max_length=0, description="Not supported: none")
+    resources: JobResources | None = Field(
+        None,
+        description="Tuneforge's, not OpenAI's (the openai client sends it with extra_body={\"resources\": "
+        '{"devices": 4}}): how many devices the job trains on, as on POST /jobs',
+    )
 
 
 class FineTuningError(BaseModel):

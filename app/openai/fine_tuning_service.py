@@ -101,6 +101,7 @@ def job_spec(body: FineTuningJobCreate) -> JobSpec:
         metadata=body.metadata,
         objective=DPO if asked == "dpo" else SFT,
         learning_rate_multiplier=multiplier,
+        devices=body.resources.devices if body.resources is not None else 1,
     )
 
 

@@ -217,7 +217,7 @@ class ShardedDataParallel(DataParallel):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         assert self.wrapper is not None
-        full = {f"{Forward.PREFIX}{name}": tensor for name, tensor in tensors.items()}
+        full: dict[str, Any] = {f"{Forward.PREFIX}{name}": tensor for name, tensor in tensors.items()}
         set_model_state_dict(self.wrapper, full, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -283,7 +283,9 @@ def by_name(state: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     """The inverse of `by_index`: a single process's optimizer state keyed by the parameters' `names`."""
     return {
         "state": {names[int(i)]: value for i, value in state["state"].items()},
-        "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]} for group in state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [names[int(i)] for i in group["params"]]} for group in state["param_groups"]
+        ],
     }
 
 

@@ -5,9 +5,11 @@ cancellation and stop requests, and checkpoint. Methods only decide what is trai
 from anything that hands it a base model, a tokenizer, records, hyperparameters and a reporter: the worker adapts
 a claimed job to it (worker/training.py); a test or a script reports in memory.
 
-The recipe's whole state (`state_dict`, which `setup(resume=...)` continues from: trainable weights, optimizer, scheduler, loss
-scaler, RNG, the data position, the best evaluation so far) is what a checkpoint stores: a run resumed from one
-continues exactly where the checkpoint was taken, and ends with the weights an uninterrupted run would have.
+The recipe's whole state (`state_dict`, which `setup(resume=...)` continues from: trainable weights, optimizer,
+scheduler, loss scaler, RNG, the data position, the best evaluation so far) is what a checkpoint stores: a run
+resumed from one continues exactly where the checkpoint was taken, and ends with the weights an uninterrupted run
+would have. Across several ranks (app/ml/training/parallel.py) the state is the same, gathered whole: it resumes
+on any number of ranks.
 """
 
 from __future__ import annotations
