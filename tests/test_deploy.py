@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.core.settings import Settings
+from app.ml.device import WorkerDevices
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -544,3 +545,20 @@ def test_gpu_workers_are_one_per_gpu_with_a_reservation(services: dict) -> None:
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert len(set(visible)) == len(visible), "two workers on one GPU"
     assert "profiles" not in services["worker"]  # the CPU worker still starts by default
+
+
+def test_the_multi_gpu_worker_owns_gpus_no_one_gpu_worker_has(services: dict) -> None:
+    """The 4-GPU worker: the same image, command and environment as the others, its devices a valid
+    TUNEFORGE_WORKER_DEVICES of CUDA indices that no one-GPU worker is pinned to, and room for NCCL."""
+    service = services["worker-gpus2-5"]
+    assert service["profiles"] == ["gpu"]
+    assert as_argv(service["command"]) == as_argv(services["worker"]["command"])
+    env = service_env(service)
+    shared = service_env(services["worker"])
+    assert {k: v for k, v in env.items() if k in shared} == shared
+    owned = WorkerDevices.parse(Settings(worker_devices=env["TUNEFORGE_WORKER_DEVICES"]).worker_devices)
+    assert owned.count == 4 and owned.cuda_indices is not None
+    pinned = {int(service_env(services[name])["CUDA_VISIBLE_DEVICES"]) for name in GPU_WORKERS}
+    assert not pinned & set(owned.cuda_indices)
+    assert "CUDA_VISIBLE_DEVICES" not in env  # the worker sets it from its devices
+    assert service["shm_size"]

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests import distributed_recipe
+from bench import distributed_run
 
 pytestmark = pytest.mark.slow  # starts torchrun and its ranks
 
@@ -36,7 +36,7 @@ def torchrun(runs: list[dict[str, Any]], models_dir: Path, tmp_path: Path, ranks
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-         str(ROOT / "tests" / "distributed_recipe.py"), str(plan)],
+         str(ROOT / "bench" / "distributed_run.py"), str(plan)],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -73,7 +73,7 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
         {"method": "full", "out": str(at("full-1"))},
         {"method": "lora", "out": str(at("lora-1-stopped")), "stop_after": 3},
     ):
-        distributed_recipe.run(spec, model_cache_dir)
+        distributed_run.run(spec, model_cache_dir)
     # Two ranks: LoRA (DDP) and full (FSDP2) from the start; full stopped after 3 steps; LoRA resumed 1 -> 2.
     torchrun(
         [
@@ -86,7 +86,7 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
         tmp_path,
     )
     # FSDP2's checkpoint (gathered whole, keyed as one process keys it) resumed by one process: 2 -> 1.
-    distributed_recipe.run(
+    distributed_run.run(
         {"method": "full", "out": str(at("full-2-then-1")), "resume": str(at("full-2-stopped.pt"))}, model_cache_dir
     )
 

@@ -1,10 +1,11 @@
-"""Training runs of the tiny model as `torchrun` starts them (several ranks) or as one process, for
-tests/test_distributed.py and bench/distributed.py: `python -m torch.distributed.run --nproc-per-node 2
-tests/distributed_recipe.py RUNS.json`, or `run(...)` in-process.
+"""Training runs as `torchrun` starts them (several ranks) or as one process, for bench/distributed.py and
+tests/test_distributed.py: `python -m torch.distributed.run --nproc-per-node 2 bench/distributed_run.py RUNS.json`,
+or `run(...)` in-process.
 
-Each run trains a method on 24 examples of varied lengths (so the ranks' shares split into different numbers of
-micro-batches) and writes, from rank 0, its per-step losses, evaluations and peak memory (`<out>.json`), its
-trained tensors whole (`<out>.safetensors`) and, when stopped early, its checkpoint state (`<out>.pt`).
+Each run trains a method on examples of varied lengths (so the ranks' shares split into different numbers of
+micro-batches) and writes, from rank 0, its per-step losses, evaluations and timing (`<out>.json`), its trained
+tensors whole (`<out>.safetensors`) and, when stopped early, its checkpoint state (`<out>.pt`); every rank writes
+its peak resident memory and the training state it holds (`<out>.rank<N>.json`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from app.ml.models import BUILTINS, ModelStore
 from app.ml.training import RecipeLimits, StopRequested, TrainingRecipe, training_base_model
 from app.ml.training.parallel import from_environment
 
-TINY = BUILTINS["tiny-random-llama"]
 WORDS = ["plum", "pear", "fig", "kiwi", "lime", "date"]
 
 
@@ -72,14 +72,28 @@ def examples(n: int = 24) -> list[dict[str, str]]:
     ]
 
 
+def held_bytes(recipe: TrainingRecipe) -> int:
+    """The training state this rank holds: trained weights, their gradients and AdamW's moments (a shard of each,
+    sharded)."""
+    total = 0
+    for param in recipe.trainable_params:
+        tensors = [param, param.grad, *recipe.optimizer.state.get(param, {}).values()]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                total += local.numel() * local.element_size()
+    return total
+
+
 def run(spec: dict[str, Any], models_dir: Path) -> None:
-    """One run: `spec` has `method`, `out` (a path without suffix), optional `stop_after` (steps), `resume` (a
-    state file), `hyperparameters`."""
+    """One run: `spec` has `method`, `out` (a path without suffix), optional `model` (a built-in, default the tiny
+    one), `examples` (24), `stop_after` (steps), `resume` (a state file), `hyperparameters`."""
+    record = BUILTINS[spec.get("model", "tiny-random-llama")]
     placement = resolve_placement("cpu", "float32")
     method = METHODS[spec["method"]]
     parallel = from_environment(placement.device, sharded=method.name == "full")
     models = ModelStore(models_dir, None)
-    context = MethodContext(record=TINY, models=models, placement=placement)
+    context = MethodContext(record=record, models=models, placement=placement)
     hyperparameters = {
         "n_epochs": 2,
         "batch_size": 6,
@@ -93,11 +107,11 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
     reporter, keeper = Reporter(), StateKeeper()
     recipe = TrainingRecipe(
         method,
-        method.hyperparameters.model_validate(hyperparameters).for_model(TINY),
+        method.hyperparameters.model_validate(hyperparameters).for_model(record),
         model=training_base_model(method, context),
-        tokenizer=models.tokenizer(TINY),
+        tokenizer=models.tokenizer(record),
         context=context,
-        train=examples(),
+        train=examples(spec.get("examples", 24)),
         valid=examples(8),
         reporter=reporter,
         # 96 tokens a micro-batch: a step's 6 examples take several, and 2 ranks' shares different counts.
@@ -107,18 +121,27 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
         parallel=parallel,
     )
     resume = torch.load(spec["resume"], weights_only=True) if spec.get("resume") and parallel.is_first else None
-    started = time.perf_counter()
     recipe.setup(resume=resume)
+    started = time.perf_counter()  # training only: the model's loading is not what ranks change
     try:
         recipe.train()
         stopped = False
     except StopRequested:
         stopped = True
     seconds = time.perf_counter() - started
+    out = Path(spec["out"])
+    rank_file = out.with_suffix(f".rank{parallel.rank}.json")
+    rank_file.write_text(
+        json.dumps(
+            {
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "held_state_mib": held_bytes(recipe) / 2**20,
+            }
+        )
+    )
     trained = recipe.trainable_state()
     if not parallel.is_first:
         return
-    out = Path(spec["out"])
     if stopped and keeper.state is not None:
         torch.save(keeper.state, out.with_suffix(".pt"))
     from safetensors.torch import save_file
@@ -135,8 +158,6 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
                 "stopped": stopped,
                 "seconds": seconds,
                 "trained_tokens": tokens,
-                # This rank's peak resident memory (rank 0's; every rank holds as much, or its shard).
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "trainable_numel": sum(t.numel() for t in trained.values()),
             }
         )
