@@ -198,3 +198,35 @@ def test_what_tuneforge_does_not_do_is_refused_by_name(
     assert error["param"] == param, error
     assert says in error["message"], error
     assert list(openai_client.fine_tuning.jobs.list()) == []  # nothing was created
+
+
+def test_a_job_on_several_devices_is_asked_with_extra_body_and_says_when_no_worker_can_take_it(
+    openai_client: OpenAI, settings: Settings, tenant: Tenant
+) -> None:
+    openai = openai_client
+    file_id = openai.files.create(file=("fruit.jsonl", fruit_file()), purpose="fine-tune").id
+    job = openai.fine_tuning.jobs.create(
+        model="tiny-random-llama", training_file=file_id, extra_body={"resources": {"devices": 2}}
+    )
+    with TestClient(create_app(settings)) as http:
+        native = http.get(f"/jobs/{job.id}", headers=tenant.headers).json()
+        assert native["resources"] == {"devices": 2} and native["status"] == "queued"
+        # No worker runs in this test: the job says so instead of waiting silently.
+        [told] = [e for e in openai.fine_tuning.jobs.list_events(job.id).data if "no running worker" in e.message]
+        assert "it needs 2 devices and no training worker is running" in told.message
+        refused = http.post(
+            "/jobs",
+            headers=tenant.headers,
+            json={"training_file": file_id, "objective": "dpo", "resources": {"devices": 2}},
+        )
+        assert refused.status_code == 422
+        assert refused.json()["error"]["param"] == "resources.devices"  # DPO trains on one device
+        too_many = http.post(
+            "/jobs", headers=tenant.headers, json={"training_file": file_id, "resources": {"devices": 65}}
+        )
+        assert too_many.status_code == 422 and "resources.devices" in too_many.text
+    with pytest.raises(UnprocessableEntityError) as none:
+        openai.fine_tuning.jobs.create(
+            model="tiny-random-llama", training_file=file_id, extra_body={"resources": {"devices": 0}}
+        )
+    assert "resources.devices" in none.value.message

@@ -106,6 +106,10 @@ def jobs_create(
             "JSON when it is JSON, else as a string; it overrides the same key in --hyperparameters)",
         ),
     ] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option("--devices", min=1, help="Devices to train on, one rank each (resources.devices; default 1)"),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check everything and print the plan (steps, tokens); create nothing")
     ] = False,
@@ -126,6 +130,8 @@ def jobs_create(
         "training_file": training_file,
         "hyperparameters": _hyperparameters(hyperparameters, hyperparameter or []),
     }
+    if devices is not None:
+        body["resources"] = {"devices": devices}
     optional = {
         "base_model": model,
         "method": method,
@@ -227,6 +233,7 @@ def jobs_get(job_id: JobId, as_json: AsJson = False, api_url: ApiUrl = DEFAULT_A
         ("train loss", str(metrics.get("train_loss", ""))),
         ("valid loss", str(metrics.get("valid_loss", ""))),
         ("device", " ".join(x for x in (job["device"], job["dtype"]) if x)),
+        ("devices", str(job["resources"]["devices"])),
         ("training file", job["training_file"]),
         ("validation file", job["validation_file"] or ""),
         ("hyperparameters", json.dumps(job["hyperparameters"])),
