@@ -599,7 +599,7 @@ def test_a_two_device_job_survives_a_killed_rank_and_a_killed_worker(cluster: Cl
     wait_no_ranks(cluster, job_id)
 
 
-def test_a_two_device_job_pauses_resumes_and_cancels_like_any_job(cluster: Cluster) -> None:
+def test_a_two_device_job_pauses_resumes_is_handed_back_and_cancels_like_any_job(cluster: Cluster) -> None:
     cluster.start("api")
     cluster.start("worker", TUNEFORGE_WORKER_DEVICES="2")
     job_id = long_job_on(cluster, devices=2, method="full")
@@ -612,6 +612,15 @@ def test_a_two_device_job_pauses_resumes_and_cancels_like_any_job(cluster: Clust
         assert http.post(f"/jobs/{job_id}/resume").status_code == 200
     cluster.wait_step(job_id, paused["progress"]["step"] + 2)
     assert any("resumed from checkpoint" in e["message"] for e in cluster.events(job_id))
+    # The worker stopped gracefully: its ranks checkpoint the step and the job goes back to the queue.
+    assert cluster.kill("worker", signal.SIGTERM) == 0
+    job = cluster.job(job_id)
+    assert job["status"] == "queued", job
+    handed_back = f"the worker was stopped at step {job['progress']['step']};"
+    assert any(e["message"].startswith(handed_back) for e in cluster.events(job_id)[-3:])
+    wait_no_ranks(cluster, job_id, timeout=5)
+    cluster.start("worker2", TUNEFORGE_WORKER_DEVICES="2")
+    cluster.wait_step(job_id, job["progress"]["step"] + 2)
     with cluster.http() as http:
         assert http.post(f"/jobs/{job_id}/cancel").status_code == 200
     assert cluster.wait_status(job_id, {"cancelled"})["adapter_id"] is None

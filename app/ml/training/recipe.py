@@ -303,7 +303,7 @@ class TrainingRecipe:
             metrics=at.metrics,
             message=f"step {at.step}/{self.total_steps}: train loss {stats.loss:.4f}",
         )
-        if at.step % self.limits.log_every_steps == 0 or at.step == self.total_steps:
+        if self.parallel.is_first and (at.step % self.limits.log_every_steps == 0 or at.step == self.total_steps):
             speed = at.metrics["tokens_per_second"]
             log.info(
                 "%s: step %d/%d, train loss %.4f, %.1f tokens/s",
