@@ -140,7 +140,7 @@ def _claim_and_run(settings: Settings, job_id: str) -> JobOutcome:
     storage = ObjectStorage.from_settings(settings)
     attempt = JobAttempt(settings, storage, job)
     with Heartbeat(settings.db_url, job, settings.heartbeat_seconds):
-        if job.devices > 1:  # its ranks, under torchrun: rank 0 runs `run_to_an_outcome` there
+        if job.devices > 1 or settings.torchrun_one_device:  # its ranks under torchrun; rank 0 runs the below
             from worker.launch import run_ranks
 
             return run_ranks(settings, attempt)

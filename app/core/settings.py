@@ -240,6 +240,12 @@ class Settings(BaseSettings):
         "CUDA devices it sees; on a CPU, 4 gloo processes) or a list of CUDA indices (0,1,2,3). A job with "
         "resources.devices N runs on N of them, one torchrun rank each; a 1-device job on the first",
     )
+    torchrun_one_device: bool = Field(
+        default=False,
+        description="Run 1-device jobs under torchrun too, as one rank (DDP, FSDP2 for full, over NCCL on a GPU): "
+        "the multi-device path proven on a machine with one GPU, as bench/gpu_check.py does; off, a 1-device job "
+        "runs in the worker's own process",
+    )
     torch_threads: int | None = Field(
         default=None, description="torch intra-op threads in the worker and server (default: torch's own)"
     )

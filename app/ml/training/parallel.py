@@ -38,6 +38,7 @@ class OneProcess:
     rank = 0
     world_size = 1
     kind = "one process"
+    distributed = False  # one rank of a torch.distributed group (possibly of one)
 
     @property
     def is_first(self) -> bool:
@@ -103,6 +104,7 @@ class DataParallel(OneProcess):
     """DDP over the ranks of the default process group (`torchrun` set it up: `init_process_group`)."""
 
     kind = "DDP"
+    distributed = True
 
     def __init__(self, device: torch.device) -> None:
         self.rank = dist.get_rank()
@@ -291,8 +293,9 @@ def by_name(state: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
 
 def from_environment(device: torch.device, *, sharded: bool) -> OneProcess:
     """The parallelism `torchrun` set this process up for (RANK, WORLD_SIZE in the environment): one process when
-    there is none; else the process group is joined (gloo on a CPU, NCCL on CUDA) and DDP or, `sharded`, FSDP2."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    it did not start this one; else the process group is joined (gloo on a CPU, NCCL on CUDA) and DDP or,
+    `sharded`, FSDP2 (even over one rank: what proves the path on a machine with one GPU)."""
+    if "WORLD_SIZE" not in os.environ:
         return OneProcess()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=_device_id(device))

@@ -203,7 +203,7 @@ class TrainingRecipe:
             message=f"{self.method.name} on {self.record.id}: {trainable:,} of {total:,} parameters trainable "
             f"({100 * trainable / total:.3f}%); {len(self.train_data.examples)} examples, {self.total_steps} steps; "
             f"micro-batches of up to {self.max_batch_tokens} tokens{', examples packed' if self.pack else ''}"
-            + (f"; {self.parallel.describe()}" if self.parallel.world_size > 1 else ""),
+            + (f"; {self.parallel.describe()}" if self.parallel.distributed else ""),
             type_="log",
         )
 
