@@ -87,7 +87,8 @@ def held_bytes(recipe: TrainingRecipe) -> int:
 
 def run(spec: dict[str, Any], models_dir: Path) -> None:
     """One run: `spec` has `method`, `out` (a path without suffix), optional `model` (a built-in, default the tiny
-    one), `examples` (24), `stop_after` (steps), `resume` (a state file), `hyperparameters`."""
+    one), `examples` (24), `stop_after` (steps), `resume` (a state file), `hyperparameters`, `export` (write the
+    artifact to `<out>.artifact/`)."""
     record = BUILTINS[spec.get("model", "tiny-random-llama")]
     placement = resolve_placement("cpu", "float32")
     method = METHODS[spec["method"]]
@@ -140,6 +141,11 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
         )
     )
     trained = recipe.trainable_state()
+    if spec.get("export"):  # the artifact as a job publishes it: every rank takes part, rank 0 writes
+        folder = out.with_suffix(".artifact")
+        if parallel.is_first:
+            folder.mkdir()
+        recipe.export(folder if parallel.is_first else None)
     if not parallel.is_first:
         return
     if stopped and keeper.state is not None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
+from app.ml.serving.kinds.delta import CONFIG, TENSORS
 from bench import distributed_run
 
 pytestmark = pytest.mark.slow  # starts torchrun and its ranks
@@ -71,7 +71,7 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
     # One process: the references, and a LoRA run stopped (checkpointed) after 3 of its 8 steps.
     for spec in (
         {"method": "lora", "out": str(at("lora-1"))},
-        {"method": "full", "out": str(at("full-1"))},
+        {"method": "full", "out": str(at("full-1")), "export": True},
         {"method": "lora", "out": str(at("lora-1-stopped")), "stop_after": 3},
     ):
         distributed_run.run(spec, model_cache_dir)
@@ -79,7 +79,7 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
     torchrun(
         [
             {"method": "lora", "out": str(at("lora-2"))},
-            {"method": "full", "out": str(at("full-2"))},
+            {"method": "full", "out": str(at("full-2")), "export": True},
             {"method": "full", "out": str(at("full-2-stopped")), "stop_after": 3},
             {"method": "lora", "out": str(at("lora-1-then-2")), "resume": str(at("lora-1-stopped.pt"))},
         ],
@@ -96,6 +96,14 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
     assert len(losses(at("lora-1"))) == 8  # 24 examples, batch 6, 2 epochs
     assert_same_run(at("lora-1"), at("lora-2"))
     assert_same_run(at("full-1"), at("full-2"))
+    # FSDP2's artifact, gathered from the shards, is a single process's: the same files, the same tensors.
+    one, two = at("full-1.artifact"), at("full-2.artifact")
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir()) == sorted([CONFIG, TENSORS])
+    assert (one / CONFIG).read_text() == (two / CONFIG).read_text()
+    exported, exported_too = load_file(str(one / TENSORS)), load_file(str(two / TENSORS))
+    assert exported.keys() == exported_too.keys() and len(exported) == 20  # every tensor of the tiny model
+    for name, tensor in exported.items():
+        assert float((tensor - exported_too[name]).abs().max()) <= WEIGHT_ATOL["full"], name
     for stopped in ("lora-1-stopped", "full-2-stopped"):
         assert result(at(stopped))["stopped"] and len(losses(at(stopped))) == 3
     # Resumed on another number of ranks, each run ends where the uninterrupted one does, step for step.
