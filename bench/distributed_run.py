@@ -10,6 +10,7 @@ its peak resident memory and the training state it holds (`<out>.rank<N>.json`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -109,7 +110,7 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
     recipe = TrainingRecipe(
         method,
         method.hyperparameters.model_validate(hyperparameters).for_model(record),
-        model=training_base_model(method, context),
+        model=training_base_model(method, dataclasses.replace(context, placement=parallel.load_placement(placement))),
         tokenizer=models.tokenizer(record),
         context=context,
         train=examples(spec.get("examples", 24)),

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,7 +91,8 @@ def job_recipe(
         train = read_examples(storage, job.training_file_key)
         valid = read_examples(storage, job.validation_file_key) if job.validation_file_key else None
         context = MethodContext(record=record, models=models, placement=placement)
-        model = training_base_model(method, context)
+        # On the device, or on the host where the recipe shards it onto the devices (FSDP2).
+        model = training_base_model(method, replace(context, placement=parallel.load_placement(placement)))
     except ModelUnavailable as exc:
         raise TrainingError(str(exc), code=ErrorCode.model_unavailable) from None
     except MethodUnavailable as exc:

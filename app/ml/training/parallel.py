@@ -20,6 +20,7 @@ its own (stop now, checkpoint now: a clock, a signal) are rank 0's, broadcast (`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -27,6 +28,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from app.ml.device import Placement
 
 T = TypeVar("T")
 Plan = Callable[[list[Any]], list[Any]]
@@ -75,6 +78,14 @@ class OneProcess:
     def share(self, value: T) -> T:
         """Rank 0's `value` (a picklable object), on every rank."""
         return value
+
+    def least(self, value: int) -> int:
+        """The smallest of the ranks' `value`s, on every rank."""
+        return value
+
+    def load_placement(self, placement: Placement) -> Placement:
+        """Where the base model is loaded before `wrap`: the device itself, except when it is sharded."""
+        return placement
 
     def wrap(self, model: nn.Module) -> None:
         """Once the model is prepared and its starting weights loaded: make it data parallel."""
@@ -146,6 +157,11 @@ class DataParallel(OneProcess):
         dist.broadcast(value, src=0)
         return bool(value.item())
 
+    def least(self, value: int) -> int:
+        smallest = torch.tensor([value], device=self.device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        return int(smallest.item())
+
     def share(self, value: T) -> T:
         box = [value if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, device=self.device)
@@ -174,6 +190,11 @@ class ShardedDataParallel(DataParallel):
     sharded across the ranks."""
 
     kind = "FSDP2"
+
+    def load_placement(self, placement: Placement) -> Placement:
+        """The host: `fully_shard` moves each layer to the device as it shards it, so that a device never holds
+        more than its shard and one layer whole (a base model larger than one device trains)."""
+        return dataclasses.replace(placement, device=torch.device("cpu"))
 
     def wrap(self, model: nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -297,6 +318,8 @@ def from_environment(device: torch.device, *, sharded: bool) -> OneProcess:
     `sharded`, FSDP2 (even over one rank: what proves the path on a machine with one GPU)."""
     if "WORLD_SIZE" not in os.environ:
         return OneProcess()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP2's default mesh, and NCCL's, take the current device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=_device_id(device))
     return ShardedDataParallel(device) if sharded else DataParallel(device)

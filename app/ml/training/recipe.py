@@ -146,9 +146,6 @@ class TrainingRecipe:
             and self.record.architecture in PACKING_ARCHITECTURES
         )
         self.pack = self.split_head and self.objective.packs_examples
-        self.max_batch_tokens = micro_batch_budget(
-            self.model, self.placement, self.limits.max_batch_tokens, packed=self.pack or self.objective.pads_little
-        )
         self.model.train()
         groups = self.method.param_groups(self.model, self.hp)
         # Everything the optimizer may update over the job (a method can unfreeze more as it goes), by name.
@@ -170,6 +167,13 @@ class TrainingRecipe:
             self._load_weights(resume)
         # Data parallel from here (sharded, the parameters are new objects): the optimizer is built over them.
         self.parallel.wrap(self.model)
+        # What the device holds once the model is on it; of several ranks, the least: every rank must cut a step
+        # into micro-batches the same way (their collectives pair up).
+        self.max_batch_tokens = self.parallel.least(
+            micro_batch_budget(
+                self.model, self.placement, self.limits.max_batch_tokens, packed=self.pack or self.objective.pads_little
+            )
+        )
         groups = self.method.param_groups(self.model, self.hp)
         self.trainable_params = [p for name, p in self.model.named_parameters() if name in self.trained_names]
         # float16's narrow range underflows small gradients: scale the loss (bfloat16 has float32's range).
