@@ -93,7 +93,7 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
     record = BUILTINS[spec.get("model", "tiny-random-llama")]
     placement = resolve_placement("cpu", "float32")
     method = METHODS[spec["method"]]
-    parallel = from_environment(placement.device, sharded=method.name == "full")
+    parallel = from_environment(placement.device, sharded=spec.get("sharded", method.name == "full"))
     models = ModelStore(models_dir, None)
     context = MethodContext(record=record, models=models, placement=placement)
     hyperparameters = {

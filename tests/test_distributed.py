@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
+from app.ml.device import resolve_placement
 from app.ml.serving.kinds.delta import CONFIG, TENSORS
+from app.ml.training.parallel import shards
 from bench import distributed_run
 
 pytestmark = pytest.mark.slow  # starts torchrun and its ranks
@@ -80,6 +82,8 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
         [
             {"method": "lora", "out": str(at("lora-2"))},
             {"method": "full", "out": str(at("full-2")), "export": True},
+            # LoRA over a sharded base model, as on a base model too large for one GPU.
+            {"method": "lora", "out": str(at("lora-2-sharded")), "sharded": True},
             {"method": "full", "out": str(at("full-2-stopped")), "stop_after": 3},
             {"method": "lora", "out": str(at("lora-1-then-2")), "resume": str(at("lora-1-stopped.pt"))},
         ],
@@ -96,6 +100,8 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
     assert len(losses(at("lora-1"))) == 8  # 24 examples, batch 6, 2 epochs
     assert_same_run(at("lora-1"), at("lora-2"))
     assert_same_run(at("full-1"), at("full-2"))
+    assert result(at("lora-2-sharded"))["parallel"] == "FSDP2 over 2 ranks (gloo)"
+    assert_same_run(at("lora-1"), at("lora-2-sharded"))
     # FSDP2's artifact, gathered from the shards, is a single process's: the same files, the same tensors.
     one, two = at("full-1.artifact"), at("full-2.artifact")
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir()) == sorted([CONFIG, TENSORS])
@@ -111,3 +117,10 @@ def test_two_ranks_train_as_one_process_and_resume_on_any_number(tmp_path: Path,
     assert_same_run(at("lora-1"), at("lora-1-then-2"), from_step=3)
     assert [s["step"] for s in result(at("full-2-then-1"))["steps"]] == [4, 5, 6, 7, 8]
     assert_same_run(at("full-1"), at("full-2-then-1"), from_step=3)
+
+
+def test_full_fine_tuning_is_sharded_and_on_a_cpu_nothing_else() -> None:
+    cpu = resolve_placement("cpu", "float32")
+    assert shards(trains_every_weight=True, n_parameters=1, placement=cpu)
+    # Only a GPU's memory can be too small for a base model: a CPU's ranks replicate it (DDP).
+    assert not shards(trains_every_weight=False, n_parameters=10**12, placement=cpu)

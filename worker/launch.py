@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.core.db import session_scope
 from app.core.settings import Settings
 from app.jobs import state
 from app.ml.device import WorkerDevices
+from app.models.repository import find_model
 from worker.lifecycle import JobAttempt, stop_requested
 from worker.runner import JobOutcome
 
@@ -58,7 +60,14 @@ def run_ranks(settings: Settings, attempt: JobAttempt) -> JobOutcome:
         spec = folder / "job.json"
         outcome_file, stop_file = folder / "outcome.json", folder / "stop"
         spec.write_text(
-            json.dumps({"job": dataclasses.asdict(job), "outcome": str(outcome_file), "stop_file": str(stop_file)})
+            json.dumps(
+                {
+                    "job": dataclasses.asdict(job),
+                    "outcome": str(outcome_file),
+                    "stop_file": str(stop_file),
+                    "n_parameters": base_model_parameters(settings, job.base_model),  # whether to shard it
+                }
+            )
         )
         command = torchrun_command(job.devices, spec)
         log.info("job %s: starting %d ranks under torchrun", job.id, job.devices)
@@ -81,6 +90,13 @@ def run_ranks(settings: Settings, attempt: JobAttempt) -> JobOutcome:
         attempt,
         f"one of the job's {job.devices} processes stopped (torchrun's exit code {process.returncode})",
     )
+
+
+def base_model_parameters(settings: Settings, model_id: str) -> int:
+    """The base model's parameter count (0 if it is no longer registered: rank 0 fails the job saying so)."""
+    with session_scope(settings.db_url) as session:
+        record = find_model(session, model_id)
+    return record.n_parameters if record is not None else 0
 
 
 def torchrun_command(ranks: int, spec: Path) -> list[str]:

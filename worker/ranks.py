@@ -24,10 +24,9 @@ from app.core.settings import get_settings
 from app.core.storage import ObjectStorage
 from app.jobs.state import ClaimedJob
 from app.ml.device import resolve_placement
-from app.ml.methods import METHODS
 from app.ml.models import ModelRecord
 from app.ml.training import StopRequested, TrainingRecipe
-from app.ml.training.parallel import OneProcess, from_environment
+from app.ml.training.parallel import OneProcess, from_environment, shards
 from worker.launch import die_with_parent
 from worker.lifecycle import JobAttempt, JobReporter, request_stop
 from worker.runner import run_to_an_outcome
@@ -113,7 +112,8 @@ def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
     placement = resolve_placement(rank_device(settings.device), settings.dtype)
-    parallel = from_environment(placement.device, sharded=METHODS[job.method].name == "full")
+    sharded = shards(trains_every_weight=job.method == "full", n_parameters=spec["n_parameters"], placement=placement)
+    parallel = from_environment(placement.device, sharded=sharded)
     with job_logging_context(job.id):
         try:
             code = lead(job, parallel, spec) if parallel.is_first else follow(job, parallel)

@@ -4,8 +4,9 @@ worker/ranks.py, or a script).
 
 - `DataParallel`: PyTorch's DDP. Every rank holds the whole model; what trains (an adapter, the output layer)
   is small. A step's examples are dealt out among the ranks, and DDP averages the gradients.
-- `ShardedDataParallel`: PyTorch's FSDP2 (`fully_shard`), for full fine-tuning: weights, gradients and optimizer
-  state are sharded, each decoder layer gathered only while it computes.
+- `ShardedDataParallel`: PyTorch's FSDP2 (`fully_shard`), for full fine-tuning and for any method on a base model
+  too large for one device (`shards`): weights, gradients and optimizer state are sharded, each decoder layer
+  gathered only while it computes.
 
 Either way a step's loss and gradients are those of the single-process run over the same global batch: each
 rank's token losses are divided by the whole step's loss-bearing tokens (which every rank knows: each has all
@@ -310,6 +311,22 @@ def by_name(state: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
             {**group, "params": [names[int(i)] for i in group["params"]]} for group in state["param_groups"]
         ],
     }
+
+
+# A base model whose weights take more than this share of one GPU's memory is sharded (FSDP2) whatever the method:
+# what is left would not hold the activations, the adapter and its optimizer.
+SHARD_ABOVE_DEVICE_SHARE = 0.5
+
+
+def shards(*, trains_every_weight: bool, n_parameters: int, placement: Placement) -> bool:
+    """Whether a run is sharded (FSDP2) rather than replicated (DDP): full fine-tuning (its optimizer state is
+    12 bytes a parameter beside the weights), or a base model too large for one GPU to hold with room to train."""
+    if trains_every_weight:
+        return True
+    if placement.device.type != "cuda":
+        return False
+    weights = n_parameters * torch.empty((), dtype=placement.dtype).element_size()
+    return weights > SHARD_ABOVE_DEVICE_SHARE * torch.cuda.get_device_properties(placement.device).total_memory
 
 
 def from_environment(device: torch.device, *, sharded: bool) -> OneProcess:
