@@ -92,6 +92,20 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
     return process.returncode, stdout, stderr
 
 
+@pytest.mark.parametrize(
+    ("devices", "said"),
+    [
+        ("x", "TUNEFORGE_WORKER_DEVICES='x' is neither a count (4) nor CUDA indices (0,1,2,3)"),
+        ("0", "a worker owns at least 1 device"),
+        ("0,0", "names a device twice"),
+        ("0,1", "names CUDA devices, and this worker trains on the cpu; give a count instead"),
+    ],
+)
+def test_a_worker_refuses_devices_it_cannot_own(tmp_path: Path, devices: str, said: str) -> None:
+    done = run("worker", "--devices", devices, env=base_env(TUNEFORGE_DATA_DIR=str(tmp_path), TUNEFORGE_DEVICE="cpu"))
+    assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_version_is_the_installed_packages() -> None:
     started = time.monotonic()
     done = run("--version", env=base_env())

@@ -102,14 +102,14 @@ def worker(
     from app.ml.device import PlacementError, WorkerDevices, cuda_training_available
 
     log_to_stderr()
-    if devices is not None:
+    try:
+        owned = WorkerDevices.parse(devices if devices is not None else get_settings().worker_devices)
+    except PlacementError as exc:
+        fail(str(exc))
+    if devices is not None:  # what the job runner and the worker's row read
         os.environ["TUNEFORGE_WORKER_DEVICES"] = devices
         get_settings.cache_clear()
     settings = get_settings()
-    try:
-        owned = WorkerDevices.parse(settings.worker_devices)
-    except PlacementError as exc:
-        fail(str(exc))
     if owned.cuda_indices is not None:  # before CUDA starts in this process: what it and its ranks see
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(index) for index in owned.cuda_indices)
     check_placement()
