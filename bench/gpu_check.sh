@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check with the right python (bench/gpu_check.py; its options pass through): .venv-gpu/ (installed from
 # the offline bundle), else .venv/ (`make install`), else, where gpu-bundle/ is here, install .venv-gpu/ from it
-# first (python3, or $PYTHON, with the system's torch), else python3.
+# first, and its built models into the models cache (python3, or $PYTHON, with the system's torch), else python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for python in .venv-gpu/bin/python .venv/bin/python; do

@@ -1,10 +1,11 @@
 """Training speed and memory on the real base model: the obvious PyTorch loop against Tuneforge's recipe, same run.
 
     .venv/bin/python bench/training.py [--quick] [--examples N] [--repeat N] [--threads N] [--device auto]
-                                       [--dtype auto]
+                                       [--dtype auto] [--model smollm2-135m-instruct]
     .venv/bin/python bench/training.py --memory-job
 
-The job: LoRA (r=16, alpha=32, dropout 0, on q/k/v/o/gate/up/down_proj) on smollm2-135m-instruct, one epoch of
+The job: LoRA (r=16, alpha=32, dropout 0, on q/k/v/o/gate/up/down_proj) on smollm2-135m-instruct (--model: another
+built-in, e.g. tiny-random-llama where SmolLM2's weights are not installed; its figures then mean little), one epoch of
 bench/data/chat.jsonl (48 conversations of 45-383 tokens, loss on the assistant turns only; made by
 bench/data/make_chat.py), batch size 4, learning rate 2e-4 with the recipe's linear schedule (3% warmup), AdamW
 (weight decay 0), gradient clipping at 1.0, seed 42. Each of these runs in a fresh process of this script:
@@ -92,7 +93,6 @@ from app.core.queue import SQL_BROKER_POLLING_SECONDS
 from app.ml.methods.lora import LoraHyperparameters
 from app.ml.models import BUILTINS, LLAMA_LINEAR_MODULES, ModelRecord, ModelStore
 
-MODEL = "smollm2-135m-instruct"
 HERE = Path(__file__).resolve().parent
 CHAT_FILE = HERE / "data" / "chat.jsonl"
 MEMORY_FILE = HERE / "data" / "chat_512.jsonl"
@@ -181,7 +181,7 @@ def measure_reference(args: argparse.Namespace) -> dict[str, Any]:
 
     placement = torch_placement(args)
     device = placement.device
-    record = BUILTINS[MODEL]
+    record = BUILTINS[args.model]
     models = ModelStore(args.models_dir, None)
     tokenizer = models.tokenizer(record)
     pad_id = pad_token_id(tokenizer)
@@ -265,7 +265,7 @@ def measure_recipe(args: argparse.Namespace, hyperparameters: dict[str, Any]) ->
     from app.jobs.state import ClaimedJob
     from worker.training import job_recipe
 
-    record = BUILTINS[MODEL]
+    record = BUILTINS[args.model]
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         settings = bench_settings(Path(tmp), args)
         storage = ObjectStorage.from_settings(settings)
@@ -372,13 +372,16 @@ def measure_first_step(args: argparse.Namespace) -> dict[str, Any]:
     def upload(client: TestClient, records: list[str]) -> str:
         content = "".join(line + "\n" for line in records).encode()
         r = client.post(
-            "/v1/files", headers=headers, files={"file": ("train.jsonl", content)}, data={"purpose": "fine-tune"}
+            "/v1/files",
+            headers=headers,
+            files={"file": ("train.jsonl", content)},
+            data={"purpose": "fine-tune", "base_model": args.model},
         )
         assert r.status_code in (200, 201), r.text
         return str(r.json()["id"])
 
     def create(client: TestClient, file_id: str) -> str:
-        body = {"base_model": MODEL, "training_file": file_id, "hyperparameters": HYPERPARAMETERS}
+        body = {"base_model": args.model, "training_file": file_id, "hyperparameters": HYPERPARAMETERS}
         r = client.post("/jobs", headers=headers, json=body)
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
@@ -561,7 +564,7 @@ def main() -> None:
         default=1,
         help="run the reference and the recipe this many times, alternated, and keep the fastest of each (default: 1)",
     )
-    add_options(parser, "--threads", "--device", "--dtype", "--models-dir")
+    add_options(parser, "--model", "--threads", "--device", "--dtype", "--models-dir")
     add_memory_limit_option(parser, default_gib=16.0)
     # Internal: one measurement, run by the script itself in a fresh process.
     parser.add_argument("--measure", help=argparse.SUPPRESS)
@@ -578,7 +581,7 @@ def main() -> None:
         hand_back(measure(args))
         return
 
-    convert_once(args.models_dir, MODEL)
+    convert_once(args.models_dir, args.model)
     begun = time.perf_counter()
     print(
         f"{command_line()}\nmachine: {cpu_name()}, {os.cpu_count()} CPUs; load average {load_average()} (1/5/15 min) "
@@ -660,7 +663,7 @@ def report(
     facts = reference["facts"]
     hp = recipe["hyperparameters"]
     print(
-        f"model {MODEL} on {recipe['placement']}, torch {recipe['torch']}, {recipe['threads']} threads; "
+        f"model {args.model} on {recipe['placement']}, torch {recipe['torch']}, {recipe['threads']} threads; "
         f"LoRA r={hp['lora_r']} alpha={hp['lora_alpha']} dropout {hp['lora_dropout']:g} on "
         f"{','.join(hp['target_modules'])}; batch {hp['batch_size']}, lr {hp['learning_rate']:g} "
         f"({hp['lr_scheduler']}, warmup {hp['warmup_ratio']:g}), seed {hp['seed']}; "
