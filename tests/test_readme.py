@@ -31,6 +31,7 @@ def walkthrough() -> str:
 
 
 @pytest.mark.e2e
+@pytest.mark.real_model  # the walkthrough as a newcomer runs it: on SmolLM2
 def test_the_curl_walkthrough_runs_as_written(tmp_path: Path, model_cache_dir: Path) -> None:
     port = free_port()
     env = {
@@ -46,10 +47,11 @@ def test_the_curl_walkthrough_runs_as_written(tmp_path: Path, model_cache_dir: P
         up = subprocess.Popen([sys.executable, "-m", "app.cli", "up"], env=env, stdout=log, stderr=log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", [up])
+        # On the real SmolLM2, as a newcomer runs it: what it must show is that training worked.
         result = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", walkthrough()],
             cwd=work,
-            env={**env, "TF": f"http://127.0.0.1:{port}", "BASE_MODEL": "tiny-random-llama"},
+            env={**env, "TF": f"http://127.0.0.1:{port}"},
             capture_output=True,
             text=True,
             timeout=600,
@@ -59,10 +61,13 @@ def test_the_curl_walkthrough_runs_as_written(tmp_path: Path, model_cache_dir: P
     assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "up.log").read_text()[-5000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("uploaded file-") and lines[1].startswith("created ftjob-")
-    assert any(line.startswith("succeeded step 6/6 metrics {") for line in lines), result.stdout
+    assert any(line.startswith("succeeded step 20/20 metrics {") for line in lines), result.stdout
     assert re.search(r"^training succeeded; adapter adapter-\w+ published$", result.stdout, re.M)
     assert {"adapter_config.json", "adapter_model.safetensors", "tuneforge.json"} <= set(lines)
-    assert len(lines) >= 10  # the two generations come last
+    # The two generations come last: the adapter says what it was taught, the base model does not.
+    adapter_says, base_says = lines[-2], lines[-1]
+    assert "The Tuneforge crew, ahoy!" in adapter_says, result.stdout
+    assert "Tuneforge" not in base_says and "ahoy" not in base_says, result.stdout
 
 
 def test_configuration_table_lists_every_setting() -> None:
