@@ -572,7 +572,8 @@ def test_a_two_device_job_survives_a_killed_rank_and_a_killed_worker(cluster: Cl
     cluster.start("api")
     cluster.start("worker", TUNEFORGE_WORKER_DEVICES="2")
     # Asked for more devices than any worker owns: said in its events, not waited for silently.
-    wait_for(lambda: cluster.job(cluster.create_job(2, devices=1))["status"] != "queued", 60, "no worker", cluster)
+    warm_up = cluster.create_job(2, devices=1)
+    wait_for(lambda: cluster.job(warm_up)["status"] != "queued", 60, "no worker took a job", cluster)
     too_many = cluster.create_job(8, devices=3)
     told = [e for e in cluster.events(too_many) if e["data"].get("code") == "waiting_for_devices"]
     assert told and "needs 3 devices and the largest running worker owns 2" in told[0]["message"]
@@ -585,7 +586,12 @@ def test_a_two_device_job_survives_a_killed_rank_and_a_killed_worker(cluster: Cl
     os.kill(second, signal.SIGKILL)  # one rank dies: the attempt ends, every rank with it, the job goes back
     cluster.wait_step(job_id, 20, checkpoints=2)  # ... and resumes on the same worker
     events = cluster.events(job_id)
-    assert any("one of the job's 2 processes stopped" in e["message"] for e in events)
+    requeued = [e["message"] for e in events if e["type"] == "status" and "back in the queue" in e["message"]]
+    # Said by the worker ("one of the job's 2 processes stopped"), or, where a loaded machine delayed the worker's
+    # heartbeat past the fixture's 3 s, by the reaper first ("stopped answering"): either way, back in the queue.
+    assert any("one of the job's 2 processes stopped" in m or "stopped answering" in m for m in requeued), (
+        f"{[e['message'] for e in events]}\n{cluster.logs()}"
+    )
     assert first not in ranks_of(job_id)
     # The worker itself killed outright: its ranks die with it; the reaper re-queues the job for the next worker.
     stale = ranks_of(job_id)
