@@ -15,43 +15,20 @@ import json
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from app.ml.device import Placement, resolve_placement
+from app.ml.device import resolve_placement
 from app.ml.methods import METHODS
 from app.ml.methods.base import MethodContext
 from app.ml.models import BUILTINS, ModelStore
 from app.ml.training import RecipeLimits, StopRequested, TrainingRecipe, training_base_model
 from app.ml.training.parallel import from_environment
+from bench.common import BenchReporter
 
 WORDS = ["plum", "pear", "fig", "kiwi", "lime", "date"]
-
-
-@dataclass
-class Reporter:
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    evaluations: list[dict[str, Any]] = field(default_factory=list)
-
-    def event(self, type_: str, message: str, data: dict[str, Any] | None = None, level: str = "info") -> None:
-        pass
-
-    def placement(self, placement: Placement) -> None:
-        pass
-
-    def progress(
-        self, *, step: int, total_steps: int, epoch: int, metrics: dict[str, Any], message: str, type_: str = "metrics"
-    ) -> None:
-        if type_ == "metrics" and step > 0:
-            self.steps.append({"step": step, **metrics})
-        elif type_ == "eval":
-            self.evaluations.append({"step": step, **metrics})
-
-    def check_cancelled(self) -> None:
-        pass
 
 
 class StateKeeper:
@@ -106,7 +83,7 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
     if method.name == "lora":
         hyperparameters.setdefault("lora_dropout", 0.0)
     stop_after = spec.get("stop_after")
-    reporter, keeper = Reporter(), StateKeeper()
+    reporter, keeper = BenchReporter(spec["out"]), StateKeeper()
     recipe = TrainingRecipe(
         method,
         method.hyperparameters.model_validate(hyperparameters).for_model(record),
@@ -119,7 +96,7 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
         # 96 tokens a micro-batch: a step's 6 examples take several, and 2 ranks' shares different counts.
         limits=RecipeLimits(max_batch_tokens=96, checkpoint_minutes=60, log_every_steps=100),
         checkpointer=keeper,
-        stop=(lambda: len(reporter.steps) >= stop_after) if stop_after else (lambda: False),
+        stop=(lambda: len(reporter.of_type("metrics")) >= stop_after) if stop_after else (lambda: False),
         parallel=parallel,
     )
     resume = torch.load(spec["resume"], weights_only=True) if spec.get("resume") and parallel.is_first else None
@@ -154,14 +131,15 @@ def run(spec: dict[str, Any], models_dir: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({name: tensor.contiguous() for name, tensor in trained.items()}, str(out.with_suffix(".safetensors")))
-    tokens = sum(step["trained_tokens"] for step in reporter.steps[-1:])
+    steps = reporter.of_type("metrics")
+    tokens = sum(step["trained_tokens"] for step in steps[-1:])
     out.with_suffix(".json").write_text(
         json.dumps(
             {
                 "ranks": parallel.world_size,
                 "parallel": parallel.describe(),
-                "steps": reporter.steps,
-                "evaluations": reporter.evaluations,
+                "steps": steps,
+                "evaluations": reporter.of_type("eval"),
                 "stopped": stopped,
                 "seconds": seconds,
                 "trained_tokens": tokens,

@@ -440,16 +440,18 @@ def job_figures(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def bench_command(check: Check, script: str, model: str, *, cpu: list[str], quick: list[str]) -> list[str]:
+    """A benchmark of bench/ on the check's device, dtype and `model`, with `cpu` options on a dry run and `quick`
+    ones with --quick."""
+    command = [check.python, str(HERE / script), f"--device={check.args.device}", f"--dtype={check.args.dtype}"]
+    command.append(f"--model={model}")
+    return command + (cpu if check.cpu else quick if check.args.quick else [])
+
+
 def step_training(check: Check) -> list[Row]:
     step = "training speed"
     model = check.training_model
-    command = [check.python, str(HERE / "training.py"), f"--device={check.args.device}", f"--dtype={check.args.dtype}"]
-    command.append(f"--model={model}")
-    if check.cpu:
-        command.append("--examples=4")
-    elif check.args.quick:
-        command.append("--quick")
-    outcome = check.run(step, command)
+    outcome = check.run(step, bench_command(check, "training.py", model, cpu=["--examples=4"], quick=["--quick"]))
     note = check.model_note(model)
     if outcome.returncode != 0:
         return [Row(step, "FAIL", outcome.seconds, with_note(note, outcome.failure()))]
@@ -485,12 +487,9 @@ def training_figures(log: str, check: Check) -> str:
 def step_serving(check: Check) -> list[Row]:
     step = "serving"
     model = check.job_model
-    command = [check.python, str(HERE / "serving.py"), f"--device={check.args.device}", f"--dtype={check.args.dtype}"]
-    command.append(f"--model={model}")
-    if check.cpu:
-        command += ["--requests=4", "--tokens=8"]
-    elif check.args.quick:
-        command += ["--requests=8", "--tokens=32"]
+    command = bench_command(
+        check, "serving.py", model, cpu=["--requests=4", "--tokens=8"], quick=["--requests=8", "--tokens=32"]
+    )
     outcome = check.run(step, command)
     note = check.model_note(model)
     if outcome.returncode != 0:

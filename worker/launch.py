@@ -32,13 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.db import session_scope
 from app.core.settings import Settings
-from app.jobs import state
+from app.jobs.state import ClaimedJob
 from app.ml.device import WorkerDevices
-from app.models.repository import find_model
+from app.ml.training import TrainingError
 from worker.lifecycle import JobAttempt, stop_requested
-from worker.runner import JobOutcome
+from worker.runner import JobOutcome, base_model_of, send_again
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def run_ranks(settings: Settings, attempt: JobAttempt) -> JobOutcome:
                     "job": dataclasses.asdict(job),
                     "outcome": str(outcome_file),
                     "stop_file": str(stop_file),
-                    "n_parameters": base_model_parameters(settings, job.base_model),  # whether to shard it
+                    "n_parameters": base_model_parameters(settings, job),  # whether to shard it
                 }
             )
         )
@@ -92,11 +91,12 @@ def run_ranks(settings: Settings, attempt: JobAttempt) -> JobOutcome:
     )
 
 
-def base_model_parameters(settings: Settings, model_id: str) -> int:
-    """The base model's parameter count (0 if it is no longer registered: rank 0 fails the job saying so)."""
-    with session_scope(settings.db_url) as session:
-        record = find_model(session, model_id)
-    return record.n_parameters if record is not None else 0
+def base_model_parameters(settings: Settings, job: ClaimedJob) -> int:
+    """The base model's parameter count (0 if it changed or is gone: rank 0 fails the job saying so)."""
+    try:
+        return base_model_of(settings, job).n_parameters
+    except TrainingError:
+        return 0
 
 
 def torchrun_command(ranks: int, spec: Path) -> list[str]:
@@ -154,9 +154,4 @@ def _lost(settings: Settings, attempt: JobAttempt, why: str) -> JobOutcome:
         if attempt.has_ended():
             return JobOutcome("failed", f"{why}; the job lost too many workers", error_code="worker_lost")
         return JobOutcome("left_to_reaper", f"{why}, and the job is no longer this run's")
-    try:
-        state.enqueue(settings, job.id, job.method, job.devices)
-    except Exception as exc:
-        attempt.unhand()
-        return JobOutcome("left_to_reaper", f"{why}; its task could not be sent, the reaper will", exception=exc)
-    return JobOutcome("handed_back", f"{why}; back in the queue, to resume from its checkpoint")
+    return send_again(settings, attempt, why)

@@ -224,16 +224,25 @@ def _hand_back(
 ) -> JobOutcome:
     """Queued again, for another worker (or this one after its restart) to resume from the latest checkpoint:
     the worker is stopping, or (`reason`) this attempt could not start."""
-    job = attempt.job
     why = reason or "the worker stopped"
     if not attempt.hand_back(step, reason=reason):
         return JobOutcome("left_to_reaper", f"{why}, and the job is no longer this run's", exception=exception)
+    where = f" at step {step}" if step is not None else ""
+    return send_again(settings, attempt, why, where=where, exception=exception)
+
+
+def send_again(
+    settings: Settings, attempt: JobAttempt, why: str, *, where: str = "", exception: BaseException | None = None
+) -> JobOutcome:
+    """The job, just moved back to the queue by this attempt (`why`): its task sent, for a worker to resume it
+    from the latest checkpoint; if the broker does not answer, left running with a stale heartbeat for the reaper
+    to send."""
+    job = attempt.job
     try:
         state.enqueue(settings, job.id, job.method, job.devices)
     except Exception as exc:
         attempt.unhand()
         return JobOutcome("left_to_reaper", f"{why}; its task could not be sent, the reaper will", exception=exc)
-    where = f" at step {step}" if step is not None else ""
     return JobOutcome(
         "handed_back", f"{why}; back in the queue{where}, to resume from its checkpoint", exception=exception
     )
