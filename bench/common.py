@@ -9,8 +9,9 @@ import dataclasses
 import os
 import platform
 import shlex
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,3 +221,49 @@ def wait_ready(url: str, process: Any, log: Callable[[], str], timeout: float = 
             process.kill()
             raise RuntimeError(f"the API did not become ready:\n{log()}")
         time.sleep(0.3)
+
+
+def tuneforge_command() -> list[str]:
+    """The `tuneforge` command of this interpreter's environment (`python -m app.cli` where it has no script)."""
+    script = Path(sys.executable).parent / "tuneforge"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+
+
+@contextlib.contextmanager
+def tuneforge_up(
+    data_dir: Path, env: dict[str, str], *, show_log: bool = True
+) -> Iterator[tuple[str, float, subprocess.Popen[bytes]]]:
+    """`tuneforge up` in `data_dir` (TUNEFORGE_DATA_DIR), with this process's environment and `env` over it, on a
+    free loopback port: its URL, how long it took to be ready and its process. Stopped (SIGTERM: it stops its API
+    and worker) when the block ends; the end of its log printed on stderr then (without `show_log`, only when the
+    block raised)."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = data_dir / "up.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        up = subprocess.Popen(
+            [*tuneforge_command(), "up", "--port", str(port), "--no-show-key"],
+            env={**os.environ, "TUNEFORGE_DATA_DIR": str(data_dir), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    failed = True
+    try:
+        wait_ready(url, up, lambda: log_path.read_text(errors="replace")[-3000:], timeout=120)
+        yield url, time.monotonic() - started, up
+        failed = False
+    finally:
+        up.terminate()
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()  # its API and worker are in the caller's process group
+        if show_log or failed:
+            tail = log_path.read_text(errors="replace")[-20000:]
+            print(f"--- tuneforge up's log ---\n{tail}", file=sys.stderr, flush=True)

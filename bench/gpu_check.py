@@ -58,7 +58,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -561,44 +560,18 @@ def internal_base_models(args: argparse.Namespace) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def tuneforge_up(data_dir: Path, args: argparse.Namespace, ranks: int) -> Iterator[tuple[str, float]]:
-    """`tuneforge up` on the embedded default in `data_dir`, on a free loopback port; its URL and how long it took
-    to be ready. Stopped (SIGTERM: it stops its API and worker) when the block ends."""
-    from common import wait_ready  # bench/, beside this
+    """`tuneforge up` on the embedded default in `data_dir` (see `common.tuneforge_up`), on --device and --dtype;
+    with `ranks`, its worker owns that many devices and runs even a 1-device job under torchrun."""
+    from common import tuneforge_up as up  # bench/, beside this
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     env = {
-        **os.environ,
-        "TUNEFORGE_DATA_DIR": str(data_dir),
         "TUNEFORGE_DEVICE": args.device,
         "TUNEFORGE_DTYPE": args.dtype,
         # A 1-device job under torchrun too (one rank: DDP or FSDP2 over NCCL), not in the worker's own process.
         **({"TUNEFORGE_WORKER_DEVICES": str(ranks), "TUNEFORGE_TORCHRUN_ONE_DEVICE": "true"} if ranks else {}),
     }
-    log_path = data_dir / "up.log"
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        up = subprocess.Popen(
-            [*tuneforge(), "up", "--port", str(port), "--no-show-key"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, up, lambda: log_path.read_text(errors="replace")[-3000:], timeout=120)
-        yield url, time.monotonic() - started
-    finally:
-        up.terminate()
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            up.kill()  # its API and worker are in this process's group: the check stops the group after the step
-        print(f"--- tuneforge up's log ---\n{log_path.read_text(errors='replace')[-20000:]}", flush=True)
-
-
-def tuneforge() -> list[str]:
-    """The `tuneforge` command of this interpreter's environment (`python -m app.cli` where it has no script)."""
-    script = Path(sys.executable).parent / "tuneforge"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]
+    with up(data_dir, env) as (url, ready_seconds, _):
+        yield url, ready_seconds
 
 
 def internal_job(args: argparse.Namespace, write: Callable[[dict[str, Any]], None]) -> None:
@@ -606,6 +579,7 @@ def internal_job(args: argparse.Namespace, write: Callable[[dict[str, Any]], Non
     its results written with `write` as they come, so that a step stopped at its timeout still says how far it
     got."""
     import httpx
+    from common import tuneforge_command  # bench/, beside this
 
     result: dict[str, Any] = {"ranks": args.ranks}
     examples = 8 if args.device == "cpu" or args.quick else 48
@@ -618,7 +592,7 @@ def internal_job(args: argparse.Namespace, write: Callable[[dict[str, Any]], Non
             result["ready_seconds"] = ready_seconds
             write(result)
             key = subprocess.run(
-                [*tuneforge(), "keys", "create", "--tenant", "gpu-check"],
+                [*tuneforge_command(), "keys", "create", "--tenant", "gpu-check"],
                 env=env,
                 check=True,
                 capture_output=True,

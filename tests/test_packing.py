@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
-from app.ml.training import loss, memory
+from app.ml.training import attention, loss, memory
 from app.ml.training.data import collate, collate_packed, packed_micro_batches
 from app.ml.training.loss import PACKING_ARCHITECTURES, accumulate_gradients, evaluation_stats
 from tests.model_factories import ARCHITECTURES, build_tiny_model
@@ -68,6 +69,12 @@ def test_rows_hold_every_example_once_within_the_budget_padding_only_at_row_ends
         assert padded < 1.1 * real, (budget, padded, real)
 
 
+def test_a_packed_row_s_segments_are_its_examples_then_its_padding() -> None:
+    examples = make_examples([5, 3, 7, 2], vocab=50)
+    batch = collate_packed([examples[:2], examples[2:]], PAD)  # widths 8 and 9: the first row padded by 1
+    assert attention.packed_segments(batch["position_ids"]) == [[5, 3, 1], [7, 2]]
+
+
 def test_a_packed_row_restarts_positions_and_ignores_each_example_s_first_label() -> None:
     a, b = EncodedExample([5, 6, 7], [5, 6, 7]), EncodedExample([8, 9], [IGNORE_INDEX, 9])
     batch = collate_packed([[a, b], [b]], PAD)
@@ -84,7 +91,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_packed_losses_and_gradients_are_each_example_s_own(arch: str, folders: dict[str, Path]) -> None:
+def test_packed_losses_and_gradients_are_each_example_s_own(
+    arch: str, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert arch in PACKING_ARCHITECTURES
     model = lora_model(arch, folders[arch])
     examples = make_examples(LENGTHS, vocab=model.config.vocab_size)
@@ -114,8 +123,19 @@ def test_packed_losses_and_gradients_are_each_example_s_own(arch: str, folders: 
             at += n
 
     # The step: packed (several micro-batches) = padded = HF's own loss over the padded batch, and the gradients.
+    # Packed, each example's attention is computed apart (attention.py), where the model's attention is SDPA.
+    segmented = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        segmented.append(kwargs.get(attention.PACKED_SEGMENTS) is not None)
+        return attention.attention_forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", spy)
     packed_stats = accumulate_gradients(model, examples, pad_token_id=PAD, max_batch_tokens=128, pack=True)
     packed_grads = gradients(model)
+    if model.config._attn_implementation == "sdpa":
+        assert segmented and all(segmented)
+    monkeypatch.undo()
     padded_stats = accumulate_gradients(model, examples, pad_token_id=PAD, max_batch_tokens=10**6)
     padded_grads = gradients(model)
     hf = model(**collate(examples, PAD))
@@ -157,7 +177,7 @@ def test_the_micro_batch_budget_shrinks_to_what_free_memory_holds(
 
     model = lora_model("llama", folders["llama"])
     placement = resolve_placement("cpu", "float32")
-    per_token = memory.ACTIVATION_BYTES_PER_LAYER_UNIT * model.config.num_hidden_layers * model.config.hidden_size * 4
+    per_token = memory.activation_bytes_per_token(model, placement)
     monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
     # Plenty: the configured limit, but on a CPU no more than the tokens that keep its cores busy.
     assert memory.micro_batch_budget(model, placement, 2048, packed=True) == memory.CPU_MICRO_BATCH_TOKENS == 1024
@@ -167,3 +187,24 @@ def test_the_micro_batch_budget_shrinks_to_what_free_memory_holds(
     assert memory.micro_batch_budget(model, placement, 2048) == 300  # half of what is free
     monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
     assert memory.micro_batch_budget(model, placement, 2048) == memory.MIN_BATCH_TOKENS
+
+
+def test_the_budget_counts_what_the_adapted_modules_keep(folders: dict[str, Path]) -> None:
+    """LoRA on every linear layer keeps more activations a token than LoRA on q/v: each adapted module's input
+    and rank-r projection, on top of the base model's share; the budget's estimate grows with them."""
+    from app.ml.device import resolve_placement
+
+    placement = resolve_placement("cpu", "float32")
+    config = AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.float32).config
+    hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+
+    def adapted(targets: list[str] | str, r: int) -> nn.Module:
+        base = AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.float32)
+        return get_peft_model(base, LoraConfig(r=r, target_modules=targets, task_type="CAUSAL_LM"))
+
+    q_v, every = adapted(["q_proj", "v_proj"], 8), adapted("all-linear", 8)
+    assert memory.adapter_activation_units(q_v) == layers * (2 * hidden + 2 * 8)
+    assert memory.adapter_activation_units(every) == layers * (6 * hidden + inner + 7 * 8)
+    base_share = memory.ACTIVATION_BYTES_PER_LAYER_UNIT * layers * hidden * 4
+    assert memory.activation_bytes_per_token(every, placement) == base_share + 4 * layers * (6 * hidden + inner + 56)
+    assert memory.activation_bytes_per_token(every, placement) > memory.activation_bytes_per_token(q_v, placement)

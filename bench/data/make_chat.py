@@ -10,6 +10,12 @@
 - `chat_512.jsonl`: 48 conversations of 508 to 512 tokens each (pasted notes topped up sentence by sentence, and an
   answer of 60 to 80 words), the batch-48 memory job of `bench/training.py --memory-job`: the longest a default job
   (max_seq_length 512) trains on without cutting.
+- `answers.jsonl`: 48 conversations of another shape, long answers: a short question (sometimes after a sentence of
+  context), no system message, and an answer of 30 to 300 words (numbered advice, some steps with an example):
+  most tokens carry the loss, so skipping the logits of the prompt saves little; padding is what is left to remove.
+- `prompts.jsonl`: 48 conversations of a third shape, long prompts and short answers: every one opens with a system
+  message, then pasted notes of 25 to 130 words and a question, and an answer of 2 to 25 words: few tokens carry
+  the loss.
 
 The sentences are composed from the vocabulary below (ten everyday domains: subjects, what happened to them,
 tasks, advice), so the text reads like English without any download. Token counts come from the tokenizer of the
@@ -32,6 +38,8 @@ MAX_TOKENS_512 = 512
 MIN_TOKENS_512 = 500
 PROMPT_WORDS = (5, 250)
 ANSWER_WORDS = (3, 80)
+ANSWER_LONG_WORDS = (30, 300)  # answers.jsonl
+PROMPT_NOTES_WORDS = (25, 130)  # prompts.jsonl
 
 DOMAINS: dict[str, dict[str, list[str]]] = {
     "kitchen": {
@@ -514,6 +522,12 @@ FOLLOW_UP_ANSWERS = [
     "Because it deals with the cause, not only the symptom.",
 ]
 STEP_WORDS = ["First", "Then", "Next", "After that", "Finally"]
+LONG_ANSWER_OPENINGS = [
+    "Good question. Here is how I would go about it, step by step.",
+    "There are a few things worth trying, roughly in this order.",
+    "This comes up a lot, and the fix is usually a handful of small habits.",
+]
+EXAMPLE_OPENINGS = ["For example, say", "A common case:", "I have seen this when", "It matters most when"]
 
 
 def words(text: str) -> int:
@@ -580,6 +594,54 @@ def conversation(rng: random.Random, index: int) -> dict[str, Any]:
     return {"messages": messages}
 
 
+def long_answer(rng: random.Random, domain: dict[str, list[str]], target: int) -> str:
+    """Numbered advice, each step sometimes followed by an example from the domain, to about `target` words."""
+    advice = rng.sample(domain["advice"], k=len(domain["advice"]))
+    parts = [rng.choice(LONG_ANSWER_OPENINGS)]
+    for i in range(ANSWER_LONG_WORDS[1]):
+        a = advice[i % len(advice)]
+        parts.append(f"{i + 1}. {a}")
+        if rng.random() < 0.5:
+            parts.append(f"{rng.choice(EXAMPLE_OPENINGS)} {sentence(rng, domain).lower()}")
+        if words(" ".join(parts)) >= target:
+            break
+    return " ".join(parts)
+
+
+def answers_conversation(rng: random.Random, index: int) -> dict[str, Any]:
+    """A short question and a long answer (30 to 300 words), no system message: most tokens carry the loss."""
+    domain = DOMAINS[list(DOMAINS)[index % len(DOMAINS)]]
+    question = rng.choice(SHORT_TEMPLATES).format(task=rng.choice(domain["tasks"]))
+    if rng.random() < 0.5:
+        question = f"{sentence(rng, domain)} {question}"
+    target = rng.randint(*ANSWER_LONG_WORDS)
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": long_answer(rng, domain, target)},
+        ]
+    }
+
+
+def prompts_conversation(rng: random.Random, index: int) -> dict[str, Any]:
+    """A system message, a user turn of pasted notes (25 to 130 words) and a short answer (2 to 25 words): few
+    tokens carry the loss."""
+    domain = DOMAINS[list(DOMAINS)[index % len(DOMAINS)]]
+    lines = [rng.choice(NOTES_OPENINGS).format(topic=rng.choice(domain["subjects"]))]
+    ending = rng.choice(NOTES_ENDINGS)
+    target = rng.randint(*PROMPT_NOTES_WORDS)
+    while words(" ".join([*lines, ending])) < target:
+        lines.append(sentence(rng, domain))
+    reply = rng.choice(domain["short"]) if rng.random() < 0.5 else rng.choice(domain["advice"])
+    return {
+        "messages": [
+            {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)},
+            {"role": "user", "content": "\n".join(lines) + "\n\n" + ending},
+            {"role": "assistant", "content": reply},
+        ]
+    }
+
+
 def long_conversation(rng: random.Random, index: int, encoded_length: Any) -> dict[str, Any]:
     """Pasted notes topped up, sentence by sentence and then with short ones, to 500-512 tokens in all."""
     domain = DOMAINS[list(DOMAINS)[index % len(DOMAINS)]]
@@ -625,8 +687,20 @@ def main() -> None:
             if message["role"] != "system":
                 assert low <= words(message["content"]) <= high, message
     long = [long_conversation(rng, i, encoded_length) for i in range(N_EXAMPLES)]
+    # Each of the other shapes from a generator of its own: the files above stay as they were.
+    rng = random.Random(SEED + 1)
+    answers = [answers_conversation(rng, i) for i in range(N_EXAMPLES)]
+    rng.shuffle(answers)
+    rng = random.Random(SEED + 2)
+    prompts = [prompts_conversation(rng, i) for i in range(N_EXAMPLES)]
+    rng.shuffle(prompts)
 
-    for name, records in (("chat.jsonl", chat), ("chat_512.jsonl", long)):
+    for name, records in (
+        ("chat.jsonl", chat),
+        ("chat_512.jsonl", long),
+        ("answers.jsonl", answers),
+        ("prompts.jsonl", prompts),
+    ):
         (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in records))
         encoded = [encode_chat(tokenizer, r["messages"]) for r in records]
         lengths = [len(e.input_ids) for e in encoded]

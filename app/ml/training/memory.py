@@ -13,8 +13,9 @@ from torch import nn
 from app.ml.device import Placement
 
 # Bytes a token in flight holds per layer and hidden unit, in the model's dtype element size (saved activations
-# of the attention and MLP blocks, and the allocator's slack): LoRA on SmolLM2-135M in float32 (30 layers x 576)
-# measured about 1.9 MiB a token (bench/training.py --memory-job), which 32 x 30 x 576 x 4 bytes = 2.1 MiB covers.
+# of the attention and MLP blocks, and the allocator's slack): LoRA on q/v of SmolLM2-135M in float32 (30 layers
+# x 576) measured about 1.9 MiB a token (bench/training.py --memory-job, then on q/v), which 32 x 30 x 576 x 4
+# bytes = 2.1 MiB covers. What the adapted modules keep is counted apart (adapter_activation_units).
 ACTIVATION_BYTES_PER_LAYER_UNIT = 32
 MEMORY_SHARE = 0.5  # of the device's free memory, for one micro-batch's activations
 MIN_BATCH_TOKENS = 64
@@ -24,11 +25,37 @@ MIN_BATCH_TOKENS = 64
 CPU_MICRO_BATCH_TOKENS = 1024
 
 
+def adapter_activation_units(model: nn.Module) -> int:
+    """Activation elements a token keeps for the backward pass in the model's LoRA layers, all layers together:
+    each adapted module keeps its input (in_features; under dropout a copy of its own, without dropout shared at
+    most with its neighbours: counted whole either way) and its rank-r projection. LoRA on every linear layer of a
+    LLaMA block keeps 6 x hidden + intermediate + 7 r a token, several times what it keeps on q/v alone."""
+    from peft.tuners.lora import LoraLayer
+
+    units = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            rank = sum(int(module.r[name]) for name in module.active_adapters if name in module.r)
+            units += int(getattr(module, "in_features", 0) or 0) + rank
+    return units
+
+
+def activation_bytes_per_token(model: nn.Module, placement: Placement) -> int:
+    """The bytes one token in flight holds: the base model's saved activations (ACTIVATION_BYTES_PER_LAYER_UNIT a
+    layer and hidden unit), and what its adapted modules keep on top (`adapter_activation_units`)."""
+    config = model.config  # type: ignore[union-attr]
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    element = torch.empty((), dtype=placement.dtype).element_size()
+    return (ACTIVATION_BYTES_PER_LAYER_UNIT * layers * hidden + adapter_activation_units(model)) * element
+
+
 def micro_batch_budget(model: nn.Module, placement: Placement, limit: int, *, packed: bool = False) -> int:
     """The micro-batch token budget: the configured limit, or less where the device's free memory would not
-    hold that many tokens' activations (a smaller machine, a bigger model), and for packed rows at most
-    CPU_MICRO_BATCH_TOKENS on a CPU (padded micro-batches keep the limit: cut smaller, they pad more). An example
-    longer than the budget (up to the limit, which the API checks) still trains, in a micro-batch of its own."""
+    hold that many tokens' activations (a smaller machine, a bigger model, more adapted modules), and for packed
+    rows at most CPU_MICRO_BATCH_TOKENS on a CPU (padded micro-batches keep the limit: cut smaller, they pad
+    more). An example longer than the budget (up to the limit, which the API checks) still trains, in a
+    micro-batch of its own."""
     config = model.config  # type: ignore[union-attr]
     if packed and placement.device.type == "cpu":
         limit = min(limit, CPU_MICRO_BATCH_TOKENS)
@@ -40,8 +67,7 @@ def micro_batch_budget(model: nn.Module, placement: Placement, limit: int, *, pa
         free = torch.cuda.mem_get_info(placement.device)[0]
     else:
         free = psutil.virtual_memory().available
-    element = torch.empty((), dtype=placement.dtype).element_size()
-    per_token = ACTIVATION_BYTES_PER_LAYER_UNIT * layers * hidden * element
+    per_token = activation_bytes_per_token(model, placement)
     return max(MIN_BATCH_TOKENS, min(limit, int(free * MEMORY_SHARE / per_token)))
 
 
