@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
-from app.ml.training import attention, loss, memory
+from app.ml.training import loss, memory
 from app.ml.training.data import collate, collate_packed, packed_micro_batches
 from app.ml.training.loss import PACKING_ARCHITECTURES, accumulate_gradients, evaluation_stats
 from tests.model_factories import ARCHITECTURES, build_tiny_model
@@ -69,12 +68,6 @@ def test_rows_hold_every_example_once_within_the_budget_padding_only_at_row_ends
         assert padded < 1.1 * real, (budget, padded, real)
 
 
-def test_a_packed_row_s_segments_are_its_examples_then_its_padding() -> None:
-    examples = make_examples([5, 3, 7, 2], vocab=50)
-    batch = collate_packed([examples[:2], examples[2:]], PAD)  # widths 8 and 9: the first row padded by 1
-    assert attention.packed_segments(batch["position_ids"]) == [[5, 3, 1], [7, 2]]
-
-
 def test_a_packed_row_restarts_positions_and_ignores_each_example_s_first_label() -> None:
     a, b = EncodedExample([5, 6, 7], [5, 6, 7]), EncodedExample([8, 9], [IGNORE_INDEX, 9])
     batch = collate_packed([[a, b], [b]], PAD)
@@ -91,9 +84,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_packed_losses_and_gradients_are_each_example_s_own(
-    arch: str, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_packed_losses_and_gradients_are_each_example_s_own(arch: str, folders: dict[str, Path]) -> None:
     assert arch in PACKING_ARCHITECTURES
     model = lora_model(arch, folders[arch])
     examples = make_examples(LENGTHS, vocab=model.config.vocab_size)
@@ -123,19 +114,8 @@ def test_packed_losses_and_gradients_are_each_example_s_own(
             at += n
 
     # The step: packed (several micro-batches) = padded = HF's own loss over the padded batch, and the gradients.
-    # Packed, each example's attention is computed apart (attention.py), where the model's attention is SDPA.
-    segmented = []
-
-    def spy(*args: object, **kwargs: object) -> object:
-        segmented.append(kwargs.get(attention.PACKED_SEGMENTS) is not None)
-        return attention.attention_forward(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", spy)
     packed_stats = accumulate_gradients(model, examples, pad_token_id=PAD, max_batch_tokens=128, pack=True)
     packed_grads = gradients(model)
-    if model.config._attn_implementation == "sdpa":
-        assert segmented and all(segmented)
-    monkeypatch.undo()
     padded_stats = accumulate_gradients(model, examples, pad_token_id=PAD, max_batch_tokens=10**6)
     padded_grads = gradients(model)
     hf = model(**collate(examples, PAD))

@@ -15,7 +15,6 @@ from torch.utils.checkpoint import checkpoint
 
 from app.ml.device import Placement
 from app.ml.formatting import IGNORE_INDEX, EncodedExample
-from app.ml.training.attention import PACKED_SEGMENTS, packed_segments
 from app.ml.training.data import collate, collate_packed, micro_batches, packed_micro_batches
 from app.ml.training.parallel import ONE_PROCESS, OneProcess
 
@@ -162,10 +161,8 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], pack: bool) -> tuple
     if pack:
         # The transformer without its output layer; then the output layer only where a loss is taken
         # (a fifth of the positions of a chat set, say), a chunk at a time: no logits for the others.
-        # Each example's attention apart, where the architecture's attention takes the segments (attention.py).
-        segments = {PACKED_SEGMENTS: packed_segments(batch["position_ids"])}
         hidden = model.get_decoder()(  # type: ignore[operator]
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **segments
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
         ).last_hidden_state
         head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
         return output_loss(head, hidden[:, :-1][mask], targets)
