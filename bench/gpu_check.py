@@ -19,8 +19,9 @@ after a step fails. In order:
    temporary data dir (TUNEFORGE_DEVICE, TUNEFORGE_DTYPE), a key from `tuneforge keys create`, a chat file from
    bench/data uploaded (POST /v1/files), the job created (POST /jobs) and polled until it ends; its status, steps,
    device and tokens/s (the median step, from GET /jobs/{id}/metrics). QLoRA is skipped without bitsandbytes.
-6. training speed: bench/training.py on --device/--dtype: the recipe's ratio to the obvious loop, its MFU against
-   the GPU's dense bfloat16 peak (BF16_PEAK_TFLOPS, by the device's name; else against the measured matmul).
+6. training speed: bench/training.py on --device/--dtype, on bench/data/chat.jsonl: the recipe's ratio to the
+   obvious loop, the same job's through `tuneforge up` against the recipe in-process, the recipe's MFU against the
+   GPU's dense bfloat16 peak (BF16_PEAK_TFLOPS, by the device's name; else against the measured matmul).
 7. serving: bench/serving.py: the batching engine's tokens/s and its ratios to the baselines.
 8. torchrun jobs, N ranks (--ranks, default 1): a LoRA job (DDP) and a full fine-tuning job (FSDP2) with
    `"resources": {"devices": N}` against `tuneforge up` whose worker owns N devices (TUNEFORGE_WORKER_DEVICES=N)
@@ -450,7 +451,9 @@ def bench_command(check: Check, script: str, model: str, *, cpu: list[str], quic
 def step_training(check: Check) -> list[Row]:
     step = "training speed"
     model = check.training_model
-    outcome = check.run(step, bench_command(check, "training.py", model, cpu=["--examples=4"], quick=["--quick"]))
+    # One dataset (the benchmark's three would not fit the check's time), in-process and through `tuneforge up`.
+    command = bench_command(check, "training.py", model, cpu=["--examples=4"], quick=["--quick"])
+    outcome = check.run(step, [*command, f"--data={CHAT_FILE}"])
     note = check.model_note(model)
     if outcome.returncode != 0:
         return [Row(step, "FAIL", outcome.seconds, with_note(note, outcome.failure()))]
@@ -460,7 +463,9 @@ def step_training(check: Check) -> list[Row]:
 def training_figures(log: str, check: Check) -> str:
     """The ratio to the obvious loop and the recipe's MFU, read from bench/training.py's report."""
     ratio = re.search(r"^ratio 2/1: ([\d.]+)", log, re.M)
-    recipe = re.search(r"^2 recipe\s+([\d.]+)\s+[\d.]+\s+-\s+([\d.]+)\s+\S+\s+([\d.]+)%", log, re.M)
+    service = re.search(r"^ratio 3/2: ([\d.]+)", log, re.M)
+    # The columns: useful tok/s, all tok/s, with pad (-), s/epoch, in steps, setup s, MFU.
+    recipe = re.search(r"^2 recipe\s+([\d.]+)\s+[\d.]+\s+-\s+([\d.]+)\s+\S+\s+\S+\s+([\d.]+)%", log, re.M)
     matmul = re.search(r"^matmul: ([\d,.]+) GFLOP/s", log, re.M)
     if not (ratio and recipe and matmul):
         return "ran, but its report did not have the expected lines"
@@ -470,6 +475,8 @@ def training_figures(log: str, check: Check) -> str:
         f"ratio to the obvious loop {ratio.group(1)}",
         f"recipe {useful:,.0f} useful tok/s ({seconds:.1f} s/epoch)",
     ]
+    if service:
+        parts.append(f"through tuneforge up {service.group(1)}x the recipe in-process")
     peak = peak_bf16(check.environment.get("device_name") or "") if check.args.dtype == "bfloat16" else None
     if peak is not None and not check.cpu:
         label, tflops = peak

@@ -178,9 +178,10 @@ def test_the_budget_counts_what_the_adapted_modules_keep(folders: dict[str, Path
     config = AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.float32).config
     hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
 
-    def adapted(targets: list[str] | str, r: int) -> nn.Module:
+    def adapted(targets: list[str] | str, r: int, dropout: float = 0.0) -> nn.Module:
         base = AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.float32)
-        return get_peft_model(base, LoraConfig(r=r, target_modules=targets, task_type="CAUSAL_LM"))
+        config = LoraConfig(r=r, target_modules=targets, lora_dropout=dropout, task_type="CAUSAL_LM")
+        return get_peft_model(base, config)
 
     q_v, every = adapted(["q_proj", "v_proj"], 8), adapted("all-linear", 8)
     assert memory.adapter_activation_units(q_v) == layers * (2 * hidden + 2 * 8)
@@ -188,3 +189,25 @@ def test_the_budget_counts_what_the_adapted_modules_keep(folders: dict[str, Path
     base_share = memory.ACTIVATION_BYTES_PER_LAYER_UNIT * layers * hidden * 4
     assert memory.activation_bytes_per_token(every, placement) == base_share + 4 * layers * (6 * hidden + inner + 56)
     assert memory.activation_bytes_per_token(every, placement) > memory.activation_bytes_per_token(q_v, placement)
+    # Under dropout each adapted module also keeps its input's dropped copy's mask (a byte an element).
+    dropped = adapted("all-linear", 8, dropout=0.05)
+    kept = 6 * (hidden + hidden // 4) + inner + inner // 4 + 7 * 8
+    assert memory.adapter_activation_units(dropped) == layers * kept
+
+
+def test_a_cpu_micro_batch_keeps_its_activations_within_the_byte_cap(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from app.ml.device import resolve_placement
+
+    model = lora_model("llama", folders["llama"])
+    placement = resolve_placement("cpu", "float32")
+    per_token = memory.activation_bytes_per_token(model, placement)
+    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
+    monkeypatch.setattr(memory, "CPU_MICRO_BATCH_BYTES", 700 * per_token)
+    assert memory.micro_batch_budget(model, placement, 2048, packed=True) == 700  # the bytes, not 1024 tokens
+    assert memory.micro_batch_budget(model, placement, 2048) == 2048  # padded micro-batches: the whole limit
+    monkeypatch.setattr(memory, "CPU_MICRO_BATCH_BYTES", 10 * per_token)
+    assert memory.micro_batch_budget(model, placement, 2048, packed=True) == memory.MIN_BATCH_TOKENS

@@ -23,20 +23,31 @@ MIN_BATCH_TOKENS = 64
 # and 63.3 useful tokens/s for LoRA on SmolLM2-135M, 2 cores) for 1 GB less memory: the matrices are already
 # big enough to keep the cores busy. A GPU gains from more, and takes the whole budget.
 CPU_MICRO_BATCH_TOKENS = 1024
+# And on a CPU a packed micro-batch's activations stay within this many bytes by the estimate below, whatever the
+# adapted modules keep: LoRA with dropout on all seven linear layers of SmolLM2-135M keeps a third more a token than
+# on q/v, and its batch-48 job went past 4 GB in micro-batches of 1,024 tokens (bench/training.py --memory-job).
+CPU_MICRO_BATCH_BYTES = 2 * 2**30
 
 
 def adapter_activation_units(model: nn.Module) -> int:
     """Activation elements a token keeps for the backward pass in the model's LoRA layers, all layers together:
-    each adapted module keeps its input (in_features; under dropout a copy of its own, without dropout shared at
-    most with its neighbours: counted whole either way) and its rank-r projection. LoRA on every linear layer of a
-    LLaMA block keeps 6 x hidden + intermediate + 7 r a token, several times what it keeps on q/v alone."""
+    each adapted module keeps its input (in_features; without dropout shared at most with its neighbours, counted
+    whole all the same) and its rank-r projection; under dropout its input's dropped copy and the dropout's mask
+    (a byte an element: a quarter more in float32). LoRA on every linear layer of a LLaMA block keeps
+    6 x hidden + intermediate + 7 r a token, several times what it keeps on q/v alone."""
     from peft.tuners.lora import LoraLayer
 
     units = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and module.active_adapters:
-            rank = sum(int(module.r[name]) for name in module.active_adapters if name in module.r)
-            units += int(getattr(module, "in_features", 0) or 0) + rank
+        if not (isinstance(module, LoraLayer) and module.active_adapters):
+            continue
+        inputs = int(getattr(module, "in_features", 0) or 0)
+        for name in module.active_adapters:
+            if name not in module.r:
+                continue
+            dropout = module.lora_dropout[name]
+            dropped = isinstance(dropout, nn.Dropout) and dropout.p > 0
+            units += inputs + inputs // 4 * dropped + int(module.r[name])
     return units
 
 
@@ -53,21 +64,21 @@ def activation_bytes_per_token(model: nn.Module, placement: Placement) -> int:
 def micro_batch_budget(model: nn.Module, placement: Placement, limit: int, *, packed: bool = False) -> int:
     """The micro-batch token budget: the configured limit, or less where the device's free memory would not
     hold that many tokens' activations (a smaller machine, a bigger model, more adapted modules), and for packed
-    rows at most CPU_MICRO_BATCH_TOKENS on a CPU (padded micro-batches keep the limit: cut smaller, they pad
-    more). An example longer than the budget (up to the limit, which the API checks) still trains, in a
-    micro-batch of its own."""
+    rows on a CPU at most CPU_MICRO_BATCH_TOKENS and CPU_MICRO_BATCH_BYTES of activations (padded micro-batches
+    keep the limit: cut smaller, they pad more). An example longer than the budget (up to the limit, which the API
+    checks) still trains, in a micro-batch of its own."""
     config = model.config  # type: ignore[union-attr]
-    if packed and placement.device.type == "cpu":
-        limit = min(limit, CPU_MICRO_BATCH_TOKENS)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     if not (layers and hidden):
-        return limit
+        return min(limit, CPU_MICRO_BATCH_TOKENS) if packed and placement.device.type == "cpu" else limit
+    per_token = activation_bytes_per_token(model, placement)
+    if packed and placement.device.type == "cpu":
+        limit = min(limit, CPU_MICRO_BATCH_TOKENS, max(MIN_BATCH_TOKENS, CPU_MICRO_BATCH_BYTES // per_token))
     if placement.device.type == "cuda":
         free = torch.cuda.mem_get_info(placement.device)[0]
     else:
         free = psutil.virtual_memory().available
-    per_token = activation_bytes_per_token(model, placement)
     return max(MIN_BATCH_TOKENS, min(limit, int(free * MEMORY_SHARE / per_token)))
 
 
