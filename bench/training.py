@@ -151,7 +151,7 @@ QUICK_EXAMPLES = 12
 LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 2e-2}  # relative, per step
 FIRST_STEP_TARGET_S = 5.0
 MEMORY_JOB_TARGET_GB = 4.0
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.5  # how often the user's side of --service asks GET /jobs/{id}
 RATIO_TARGET = 1.4  # useful tokens/s against the obvious loop, in-process and through the service
 SERVICE_TOLERANCE = 0.05  # the service's epoch at most this much longer than the recipe's in-process
 
@@ -523,9 +523,9 @@ def measure_first_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def service_backend(args: argparse.Namespace, data_dir: Path) -> Iterator[dict[str, str]]:
-    """The service's environment for --service: the embedded default in `data_dir` (nothing to add), or a fresh
-    PostgreSQL database (dropped afterwards) and the Redis broker of --redis."""
+def service_backend(args: argparse.Namespace) -> Iterator[dict[str, str]]:
+    """The service's environment for --service: the embedded default (nothing to add: the data dir holds it), or
+    a fresh PostgreSQL database on --postgres (dropped afterwards) and the Redis broker of --redis."""
     if args.service == "embedded":
         yield {}
         return
@@ -573,7 +573,7 @@ def measure_service(args: argparse.Namespace, hyperparameters: dict[str, Any], j
     import httpx
 
     lines = training_lines(args)
-    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp, service_backend(args, Path(tmp)) as backend:
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp, service_backend(args) as backend:
         env = {
             "TUNEFORGE_MODEL_CACHE_DIR": str(args.models_dir),
             "TUNEFORGE_DEVICE": args.device,
