@@ -584,12 +584,26 @@ def test_a_two_device_job_survives_a_killed_rank_and_a_killed_worker(cluster: Cl
     cluster.wait_step(job_id, 10, checkpoints=1)
     first, second = ranks_of(job_id)
     os.kill(second, signal.SIGKILL)  # one rank dies: the attempt ends, every rank with it, the job goes back
-    cluster.wait_step(job_id, 20, checkpoints=2)  # ... and resumes on the same worker
+
+    def requeued() -> list[str]:
+        return [
+            m["message"]
+            for m in cluster.events(job_id)
+            if m["type"] == "status" and "back in the queue" in m["message"]
+        ]
+
+    # Waited for by its events, not by a step: the tiny model trains a step in tens of milliseconds, so the dying
+    # attempt may already have reported the steps a resumed one was to reach.
+    wait_for(
+        lambda: bool(requeued()), 60, f"{job_id} was not put back in the queue when one of its ranks died", cluster
+    )
+    resumed = "resumed from checkpoint"  # ... and resumes on the same worker
+    wait_for(lambda: any(resumed in e["message"] for e in cluster.events(job_id)), 120, "no resume", cluster)
     events = cluster.events(job_id)
-    requeued = [e["message"] for e in events if e["type"] == "status" and "back in the queue" in e["message"]]
+    requeued_messages = requeued()
     # Said by the worker ("one of the job's 2 processes stopped"), or, where a loaded machine delayed the worker's
     # heartbeat past the fixture's 3 s, by the reaper first ("stopped answering"): either way, back in the queue.
-    assert any("one of the job's 2 processes stopped" in m or "stopped answering" in m for m in requeued), (
+    assert any("one of the job's 2 processes stopped" in m or "stopped answering" in m for m in requeued_messages), (
         f"{[e['message'] for e in events]}\n{cluster.logs()}"
     )
     assert first not in ranks_of(job_id)
