@@ -24,7 +24,7 @@ MIN_BATCH_TOKENS = 64
 # big enough to keep the cores busy. A GPU gains from more, and takes the whole budget.
 CPU_MICRO_BATCH_TOKENS = 1024
 # And on a CPU a packed micro-batch's activations stay within this many bytes by the estimate below, whatever the
-# adapted modules keep: LoRA with dropout on all seven linear layers of SmolLM2-135M keeps a third more a token than
+# adapted modules keep: LoRA with dropout on all seven linear layers of SmolLM2-135M keeps a quarter more a token than
 # on q/v, and its batch-48 job went past 4 GB in micro-batches of 1,024 tokens (bench/training.py --memory-job).
 CPU_MICRO_BATCH_BYTES = 2 * 2**30
 
