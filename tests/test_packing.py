@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -148,17 +150,20 @@ def test_the_output_layer_in_small_chunks_gives_the_same_loss_and_gradients(
     assert chunked.loss == pytest.approx(whole.loss, rel=1e-6) and chunked.correct == whole.correct
 
 
-def test_the_micro_batch_budget_shrinks_to_what_free_memory_holds(
-    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from types import SimpleNamespace
-
+def budget_case(folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[nn.Module, Any, int]:
+    """A LoRA model on a CPU placement, its estimated activation bytes a token, and plenty of free memory."""
     from app.ml.device import resolve_placement
 
     model = lora_model("llama", folders["llama"])
     placement = resolve_placement("cpu", "float32")
-    per_token = memory.activation_bytes_per_token(model, placement)
     monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
+    return model, placement, memory.activation_bytes_per_token(model, placement)
+
+
+def test_the_micro_batch_budget_shrinks_to_what_free_memory_holds(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, placement, per_token = budget_case(folders, monkeypatch)
     # Plenty: the configured limit, but on a CPU no more than the tokens that keep its cores busy.
     assert memory.micro_batch_budget(model, placement, 2048, packed=True) == memory.CPU_MICRO_BATCH_TOKENS == 1024
     assert memory.micro_batch_budget(model, placement, 512, packed=True) == 512
@@ -198,14 +203,7 @@ def test_the_budget_counts_what_the_adapted_modules_keep(folders: dict[str, Path
 def test_a_cpu_micro_batch_keeps_its_activations_within_the_byte_cap(
     folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from types import SimpleNamespace
-
-    from app.ml.device import resolve_placement
-
-    model = lora_model("llama", folders["llama"])
-    placement = resolve_placement("cpu", "float32")
-    per_token = memory.activation_bytes_per_token(model, placement)
-    monkeypatch.setattr(memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=10**12))
+    model, placement, per_token = budget_case(folders, monkeypatch)
     monkeypatch.setattr(memory, "CPU_MICRO_BATCH_BYTES", 700 * per_token)
     assert memory.micro_batch_budget(model, placement, 2048, packed=True) == 700  # the bytes, not 1024 tokens
     assert memory.micro_batch_budget(model, placement, 2048) == 2048  # padded micro-batches: the whole limit
