@@ -32,9 +32,12 @@ from app.core.models import Tenant
 from app.core.readiness import ReadinessProbe
 from app.core.settings import Settings, get_settings
 from app.core.storage import ObjectStorage
+from app.evals.endpoints import router as evals_router
+from app.evals.runner import EvalRunner
 from app.files.endpoints import router as files_router
 from app.files.service import upload_too_large
 from app.inference.endpoints import router as generation_router
+from app.inference.engine import generation_engine
 from app.jobs.endpoints import router as jobs_router
 from app.jobs.reaper import Reaper
 from app.ml.models import ModelStore
@@ -61,10 +64,17 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # API processes re-queue jobs whose worker died, whoever else also looks, and send webhooks that are due;
+        # API processes re-queue jobs whose worker died, whoever else also looks, send webhooks that are due and
+        # execute eval runs;
         # serving replicas leave jobs alone.
         api = role == "api"
-        with Reaper(settings) if api else contextlib.nullcontext(), WebhookSender(settings) if api else nullcontext():
+        runner = EvalRunner(settings, app.state.models, lambda: generation_engine(app.state), app.state.metrics)
+        app.state.eval_runner = runner if api else None
+        with (
+            Reaper(settings) if api else contextlib.nullcontext(),
+            WebhookSender(settings) if api else nullcontext(),
+            runner if api else nullcontext(),
+        ):
             expiry = asyncio.create_task(expire_tinker_sessions(app.state.tinker)) if api else None
             yield
             if expiry is not None:
@@ -131,6 +141,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         app.include_router(adapters_router)
         app.include_router(ui_router)
         app.include_router(webhooks_router)
+        app.include_router(evals_router)
         app.include_router(tinker_router)
         app.include_router(training_runs_router)
         app.include_router(hub_router)

@@ -87,6 +87,7 @@ class ErrorCode(StrEnum):
     method_unavailable = "method_unavailable"  # also a failed job's
     example_too_long = "example_too_long"
     job_not_cancellable = "job_not_cancellable"
+    run_not_cancellable = "run_not_cancellable"  # an eval run that has ended
     job_not_pausable = "job_not_pausable"
     job_not_paused = "job_not_paused"
     job_not_ended = "job_not_ended"

@@ -424,3 +424,62 @@ class Worker(Base):
     trains_on_cuda: Mapped[bool] = mapped_column(default=False)  # takes the jobs that need CUDA (qlora)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Eval(Base):
+    """An evaluation in OpenAI's shape (app/evals/): the schema of its data items and the graders that score a
+    model's answers; runs apply it to a model."""
+
+    __tablename__ = "evals"
+    __table_args__ = (Index("ix_evals_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(256), default="")
+    data_source_config: Mapped[dict[str, Any]] = mapped_column()  # as answered: {"type": "custom", "schema": …}
+    testing_criteria: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvalRun(Base):
+    """One run of an eval on one model: its data items (validated and kept when it was created), how far it got
+    (its output items), and which serving process holds it (`runner`, until `lease_until`; app/evals/runner.py)."""
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (
+        Index("ix_eval_runs_eval_created", "eval_id", "created_at"),
+        Index("ix_eval_runs_status_lease", "status", "lease_until"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    eval_id: Mapped[str] = mapped_column(ForeignKey("evals.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(256), default="")
+    model: Mapped[str] = mapped_column(String(400), default="")
+    data_source: Mapped[dict[str, Any]] = mapped_column()  # as the request gave it (inline items left out)
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{"item": {...}, "sample": {...}?}, ...]
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|in_progress|completed|failed|canceled
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(String(1000), default=None)
+    runner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class EvalOutputItem(Base):
+    """One data item of a run, answered and graded: `status` pass (every grader passed), fail, or error."""
+
+    __tablename__ = "eval_output_items"
+    __table_args__ = (UniqueConstraint("run_id", "datasource_item_id", name="uq_eval_output_items_run_id_item"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"))
+    datasource_item_id: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(8))
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    sample: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

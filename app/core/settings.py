@@ -266,6 +266,42 @@ class Settings(BaseSettings):
         "like /healthz (aggregate counts across tenants: no ids, names or text)",
     )
 
+    # --- evals -------------------------------------------------------------------------------
+    eval_max_items: int = Field(
+        default=1000, ge=1, le=100_000, description="Data items one eval run may have (inline or in its file)"
+    )
+    eval_max_item_bytes: int = Field(
+        default=64 * 1024, ge=256, le=16 * 1024 * 1024, description="The largest data item of an eval run, as JSON"
+    )
+    eval_max_criteria: int = Field(default=16, ge=1, le=256, description="Testing criteria (graders) one eval may have")
+    eval_max_template_chars: int = Field(
+        default=32 * 1024,
+        ge=64,
+        le=1024 * 1024,
+        description="The longest template text of an eval's graders or of a run's input messages, all messages "
+        "together",
+    )
+    eval_items_at_once: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Items of one run answered and graded at once (their generations share the serving engine's "
+        "batches with every other request)",
+    )
+    eval_lease_seconds: float = Field(
+        default=60.0,
+        ge=5,
+        le=3600,
+        description="How long an API process holds a run between progress writes; a run whose process died is taken "
+        "over by another (or the same, restarted) once its lease has run out",
+    )
+    eval_poll_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="How often each API process looks for eval runs to execute (0: this process runs none)",
+    )
+
     # --- webhooks ----------------------------------------------------------------------------
     webhook_allow_private_urls: bool = Field(
         default=False,

@@ -21,12 +21,12 @@ from app.core.settings import Settings
 from app.core.storage import ObjectStorage, delete_after_commit, read_chunks
 from app.core.usage import check_storage
 from app.files import repository
-from app.files.validation import LineValidator, ValidationReport
+from app.files.validation import EvalItemsValidator, LineValidator, ValidationReport
 from app.ml.jsonl import split_lines
 from app.ml.models import ModelRecord, ModelStore
 from app.models.service import load_tokenizer, require_model
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "evals")  # evals: items of eval runs (app/evals/), not training data
 T = TypeVar("T")
 MAX_FILENAME_CHARS = 255
 
@@ -35,7 +35,7 @@ def upload_too_large(max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"file is larger than the upload limit of {max_bytes} bytes", param="file")
 
 
-def _scan(stream: Iterator[bytes], validator: LineValidator, max_bytes: int) -> tuple[int, str]:
+def _scan(stream: Iterator[bytes], validator: LineValidator | EvalItemsValidator, max_bytes: int) -> tuple[int, str]:
     """One pass over the file: split lines, validate each, hash and count bytes."""
     digest = hashlib.sha256()
     size = 0
@@ -124,13 +124,17 @@ def create_file(
     name = check_upload(filename=filename, purpose=purpose, base_model=base_model)
     with session_scope(settings.db_url) as session:
         record = require_model(session, model_id=base_model or settings.default_base_model)
-    validator = LineValidator(
-        load_tokenizer(models, record),
-        settings.max_reported_line_errors,
-        model_id=record.id,
-        tool_call_format=record.tool_call_format,
-        tools_counted_later=base_model is None,
-    )
+    validator: LineValidator | EvalItemsValidator
+    if purpose == "evals":
+        validator = EvalItemsValidator(settings.max_reported_line_errors)
+    else:
+        validator = LineValidator(
+            load_tokenizer(models, record),
+            settings.max_reported_line_errors,
+            model_id=record.id,
+            tool_call_format=record.tool_call_format,
+            tools_counted_later=base_model is None,
+        )
     size, sha256 = _scan(read_chunks(fileobj), validator, settings.max_upload_bytes)
     report = validator.report
     if size == 0 or report.n_examples == 0 and report.n_errors == 0:

@@ -297,3 +297,39 @@ class LineValidator:
         self.report.n_examples += 1
         if len(self._texts) >= self.BATCH or self._chars >= self.BATCH_CHARS:
             self._count_pending()
+
+
+class EvalItemsValidator:
+    """A file of eval items (purpose `evals`, OpenAI's shape): each line `{"item": {...}}`, optionally with the
+    answer to grade as `"sample": {...}`. Nothing is tokenized: an eval run checks each item against its eval's
+    schema when the run is created."""
+
+    def __init__(self, max_errors: int) -> None:
+        self.max_errors = max_errors
+        self.report = ValidationReport(format="eval_items")
+
+    def feed(self, line: Line) -> None:
+        self.report.n_lines = line.number
+        try:
+            record = parse_line(line)
+            if record is None:
+                return
+            unknown = sorted(set(record) - {"item", "sample"})
+            if unknown:
+                raise LineIssue(
+                    ErrorCode.invalid_value,
+                    f"unknown field {unknown[0][:64]!r}: a line holds `item` and, optionally, `sample`",
+                )
+            if not isinstance(record.get("item"), dict):
+                raise LineIssue(ErrorCode.missing_field, "the line needs `item`, a JSON object")
+            if "sample" in record and not isinstance(record["sample"], dict):
+                raise LineIssue(ErrorCode.invalid_type, "`sample` must be a JSON object")
+        except LineIssue as issue:
+            self.report.n_errors += 1
+            if len(self.report.errors) < self.max_errors:
+                self.report.errors.append(LineError(line.number, issue.code, issue.message))
+            return
+        self.report.n_examples += 1
+
+    def finish(self) -> ValidationReport:
+        return self.report

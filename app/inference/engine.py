@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -25,9 +25,8 @@ def engine_limits(settings: Settings) -> EngineLimits:
     )
 
 
-def get_generation_engine(request: Request) -> GenerationEngine:
-    """The process's serving engine, created on first use (models load lazily inside it)."""
-    state = request.app.state
+def generation_engine(state: Any) -> GenerationEngine:
+    """The process's serving engine (`app.state`), created on first use (models load lazily inside it)."""
     with state.engine_lock:
         if state.engine is None:
             settings: Settings = state.settings
@@ -39,6 +38,10 @@ def get_generation_engine(request: Request) -> GenerationEngine:
                 limits=engine_limits(settings),
             )
         return state.engine  # type: ignore[no-any-return]
+
+
+def get_generation_engine(request: Request) -> GenerationEngine:
+    return generation_engine(request.app.state)
 
 
 EngineDep = Annotated[GenerationEngine, Depends(get_generation_engine)]

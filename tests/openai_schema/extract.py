@@ -32,6 +32,12 @@ ROOTS = [
     "WebhookFineTuningJobFailed",
     "WebhookFineTuningJobCancelled",
     "ErrorResponse",
+    "Eval",
+    "EvalList",
+    "EvalRun",
+    "EvalRunList",
+    "EvalRunOutputItem",
+    "EvalRunOutputItemList",
 ]
 PREFIX = "#/components/schemas/"
 
