@@ -178,6 +178,7 @@ def wait_for_end(client: OpenAI, eval_id: str, run_id: str, timeout: float = 120
     while True:
         run = client.evals.runs.retrieve(run_id, eval_id=eval_id)
         if run.status not in ("queued", "in_progress"):
+            assert run.status != "failed", run.error
             return run
         assert time.monotonic() < deadline, f"the run is still {run.status}"
         time.sleep(0.2)
@@ -458,3 +459,40 @@ def test_a_dead_processs_run_is_taken_over_once_its_lease_runs_out(settings: Set
     with session_scope(settings.db_url) as session:
         assert not repository.renew(session, run_id=run_id, runner="dead", lease_seconds=60)
         assert repository.renew(session, run_id=run_id, runner="other", lease_seconds=60)
+
+
+@pytestmark_api
+def test_structured_outputs_are_graded_by_their_schema(openai_client: OpenAI) -> None:
+    """A run with a response format answers JSON that the `json_schema` grader finds valid (the output is
+    constrained); answers given as jsonl that are not valid fail it."""
+    schema = {"type": "object", "properties": {"fruit": {"enum": ["plum", "cherry"]}}, "required": ["fruit"]}
+    created = openai_client.evals.create(
+        data_source_config={"type": "custom", "item_schema": ITEM_SCHEMA},
+        testing_criteria=[{"type": "json_schema", "name": "valid", "schema": schema}],  # type: ignore[list-item]
+    )
+    source = completions("tiny-random-llama", items(3))
+    source["sampling_params"].update(
+        max_completion_tokens=32,
+        response_format={"type": "json_schema", "json_schema": {"name": "fruit", "schema": schema}},
+    )
+    run = openai_client.evals.runs.create(created.id, data_source=source)  # type: ignore[arg-type]
+    ended = wait_for_end(openai_client, created.id, run.id)
+    answers = [
+        item.sample.output[0].content for item in openai_client.evals.runs.output_items.list(run.id, eval_id=created.id)
+    ]
+    assert ended.result_counts.passed == 3, answers
+    assert all("fruit" in json.loads(answer or "") for answer in answers)
+    given = [
+        {"item": {"question": QUESTION, "answer": "plum"}, "sample": {"output_text": text}}
+        for text in ('{"fruit": "plum"}', '{"fruit": "fig"}', "plum")
+    ]
+    graded = openai_client.evals.runs.create(
+        created.id,
+        data_source={"type": "jsonl", "source": {"type": "file_content", "content": given}},  # type: ignore[typeddict-item]
+    )
+    statuses = (
+        [item.status for item in openai_client.evals.runs.output_items.list(graded.id, eval_id=created.id)]
+        if wait_for_end(openai_client, created.id, graded.id)
+        else []
+    )
+    assert statuses == ["pass", "fail", "fail"]

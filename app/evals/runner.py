@@ -116,16 +116,11 @@ class EvalRunner:
         try:
             self.execute(run_id)
         except Exception:
-            log.exception("eval run %s: stopped by an internal error", run_id)
+            # Handed back, not failed: the next claim resumes it from its last written item (and fails it once it
+            # has been interrupted MAX_ATTEMPTS times).
+            log.exception("eval run %s: interrupted by an internal error; handed back to be resumed", run_id)
             with session_scope(self.settings.db_url) as session:
-                repository.finish(
-                    session,
-                    run_id=run_id,
-                    runner=self.name,
-                    status="failed",
-                    code=ErrorCode.internal_error,
-                    message="the run stopped on an internal error; see the server's log",
-                )
+                repository.release(session, run_id=run_id, runner=self.name)
         finally:
             with self._lock:
                 self._running.discard(run_id)
@@ -144,7 +139,8 @@ class EvalRunner:
             done = repository.done_items(session, run_id=run_id)
             tenant_id, items, source, attempts = run.tenant_id, run.items, run.data_source, run.attempts
         if attempts > MAX_ATTEMPTS:
-            self._finish(run_id, "failed", ErrorCode.internal_error, f"the run was interrupted {MAX_ATTEMPTS} times")
+            message = f"the run was interrupted {MAX_ATTEMPTS} times; see the server's log"
+            self._finish(run_id, "failed", ErrorCode.internal_error, message)
             return
         log.info(
             "eval run %s: %d of %d items to answer (attempt %d)", run_id, len(items) - len(done), len(items), attempts

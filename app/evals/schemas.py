@@ -5,9 +5,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from app.core.errors import FieldError
+from app.inference.schemas import JsonSchema, JsonSchemaFormat
 from app.ml.graders import SIMILARITY_METRICS, UNSERVED_METRICS
 
 MAX_METADATA_PAIRS = 16
@@ -17,34 +27,48 @@ Metadata = dict[MetadataKey, MetadataValue]
 Name = Annotated[str, StringConstraints(max_length=256)]
 MAX_MESSAGES = 64  # messages of one template
 MAX_LABELS = 64
+MAX_CRITERIA = 256  # the most TUNEFORGE_EVAL_MAX_CRITERIA allows; the setting bounds each eval
+MAX_ITEMS = 100_000  # the most TUNEFORGE_EVAL_MAX_ITEMS allows; the setting bounds each run
+MAX_TEXT_CHARS = 1024 * 1024  # a template's text (the request's size bounds it first; the setting, their sum)
+MAX_OBJECT_CHARS = 1024 * 1024  # a data item or a criterion, as compact JSON (the setting bounds items tighter)
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+# A JSON object of the user's (a data item, a testing criterion), as the API document describes it: a bounded map.
+OBJECT_DOCUMENT = {
+    "type": "object",
+    "maxProperties": MAX_OBJECT_CHARS // 4,
+    "propertyNames": {"maxLength": MAX_OBJECT_CHARS},
+    "additionalProperties": {},
+}
+JsonObject = Annotated[dict[str, Any], WithJsonSchema(OBJECT_DOCUMENT)]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class InputMessage(BaseModel):
+class InputMessage(Strict):
     """OpenAI's `EasyInputMessage` / `EvalItem`: a role and content (text, or content parts holding text)."""
 
-    model_config = ConfigDict(extra="ignore")
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | dict[str, Any] | list[dict[str, Any]]
+    content: Text | JsonObject | Annotated[list[JsonObject], Field(max_length=MAX_MESSAGES)] = Field(
+        union_mode="left_to_right"
+    )
     type: Literal["message"] | None = None
 
 
 class StringCheck(Strict):
     type: Literal["string_check"]
     name: Name
-    input: str
-    reference: str
+    input: Text
+    reference: Text
     operation: Literal["eq", "ne", "like", "ilike"]
 
 
 class TextSimilarity(Strict):
     type: Literal["text_similarity"]
     name: Name
-    input: str
-    reference: str
+    input: Text
+    reference: Text
     evaluation_metric: str
     pass_threshold: float = Field(ge=0, le=1)
 
@@ -60,8 +84,10 @@ class TextSimilarity(Strict):
         return metric
 
 
-class JudgeSampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # reasoning_effort: no model here reasons
+class JudgeSampling(Strict):
+    reasoning_effort: Annotated[str, StringConstraints(max_length=16)] | None = Field(
+        None, description="Accepted and ignored: no model served here reasons"
+    )
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
@@ -109,8 +135,8 @@ class JsonSchemaCheck(Strict):
 
     type: Literal["json_schema"]
     name: Name
-    schema_: dict[str, Any] = Field(alias="schema")
-    input: str | None = None
+    schema_: JsonSchema = Field(alias="schema")
+    input: Text | None = None
 
 
 Criterion = Annotated[
@@ -144,14 +170,14 @@ def parse_criterion(index: int, raw: Any) -> dict[str, Any]:
 
 class CustomDataSourceConfig(Strict):
     type: Literal["custom"]
-    item_schema: dict[str, Any]
+    item_schema: JsonSchema
     include_sample_schema: bool = False
 
 
 class EvalCreate(Strict):
     name: Name | None = None
     data_source_config: CustomDataSourceConfig
-    testing_criteria: list[dict[str, Any]] = Field(min_length=1)
+    testing_criteria: list[JsonObject] = Field(min_length=1, max_length=MAX_CRITERIA)
     metadata: Metadata | None = Field(None, max_length=MAX_METADATA_PAIRS)
 
     @field_validator("testing_criteria")
@@ -189,15 +215,14 @@ class EvalDeleted(BaseModel):
 
 
 # --- runs --------------------------------------------------------------------------------------------------
-class DataItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    item: dict[str, Any]
-    sample: dict[str, Any] | None = None
+class DataItem(Strict):
+    item: JsonObject
+    sample: JsonObject | None = None
 
 
 class FileContent(Strict):
     type: Literal["file_content"]
-    content: list[DataItem] = Field(min_length=1)
+    content: list[DataItem] = Field(min_length=1, max_length=MAX_ITEMS)
 
 
 class FileId(Strict):
@@ -218,20 +243,21 @@ class ItemReference(Strict):
     item_reference: Annotated[str, StringConstraints(max_length=256)]
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
-class RunSampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # reasoning_effort: no model here reasons
+class RunSampling(Strict):
+    reasoning_effort: Annotated[str, StringConstraints(max_length=16)] | None = Field(
+        None, description="Accepted and ignored: no model served here reasons"
+    )
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = Field(42, ge=0, le=2**32 - 1)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = Field(None, max_length=0, description="Not supported in eval runs: none")
+    tools: list[JsonObject] | None = Field(None, max_length=0, description="Not supported in eval runs: none")
 
 
 class CompletionsSource(Strict):

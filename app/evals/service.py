@@ -271,14 +271,18 @@ def create_run(
         _resolve(session, tenant_id, source.model, param="data_source.model")
         response_format = source.sampling_params.response_format if source.sampling_params else None
         if response_format is not None and response_format.type == "json_schema":
-            schema = (response_format.json_schema or {}).get("schema")
-            if not isinstance(schema, dict):
+            if response_format.json_schema is None:
                 raise InvalidInput(
-                    "json_schema.schema must be a JSON schema", param="data_source.sampling_params.response_format"
+                    'required with "type": "json_schema"',
+                    param="data_source.sampling_params.response_format.json_schema",
+                    code=ErrorCode.missing_field,
                 )
-            _check_schema(schema, "data_source.sampling_params.response_format.json_schema.schema")
+            _check_schema(
+                response_format.json_schema.json_schema,
+                "data_source.sampling_params.response_format.json_schema.schema",
+            )
         model = source.model
-    data_source = source.model_dump(exclude_none=True)
+    data_source = source.model_dump(exclude_none=True, by_alias=True)
     if isinstance(source.source, FileContent):
         data_source["source"] = {"type": "file_content"}  # the items are kept once, in `items`
     run = EvalRun(

@@ -58,7 +58,7 @@ UPLOAD_REQUEST_BODY = {
                 "additionalProperties": False,
                 "properties": {
                     "file": {"type": "string", "format": "binary", "description": "A .jsonl file"},
-                    "purpose": {"type": "string", "enum": ["fine-tune"], "default": "fine-tune"},
+                    "purpose": {"type": "string", "enum": ["fine-tune", "evals"], "default": "fine-tune"},
                     "base_model": {
                         "type": "string",
                         "maxLength": 64,
