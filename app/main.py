@@ -44,6 +44,8 @@ from app.ml.models import ModelStore
 from app.models.endpoints import router as models_router
 from app.openai.fine_tuning import router as fine_tuning_router
 from app.openai.inference import router as openai_inference_router
+from app.sweeps.controller import SweepController
+from app.sweeps.endpoints import router as sweeps_router
 from app.tinker.endpoints import router as tinker_router
 from app.tinker.hub import router as hub_router
 from app.tinker.runs import router as training_runs_router
@@ -64,16 +66,19 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # API processes re-queue jobs whose worker died, whoever else also looks, send webhooks that are due and
-        # execute eval runs;
+        # API processes re-queue jobs whose worker died, whoever else also looks, send webhooks that are due,
+        # execute eval runs and advance sweeps;
         # serving replicas leave jobs alone.
         api = role == "api"
         runner = EvalRunner(settings, app.state.models, lambda: generation_engine(app.state), app.state.metrics)
+        controller = SweepController(settings, app.state.storage, app.state.models)
         app.state.eval_runner = runner if api else None
+        app.state.sweep_controller = controller if api else None
         with (
             Reaper(settings) if api else contextlib.nullcontext(),
             WebhookSender(settings) if api else nullcontext(),
             runner if api else nullcontext(),
+            controller if api else nullcontext(),
         ):
             expiry = asyncio.create_task(expire_tinker_sessions(app.state.tinker)) if api else None
             yield
@@ -142,6 +147,7 @@ def create_app(settings: Settings | None = None, *, role: Literal["api", "serve"
         app.include_router(ui_router)
         app.include_router(webhooks_router)
         app.include_router(evals_router)
+        app.include_router(sweeps_router)
         app.include_router(tinker_router)
         app.include_router(training_runs_router)
         app.include_router(hub_router)

@@ -10,6 +10,7 @@ stops and the reaper re-queues it.
 from __future__ import annotations
 
 import logging
+import resource
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -301,6 +302,15 @@ def _train_and_publish(
         reporter.event("log", f"attempt {job.attempt}: {how}", {"step": recipe.position.step})
     metrics = recipe.train()
     reporter.check_cancelled()
+    # Beside the job's metrics (a sweep's table shows it): the device's peak, or on a CPU the worker process's.
+    metrics["peak_memory_bytes"] = peak_memory_bytes(recipe.placement.device)
+    reporter.progress(
+        step=recipe.position.step,
+        total_steps=recipe.total_steps,
+        epoch=recipe.position.epoch,
+        metrics={"peak_memory_bytes": metrics["peak_memory_bytes"]},
+        message="peak memory",
+    )
 
     adapter_id = new_id("adapter")
     key = f"adapters/{job.tenant_id}/{adapter_id}.tar.gz"
@@ -329,6 +339,14 @@ def _train_and_publish(
         storage.delete(key)  # cancelled (or taken over) between the last step and now: publish nothing
         raise JobCancelled("cancelled before publishing")
     return adapter_id
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory training held: on a CUDA device, its allocator's peak (since the worker started: one job
+    after another, the largest); on a CPU, the worker process's peak resident size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _discard_unless_recorded(settings: Settings, storage: ObjectStorage, adapter: Adapter) -> None:

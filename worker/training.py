@@ -4,18 +4,21 @@ the worker's device, its progress to the job's row, its checkpoints to the objec
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from sqlalchemy import select, update
 
 from app.adapters.service import get_servable
 from app.core.db import session_scope
 from app.core.error_codes import ErrorCode
 from app.core.errors import NotFound
+from app.core.models import Job, Sweep, SweepTrial
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs.state import ClaimedJob
@@ -36,6 +39,7 @@ from app.ml.training import (
     training_base_model,
 )
 from app.ml.training.parallel import ONE_PROCESS, OneProcess
+from app.sweeps.service import rung_decision
 from worker.lifecycle import stop_requested
 
 log = logging.getLogger(__name__)
@@ -113,7 +117,44 @@ def job_recipe(
         objective=objective_of(job.hyperparameters),
         start_from=start_from,
         parallel=parallel,
+        prune=sweep_pruner(settings, job, reporter) if parallel.is_first else None,
     )
+
+
+def sweep_pruner(settings: Settings, job: ClaimedJob, reporter: Reporter) -> Callable[[int, float], bool] | None:
+    """For a job that trains one of a sweep's configurations: at each rung of the sweep's successive halving,
+    record its validation loss and say whether it stops there (app/sweeps/service.py). None for any other job."""
+    with session_scope(settings.db_url) as session:
+        metadata = session.scalar(select(Job.user_metadata).where(Job.id == job.id)) or {}
+        sweep_id, position = metadata.get("sweep_id"), metadata.get("sweep_position")
+        spec = session.scalar(select(Sweep.spec).where(Sweep.id == sweep_id)) if sweep_id else None
+    if sweep_id is None or spec is None or not spec.get("rungs") or not str(position).isdigit():
+        return None
+    sweep: str = sweep_id
+    place = int(str(position))
+    rungs, eta = set(spec["rungs"]), spec["early_elimination"]["eta"]
+
+    def prune(step: int, loss: float) -> bool:
+        if step not in rungs:
+            return False
+        with session_scope(settings.db_url) as session:
+            stop, rank, reached = rung_decision(session, sweep_id=sweep, position=place, step=step, value=loss)
+            if stop:
+                session.execute(
+                    update(SweepTrial)
+                    .where(SweepTrial.sweep_id == sweep, SweepTrial.position == place)
+                    .values(stopped_early_at=step)
+                )
+        verdict = "stops here" if stop else "goes on"
+        reporter.event(
+            "log",
+            f"sweep {sweep_id}, rung at step {step}: valid loss {loss:.4f} ranks {rank} of the {reached} "
+            f"configuration(s) that reached it; the best {math.ceil(reached / eta)} go on, so this one {verdict}",
+            {"step": step, "sweep_id": sweep_id, "rank": rank, "reached": reached, "stopped_early": stop},
+        )
+        return stop
+
+    return prune
 
 
 @contextmanager

@@ -483,3 +483,55 @@ class EvalOutputItem(Base):
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     sample: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Sweep(Base):
+    """Several configurations (method × hyperparameters) trained as ordinary jobs on one training file, each
+    scored by an objective and ranked (app/sweeps/); `spec` is the request as checked."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(256), default="")
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)  # running|succeeded|failed|cancelled
+    error: Mapped[str | None] = mapped_column(String(1000), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class SweepTrial(Base):
+    """One configuration of a sweep: its job once started, how it ended, and its objective."""
+
+    __tablename__ = "sweep_trials"
+    __table_args__ = (UniqueConstraint("sweep_id", "position", name="uq_sweep_trials_sweep_id_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)  # its place in the request's configurations
+    method: Mapped[str] = mapped_column(String(64))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column()
+    planned_steps: Mapped[int] = mapped_column(Integer)  # its job's total steps, as planned when the sweep was made
+    trainable_parameters: Mapped[int] = mapped_column(BigInteger)
+    # pending | running | succeeded | failed | cancelled | skipped (past the budget's steps)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    job_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    stopped_early_at: Mapped[int | None] = mapped_column(Integer, default=None)  # the rung step it was stopped at
+    objective: Mapped[float | None] = mapped_column(Float, default=None)
+    error: Mapped[str | None] = mapped_column(String(1000), default=None)
+
+
+class SweepRung(Base):
+    """A trial's validation loss at one rung of successive halving: what the next trials at that rung compare to."""
+
+    __tablename__ = "sweep_rungs"
+    __table_args__ = (UniqueConstraint("sweep_id", "step", "position", name="uq_sweep_rungs_sweep_id_step_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sweep_id: Mapped[str] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

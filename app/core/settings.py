@@ -302,6 +302,18 @@ class Settings(BaseSettings):
         description="How often each API process looks for eval runs to execute (0: this process runs none)",
     )
 
+    # --- sweeps ------------------------------------------------------------------------------
+    sweep_max_configurations: int = Field(
+        default=32, ge=1, le=256, description="Configurations one sweep may have (listed, or its grid's product)"
+    )
+    sweep_poll_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="How often each API process advances the running sweeps: records their jobs' ends, starts the "
+        "next configurations (0: this process advances none)",
+    )
+
     # --- webhooks ----------------------------------------------------------------------------
     webhook_allow_private_urls: bool = Field(
         default=False,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ class TrainingRecipe:
         objective: str = SFT,
         start_from: Path | None = None,
         parallel: OneProcess = ONE_PROCESS,
+        prune: Callable[[int, float], bool] | None = None,
     ) -> None:
         """`model`: the base model to train, on `context.placement`'s device and in its dtype (see
         `training_base_model`); `train` and `valid`: records as in a training file (chat or prompt/completion;
@@ -91,7 +92,9 @@ class TrainingRecipe:
         `start_from`: a folder holding an artifact of the same method on the same base model (an adapter or a
         checkpoint), whose weights training starts from; `parallel`: this process's share of the run when it is one
         rank of several (app/ml/training/parallel.py); every rank builds the same recipe, and only rank 0's
-        reporter and checkpointer write anything (the others' take part in what is gathered from all ranks)."""
+        reporter and checkpointer write anything (the others' take part in what is gathered from all ranks);
+        `prune(step, valid_loss)`, asked after each evaluation (rank 0's answer counts): True stops training there,
+        as early stopping does, and what has been trained is published (a sweep's successive halving)."""
         self.method = method
         self.hp = hyperparameters
         self.base_model = model
@@ -108,6 +111,8 @@ class TrainingRecipe:
         self.name = name
         self.position = Position()
         self.stopping: EarlyStopping | None = None
+        self.prune = prune
+        self.pruned = False
         self.extra_positions = self.hp.reserved_positions()
         self.start_from = start_from
         # DPO's reference is the model before its first step: the base with the adapter off, unless the method has
@@ -276,7 +281,7 @@ class TrainingRecipe:
         return at.metrics
 
     def _should_stop_early(self) -> bool:
-        return self.stopping is not None and self.stopping.should_stop
+        return self.pruned or (self.stopping is not None and self.stopping.should_stop)
 
     def _train_step(self, step_examples: list[Any]) -> None:
         at = self.position
@@ -354,6 +359,8 @@ class TrainingRecipe:
             type_="eval",
             message=f"{when}: {self.objective.describe(evaluation)}",
         )
+        if self.prune is not None and step < self.total_steps:
+            self.pruned = self.parallel.agree(self.prune(step, float(evaluation["valid_loss"])))
         return evaluation
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,174 @@
+"""Sweeps: several methods trained as ordinary jobs on one file, ranked by validation loss, with asynchronous
+successive halving stopping the configurations behind at a shared rung; the table, the winner and the saving as a
+user reads them over HTTP; every bound refused naming the field."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from app.core.settings import Settings
+from app.main import create_app
+from tests.conftest import Tenant, chat_lines, jsonl, live
+from worker.runner import run_training_job
+
+pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+
+# Four methods; the first (LoRA at a high rate) learns fastest, so those after it that are behind at a rung stop.
+CONFIGURATIONS = [
+    {"method": "lora", "hyperparameters": {"learning_rate": 0.05, "target_modules": "all-linear"}},
+    {"method": "ia3", "hyperparameters": {"learning_rate": 0.0001}},
+    {"method": "prompt_tuning", "hyperparameters": {"learning_rate": 0.0001}},
+    {"method": "head", "hyperparameters": {"learning_rate": 0.01}},
+]
+COMMON = {"n_epochs": 2, "batch_size": 2}
+
+
+def upload(http: httpx.Client, lines: list[str], name: str) -> str:
+    r = http.post("/v1/files", files={"file": (name, jsonl(lines))}, data={"purpose": "fine-tune"})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def run_queued_jobs(http: httpx.Client, settings: Settings, sweep_id: str, timeout: float = 240) -> dict[str, Any]:
+    """Be the sweep's worker: train each job it queues, until it has ended."""
+    deadline = time.monotonic() + timeout
+    trained: set[str] = set()
+    while True:
+        sweep = http.get(f"/sweeps/{sweep_id}").json()
+        if sweep["status"] != "running":
+            return sweep  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, sweep
+        for result in sweep["results"]:
+            if result["job_id"] and result["job_id"] not in trained and result["status"] == "running":
+                trained.add(result["job_id"])
+                run_training_job(settings, result["job_id"])
+        time.sleep(0.1)
+
+
+def test_a_sweep_ranks_four_methods_and_stops_those_behind(settings: Settings, tenant: Tenant) -> None:
+    settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
+    with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
+        train, valid = upload(http, chat_lines(16), "train.jsonl"), upload(http, chat_lines(6), "valid.jsonl")
+        r = http.post(
+            "/sweeps",
+            json={
+                "name": "which method",
+                "base_model": "tiny-random-llama",
+                "training_file": train,
+                "validation_file": valid,
+                "configurations": [
+                    {**c, "hyperparameters": {**COMMON, **c["hyperparameters"]}} for c in CONFIGURATIONS
+                ],
+                "budget": {"max_parallel": 1},
+            },
+        )
+        assert r.status_code == 201, r.text
+        created = r.json()
+        assert created["status"] == "running" and created["rungs"] == [4, 8]  # 16 steps: a quarter, then a half
+        assert len(created["results"]) == 4 and created["winner"] is None
+        sweep = run_queued_jobs(http, settings, created["id"])
+
+        assert sweep["status"] == "succeeded", sweep
+        results = sweep["results"]
+        assert [r["rank"] for r in results] == [1, 2, 3, 4]
+        objectives = [r["objective"] for r in results]
+        assert objectives == sorted(objectives)
+        assert {r["method"] for r in results} == {"lora", "ia3", "prompt_tuning", "head"}
+        # Each configuration is an ordinary job: its own validation loss is the objective the table shows.
+        for result in results:
+            job = http.get(f"/jobs/{result['job_id']}").json()
+            assert job["status"] == "succeeded" and job["method"] == result["method"]
+            assert result["objective"] == pytest.approx(job["metrics"]["valid_loss"])
+            assert result["steps"] == job["progress"]["step"] and result["adapter_id"] == job["adapter_id"]
+            assert result["trainable_parameters"] > 0 and result["peak_memory_bytes"] > 0
+            assert result["tokens_per_second"] > 0 and result["wall_seconds"] >= 0
+        best_job = min(results, key=lambda r: http.get(f"/jobs/{r['job_id']}").json()["metrics"]["valid_loss"])
+        assert sweep["winner"]["job_id"] == best_job["job_id"] == results[0]["job_id"]
+
+        # Elimination stopped at least one at a rung, where it published what it had trained.
+        stopped = [r for r in results if r["stopped_early"]]
+        assert stopped, results
+        for result in stopped:
+            assert result["stopped_at_step"] in sweep["rungs"] and result["steps"] == result["stopped_at_step"]
+            assert result["steps"] < result["planned_steps"]
+            events = http.get(f"/jobs/{result['job_id']}/events").json()["data"]
+            assert any("stops here" in e["message"] for e in events)
+        savings = sweep["savings"]
+        assert savings["steps_trained"] == sum(r["steps"] for r in results)
+        assert savings["steps_without_elimination"] == sum(r["planned_steps"] for r in results) == 64
+        assert 0 < savings["saved_fraction"] == pytest.approx(1 - savings["steps_trained"] / 64, abs=1e-4)
+        assert [s["id"] for s in http.get("/sweeps").json()["data"]] == [created["id"]]
+
+
+def test_a_sweep_without_elimination_trains_every_configuration_to_its_end(settings: Settings, tenant: Tenant) -> None:
+    settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
+    with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
+        train = upload(http, chat_lines(12), "train.jsonl")
+        r = http.post(
+            "/sweeps",
+            json={
+                "base_model": "tiny-random-llama",
+                "training_file": train,
+                "grid": {
+                    "methods": ["lora", "ia3"],
+                    "hyperparameters": {"learning_rate": [0.01, 0.0001], "validation_split": [0.25], "n_epochs": [1]},
+                },
+                "objective": {"type": "validation_loss"},
+                "budget": {"max_parallel": 2},
+                "early_elimination": {"rule": "none"},
+            },
+        )
+        assert r.status_code == 201, r.text
+        sweep = run_queued_jobs(http, settings, r.json()["id"])
+        assert sweep["status"] == "succeeded" and sweep["rungs"] == []
+        assert len(sweep["results"]) == 4 and not any(r["stopped_early"] for r in sweep["results"])
+        assert sweep["savings"]["saved_fraction"] == 0
+        assert {(r["method"], r["hyperparameters"]["learning_rate"]) for r in sweep["results"]} == {
+            ("lora", 0.01),
+            ("lora", 0.0001),
+            ("ia3", 0.01),
+            ("ia3", 0.0001),
+        }
+
+
+def test_bad_sweeps_are_refused_naming_the_field(settings: Settings, tenant: Tenant) -> None:
+    with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
+        train = upload(http, chat_lines(8), "train.jsonl")
+        base = {"base_model": "tiny-random-llama", "training_file": train}
+        split = {"validation_split": 0.25}
+
+        def refused(body: dict[str, Any]) -> dict[str, Any]:
+            r = http.post("/sweeps", json={**base, **body})
+            assert r.status_code == 422, r.text
+            return r.json()["error"]  # type: ignore[no-any-return]
+
+        bad = refused(
+            {
+                "configurations": [
+                    {"method": "lora", "hyperparameters": split},
+                    {"method": "lora", "hyperparameters": {**split, "learning_rate": -1}},
+                ]
+            }
+        )
+        assert bad["param"].startswith("configurations[1]") and "learning_rate" in bad["param"]
+        assert refused({"configurations": [{"method": "nope", "hyperparameters": split}]})["param"].startswith(
+            "configurations[0]"
+        )
+        assert (
+            refused({"configurations": [{"method": "lora"}]})["param"]
+            == "configurations[0].hyperparameters.validation_split"
+        )
+        many = [{"method": "lora", "hyperparameters": split}] * (settings.sweep_max_configurations + 1)
+        assert refused({"configurations": many})["param"] == "configurations"
+        grid = {
+            "methods": ["lora", "ia3"],
+            "hyperparameters": {"learning_rate": [0.1 * i for i in range(1, 17)], "lora_r": [4, 8]},
+        }
+        assert refused({"grid": grid})["param"] == "grid"
+        assert refused({})["param"] == "configurations"
+        assert http.get("/sweeps").json()["data"] == []  # nothing refused was kept
+        assert http.get("/jobs").json()["data"] == []
