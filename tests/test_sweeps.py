@@ -13,6 +13,7 @@ import pytest
 from app.core.settings import Settings
 from app.main import create_app
 from tests.conftest import Tenant, chat_lines, jsonl, live
+from tests.test_cli import Cli
 from worker.runner import run_training_job
 
 pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
@@ -172,3 +173,30 @@ def test_bad_sweeps_are_refused_naming_the_field(settings: Settings, tenant: Ten
         assert refused({})["param"] == "configurations"
         assert http.get("/sweeps").json()["data"] == []  # nothing refused was kept
         assert http.get("/jobs").json()["data"] == []
+
+
+def test_the_command_line_creates_a_sweep_and_prints_its_table(settings: Settings, tenant: Tenant) -> None:
+    settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
+    with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
+        cli = Cli(url, tenant.key)
+        train, valid = upload(http, chat_lines(8), "train.jsonl"), upload(http, chat_lines(4), "valid.jsonl")
+        sweep_id = cli.ok(
+            "sweep",
+            "create",
+            train,
+            "--validation-file",
+            valid,
+            "--base-model",
+            "tiny-random-llama",
+            "-c",
+            'lora:{"learning_rate": 0.01, "n_epochs": 1}',
+            "-c",
+            'ia3:{"n_epochs": 1}',
+        ).strip()
+        assert sweep_id.startswith("sweep-")
+        run_queued_jobs(http, settings, sweep_id)
+        table = cli.ok("sweep", "get", sweep_id)
+        assert "lora" in table and "ia3" in table and "succeeded" in table and "saved" in table
+        assert [s["id"] for s in cli.json("sweep", "list")["data"]] == [sweep_id]
+        refused = cli("sweep", "create", train, "-c", "lora:{not json")
+        assert refused.returncode == 2 and "--config" in refused.stderr

@@ -1,8 +1,8 @@
 """The `tuneforge` command: its root, `--version`, and the commands of each module, registered in one place.
 
 `admin` writes this machine's database (migrate, keys, models); `servers` runs one role (api, serve, worker);
-`supervisor` runs them all (up); `generate`, `files`, `jobs`, `adapters` and `webhooks` use the service over its
-API, through `client` and the shared plumbing of `api`.
+`supervisor` runs them all (up); `generate`, `files`, `jobs`, `adapters`, `webhooks` and `sweep` use the service
+over its API, through `client` and the shared plumbing of `api`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli import adapters, admin, files, generate, jobs, servers, supervisor, webhooks
+from app.cli import adapters, admin, files, generate, jobs, servers, supervisor, sweeps, webhooks
 from app.cli.api import PANEL
 from app.cli.client import installed_version
 
@@ -51,6 +51,7 @@ cli.add_typer(files.files_cli, name="files", rich_help_panel=PANEL)
 cli.add_typer(jobs.jobs_cli, name="jobs", rich_help_panel=PANEL)
 cli.add_typer(adapters.adapters_cli, name="adapters", rich_help_panel=PANEL)
 cli.add_typer(webhooks.webhooks_cli, name="webhooks", rich_help_panel=PANEL)
+cli.add_typer(sweeps.sweeps_cli, name="sweep", rich_help_panel=PANEL)
 
 
 def main() -> None:

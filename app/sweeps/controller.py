@@ -4,7 +4,7 @@ Every `sweep_poll_seconds` it looks at the running sweeps: records how each star
 objective: the job's last validation loss), starts pending trials as ordinary jobs while fewer than
 `budget.max_parallel` run (a trial is taken for starting by a conditional UPDATE, so two processes never start it
 twice; one the budget's steps cannot pay for is skipped), and ends a sweep whose trials have all ended. The
-decisions of successive halving are made by the jobs themselves, at each rung (worker/training.py).
+decisions of successive halving are made by the trials' own training runs, at each rung (worker/training.py).
 """
 
 from __future__ import annotations
@@ -17,21 +17,13 @@ from sqlalchemy import update
 
 from app.core.db import session_scope
 from app.core.errors import AppError, TooManyRequests
-from app.core.models import JobStatus, Sweep, SweepTrial, utcnow
+from app.core.models import Sweep, SweepTrial, utcnow
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
-from app.jobs.planning import JobSpec
-from app.jobs.service import submit_job
 from app.ml.models import ModelStore
 from app.sweeps import service
 
 log = logging.getLogger(__name__)
-
-JOB_ENDS = {
-    JobStatus.succeeded: "succeeded",
-    JobStatus.failed: "failed",
-    JobStatus.cancelled: "cancelled",
-}
 
 
 class SweepController:
@@ -126,17 +118,10 @@ class SweepController:
 
     def _record(self, session: Any, trial: SweepTrial) -> None:
         assert trial.job_id is not None
-        found = service.job_status(session, trial.job_id)
-        if found is None:
-            trial.status, trial.error = "failed", "its job was deleted"
+        ended = service.trial_end(session, trial.job_id)
+        if ended is None:
             return
-        status, metrics, error = found
-        if status not in JOB_ENDS:
-            return
-        trial.status = JOB_ENDS[status]
-        loss = metrics.get("valid_loss")
-        trial.objective = float(loss) if isinstance(loss, int | float) and status == JobStatus.succeeded else None
-        trial.error = error
+        trial.status, trial.objective, trial.error = ended
         log.info("sweep trial %s/%d: %s (objective %s)", trial.sweep_id, trial.position, trial.status, trial.objective)
 
     def _set(self, trial_id: int, was: str, **values: Any) -> bool:
@@ -149,26 +134,17 @@ class SweepController:
     def _start(self, tenant_id: str, spec: dict[str, Any], sweep_id: str, trial: SweepTrial) -> bool:
         if not self._set(trial.id, "pending", status="starting"):
             return False  # another process took it
-        job_spec = JobSpec(
-            base_model=spec["base_model"],
-            method=trial.method,
-            training_file=spec["training_file"],
-            validation_file=spec["validation_file"],
-            suffix=f"sweep-{trial.position}",
-            hyperparameters=trial.hyperparameters,
-            metadata={"sweep_id": sweep_id, "sweep_position": str(trial.position)},
-        )
         try:
             with session_scope(self.settings.db_url) as session:
-                job = submit_job(
+                job_id = service.submit_trial(
                     session,
                     settings=self.settings,
                     storage=self.storage,
                     models=self.models,
+                    sweep={"id": sweep_id, "spec": spec},
+                    trial=trial,
                     tenant_id=tenant_id,
-                    spec=job_spec,
                 )
-                job_id = job.id
         except TooManyRequests:  # the tenant's limit of active jobs: try again at the next round
             self._set(trial.id, "starting", status="pending")
             return False

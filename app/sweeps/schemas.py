@@ -41,9 +41,9 @@ class Grid(Strict):
     """Every method with every combination of the hyperparameters' values (the cartesian product)."""
 
     methods: list[Method] = Field(min_length=1, max_length=len(METHODS))
-    hyperparameters: dict[Annotated[str, StringConstraints(max_length=64)], list[Scalar]] = Field(
-        default_factory=dict, max_length=16, json_schema_extra={"maxProperties": 16}
-    )
+    hyperparameters: dict[
+        Annotated[str, StringConstraints(max_length=64)], Annotated[list[Scalar], Field(max_length=MAX_GRID_VALUES)]
+    ] = Field(default_factory=dict, max_length=16, json_schema_extra={"maxProperties": 16})
 
 
 class Objective(Strict):

@@ -30,7 +30,7 @@ from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.jobs import planning
 from app.jobs.planning import JobSpec
-from app.jobs.service import cancel_job
+from app.jobs.service import cancel_job, submit_job
 from app.ml.models import ModelStore
 from app.sweeps.schemas import Savings, SweepCreate, SweepObject, TrialResult
 
@@ -300,12 +300,50 @@ def running_sweep_ids(session: Session) -> list[str]:
     return list(session.scalars(select(Sweep.id).where(Sweep.status == "running").order_by(Sweep.created_at)))
 
 
-def job_status(session: Session, job_id: str) -> tuple[JobStatus, dict[str, Any], str | None] | None:
+JOB_ENDS = {JobStatus.succeeded: "succeeded", JobStatus.failed: "failed", JobStatus.cancelled: "cancelled"}
+
+
+def trial_end(session: Session, job_id: str) -> tuple[str, float | None, str | None] | None:
+    """How the trial's job ended: the trial's status, its objective (the job's last validation loss, when it
+    succeeded) and the job's error; None while it runs."""
     row = session.execute(select(Job.status, Job.metrics, Job.error).where(Job.id == job_id)).one_or_none()
-    return (row[0], row[1], row[2]) if row is not None else None
+    if row is None:
+        return "failed", None, "its job was deleted"
+    status, metrics, error = row
+    if status not in JOB_ENDS:
+        return None
+    loss = metrics.get("valid_loss")
+    objective = float(loss) if isinstance(loss, int | float) and status == JobStatus.succeeded else None
+    return JOB_ENDS[status], objective, error
 
 
-def count_active(session: Session, sweep_id: str) -> int:
-    return int(
-        session.scalar(select(func.count()).where(SweepTrial.sweep_id == sweep_id, SweepTrial.status == "running")) or 0
+def submit_trial(
+    session: Session,
+    *,
+    settings: Settings,
+    storage: ObjectStorage,
+    models: ModelStore,
+    sweep: dict[str, Any],
+    trial: SweepTrial,
+    tenant_id: str,
+) -> str:
+    """The trial's job, created, committed and queued as `POST /jobs` does (its metadata names the sweep and the
+    trial: the job's worker finds the rungs by it); its id."""
+    spec = sweep["spec"]
+    job = submit_job(
+        session,
+        settings=settings,
+        storage=storage,
+        models=models,
+        tenant_id=tenant_id,
+        spec=JobSpec(
+            base_model=spec["base_model"],
+            method=trial.method,
+            training_file=spec["training_file"],
+            validation_file=spec["validation_file"],
+            suffix=f"sweep-{trial.position}",
+            hyperparameters=trial.hyperparameters,
+            metadata={"sweep_id": sweep["id"], "sweep_position": str(trial.position)},
+        ),
     )
+    return job.id
