@@ -14,6 +14,8 @@ from app.core.settings import Settings
 from app.main import create_app
 from tests.conftest import Tenant, chat_lines, jsonl, live
 from tests.test_cli import Cli
+from tests.test_evals import ITEM_SCHEMA, STRING_CHECK, completions, items
+from tests.test_fine_tuning_api import fruit_file
 from worker.runner import run_training_job
 
 pytestmark = pytest.mark.parametrize("backend", ["embedded"], indirect=True)
@@ -200,3 +202,49 @@ def test_the_command_line_creates_a_sweep_and_prints_its_table(settings: Setting
         assert [s["id"] for s in cli.json("sweep", "list")["data"]] == [sweep_id]
         refused = cli("sweep", "create", train, "-c", "lora:{not json")
         assert refused.returncode == 2 and "--config" in refused.stderr
+
+
+def test_a_sweep_ranks_by_an_evals_pass_rate(settings: Settings, tenant: Tenant) -> None:
+    """The objective is a criterion of an eval, run on each configuration's adapter: the configuration that learned
+    the answer wins with every item passed."""
+    settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
+    with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
+        r = http.post("/v1/files", files={"file": ("fruit.jsonl", fruit_file())}, data={"purpose": "fine-tune"})
+        train = r.json()["id"]
+        fruit = http.post(
+            "/v1/evals",
+            json={
+                "data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA},
+                "testing_criteria": [STRING_CHECK],
+            },
+        ).json()
+        data_source = completions("unused", items(2))
+        del data_source["model"]
+        body = {
+            "base_model": "tiny-random-llama",
+            "training_file": train,
+            "configurations": [
+                {"method": "ia3", "hyperparameters": {"learning_rate": 0.0001, "n_epochs": 1}},
+                {
+                    "method": "lora",
+                    "hyperparameters": {"learning_rate": 0.05, "n_epochs": 8, "target_modules": "all-linear"},
+                },
+            ],
+            "objective": {
+                "type": "eval",
+                "eval_id": fruit["id"],
+                "testing_criteria": "says the fruit",
+                "data_source": data_source,
+            },
+            "early_elimination": {"rule": "none"},
+        }
+        wrong = http.post("/sweeps", json={**body, "objective": {**body["objective"], "testing_criteria": "nope"}})
+        assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "objective.testing_criteria"
+        r = http.post("/sweeps", json=body)
+        assert r.status_code == 201, r.text
+        sweep = run_queued_jobs(http, settings, r.json()["id"])
+        assert sweep["status"] == "succeeded", sweep
+        assert [(r["method"], r["objective"]) for r in sweep["results"]] == [("lora", 1.0), ("ia3", 0.0)]
+        assert sweep["winner"]["method"] == "lora"
+        runs = http.get(f"/v1/evals/{fruit['id']}/runs").json()["data"]
+        assert {run["model"] for run in runs} == {r["adapter_id"] for r in sweep["results"]}

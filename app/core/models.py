@@ -515,10 +515,11 @@ class SweepTrial(Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column()
     planned_steps: Mapped[int] = mapped_column(Integer)  # its job's total steps, as planned when the sweep was made
     trainable_parameters: Mapped[int] = mapped_column(BigInteger)
-    # pending | running | succeeded | failed | cancelled | skipped (past the budget's steps)
+    # pending | starting | running | evaluating (an eval objective's run) | succeeded | failed | cancelled | skipped
     status: Mapped[str] = mapped_column(String(16), default="pending")
     job_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
     stopped_early_at: Mapped[int | None] = mapped_column(Integer, default=None)  # the rung step it was stopped at
+    eval_run_id: Mapped[str | None] = mapped_column(String(64), default=None)  # an eval objective's run
     objective: Mapped[float | None] = mapped_column(Float, default=None)
     error: Mapped[str | None] = mapped_column(String(1000), default=None)
 

@@ -255,8 +255,17 @@ def _check_messages(settings: Settings, source: CompletionsSource, items: list[D
 
 
 def create_run(
-    session: Session, *, settings: Settings, storage: ObjectStorage, tenant_id: str, eval_id: str, body: RunCreate
+    session: Session,
+    *,
+    settings: Settings,
+    storage: ObjectStorage,
+    tenant_id: str,
+    eval_id: str,
+    body: RunCreate,
+    add: bool = True,
 ) -> EvalRun:
+    """The run, checked (every bound, every item against the eval's schema, the model) and, with `add`, queued for
+    the runner (`add=False`: the checks only, as a sweep makes them before its jobs have adapters)."""
     row = get_eval(session, tenant_id=tenant_id, eval_id=eval_id)
     source = body.data_source
     if isinstance(source.source, FileContent):
@@ -295,9 +304,21 @@ def create_run(
         items=[item.model_dump(exclude_none=True) for item in items],
         user_metadata=body.metadata,
     )
-    session.add(run)
-    session.flush()
+    if add:
+        session.add(run)
+        session.flush()
     return run
+
+
+def pass_rate(session: Session, run: EvalRun, criterion: str) -> float | None:
+    """The share of the run's items that passed `criterion` (None before any item was graded by it)."""
+    passed = graded = 0
+    for _, results, _ in repository.summaries(session, run_id=run.id):
+        for result in results:
+            if result["name"] == criterion:
+                graded += 1
+                passed += bool(result["passed"])
+    return passed / graded if graded else None
 
 
 def get_run(session: Session, *, tenant_id: str, eval_id: str, run_id: str) -> EvalRun:

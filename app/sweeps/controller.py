@@ -66,11 +66,21 @@ class SweepController:
             self.advance(sweep_id)
 
     def advance(self, sweep_id: str) -> None:
-        """One round for one sweep: record ended jobs, start trials, end the sweep when every trial has ended."""
+        """One round for one sweep: record ended jobs (and eval runs), start trials, end the sweep when every trial
+        has ended."""
         with session_scope(self.settings.db_url) as session:
+            sweep = session.get(Sweep, sweep_id)
+            if sweep is None:
+                return
             for trial in service.trials(session, sweep_id):
                 if trial.status == "running" and trial.job_id is not None:
-                    self._record(session, trial)
+                    self._record(session, sweep, trial)
+                elif trial.status == "evaluating" and trial.eval_run_id is not None:
+                    ended = service.eval_end(
+                        session, run_id=trial.eval_run_id, criterion=sweep.spec["objective"]["testing_criteria"]
+                    )
+                    if ended is not None:
+                        trial.status, trial.objective, trial.error = ended
         with session_scope(self.settings.db_url) as session:
             sweep = session.get(Sweep, sweep_id)
             if sweep is None or sweep.status != "running":
@@ -78,7 +88,7 @@ class SweepController:
             budget = sweep.spec["budget"]
             rows = service.trials(session, sweep_id)
             tenant_id, spec = sweep.tenant_id, sweep.spec
-        running = sum(t.status in ("running", "starting") for t in rows)
+        running = sum(t.status in ("running", "starting", "evaluating") for t in rows)
         used = self._steps_used(rows)
         for trial in rows:
             if trial.status != "pending" or running >= budget["max_parallel"]:
@@ -112,16 +122,30 @@ class SweepController:
         for trial in rows:
             if trial.status in ("running", "starting"):
                 used += trial.planned_steps
-            elif trial.status in ("succeeded", "failed", "cancelled") and trial.job_id is not None:
+            elif trial.status in ("evaluating", "succeeded", "failed", "cancelled") and trial.job_id is not None:
                 used += trial.stopped_early_at or trial.planned_steps
         return used
 
-    def _record(self, session: Any, trial: SweepTrial) -> None:
+    def _record(self, session: Any, sweep: Sweep, trial: SweepTrial) -> None:
         assert trial.job_id is not None
         ended = service.trial_end(session, trial.job_id)
         if ended is None:
             return
-        trial.status, trial.objective, trial.error = ended
+        status, objective, error = ended
+        if status == "succeeded" and sweep.spec["objective"]["type"] == "eval":
+            adapter_id = service.adapter_of(session, trial.job_id)
+            if adapter_id is not None:
+                trial.eval_run_id = service.start_eval(
+                    session,
+                    settings=self.settings,
+                    storage=self.storage,
+                    sweep=sweep,
+                    trial=trial,
+                    adapter_id=adapter_id,
+                )
+                trial.status = "evaluating"
+                return
+        trial.status, trial.objective, trial.error = status, objective, error
         log.info("sweep trial %s/%d: %s (objective %s)", trial.sweep_id, trial.position, trial.status, trial.objective)
 
     def _set(self, trial_id: int, was: str, **values: Any) -> bool:

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from app.evals.schemas import CompletionsSource
 from app.ml.methods import METHODS
 
 MAX_ID_CHARS = 64
@@ -46,10 +47,27 @@ class Grid(Strict):
     ] = Field(default_factory=dict, max_length=16, json_schema_extra={"maxProperties": 16})
 
 
+class EvalDataSource(CompletionsSource):
+    """A `completions` data source whose model is left out: each configuration's adapter answers."""
+
+    model: Annotated[str, StringConstraints(max_length=400)] | None = None  # type: ignore[assignment]
+
+
 class Objective(Strict):
-    type: Literal["validation_loss"] = Field(
-        "validation_loss",
-        description="What ranks the configurations: the validation loss at the job's end (lower wins)",
+    """What ranks the configurations: the validation loss at each job's end (lower wins), or the pass rate of one
+    criterion of an eval run on each job's adapter (higher wins; it runs on the serving engine as any eval run)."""
+
+    type: Literal["validation_loss", "eval"] = "validation_loss"
+    eval_id: Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="type eval: the eval whose run scores each adapter"
+    )
+    testing_criteria: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="type eval: the name of the criterion whose pass rate is the objective"
+    )
+    data_source: EvalDataSource | None = Field(
+        None,
+        description="type eval: the run's data source (OpenAI's `completions` shape); its `model` is each "
+        "configuration's adapter",
     )
 
 

@@ -19,15 +19,17 @@ import itertools
 import math
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.errors import AppError, Conflict, ErrorCode, InvalidInput, NotFound, clip
 from app.core.ids import new_id
-from app.core.models import Adapter, Job, JobStatus, Sweep, SweepRung, SweepTrial, utcnow
+from app.core.models import Adapter, EvalRun, Job, JobStatus, Sweep, SweepRung, SweepTrial, utcnow
 from app.core.pagination import cursor_row, newest_first
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
+from app.evals import service as evals
+from app.evals.schemas import RunCreate
 from app.jobs import planning
 from app.jobs.planning import JobSpec
 from app.jobs.service import cancel_job, submit_job
@@ -118,13 +120,16 @@ def create_sweep(
         except AppError as exc:
             raise _prefixed(exc, f"{where}[{i}]") from None
         dry = planning.dry_run(session, plan, tenant_id=tenant_id)
-        if body.validation_file is None and not dry["held_out_examples"]:
+        needs_loss = body.objective.type == "validation_loss" or body.early_elimination.rule != "none"
+        if needs_loss and body.validation_file is None and not dry["held_out_examples"]:
             raise InvalidInput(
-                "a sweep ranks its configurations by validation loss: give `validation_file`, or "
-                "`validation_split` in the hyperparameters",
+                "a sweep compares its configurations by validation loss (its objective, or the rungs of early "
+                "elimination): give `validation_file`, or `validation_split` in the hyperparameters",
                 param=f"{where}[{i}].hyperparameters.validation_split",
             )
         planned.append((plan.method, plan.stored_hyperparameters(), dry["total_steps"], dry["trainable_parameters"]))
+    if body.objective.type == "eval":
+        check_eval_objective(session, settings=settings, storage=storage, tenant_id=tenant_id, body=body)
     rule = body.early_elimination
     longest = max(steps for _, _, steps, _ in planned)
     min_steps = rule.min_steps or max(1, planned[0][2] // rule.eta**2)
@@ -137,7 +142,7 @@ def create_sweep(
             "base_model": body.base_model,
             "training_file": body.training_file,
             "validation_file": body.validation_file,
-            "objective": body.objective.model_dump(),
+            "objective": body.objective.model_dump(exclude_none=True, by_alias=True),
             "budget": body.budget.model_dump(),
             "early_elimination": {**rule.model_dump(), "min_steps": min_steps},
             "rungs": steps_of_rungs,
@@ -159,6 +164,69 @@ def create_sweep(
         )
     session.flush()
     return sweep
+
+
+def check_eval_objective(
+    session: Session, *, settings: Settings, storage: ObjectStorage, tenant_id: str, body: SweepCreate
+) -> None:
+    """An eval objective names an eval of the tenant's, one of its criteria, and a data source whose run would be
+    accepted (checked now, with the base model answering, as each adapter's run will be)."""
+    objective = body.objective
+    for field in ("eval_id", "testing_criteria", "data_source"):
+        if getattr(objective, field) is None:
+            raise InvalidInput(
+                f"an eval objective needs `{field}`", param=f"objective.{field}", code=ErrorCode.missing_field
+            )
+    assert objective.eval_id is not None and objective.data_source is not None
+    try:
+        row = evals.get_eval(session, tenant_id=tenant_id, eval_id=objective.eval_id)
+    except NotFound as exc:
+        raise _prefixed(exc, "objective") from None
+    names = [criterion["name"] for criterion in row.testing_criteria]
+    if objective.testing_criteria not in names:
+        raise InvalidInput(
+            f"eval {row.id} has no criterion named {clip(objective.testing_criteria)} (it has: {', '.join(names)})",
+            param="objective.testing_criteria",
+        )
+    source = objective.data_source.model_dump(exclude_none=True, by_alias=True)
+    run = RunCreate.model_validate({"data_source": {**source, "model": body.base_model or settings.default_base_model}})
+    try:
+        evals.create_run(
+            session, settings=settings, storage=storage, tenant_id=tenant_id, eval_id=row.id, body=run, add=False
+        )
+    except AppError as exc:
+        raise _prefixed(exc, "objective") from None
+
+
+def start_eval(
+    session: Session, *, settings: Settings, storage: ObjectStorage, sweep: Sweep, trial: SweepTrial, adapter_id: str
+) -> str:
+    """The eval objective's run on the trial's adapter, queued; its id."""
+    objective = sweep.spec["objective"]
+    run = RunCreate.model_validate(
+        {
+            "name": f"{sweep.id} configuration {trial.position}",
+            "data_source": {**objective["data_source"], "model": adapter_id},
+            "metadata": {"sweep_id": sweep.id, "sweep_position": str(trial.position)},
+        }
+    )
+    created = evals.create_run(
+        session, settings=settings, storage=storage, tenant_id=sweep.tenant_id, eval_id=objective["eval_id"], body=run
+    )
+    return created.id
+
+
+def eval_end(session: Session, *, run_id: str, criterion: str) -> tuple[str, float | None, str | None] | None:
+    """How the trial's eval run ended: the trial's status, its objective (the criterion's pass rate) and an
+    error; None while it runs."""
+    run = session.get(EvalRun, run_id)
+    if run is None:
+        return "failed", None, "its eval run was deleted"
+    if run.status in ("queued", "in_progress"):
+        return None
+    if run.status != "completed":
+        return "failed", None, f"its eval run {run.status}: {run.error_message or ''}".strip(": ")
+    return "succeeded", evals.pass_rate(session, run, criterion), None
 
 
 def get_sweep(session: Session, *, tenant_id: str, sweep_id: str) -> Sweep:
@@ -265,8 +333,9 @@ def sweep_object(session: Session, sweep: Sweep) -> SweepObject:
         else {}
     )
     results = [_result(t, jobs.get(t.job_id or ""), adapters.get(t.job_id or "")) for t in rows]
+    sign = -1 if sweep.spec["objective"]["type"] == "eval" else 1  # a pass rate: higher first; a loss: lower first
     ranked = sorted(
-        results, key=lambda r: (r.objective is None, r.objective if r.objective is not None else 0, r.position)
+        results, key=lambda r: (r.objective is None, sign * r.objective if r.objective is not None else 0, r.position)
     )
     for rank, result in enumerate(r for r in ranked if r.objective is not None):
         result.rank = rank + 1
@@ -315,6 +384,10 @@ def trial_end(session: Session, job_id: str) -> tuple[str, float | None, str | N
     loss = metrics.get("valid_loss")
     objective = float(loss) if isinstance(loss, int | float) and status == JobStatus.succeeded else None
     return JOB_ENDS[status], objective, error
+
+
+def adapter_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Adapter.id).where(Adapter.job_id == job_id))
 
 
 def submit_trial(

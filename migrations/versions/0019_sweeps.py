@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("job_id", sa.String(length=64), nullable=True),
         sa.Column("stopped_early_at", sa.Integer(), nullable=True),
+        sa.Column("eval_run_id", sa.String(length=64), nullable=True),
         sa.Column("objective", sa.Float(), nullable=True),
         sa.Column("error", sa.String(length=1000), nullable=True),
         sa.ForeignKeyConstraint(["sweep_id"], ["sweeps.id"], ondelete="CASCADE"),
