@@ -369,3 +369,65 @@ def train_a_few_steps(service: Any) -> Any:
         training.forward_backward([example], "cross_entropy")
         training.optim_step(types.AdamParams(learning_rate=0.02))
     return training.save_weights_for_sampler("shown").result()
+
+
+@pytest.mark.browser
+def test_a_sweep_in_the_dashboard(
+    client: TestClient, tenant: Tenant, settings: Settings, server: str, page: Any
+) -> None:
+    """The sweep page: its table in rank order, every configuration's validation curve on one chart, and the top two
+    adapters side by side in the playground."""
+    import httpx
+
+    from tests.test_sweeps import run_queued_jobs
+
+    train = upload(client, tenant, jsonl([json.dumps({"prompt": PROMPT, "completion": " plum"})] * 8)).json()["id"]
+    fast = {"n_epochs": 4, "batch_size": 2, "validation_split": 0.25}
+    r = client.post(
+        "/sweeps",
+        headers=tenant.headers,
+        json={
+            "name": "ui",
+            "base_model": "tiny-random-llama",
+            "training_file": train,
+            "configurations": [
+                {"method": "lora", "hyperparameters": {**fast, "learning_rate": 0.05, "target_modules": "all-linear"}},
+                {"method": "ia3", "hyperparameters": {**fast, "learning_rate": 0.001}},
+            ],
+            "early_elimination": {"rule": "none"},
+        },
+    )
+    assert r.status_code == 201, r.text
+    with httpx.Client(base_url=server, headers=tenant.headers, timeout=60) as http:
+        sweep = run_queued_jobs(http, settings, r.json()["id"])
+    assert sweep["status"] == "succeeded"
+
+    page.goto(f"{server}/ui")
+    page.fill("#api-key", tenant.key)
+    page.click("#key-form button")
+    page.click("nav a[data-nav=sweeps]")
+    page.locator(f'#sweeps tr[data-sweep-id="{sweep["id"]}"] a').click()
+    page.wait_for_function("n => document.querySelectorAll('#sweep-results tbody tr').length === n", arg=2)
+    methods = page.locator("#sweep-results tbody [data-field=method]").all_inner_texts()
+    assert methods == [result["method"] for result in sweep["results"]]
+    for result in sweep["results"]:
+        curve = api(client, tenant, f"/jobs/{result['job_id']}/metrics")["curves"]["valid_loss"]
+        assert len(curve) >= 2
+        page.wait_for_function(
+            "([s, n]) => document.querySelector(`#sweep-chart polyline[data-series=${s}]`)?.points.numberOfItems === n",
+            arg=[result["job_id"], len(curve)],
+        )
+
+    first, second = (result["adapter_id"] for result in sweep["results"])
+    page.click("#compare-top-two")
+    assert page.locator("#pg-adapter").input_value() == first
+    assert page.locator("#pg-compare").input_value() == second
+    page.fill("#pg-prompt", PROMPT)
+    page.fill("#pg-max-tokens", "3")
+    page.click("#pg-run")
+    page.wait_for_selector("#output-adapter[data-state=done]")
+    page.wait_for_selector("#output-base[data-state=done]")
+    request = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+    for panel, adapter in (("adapter", first), ("base", second)):
+        expected = client.post("/generate", headers=tenant.headers, json={**request, "adapter_id": adapter}).json()
+        assert page.locator(f"[data-output={panel}]").text_content() == expected["text"]

@@ -303,6 +303,16 @@ class JobReporter:
 
         self._write("recording progress", write)
 
+    def note(self, metrics: dict[str, Any]) -> None:
+        """Add to the job's metrics without an event (what the run measured of itself: its peak memory)."""
+
+        def write() -> None:
+            with session_scope(self.db_url) as session:
+                job = state.owned(session, self.job_id, self.attempt)
+                job.metrics = {**job.metrics, **metrics}
+
+        self._write("recording the job's metrics", write)
+
     def check_cancelled(self) -> None:
         if stop_requested():
             raise StopRequested()

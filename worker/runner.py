@@ -304,13 +304,7 @@ def _train_and_publish(
     reporter.check_cancelled()
     # Beside the job's metrics (a sweep's table shows it): the device's peak, or on a CPU the worker process's.
     metrics["peak_memory_bytes"] = peak_memory_bytes(recipe.placement.device)
-    reporter.progress(
-        step=recipe.position.step,
-        total_steps=recipe.total_steps,
-        epoch=recipe.position.epoch,
-        metrics={"peak_memory_bytes": metrics["peak_memory_bytes"]},
-        message="peak memory",
-    )
+    reporter.note({"peak_memory_bytes": metrics["peak_memory_bytes"]})
 
     adapter_id = new_id("adapter")
     key = f"adapters/{job.tenant_id}/{adapter_id}.tar.gz"

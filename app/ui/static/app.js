@@ -1,4 +1,5 @@
-// The dashboard: a hash router over its views (jobs, one job, adapters, Tinker training runs, one run, playground),
+// The dashboard: a hash router over its views (jobs, one job, adapters, Tinker training runs, one run, sweeps, one
+// sweep, playground),
 // built from the REST API.
 
 import {
@@ -118,6 +119,8 @@ function route() {
   else if (parts[0] === "adapters") rendered = adaptersView(signal);
   else if (parts[0] === "runs" && parts[1]) rendered = runView(parts[1], signal);
   else if (parts[0] === "runs") rendered = runsView(signal);
+  else if (parts[0] === "sweeps" && parts[1]) rendered = sweepView(parts[1], signal);
+  else if (parts[0] === "sweeps") rendered = sweepsView(signal);
   else if (parts[0] === "playground") rendered = playgroundView(params, signal);
   else rendered = jobsView(signal);
   rendered.catch((error) => {
@@ -560,6 +563,149 @@ async function runView(runId, signal) {
   signal.addEventListener("abort", () => clearInterval(timer));
 }
 
+// --- sweeps -----------------------------------------------------------------------------------------------------
+
+const sweepLink = (sweep) => h("a", { href: `#/sweeps/${encodeURIComponent(sweep.id)}`, class: "mono" }, sweep.id);
+// One colour per configuration on the shared chart, in rank order.
+const SWEEP_TRIAL_ENDS = ["succeeded", "failed", "cancelled", "skipped", "evaluating"]; // its curve is final
+const PALETTE = ["#2563eb", "#e8590c", "#2b8a3e", "#ae3ec9", "#c92a2a", "#0c8599", "#5c940d", "#862e9c", "#495057"];
+
+async function sweepsView(signal) {
+  const body = h("tbody");
+  const empty = h("p", { class: "muted", id: "sweeps-empty", hidden: true }, "No sweeps yet: POST /sweeps or `tuneforge sweep create`.");
+  view.replaceChildren(
+    h("h1", {}, "Sweeps"),
+    h(
+      "div",
+      { class: "card" },
+      h("table", { id: "sweeps" }, head(["Sweep", "Name", "Status", "Configurations", "Winner", "Created"], ["Configurations"]), body),
+      empty,
+    ),
+  );
+  const load = async () => {
+    const sweeps = await listAll("/sweeps", { signal });
+    body.replaceChildren(
+      ...sweeps.map((sweep) =>
+        h(
+          "tr",
+          { "data-sweep-id": sweep.id },
+          h("td", {}, sweepLink(sweep)),
+          h("td", {}, sweep.name || "—"),
+          h("td", {}, statusBadge(sweep.status)),
+          h("td", { class: "num" }, String(sweep.results.length)),
+          h("td", {}, sweep.winner ? `${sweep.winner.method} (${number(sweep.winner.objective)})` : "—"),
+          h("td", {}, when(sweep.created_at)),
+        ),
+      ),
+    );
+    empty.hidden = sweeps.length > 0;
+  };
+  await load();
+  const timer = setInterval(() => load().catch(() => {}), LIST_REFRESH_MS);
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+async function sweepView(sweepId, signal) {
+  const id = encodeURIComponent(sweepId);
+  const facts = h("dl", { class: "facts" });
+  const rows = h("tbody");
+  const chartBox = h("div", { id: "sweep-chart" });
+  const compare = h("p", { id: "sweep-compare" });
+  view.replaceChildren(
+    h("p", {}, h("a", { href: "#/sweeps" }, "← Sweeps")),
+    h("h1", {}, "Sweep ", h("code", {}, sweepId)),
+    h("div", { class: "card" }, facts, compare),
+    h(
+      "div",
+      { class: "card" },
+      h("h2", {}, "Configurations, best first"),
+      h(
+        "div",
+        { class: "scroll" },
+        h(
+          "table",
+          { id: "sweep-results" },
+          head(
+            ["Rank", "Method", "Hyperparameters", "Objective", "Status", "Stopped at", "Steps", "Trainable", "Peak memory", "Tokens/s", "Wall s", "Job", ""],
+            ["Rank", "Objective", "Steps", "Trainable", "Peak memory", "Tokens/s", "Wall s"],
+          ),
+          rows,
+        ),
+      ),
+    ),
+    h("div", { class: "card" }, h("h2", {}, "Validation loss"), chartBox),
+  );
+  let chart = null;
+  const curves = new Map(); // job id -> its validation curve, once its job has ended
+  const show = async (sweep) => {
+    facts.replaceChildren(
+      fact("Status", statusBadge(sweep.status)),
+      fact("Objective", sweep.objective.type === "eval" ? `pass rate of “${sweep.objective.testing_criteria}” (higher is better)` : "validation loss (lower is better)"),
+      fact("Early elimination", sweep.early_elimination.rule === "none" ? "none" : `successive halving, eta ${sweep.early_elimination.eta}, rungs at steps ${sweep.rungs.join(", ")}`),
+      fact("Steps trained", `${sweep.savings.steps_trained} of ${sweep.savings.steps_without_elimination} without elimination (saved ${Math.round(sweep.savings.saved_fraction * 100)}%)`),
+      fact("Winner", sweep.winner ? h("code", {}, sweep.winner.adapter_id || sweep.winner.job_id || "—") : "—"),
+      fact("Created", when(sweep.created_at)),
+    );
+    rows.replaceChildren(
+      ...sweep.results.map((r) =>
+        h(
+          "tr",
+          { "data-position": String(r.position), "data-job-id": r.job_id || "" },
+          h("td", { class: "num", "data-field": "rank" }, r.rank ? String(r.rank) : "—"),
+          h("td", { "data-field": "method" }, r.method),
+          h("td", { class: "mono" }, JSON.stringify(Object.fromEntries(Object.entries(r.hyperparameters).filter(([k]) => k !== "eval_every")))),
+          h("td", { class: "num", "data-field": "objective" }, number(r.objective)),
+          h("td", {}, statusBadge(r.status)),
+          h("td", { class: "num", "data-field": "stopped" }, r.stopped_at_step ? String(r.stopped_at_step) : ""),
+          h("td", { class: "num" }, `${r.steps}/${r.planned_steps}`),
+          h("td", { class: "num" }, String(r.trainable_parameters)),
+          h("td", { class: "num" }, r.peak_memory_bytes ? bytes(r.peak_memory_bytes) : "—"),
+          h("td", { class: "num" }, number(r.tokens_per_second)),
+          h("td", { class: "num" }, number(r.wall_seconds)),
+          h("td", {}, r.job_id ? h("a", { href: `#/jobs/${encodeURIComponent(r.job_id)}`, class: "mono" }, r.job_id) : "—"),
+          h("td", {}, r.adapter_id ? downloadLink(r.adapter_id) : ""),
+        ),
+      ),
+    );
+    const [first, second] = sweep.results.filter((r) => r.adapter_id && r.rank);
+    compare.replaceChildren(
+      first && second
+        ? h(
+            "a",
+            { id: "compare-top-two", href: `#/playground?adapter=${encodeURIComponent(first.adapter_id)}&compare=${encodeURIComponent(second.adapter_id)}` },
+            "Compare the top two in the playground",
+          )
+        : "",
+    );
+    const series = sweep.results
+      .filter((r) => r.job_id)
+      .map((r) => ({ name: r.job_id, label: `#${r.rank || "—"} ${r.method}`, color: PALETTE[r.position % PALETTE.length] }));
+    if (!chart || JSON.stringify(chart.series) !== JSON.stringify(series)) {
+      chart = new LineChart(chartBox, { series, empty: "No evaluations yet: each job adds its curve as it evaluates." });
+      curves.clear();
+    }
+    chart.setXMax(Math.max(0, ...sweep.results.map((r) => r.planned_steps)));
+    for (const r of sweep.results.filter((r) => r.job_id)) {
+      if (!curves.has(r.job_id)) {
+        const metrics = await getJSON(`/jobs/${encodeURIComponent(r.job_id)}/metrics`, { signal });
+        if (SWEEP_TRIAL_ENDS.includes(r.status)) curves.set(r.job_id, metrics.curves.valid_loss || []);
+        chart.set(r.job_id, metrics.curves.valid_loss || []);
+      } else {
+        chart.set(r.job_id, curves.get(r.job_id));
+      }
+    }
+  };
+  let sweep = await getJSON(`/sweeps/${id}`, { signal });
+  await show(sweep);
+  if (sweep.status !== "running") return;
+  const timer = setInterval(async () => {
+    sweep = await getJSON(`/sweeps/${id}`, { signal }).catch(() => sweep);
+    await show(sweep).catch(() => {});
+    if (sweep.status !== "running") clearInterval(timer);
+  }, LIST_REFRESH_MS);
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
 // --- playground ------------------------------------------------------------------------------------------------
 
 function outputPanel(id, heading) {
@@ -593,13 +739,26 @@ async function playgroundView(params, signal) {
   const prompt = h("textarea", { id: "pg-prompt", required: true, placeholder: "Type a prompt…" });
   const maxTokens = h("input", { id: "pg-max-tokens", type: "number", min: 1, max: 4096, value: 64 });
   const temperature = h("input", { id: "pg-temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0 });
+  const compareWith = params.get("compare");
+  const against = h(
+    "select",
+    { id: "pg-compare" },
+    h("option", { value: "" }, "Its base model"),
+    options.map((o) => h("option", { value: o.id, selected: o.id === compareWith }, `${o.id}${o.name ? ` (${o.name})` : ""}`)),
+  );
   const run = h("button", { type: "submit", id: "pg-run", disabled: options.length === 0 }, "Generate");
   const adapterOut = outputPanel("adapter", "With the adapter");
   const baseOut = outputPanel("base", "Base model");
   const form = h(
     "form",
     { class: "card", id: "playground" },
-    h("div", { class: "row" }, h("label", { class: "grow" }, "Adapter", select), h("label", {}, "Input", mode)),
+    h(
+      "div",
+      { class: "row" },
+      h("label", { class: "grow" }, "Adapter", select),
+      h("label", { class: "grow" }, "Compare with", against),
+      h("label", {}, "Input", mode),
+    ),
     h("label", {}, "Prompt", prompt),
     h(
       "div",
@@ -637,11 +796,13 @@ async function playgroundView(params, signal) {
       mode.value === "chat" ? { messages: [{ role: "user", content: prompt.value }] } : { prompt: prompt.value };
     const common = { ...input, max_tokens: Number(maxTokens.value), temperature: Number(temperature.value) };
     adapterOut.title.replaceChildren("With ", h("code", {}, choice.id));
-    baseOut.title.replaceChildren("Base model ", h("code", {}, choice.base || "(default)"));
+    const other = options.find((o) => o.id === against.value);
+    if (other) baseOut.title.replaceChildren("With ", h("code", {}, other.id));
+    else baseOut.title.replaceChildren("Base model ", h("code", {}, choice.base || "(default)"));
     run.disabled = true;
     await Promise.all([
       generate(adapterOut, { ...common, adapter_id: choice.id }),
-      generate(baseOut, choice.base ? { ...common, base_model: choice.base } : common),
+      generate(baseOut, other ? { ...common, adapter_id: other.id } : choice.base ? { ...common, base_model: choice.base } : common),
     ]);
     run.disabled = false;
   });
