@@ -390,6 +390,7 @@ def test_another_tenant_sees_none_of_it(openai_client: OpenAI, settings: Setting
 
 
 @pytestmark_api
+@pytest.mark.slow
 def test_a_run_survives_its_process_stopping(settings: Settings, tenant: Tenant) -> None:
     """The first server answers some items and stops; a second one, on the same database, answers the rest and
     only the rest."""
@@ -462,6 +463,7 @@ def test_a_dead_processs_run_is_taken_over_once_its_lease_runs_out(settings: Set
 
 
 @pytestmark_api
+@pytest.mark.slow
 def test_structured_outputs_are_graded_by_their_schema(openai_client: OpenAI) -> None:
     """A run with a response format answers JSON that the `json_schema` grader finds valid (the output is
     constrained); answers given as jsonl that are not valid fail it."""

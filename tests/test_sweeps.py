@@ -52,6 +52,7 @@ def run_queued_jobs(http: httpx.Client, settings: Settings, sweep_id: str, timeo
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_sweep_ranks_four_methods_and_stops_those_behind(settings: Settings, tenant: Tenant) -> None:
     settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
     with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
@@ -107,6 +108,7 @@ def test_a_sweep_ranks_four_methods_and_stops_those_behind(settings: Settings, t
         assert [s["id"] for s in http.get("/sweeps").json()["data"]] == [created["id"]]
 
 
+@pytest.mark.slow
 def test_a_sweep_without_elimination_trains_every_configuration_to_its_end(settings: Settings, tenant: Tenant) -> None:
     settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
     with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
@@ -177,6 +179,7 @@ def test_bad_sweeps_are_refused_naming_the_field(settings: Settings, tenant: Ten
         assert http.get("/jobs").json()["data"] == []
 
 
+@pytest.mark.slow
 def test_the_command_line_creates_a_sweep_and_prints_its_table(settings: Settings, tenant: Tenant) -> None:
     settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
     with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
@@ -204,6 +207,7 @@ def test_the_command_line_creates_a_sweep_and_prints_its_table(settings: Setting
         assert refused.returncode == 2 and "--config" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_ranks_by_an_evals_pass_rate(settings: Settings, tenant: Tenant) -> None:
     """The objective is a criterion of an eval, run on each configuration's adapter: the configuration that learned
     the answer wins with every item passed."""
@@ -248,3 +252,39 @@ def test_a_sweep_ranks_by_an_evals_pass_rate(settings: Settings, tenant: Tenant)
         assert sweep["winner"]["method"] == "lora"
         runs = http.get(f"/v1/evals/{fruit['id']}/runs").json()["data"]
         assert {run["model"] for run in runs} == {r["adapter_id"] for r in sweep["results"]}
+
+
+@pytest.mark.slow
+def test_the_budget_skips_what_its_steps_cannot_pay_for_and_a_cancel_stops_the_rest(
+    settings: Settings, tenant: Tenant
+) -> None:
+    settings = settings.model_copy(update={"sweep_poll_seconds": 0.1})
+    with live(create_app(settings)) as url, httpx.Client(base_url=url, headers=tenant.headers, timeout=60) as http:
+        train, valid = upload(http, chat_lines(8), "train.jsonl"), upload(http, chat_lines(4), "valid.jsonl")
+        one_epoch = {"n_epochs": 1, "batch_size": 2}  # 4 steps each
+        body = {
+            "base_model": "tiny-random-llama",
+            "training_file": train,
+            "validation_file": valid,
+            "configurations": [{"method": m, "hyperparameters": one_epoch} for m in ("lora", "ia3", "head")],
+            "early_elimination": {"rule": "none"},
+        }
+        r = http.post("/sweeps", json={**body, "budget": {"max_parallel": 1, "max_total_steps": 8}})
+        assert r.status_code == 201, r.text
+        sweep = run_queued_jobs(http, settings, r.json()["id"])
+        by_method = {r["method"]: r for r in sweep["results"]}
+        assert [by_method[m]["status"] for m in ("lora", "ia3", "head")] == ["succeeded", "succeeded", "skipped"]
+        assert by_method["head"]["job_id"] is None and sweep["savings"]["steps_trained"] == 8
+
+        started = http.post("/sweeps", json={**body, "budget": {"max_parallel": 1}}).json()
+        deadline = time.monotonic() + 30
+        while not (first := http.get(f"/sweeps/{started['id']}").json()["results"][0])["job_id"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        cancelled = http.post(f"/sweeps/{started['id']}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert http.get(f"/jobs/{first['job_id']}").json()["status"] == "cancelled"
+        time.sleep(0.5)  # a round of the controller: it starts nothing more
+        after = http.get(f"/sweeps/{started['id']}").json()
+        assert [r["job_id"] for r in after["results"] if r["job_id"]] == [first["job_id"]]
+        assert http.post(f"/sweeps/{started['id']}/cancel").status_code == 409

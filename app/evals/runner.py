@@ -27,7 +27,7 @@ from app.core.db import session_scope
 from app.core.errors import AppError, ErrorCode, TooManyRequests
 from app.core.ids import new_id
 from app.core.metrics import Metrics
-from app.core.models import EvalOutputItem, EvalRun
+from app.core.models import Eval, EvalOutputItem, EvalRun
 from app.core.settings import Settings
 from app.evals import repository
 from app.evals.service import error_of
@@ -133,8 +133,6 @@ class EvalRunner:
             run = session.get(EvalRun, run_id)
             if run is None or run.runner != self.name:
                 return
-            from app.core.models import Eval
-
             criteria = session.get(Eval, run.eval_id).testing_criteria  # type: ignore[union-attr]
             done = repository.done_items(session, run_id=run_id)
             tenant_id, items, source, attempts = run.tenant_id, run.items, run.data_source, run.attempts

@@ -175,6 +175,10 @@ class SweepController:
         except AppError as exc:  # the file was deleted since, say
             self._set(trial.id, "starting", status="failed", error=exc.message)
             return False
-        self._set(trial.id, "starting", status="running", job_id=job_id)
+        if not self._set(trial.id, "starting", status="running", job_id=job_id):
+            # The sweep was cancelled while its job was being created: the job goes too.
+            with session_scope(self.settings.db_url) as session:
+                service.cancel_trial_job(session, storage=self.storage, tenant_id=tenant_id, job_id=job_id)
+            return False
         log.info("sweep trial %s/%d: job %s started", sweep_id, trial.position, job_id)
         return True

@@ -94,7 +94,7 @@ class EarlyElimination(Strict):
         None,
         ge=1,
         le=10**7,
-        description="The first rung's step (default: a quarter of the first configuration's steps, for eta 2)",
+        description="The first rung's step (default: the first configuration's steps over eta², a quarter for eta 2)",
     )
 
 

@@ -5,8 +5,8 @@ validation loss, with asynchronous successive halving stopping the configuration
   `configurations[i]…`, and nothing is created), plans the rungs and stores the trials; the controller
   (app/sweeps/controller.py) starts their jobs, `budget.max_parallel` at a time.
 - The rule (ASHA, Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning"): rungs at `min_steps`,
-  `min_steps·eta`, `min_steps·eta²`, … below a trial's last step; every trial's job evaluates at each rung
-  (`eval_every` = `min_steps`), and `rung_decision` stops a trial whose validation loss is not in the best
+  `min_steps·eta`, `min_steps·eta²`, … up to the longest trial's steps over eta; every trial's job evaluates at
+  each rung (`eval_every` = `min_steps`), and `rung_decision` stops a trial whose validation loss is not in the best
   ⌈n/eta⌉ of the n trials that have reached that rung so far. A stopped trial's job ends there and publishes what
   it trained (its adapter stays usable); its objective is its loss at the stop.
 - The objective of a trial is its job's last validation loss; the table ranks the trials by it (lower first).
@@ -75,9 +75,10 @@ def _prefixed(exc: AppError, prefix: str) -> AppError:
 
 
 def rungs(min_steps: int, eta: int, longest: int) -> list[int]:
-    """The rung steps below the longest trial's last step: min_steps · eta^k."""
+    """The rung steps: min_steps · eta^k, up to the longest configuration's steps over eta (as ASHA's rungs stop a
+    factor eta below the most a configuration trains: a later rung would save too little to be worth a decision)."""
     steps, step = [], min_steps
-    while step < longest:
+    while step * eta <= longest:
         steps.append(step)
         step *= eta
     return steps
@@ -257,11 +258,15 @@ def cancel_sweep(session: Session, *, storage: ObjectStorage, tenant_id: str, sw
             f"sweep {sweep.id} has already ended ({sweep.status})", param="sweep_id", code=ErrorCode.conflict
         )
     for trial in trials(session, sweep.id):
-        if trial.status == "pending":
+        if trial.status in ("pending", "starting"):  # one being started: the controller cancels its job
             trial.status = "cancelled"
-        elif trial.status == "running" and trial.job_id is not None:
-            with contextlib.suppress(Conflict):  # it ended meanwhile: the controller records how
+        elif trial.status in ("running", "evaluating") and trial.job_id is not None:
+            with contextlib.suppress(Conflict):  # it ended meanwhile: recorded below as it ended
                 cancel_job(session, storage=storage, tenant_id=tenant_id, job_id=trial.job_id)
+            ended = trial_end(session, trial.job_id)
+            trial.status, trial.objective, trial.error = ended if ended is not None else ("cancelled", None, None)
+            if trial.status == "succeeded" and sweep.spec["objective"]["type"] == "eval":
+                trial.status, trial.objective = "cancelled", None  # its eval run will not be read
     sweep.status = "cancelled"
     sweep.finished_at = utcnow()
     session.flush()
@@ -384,6 +389,11 @@ def trial_end(session: Session, job_id: str) -> tuple[str, float | None, str | N
     loss = metrics.get("valid_loss")
     objective = float(loss) if isinstance(loss, int | float) and status == JobStatus.succeeded else None
     return JOB_ENDS[status], objective, error
+
+
+def cancel_trial_job(session: Session, *, storage: ObjectStorage, tenant_id: str, job_id: str) -> None:
+    with contextlib.suppress(Conflict):
+        cancel_job(session, storage=storage, tenant_id=tenant_id, job_id=job_id)
 
 
 def adapter_of(session: Session, job_id: str) -> str | None:
