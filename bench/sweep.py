@@ -4,17 +4,17 @@ processes, with and without early elimination, in the same run.
     .venv/bin/python bench/sweep.py [--model smollm2-135m-instruct] [--methods lora,ia3,...] [--epochs 1]
                                     [--eta 2] [--min-steps N] [--threads 2]
 
-`tuneforge up` (its API and its worker, on the embedded default, in a temporary data dir) gets
+Each sweep gets a fresh `tuneforge up` (its API and its worker, on the embedded default, in a temporary data dir),
 bench/data/greetings_train.jsonl (200 chats that answer with the pirate greeting "Ahoy!") and, as the validation
 file, bench/data/greetings_heldout.jsonl; then `POST /sweeps` with one configuration per method (bench/methods.py's
-hyperparameters: batch 8, max_seq_length 128, seed 42, its learning rates), `max_parallel` 1 (one worker), twice:
-with asynchronous successive halving (rungs at --min-steps, default a quarter of the steps, then twice as many
-...) and with `"early_elimination": {"rule": "none"}`. Each sweep's wall time runs from `POST /sweeps` to its end
-(polled every 0.5 s); its steps are the optimizer steps its jobs trained. It prints both ranked tables (as
-`GET /sweeps/{id}` answers them), then the comparison: wall time, steps, the saving, and whether both sweeps
-chose the same winner. The end of the output is Markdown for BENCHMARKS.md.
+hyperparameters: batch 8, max_seq_length 128, seed 42, its learning rates) and `max_parallel` 1 (one worker). It
+runs twice: with asynchronous successive halving (rungs at --min-steps, default a quarter of the steps, then twice
+as many, up to half the steps) and with `"early_elimination": {"rule": "none"}`. Each sweep's wall time runs from
+`POST /sweeps` to its end (polled every 0.5 s); its steps are the optimizer steps its jobs trained. It prints both
+ranked tables (as `GET /sweeps/{id}` answers them), then the comparison: wall time, steps, the saving, and whether
+both sweeps chose the same winner (exit code 1 if not). The end of the output is Markdown for BENCHMARKS.md.
 
-On 2 CPU cores the default run (9 methods, one epoch of 25 steps each, twice) takes about 25 minutes.
+On 2 CPU cores the default run (9 methods, one epoch of 25 steps each, twice) takes about 20 minutes.
 """
 
 from __future__ import annotations
@@ -46,6 +46,45 @@ def sweep(api: Any, body: dict[str, Any]) -> tuple[dict[str, Any], float]:
         if answer["status"] != "running":
             return answer, time.perf_counter() - started
         time.sleep(POLL_SECONDS)
+
+
+def run_sweep(
+    args: argparse.Namespace, env: dict[str, str], names: list[str], elimination: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    """The sweep on a `tuneforge up` of its own (a fresh data dir, a worker that has trained nothing yet), as a user
+    runs it: upload both files, POST /sweeps, poll until it ends."""
+    import httpx
+
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp, tuneforge_up(Path(tmp), env, show_log=False) as up:
+        key = subprocess.run(
+            [*tuneforge_command(), "keys", "create", "--tenant", "bench"],
+            env={**os.environ, "TUNEFORGE_DATA_DIR": tmp, **env},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        with httpx.Client(base_url=up[0], headers={"Authorization": f"Bearer {key}"}, timeout=120) as api:
+            files = {}
+            for name, path in (("train", TRAIN_FILE), ("valid", HELDOUT_FILE)):
+                r = api.post(
+                    "/v1/files",
+                    data={"purpose": "fine-tune", "base_model": args.model},
+                    files={"file": (path.name, path.read_bytes())},
+                )
+                assert r.status_code == 201, r.text
+                files[name] = r.json()["id"]
+            body = {
+                "name": "bench/methods.py as a sweep",
+                "base_model": args.model,
+                "training_file": files["train"],
+                "validation_file": files["valid"],
+                "configurations": [
+                    {"method": name, "hyperparameters": hyperparameters_for(name, args)} for name in names
+                ],
+                "budget": {"max_parallel": 1},
+                "early_elimination": elimination,
+            }
+            return sweep(api, body)
 
 
 def table(answer: dict[str, Any]) -> list[str]:
@@ -89,42 +128,12 @@ def main() -> None:
         "TUNEFORGE_LOG_FORMAT": "text",
         **({"TUNEFORGE_TORCH_THREADS": str(args.threads)} if args.threads else {}),
     }
-    import httpx
-
     answers: dict[str, tuple[dict[str, Any], float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp, tuneforge_up(Path(tmp), env, show_log=False) as up:
-        url = up[0]
-        key = subprocess.run(
-            [*tuneforge_command(), "keys", "create", "--tenant", "bench"],
-            env={**os.environ, "TUNEFORGE_DATA_DIR": tmp, **env},
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as api:
-            files = {}
-            for name, path in (("train", TRAIN_FILE), ("valid", HELDOUT_FILE)):
-                r = api.post(
-                    "/v1/files",
-                    data={"purpose": "fine-tune", "base_model": args.model},
-                    files={"file": (path.name, path.read_bytes())},
-                )
-                assert r.status_code == 201, r.text
-                files[name] = r.json()["id"]
-            configurations = [{"method": name, "hyperparameters": hyperparameters_for(name, args)} for name in names]
-            body = {
-                "name": "bench/methods.py as a sweep",
-                "base_model": args.model,
-                "training_file": files["train"],
-                "validation_file": files["valid"],
-                "configurations": configurations,
-                "budget": {"max_parallel": 1},
-            }
-            rule = {"rule": "successive_halving", "eta": args.eta, "min_steps": args.min_steps}
-            for label, elimination in (("with", rule), ("without", {"rule": "none"})):
-                print(f"sweep {label} early elimination: running ...", flush=True)
-                answers[label] = sweep(api, {**body, "early_elimination": elimination})
-                print(f"sweep {label} early elimination: done in {answers[label][1]:.0f} s", flush=True)
+    rule = {"rule": "successive_halving", "eta": args.eta, "min_steps": args.min_steps}
+    for label, elimination in (("with", rule), ("without", {"rule": "none"})):
+        print(f"sweep {label} early elimination: running ...", flush=True)
+        answers[label] = run_sweep(args, env, names, elimination)
+        print(f"sweep {label} early elimination: done in {answers[label][1]:.0f} s", flush=True)
     with_, without = answers["with"], answers["without"]
     out = [
         "",

@@ -9,9 +9,11 @@ stops and the reaper re-queues it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -278,6 +280,7 @@ def _train_and_publish(
     settings: Settings, storage: ObjectStorage, attempt: JobAttempt, reporter: JobReporter, parallel: OneProcess
 ) -> str | None:
     job = attempt.job
+    reset_peak_memory()
     checkpoints = JobCheckpoints(settings, storage, job)
     # Where to start from first: an attempt that cannot read its checkpoint now goes back before loading anything.
     resume, how = _resume_state(checkpoints, reporter) if job.attempt > 1 else (None, "")
@@ -335,11 +338,25 @@ def _train_and_publish(
     return adapter_id
 
 
+def reset_peak_memory() -> None:
+    """Start this job's peak memory from what the process holds now: the CUDA allocator's peak, and on Linux the
+    process's peak resident size (VmHWM, reset by writing 5 to /proc/self/clear_refs), so that a job's figure is
+    its own, not the largest of the jobs this worker ran before."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """The most memory training held: on a CUDA device, its allocator's peak (since the worker started: one job
-    after another, the largest); on a CPU, the worker process's peak resident size."""
+    """The most memory the job held since `reset_peak_memory`: on a CUDA device, its allocator's peak; on a CPU, the
+    process's peak resident size (VmHWM; where /proc has none, the process's lifetime peak)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from sqlalchemy import select, update
@@ -117,19 +118,20 @@ def job_recipe(
         objective=objective_of(job.hyperparameters),
         start_from=start_from,
         parallel=parallel,
-        prune=sweep_pruner(settings, job, reporter) if parallel.is_first else None,
+        **(sweep_rungs(settings, job, reporter) if parallel.is_first else {}),
     )
 
 
-def sweep_pruner(settings: Settings, job: ClaimedJob, reporter: Reporter) -> Callable[[int, float], bool] | None:
-    """For a job that trains one of a sweep's configurations: at each rung of the sweep's successive halving,
-    record its validation loss and say whether it stops there (app/sweeps/service.py). None for any other job."""
+def sweep_rungs(settings: Settings, job: ClaimedJob, reporter: Reporter) -> dict[str, Any]:
+    """For a job that trains one of a sweep's configurations, the recipe's `evaluate_at` (the rungs of the sweep's
+    successive halving) and `prune`: at each rung, record its validation loss and say whether it stops there
+    (app/sweeps/service.py). Nothing for any other job."""
     with session_scope(settings.db_url) as session:
         metadata = session.scalar(select(Job.user_metadata).where(Job.id == job.id)) or {}
         sweep_id, position = metadata.get("sweep_id"), metadata.get("sweep_position")
         spec = session.scalar(select(Sweep.spec).where(Sweep.id == sweep_id)) if sweep_id else None
     if sweep_id is None or spec is None or not spec.get("rungs") or not str(position).isdigit():
-        return None
+        return {}
     sweep: str = sweep_id
     place = int(str(position))
     rungs, eta = set(spec["rungs"]), spec["early_elimination"]["eta"]
@@ -154,7 +156,7 @@ def sweep_pruner(settings: Settings, job: ClaimedJob, reporter: Reporter) -> Cal
         )
         return stop
 
-    return prune
+    return {"prune": prune, "evaluate_at": rungs}
 
 
 @contextmanager

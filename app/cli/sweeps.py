@@ -176,7 +176,7 @@ def _show(sweep: dict[str, Any]) -> None:
         table.add_row(
             str(r["rank"] or "-"),
             r["method"],
-            json.dumps({k: v for k, v in r["hyperparameters"].items() if k != "eval_every"}),
+            json.dumps(r["hyperparameters"]),
             f"{r['objective']:.4f}" if r["objective"] is not None else "-",
             r["status"],
             str(r["stopped_at_step"] or ""),

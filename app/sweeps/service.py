@@ -6,8 +6,8 @@ validation loss, with asynchronous successive halving stopping the configuration
   (app/sweeps/controller.py) starts their jobs, `budget.max_parallel` at a time.
 - The rule (ASHA, Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning"): rungs at `min_steps`,
   `min_steps·eta`, `min_steps·eta²`, … up to the longest trial's steps over eta; every trial's job evaluates at
-  each rung (`eval_every` = `min_steps`), and `rung_decision` stops a trial whose validation loss is not in the best
-  ⌈n/eta⌉ of the n trials that have reached that rung so far. A stopped trial's job ends there and publishes what
+  each rung (besides its own `eval_every`), and `rung_decision` stops a trial whose validation loss is not in the
+  best ⌈n/eta⌉ of the n trials that have reached that rung so far. A stopped trial's job ends there and publishes what
   it trained (its adapter stays usable); its objective is its loss at the stop.
 - The objective of a trial is its job's last validation loss; the table ranks the trials by it (lower first).
 """
@@ -151,8 +151,6 @@ def create_sweep(
     )
     session.add(sweep)
     for i, (method, hyperparameters, steps, trainable) in enumerate(planned):
-        if steps_of_rungs:  # every rung is an evaluation
-            hyperparameters = {**hyperparameters, "eval_every": min_steps}
         session.add(
             SweepTrial(
                 sweep_id=sweep.id,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ class TrainingRecipe:
         start_from: Path | None = None,
         parallel: OneProcess = ONE_PROCESS,
         prune: Callable[[int, float], bool] | None = None,
+        evaluate_at: Collection[int] = (),
     ) -> None:
         """`model`: the base model to train, on `context.placement`'s device and in its dtype (see
         `training_base_model`); `train` and `valid`: records as in a training file (chat or prompt/completion;
@@ -94,7 +95,8 @@ class TrainingRecipe:
         rank of several (app/ml/training/parallel.py); every rank builds the same recipe, and only rank 0's
         reporter and checkpointer write anything (the others' take part in what is gathered from all ranks);
         `prune(step, valid_loss)`, asked after each evaluation (rank 0's answer counts): True stops training there,
-        as early stopping does, and what has been trained is published (a sweep's successive halving)."""
+        as early stopping does, and what has been trained is published (a sweep's successive halving);
+        `evaluate_at`: steps evaluated besides every `eval_every` (a sweep's rungs)."""
         self.method = method
         self.hp = hyperparameters
         self.base_model = model
@@ -113,6 +115,7 @@ class TrainingRecipe:
         self.stopping: EarlyStopping | None = None
         self.prune = prune
         self.pruned = False
+        self.evaluate_at = frozenset(evaluate_at)
         self.extra_positions = self.hp.reserved_positions()
         self.start_from = start_from
         # DPO's reference is the model before its first step: the base with the adapter off, unless the method has
@@ -263,7 +266,8 @@ class TrainingRecipe:
                     continue
                 self._train_step(step_examples)
                 at.batches_done = index + 1
-                if self.hp.eval_every and at.step % self.hp.eval_every == 0 and self.valid_data is not None:
+                due = bool(self.hp.eval_every and at.step % self.hp.eval_every == 0) or at.step in self.evaluate_at
+                if due and self.valid_data is not None:
                     at.metrics.update(self._evaluate_and_report(at.step, at.epoch, f"step {at.step}"))
                     at.evaluated_at = at.step
                 if self._should_stop_early():

@@ -653,7 +653,7 @@ async function sweepView(sweepId, signal) {
           { "data-position": String(r.position), "data-job-id": r.job_id || "" },
           h("td", { class: "num", "data-field": "rank" }, r.rank ? String(r.rank) : "—"),
           h("td", { "data-field": "method" }, r.method),
-          h("td", { class: "mono" }, JSON.stringify(Object.fromEntries(Object.entries(r.hyperparameters).filter(([k]) => k !== "eval_every")))),
+          h("td", { class: "mono" }, JSON.stringify(r.hyperparameters)),
           h("td", { class: "num", "data-field": "objective" }, number(r.objective)),
           h("td", {}, statusBadge(r.status)),
           h("td", { class: "num", "data-field": "stopped" }, r.stopped_at_step ? String(r.stopped_at_step) : ""),
