@@ -64,14 +64,24 @@ def newest_first(
     session: Session, query: Select[T], model: type[Listed], *, limit: int, after: Listed | None
 ) -> tuple[list[T], bool]:
     """One page of `query`, ordered newest first (ties broken by id), after the cursor row; and has_more."""
+    return in_creation_order(session, query, model, limit=limit, after=after, oldest_first=False)
+
+
+def in_creation_order(
+    session: Session, query: Select[T], model: type[Listed], *, limit: int, after: Listed | None, oldest_first: bool
+) -> tuple[list[T], bool]:
+    """One page of `query` in creation order, newest or oldest first (ties broken by id), after the cursor row; and
+    has_more. (OpenAI's evals lists take `order`: asc, their default, or desc.)"""
     if after is not None:
-        query = query.where(
-            or_(
-                model.created_at < after.created_at,
-                and_(model.created_at == after.created_at, model.id < after.id),
-            )
+        tie = model.created_at == after.created_at
+        past = (
+            or_(model.created_at > after.created_at, and_(tie, model.id > after.id))
+            if oldest_first
+            else or_(model.created_at < after.created_at, and_(tie, model.id < after.id))
         )
-    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+        query = query.where(past)
+    order = (model.created_at.asc(), model.id.asc()) if oldest_first else (model.created_at.desc(), model.id.desc())
+    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 

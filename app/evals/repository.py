@@ -8,31 +8,9 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.models import Eval, EvalOutputItem, EvalRun, db_now, utcnow
-from app.core.pagination import Listed
+from app.core.pagination import in_creation_order
 
 ACTIVE = ("queued", "in_progress")
-
-
-def page(
-    session: Session, query: Any, model: type[Listed], *, limit: int, after: Listed | None, ascending: bool
-) -> tuple[list[Any], bool]:
-    """One page in creation order (OpenAI's evals lists default to oldest first), after the cursor row."""
-    if after is not None:
-        if ascending:
-            query = query.where(
-                or_(
-                    model.created_at > after.created_at, and_(model.created_at == after.created_at, model.id > after.id)
-                )
-            )
-        else:
-            query = query.where(
-                or_(
-                    model.created_at < after.created_at, and_(model.created_at == after.created_at, model.id < after.id)
-                )
-            )
-    order = (model.created_at.asc(), model.id.asc()) if ascending else (model.created_at.desc(), model.id.desc())
-    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
 
 
 def get_eval(session: Session, *, tenant_id: str, eval_id: str) -> Eval | None:
@@ -42,8 +20,8 @@ def get_eval(session: Session, *, tenant_id: str, eval_id: str) -> Eval | None:
 def list_evals(
     session: Session, *, tenant_id: str, limit: int, after: Eval | None, ascending: bool
 ) -> tuple[list[Eval], bool]:
-    return page(
-        session, select(Eval).where(Eval.tenant_id == tenant_id), Eval, limit=limit, after=after, ascending=ascending
+    return in_creation_order(
+        session, select(Eval).where(Eval.tenant_id == tenant_id), Eval, limit=limit, after=after, oldest_first=ascending
     )
 
 
@@ -59,7 +37,7 @@ def list_runs(
     query = select(EvalRun).where(EvalRun.eval_id == eval_id)
     if status is not None:
         query = query.where(EvalRun.status == status)
-    return page(session, query, EvalRun, limit=limit, after=after, ascending=ascending)
+    return in_creation_order(session, query, EvalRun, limit=limit, after=after, oldest_first=ascending)
 
 
 def output_items(session: Session, *, run_id: str) -> list[EvalOutputItem]:

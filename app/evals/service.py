@@ -4,15 +4,18 @@ the objects OpenAI's Evals API answers. Runs execute in the API processes (app/e
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.core.errors import AppError, Conflict, ErrorCode, InvalidInput, NotFound, clip
 from app.core.ids import new_id
 from app.core.models import Eval, EvalOutputItem, EvalRun
 from app.core.pagination import cursor_row
+from app.core.schemas import unix_time
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.evals import repository
@@ -50,10 +53,6 @@ SAMPLE_SCHEMA = {
     },
     "required": ["output_text"],
 }
-
-
-def unix(moment: Any) -> int:
-    return int(moment.timestamp())
 
 
 # --- evals -------------------------------------------------------------------------------------------------
@@ -160,7 +159,7 @@ def eval_object(row: Eval) -> EvalObject:
         name=row.name,
         data_source_config=row.data_source_config,
         testing_criteria=row.testing_criteria,
-        created_at=unix(row.created_at),
+        created_at=unix_time(row.created_at) or 0,
         metadata=row.user_metadata or {},
     )
 
@@ -182,12 +181,20 @@ def _file_items(
         )
     items: list[DataItem] = []
     try:
-        for _, record in read_records(storage.iter_bytes(file.storage_key)):
+        for number, record in read_records(storage.iter_bytes(file.storage_key)):
             if len(items) == settings.eval_max_items:
                 raise InvalidInput(f"the file holds more than {settings.eval_max_items:,} items", param=param)
-            items.append(DataItem.model_validate(record))
-    except (LineIssue, ValueError) as exc:
-        raise InvalidInput(f"file {file.id} does not hold eval items: {clip(str(exc), 200)}", param=param) from None
+            try:
+                items.append(DataItem.model_validate(record))
+            except ValidationError as exc:
+                where = ".".join(str(part) for part in exc.errors()[0]["loc"])
+                raise InvalidInput(
+                    f"file {file.id}, line {number}: {where or 'the line'} is not what an eval item holds "
+                    "(`item`, an object, and optionally `sample`, an object)",
+                    param=param,
+                ) from None
+    except LineIssue as exc:
+        raise InvalidInput(f"file {file.id} does not hold eval items: {exc.message}", param=param) from None
     return items
 
 
@@ -312,13 +319,33 @@ def create_run(
 
 def pass_rate(session: Session, run: EvalRun, criterion: str) -> float | None:
     """The share of the run's items that passed `criterion` (None before any item was graded by it)."""
-    passed = graded = 0
-    for _, results, _ in repository.summaries(session, run_id=run.id):
+    passed, failed = _tally(session, run).criteria.get(criterion, (0, 0))
+    return passed / (passed + failed) if passed + failed else None
+
+
+@dataclass
+class _Tally:
+    """A run's counts so far, from its output items: by status, per criterion (passed, failed), and usage."""
+
+    statuses: dict[str, int] = field(default_factory=lambda: {"pass": 0, "fail": 0, "error": 0})
+    criteria: dict[str, tuple[int, int]] = field(default_factory=dict)
+    usage: dict[str, int] = field(
+        default_factory=lambda: {"invocation_count": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    )
+
+
+def _tally(session: Session, run: EvalRun) -> _Tally:
+    tally = _Tally()
+    for status, results, sample in repository.summaries(session, run_id=run.id):
+        tally.statuses[status] = tally.statuses.get(status, 0) + 1
         for result in results:
-            if result["name"] == criterion:
-                graded += 1
-                passed += bool(result["passed"])
-    return passed / graded if graded else None
+            passed, failed = tally.criteria.get(result["name"], (0, 0))
+            tally.criteria[result["name"]] = (passed + 1, failed) if result["passed"] else (passed, failed + 1)
+        if sample.get("usage"):
+            tally.usage["invocation_count"] += 1
+            tally.usage["prompt_tokens"] += sample["usage"]["prompt_tokens"]
+            tally.usage["completion_tokens"] += sample["usage"]["completion_tokens"]
+    return tally
 
 
 def get_run(session: Session, *, tenant_id: str, eval_id: str, run_id: str) -> EvalRun:
@@ -364,18 +391,8 @@ def delete_run(session: Session, *, tenant_id: str, eval_id: str, run_id: str) -
 
 def run_object(session: Session, run: EvalRun) -> RunObject:
     """The run as OpenAI answers it: counts from its output items so far (all of them once it has ended)."""
-    counts = {"pass": 0, "fail": 0, "error": 0}
-    by_criterion: dict[str, list[int]] = {}
-    usage = {"invocation_count": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    for status, results, sample in repository.summaries(session, run_id=run.id):
-        counts[status] = counts.get(status, 0) + 1
-        for result in results:
-            tally = by_criterion.setdefault(result["name"], [0, 0])
-            tally[0 if result["passed"] else 1] += 1
-        if sample.get("usage"):
-            usage["invocation_count"] += 1
-            usage["prompt_tokens"] += sample["usage"]["prompt_tokens"]
-            usage["completion_tokens"] += sample["usage"]["completion_tokens"]
+    tally = _tally(session, run)
+    counts, usage = tally.statuses, tally.usage
     data_source = dict(run.data_source)
     if data_source["source"]["type"] == "file_content":
         data_source["source"] = {"type": "file_content", "content": run.items}
@@ -389,7 +406,7 @@ def run_object(session: Session, run: EvalRun) -> RunObject:
         name=run.name,
         model=run.model,
         status=run.status,
-        created_at=unix(run.created_at),
+        created_at=unix_time(run.created_at) or 0,
         report_url=f"/v1/evals/{run.eval_id}/runs/{run.id}/output_items",
         data_source=data_source,
         result_counts=ResultCounts(
@@ -397,8 +414,8 @@ def run_object(session: Session, run: EvalRun) -> RunObject:
         ),
         per_model_usage=per_model,
         per_testing_criteria_results=[
-            CriterionResult(testing_criteria=name, passed=tally[0], failed=tally[1])
-            for name, tally in by_criterion.items()
+            CriterionResult(testing_criteria=name, passed=passed, failed=failed)
+            for name, (passed, failed) in tally.criteria.items()
         ],
         metadata=run.user_metadata or {},
         error=RunError(code=run.error_code, message=run.error_message or "") if run.error_code else None,
@@ -439,7 +456,7 @@ def output_item_object(run: EvalRun, row: EvalOutputItem) -> OutputItemObject:
         id=row.id,
         run_id=run.id,
         eval_id=run.eval_id,
-        created_at=unix(row.created_at),
+        created_at=unix_time(row.created_at) or 0,
         status=row.status,
         datasource_item_id=row.datasource_item_id,
         datasource_item=run.items[row.datasource_item_id]["item"],

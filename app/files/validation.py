@@ -46,6 +46,12 @@ class ValidationReport:
     errors: list[LineError] = field(default_factory=list)
     n_errors: int = 0
 
+    def add_error(self, line: int, code: str, message: str, *, keep: int) -> None:
+        """Count a bad line; its error is listed while fewer than `keep` are."""
+        self.n_errors += 1
+        if len(self.errors) < keep:
+            self.errors.append(LineError(line, code, message))
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "n_lines": self.n_lines,
@@ -233,9 +239,7 @@ class LineValidator:
         return self.report
 
     def _error(self, line_no: int, code: str, message: str) -> None:
-        self.report.n_errors += 1
-        if len(self.report.errors) < self.max_errors:
-            self.report.errors.append(LineError(line_no, code, message))
+        self.report.add_error(line_no, code, message, keep=self.max_errors)
 
     def feed(self, line: Line) -> None:
         self.report.n_lines = line.number
@@ -325,9 +329,7 @@ class EvalItemsValidator:
             if "sample" in record and not isinstance(record["sample"], dict):
                 raise LineIssue(ErrorCode.invalid_type, "`sample` must be a JSON object")
         except LineIssue as issue:
-            self.report.n_errors += 1
-            if len(self.report.errors) < self.max_errors:
-                self.report.errors.append(LineError(line.number, issue.code, issue.message))
+            self.report.add_error(line.number, issue.code, issue.message, keep=self.max_errors)
             return
         self.report.n_examples += 1
 

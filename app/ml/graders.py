@@ -25,6 +25,7 @@ the user sent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -162,12 +163,19 @@ class StringCheck:
         return Grade(1.0 if passed else 0.0, passed)
 
 
-def _rouge(order: str) -> Callable[[str, str], float]:
-    def score(got: str, want: str) -> float:
-        from rouge_score import rouge_scorer
+@functools.cache
+def _rouge_scorer(name: str) -> Any:
+    """One scorer per ROUGE variant for the process (building one per item would repeat its set-up)."""
+    from rouge_score import rouge_scorer
 
-        name = f"rouge{order.upper()}"
-        return float(rouge_scorer.RougeScorer([name]).score(want, got)[name].fmeasure)
+    return rouge_scorer.RougeScorer([name])
+
+
+def _rouge(order: str) -> Callable[[str, str], float]:
+    name = f"rouge{order.upper()}"
+
+    def score(got: str, want: str) -> float:
+        return float(_rouge_scorer(name).score(want, got)[name].fmeasure)
 
     return score
 

@@ -26,6 +26,7 @@ from app.core.errors import AppError, Conflict, ErrorCode, InvalidInput, NotFoun
 from app.core.ids import new_id
 from app.core.models import Adapter, EvalRun, Job, JobStatus, Sweep, SweepRung, SweepTrial, utcnow
 from app.core.pagination import cursor_row, newest_first
+from app.core.schemas import unix_time
 from app.core.settings import Settings
 from app.core.storage import ObjectStorage
 from app.evals import service as evals
@@ -296,10 +297,6 @@ def rung_decision(session: Session, *, sweep_id: str, position: int, step: int, 
 
 
 # --- the answer ---------------------------------------------------------------------------------------------
-def _unix(moment: Any) -> int | None:
-    return int(moment.timestamp()) if moment is not None else None
-
-
 def _result(trial: SweepTrial, job: Job | None, adapter_id: str | None) -> TrialResult:
     metrics = job.metrics if job is not None else {}
     wall = None
@@ -351,8 +348,8 @@ def sweep_object(session: Session, sweep: Sweep) -> SweepObject:
         id=sweep.id,
         name=sweep.name,
         status=sweep.status,
-        created_at=int(sweep.created_at.timestamp()),
-        finished_at=_unix(sweep.finished_at),
+        created_at=unix_time(sweep.created_at) or 0,
+        finished_at=unix_time(sweep.finished_at),
         objective=spec["objective"],
         early_elimination=spec["early_elimination"],
         budget=spec["budget"],
